@@ -1,0 +1,21 @@
+"""Extension definitions only; metadata lives in pyproject.toml."""
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+# libibverbs is not linked: rdmakv/_verbs_loader.py loads it with RTLD_GLOBAL
+# before importing the extension, and lazy binding keeps the TCP path importable
+# on machines where libibverbs.so.1 is absent.
+transport = Extension(
+    "rdmakv._transport",
+    ["rdmakv/_transport.pyx"],
+    include_dirs=["rdmakv"],
+    extra_compile_args=["-O3", "-fno-strict-aliasing"],
+    extra_link_args=["-Wl,-z,lazy"],
+)
+
+setup(
+    ext_modules=cythonize(
+        [transport],
+        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
+    )
+)
