@@ -35,6 +35,8 @@ def as_array(obj, what, writable=False):
         array = obj
     elif hasattr(obj, "__dlpack__"):
         array = np.from_dlpack(obj)
+        if writable and not array.flags.writeable:
+            array = _writable_dlpack_view(array)
     else:
         try:
             array = np.asarray(memoryview(obj))
@@ -49,6 +51,18 @@ def as_array(obj, what, writable=False):
     if writable and not array.flags.writeable:
         raise ValueError(f"{what} is read-only, so the result cannot be written into it; pass a writable out=")
     return array
+
+
+def _writable_dlpack_view(array):
+    """numpy < 2.1 marks every DLPack import read-only because DLPack 0.x had no
+    read-only flag; the producer's memory is writable by that protocol's rules,
+    so view the same memory writably, keeping the import alive as its base."""
+    import ctypes
+    if array.nbytes == 0:
+        return np.empty(array.shape, array.dtype)
+    memory = (ctypes.c_char * array.nbytes).from_address(array.__array_interface__["data"][0])
+    memory._keepalive = array
+    return np.frombuffer(memory, array.dtype).reshape(array.shape)
 
 
 def key_name(key):

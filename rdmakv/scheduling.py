@@ -15,7 +15,8 @@ class ChunkQueue:
         if credit < 0:
             raise ValueError("credit must be >= 0")
         self.credit = credit
-        self.in_flight = 0
+        self.in_flight = 0            # bytes
+        self.chunks_in_flight = 0
         self._heap = []
         self._arrival = itertools.count()
 
@@ -30,17 +31,19 @@ class ChunkQueue:
         if not self._heap:
             return None
         nbytes = self._heap[0][4]
-        if self.credit and self.in_flight and self.in_flight + nbytes > self.credit:
+        if self.credit and self.chunks_in_flight and self.in_flight + nbytes > self.credit:
             return None
         entry = heapq.heappop(self._heap)
         self.in_flight += nbytes
+        self.chunks_in_flight += 1
         return entry[5], nbytes
 
     def finish(self, nbytes):
         """Return the credit of a chunk whose result arrived (or that failed)."""
-        if nbytes > self.in_flight:
+        if nbytes > self.in_flight or not self.chunks_in_flight:
             raise ValueError(f"finishing {nbytes} bytes but only {self.in_flight} are in flight")
         self.in_flight -= nbytes
+        self.chunks_in_flight -= 1
 
     def drain(self):
         """Remove and return every queued item (used when a connection fails)."""

@@ -361,11 +361,11 @@ class ParameterServer(Handler):
                 if chunk.has_data and broadcast:
                     raise KeyError_(header.key, f"more than one worker sent the root value for the "
                                                 f"broadcast of key {name!r}: the workers disagree on the root")
-                if chunk.has_data:
+                if chunk.nbytes and chunk.has_data:
                     _t.add_into(target, payload, chunk.dtype_code)
-                else:
+                elif chunk.nbytes:
                     target[:] = payload
-                    chunk.has_data = True
+                chunk.has_data = True
             chunk.flags = header.flags
             chunk.pushed.add(link.rank)
             if len(chunk.pushed) < self.num_workers:
@@ -392,7 +392,8 @@ class ParameterServer(Handler):
         with chunk.lock:
             if chunk.weight is None:
                 chunk.weight = np.empty(chunk.nbytes, np.uint8)
-            chunk.weight[:] = payload
+            if chunk.nbytes:
+                chunk.weight[:] = payload
 
     def _optimizer_op(self, link, header, payload):
         from rdmakv import optimizer   # MXNet is needed only once an optimizer is set
