@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Idempotent set-up on Debian 12 as root: system packages, a virtual
+# environment in .venv at the repository root, and the build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(gcc python3-dev python3-venv libibverbs-dev rdma-core ibverbs-providers iperf3 iproute2 util-linux)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}\n' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    echo "ci/setup.sh: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+"${pip[@]}" "setuptools>=68" wheel "Cython>=3" "numpy<1.24" pytest pytest-timeout hypothesis
+# MXNet 1.9.1 (its last release) needs numpy<1.24; the core works without it.
+"${pip[@]}" "mxnet==1.9.1" || echo "ci/setup.sh: MXNet 1.9.1 could not be installed; its tests will skip"
+"${pip[@]}" --no-build-isolation -e .

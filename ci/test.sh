@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite: set-up, then every test on this machine over TCP,
+# then the RDMA tests inside the soft-RoCE VM where one can boot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash ci/setup.sh
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests
