@@ -66,6 +66,9 @@ SETTINGS = {
                 "seconds any blocking step (connect, rendezvous, barrier, pushpull, a peer's silence) may take"),
     "trace_dir": (("RDMAKV_TRACE_DIR", "BYTEPS_TRACE_DIR"), _str, None,
                   "write a Chrome-trace JSON per rank into this directory"),
+    "secret": (("RDMAKV_SECRET",), _str, None,
+               "cluster secret: every connection must prove it (HMAC challenge-response)"),
+    "secret_file": (("RDMAKV_SECRET_FILE",), _str, None, "file holding the cluster secret"),
     "local_rank": (("RDMAKV_LOCAL_RANK", "BYTEPS_LOCAL_RANK"), _int, None,
                    "rank among the workers on this host (default: computed by the scheduler)"),
 }
@@ -88,6 +91,8 @@ class Config:
     timeout: float = 120.0
     trace_dir: str = None
     local_rank: int = None
+    secret: str = field(default=None, repr=False)
+    secret_file: str = None
     sources: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -135,5 +140,6 @@ class Config:
 
     def describe(self):
         """[(setting, value, where it came from)] for `python -m rdmakv.info`."""
-        return [(f.name, getattr(self, f.name), self.sources.get(f.name, "default"))
-                for f in fields(self) if f.name != "sources"]
+        shown = [(f.name, getattr(self, f.name), self.sources.get(f.name, "default"))
+                 for f in fields(self) if f.name != "sources"]
+        return [(name, "(set)" if name == "secret" and value else value, source) for name, value, source in shown]

@@ -16,7 +16,7 @@ from collections import deque
 
 import numpy as np
 
-from rdmakv import netif, partition, protocol, trace
+from rdmakv import auth, netif, partition, protocol, trace
 from rdmakv.config import Config
 from rdmakv.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
                            RdmaKVError, RemoteError)
@@ -174,8 +174,8 @@ class ServerLink(Handler):
         self.error = None
         self.sender = threading.Thread(target=self._send_loop, daemon=True, name=f"rdmakv-send-{rank}")
 
-    def open(self, transport, timeout):
-        connection = transport.connect(*self.address, timeout)
+    def open(self, transport, secret, timeout):
+        connection = auth.open_connection(transport, *self.address, secret, timeout)
         self.peer = Peer(connection, self, f"server {self.rank}").start()
         self.peer.send_json(Op.CONNECT, {"rank": self.store.rank})
         self.sender.start()
@@ -341,7 +341,7 @@ class KVStore:
             for rank, (server_host, port) in enumerate(welcome["servers"]):
                 link = ServerLink(self, rank, (server_host, port))
                 self._links.append(link)
-                link.open(self.transport, self.config.timeout)
+                link.open(self.transport, auth.load_secret(self.config), self.config.timeout)
         except BaseException:
             self._teardown()
             raise

@@ -4,7 +4,7 @@ import socket
 import threading
 import time
 
-from rdmakv import netif, protocol
+from rdmakv import auth, netif, protocol
 from rdmakv.errors import PeerTimeout, ProtocolError, RemoteError
 from rdmakv.protocol import Op
 from rdmakv.transport.base import Handler, Peer
@@ -30,8 +30,8 @@ class ControlLink(Handler):
         config = self.config
         where = netif.format_address(config.scheduler_host, config.scheduler_port)
         deadline = time.monotonic() + config.timeout
-        connection = self.transport.connect(config.scheduler_host, config.scheduler_port,
-                                            config.timeout, retry_until=deadline)
+        connection = auth.open_connection(self.transport, config.scheduler_host, config.scheduler_port,
+                                          auth.load_secret(config), config.timeout, retry_until=deadline)
         self.peer = Peer(connection, self, "scheduler").start()
         self.peer.send_json(Op.HELLO, {
             "role": self.role, "host": host, "port": port, "worker_id": worker_id,

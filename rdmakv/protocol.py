@@ -41,6 +41,10 @@ class Op:
     ACK = 19
     # any direction
     ERROR = 30         # json {message, key?}
+    # connection handshake (rdmakv.auth)
+    CHALLENGE = 40     # json {nonce, auth}
+    AUTH = 41          # json {nonce, mac}
+    AUTH_OK = 42       # json {mac}
 
     NAMES = {}
 

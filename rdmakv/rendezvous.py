@@ -5,7 +5,9 @@ import logging
 import threading
 import time
 
-from rdmakv import netif, protocol
+import functools
+
+from rdmakv import auth, netif, protocol
 from rdmakv.errors import PeerTimeout, ProtocolError
 from rdmakv.protocol import Op
 from rdmakv.transport import select
@@ -20,6 +22,10 @@ class Scheduler(Handler):
         self.transport, _ = select("tcp")       # control traffic always uses TCP
         self.listener = self.transport.TcpListener(config.scheduler_host, config.scheduler_port, config.timeout)
         self.address = netif.format_address(*self.listener.address)
+        self.secret = auth.load_secret(config)
+        if self.secret is None:
+            log.warning("no RDMAKV_SECRET: this cluster is unauthenticated; anyone who can reach %s can join",
+                        self.address)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._pending = []            # peers that said HELLO before everyone arrived
@@ -113,7 +119,8 @@ class Scheduler(Handler):
             except OSError:
                 return
             if connection is not None:
-                Peer(connection, self, f"node at {connection.peer}").start()
+                handshake = functools.partial(auth.accept, secret=self.secret, timeout=self.config.timeout)
+                Peer(connection, self, f"node at {connection.peer}", handshake).start()
 
     def _wait_for_disconnects(self, peers, timeout=5.0):
         deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ Memory per chunk is two result buffers used by alternate rounds (a worker can
 push round r+1 as soon as it has round r's result, while round r's result may
 still be going out to slower workers) plus, with an optimizer, the weights:
 bounded, whatever the number of rounds."""
+import functools
 import heapq
 import itertools
 import logging
@@ -13,7 +14,7 @@ import threading
 
 import numpy as np
 
-from rdmakv import netif, protocol, trace
+from rdmakv import auth, netif, protocol, trace
 from rdmakv._native import transport as _t
 from rdmakv.config import Config
 from rdmakv.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
@@ -123,6 +124,10 @@ class ParameterServer(Handler):
         host = netif.advertised_host(self.config)
         self.listener = self.transport.TcpListener(host, self.config.port, self.config.timeout)
         self.address = netif.format_address(*self.listener.address)
+        self.secret = auth.load_secret(self.config)
+        if self.secret is None:
+            log.warning("no RDMAKV_SECRET: this cluster is unauthenticated; anyone who can reach %s can push",
+                        self.address)
         self.control = ControlLink(self.config, self.transport, "server", self._on_control, self._on_lost)
         self.rank = None
         self.num_workers = None
@@ -167,9 +172,8 @@ class ParameterServer(Handler):
             except OSError:
                 return
             if connection is not None:
-                peer = Peer(connection, self, f"worker at {connection.peer}")
-                peer.info["link"] = WorkerLink(peer, self)
-                peer.start()
+                handshake = functools.partial(auth.accept, secret=self.secret, timeout=self.config.timeout)
+                Peer(connection, self, f"worker at {connection.peer}", handshake).start()
 
     # ---- scheduler messages ----------------------------------------------
     def _on_control(self, header, obj):
@@ -196,7 +200,10 @@ class ParameterServer(Handler):
             if header.length != chunk.nbytes:
                 raise ProtocolError(f"{protocol.op_name(header.op)} of {header.length} bytes for key "
                                     f"{chunk.key_state.name!r} chunk {chunk.index}, declared {chunk.nbytes}")
-            return peer.info["link"].scratch_for(header.length)
+            link = peer.info.get("link")
+            if link is None:
+                raise ProtocolError(f"{protocol.op_name(header.op)} before CONNECT")
+            return link.scratch_for(header.length)
         if header.op == Op.SET_STATES:
             if header.length > MAX_STATE_BYTES:
                 raise ProtocolError(f"optimizer state of {header.length} bytes exceeds {MAX_STATE_BYTES}")
@@ -204,11 +211,11 @@ class ParameterServer(Handler):
         return None
 
     def on_message(self, peer, header, payload):
-        link = peer.info["link"]
-        if link.rank is None:
+        link = peer.info.get("link")
+        if link is None:
             if header.op != Op.CONNECT:
                 raise ProtocolError(f"expected CONNECT, got {protocol.op_name(header.op)}")
-            self._connect(peer, link, protocol.decode_json(payload or b""))
+            self._connect(peer, protocol.decode_json(payload or b""))
             return
         try:
             if header.op == Op.PUSH:
@@ -224,13 +231,14 @@ class ParameterServer(Handler):
         except KeyError_ as exc:
             self._fail_key(exc.key, str(exc))
 
-    def _connect(self, peer, link, obj):
+    def _connect(self, peer, obj):
         rank = obj.get("rank")
-        if not isinstance(rank, int) or not 0 <= rank < self.num_workers:
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < self.num_workers:
             raise ProtocolError(f"CONNECT with invalid worker rank {rank!r}")
         with self._lock:
             if rank in self._links:
                 raise ProtocolError(f"worker {rank} is already connected")
+            link = peer.info["link"] = WorkerLink(peer, self)
             link.rank = rank
             self._links[rank] = link
         peer.name = f"worker {rank}"

@@ -60,14 +60,28 @@ class LocalCluster:
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         return self
 
+    def raw_connection(self, timeout=10):
+        """A plain socket to the scheduler, once it listens."""
+        import time
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return socket.create_connection((self.host, self.port), timeout=timeout)
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
     def settings(self, **overrides):
         base = {"scheduler_host": self.host, "scheduler_port": self.port, "num_workers": self.num_workers,
                 "num_servers": self.num_servers, "timeout": float(self.env["RDMAKV_TIMEOUT"])}
-        for name, variable in (("partition_bytes", "RDMAKV_PARTITION_BYTES"),
-                               ("scheduling_credit", "RDMAKV_SCHEDULING_CREDIT"),
-                               ("trace_dir", "RDMAKV_TRACE_DIR")):
+        for name, variable, parse in (("partition_bytes", "RDMAKV_PARTITION_BYTES", int),
+                                      ("scheduling_credit", "RDMAKV_SCHEDULING_CREDIT", int),
+                                      ("trace_dir", "RDMAKV_TRACE_DIR", str),
+                                      ("secret", "RDMAKV_SECRET", str),
+                                      ("secret_file", "RDMAKV_SECRET_FILE", str)):
             if variable in self.env:
-                base[name] = self.env[variable] if name == "trace_dir" else int(self.env[variable])
+                base[name] = parse(self.env[variable])
         base.update(overrides)
         return base
 

@@ -71,8 +71,9 @@ class Peer:
     The reader validates lengths before receiving, so a hostile header can
     never make us allocate an unchecked amount of memory."""
 
-    def __init__(self, connection, handler, name):
+    def __init__(self, connection, handler, name, handshake=None):
         self.connection = connection
+        self.handshake = handshake  # run first, in the reader thread; it raises to refuse the peer
         self.handler = handler
         self.name = name
         self.info = {}          # what the upper layer learned about this peer
@@ -93,6 +94,8 @@ class Peer:
     def _read_loop(self):
         error = None
         try:
+            if self.handshake is not None:
+                self.handshake(self.connection)
             while not self._closing:
                 header = self.connection.recv_header(IDLE_POLL_SECONDS)
                 if header is None:
