@@ -9,14 +9,23 @@ from rdmakv.errors import ConnectionClosed, EndOfStream, PeerTimeout, TransportE
 from rdmakv.transport.base import Connection, Listener
 
 
-def _tune(sock):
+def _tune(sock, timeout):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A peer that vanishes without closing (power loss, a cut cable, a
+    # partition) is detected by the kernel within about `timeout`: keepalive
+    # probes while idle, and TCP_USER_TIMEOUT while data waits to be acked.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, int(timeout / 3))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(timeout / 9)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
     sock.setblocking(False)
 
 
 class TcpConnection(Connection):
     def __init__(self, sock, timeout):
-        _tune(sock)
+        _tune(sock, timeout)
         self._sock = sock
         self._fd = sock.fileno()
         self._timeout = timeout
