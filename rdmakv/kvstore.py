@@ -28,6 +28,8 @@ from rdmakv.transport.base import Handler, Peer
 
 log = logging.getLogger("rdmakv.worker")
 
+DIRECT_SEND_BYTES = 64 * 1024
+
 
 def as_array(obj, what, writable=False):
     """A numpy view (no copy) of a C-contiguous numpy, buffer-protocol or DLPack array."""
@@ -172,6 +174,7 @@ class ServerLink(Handler):
         self.replies = deque()        # control answers (ACK/STATES/ERROR) to a waiting request
         self.replied = threading.Condition()
         self.error = None
+        self.sending = False          # a thread is sending: only one takes from the queue at a time
         self.sender = threading.Thread(target=self._send_loop, daemon=True, name=f"rdmakv-send-{rank}")
 
     def open(self, transport, secret, timeout):
@@ -191,32 +194,56 @@ class ServerLink(Handler):
             self.expected[slot] = [handle, destination, chunk.nbytes, False]
             self.queue.push((handle, chunk, source, slot), priority=handle.priority,
                             key_order=handle._info.order, chunk=chunk.index, nbytes=chunk.nbytes)
-            self.ready.notify()
+            # A small chunk with nothing ahead of it is sent by the calling thread:
+            # no hand-off to the sender thread, which costs more than the send.
+            item = None
+            if not self.sending and len(self.queue) == 1 and chunk.nbytes <= DIRECT_SEND_BYTES:
+                item = self._take()
+            if item is None:
+                self.ready.notify()
+                return
+            self.sending = True
+        self._transmit(item)
+
+    def _take(self):
+        """The next chunk to send (caller holds self.ready), or None if none may go now."""
+        while (popped := self.queue.pop()) is not None:
+            (handle, chunk, source, slot), nbytes = popped
+            entry = self.expected.get(slot)
+            if entry is not None and not handle.done():
+                entry[3] = True       # sent: its credit comes back with the result
+                return handle, chunk, source
+            self.queue.finish(nbytes)
+        return None
+
+    def _transmit(self, item):
+        handle, chunk, source = item
+        info = handle._info
+        try:
+            self.peer.send(Op.PUSH, None if handle.flags & FLAG_NO_DATA else source,
+                           dtype=protocol.DTYPE_CODES[info.dtype.name], flags=handle.flags, key=info.wire,
+                           chunk=chunk.index, priority=handle.priority, round=handle.round,
+                           sender=self.store.rank)
+        except RdmaKVError as exc:
+            self.fail(ConnectionClosed(f"sending to {self.describe()} failed: {exc}"))
+        finally:
+            with self.ready:
+                self.sending = False
+                self.ready.notify()
+        if self.store.tracer:
+            self.store.tracer.instant("sent", key=info.name, chunk=chunk.index, priority=handle.priority)
 
     def _send_loop(self):
-        tracer = self.store.tracer
         while True:
             with self.ready:
-                while self.error is None and (popped := self.queue.pop()) is None:
+                while True:
+                    if self.error is not None:
+                        return
+                    if not self.sending and (item := self._take()) is not None:
+                        self.sending = True
+                        break
                     self.ready.wait()
-                if self.error is not None:
-                    return
-                (handle, chunk, source, slot), nbytes = popped
-                entry = self.expected.get(slot)
-                if entry is None or handle.done():
-                    self.queue.finish(nbytes)
-                    continue
-                entry[3] = True       # sent: its credit comes back with the result
-            no_data = handle.flags & FLAG_NO_DATA
-            try:
-                self.peer.send(Op.PUSH, None if no_data else source, dtype=protocol.DTYPE_CODES[handle._info.dtype.name],
-                               flags=handle.flags, key=handle._info.wire, chunk=chunk.index,
-                               priority=handle.priority, round=handle.round, sender=self.store.rank)
-            except RdmaKVError as exc:
-                self.fail(ConnectionClosed(f"sending to {self.describe()} failed: {exc}"))
-                return
-            if tracer:
-                tracer.instant("sent", key=handle._info.name, chunk=chunk.index, priority=handle.priority)
+            self._transmit(item)
 
     # reader-thread callbacks
     def destination(self, peer, header):

@@ -27,10 +27,11 @@ log = logging.getLogger("rdmakv.server")
 
 MAX_CHUNK_BYTES = 1 << 30       # a declaration asking for more is refused
 MAX_DIMS = 32
+DIRECT_REPLY_BYTES = 64 * 1024   # smaller replies go out from the summing thread when nothing waits
 MAX_STATE_BYTES = 1 << 34      # optimizer state sent by SET_STATES
 
 
-class KeyError_(ProtocolError):
+class KeyRefused(ProtocolError):
     """A problem with one key: reported to the workers using it, the connection stays."""
 
     def __init__(self, key, message):
@@ -55,6 +56,8 @@ class ChunkState:
         self.dtype_code = dtype_code
         self.dtype = np.dtype(protocol.DTYPE_NAMES[dtype_code])
         self.lock = threading.Lock()
+        self.filled = threading.Condition(self.lock)
+        self.filling = None           # rank of the worker whose push lands straight in this round's buffer
         self.round = 0
         self.pushed = set()
         self.has_data = False
@@ -78,10 +81,12 @@ class WorkerLink:
         self.server = server
         self.rank = None
         self.scratch = np.empty(0, np.uint8)
+        self.filling = None           # the chunk this worker's push is landing in directly
         self._queue = []
         self._order = itertools.count()
         self._ready = threading.Condition()
         self._closed = False
+        self._sending = False
         self._thread = threading.Thread(target=self._send_loop, daemon=True, name="rdmakv-reply")
         self._thread.start()
 
@@ -92,23 +97,35 @@ class WorkerLink:
 
     def reply(self, priority, op, payload, **fields):
         with self._ready:
-            heapq.heappush(self._queue, (-priority, next(self._order), op, payload, fields))
-            self._ready.notify()
+            small = payload is None or memoryview(payload).nbytes <= DIRECT_REPLY_BYTES
+            if self._queue or self._sending or not small:
+                heapq.heappush(self._queue, (-priority, next(self._order), op, payload, fields))
+                self._ready.notify()
+                return
+            self._sending = True      # nothing waits: answer from this thread, skipping a hand-off
+        self._transmit(priority, op, payload, fields)
+
+    def _transmit(self, priority, op, payload, fields):
+        try:
+            self.peer.send(op, payload, priority=priority, **fields)
+        except RdmaKVError as exc:
+            log.warning("reply to %s failed: %s", self.peer.name, exc)
+            self.peer.close()
+        finally:
+            with self._ready:
+                self._sending = False
+                self._ready.notify()
 
     def _send_loop(self):
         while True:
             with self._ready:
-                while not self._queue and not self._closed:
+                while (not self._queue or self._sending) and not self._closed:
                     self._ready.wait()
                 if self._closed:
                     return
                 neg_priority, _, op, payload, fields = heapq.heappop(self._queue)
-            try:
-                self.peer.send(op, payload, priority=-neg_priority, **fields)
-            except RdmaKVError as exc:
-                log.warning("reply to %s failed: %s", self.peer.name, exc)
-                self.peer.close()
-                return
+                self._sending = True
+            self._transmit(-neg_priority, op, payload, fields)
 
     def close(self):
         with self._ready:
@@ -203,6 +220,15 @@ class ParameterServer(Handler):
             link = peer.info.get("link")
             if link is None:
                 raise ProtocolError(f"{protocol.op_name(header.op)} before CONNECT")
+            if header.op == Op.PUSH:
+                # The round's first contribution lands straight in its result buffer;
+                # later ones land in the connection's scratch buffer and are added.
+                with chunk.lock:
+                    if (header.round == chunk.round and not chunk.has_data and chunk.filling is None
+                            and link.rank not in chunk.pushed and chunk.key_state.error is None):
+                        chunk.filling = link.rank
+                        link.filling = chunk
+                        return chunk.buffer(chunk.round)
             return link.scratch_for(header.length)
         if header.op == Op.SET_STATES:
             if header.length > MAX_STATE_BYTES:
@@ -228,7 +254,7 @@ class ParameterServer(Handler):
                 self._optimizer_op(link, header, payload)
             else:
                 raise ProtocolError(f"unexpected {protocol.op_name(header.op)} from {peer.name}")
-        except KeyError_ as exc:
+        except KeyRefused as exc:
             self._fail_key(exc.key, str(exc))
 
     def _connect(self, peer, obj):
@@ -247,6 +273,10 @@ class ParameterServer(Handler):
         link = peer.info.get("link")
         if link is None:
             return
+        chunk = link.filling
+        if chunk is not None:
+            with chunk.lock:
+                self._end_fill(link)
         link.close()
         with self._lock:
             if self._links.get(link.rank) is link:
@@ -338,40 +368,53 @@ class ParameterServer(Handler):
             raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
                                 f"chunk {header.chunk}")
         if chunk.key_state.error is not None:
-            raise KeyError_(header.key, chunk.key_state.error)
+            raise KeyRefused(header.key, chunk.key_state.error)
         return chunk
 
     def _push(self, link, header, payload):
-        chunk = self._chunk(header)
+        chunk = self._chunks.get((header.key, header.chunk))
+        if chunk is None:
+            raise ProtocolError(f"PUSH for undeclared key {header.key} chunk {header.chunk}")
         name = chunk.key_state.name
-        if header.dtype != chunk.dtype_code:
-            raise KeyError_(header.key, f"worker {link.rank} pushed key {name!r} as "
-                                        f"{protocol.DTYPE_NAMES.get(header.dtype)}, declared {chunk.dtype}")
         no_data = header.flags & FLAG_NO_DATA
-        if (header.length != 0) if no_data else (header.length != chunk.nbytes):
-            raise ProtocolError(f"PUSH of key {name!r} chunk {chunk.index} has {header.length} bytes")
         if self.tracer:
             self.tracer.instant("push", key=name, chunk=chunk.index, priority=header.priority,
                                 round=header.round, worker=link.rank)
         with chunk.lock:
+            # Held from here until the contribution is counted, so that an adder
+            # waiting for a direct fill never sees the buffer before it is marked full.
+            direct = link.filling is chunk
+            if direct:
+                self._end_fill(link)
+            if chunk.key_state.error is not None:
+                raise KeyRefused(header.key, chunk.key_state.error)
+            if link.rank not in chunk.key_state.declared_by:
+                raise ProtocolError(f"worker {link.rank} pushed key {name!r} without declaring it")
+            if header.dtype != chunk.dtype_code:
+                raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} as "
+                                            f"{protocol.DTYPE_NAMES.get(header.dtype)}, declared {chunk.dtype}")
+            if (header.length != 0) if no_data else (header.length != chunk.nbytes):
+                raise ProtocolError(f"PUSH of key {name!r} chunk {chunk.index} has {header.length} bytes")
             if header.round != chunk.round:
-                raise KeyError_(header.key, f"worker {link.rank} pushed round {header.round} of key {name!r}, "
+                raise KeyRefused(header.key, f"worker {link.rank} pushed round {header.round} of key {name!r}, "
                                             f"the server is at round {chunk.round}")
             if link.rank in chunk.pushed:
-                raise KeyError_(header.key, f"worker {link.rank} pushed key {name!r} chunk {chunk.index} "
+                raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} chunk {chunk.index} "
                                             f"twice in round {chunk.round}")
             broadcast = header.flags & FLAG_BROADCAST
             if chunk.pushed and broadcast != chunk.flags & FLAG_BROADCAST:
-                raise KeyError_(header.key, f"workers mix broadcast and pushpull on key {name!r} "
+                raise KeyRefused(header.key, f"workers mix broadcast and pushpull on key {name!r} "
                                             f"in round {chunk.round}")
             target = chunk.buffer(chunk.round)
             if not no_data:
+                if not direct and not chunk.filled.wait_for(lambda: chunk.filling is None, self.config.timeout):
+                    raise KeyRefused(header.key, f"worker {chunk.filling} stalled while pushing key {name!r}")
                 if chunk.has_data and broadcast:
-                    raise KeyError_(header.key, f"more than one worker sent the root value for the "
+                    raise KeyRefused(header.key, f"more than one worker sent the root value for the "
                                                 f"broadcast of key {name!r}: the workers disagree on the root")
                 if chunk.nbytes and chunk.has_data:
                     _t.add_into(target, payload, chunk.dtype_code)
-                elif chunk.nbytes:
+                elif chunk.nbytes and not direct:
                     target[:] = payload
                 chunk.has_data = True
             chunk.flags = header.flags
@@ -379,7 +422,7 @@ class ParameterServer(Handler):
             if len(chunk.pushed) < self.num_workers:
                 return
             if not chunk.has_data:
-                raise KeyError_(header.key, f"no worker sent the root value for the broadcast of key "
+                raise KeyRefused(header.key, f"no worker sent the root value for the broadcast of key "
                                             f"{name!r}: the root rank is not a worker")
             result = target
             if self.updater is not None and chunk.weight is not None and not broadcast:
@@ -394,6 +437,15 @@ class ParameterServer(Handler):
         for other in links:
             other.reply(header.priority, Op.RESULT, result, key=header.key, chunk=chunk.index, round=rnd,
                         dtype=chunk.dtype_code)
+
+    @staticmethod
+    def _end_fill(link):
+        """link's direct fill is over (its push arrived, or it died): let waiting adders in.
+        The caller holds the chunk's lock."""
+        chunk, link.filling = link.filling, None
+        if chunk is not None and chunk.filling == link.rank:
+            chunk.filling = None
+            chunk.filled.notify_all()
 
     def _init_value(self, header, payload):
         chunk = self._chunk(header)
