@@ -16,6 +16,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     enum: MSG_NOSIGNAL
+    enum: MSG_DONTWAIT
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:

@@ -5,6 +5,10 @@
 
 cdef enum:
     POLL_SLICE_MS = 100      # how often a long wait re-checks its deadline
+    # Transfers this small are first tried once without releasing the GIL: on a
+    # non-blocking socket that cannot block, and it saves two GIL hand-offs.
+    # Larger ones, and any retry that must wait, run with the GIL released.
+    GIL_HELD_BYTES = 65536
 
 
 cdef inline double _now() noexcept nogil:
@@ -35,38 +39,45 @@ cdef int _wait_fd(int fd, short events, double deadline) noexcept nogil:
             return -1
 
 
+cdef ssize_t _send_some(int fd, s.iovec **iov, int *iovcnt) noexcept nogil:
+    """One non-blocking sendmsg of what is left, advancing iov past the bytes sent;
+    the byte count, or -1 with errno (EAGAIN when the socket buffer is full)."""
+    cdef s.msghdr msg
+    cdef ssize_t n, sent
+    msg.msg_name = NULL
+    msg.msg_namelen = 0
+    msg.msg_iov = iov[0]
+    msg.msg_iovlen = iovcnt[0]
+    msg.msg_control = NULL
+    msg.msg_controllen = 0
+    msg.msg_flags = 0
+    n = s.sendmsg(fd, &msg, s.MSG_NOSIGNAL)
+    if n < 0:
+        return -1
+    sent = n
+    while iovcnt[0] > 0 and <size_t>n >= iov[0][0].iov_len:
+        n -= iov[0][0].iov_len
+        iov[0] += 1
+        iovcnt[0] -= 1
+    if iovcnt[0] > 0:
+        iov[0][0].iov_base = <char *>iov[0][0].iov_base + n
+        iov[0][0].iov_len -= n
+    return sent
+
+
 cdef int _send_iov(int fd, s.iovec *iov, int iovcnt, double timeout) noexcept nogil:
     """Write every byte of iov; 0, or -1 with errno, or -2 on timeout (no progress)."""
-    cdef s.msghdr msg
-    cdef ssize_t n
     cdef int rc
     cdef double deadline = _now() + timeout
     while iovcnt > 0:
-        msg.msg_name = NULL
-        msg.msg_namelen = 0
-        msg.msg_iov = iov
-        msg.msg_iovlen = iovcnt
-        msg.msg_control = NULL
-        msg.msg_controllen = 0
-        msg.msg_flags = 0
-        n = s.sendmsg(fd, &msg, s.MSG_NOSIGNAL)
-        if n < 0:
-            if errno == EINTR:
-                continue
-            if errno == EAGAIN:
-                rc = _wait_fd(fd, s.POLLOUT, deadline)
-                if rc < 0:
-                    return rc
-                continue
+        if _send_some(fd, &iov, &iovcnt) >= 0:
+            deadline = _now() + timeout
+        elif errno == EAGAIN:
+            rc = _wait_fd(fd, s.POLLOUT, deadline)
+            if rc < 0:
+                return rc
+        elif errno != EINTR:
             return -1
-        deadline = _now() + timeout
-        while iovcnt > 0 and <size_t>n >= iov[0].iov_len:
-            n -= iov[0].iov_len
-            iov += 1
-            iovcnt -= 1
-        if iovcnt > 0:
-            iov[0].iov_base = <char *>iov[0].iov_base + n
-            iov[0].iov_len -= n
     return 0
 
 
@@ -115,8 +126,9 @@ def send_frame(int fd, header, payload, double timeout):
     cdef Py_buffer hview
     cdef Py_buffer pview
     cdef s.iovec iov[2]
+    cdef s.iovec *left = iov
     cdef int iovcnt = 1
-    cdef int rc
+    cdef int rc = 0
     PyObject_GetBuffer(header, &hview, PyBUF_SIMPLE)
     try:
         iov[0].iov_base = hview.buf
@@ -128,8 +140,12 @@ def send_frame(int fd, header, payload, double timeout):
             if pview.len > 0:
                 iovcnt = 2
         try:
-            with nogil:
-                rc = _send_iov(fd, iov, iovcnt, timeout)
+            if iov[0].iov_len + (iov[1].iov_len if iovcnt == 2 else 0) <= GIL_HELD_BYTES:
+                if _send_some(fd, &left, &iovcnt) < 0 and errno != EAGAIN and errno != EINTR:
+                    rc = -1
+            if iovcnt > 0 and rc == 0:
+                with nogil:
+                    rc = _send_iov(fd, left, iovcnt, timeout)
         finally:
             if payload is not None:
                 PyBuffer_Release(&pview)
@@ -140,13 +156,23 @@ def send_frame(int fd, header, payload, double timeout):
 
 
 def recv_into(int fd, buffer, double timeout):
-    """Fill the whole of a writable contiguous buffer from fd, GIL released."""
+    """Fill the whole of a writable contiguous buffer from fd; any wait runs with the GIL released."""
     cdef Py_buffer view
-    cdef int rc
+    cdef int rc = 0
+    cdef ssize_t n = 0
     PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
     try:
-        with nogil:
-            rc = _recv_all(fd, <char *>view.buf, view.len, timeout)
+        if view.len <= GIL_HELD_BYTES:
+            n = s.recv(fd, view.buf, view.len, s.MSG_DONTWAIT)
+            if n == 0 and view.len > 0:
+                _raise_io(-4, "receive")
+            if n < 0:
+                n = 0
+        if n < view.len:
+            with nogil:
+                rc = _recv_all(fd, <char *>view.buf + n, view.len - n, timeout)
+            if rc == -4 and n > 0:
+                rc = -3       # it closed mid-buffer, after the bytes read above
         if rc != 0:
             _raise_io(rc, "receive")
     finally:
@@ -156,6 +182,12 @@ def recv_into(int fd, buffer, double timeout):
 def wait_readable(int fd, double timeout):
     """True once fd has data (or EOF/error to report), False after timeout."""
     cdef int rc
+    cdef s.pollfd pfd
+    pfd.fd = fd
+    pfd.events = s.POLLIN
+    pfd.revents = 0
+    if s.poll(&pfd, 1, 0) > 0:          # already readable: no need to give up the GIL
+        return True
     with nogil:
         rc = _wait_fd(fd, s.POLLIN, _now() + timeout)
     if rc == -1:
