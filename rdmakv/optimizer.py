@@ -260,7 +260,7 @@ def _build_scheduler(desc):
     if not isinstance(desc, dict):
         _fail(where, "an object or null", desc)
     name = desc.get("type")
-    if name not in _SCHEDULERS:
+    if not isinstance(name, str) or name not in _SCHEDULERS:
         raise ValueError("%s.type: unknown scheduler %s; allowed: %s"
                          % (where, _short(name), ", ".join(sorted(_SCHEDULERS))))
     spec = {"type": lambda w, v: v}
@@ -369,6 +369,8 @@ def _validate(description):
         raise ValueError("optimizer description: format must be %r, got %s"
                          % (FORMAT, _short(description.get("format"))))
     name = description.get("name")
+    if not isinstance(name, str):
+        _fail("optimizer description.name", "a string", name)
     if name in _REJECTED:
         raise ValueError("optimizer description: %r cannot run on the servers: %s"
                          % (name, _REJECTED[name]))
