@@ -71,18 +71,21 @@ cdef int _send_iov(int fd, s.iovec *iov, int iovcnt, double timeout) noexcept no
 
 
 cdef int _recv_all(int fd, char *dst, size_t length, double timeout) noexcept nogil:
-    """Fill dst; 0, -1 with errno, -2 on timeout (no progress), -3 when the peer closed."""
+    """Fill dst; 0, -1 with errno, -2 on timeout (no progress), -3 when the peer
+    closed mid-buffer, -4 when it closed before the first byte."""
     cdef ssize_t n
+    cdef bint started = False
     cdef int rc
     cdef double deadline = _now() + timeout
     while length > 0:
         n = s.recv(fd, dst, length, 0)
         if n > 0:
+            started = True
             dst += n
             length -= n
             deadline = _now() + timeout
         elif n == 0:
-            return -3
+            return -3 if started else -4
         elif errno == EINTR:
             continue
         elif errno == EAGAIN:
@@ -98,7 +101,9 @@ cdef int _raise_io(int rc, str what) except -1:
     if rc == -2:
         raise TimeoutError(f"{what}: no progress before the timeout")
     if rc == -3:
-        raise ConnectionResetError(f"{what}: the peer closed the connection")
+        raise ConnectionResetError(f"{what}: the peer closed the connection mid-message")
+    if rc == -4:
+        raise EOFError(f"{what}: the peer closed the connection")
     raise OSError(errno, f"{what}: {__import__('os').strerror(errno)}")
 
 

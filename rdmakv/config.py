@@ -1,0 +1,139 @@
+"""rdmakv's settings: keyword arguments override RDMAKV_* variables, which
+override the DMLC_* / BYTEPS_* names that BytePS and ps-lite launchers set."""
+import os
+from dataclasses import dataclass, field, fields
+
+from rdmakv.errors import ConfigError
+
+MiB = 1 << 20
+
+
+def _int(text):
+    return int(text, 0)
+
+
+def _positive_float(text):
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _role(text):
+    text = text.strip().lower()
+    if text not in ("worker", "server", "scheduler"):
+        raise ValueError("must be worker, server or scheduler")
+    return text
+
+
+def _transport(text):
+    text = text.strip().lower()
+    aliases = {"ibverbs": "verbs", "1": "verbs", "zmq": "tcp", "0": "auto", "": "auto"}
+    text = aliases.get(text, text)
+    if text not in ("auto", "verbs", "tcp"):
+        raise ValueError("must be auto, verbs or tcp")
+    return text
+
+
+def _str(text):
+    return text
+
+
+# name: (environment variables, highest precedence first; parser; default; meaning)
+SETTINGS = {
+    "role": (("RDMAKV_ROLE", "DMLC_ROLE"), _role, "worker",
+             "worker, server or scheduler"),
+    "scheduler_host": (("RDMAKV_SCHEDULER_HOST", "DMLC_PS_ROOT_URI"), _str, "127.0.0.1",
+                       "address of the scheduler (IPv4, IPv6 or host name)"),
+    "scheduler_port": (("RDMAKV_SCHEDULER_PORT", "DMLC_PS_ROOT_PORT"), _int, 9091,
+                       "TCP port of the scheduler"),
+    "num_workers": (("RDMAKV_NUM_WORKERS", "DMLC_NUM_WORKER"), _int, 1, "number of workers"),
+    "num_servers": (("RDMAKV_NUM_SERVERS", "DMLC_NUM_SERVER"), _int, 1, "number of servers"),
+    "worker_id": (("RDMAKV_WORKER_ID", "DMLC_WORKER_ID"), _int, None,
+                  "this worker's rank (default: assigned by the scheduler in arrival order)"),
+    "interface": (("RDMAKV_INTERFACE", "DMLC_INTERFACE"), _str, None,
+                  "network interface whose address this node advertises and listens on"),
+    "node_host": (("RDMAKV_NODE_HOST", "DMLC_NODE_HOST"), _str, None,
+                  "address this node advertises (default: from the interface, else the route to the scheduler)"),
+    "port": (("RDMAKV_PORT", "PORT"), _int, 0, "port a server listens on (0: any free port)"),
+    "transport": (("RDMAKV_TRANSPORT", "DMLC_ENABLE_RDMA"), _transport, "auto",
+                  "auto, verbs or tcp (DMLC_ENABLE_RDMA=ibverbs means verbs)"),
+    "partition_bytes": (("RDMAKV_PARTITION_BYTES", "BYTEPS_PARTITION_BYTES"), _int, 4 * MiB,
+                        "tensors larger than this are split into chunks of at most this size"),
+    "scheduling_credit": (("RDMAKV_SCHEDULING_CREDIT", "BYTEPS_SCHEDULING_CREDIT"), _int, 4,
+                          "partitions in flight per server; 0 turns the credit off"),
+    "timeout": (("RDMAKV_TIMEOUT",), _positive_float, 120.0,
+                "seconds any blocking step (connect, rendezvous, barrier, pushpull, a peer's silence) may take"),
+    "trace_dir": (("RDMAKV_TRACE_DIR", "BYTEPS_TRACE_DIR"), _str, None,
+                  "write a Chrome-trace JSON per rank into this directory"),
+    "local_rank": (("RDMAKV_LOCAL_RANK", "BYTEPS_LOCAL_RANK"), _int, None,
+                   "rank among the workers on this host (default: computed by the scheduler)"),
+}
+
+
+@dataclass
+class Config:
+    role: str = "worker"
+    scheduler_host: str = "127.0.0.1"
+    scheduler_port: int = 9091
+    num_workers: int = 1
+    num_servers: int = 1
+    worker_id: int = None
+    interface: str = None
+    node_host: str = None
+    port: int = 0
+    transport: str = "auto"
+    partition_bytes: int = 4 * MiB
+    scheduling_credit: int = 4
+    timeout: float = 120.0
+    trace_dir: str = None
+    local_rank: int = None
+    sources: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, environ=None, **overrides):
+        """Settings from keyword arguments, then the environment, then defaults."""
+        environ = os.environ if environ is None else environ
+        unknown = set(overrides) - set(SETTINGS)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        values, sources = {}, {}
+        for name, (variables, parse, default, _) in SETTINGS.items():
+            if name in overrides and overrides[name] is not None:
+                raw, source = overrides[name], f"keyword {name}"
+            else:
+                raw, source = default, "default"
+                for variable in variables:
+                    if environ.get(variable, "") != "":
+                        raw, source = environ[variable], variable
+                        break
+            if isinstance(raw, str) and parse is not _str:
+                try:
+                    raw = parse(raw)
+                except ValueError as exc:
+                    raise ConfigError(f"{source}={raw!r}: {exc}") from None
+            elif raw is not None and parse in (_role, _transport):
+                raw = parse(raw)
+            values[name], sources[name] = raw, source
+        config = cls(**values, sources=sources)
+        config.validate()
+        return config
+
+    def validate(self):
+        if self.num_workers < 1:
+            raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.num_servers < 1:
+            raise ConfigError(f"num_servers must be >= 1, got {self.num_servers}")
+        if self.worker_id is not None and not 0 <= self.worker_id < self.num_workers:
+            raise ConfigError(f"worker_id {self.worker_id} is outside 0..{self.num_workers - 1}")
+        if not 0 < self.scheduler_port < 65536:
+            raise ConfigError(f"scheduler_port {self.scheduler_port} is not a TCP port")
+        if self.partition_bytes < 8:
+            raise ConfigError(f"partition_bytes must be >= 8, got {self.partition_bytes}")
+        if self.scheduling_credit < 0:
+            raise ConfigError("scheduling_credit must be >= 0")
+
+    def describe(self):
+        """[(setting, value, where it came from)] for `python -m rdmakv.info`."""
+        return [(f.name, getattr(self, f.name), self.sources.get(f.name, "default"))
+                for f in fields(self) if f.name != "sources"]

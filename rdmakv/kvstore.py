@@ -1,0 +1,575 @@
+"""The worker side: KVStore.pushpull / broadcast / barrier over any transport.
+
+A call validates its arrays, declares the key on first use (one message to
+each server, no round trip), splits the tensor into chunks and queues them by
+priority; per-server sender threads send chunks straight from the caller's
+array under a byte credit, and per-server reader threads receive each result
+straight into the caller's output array."""
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+import warnings
+from collections import deque
+
+import numpy as np
+
+from rdmakv import netif, partition, protocol, trace
+from rdmakv.config import Config
+from rdmakv.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
+                           RdmaKVError, RemoteError)
+from rdmakv.node import ControlLink
+from rdmakv.protocol import FLAG_BROADCAST, FLAG_NO_DATA, Op
+from rdmakv.scheduling import ChunkQueue
+from rdmakv.transport import select
+from rdmakv.transport.base import Handler, Peer
+
+log = logging.getLogger("rdmakv.worker")
+
+
+def as_array(obj, what, writable=False):
+    """A numpy view (no copy) of a C-contiguous numpy, buffer-protocol or DLPack array."""
+    if isinstance(obj, np.ndarray):
+        array = obj
+    elif hasattr(obj, "__dlpack__"):
+        array = np.from_dlpack(obj)
+        if writable and not array.flags.writeable:
+            array = _writable_dlpack_view(array)
+    else:
+        try:
+            array = np.asarray(memoryview(obj))
+        except TypeError:
+            raise TypeError(f"{what} must be a numpy array or support the buffer protocol or DLPack, "
+                            f"not {type(obj).__name__}") from None
+    if array.dtype.name not in protocol.DTYPE_CODES:
+        raise TypeError(f"{what} has dtype {array.dtype}, which rdmakv does not sum; "
+                        f"use one of {', '.join(protocol.DTYPE_CODES)}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{what} is not C-contiguous; pass numpy.ascontiguousarray({what})")
+    if writable and not array.flags.writeable:
+        raise ValueError(f"{what} is read-only, so the result cannot be written into it; pass a writable out=")
+    return array
+
+
+def _writable_dlpack_view(array):
+    """numpy < 2.1 marks every DLPack import read-only because DLPack 0.x had no
+    read-only flag; the producer's memory is writable by that protocol's rules,
+    so view the same memory writably, keeping the import alive as its base."""
+    import ctypes
+    if array.nbytes == 0:
+        return np.empty(array.shape, array.dtype)
+    memory = (ctypes.c_char * array.nbytes).from_address(array.__array_interface__["data"][0])
+    memory._keepalive = array
+    return np.frombuffer(memory, array.dtype).reshape(array.shape)
+
+
+def key_name(key):
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise TypeError(f"keys are str or int, not {type(key).__name__}")
+    return key if isinstance(key, str) else f"#{key}"
+
+
+def wire_key(key):
+    tag = ("s:" + key) if isinstance(key, str) else f"i:{key}"
+    return int.from_bytes(hashlib.blake2b(tag.encode(), digest_size=8).digest(), "little")
+
+
+class KeyInfo:
+    def __init__(self, key, wire, order, array, chunks):
+        self.key = key
+        self.name = key_name(key)
+        self.wire = wire
+        self.order = order
+        self.dtype = array.dtype
+        self.shape = array.shape
+        self.nbytes = array.nbytes
+        self.chunks = chunks
+        self.next_round = 0
+        self.active = None            # the operation whose chunks are out
+        self.waiting = deque()        # later rounds, started in turn
+        self.error = None
+
+
+class Handle:
+    """An operation in flight: wait() for its result, or poll done()."""
+
+    def __init__(self, store, info, value, out, result_obj, priority, flags):
+        self._store = store
+        self.key = info.key
+        self._info = info
+        self._value = value           # held: sent from in place, must outlive the sends
+        self._out = out
+        self._result = result_obj
+        self.priority = priority
+        self.flags = flags
+        self.round = None
+        self._remaining = len(info.chunks)
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._error = None
+        self._callbacks = []
+
+    def done(self):
+        return self._done.is_set()
+
+    def wait(self, timeout=None):
+        """The result (the `out` given, else `value`); raises what failed the operation.
+        timeout=None waits up to RDMAKV_TIMEOUT."""
+        limit = self._store.config.timeout if timeout is None else timeout
+        if not self._done.wait(limit):
+            raise PeerTimeout(f"pushpull of key {self._info.name!r} (round {self.round}) did not complete "
+                              f"within {limit:g} s: a worker or server is slow or gone")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def add_done_callback(self, fn):
+        """Call fn(handle) once done (at once if already done), from a transport thread."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _chunk_done(self):
+        with self._lock:
+            self._remaining -= 1
+            finished = self._remaining == 0 and not self._done.is_set()
+        if finished:
+            self._finish(None)
+
+    def _finish(self, error):
+        with self._lock:
+            if self._done.is_set():
+                return False
+            self._error = error
+            self._value = None
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:
+                log.exception("done-callback of key %r failed", self.key)
+        self._store._advance(self._info, self)
+        return True
+
+
+class ServerLink(Handler):
+    """One server: its connection, its send queue and sender thread, and the
+    results it owes us, keyed by (wire key, chunk, round)."""
+
+    def __init__(self, store, rank, address):
+        self.store = store
+        self.rank = rank
+        self.address = address
+        self.peer = None
+        self.queue = ChunkQueue(store.config.scheduling_credit * store.config.partition_bytes)
+        self.ready = threading.Condition()
+        self.expected = {}
+        self.replies = deque()        # control answers (ACK/STATES/ERROR) to a waiting request
+        self.replied = threading.Condition()
+        self.error = None
+        self.sender = threading.Thread(target=self._send_loop, daemon=True, name=f"rdmakv-send-{rank}")
+
+    def open(self, transport, timeout):
+        connection = transport.connect(*self.address, timeout)
+        self.peer = Peer(connection, self, f"server {self.rank}").start()
+        self.peer.send_json(Op.CONNECT, {"rank": self.store.rank})
+        self.sender.start()
+
+    def describe(self):
+        return f"server {self.rank} at {netif.format_address(*self.address)}"
+
+    def enqueue(self, handle, chunk, source, destination):
+        with self.ready:
+            if self.error is not None:
+                raise self.error
+            slot = (handle._info.wire, chunk.index, handle.round)
+            self.expected[slot] = [handle, destination, chunk.nbytes, False]
+            self.queue.push((handle, chunk, source, slot), priority=handle.priority,
+                            key_order=handle._info.order, chunk=chunk.index, nbytes=chunk.nbytes)
+            self.ready.notify()
+
+    def _send_loop(self):
+        tracer = self.store.tracer
+        while True:
+            with self.ready:
+                while self.error is None and (popped := self.queue.pop()) is None:
+                    self.ready.wait()
+                if self.error is not None:
+                    return
+                (handle, chunk, source, slot), nbytes = popped
+                entry = self.expected.get(slot)
+                if entry is None or handle.done():
+                    self.queue.finish(nbytes)
+                    continue
+                entry[3] = True       # sent: its credit comes back with the result
+            no_data = handle.flags & FLAG_NO_DATA
+            try:
+                self.peer.send(Op.PUSH, None if no_data else source, dtype=protocol.DTYPE_CODES[handle._info.dtype.name],
+                               flags=handle.flags, key=handle._info.wire, chunk=chunk.index,
+                               priority=handle.priority, round=handle.round, sender=self.store.rank)
+            except RdmaKVError as exc:
+                self.fail(ConnectionClosed(f"sending to {self.describe()} failed: {exc}"))
+                return
+            if tracer:
+                tracer.instant("sent", key=handle._info.name, chunk=chunk.index, priority=handle.priority)
+
+    # reader-thread callbacks
+    def destination(self, peer, header):
+        if header.op != Op.RESULT:
+            if header.op == Op.STATES:
+                return bytearray(header.length)   # optimizer state: sized by what we asked for
+            return None
+        with self.ready:
+            entry = self.expected.get((header.key, header.chunk, header.round))
+        if entry is None:
+            raise ProtocolError(f"{self.describe()} sent an unexpected result for key {header.key} "
+                                f"chunk {header.chunk} round {header.round}")
+        return entry[1]
+
+    def on_message(self, peer, header, payload):
+        if header.op == Op.RESULT:
+            with self.ready:
+                entry = self.expected.pop((header.key, header.chunk, header.round), None)
+                if entry is not None and entry[3]:
+                    self.queue.finish(entry[2])
+                    self.ready.notify()
+            if entry is not None:
+                if self.store.tracer:
+                    self.store.tracer.instant("received", key=entry[0]._info.name, chunk=header.chunk)
+                entry[0]._chunk_done()
+        elif header.op == Op.ERROR:
+            obj = protocol.decode_json(payload or b"")
+            message = str(obj.get("message", "no reason given"))
+            if isinstance(obj.get("key"), int):
+                self.store._fail_key(obj["key"], RemoteError(message))
+            else:
+                with self.replied:
+                    self.replies.append(RemoteError(message))
+                    self.replied.notify_all()
+        elif header.op in (Op.ACK, Op.STATES):
+            with self.replied:
+                self.replies.append(bytes(payload or b""))
+                self.replied.notify_all()
+        else:
+            raise ProtocolError(f"unexpected {protocol.op_name(header.op)} from {self.describe()}")
+
+    def on_closed(self, peer, error):
+        self.fail(ConnectionClosed(f"connection to {self.describe()} lost: {error or 'closed'}"))
+
+    def request(self, op, payload, timeout):
+        """Send a control request and wait for its ACK/STATES answer."""
+        with self.replied:
+            self.replies.clear()
+        self.peer.send(op, payload)
+        with self.replied:
+            if not self.replied.wait_for(lambda: self.replies or self.error, timeout):
+                raise PeerTimeout(f"{self.describe()} did not answer {protocol.op_name(op)} within {timeout:g} s")
+            if self.error is not None:
+                raise self.error
+            answer = self.replies.popleft()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def fail(self, error):
+        """Fail every operation that waits on this server; later calls fail at once."""
+        with self.ready:
+            if self.error is None:
+                self.error = error
+            entries = list(self.expected.values())
+            self.expected.clear()
+            self.queue.drain()
+            self.ready.notify_all()
+        with self.replied:
+            self.replied.notify_all()
+        for entry in entries:
+            entry[0]._finish(self.error)
+
+    def drop_key(self, wire):
+        """Forget the results owed for a failed key, returning their credit."""
+        with self.ready:
+            for slot in [s for s in self.expected if s[0] == wire]:
+                entry = self.expected.pop(slot)
+                if entry[3]:
+                    self.queue.finish(entry[2])
+            self.ready.notify_all()
+
+    def close(self):
+        self.fail(ClosedError("the KVStore is closed"))
+        if self.peer is not None:
+            self.peer.close()
+        if self.sender.is_alive():
+            self.sender.join(5)
+
+
+class KVStore:
+    """A worker's handle on the cluster.  See the README for the settings."""
+
+    def __init__(self, **settings):
+        self.config = Config.load(**{"role": "worker", **settings})
+        if self.config.role != "worker":
+            raise ConfigError(f"KVStore runs on workers; DMLC_ROLE is {self.config.role!r}")
+        self.transport, self.transport_reason = select(self.config.transport)
+        self._pid = os.getpid()
+        self._closed = False
+        self._failure = None
+        self._lock = threading.Lock()
+        self._keys = {}
+        self._wire_keys = {}
+        self._handles = set()
+        self._barrier_number = 0
+        self._barrier_done = {}
+        self._barrier_cond = threading.Condition()
+        self._control = ControlLink(self.config, self.transport, "worker", self._on_control, self._on_lost)
+        self._links = []
+        try:
+            host = netif.advertised_host(self.config)
+            welcome = self._control.join(host, 0, self.config.worker_id)
+            self.rank = welcome["rank"]
+            self.num_workers = welcome["num_workers"]
+            self.num_servers = welcome["num_servers"]
+            self.local_rank = (self.config.local_rank if self.config.local_rank is not None
+                               else welcome["local_rank"])
+            self.local_size = welcome["local_size"]
+            self._placement = partition.Placement(self.num_servers)
+            self.tracer = trace.make(self.config, "worker", self.rank)
+            for rank, (server_host, port) in enumerate(welcome["servers"]):
+                link = ServerLink(self, rank, (server_host, port))
+                self._links.append(link)
+                link.open(self.transport, self.config.timeout)
+        except BaseException:
+            self._teardown()
+            raise
+        log.info("worker %d of %d connected to %d servers (%s)", self.rank, self.num_workers,
+                 self.num_servers, self.transport_reason)
+
+    # ---- public API --------------------------------------------------------
+    def init(self, key, value):
+        """Declare key with value's shape and dtype; from rank 0, also store value on the servers
+        (the starting weights when the servers run an optimizer)."""
+        array = as_array(value, "value")
+        info = self._declare(key, array)
+        if self.rank == 0:
+            flat = array.reshape(-1).view(np.uint8)
+            for chunk in info.chunks:
+                self._links[chunk.server].peer.send(
+                    Op.INIT, flat[chunk.offset:chunk.offset + chunk.nbytes],
+                    dtype=protocol.DTYPE_CODES[info.dtype.name], key=info.wire, chunk=chunk.index)
+
+    def pushpull_async(self, key, value, out=None, priority=0):
+        """Start summing value over all workers into out (default: into value); returns a Handle.
+        value must not change until the handle is done."""
+        return self._submit(key, value, out, priority, 0)
+
+    def pushpull(self, key, value, out=None, priority=0):
+        """The elementwise sum over all workers of this round's value for key."""
+        return self.pushpull_async(key, value, out, priority).wait()
+
+    def broadcast_async(self, key, value, out=None, root=0, priority=0):
+        if not isinstance(root, int) or not 0 <= root < self.num_workers:
+            raise ValueError(f"root {root!r} is not a worker rank (0..{self.num_workers - 1})")
+        flags = FLAG_BROADCAST | (0 if self.rank == root else FLAG_NO_DATA)
+        return self._submit(key, value, out, priority, flags)
+
+    def broadcast(self, key, value, out=None, root=0, priority=0):
+        """Every worker receives the root's value."""
+        return self.broadcast_async(key, value, out, root, priority).wait()
+
+    def barrier(self, timeout=None):
+        """Return once every worker has called barrier()."""
+        self._check_open()
+        limit = self.config.timeout if timeout is None else timeout
+        with self._barrier_cond:
+            self._barrier_number += 1
+            number = self._barrier_number
+        self._control.send(Op.BARRIER, round=number)
+        with self._barrier_cond:
+            if not self._barrier_cond.wait_for(lambda: number in self._barrier_done or self._failure, limit):
+                raise PeerTimeout(f"barrier {number}: not every worker arrived within {limit:g} s")
+            if self._failure is not None:
+                raise self._failure
+            del self._barrier_done[number]
+
+    def close(self, timeout=None):
+        """Finish outstanding operations, tell the scheduler we are done, release everything. Idempotent."""
+        if self._closed:
+            return
+        if os.getpid() != self._pid:
+            self._closed = True      # a forked child must not tear down the parent's connections
+            return
+        deadline = time.monotonic() + (self.config.timeout if timeout is None else timeout)
+        with self._lock:
+            handles = list(self._handles)
+        for handle in handles:
+            handle._done.wait(max(0.0, deadline - time.monotonic()))
+        if self._failure is None:
+            try:
+                self._control.send(Op.GOODBYE)
+            except RdmaKVError as exc:
+                log.warning("could not say goodbye to the scheduler: %s", exc)
+        self._teardown()
+
+    def _teardown(self):
+        self._closed = True
+        for link in self._links:
+            link.close()
+        self._control.close()
+        if getattr(self, "tracer", None):
+            self.tracer.write()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            warnings.warn("rdmakv.KVStore was not closed", ResourceWarning, stacklevel=2)
+
+    # ---- optimizer support (used by rdmakv.mxnet) --------------------------
+    def _set_optimizer(self, description):
+        payload = protocol.encode_json(description)
+        for link in self._links:
+            link.request(Op.SET_OPTIMIZER, payload, self.config.timeout)
+
+    def _dump_optimizer_states(self):
+        return [link.request(Op.GET_STATES, None, self.config.timeout) for link in self._links]
+
+    def _load_optimizer_states(self, states):
+        if len(states) != len(self._links):
+            raise ValueError(f"the saved states are for {len(states)} servers, this cluster has {len(self._links)}")
+        for link, data in zip(self._links, states):
+            link.request(Op.SET_STATES, data, self.config.timeout)
+
+    # ---- internals ---------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise ClosedError("the KVStore is closed")
+        if self._failure is not None:
+            raise self._failure
+
+    def _declare(self, key, array):
+        self._check_open()
+        name = key_name(key)
+        with self._lock:
+            info = self._keys.get(key)
+            if info is not None:
+                if info.dtype != array.dtype or info.shape != array.shape:
+                    raise ValueError(f"key {name!r} was declared as {info.dtype}{list(info.shape)}, "
+                                     f"now used with {array.dtype}{list(array.shape)}")
+                return info
+            wire = wire_key(key)
+            if wire in self._wire_keys:
+                raise ValueError(f"keys {self._wire_keys[wire]!r} and {name!r} collide; rename one")
+            pieces = partition.split(array.nbytes, array.itemsize, self.config.partition_bytes)
+            info = KeyInfo(key, wire, len(self._keys), array, self._placement.place(pieces))
+            self._keys[key] = info
+            self._wire_keys[wire] = name
+            layout = protocol.encode_json({
+                "key": wire, "name": name, "dtype": array.dtype.name, "shape": list(array.shape),
+                "chunks": [[c.offset, c.nbytes, c.server] for c in info.chunks]})
+            # Every server sees every declaration, so they can check that all workers agree.
+            for link in self._links:
+                link.peer.send(Op.DECLARE, layout)
+        return info
+
+    def _submit(self, key, value, out, priority, flags):
+        if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)) \
+                or not -2**31 <= priority < 2**31:
+            raise ValueError(f"priority must be a 32-bit integer, got {priority!r}")
+        source = as_array(value, "value", writable=out is None and not flags & FLAG_NO_DATA)
+        if out is None:
+            target, result_obj = source, value
+            if flags & FLAG_NO_DATA and not source.flags.writeable:
+                raise ValueError("value is read-only and no out= was given for the broadcast result")
+        else:
+            target, result_obj = as_array(out, "out", writable=True), out
+            if target.dtype != source.dtype or target.shape != source.shape:
+                raise ValueError(f"out is {target.dtype}{list(target.shape)} but value is "
+                                 f"{source.dtype}{list(source.shape)}")
+        info = self._declare(key, source)
+        if info.error is not None:
+            raise info.error
+        handle = Handle(self, info, source, target, result_obj, int(priority), flags)
+        with self._lock:
+            handle.round = info.next_round
+            info.next_round += 1
+            self._handles.add(handle)
+            start = info.active is None
+            if start:
+                info.active = handle
+            else:
+                info.waiting.append(handle)
+        if self.tracer:
+            self.tracer.instant("queued", key=info.name, round=handle.round, priority=handle.priority)
+        if start:
+            self._start(handle)
+        return handle
+
+    def _start(self, handle):
+        info = handle._info
+        source = handle._value.reshape(-1).view(np.uint8)
+        target = handle._out.reshape(-1).view(np.uint8)
+        try:
+            for chunk in info.chunks:
+                end = chunk.offset + chunk.nbytes
+                self._links[chunk.server].enqueue(handle, chunk, source[chunk.offset:end],
+                                                  target[chunk.offset:end])
+        except RdmaKVError as exc:
+            handle._finish(exc)
+
+    def _advance(self, info, handle):
+        """handle is done: start the key's next round, if one waits."""
+        with self._lock:
+            self._handles.discard(handle)
+            if info.active is not handle:
+                return
+            info.active = info.waiting.popleft() if info.waiting else None
+            following = info.active
+        if following is not None:
+            if following.done():
+                self._advance(info, following)
+            elif info.error is not None:
+                following._finish(info.error)
+            else:
+                self._start(following)
+
+    def _fail_key(self, wire, error):
+        with self._lock:
+            name = self._wire_keys.get(wire)
+            info = next((i for i in self._keys.values() if i.wire == wire), None)
+            if info is None:
+                return
+            if info.error is None:
+                info.error = error
+            pending = [h for h in self._handles if h._info is info]
+        log.error("key %r failed: %s", name, error)
+        for link in self._links:
+            link.drop_key(wire)
+        for handle in pending:
+            handle._finish(info.error)
+
+    def _on_control(self, header, obj):
+        if header.op == Op.BARRIER_DONE:
+            with self._barrier_cond:
+                self._barrier_done[header.round] = True
+                self._barrier_cond.notify_all()
+        elif header.op == Op.ERROR:
+            self._on_lost(RemoteError(f"the scheduler reports: {obj.get('message', 'job failed')}"))
+
+    def _on_lost(self, error):
+        if self._closed:
+            return
+        if not isinstance(error, RemoteError):
+            error = ConnectionClosed(f"lost the scheduler: {error}")
+        self._failure = error
+        with self._barrier_cond:
+            self._barrier_cond.notify_all()
+        for link in self._links:
+            link.fail(error)

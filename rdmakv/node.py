@@ -1,0 +1,76 @@
+"""Joining a cluster: every worker and server connects to the scheduler,
+says HELLO, and receives its rank and the address book in WELCOME."""
+import socket
+import threading
+import time
+
+from rdmakv import netif, protocol
+from rdmakv.errors import PeerTimeout, ProtocolError, RemoteError
+from rdmakv.protocol import Op
+from rdmakv.transport.base import Handler, Peer
+
+
+class ControlLink(Handler):
+    """A node's connection to the scheduler.  After WELCOME, every control
+    message goes to on_control(header, obj) and a lost link to on_lost(error)."""
+
+    def __init__(self, config, transport, role, on_control, on_lost):
+        self.config = config
+        self.transport = transport
+        self.role = role
+        self.on_control = on_control
+        self.on_lost = on_lost
+        self.welcome = None
+        self._welcomed = threading.Event()
+        self._refusal = None
+        self.peer = None
+
+    def join(self, host, port, worker_id=None):
+        """Register with the scheduler and return the WELCOME it answers."""
+        config = self.config
+        where = netif.format_address(config.scheduler_host, config.scheduler_port)
+        deadline = time.monotonic() + config.timeout
+        connection = self.transport.connect(config.scheduler_host, config.scheduler_port,
+                                            config.timeout, retry_until=deadline)
+        self.peer = Peer(connection, self, "scheduler").start()
+        self.peer.send_json(Op.HELLO, {
+            "role": self.role, "host": host, "port": port, "worker_id": worker_id,
+            "hostname": socket.gethostname(), "version": protocol.VERSION,
+        })
+        if not self._welcomed.wait(max(0.0, deadline - time.monotonic())):
+            self.close()
+            raise PeerTimeout(
+                f"the scheduler at {where} did not complete the rendezvous within {config.timeout:g} s "
+                f"(RDMAKV_TIMEOUT): are all {config.num_workers} workers and {config.num_servers} servers started "
+                f"with the same DMLC_PS_ROOT_URI/PORT?")
+        if self._refusal:
+            self.close()
+            raise RemoteError(f"the scheduler at {where} refused this {self.role}: {self._refusal}")
+        return self.welcome
+
+    def send(self, op, obj=None, **fields):
+        self.peer.send_json(op, obj or {}, **fields)
+
+    def on_message(self, peer, header, payload):
+        obj = protocol.decode_json(payload or b"{}")
+        if not self._welcomed.is_set():
+            if header.op == Op.WELCOME:
+                self.welcome = obj
+            elif header.op == Op.ERROR:
+                self._refusal = obj.get("message", "no reason given")
+            else:
+                raise ProtocolError(f"expected WELCOME from the scheduler, got {protocol.op_name(header.op)}")
+            self._welcomed.set()
+            return
+        self.on_control(header, obj)
+
+    def on_closed(self, peer, error):
+        if not self._welcomed.is_set():
+            self._refusal = f"the connection closed during the rendezvous ({error})"
+            self._welcomed.set()
+        elif error is not None:
+            self.on_lost(error)
+
+    def close(self):
+        if self.peer is not None:
+            self.peer.close()

@@ -1,0 +1,103 @@
+"""The rdmakv wire format: a fixed 48-byte, versioned, little-endian header,
+then `length` payload bytes.
+
+Control messages carry UTF-8 JSON payloads; tensor messages carry raw array
+bytes.  Nothing received is ever unpickled or evaluated."""
+import json
+import struct
+from collections import namedtuple
+
+from rdmakv.errors import ProtocolError
+
+MAGIC = 0x564B4452           # b"RDKV" read as little-endian u32
+VERSION = 1
+MAX_CONTROL_BYTES = 1 << 20  # a JSON control payload is never larger
+
+# magic, version, op, dtype, flags, key, chunk, priority, round, length, sender
+HEADER = struct.Struct("<IHBBIQIiQQI")
+HEADER_SIZE = HEADER.size
+
+Header = namedtuple("Header", "op dtype flags key chunk priority round length sender")
+
+
+class Op:
+    # node <-> scheduler
+    HELLO = 1          # json {role, host, port, worker_id, hostname}
+    WELCOME = 2        # json {rank, num_workers, num_servers, servers, ...}
+    BARRIER = 3
+    BARRIER_DONE = 4
+    GOODBYE = 5        # a worker is done
+    SHUTDOWN = 6       # scheduler tells a server to stop
+    # worker <-> server
+    CONNECT = 10       # json {rank}
+    DECLARE = 11       # json key layout
+    PUSH = 12          # payload: one chunk of the worker's tensor
+    RESULT = 13        # payload: one chunk of the sum (or updated weight)
+    INIT = 14          # payload: one chunk of the initial value (rank 0)
+    SET_OPTIMIZER = 15  # json optimizer description
+    GET_STATES = 16
+    STATES = 17        # payload: optimizer state bytes
+    SET_STATES = 18    # payload: optimizer state bytes
+    ACK = 19
+    # any direction
+    ERROR = 30         # json {message, key?}
+
+    NAMES = {}
+
+
+Op.NAMES = {v: k for k, v in vars(Op).items() if isinstance(v, int)}
+
+# Header flags
+FLAG_BROADCAST = 1     # only the root's payload counts in this round
+FLAG_NO_DATA = 2       # a broadcast contribution from a non-root: header only
+KNOWN_FLAGS = FLAG_BROADCAST | FLAG_NO_DATA
+
+# Codes shared with the reduction kernel in _reduce.pxi.
+DTYPE_CODES = {
+    "float16": 1, "float32": 2, "float64": 3,
+    "int8": 4, "uint8": 5, "int32": 6, "int64": 7,
+}
+DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
+
+
+def pack(op, *, dtype=0, flags=0, key=0, chunk=0, priority=0, round=0, length=0, sender=0):
+    return HEADER.pack(MAGIC, VERSION, op, dtype, flags, key, chunk, priority, round, length, sender)
+
+
+def unpack(data):
+    """Parse and validate the fixed part of a header; raise ProtocolError naming the bad field."""
+    if len(data) != HEADER_SIZE:
+        raise ProtocolError(f"header is {len(data)} bytes, expected {HEADER_SIZE}")
+    magic, version, op, dtype, flags, key, chunk, priority, rnd, length, sender = HEADER.unpack(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic 0x{magic:08x}: not an rdmakv peer")
+    if version != VERSION:
+        raise ProtocolError(f"wire version {version} is not supported (this side speaks {VERSION})")
+    if op not in Op.NAMES:
+        raise ProtocolError(f"unknown op {op}")
+    if flags & ~KNOWN_FLAGS:
+        raise ProtocolError(f"unknown flags 0x{flags:x}")
+    if dtype and dtype not in DTYPE_NAMES:
+        raise ProtocolError(f"unknown dtype code {dtype}")
+    return Header(op, dtype, flags, key, chunk, priority, rnd, length, sender)
+
+
+def encode_json(obj):
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode_json(payload):
+    """Decode a control payload; it must be a JSON object."""
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"control payload of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
+    try:
+        obj = json.loads(bytes(payload).decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"control payload is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("control payload is not a JSON object")
+    return obj
+
+
+def op_name(op):
+    return Op.NAMES.get(op, str(op))

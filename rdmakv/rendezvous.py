@@ -1,0 +1,217 @@
+"""The scheduler: rendezvous, barriers and orderly shutdown.  It moves no
+tensor data.  A node that disconnects before saying GOODBYE fails the job:
+every other node is told which one died, so nobody waits forever."""
+import logging
+import threading
+import time
+
+from rdmakv import netif, protocol
+from rdmakv.errors import PeerTimeout, ProtocolError
+from rdmakv.protocol import Op
+from rdmakv.transport import select
+from rdmakv.transport.base import Handler, Peer
+
+log = logging.getLogger("rdmakv.scheduler")
+
+
+class Scheduler(Handler):
+    def __init__(self, config):
+        self.config = config
+        self.transport, _ = select("tcp")       # control traffic always uses TCP
+        self.listener = self.transport.TcpListener(config.scheduler_host, config.scheduler_port, config.timeout)
+        self.address = netif.format_address(*self.listener.address)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._pending = []            # peers that said HELLO before everyone arrived
+        self._workers = {}            # rank -> peer
+        self._servers = {}
+        self._goodbyes = set()
+        self._barriers = {}           # barrier number -> set of worker ranks
+        self._failure = None
+        self._started = False
+        self._closing = False
+
+    # ---- lifecycle -------------------------------------------------------
+    def run(self):
+        """Serve until every worker said GOODBYE (0) or the job failed (1)."""
+        acceptor = threading.Thread(target=self._accept_loop, name="rdmakv-accept", daemon=True)
+        acceptor.start()
+        log.info("scheduler listening on %s for %d workers and %d servers",
+                 self.address, self.config.num_workers, self.config.num_servers)
+        try:
+            self._rendezvous()
+            with self._lock:
+                while self._failure is None and len(self._goodbyes) < self.config.num_workers:
+                    self._changed.wait(1.0)
+                failure = self._failure
+                servers = list(self._servers.values())
+            if failure is None:
+                for peer in servers:
+                    self._send(peer, Op.SHUTDOWN, {})
+                self._wait_for_disconnects(servers)
+                log.info("all workers finished; servers told to shut down")
+                return 0
+            log.error("job failed: %s", failure)
+            return 1
+        finally:
+            self.close()
+
+    def _rendezvous(self):
+        deadline = time.monotonic() + self.config.timeout
+        total = self.config.num_workers + self.config.num_servers
+        with self._lock:
+            while self._failure is None and len(self._pending) < total:
+                if not self._changed.wait(max(0.0, min(1.0, deadline - time.monotonic()))):
+                    if time.monotonic() >= deadline:
+                        roles = [p.info["role"] for p in self._pending]
+                        message = (f"rendezvous timed out after {self.config.timeout:g} s: "
+                                   f"{roles.count('worker')}/{self.config.num_workers} workers and "
+                                   f"{roles.count('server')}/{self.config.num_servers} servers registered")
+                        self._failure = message
+                        for peer in self._pending:
+                            self._send(peer, Op.ERROR, {"message": message})
+                        raise PeerTimeout(message)
+            if self._failure is not None:
+                return
+            self._assign_ranks()
+            self._started = True
+            servers = [[self._servers[r].info["host"], self._servers[r].info["port"]]
+                       for r in range(self.config.num_servers)]
+            for rank, peer in self._servers.items():
+                self._send(peer, Op.WELCOME, {"rank": rank, "num_workers": self.config.num_workers,
+                                              "num_servers": self.config.num_servers})
+            for rank, peer in self._workers.items():
+                same_host = sorted(r for r, p in self._workers.items()
+                                   if p.info["hostname"] == peer.info["hostname"])
+                self._send(peer, Op.WELCOME, {
+                    "rank": rank, "num_workers": self.config.num_workers,
+                    "num_servers": self.config.num_servers, "servers": servers,
+                    "local_rank": same_host.index(rank), "local_size": len(same_host)})
+        log.info("rendezvous complete")
+
+    def _assign_ranks(self):
+        workers = [p for p in self._pending if p.info["role"] == "worker"]
+        servers = [p for p in self._pending if p.info["role"] == "server"]
+        chosen = {p.info["worker_id"] for p in workers if p.info["worker_id"] is not None}
+        free = iter(r for r in range(self.config.num_workers) if r not in chosen)
+        for peer in workers:
+            rank = peer.info["worker_id"]
+            self._workers[next(free) if rank is None else rank] = peer
+        for rank, peer in enumerate(servers):
+            self._servers[rank] = peer
+        for rank, peer in self._workers.items():
+            peer.info["rank"] = rank
+            peer.name = f"worker {rank}"
+        for rank, peer in self._servers.items():
+            peer.info["rank"] = rank
+            peer.name = f"server {rank}"
+
+    def _accept_loop(self):
+        while not self._closing:
+            try:
+                connection = self.listener.accept(1.0)
+            except OSError:
+                return
+            if connection is not None:
+                Peer(connection, self, f"node at {connection.peer}").start()
+
+    def _wait_for_disconnects(self, peers, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while any(not p.info.get("gone") for p in peers) and time.monotonic() < deadline:
+                self._changed.wait(0.1)
+
+    def close(self):
+        self._closing = True
+        self.listener.close()
+        with self._lock:
+            peers = list(self._pending)
+        for peer in peers:
+            peer.close()
+
+    # ---- messages --------------------------------------------------------
+    def _send(self, peer, op, obj, **fields):
+        try:
+            peer.send_json(op, obj, **fields)
+        except Exception as exc:  # the peer's own reader reports the failure
+            log.warning("could not send %s to %s: %s", protocol.op_name(op), peer.name, exc)
+
+    def on_message(self, peer, header, payload):
+        obj = protocol.decode_json(payload or b"{}")
+        if header.op == Op.HELLO:
+            self._hello(peer, obj)
+        elif "role" not in peer.info:
+            raise ProtocolError(f"{protocol.op_name(header.op)} before HELLO")
+        elif header.op == Op.BARRIER and peer.info["role"] == "worker":
+            self._barrier(peer, header.round)
+        elif header.op == Op.GOODBYE and peer.info["role"] == "worker":
+            with self._lock:
+                self._goodbyes.add(peer.info["rank"])
+                peer.info["said_goodbye"] = True
+                self._changed.notify_all()
+        else:
+            raise ProtocolError(f"unexpected {protocol.op_name(header.op)} from {peer.name}")
+
+    def _hello(self, peer, obj):
+        role = obj.get("role")
+        worker_id = obj.get("worker_id")
+        refusal = None
+        with self._lock:
+            roles = [p.info["role"] for p in self._pending]
+            ids = [p.info["worker_id"] for p in self._pending if p.info["role"] == "worker"]
+            if "role" in peer.info:
+                refusal = "HELLO sent twice"
+            elif obj.get("version") != protocol.VERSION:
+                refusal = f"protocol version {obj.get('version')} != {protocol.VERSION}"
+            elif role not in ("worker", "server"):
+                refusal = f"unknown role {role!r}"
+            elif not isinstance(obj.get("host"), str) or not isinstance(obj.get("port"), int):
+                refusal = "HELLO without a host and port"
+            elif self._started:
+                refusal = "the cluster has already started"
+            elif role == "worker" and roles.count("worker") >= self.config.num_workers:
+                refusal = f"the cluster already has its {self.config.num_workers} workers (DMLC_NUM_WORKER)"
+            elif role == "server" and roles.count("server") >= self.config.num_servers:
+                refusal = f"the cluster already has its {self.config.num_servers} servers (DMLC_NUM_SERVER)"
+            elif worker_id is not None and (not isinstance(worker_id, int)
+                                            or not 0 <= worker_id < self.config.num_workers):
+                refusal = f"worker id {worker_id!r} is outside 0..{self.config.num_workers - 1}"
+            elif worker_id is not None and worker_id in ids:
+                refusal = f"worker id {worker_id} is already taken"
+            if refusal is None:
+                peer.info.update(role=role, host=obj["host"], port=obj["port"], worker_id=worker_id,
+                                 hostname=str(obj.get("hostname", "")))
+                peer.name = f"{role} at {peer.connection.peer}"
+                self._pending.append(peer)
+                self._changed.notify_all()
+        if refusal is not None:
+            log.warning("refused %s: %s", peer.connection.peer, refusal)
+            self._send(peer, Op.ERROR, {"message": refusal})
+
+    def _barrier(self, peer, number):
+        with self._lock:
+            arrived = self._barriers.setdefault(number, set())
+            arrived.add(peer.info["rank"])
+            if len(arrived) < self.config.num_workers:
+                return
+            del self._barriers[number]
+            workers = list(self._workers.values())
+        for worker in workers:
+            self._send(worker, Op.BARRIER_DONE, {}, round=number)
+
+    def on_closed(self, peer, error):
+        with self._lock:
+            peer.info["gone"] = True
+            role = peer.info.get("role")
+            orderly = peer.info.get("said_goodbye") or self._closing or (
+                role == "server" and len(self._goodbyes) == self.config.num_workers)
+            if role is not None and not orderly and self._failure is None:
+                self._failure = f"{peer.name} disconnected unexpectedly ({error or 'connection closed'})"
+                others = [p for p in self._pending if p is not peer and not p.info.get("gone")]
+            else:
+                others = []
+            if peer in self._pending and not self._started:
+                self._pending.remove(peer)
+            self._changed.notify_all()
+        for other in others:
+            self._send(other, Op.ERROR, {"message": self._failure})

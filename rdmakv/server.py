@@ -1,0 +1,434 @@
+"""The parameter server: sums each chunk over all workers and answers every
+worker once all have pushed.  `python -m rdmakv.server` runs a server or the
+scheduler according to DMLC_ROLE, as `import byteps.server` does.
+
+Memory per chunk is two result buffers used by alternate rounds (a worker can
+push round r+1 as soon as it has round r's result, while round r's result may
+still be going out to slower workers) plus, with an optimizer, the weights:
+bounded, whatever the number of rounds."""
+import heapq
+import itertools
+import logging
+import threading
+
+import numpy as np
+
+from rdmakv import netif, protocol, trace
+from rdmakv._native import transport as _t
+from rdmakv.config import Config
+from rdmakv.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
+from rdmakv.node import ControlLink
+from rdmakv.protocol import FLAG_BROADCAST, FLAG_NO_DATA, Op
+from rdmakv.transport import select
+from rdmakv.transport.base import Handler, Peer
+
+log = logging.getLogger("rdmakv.server")
+
+MAX_CHUNK_BYTES = 1 << 30       # a declaration asking for more is refused
+MAX_DIMS = 32
+MAX_STATE_BYTES = 1 << 34      # optimizer state sent by SET_STATES
+
+
+class KeyError_(ProtocolError):
+    """A problem with one key: reported to the workers using it, the connection stays."""
+
+    def __init__(self, key, message):
+        super().__init__(message)
+        self.key = key
+
+
+class KeyState:
+    def __init__(self, key, layout, first_rank):
+        self.key = key
+        self.layout = layout          # the declaration every worker must match
+        self.name = layout["name"]
+        self.declared_by = {first_rank}
+        self.error = None             # set once workers disagree: the key is then refused
+
+
+class ChunkState:
+    def __init__(self, key_state, index, nbytes, dtype_code):
+        self.key_state = key_state
+        self.index = index
+        self.nbytes = nbytes
+        self.dtype_code = dtype_code
+        self.dtype = np.dtype(protocol.DTYPE_NAMES[dtype_code])
+        self.lock = threading.Lock()
+        self.round = 0
+        self.pushed = set()
+        self.has_data = False
+        self.flags = 0
+        self.buffers = [None, None]
+        self.weight = None            # optimizer mode: the stored value
+
+    def buffer(self, rnd):
+        slot = rnd % 2
+        if self.buffers[slot] is None:
+            self.buffers[slot] = np.empty(self.nbytes, np.uint8)
+        return self.buffers[slot]
+
+
+class WorkerLink:
+    """A worker connection: its receive scratch buffer and its reply queue,
+    served highest priority first by a sender thread."""
+
+    def __init__(self, peer, server):
+        self.peer = peer
+        self.server = server
+        self.rank = None
+        self.scratch = np.empty(0, np.uint8)
+        self._queue = []
+        self._order = itertools.count()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._send_loop, daemon=True, name="rdmakv-reply")
+        self._thread.start()
+
+    def scratch_for(self, nbytes):
+        if self.scratch.nbytes < nbytes:
+            self.scratch = np.empty(nbytes, np.uint8)
+        return self.scratch[:nbytes]
+
+    def reply(self, priority, op, payload, **fields):
+        with self._ready:
+            heapq.heappush(self._queue, (-priority, next(self._order), op, payload, fields))
+            self._ready.notify()
+
+    def _send_loop(self):
+        while True:
+            with self._ready:
+                while not self._queue and not self._closed:
+                    self._ready.wait()
+                if self._closed:
+                    return
+                neg_priority, _, op, payload, fields = heapq.heappop(self._queue)
+            try:
+                self.peer.send(op, payload, priority=-neg_priority, **fields)
+            except RdmaKVError as exc:
+                log.warning("reply to %s failed: %s", self.peer.name, exc)
+                self.peer.close()
+                return
+
+    def close(self):
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self.peer.close()
+
+
+class ParameterServer(Handler):
+    def __init__(self, config=None, **overrides):
+        self.config = config or Config.load(role="server", **overrides)
+        self.transport, why = select(self.config.transport)
+        host = netif.advertised_host(self.config)
+        self.listener = self.transport.TcpListener(host, self.config.port, self.config.timeout)
+        self.address = netif.format_address(*self.listener.address)
+        self.control = ControlLink(self.config, self.transport, "server", self._on_control, self._on_lost)
+        self.rank = None
+        self.num_workers = None
+        self.tracer = None
+        self.updater = None
+        self._keys = {}
+        self._chunks = {}
+        self._links = {}              # worker rank -> WorkerLink
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._exit_code = 0
+        log.info("server listening on %s (%s)", self.address, why)
+
+    def run(self):
+        """Serve until the scheduler says SHUTDOWN (returns 0) or the job fails (returns 1)."""
+        welcome = self.control.join(*self.listener.address)
+        self.rank, self.num_workers = welcome["rank"], welcome["num_workers"]
+        self.tracer = trace.make(self.config, "server", self.rank)
+        acceptor = threading.Thread(target=self._accept_loop, daemon=True, name="rdmakv-accept")
+        acceptor.start()
+        try:
+            self._stopped.wait()
+        finally:
+            self.close()
+        return self._exit_code
+
+    def close(self):
+        self._stopped.set()
+        self.listener.close()
+        self.control.close()
+        with self._lock:
+            links = list(self._links.values())
+        for link in links:
+            link.close()
+        if self.tracer:
+            self.tracer.write()
+
+    def _accept_loop(self):
+        while not self._stopped.is_set():
+            try:
+                connection = self.listener.accept(1.0)
+            except OSError:
+                return
+            if connection is not None:
+                peer = Peer(connection, self, f"worker at {connection.peer}")
+                peer.info["link"] = WorkerLink(peer, self)
+                peer.start()
+
+    # ---- scheduler messages ----------------------------------------------
+    def _on_control(self, header, obj):
+        if header.op == Op.SHUTDOWN:
+            log.info("server %d: shutdown", self.rank)
+            self._stopped.set()
+        elif header.op == Op.ERROR:
+            log.error("server %s: job failed: %s", self.rank, obj.get("message"))
+            self._exit_code = 1
+            self._stopped.set()
+
+    def _on_lost(self, error):
+        log.error("server %s lost the scheduler: %s", self.rank, error)
+        self._exit_code = 1
+        self._stopped.set()
+
+    # ---- worker messages -------------------------------------------------
+    def destination(self, peer, header):
+        if header.op == Op.PUSH or header.op == Op.INIT:
+            chunk = self._chunks.get((header.key, header.chunk))
+            if chunk is None:
+                raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
+                                    f"chunk {header.chunk}")
+            if header.length != chunk.nbytes:
+                raise ProtocolError(f"{protocol.op_name(header.op)} of {header.length} bytes for key "
+                                    f"{chunk.key_state.name!r} chunk {chunk.index}, declared {chunk.nbytes}")
+            return peer.info["link"].scratch_for(header.length)
+        if header.op == Op.SET_STATES:
+            if header.length > MAX_STATE_BYTES:
+                raise ProtocolError(f"optimizer state of {header.length} bytes exceeds {MAX_STATE_BYTES}")
+            return bytearray(header.length)
+        return None
+
+    def on_message(self, peer, header, payload):
+        link = peer.info["link"]
+        if link.rank is None:
+            if header.op != Op.CONNECT:
+                raise ProtocolError(f"expected CONNECT, got {protocol.op_name(header.op)}")
+            self._connect(peer, link, protocol.decode_json(payload or b""))
+            return
+        try:
+            if header.op == Op.PUSH:
+                self._push(link, header, payload)
+            elif header.op == Op.DECLARE:
+                self._declare(link, protocol.decode_json(payload or b""))
+            elif header.op == Op.INIT:
+                self._init_value(header, payload)
+            elif header.op in (Op.SET_OPTIMIZER, Op.GET_STATES, Op.SET_STATES):
+                self._optimizer_op(link, header, payload)
+            else:
+                raise ProtocolError(f"unexpected {protocol.op_name(header.op)} from {peer.name}")
+        except KeyError_ as exc:
+            self._fail_key(exc.key, str(exc))
+
+    def _connect(self, peer, link, obj):
+        rank = obj.get("rank")
+        if not isinstance(rank, int) or not 0 <= rank < self.num_workers:
+            raise ProtocolError(f"CONNECT with invalid worker rank {rank!r}")
+        with self._lock:
+            if rank in self._links:
+                raise ProtocolError(f"worker {rank} is already connected")
+            link.rank = rank
+            self._links[rank] = link
+        peer.name = f"worker {rank}"
+
+    def on_closed(self, peer, error):
+        link = peer.info.get("link")
+        if link is None:
+            return
+        link.close()
+        with self._lock:
+            if self._links.get(link.rank) is link:
+                del self._links[link.rank]
+        if error is not None and not self._stopped.is_set() and not isinstance(error, EndOfStream):
+            log.warning("server %s: %s left: %s", self.rank, peer.name, error)
+
+    # ---- declarations ----------------------------------------------------
+    def _declare(self, link, layout):
+        key = layout.get("key")
+        if not isinstance(key, int):
+            raise ProtocolError("DECLARE without an integer key")
+        self._validate_layout(key, layout)
+        with self._lock:
+            state = self._keys.get(key)
+            if state is None:
+                state = self._keys[key] = KeyState(key, layout, link.rank)
+                code = protocol.DTYPE_CODES[layout["dtype"]]
+                for index, (_, nbytes, server) in enumerate(layout["chunks"]):
+                    if server == self.rank:
+                        self._chunks[(key, index)] = ChunkState(state, index, nbytes, code)
+                return
+            state.declared_by.add(link.rank)
+            if state.error is None and state.layout != layout:
+                state.error = self._describe_mismatch(state, layout, link.rank)
+        if state.error is not None:
+            self._fail_key(key, state.error)
+
+    def _validate_layout(self, key, layout):
+        name, dtype, shape, chunks = (layout.get(f) for f in ("name", "dtype", "shape", "chunks"))
+        problem = None
+        if not isinstance(name, str) or len(name) > 1024:
+            problem = "a missing or over-long name"
+        elif dtype not in protocol.DTYPE_CODES:
+            problem = f"unsupported dtype {dtype!r}"
+        elif (not isinstance(shape, list) or len(shape) > MAX_DIMS
+              or not all(isinstance(d, int) and d >= 0 for d in shape)):
+            problem = f"invalid shape {shape!r}"
+        elif not isinstance(chunks, list) or not chunks or len(chunks) > (1 << 20):
+            problem = "an invalid chunk list"
+        else:
+            itemsize = np.dtype(dtype).itemsize
+            expected_offset = 0
+            for chunk in chunks:
+                if (not isinstance(chunk, list) or len(chunk) != 3
+                        or not all(isinstance(v, int) for v in chunk)):
+                    problem = "a malformed chunk entry"
+                    break
+                offset, nbytes, server = chunk
+                if (offset != expected_offset or not 0 <= nbytes <= MAX_CHUNK_BYTES
+                        or nbytes % itemsize or not 0 <= server < self.config.num_servers):
+                    problem = f"an invalid chunk {chunk}"
+                    break
+                expected_offset += nbytes
+            else:
+                if expected_offset != int(np.prod(shape, dtype=np.int64)) * itemsize:
+                    problem = "chunks that do not cover the tensor exactly"
+        if problem:
+            raise ProtocolError(f"DECLARE of key {name!r} ({key}) has {problem}")
+
+    @staticmethod
+    def _describe_mismatch(state, layout, rank):
+        first = state.layout
+        if first["name"] != layout["name"]:
+            return (f"keys {first['name']!r} and {layout['name']!r} hash to the same wire key {state.key}; "
+                    f"rename one of them")
+        for field in ("dtype", "shape"):
+            if first[field] != layout[field]:
+                return (f"workers disagree on key {first['name']!r}: {field} {first[field]} "
+                        f"(first declaration) vs {layout[field]} (worker {rank})")
+        return (f"workers placed key {first['name']!r} on different servers: declare keys in the same "
+                f"order on every worker (worker {rank} differs from the first declaration)")
+
+    def _fail_key(self, key, message):
+        with self._lock:
+            state = self._keys.get(key)
+            if state is not None and state.error is None:
+                state.error = message
+            ranks = sorted(state.declared_by) if state else []
+            links = [self._links[r] for r in ranks if r in self._links]
+        log.warning("server %s: key %s refused: %s", self.rank, key, message)
+        for link in links:
+            link.reply(1 << 30, Op.ERROR, protocol.encode_json({"message": message, "key": key}), key=key)
+
+    # ---- tensor data -----------------------------------------------------
+    def _chunk(self, header):
+        chunk = self._chunks.get((header.key, header.chunk))
+        if chunk is None:
+            raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
+                                f"chunk {header.chunk}")
+        if chunk.key_state.error is not None:
+            raise KeyError_(header.key, chunk.key_state.error)
+        return chunk
+
+    def _push(self, link, header, payload):
+        chunk = self._chunk(header)
+        name = chunk.key_state.name
+        if header.dtype != chunk.dtype_code:
+            raise KeyError_(header.key, f"worker {link.rank} pushed key {name!r} as "
+                                        f"{protocol.DTYPE_NAMES.get(header.dtype)}, declared {chunk.dtype}")
+        no_data = header.flags & FLAG_NO_DATA
+        if (header.length != 0) if no_data else (header.length != chunk.nbytes):
+            raise ProtocolError(f"PUSH of key {name!r} chunk {chunk.index} has {header.length} bytes")
+        if self.tracer:
+            self.tracer.instant("push", key=name, chunk=chunk.index, priority=header.priority,
+                                round=header.round, worker=link.rank)
+        with chunk.lock:
+            if header.round != chunk.round:
+                raise KeyError_(header.key, f"worker {link.rank} pushed round {header.round} of key {name!r}, "
+                                            f"the server is at round {chunk.round}")
+            if link.rank in chunk.pushed:
+                raise KeyError_(header.key, f"worker {link.rank} pushed key {name!r} chunk {chunk.index} "
+                                            f"twice in round {chunk.round}")
+            broadcast = header.flags & FLAG_BROADCAST
+            if chunk.pushed and broadcast != chunk.flags & FLAG_BROADCAST:
+                raise KeyError_(header.key, f"workers mix broadcast and pushpull on key {name!r} "
+                                            f"in round {chunk.round}")
+            target = chunk.buffer(chunk.round)
+            if not no_data:
+                if chunk.has_data and broadcast:
+                    raise KeyError_(header.key, f"more than one worker sent the root value for the "
+                                                f"broadcast of key {name!r}: the workers disagree on the root")
+                if chunk.nbytes and chunk.has_data:
+                    _t.add_into(target, payload, chunk.dtype_code)
+                elif chunk.nbytes:
+                    target[:] = payload
+                chunk.has_data = True
+            chunk.flags = header.flags
+            chunk.pushed.add(link.rank)
+            if len(chunk.pushed) < self.num_workers:
+                return
+            if not chunk.has_data:
+                raise KeyError_(header.key, f"no worker sent the root value for the broadcast of key "
+                                            f"{name!r}: the root rank is not a worker")
+            result = target
+            if self.updater is not None and chunk.weight is not None and not broadcast:
+                self.updater.update(name, chunk.index, chunk.weight.view(chunk.dtype), target.view(chunk.dtype))
+                result = chunk.weight
+            rnd = chunk.round
+            chunk.round += 1
+            chunk.pushed = set()
+            chunk.has_data = False
+            with self._lock:
+                links = list(self._links.values())
+        for other in links:
+            other.reply(header.priority, Op.RESULT, result, key=header.key, chunk=chunk.index, round=rnd,
+                        dtype=chunk.dtype_code)
+
+    def _init_value(self, header, payload):
+        chunk = self._chunk(header)
+        with chunk.lock:
+            if chunk.weight is None:
+                chunk.weight = np.empty(chunk.nbytes, np.uint8)
+            if chunk.nbytes:
+                chunk.weight[:] = payload
+
+    def _optimizer_op(self, link, header, payload):
+        from rdmakv import optimizer   # MXNet is needed only once an optimizer is set
+        try:
+            if header.op == Op.SET_OPTIMIZER:
+                self.updater = optimizer.make_updater(protocol.decode_json(payload or b""))
+            elif header.op == Op.GET_STATES:
+                states = self.updater.dump_states() if self.updater else b""
+                link.reply(1 << 30, Op.STATES, states)
+                return
+            else:
+                if self.updater is None:
+                    raise ValueError("no optimizer is set on this server")
+                self.updater.load_states(bytes(payload or b""))
+        except (ValueError, TypeError) as exc:
+            link.reply(1 << 30, Op.ERROR, protocol.encode_json({"message": f"server {self.rank}: {exc}"}))
+            return
+        link.reply(1 << 30, Op.ACK, None)
+
+
+def main(argv=None):
+    import sys
+    from rdmakv.rendezvous import Scheduler
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = Config.load()
+        if config.role == "scheduler":
+            return Scheduler(config).run()
+        if config.role == "server":
+            return ParameterServer(config).run()
+        raise ConfigError("python -m rdmakv.server runs the scheduler or a server: set DMLC_ROLE")
+    except RdmaKVError as exc:
+        print(f"rdmakv: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""The transport contract every transport implements, and the reader thread
+that drives a connection.  Nothing above this module knows which transport a
+connection uses.
+
+A message is a 48-byte header (rdmakv.protocol) plus `length` payload bytes.
+The sender hands over the header and a buffer; the receiver learns the header
+first and then names the buffer the payload must land in, so payloads go from
+the sender's array to the receiver's array with no intermediate copy."""
+import abc
+import logging
+import threading
+
+from rdmakv import protocol
+from rdmakv.errors import EndOfStream, ProtocolError, RdmaKVError
+
+log = logging.getLogger("rdmakv.transport")
+
+IDLE_POLL_SECONDS = 1.0
+
+
+class Connection(abc.ABC):
+    peer = "?"           # printable address of the other side
+
+    @abc.abstractmethod
+    def send(self, header, payload=None):
+        """Send header bytes and an optional contiguous buffer; return once the buffer may be reused.
+        Thread-safe: concurrent senders are serialized."""
+
+    @abc.abstractmethod
+    def recv_header(self, idle_timeout):
+        """The next protocol.Header, or None if nothing arrived within idle_timeout seconds."""
+
+    @abc.abstractmethod
+    def recv_payload(self, header, destination):
+        """Place the payload of `header` into the writable buffer `destination` (header.length bytes)."""
+
+    @abc.abstractmethod
+    def close(self):
+        """Release everything; idempotent; wakes a blocked receiver."""
+
+
+class Listener(abc.ABC):
+    address = None       # (host, port) peers connect to
+
+    @abc.abstractmethod
+    def accept(self, timeout):
+        """A new Connection, or None after timeout seconds."""
+
+    @abc.abstractmethod
+    def close(self):
+        """Stop listening; idempotent."""
+
+
+class Handler:
+    """What a Peer's reader thread calls; subclasses override what they need."""
+
+    def destination(self, peer, header):
+        """A writable buffer of header.length bytes for the payload, or None for a control payload."""
+        return None
+
+    def on_message(self, peer, header, payload):
+        raise NotImplementedError
+
+    def on_closed(self, peer, error):
+        """The connection ended: error is None after a local close, else why."""
+
+
+class Peer:
+    """A connection and the thread that reads from it.
+
+    The reader validates lengths before receiving, so a hostile header can
+    never make us allocate an unchecked amount of memory."""
+
+    def __init__(self, connection, handler, name):
+        self.connection = connection
+        self.handler = handler
+        self.name = name
+        self.info = {}          # what the upper layer learned about this peer
+        self._closing = False
+        self._thread = threading.Thread(target=self._read_loop, name=f"rdmakv-read-{name}", daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def send(self, op, payload=None, **fields):
+        length = 0 if payload is None else memoryview(payload).nbytes
+        self.connection.send(protocol.pack(op, length=length, **fields), payload)
+
+    def send_json(self, op, obj, **fields):
+        self.send(op, protocol.encode_json(obj), **fields)
+
+    def _read_loop(self):
+        error = None
+        try:
+            while not self._closing:
+                header = self.connection.recv_header(IDLE_POLL_SECONDS)
+                if header is None:
+                    continue
+                payload = None
+                if header.length:
+                    payload = self.handler.destination(self, header)
+                    if payload is None:
+                        if header.length > protocol.MAX_CONTROL_BYTES:
+                            raise ProtocolError(
+                                f"{protocol.op_name(header.op)} payload of {header.length} bytes "
+                                f"exceeds the {protocol.MAX_CONTROL_BYTES}-byte control limit")
+                        payload = bytearray(header.length)
+                    elif memoryview(payload).nbytes != header.length:
+                        raise ProtocolError(
+                            f"{protocol.op_name(header.op)} for key {header.key} chunk {header.chunk} "
+                            f"carries {header.length} bytes, expected {memoryview(payload).nbytes}")
+                    self.connection.recv_payload(header, payload)
+                self.handler.on_message(self, header, payload)
+        except RdmaKVError as exc:
+            error = exc
+        except Exception as exc:  # a bug in a handler must not kill the process silently
+            log.exception("reader for %s failed", self.name)
+            error = exc
+        finally:
+            if self._closing:
+                error = None
+            elif isinstance(error, EndOfStream):
+                log.debug("%s closed the connection", self.name)
+            elif error is not None:
+                log.warning("connection to %s (%s) closed: %s", self.name, self.connection.peer, error)
+            self.connection.close()
+            self.handler.on_closed(self, error)
+
+    def close(self, timeout=5.0):
+        self._closing = True
+        self.connection.close()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)

@@ -1,0 +1,120 @@
+"""The TCP transport: a policy wrapper over the GIL-free send/receive loops in
+rdmakv._transport.  IPv4 and IPv6."""
+import socket
+import threading
+
+from rdmakv import netif, protocol
+from rdmakv._native import transport as _t
+from rdmakv.errors import ConnectionClosed, EndOfStream, PeerTimeout, TransportError
+from rdmakv.transport.base import Connection, Listener
+
+
+def _tune(sock):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+
+
+class TcpConnection(Connection):
+    def __init__(self, sock, timeout):
+        _tune(sock)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._timeout = timeout
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._header = bytearray(protocol.HEADER_SIZE)
+        self._closed = False
+        try:
+            self.peer = netif.format_address(*sock.getpeername()[:2])
+        except OSError:
+            self.peer = "?"
+
+    def _io(self, what, call, *args):
+        if self._closed:
+            raise ConnectionClosed(f"{what} {self.peer}: connection already closed")
+        try:
+            return call(self._fd, *args)
+        except TimeoutError:
+            raise PeerTimeout(f"{what} {self.peer}: no progress for {self._timeout:g} s (RDMAKV_TIMEOUT)") from None
+        except EOFError:
+            raise EndOfStream(f"{self.peer} closed the connection") from None
+        except ConnectionError as exc:
+            raise ConnectionClosed(f"{what} {self.peer}: {exc}") from None
+        except OSError as exc:
+            if self._closed:
+                raise ConnectionClosed(f"{what} {self.peer}: connection closed") from None
+            raise TransportError(f"{what} {self.peer}: {exc}") from None
+
+    def send(self, header, payload=None):
+        with self._send_lock:
+            self._io("send to", _t.send_frame, header, payload, self._timeout)
+
+    def recv_header(self, idle_timeout):
+        with self._recv_lock:
+            if not self._io("receive from", _t.wait_readable, idle_timeout):
+                return None
+            self._io("receive from", _t.recv_into, self._header, self._timeout)
+        return protocol.unpack(self._header)
+
+    def recv_payload(self, header, destination):
+        with self._recv_lock:
+            self._io("receive from", _t.recv_into, destination, self._timeout)
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)   # wakes a receiver blocked in poll()
+        except OSError:
+            pass
+        # The fd number must not be reused while another thread still polls it.
+        with self._send_lock, self._recv_lock:
+            self._sock.close()
+
+
+class TcpListener(Listener):
+    def __init__(self, host, port, timeout, backlog=128):
+        family, sockaddr = netif.resolve(host, port)
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind(sockaddr)
+        except OSError as exc:
+            self._sock.close()
+            raise TransportError(f"cannot listen on {netif.format_address(host, port)}: {exc}") from None
+        self._sock.listen(backlog)
+        self._timeout = timeout
+        self.address = (host.strip("[]"), self._sock.getsockname()[1])
+
+    def accept(self, timeout):
+        if not _t.wait_readable(self._sock.fileno(), timeout):
+            return None
+        try:
+            sock, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        return TcpConnection(sock, self._timeout)
+
+    def close(self):
+        self._sock.close()
+
+
+def connect(host, port, timeout, retry_until=None):
+    """Connect, retrying refused attempts until `retry_until` (a time.monotonic value)."""
+    import time
+    family, sockaddr = netif.resolve(host, port)
+    deadline = retry_until if retry_until is not None else time.monotonic() + timeout
+    last = None
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(max(0.1, min(timeout, deadline - time.monotonic())))
+        try:
+            sock.connect(sockaddr)
+            return TcpConnection(sock, timeout)
+        except OSError as exc:
+            sock.close()
+            last = exc
+        if time.monotonic() >= deadline:
+            raise PeerTimeout(f"cannot connect to {netif.format_address(host, port)}: {last}")
+        time.sleep(0.05)

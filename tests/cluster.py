@@ -1,0 +1,113 @@
+"""A real local cluster for tests: the scheduler and servers are separate
+processes (python -m rdmakv.server); workers are KVStores in this process,
+one thread each, talking to them over loopback sockets."""
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import rdmakv
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port(host="127.0.0.1"):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def run_threads(fns, timeout=60):
+    """Run each fn in its own thread; return results, re-raising the first exception."""
+    results = [None] * len(fns)
+    errors = [None] * len(fns)
+
+    def call(i):
+        try:
+            results[i] = fns[i]()
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            errors[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(len(fns))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"a worker thread did not finish within {timeout} s")
+    return results, errors
+
+
+class LocalCluster:
+    def __init__(self, num_workers, num_servers, host="127.0.0.1", **env):
+        self.num_workers = num_workers
+        self.num_servers = num_servers
+        self.host = host
+        self.port = free_port(host)
+        self.env = dict(os.environ, DMLC_PS_ROOT_URI=host, DMLC_PS_ROOT_PORT=str(self.port),
+                        DMLC_NUM_WORKER=str(num_workers), DMLC_NUM_SERVER=str(num_servers),
+                        RDMAKV_TIMEOUT="30", PYTHONPATH=REPO)
+        self.env.update({k: str(v) for k, v in env.items()})
+        self.procs = []
+        self.stores = []
+
+    def start(self):
+        for role in ["scheduler"] + ["server"] * self.num_servers:
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "rdmakv.server"], env=dict(self.env, DMLC_ROLE=role),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        return self
+
+    def settings(self, **overrides):
+        base = {"scheduler_host": self.host, "scheduler_port": self.port, "num_workers": self.num_workers,
+                "num_servers": self.num_servers, "timeout": float(self.env["RDMAKV_TIMEOUT"])}
+        for name, variable in (("partition_bytes", "RDMAKV_PARTITION_BYTES"),
+                               ("scheduling_credit", "RDMAKV_SCHEDULING_CREDIT"),
+                               ("trace_dir", "RDMAKV_TRACE_DIR")):
+            if variable in self.env:
+                base[name] = self.env[variable] if name == "trace_dir" else int(self.env[variable])
+        base.update(overrides)
+        return base
+
+    def connect(self):
+        """One KVStore per worker, created concurrently (each waits for the full rendezvous)."""
+        stores, errors = run_threads(
+            [lambda i=i: rdmakv.KVStore(worker_id=i, **self.settings()) for i in range(self.num_workers)])
+        self.stores.extend(s for s in stores if s is not None)
+        failed = [e for e in errors if e is not None]
+        if failed:
+            raise failed[0]
+        return stores
+
+    def run(self, fn, timeout=60):
+        """fn(kv) on every worker at once; returns the results in rank order."""
+        stores = self.stores or self.connect()
+        results, errors = run_threads([lambda kv=kv: fn(kv) for kv in stores], timeout)
+        failed = [e for e in errors if e is not None]
+        if failed:
+            raise failed[0]
+        return results
+
+    def run_collect(self, fn, timeout=60):
+        """Like run, but returns (results, errors) so tests can inspect each worker's failure."""
+        stores = self.stores or self.connect()
+        return run_threads([lambda kv=kv: fn(kv) for kv in stores], timeout)
+
+    def wait(self, timeout=30):
+        """Exit codes of the scheduler and servers once they stop."""
+        return [proc.wait(timeout) for proc in self.procs]
+
+    def close(self):
+        for kv in self.stores:
+            kv.close(timeout=5)
+        self.stores = []
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stderr:
+                proc.stderr.close()

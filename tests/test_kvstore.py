@@ -1,0 +1,243 @@
+"""pushpull, broadcast and barrier on real local clusters (servers in their
+own processes, loopback TCP), checked against numpy."""
+import array
+import json
+import os
+
+import numpy as np
+import pytest
+
+import rdmakv
+from rdmakv.errors import PeerTimeout, RemoteError
+
+DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"]
+SHAPES = [(), (0,), (1,), (7,), (3, 5), (1000,), (33, 17, 3), (2500, 9)]
+
+
+def worker_values(rank, shape, dtype, round_=0):
+    """Deterministic per-worker data: small integers, so float sums are exact too."""
+    rng = np.random.default_rng(1000 * rank + round_ + 17 * len(shape))
+    return rng.integers(-3, 4, size=shape).astype(dtype)
+
+
+def expected_sum(num_workers, shape, dtype, round_=0):
+    total = np.zeros(shape, dtype)
+    for rank in range(num_workers):
+        total += worker_values(rank, shape, dtype, round_)
+    return total
+
+
+@pytest.mark.parametrize("workers,servers", [(1, 1), (2, 1), (3, 2), (4, 3)])
+def test_pushpull_every_dtype_and_shape(cluster_factory, workers, servers):
+    # 256-byte partitions make most shapes multi-chunk, with sizes not divisible by the chunk size.
+    cluster = cluster_factory(workers, servers, RDMAKV_PARTITION_BYTES=256)
+
+    def work(kv):
+        for dtype in DTYPES:
+            for shape in SHAPES:
+                for round_ in range(2):
+                    value = worker_values(kv.rank, shape, dtype, round_)
+                    result = kv.pushpull(f"{dtype}{shape}", value)
+                    assert result is value
+                    np.testing.assert_array_equal(value, expected_sum(workers, shape, dtype, round_))
+        return True
+
+    assert cluster.run(work, timeout=120) == [True] * workers
+
+
+def test_many_keys_in_flight_with_out_and_priorities(cluster_factory):
+    cluster = cluster_factory(3, 2, RDMAKV_PARTITION_BYTES=4096, RDMAKV_SCHEDULING_CREDIT=2)
+    shapes = [(n * 37 % 2000 + 1,) for n in range(60)]
+
+    def work(kv):
+        handles = []
+        for index, shape in enumerate(shapes):
+            value = worker_values(kv.rank, shape, "int64", index)
+            out = np.empty_like(value)
+            handles.append((index, out, kv.pushpull_async(index, value, out=out, priority=-index)))
+        for index, out, handle in handles:
+            assert handle.wait() is out
+            np.testing.assert_array_equal(out, expected_sum(3, shapes[index], "int64", index))
+        return True
+
+    assert cluster.run(work) == [True] * 3
+
+
+def test_repeated_async_rounds_of_one_key_are_ordered(cluster_factory):
+    cluster = cluster_factory(2, 2, RDMAKV_PARTITION_BYTES=1024)
+
+    def work(kv):
+        values = [np.full(3000, kv.rank + 10 * r, np.int32) for r in range(8)]
+        handles = [kv.pushpull_async("k", v) for v in values]
+        for r, handle in enumerate(handles):
+            np.testing.assert_array_equal(handle.wait(), np.full(3000, 1 + 20 * r, np.int32))
+        return True
+
+    assert cluster.run(work) == [True, True]
+
+
+def test_broadcast_and_barrier(cluster_factory):
+    cluster = cluster_factory(3, 2, RDMAKV_PARTITION_BYTES=512)
+
+    def work(kv):
+        value = np.arange(1000, dtype=np.float64) * (kv.rank + 1)
+        out = np.zeros_like(value)
+        kv.broadcast("w", value, out=out, root=2)
+        np.testing.assert_array_equal(out, np.arange(1000) * 3.0)
+        mine = np.full(4, kv.rank, np.int64)
+        kv.broadcast(5, mine)                       # root 0, into value
+        np.testing.assert_array_equal(mine, 0)
+        kv.barrier()
+        kv.barrier()
+        return True
+
+    assert cluster.run(work) == [True] * 3
+
+
+def test_buffer_protocol_and_dlpack_inputs(cluster_factory):
+    cluster = cluster_factory(2, 1)
+
+    class DLPackOnly:
+        """An array offering only the DLPack protocol."""
+        def __init__(self, array):
+            self._array = array
+
+        def __dlpack__(self, stream=None):
+            return self._array.__dlpack__()
+
+        def __dlpack_device__(self):
+            return self._array.__dlpack_device__()
+
+    def work(kv):
+        buf = array.array("i", [kv.rank + 1] * 10)
+        kv.pushpull("buffer", buf)
+        assert list(buf) == [3] * 10
+        raw = bytearray(np.full(8, kv.rank + 2, np.uint8).tobytes())
+        kv.pushpull("bytes", raw)
+        assert raw == bytearray([5] * 8)
+        source = np.full(6, kv.rank + 1.5, np.float32)
+        out = np.zeros(6, np.float32)
+        kv.pushpull("dlpack", DLPackOnly(source), out=DLPackOnly(out))
+        np.testing.assert_array_equal(out, np.full(6, 4.0, np.float32))
+        return True
+
+    assert cluster.run(work) == [True, True]
+
+
+def test_bad_input_is_refused_before_sending(cluster_factory):
+    cluster = cluster_factory(1, 1)
+    (kv,) = cluster.connect()
+    good = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kv.pushpull("x", good[:, ::2])
+    frozen = np.zeros(4, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        kv.pushpull("x", frozen)
+    with pytest.raises(ValueError, match="out is"):
+        kv.pushpull("x", good, out=np.zeros(15, np.float32))
+    with pytest.raises(ValueError, match="out is"):
+        kv.pushpull("x", good, out=np.zeros((4, 4), np.float64))
+    with pytest.raises(ValueError, match="read-only"):
+        kv.pushpull("x", good, out=frozen.reshape(2, 2).repeat(2, 0).repeat(2, 1)[:0].reshape(0) if False else
+                    np.frombuffer(bytes(64), np.float32).reshape(4, 4))
+    with pytest.raises(TypeError, match="dtype complex64"):
+        kv.pushpull("x", np.zeros(3, np.complex64))
+    with pytest.raises(TypeError, match="dtype bool"):
+        kv.pushpull("x", np.zeros(3, bool))
+    with pytest.raises(TypeError, match="buffer protocol"):
+        kv.pushpull("x", [1.0, 2.0])
+    with pytest.raises(TypeError, match="keys are str or int"):
+        kv.pushpull(1.5, good)
+    with pytest.raises(ValueError, match="priority"):
+        kv.pushpull("x", good, priority=2**40)
+    with pytest.raises(ValueError, match="root"):
+        kv.broadcast("x", good, root=1)
+    kv.pushpull("x", good)
+    with pytest.raises(ValueError, match=r"key 'x' was declared as float32\[4, 4\]"):
+        kv.pushpull("x", np.zeros((2, 8), np.float32))
+    # the store still works after every refusal
+    value = np.ones((4, 4), np.float32)
+    kv.pushpull("x", value)
+    np.testing.assert_array_equal(value, 1)
+
+
+@pytest.mark.parametrize("what", ["shape", "dtype"])
+def test_workers_that_disagree_on_a_key_all_get_an_error_naming_it(cluster_factory, what):
+    cluster = cluster_factory(2, 2)
+
+    def work(kv):
+        if what == "shape":
+            value = np.zeros((2, 3) if kv.rank == 0 else (3, 2), np.float32)
+        else:
+            value = np.zeros(6, np.float32 if kv.rank == 0 else np.int32)
+        kv.pushpull("weights", value)
+
+    results, errors = cluster.run_collect(work)
+    assert all(isinstance(e, RemoteError) for e in errors), errors
+    for error in errors:
+        assert "'weights'" in str(error) and what in str(error)
+
+    # other keys keep working on the same cluster
+    def other(kv):
+        value = np.full(5, kv.rank + 1, np.int64)
+        kv.pushpull("other", value)
+        return value.tolist()
+
+    assert cluster.run(other) == [[3] * 5] * 2
+
+
+def test_priority_order_is_observed_at_the_server(cluster_factory, tmp_path):
+    cluster = cluster_factory(1, 1, RDMAKV_PARTITION_BYTES=4096, RDMAKV_SCHEDULING_CREDIT=1,
+                              RDMAKV_TRACE_DIR=tmp_path)
+    (kv,) = cluster.connect()
+    low = np.zeros(4096 * 64 // 4, np.float32)       # 64 chunks, one in flight at a time
+    high = np.ones(1024, np.float32)
+    first = kv.pushpull_async("low", low, priority=-10)
+    second = kv.pushpull_async("high", high, priority=10)
+    second.wait()
+    first.wait()
+    cluster.close()
+    with open(tmp_path / "rdmakv-server-0.json") as trace:
+        events = [e["args"] for e in json.load(trace)["traceEvents"] if e.get("name") == "push"]
+    order = [e["key"] for e in events]
+    assert sorted(order) == ["high"] + ["low"] * 64
+    assert order.index("high") < 32, order      # overtook most of the low-priority chunks
+    assert all(e["priority"] == (10 if e["key"] == "high" else -10) for e in events)
+
+
+def test_ipv6_cluster(cluster_factory):
+    if not os.path.exists("/proc/net/if_inet6"):
+        pytest.skip("this kernel has no IPv6")
+    cluster = cluster_factory(2, 2, host="::1", RDMAKV_PARTITION_BYTES=1024)
+
+    def work(kv):
+        value = np.arange(5000, dtype=np.int32) * (kv.rank + 1)
+        kv.pushpull("v6", value)
+        np.testing.assert_array_equal(value, np.arange(5000) * 3)
+        return True
+
+    assert cluster.run(work) == [True, True]
+
+
+def test_unreachable_scheduler_fails_fast_with_its_address():
+    from cluster import free_port
+    port = free_port()
+    with pytest.raises(PeerTimeout, match=f"127.0.0.1:{port}"):
+        rdmakv.KVStore(scheduler_host="127.0.0.1", scheduler_port=port, timeout=1)
+
+
+def test_wrong_interface_names_the_choices():
+    with pytest.raises(rdmakv.ConfigError, match="does not exist; this host has: .*lo"):
+        rdmakv.KVStore(interface="nosuch0", timeout=1)
+
+
+def test_close_is_idempotent_and_later_calls_fail_clearly(cluster_factory):
+    cluster = cluster_factory(1, 1)
+    (kv,) = cluster.connect()
+    kv.pushpull("a", np.ones(3))
+    kv.close()
+    kv.close()
+    with pytest.raises(rdmakv.ClosedError):
+        kv.pushpull("a", np.ones(3))
+    assert cluster.wait() == [0, 0]
