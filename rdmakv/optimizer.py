@@ -26,7 +26,10 @@ does not.
 """
 import json
 import math
+import os
 import struct
+import sys
+import threading
 import warnings
 
 import numpy as np
@@ -43,6 +46,33 @@ MAX_MULT_ENTRIES = 1 << 20
 MAX_SCHEDULE_STEPS = 1 << 16
 MAX_HEADER_BYTES = 1 << 30
 _STATE_DTYPES = ("float16", "float32", "float64")
+
+
+_import_lock = threading.Lock()
+
+
+def _mxnet():
+    """Import MXNet, also inside an rdmakv server or scheduler process.
+
+    ``import mxnet`` runs ``mxnet/kvstore/kvstore_server.py``, which asks
+    ps-lite whether this process is a worker - by reading ``DMLC_ROLE`` - and,
+    if not, starts MXNet's own parameter server and never returns.  rdmakv
+    servers share the DMLC_* variables, so the import says "worker" for the
+    duration of the import."""
+    module = sys.modules.get("mxnet")
+    if module is not None and hasattr(module, "optimizer"):
+        return module
+    with _import_lock:
+        role = os.environ.get("DMLC_ROLE")
+        if role is None or role == "worker":
+            import mxnet
+            return mxnet
+        os.environ["DMLC_ROLE"] = "worker"
+        try:
+            import mxnet
+        finally:
+            os.environ["DMLC_ROLE"] = role
+        return mxnet
 
 
 # ---------------------------------------------------------------------------
@@ -187,7 +217,7 @@ _UNSUPPORTED_HINT = "; use Trainer(update_on_kvstore=False) to run it on the wor
 
 
 def _optimizer_classes():
-    import mxnet as mx
+    mx = _mxnet()
     opt = mx.optimizer
     return {"sgd": opt.SGD, "ccsgd": opt.ccSGD, "nag": opt.NAG, "signum": opt.Signum,
             "ftml": opt.FTML, "dcasgd": opt.DCASGD, "adam": opt.Adam,
@@ -234,12 +264,12 @@ _SCHEDULER_MUTABLE = {
 
 
 def _scheduler_class(name):
-    import mxnet as mx
+    mx = _mxnet()
     return getattr(mx.lr_scheduler, name)
 
 
 def _describe_scheduler(sched):
-    import mxnet as mx
+    mx = _mxnet()
     name = type(sched).__name__
     if name not in _SCHEDULERS or type(sched) is not getattr(mx.lr_scheduler, name, None):
         raise ValueError(
@@ -299,7 +329,7 @@ def describe(optimizer):
     optimizer or scheduler classes, and built-ins whose update is not
     element-wise (the message says why).
     """
-    import mxnet as mx
+    mx = _mxnet()
     if not isinstance(optimizer, mx.optimizer.Optimizer):
         raise TypeError("describe() needs an mx.optimizer.Optimizer, got %s"
                         % type(optimizer).__name__)
@@ -350,11 +380,17 @@ def _resolve_mult(optimizer, which):
             value = table.get(optimizer.idx2name[index], 1.0)
         else:
             continue
-        out[str(index)] = _float("optimizer %s[%r]" % (which, index), value)
+        out[key_name(index)] = _float("optimizer %s[%r]" % (which, index), value)
     for key, value in table.items():
         if isinstance(key, str) and key not in out:
             out[key] = _float("optimizer %s[%r]" % (which, key), value)
     return out
+
+
+def key_name(key):
+    """The name servers use for a key, as rdmakv.kvstore.key_name: str keys as
+    they are, int keys as "#<int>"."""
+    return key if isinstance(key, str) else "#%d" % key
 
 
 def supported():
@@ -400,7 +436,7 @@ def make_optimizer(description):
     Every field is validated first; the result's class is checked to be the
     built-in one (a process could have registered another class under the
     same name)."""
-    import mxnet as mx
+    mx = _mxnet()
     fields = _validate(description)
     name, params = fields["name"], dict(fields["params"])
     sched = None
@@ -465,7 +501,7 @@ class Updater:
 
     def update(self, key, chunk, weight, grad):
         """Update ``weight`` (1-D numpy array) in place with ``grad``."""
-        import mxnet as mx
+        mx = _mxnet()
         if not isinstance(key, str):
             raise TypeError("key must be a str, got %s" % type(key).__name__)
         _nonneg_int("chunk", chunk)
@@ -533,7 +569,7 @@ class Updater:
         """Replace all states and counters with those in ``data`` (from
         :meth:`dump_states`).  Everything is validated before anything is
         changed; raises ValueError on malformed or mismatched data."""
-        import mxnet as mx
+        mx = _mxnet()
         header, payload = _parse_state_blob(data)
         opt = self.optimizer
         where = "optimizer state"
@@ -605,7 +641,7 @@ def _state_dtype(where, value):
 
 
 def _encode_tree(state, arrays, depth):
-    import mxnet as mx
+    mx = _mxnet()
     if depth > 4:
         raise ValueError("optimizer state nests too deeply")
     if state is None:
@@ -622,7 +658,7 @@ def _encode_tree(state, arrays, depth):
 
 def _decode_tree(where, node, template, arrays, used, depth):
     """Rebuild a state tree from ``node``, requiring it to match ``template``."""
-    import mxnet as mx
+    mx = _mxnet()
     if depth > 4:
         raise ValueError("%s: nests too deeply" % where)
     if template is None:

@@ -99,12 +99,12 @@ def test_multipliers_resolved_from_gluon_parameters():
     p1 = mx.gluon.Parameter("dense_bias", shape=(2,))
     opt = mx.optimizer.SGD(learning_rate=0.1, wd=0.1, param_dict={0: p0, 1: p1})
     desc = ro.describe(opt)
-    assert desc["lr_mult"] == {"0": 2.0, "1": 1.0}
-    assert desc["wd_mult"] == {"0": 0.0, "1": 1.0}
+    assert desc["lr_mult"] == {"#0": 2.0, "#1": 1.0}
+    assert desc["wd_mult"] == {"#0": 0.0, "#1": 1.0}
     updater = ro.make_updater(roundtrip(desc))
     w0, w1 = np.ones(2, np.float32), np.ones(2, np.float32)
-    updater.update("0", 0, w0, np.ones(2, np.float32))
-    updater.update("1", 0, w1, np.ones(2, np.float32))
+    updater.update("#0", 0, w0, np.ones(2, np.float32))
+    updater.update("#1", 0, w1, np.ones(2, np.float32))
     np.testing.assert_allclose(w0, 1 - 0.2 * 1.0, rtol=1e-6)          # lr 0.2, no wd
     np.testing.assert_allclose(w1, 1 - 0.1 * (1 + 0.1), rtol=1e-6)    # lr 0.1, wd 0.1
 
@@ -113,9 +113,9 @@ def test_multipliers_by_name_and_idx2name():
     opt = mx.optimizer.SGD(learning_rate=1.0, param_idx2name={0: "a_weight", 1: "a_bias"})
     opt.set_lr_mult({"a_weight": 0.5, 3: 4.0})
     desc = ro.describe(opt)
-    assert desc["lr_mult"]["0"] == 0.5 and desc["lr_mult"]["1"] == 1.0
-    assert desc["lr_mult"]["3"] == 4.0 and desc["lr_mult"]["a_weight"] == 0.5
-    assert desc["wd_mult"]["1"] == 0.0    # MXNet: no weight decay on biases by name
+    assert desc["lr_mult"]["#0"] == 0.5 and desc["lr_mult"]["#1"] == 1.0
+    assert desc["lr_mult"]["#3"] == 4.0 and desc["lr_mult"]["a_weight"] == 0.5
+    assert desc["wd_mult"]["#1"] == 0.0    # MXNet: no weight decay on biases by name
 
 
 def test_custom_optimizer_class_rejected():
