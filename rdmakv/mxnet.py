@@ -1,0 +1,331 @@
+"""MXNet KVStore backed by rdmakv: ``import rdmakv.mxnet; kv = mx.kv.create('rdmakv')``.
+
+Implements ``mxnet.kvstore.KVStoreBase`` (the interface BytePS implements, see
+``python/mxnet/kvstore/base.py`` of MXNet 1.9.1).  ``pushpull`` and
+``broadcast`` return at once: each is one operation in MXNet's dependency
+engine (see :mod:`rdmakv._mxengine`) that reads ``value`` and writes ``out``,
+so reading ``out`` - or running the next operator on it - waits for the
+network, and a failure is raised there as ``MXNetError``.
+
+Unlike BytePS, the servers can run the optimizer (``set_optimizer``;
+``is_capable('optimizer')`` is True): Gluon's ``Trainer(update_on_kvstore=True)``
+then pushes gradients and pulls updated weights.  The optimizer travels as a
+declarative description (:mod:`rdmakv.optimizer`), never pickled.
+
+Importing this module without MXNet works; nothing is registered then.
+"""
+import json
+import struct
+
+import numpy as np
+
+from rdmakv import optimizer as _optimizer
+
+try:
+    import mxnet as _mx
+    from mxnet.kvstore import KVStoreBase as _Base
+except ImportError:     # MXNet is optional: the module imports, nothing registers
+    _mx = None
+    _Base = object
+
+__all__ = ["RdmaKV"]
+
+STATES_MAGIC = b"RDMAKVMX"
+_STATES_PREFIX = struct.Struct("<8sIQ")     # magic, version, header length
+STATES_VERSION = 1
+
+
+class _UpdaterInfo:
+    """What ``Trainer.load_states`` reads back: ``kvstore._updater.optimizer``."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+
+class RdmaKV(_Base):
+    """MXNet KVStore over rdmakv.  Registered as ``'rdmakv'``.
+
+    Keys are ints or strs, as in MXNet.  Every worker must use its keys in the
+    same order the first time (as with BytePS); values are dense NDArrays.
+    ``type`` is ``'dist_sync_rdmakv'``: MXNet tests ``'dist' in kv.type`` to
+    treat a store as distributed (for example, Gluon then refuses a batch size
+    change that a server-side optimizer would not see) and ``'_sync'`` to
+    scale gradients by the number of workers in Module.
+    """
+
+    def __init__(self, kvstore=None, **settings):
+        if _mx is None:
+            raise ImportError("rdmakv.mxnet needs MXNet (pip install mxnet==1.9.1)")
+        if kvstore is None:
+            from rdmakv.kvstore import KVStore
+            kvstore = KVStore(**settings)
+        self._kv = kvstore
+        self._declared = {}         # key -> (shape, dtype)
+        self._sequence = {}         # key -> 1-element NDArray ordering its operations
+        self._initialized = set()   # keys whose servers hold a starting weight
+        self._optimizer = None
+        self._description = None
+        self._updater = None
+
+    # -- properties -----------------------------------------------------------
+    @property
+    def type(self):
+        return "dist_sync_rdmakv"
+
+    @property
+    def rank(self):
+        return self._kv.rank
+
+    @property
+    def local_rank(self):
+        return self._kv.local_rank
+
+    @property
+    def num_workers(self):
+        return self._kv.num_workers
+
+    @staticmethod
+    def is_capable(capability):
+        if not isinstance(capability, str):
+            raise TypeError("capability must be a str")
+        if capability.lower() == _Base.OPTIMIZER:
+            return True
+        raise ValueError("Unknown capability: %s" % capability)
+
+    # -- data ---------------------------------------------------------------
+    def init(self, key, value):
+        """Declare ``key``; from rank 0 also store ``value`` on the servers as
+        the starting weight for a server-side optimizer.  Blocks until
+        ``value`` is computed."""
+        value = _single(value, "value")
+        self._declare(key, value)
+        self._kv.init(key, value.asnumpy())
+        self._initialized.add(key)
+
+    def broadcast(self, key, value, out, priority=0):
+        """Copy rank 0's ``value`` into ``out`` (NDArray or list) on every
+        worker; ``out=None`` writes into ``value``.  Also makes ``value`` the
+        starting weight on the servers (what Gluon's Trainer relies on)."""
+        value = _single(value, "value")
+        outs = _outputs(out, value)
+        if key not in self._initialized:
+            self.init(key, value)
+        target = _staging(outs[0], value)
+        src = value if target is not value else None
+        self._enqueue(lambda v, o: self._kv.broadcast_async(key, v, out=o, priority=priority),
+                      key, src, target, priority, "broadcast")
+        _fan_out(target, outs)
+
+    def pushpull(self, key, value, out=None, priority=0):
+        """Sum ``value`` (NDArray, or a list summed locally first) over all
+        workers into ``out`` (NDArray or list; default: every ``value``).
+        With an optimizer set, ``out`` receives the updated weight instead."""
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values:
+            raise ValueError("pushpull needs at least one value")
+        for v in values:
+            _check_dense(v, "value")
+        first = values[0]
+        for v in values[1:]:
+            if v.shape != first.shape or v.dtype != first.dtype:
+                raise ValueError("values for key %r differ in shape or dtype" % (key,))
+        outs = _outputs(out, None) if out is not None else list(values)
+        for o in outs:
+            if o.shape != first.shape:
+                raise ValueError("out has shape %s, value %s" % (o.shape, first.shape))
+        if self._optimizer is not None and key not in self._initialized:
+            raise ValueError("key %r has no weight on the servers: call init() or broadcast() "
+                             "on it before pushpull() when an optimizer is set" % (key,))
+        self._declare(key, first)
+        if len(values) > 1:
+            ctx = first.context
+            reduced = _mx.nd.add_n(*[v.as_in_context(ctx) for v in values])
+        else:
+            reduced = first
+        target = _staging(outs[0], reduced)
+        src = None if target is reduced else reduced
+        self._enqueue(lambda v, o: self._kv.pushpull_async(key, v, out=o, priority=priority),
+                      key, src, target, priority, "pushpull")
+        _fan_out(target, outs)
+
+    def _declare(self, key, value):
+        layout = (tuple(value.shape), np.dtype(value.dtype))
+        known = self._declared.get(key)
+        if known is None:
+            # Declared here, on the calling thread, so every worker declares in
+            # program order; engine operations may run in another order.
+            self._kv._declare(key, np.empty(layout[0], layout[1]))
+            self._declared[key] = layout
+        elif known != layout:
+            raise ValueError("key %r was used as %s%s, now %s%s"
+                             % (key, known[1], list(known[0]), layout[1], list(layout[0])))
+
+    def _enqueue(self, start, key, src, target, priority, what):
+        """One engine operation: read src (None: in place), write target."""
+        from rdmakv import _mxengine
+
+        # The core numbers a key's rounds in the order operations reach it, and
+        # every worker must number them alike; operations on different arrays
+        # may run in any order in the engine, so each key's operations also
+        # write one per-key array, which makes the engine run them in program
+        # order.
+        sequence = self._sequence.get(key)
+        if sequence is None:
+            sequence = self._sequence[key] = _mx.nd.zeros((1,), ctx=_mx.cpu())
+
+        def run(done):
+            dst = _mxengine.numpy_view(target)
+            handle = start(dst if src is None else _mxengine.numpy_view(src),
+                           None if src is None else dst)
+            handle.add_done_callback(lambda h: done(_outcome(h)))
+
+        _mxengine.push_async(run, const=[] if src is None else [src], mutable=[target, sequence],
+                             priority=priority, name="rdmakv_%s" % what)
+
+    # -- optimizer ------------------------------------------------------------
+    def set_optimizer(self, optimizer):
+        """Run ``optimizer`` on the servers (see rdmakv.optimizer.describe for
+        what can run there).  Returns when every server has it."""
+        description = _optimizer.describe(optimizer)
+        self._kv._set_optimizer(description)
+        self._optimizer = optimizer
+        self._description = description
+        self._updater = _UpdaterInfo(optimizer)
+
+    def save_optimizer_states(self, fname, dump_optimizer=False):
+        """Save the servers' optimizer states (and with ``dump_optimizer``
+        the optimizer's description) to ``fname``, in rdmakv's own format."""
+        if self._optimizer is None:
+            raise RuntimeError("no optimizer is set on this KVStore")
+        _mx.nd.waitall()            # every update this worker started has landed
+        blobs = self._kv._dump_optimizer_states()
+        header = {"servers": [len(b) for b in blobs],
+                  "optimizer": _optimizer.describe(self._optimizer) if dump_optimizer else None}
+        raw = json.dumps(header, allow_nan=False).encode()
+        with open(fname, "wb") as f:
+            f.write(_STATES_PREFIX.pack(STATES_MAGIC, STATES_VERSION, len(raw)))
+            f.write(raw)
+            for blob in blobs:
+                f.write(blob)
+
+    def load_optimizer_states(self, fname):
+        """Load states saved by save_optimizer_states into the servers; if the
+        file holds an optimizer, it replaces the current one."""
+        with open(fname, "rb") as f:
+            data = f.read()
+        description, blobs = _parse_states_file(data, fname)
+        if description is not None:
+            optimizer = _optimizer.make_optimizer(description)
+            if self._optimizer is not None:
+                optimizer.param_dict = self._optimizer.param_dict
+            self.set_optimizer(optimizer)
+        elif self._optimizer is None:
+            raise RuntimeError("%s holds no optimizer and none is set on this KVStore" % fname)
+        _mx.nd.waitall()
+        self._kv._load_optimizer_states(blobs)
+
+    def set_gradient_compression(self, compression_params):
+        raise NotImplementedError("rdmakv does not compress gradients")
+
+    # -- lifetime -------------------------------------------------------------
+    def barrier(self):
+        _mx.nd.waitall()
+        self._kv.barrier()
+
+    def close(self):
+        if _mx is not None:
+            _mx.nd.waitall()
+        self._kv.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _outcome(handle):
+    try:
+        handle.wait(0)
+    except BaseException as exc:       # handed to MXNet, raised where out is read
+        return exc
+    return None
+
+
+def _check_dense(arr, what):
+    if _mx is None or not isinstance(arr, _mx.nd.NDArray):
+        raise TypeError("%s must be an MXNet NDArray, got %s" % (what, type(arr).__name__))
+    if arr.stype != "default":
+        raise ValueError("%s is %s; rdmakv sums dense NDArrays only" % (what, arr.stype))
+    return arr
+
+
+def _single(value, what):
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError("%s must be one NDArray, got %d" % (what, len(value)))
+        value = value[0]
+    return _check_dense(value, what)
+
+
+def _outputs(out, default):
+    if out is None:
+        return [default]
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    if not outs:
+        raise ValueError("out is an empty list")
+    for o in outs:
+        _check_dense(o, "out")
+    return outs
+
+
+def _staging(out, like):
+    """The array the network writes: ``out`` itself when it is a CPU array of
+    the same dtype, else a CPU staging array copied to ``out`` afterwards."""
+    if out.context.device_type in ("cpu", "cpu_pinned", "cpu_shared") \
+            and out.dtype == like.dtype and out.shape == like.shape:
+        return out
+    if out.size != like.size:
+        raise ValueError("out has %d elements, value %d" % (out.size, like.size))
+    return _mx.nd.empty(like.shape, ctx=_mx.cpu(), dtype=like.dtype)
+
+
+def _fan_out(target, outs):
+    for o in outs:
+        if o is not target:
+            target.reshape(o.shape).copyto(o)   # engine ops: ordered after the transfer
+
+
+def _parse_states_file(data, fname):
+    where = "optimizer states file %s" % fname
+    if len(data) < _STATES_PREFIX.size:
+        raise ValueError("%s is too short" % where)
+    magic, version, hlen = _STATES_PREFIX.unpack_from(data)
+    if magic != STATES_MAGIC:
+        raise ValueError("%s was not written by rdmakv (bad magic %r)" % (where, magic))
+    if version != STATES_VERSION:
+        raise ValueError("%s has version %d; this build reads %d" % (where, version, STATES_VERSION))
+    start = _STATES_PREFIX.size
+    if start + hlen > len(data):
+        raise ValueError("%s is truncated" % where)
+    try:
+        header = json.loads(data[start:start + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError("%s: bad header: %s" % (where, exc)) from None
+    if not isinstance(header, dict) or set(header) != {"servers", "optimizer"} \
+            or not isinstance(header["servers"], list) \
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                       for n in header["servers"]):
+        raise ValueError("%s: bad header" % where)
+    offset = start + hlen
+    if offset + sum(header["servers"]) != len(data):
+        raise ValueError("%s: sizes do not add up to the file's length" % where)
+    blobs = []
+    for n in header["servers"]:
+        blobs.append(data[offset:offset + n])
+        offset += n
+    return header["optimizer"], blobs
+
+
+if _mx is not None:
+    _Base.register(RdmaKV)

@@ -1,0 +1,159 @@
+"""A worker for tests/test_mxnet_kvstore.py, started by python -m rdmakv.launch.
+
+    python tests/mxnet_worker.py SCENARIO OUTDIR
+
+Each scenario checks what it can on its own and writes its results to
+OUTDIR/<scenario>-<rank>.npz for the test to compare across workers."""
+import os
+import sys
+
+import numpy as np
+import mxnet as mx
+from mxnet import autograd, gluon
+
+import rdmakv.mxnet  # noqa: F401 - registers 'rdmakv'
+
+STEPS = 4
+BATCH = 8            # global batch; each of n workers takes BATCH / n rows
+
+
+def api(kv, out):
+    n = kv.num_workers
+    assert kv.type == "dist_sync_rdmakv" and kv.is_capable("optimizer")
+    assert 0 <= kv.rank < n and kv.local_rank >= 0
+    shape = (2, 3)
+    # The API text's examples.
+    a = mx.nd.zeros(shape)
+    kv.broadcast("3", mx.nd.ones(shape) * (2 if kv.rank == 0 else 7), out=a)
+    np.testing.assert_array_equal(a.asnumpy(), np.full(shape, 2))
+    kv.pushpull("3", mx.nd.ones(shape) * 8, out=a)
+    np.testing.assert_array_equal(a.asnumpy(), np.full(shape, 8 * n))
+    # A list of values is summed locally first; a list of outs all get the result.
+    vals = [mx.nd.ones(shape) * (kv.rank + 1), mx.nd.ones(shape)]
+    outs = [mx.nd.zeros(shape), mx.nd.zeros(shape, dtype="float32")]
+    kv.pushpull(5, vals, out=outs, priority=3)
+    expected = sum(r + 2 for r in range(n))
+    for o in outs:
+        np.testing.assert_array_equal(o.asnumpy(), np.full(shape, expected))
+    # out=None: in place, into every value.
+    kv.pushpull(5, vals)
+    for v in vals:
+        np.testing.assert_array_equal(v.asnumpy(), np.full(shape, expected))
+    # Asynchronous: many rounds queued, the result is read once.
+    acc = mx.nd.ones((1000,), dtype="float64")
+    for _ in range(5):
+        kv.pushpull("acc", acc)
+    np.testing.assert_array_equal(acc.asnumpy(), np.full(1000, float(n) ** 5))
+    # Broadcast into a list and in place.
+    b = mx.nd.array([kv.rank + 10.0])
+    kv.broadcast("b", b, out=None)
+    assert b.asscalar() == 10.0
+    np.savez(out, a=a.asnumpy(), acc=acc.asnumpy())
+
+
+def make_net():
+    mx.random.seed(42)
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(5, in_units=4, activation="tanh"), gluon.nn.Dense(1, in_units=5))
+    net.initialize(mx.init.Xavier())
+    return net
+
+
+def data():
+    rng = np.random.RandomState(0)
+    x = rng.standard_normal((STEPS * BATCH, 4)).astype(np.float32)
+    y = (x @ np.array([1.0, -2.0, 0.5, 3.0], np.float32) + 0.1).reshape(-1, 1)
+    return x, y
+
+
+def train(net, trainer, x, y, steps, rows):
+    loss_fn = gluon.loss.L2Loss()
+    for step in steps:
+        lo = step * BATCH
+        xb = mx.nd.array(x[lo:lo + BATCH][rows])
+        yb = mx.nd.array(y[lo:lo + BATCH][rows])
+        with autograd.record():
+            loss = loss_fn(net(xb), yb)
+        loss.backward()
+        trainer.step(BATCH)        # the global batch: servers sum all workers' gradients
+
+
+def weights(net):
+    """Parameter values in order, named by position (Gluon's names differ per net)."""
+    return {"p%d" % i: p.data().asnumpy() for i, p in enumerate(net.collect_params().values())}
+
+
+def trainer_scenario(kv, out, update_on_kvstore):
+    x, y = data()
+    rows = slice(kv.rank, None, kv.num_workers)          # this worker's shard
+    opt = dict(learning_rate=0.1, momentum=0.9, wd=1e-3)
+    net = make_net()
+    trainer = gluon.Trainer(net.collect_params(), "sgd", opt, kvstore=kv,
+                            update_on_kvstore=update_on_kvstore)
+    train(net, trainer, x, y, range(STEPS), rows)
+    assert trainer._update_on_kvstore == update_on_kvstore
+    got = weights(net)
+    # One process training on the union of the shards.
+    ref_net = make_net()
+    ref = gluon.Trainer(ref_net.collect_params(), "sgd", opt, kvstore=None)
+    train(ref_net, ref, x, y, range(STEPS), slice(None))
+    for name, w in weights(ref_net).items():
+        np.testing.assert_allclose(got[name], w, rtol=1e-5, atol=1e-6, err_msg=name)
+    np.savez(out, **got)
+
+
+def states_scenario(kv, out, tmpdir):
+    """Trainer.save_states / load_states with the optimizer on the servers."""
+    x, y = data()
+    rows = slice(kv.rank, None, kv.num_workers)
+    net = make_net()
+    sched = mx.lr_scheduler.FactorScheduler(step=2, factor=0.5, base_lr=0.1)
+    trainer = gluon.Trainer(net.collect_params(), "adam", {"lr_scheduler": sched}, kvstore=kv,
+                            update_on_kvstore=True)
+    train(net, trainer, x, y, range(2), rows)
+    states = os.path.join(tmpdir, "trainer-%d.states" % kv.rank)
+    trainer.save_states(states)
+    saved = [p.data().copy() for p in trainer._params]
+    train(net, trainer, x, y, range(2, STEPS), rows)
+    straight = weights(net)
+
+    # net.load_parameters() would make the Trainer reset its KVStore, which
+    # MXNet refuses for a distributed one: restore the values in place.
+    for param, value in zip(trainer._params, saved):
+        param.data()[:] = value
+    trainer.load_states(states)
+    assert isinstance(trainer._optimizer, mx.optimizer.Adam)
+    # The servers hold the weights: put the saved ones back (rank 0 sends).
+    for i, param in enumerate(trainer._params):
+        kv.init(i, param.data())
+    kv.barrier()
+    train(net, trainer, x, y, range(2, STEPS), rows)
+    for name, w in weights(net).items():
+        np.testing.assert_array_equal(w, straight[name], err_msg=name)
+    np.savez(out, **straight)
+
+
+def main():
+    scenario, outdir = sys.argv[1], sys.argv[2]
+    kv = mx.kv.create("rdmakv")
+    assert type(kv).__name__ == "RdmaKV"
+    out = os.path.join(outdir, "%s-%d.npz" % (scenario, kv.rank))
+    try:
+        if scenario == "api":
+            api(kv, out)
+        elif scenario == "trainer-local":
+            trainer_scenario(kv, out, update_on_kvstore=False)
+        elif scenario == "trainer-kvstore":
+            trainer_scenario(kv, out, update_on_kvstore=True)
+        elif scenario == "states":
+            states_scenario(kv, out, outdir)
+        else:
+            raise SystemExit("unknown scenario %r" % scenario)
+        kv.barrier()
+    finally:
+        kv.close()
+    print("worker %d: %s ok" % (kv.rank, scenario))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""rdmakv.mxnet: the MXNet KVStore, on real local clusters started by rdmakv.launch."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mxnet")
+import rdmakv.mxnet as rmx  # noqa: E402
+
+pytestmark = pytest.mark.mxnet
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "mxnet_worker.py")
+
+
+def launch(scenario, outdir, workers=2, servers=1, timeout=240):
+    env = dict(os.environ, PYTHONPATH=REPO, RDMAKV_TIMEOUT="60")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rdmakv.launch", "-n", str(workers), "-s", str(servers), "--",
+         sys.executable, WORKER, scenario, str(outdir)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    for rank in range(workers):
+        assert "worker %d: %s ok" % (rank, scenario) in proc.stdout
+    return [dict(np.load(os.path.join(outdir, "%s-%d.npz" % (scenario, r))))
+            for r in range(workers)]
+
+
+def assert_same_on_every_worker(results):
+    for other in results[1:]:
+        assert other.keys() == results[0].keys()
+        for name in results[0]:
+            np.testing.assert_array_equal(other[name], results[0][name], err_msg=name)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_api_examples(tmp_path, workers):
+    assert_same_on_every_worker(launch("api", tmp_path, workers=workers))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("scenario", ["trainer-local", "trainer-kvstore"])
+def test_gluon_trainer_two_workers_match_one_process_on_the_union(tmp_path, scenario):
+    # Each worker also checks its weights against one process training on
+    # both shards (tests/mxnet_worker.py); here: every worker ends identical.
+    assert_same_on_every_worker(launch(scenario, tmp_path))
+
+
+@pytest.mark.timeout(300)
+def test_trainer_save_and_load_states_resume_bit_identically(tmp_path):
+    assert_same_on_every_worker(launch("states", tmp_path, servers=2))
+
+
+# -- without a cluster ------------------------------------------------------
+
+def test_registered_under_rdmakv():
+    assert mx.kvstore.KVStoreBase.kv_registry["rdmakv"] is rmx.RdmaKV
+    assert rmx.RdmaKV.is_capable("optimizer") and rmx.RdmaKV.is_capable("OPTIMIZER")
+    with pytest.raises(ValueError, match="Unknown capability"):
+        rmx.RdmaKV.is_capable("sparse")
+
+
+def test_importable_without_mxnet():
+    script = ("import sys; sys.modules['mxnet'] = None\n"
+              "import rdmakv.mxnet as m, rdmakv.optimizer\n"
+              "assert m._mx is None and m.RdmaKV.__bases__ == (object,)\n"
+              "try:\n    m.RdmaKV()\nexcept ImportError as e:\n    print('ok', e)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_optimizer_imports_mxnet_inside_a_server_process():
+    # import mxnet with DMLC_ROLE=server would start MXNet's own server and hang.
+    script = ("import rdmakv.optimizer as o, os\n"
+              "u = o.make_updater({'format': o.FORMAT, 'name': 'sgd', 'params': {"
+              "'learning_rate': 0.1, 'wd': 0.0, 'rescale_grad': 1.0, 'clip_gradient': None, "
+              "'begin_num_update': 0, 'multi_precision': False, 'momentum': 0.0, "
+              "'lazy_update': True}, 'lr_scheduler': None, 'num_update': 0, 'lr_mult': {}, "
+              "'wd_mult': {}})\n"
+              "assert os.environ['DMLC_ROLE'] == 'server'\nprint('ok')\n")
+    env = dict(os.environ, DMLC_ROLE="server", DMLC_PS_ROOT_URI="127.0.0.1",
+               DMLC_PS_ROOT_PORT="1", DMLC_NUM_WORKER="1", DMLC_NUM_SERVER="1")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"", "too short"),
+    (b"PICKLE!!" + bytes(12), "not written by rdmakv"),
+    (rmx._STATES_PREFIX.pack(rmx.STATES_MAGIC, 9, 0), "version 9"),
+    (rmx._STATES_PREFIX.pack(rmx.STATES_MAGIC, 1, 99) + b"{}", "truncated"),
+    (rmx._STATES_PREFIX.pack(rmx.STATES_MAGIC, 1, 2) + b"[]", "bad header"),
+    (rmx._STATES_PREFIX.pack(rmx.STATES_MAGIC, 1, 32)
+     + b'{"servers":[5],"optimizer":null}', "do not add up"),
+])
+def test_hostile_states_file_rejected(tmp_path, data, message):
+    with pytest.raises(ValueError, match=message):
+        rmx._parse_states_file(data, "f")
