@@ -79,14 +79,14 @@ def wire_key(key):
 
 
 class KeyInfo:
-    def __init__(self, key, wire, order, array, chunks):
+    def __init__(self, key, wire, order, dtype, shape, nbytes, chunks):
         self.key = key
         self.name = key_name(key)
         self.wire = wire
         self.order = order
-        self.dtype = array.dtype
-        self.shape = array.shape
-        self.nbytes = array.nbytes
+        self.dtype = dtype
+        self.shape = shape
+        self.nbytes = nbytes
         self.chunks = chunks
         self.next_round = 0
         self.active = None            # the operation whose chunks are out
@@ -380,13 +380,24 @@ class KVStore:
         """Declare key with value's shape and dtype; from rank 0, also store value on the servers
         (the starting weights when the servers run an optimizer)."""
         array = as_array(value, "value")
-        info = self._declare(key, array)
+        info = self._declare(key, array.dtype, array.shape)
         if self.rank == 0:
             flat = array.reshape(-1).view(np.uint8)
             for chunk in info.chunks:
                 self._links[chunk.server].peer.send(
                     Op.INIT, flat[chunk.offset:chunk.offset + chunk.nbytes],
                     dtype=protocol.DTYPE_CODES[info.dtype.name], key=info.wire, chunk=chunk.index)
+
+    def declare(self, key, shape, dtype):
+        """Declare key's shape and dtype without data.  Keys are placed on servers in
+        declaration order, which must be the same on every worker."""
+        dtype = np.dtype(dtype)
+        if dtype.name not in protocol.DTYPE_CODES:
+            raise TypeError(f"dtype {dtype} is not summed by rdmakv; use one of {', '.join(protocol.DTYPE_CODES)}")
+        shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"shape {shape} has a negative dimension")
+        self._declare(key, dtype, shape)
 
     def pushpull_async(self, key, value, out=None, priority=0):
         """Start summing value over all workers into out (default: into value); returns a Handle.
@@ -481,25 +492,26 @@ class KVStore:
         if self._failure is not None:
             raise self._failure
 
-    def _declare(self, key, array):
+    def _declare(self, key, dtype, shape):
         self._check_open()
         name = key_name(key)
         with self._lock:
             info = self._keys.get(key)
             if info is not None:
-                if info.dtype != array.dtype or info.shape != array.shape:
+                if info.dtype != dtype or info.shape != shape:
                     raise ValueError(f"key {name!r} was declared as {info.dtype}{list(info.shape)}, "
-                                     f"now used with {array.dtype}{list(array.shape)}")
+                                     f"now used with {dtype}{list(shape)}")
                 return info
             wire = wire_key(key)
             if wire in self._wire_keys:
                 raise ValueError(f"keys {self._wire_keys[wire]!r} and {name!r} collide; rename one")
-            pieces = partition.split(array.nbytes, array.itemsize, self.config.partition_bytes)
-            info = KeyInfo(key, wire, len(self._keys), array, self._placement.place(pieces))
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            pieces = partition.split(nbytes, dtype.itemsize, self.config.partition_bytes)
+            info = KeyInfo(key, wire, len(self._keys), dtype, shape, nbytes, self._placement.place(pieces))
             self._keys[key] = info
             self._wire_keys[wire] = name
             layout = protocol.encode_json({
-                "key": wire, "name": name, "dtype": array.dtype.name, "shape": list(array.shape),
+                "key": wire, "name": name, "dtype": dtype.name, "shape": list(shape),
                 "chunks": [[c.offset, c.nbytes, c.server] for c in info.chunks]})
             # Every server sees every declaration, so they can check that all workers agree.
             for link in self._links:
@@ -520,7 +532,7 @@ class KVStore:
             if target.dtype != source.dtype or target.shape != source.shape:
                 raise ValueError(f"out is {target.dtype}{list(target.shape)} but value is "
                                  f"{source.dtype}{list(source.shape)}")
-        info = self._declare(key, source)
+        info = self._declare(key, source.dtype, source.shape)
         if info.error is not None:
             raise info.error
         handle = Handle(self, info, source, target, result_obj, int(priority), flags)

@@ -154,7 +154,7 @@ class RdmaKV(_Base):
         if known is None:
             # Declared here, on the calling thread, so every worker declares in
             # program order; engine operations may run in another order.
-            self._kv._declare(key, np.empty(layout[0], layout[1]))
+            self._kv.declare(key, *layout)
             self._declared[key] = layout
         elif known != layout:
             raise ValueError("key %r was used as %s%s, now %s%s"
