@@ -153,6 +153,7 @@ class ParameterServer(Handler):
         self._keys = {}
         self._chunks = {}
         self._links = {}              # worker rank -> WorkerLink
+        self._departed = {}           # worker rank -> why it left; no round can complete after that
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._exit_code = 0
@@ -279,10 +280,22 @@ class ParameterServer(Handler):
                 self._end_fill(link)
         link.close()
         with self._lock:
-            if self._links.get(link.rank) is link:
-                del self._links[link.rank]
+            if self._links.get(link.rank) is not link:
+                return
+            del self._links[link.rank]
+            self._departed.setdefault(link.rank, "closed its connection" if error is None
+                                      or isinstance(error, EndOfStream) else str(error))
+            broken = {key for (key, _), chunk in self._chunks.items() if chunk.pushed}
         if error is not None and not self._stopped.is_set() and not isinstance(error, EndOfStream):
             log.warning("server %s: %s left: %s", self.rank, peer.name, error)
+        # Rounds that were waiting for it can never complete: fail them now, not after a timeout.
+        for key in broken:
+            self._fail_key(key, self._departure_message(link.rank, key))
+
+    def _departure_message(self, rank, key):
+        state = self._keys.get(key)
+        name = state.name if state else key
+        return f"worker {rank} left the job ({self._departed[rank]}), so key {name!r} can no longer be summed"
 
     # ---- declarations ----------------------------------------------------
     def _declare(self, link, layout):
@@ -388,6 +401,8 @@ class ParameterServer(Handler):
                 self._end_fill(link)
             if chunk.key_state.error is not None:
                 raise KeyRefused(header.key, chunk.key_state.error)
+            if self._departed:
+                raise KeyRefused(header.key, self._departure_message(next(iter(self._departed)), header.key))
             if link.rank not in chunk.key_state.declared_by:
                 raise ProtocolError(f"worker {link.rank} pushed key {name!r} without declaring it")
             if header.dtype != chunk.dtype_code:

@@ -3,6 +3,7 @@ own processes, loopback TCP), checked against numpy."""
 import array
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -241,3 +242,15 @@ def test_close_is_idempotent_and_later_calls_fail_clearly(cluster_factory):
     with pytest.raises(rdmakv.ClosedError):
         kv.pushpull("a", np.ones(3))
     assert cluster.wait() == [0, 0]
+
+
+def test_a_round_that_waits_for_a_departed_worker_fails_at_once(cluster_factory):
+    cluster = cluster_factory(2, 1, RDMAKV_TIMEOUT=60)
+    first, second = cluster.connect()
+    both = cluster.run(lambda kv: kv.pushpull("k", np.ones(4)).tolist())
+    assert both == [[2.0] * 4] * 2
+    first.close()
+    started = time.monotonic()
+    with pytest.raises(RemoteError, match="worker 0 left the job"):
+        second.pushpull("k", np.ones(4))
+    assert time.monotonic() - started < 30       # long before RDMAKV_TIMEOUT
