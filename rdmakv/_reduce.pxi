@@ -41,8 +41,11 @@ def add_into(dst, src, int dtype_code):
             if dview.len != sview.len or dview.len % itemsize:
                 raise ValueError(
                     f"add_into: {dview.len} and {sview.len} bytes are not equal whole arrays of {itemsize}-byte items")
-            with nogil:
+            if dview.len <= GIL_HELD_BYTES:     # shorter than a GIL hand-off
                 add(dview.buf, sview.buf, <size_t>(dview.len // itemsize))
+            else:
+                with nogil:
+                    add(dview.buf, sview.buf, <size_t>(dview.len // itemsize))
         finally:
             PyBuffer_Release(&sview)
     finally:
