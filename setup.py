@@ -2,7 +2,7 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-# libibverbs is not linked: rdmakv/_verbs_loader.py loads it with RTLD_GLOBAL
+# libibverbs is not linked: rdmakv/_native.py loads it with RTLD_GLOBAL
 # before importing the extension, and lazy binding keeps the TCP path importable
 # on machines where libibverbs.so.1 is absent.
 transport = Extension(

@@ -1,0 +1,1 @@
+"""Transports: policy modules over the mechanism in rdmakv._transport."""
