@@ -1,9 +1,8 @@
 # libibverbs declarations: only what rdmakv/_verbs.pxi calls, written from
-# <infiniband/verbs.h> (rdma-core 44).  Several of these names are macros or
-# static inline functions in the header (ibv_get_device_list, ibv_query_port,
-# ibv_reg_mr, ibv_post_send, ibv_post_recv, ibv_poll_cq, ibv_req_notify_cq,
-# ibv_query_gid_ex); Cython emits plain calls, so the header's versions are
-# the ones compiled in.
+# <infiniband/verbs.h> (rdma-core 44).  Types and the static inline verbs
+# (ibv_post_send, ibv_post_recv, ibv_poll_cq, ibv_req_notify_cq: they call
+# through the context's ops table) come from the header; every exported
+# library function is reached through _verbs_bind.h instead.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 
@@ -114,14 +113,7 @@ cdef extern from "<infiniband/verbs.h>" nogil:
         int async_fd
         int num_comp_vectors
 
-    ibv_device **ibv_get_device_list(int *num_devices)
-    void ibv_free_device_list(ibv_device **list)
-    const char *ibv_get_device_name(ibv_device *device)
-    ibv_context *ibv_open_device(ibv_device *device)
-    int ibv_close_device(ibv_context *context)
 
-    int ibv_fork_init()
-    ibv_fork_status ibv_is_fork_initialized()
 
     struct ibv_device_attr:
         char fw_ver[64]
@@ -142,7 +134,6 @@ cdef extern from "<infiniband/verbs.h>" nogil:
         int max_qp_init_rd_atom
         uint8_t phys_port_cnt
 
-    int ibv_query_device(ibv_context *context, ibv_device_attr *device_attr)
 
     struct ibv_port_attr:
         ibv_port_state state
@@ -157,7 +148,6 @@ cdef extern from "<infiniband/verbs.h>" nogil:
         uint8_t phys_state
         uint8_t link_layer
 
-    int ibv_query_port(ibv_context *context, uint8_t port_num, ibv_port_attr *port_attr)
 
     union ibv_gid:
         uint8_t raw[16]
@@ -169,17 +159,12 @@ cdef extern from "<infiniband/verbs.h>" nogil:
         uint32_t gid_type
         uint32_t ndev_ifindex
 
-    int ibv_query_gid(ibv_context *context, uint8_t port_num, int index, ibv_gid *gid)
-    int ibv_query_gid_ex(ibv_context *context, uint32_t port_num, uint32_t gid_index,
-                         ibv_gid_entry *entry, uint32_t flags)
 
     # --- protection domain and memory registration ----------------------------
     struct ibv_pd:
         ibv_context *context
         uint32_t handle
 
-    ibv_pd *ibv_alloc_pd(ibv_context *context)
-    int ibv_dealloc_pd(ibv_pd *pd)
 
     struct ibv_mr:
         ibv_context *context
@@ -190,28 +175,19 @@ cdef extern from "<infiniband/verbs.h>" nogil:
         uint32_t lkey
         uint32_t rkey
 
-    ibv_mr *ibv_reg_mr(ibv_pd *pd, void *addr, size_t length, int access)
-    int ibv_dereg_mr(ibv_mr *mr)
 
     # --- completion channels and queues ---------------------------------------
     struct ibv_comp_channel:
         ibv_context *context
         int fd
 
-    ibv_comp_channel *ibv_create_comp_channel(ibv_context *context)
-    int ibv_destroy_comp_channel(ibv_comp_channel *channel)
 
     struct ibv_cq:
         ibv_context *context
         ibv_comp_channel *channel
         int cqe
 
-    ibv_cq *ibv_create_cq(ibv_context *context, int cqe, void *cq_context,
-                          ibv_comp_channel *channel, int comp_vector)
-    int ibv_destroy_cq(ibv_cq *cq)
     int ibv_req_notify_cq(ibv_cq *cq, int solicited_only)
-    int ibv_get_cq_event(ibv_comp_channel *channel, ibv_cq **cq, void **cq_context)
-    void ibv_ack_cq_events(ibv_cq *cq, unsigned int nevents)
 
     struct ibv_wc:
         uint64_t wr_id
@@ -225,7 +201,6 @@ cdef extern from "<infiniband/verbs.h>" nogil:
         unsigned int wc_flags
 
     int ibv_poll_cq(ibv_cq *cq, int num_entries, ibv_wc *wc)
-    const char *ibv_wc_status_str(ibv_wc_status status)
 
     # --- queue pairs ----------------------------------------------------------
     struct ibv_qp_cap:
@@ -285,9 +260,6 @@ cdef extern from "<infiniband/verbs.h>" nogil:
         uint8_t retry_cnt
         uint8_t rnr_retry
 
-    ibv_qp *ibv_create_qp(ibv_pd *pd, ibv_qp_init_attr *qp_init_attr)
-    int ibv_modify_qp(ibv_qp *qp, ibv_qp_attr *attr, int attr_mask)
-    int ibv_destroy_qp(ibv_qp *qp)
 
     struct ibv_sge:
         uint64_t addr
@@ -321,6 +293,39 @@ cdef extern from "<infiniband/verbs.h>" nogil:
 
     int ibv_post_send(ibv_qp *qp, ibv_send_wr *wr, ibv_send_wr **bad_wr)
     int ibv_post_recv(ibv_qp *qp, ibv_recv_wr *wr, ibv_recv_wr **bad_wr)
+
+
+# Library functions, called through pointers bound at the right symbol
+# version by _verbs_bind.h (see the comment there for why).
+cdef extern from "_verbs_bind.h" nogil:
+    const char *rdmakv_verbs_bind()
+    ibv_device **ibv_get_device_list "rdmakv_p_ibv_get_device_list"(int *num_devices)
+    void ibv_free_device_list "rdmakv_p_ibv_free_device_list"(ibv_device **list)
+    const char *ibv_get_device_name "rdmakv_p_ibv_get_device_name"(ibv_device *device)
+    ibv_context *ibv_open_device "rdmakv_p_ibv_open_device"(ibv_device *device)
+    int ibv_close_device "rdmakv_p_ibv_close_device"(ibv_context *context)
+    int ibv_fork_init "rdmakv_p_ibv_fork_init"()
+    int ibv_query_device "rdmakv_p_ibv_query_device"(ibv_context *context, ibv_device_attr *device_attr)
+    int ibv_query_gid "rdmakv_p_ibv_query_gid"(ibv_context *context, uint8_t port_num, int index, ibv_gid *gid)
+    ibv_pd *ibv_alloc_pd "rdmakv_p_ibv_alloc_pd"(ibv_context *context)
+    int ibv_dealloc_pd "rdmakv_p_ibv_dealloc_pd"(ibv_pd *pd)
+    ibv_mr *ibv_reg_mr "rdmakv_p_ibv_reg_mr"(ibv_pd *pd, void *addr, size_t length, int access)
+    int ibv_dereg_mr "rdmakv_p_ibv_dereg_mr"(ibv_mr *mr)
+    ibv_comp_channel *ibv_create_comp_channel "rdmakv_p_ibv_create_comp_channel"(ibv_context *context)
+    int ibv_destroy_comp_channel "rdmakv_p_ibv_destroy_comp_channel"(ibv_comp_channel *channel)
+    ibv_cq *ibv_create_cq "rdmakv_p_ibv_create_cq"(ibv_context *context, int cqe, void *cq_context,
+                          ibv_comp_channel *channel, int comp_vector)
+    int ibv_destroy_cq "rdmakv_p_ibv_destroy_cq"(ibv_cq *cq)
+    int ibv_get_cq_event "rdmakv_p_ibv_get_cq_event"(ibv_comp_channel *channel, ibv_cq **cq, void **cq_context)
+    void ibv_ack_cq_events "rdmakv_p_ibv_ack_cq_events"(ibv_cq *cq, unsigned int nevents)
+    const char *ibv_wc_status_str "rdmakv_p_ibv_wc_status_str"(ibv_wc_status status)
+    ibv_qp *ibv_create_qp "rdmakv_p_ibv_create_qp"(ibv_pd *pd, ibv_qp_init_attr *qp_init_attr)
+    int ibv_modify_qp "rdmakv_p_ibv_modify_qp"(ibv_qp *qp, ibv_qp_attr *attr, int attr_mask)
+    int ibv_destroy_qp "rdmakv_p_ibv_destroy_qp"(ibv_qp *qp)
+    int rdmakv_query_port(ibv_context *context, uint8_t port_num, ibv_port_attr *port_attr)
+    int rdmakv_query_gid_ex(ibv_context *context, uint32_t port_num, uint32_t gid_index,
+                            ibv_gid_entry *entry)
+    int rdmakv_is_fork_initialized()
 
 
 cdef extern from "<arpa/inet.h>" nogil:

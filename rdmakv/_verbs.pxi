@@ -26,7 +26,6 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.errno cimport errno, EAGAIN, EINTR, EIO, ENODATA, ENOMEM, EPERM
 from posix.unistd cimport getpid, pid_t
 from posix.fcntl cimport fcntl, F_GETFL, F_SETFL, O_NONBLOCK
-from posix.dlfcn cimport dlopen, dlsym, dlclose, RTLD_LAZY
 cimport rdmakv._verbs as v
 
 import os as _os
@@ -117,28 +116,20 @@ cdef inline int _check_n(int n, int err, op) except -1:
 
 # --- is libibverbs there at all? ---------------------------------------------
 # The extension is not linked against libibverbs (rdmakv/_native.py loads it
-# with RTLD_GLOBAL), so a verbs call without it would end the process with a
-# "symbol lookup error".  Every entry point that can reach libibverbs first
-# goes through _need_libibverbs().
+# with RTLD_GLOBAL).  At import, _verbs_bind.h looks up every function at
+# its current symbol version; if that fails, every entry point that can
+# reach libibverbs raises DeviceUnavailable through _need_libibverbs().
 
-cdef bint _libibverbs_present() noexcept:
-    cdef void *scope = dlopen(NULL, RTLD_LAZY)
-    cdef bint found
-    if scope == NULL:
-        return False
-    found = dlsym(scope, "ibv_get_device_list") != NULL
-    dlclose(scope)
-    return found
-
-
-HAVE_LIBIBVERBS = _libibverbs_present()
-"""True when libibverbs' symbols were loaded before this module was imported."""
+cdef const char *_missing = v.rdmakv_verbs_bind()
+HAVE_LIBIBVERBS = _missing == NULL
+"""True when libibverbs' functions were found (loaded before this module)."""
+_BIND_ERROR = None if _missing == NULL else _missing.decode()
 
 
 cdef int _need_libibverbs() except -1:
     if not HAVE_LIBIBVERBS:
-        raise DeviceUnavailable("libibverbs.so.1 is not loaded (install rdma-core's libibverbs1); "
-                                "see rdmakv._native.libibverbs_error")
+        raise DeviceUnavailable(f"libibverbs is not usable: {_BIND_ERROR} was not found "
+                                "(is rdma-core's libibverbs1 installed? see rdmakv._native.libibverbs_error)")
     return 0
 
 
@@ -169,9 +160,10 @@ def fork_init():
 
 
 def is_fork_initialized():
-    """ibv_is_fork_initialized(): IBV_FORK_DISABLED, _ENABLED or _UNNEEDED."""
+    """ibv_is_fork_initialized(): IBV_FORK_DISABLED, _ENABLED or _UNNEEDED;
+    -1 where libibverbs is older than rdma-core 35 and cannot say."""
     _need_libibverbs()
-    return <int>v.ibv_is_fork_initialized()
+    return v.rdmakv_is_fork_initialized()
 
 
 def wc_status_str(int status):
@@ -288,7 +280,7 @@ cdef class Context:
         self._alive()
         memset(&attr, 0, sizeof(attr))
         with nogil:
-            rc = v.ibv_query_port(self._handle, <uint8_t>port_num, &attr)
+            rc = v.rdmakv_query_port(self._handle, <uint8_t>port_num, &attr)
         _check_rc(rc, f"ibv_query_port({self.name}, {port_num})")
         return {
             "state": <int>attr.state,
@@ -324,7 +316,7 @@ cdef class Context:
         self._alive()
         memset(&entry, 0, sizeof(entry))
         with nogil:
-            rc = v.ibv_query_gid_ex(self._handle, <uint32_t>port_num, <uint32_t>index, &entry, 0)
+            rc = v.rdmakv_query_gid_ex(self._handle, <uint32_t>port_num, <uint32_t>index, &entry)
         if rc == ENODATA:
             return None
         _check_rc(rc, f"ibv_query_gid_ex({self.name}, {port_num}, {index})")
