@@ -187,6 +187,7 @@ cdef _close_all(children):
 cdef class Context:
     """An open RDMA device (ibv_open_device).  Context(name=None) opens the
     named device, or the first one libibverbs lists."""
+    cdef object __weakref__      # parents track children in WeakSets
     cdef v.ibv_context *_handle
     cdef pid_t _pid
     cdef readonly str name
@@ -367,6 +368,7 @@ cdef str _guid_str(uint64_t be_guid):
 @cython.no_gc_clear
 cdef class PD:
     """A protection domain (ibv_alloc_pd) on a Context."""
+    cdef object __weakref__      # parents track children in WeakSets
     cdef v.ibv_pd *_handle
     cdef pid_t _pid
     cdef readonly Context context
@@ -452,6 +454,7 @@ cdef class MR:
     is requested only when access includes local, remote-write or atomic
     rights; a read-only buffer (bytes) can be registered with access=0 or
     IBV_ACCESS_REMOTE_READ."""
+    cdef object __weakref__      # parents track children in WeakSets
     cdef v.ibv_mr *_handle
     cdef pid_t _pid
     cdef Py_buffer _view
@@ -588,6 +591,7 @@ cdef int _span(MR mr, size_t offset, object length, size_t *out_len) except -1:
 cdef class CompChannel:
     """A completion event channel (ibv_create_comp_channel).  Its fd is made
     non-blocking, so a CQ wait never blocks inside ibv_get_cq_event."""
+    cdef object __weakref__      # parents track children in WeakSets
     cdef v.ibv_comp_channel *_handle
     cdef pid_t _pid
     cdef readonly Context context
@@ -724,6 +728,7 @@ cdef int _drain_event(v.ibv_comp_channel *ch, int *err) noexcept nogil:
 cdef class CQ:
     """A completion queue: CQ(context, cqe=256, channel=None, comp_vector=0).
     Without a channel, wait() falls back to polling with short sleeps."""
+    cdef object __weakref__      # parents track children in WeakSets
     cdef v.ibv_cq *_handle
     cdef pid_t _pid
     cdef readonly Context context
@@ -910,6 +915,7 @@ cdef class QP:
     max_send_wr=128, max_recv_wr=128, max_send_sge=1, max_recv_sge=1,
     max_inline_data=64, sq_sig_all=False).  recv_cq defaults to send_cq.
     cap holds what the device actually granted."""
+    cdef object __weakref__      # parents track children in WeakSets
     cdef v.ibv_qp *_handle
     cdef pid_t _pid
     cdef readonly PD pd

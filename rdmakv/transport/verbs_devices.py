@@ -83,25 +83,36 @@ _fork_state = None
 
 
 def ensure_fork_init():
-    """Call ibv_fork_init() once, before any memory registration, so that a
-    fork() (explicit, or inside subprocess/multiprocessing) cannot corrupt
-    registered memory.  Returns 'enabled', 'unneeded' (the kernel copes with
-    fork by itself) or 'too-late' (memory was registered before this call:
-    EINVAL; the child must not touch registered buffers).  Other failures
-    raise VerbsError."""
+    """Make fork() safe for registered memory, once, before any registration.
+
+    Returns 'unneeded' when the kernel copies pinned pages on fork by itself
+    (ibv_is_fork_initialized() says IBV_FORK_UNNEEDED; Linux >= 5.13): then
+    ibv_fork_init() is deliberately NOT called, because it would still mark
+    every registered range MADV_DONTFORK, and a registered buffer sharing a
+    page with other heap objects would take those objects out of every child
+    (measured in the rxe VM: the child segfaults inside os.fork()).
+    Otherwise calls ibv_fork_init() and returns 'enabled', or 'too-late' when
+    memory was already registered (EINVAL).  Other failures raise VerbsError.
+    With 'enabled', register only dedicated page-aligned buffers: a child
+    process cannot touch any page a registration covers."""
     global _fork_state
     with _fork_lock:
         if _fork_state is not None:
             return _fork_state
         t = _transport()
-        rc = t.fork_init()
-        if rc == 0:
-            status = t.is_fork_initialized()
-            _fork_state = "unneeded" if status == t.IBV_FORK_UNNEEDED else "enabled"
-        elif rc == _errno.EINVAL:
-            _fork_state = "too-late"
+        status = t.is_fork_initialized()
+        if status == t.IBV_FORK_UNNEEDED:
+            _fork_state = "unneeded"
+        elif status == t.IBV_FORK_ENABLED:      # RDMAV_FORK_SAFE was set, or called before
+            _fork_state = "enabled"
         else:
-            raise VerbsError(rc, "ibv_fork_init")
+            rc = t.fork_init()
+            if rc == 0:
+                _fork_state = "enabled"
+            elif rc == _errno.EINVAL:
+                _fork_state = "too-late"
+            else:
+                raise VerbsError(rc, "ibv_fork_init")
         return _fork_state
 
 
