@@ -2,9 +2,11 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-# libibverbs is not linked: rdmakv/_verbs_loader.py loads it with RTLD_GLOBAL
-# before importing the extension, and lazy binding keeps the TCP path importable
-# on machines where libibverbs.so.1 is absent.
+# libibverbs is not linked, so the TCP path imports where libibverbs.so.1 is
+# absent: rdmakv/_native.py loads it with RTLD_GLOBAL before importing the
+# extension, and rdmakv/_verbs_bind.h binds each verbs function at its symbol
+# version with dlvsym() (an unversioned reference would get the IBVERBS_1.0
+# compat ABI).  `nm -D` on the built module lists no ibv_* symbol.
 transport = Extension(
     "rdmakv._transport",
     ["rdmakv/_transport.pyx"],

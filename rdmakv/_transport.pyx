@@ -12,3 +12,4 @@ cimport rdmakv._sys as s
 
 include "_tcp.pxi"
 include "_reduce.pxi"
+include "_verbs.pxi"
