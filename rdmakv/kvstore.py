@@ -119,8 +119,11 @@ class Handle:
         timeout=None waits up to RDMAKV_TIMEOUT."""
         limit = self._store.config.timeout if timeout is None else timeout
         if not self._done.wait(limit):
+            owing = self._store._owing(self)
+            who = (f"still waiting for {'; '.join(owing)}" if owing
+                   else "its chunks wait behind an earlier round of the same key")
             raise PeerTimeout(f"pushpull of key {self._info.name!r} (round {self.round}) did not complete "
-                              f"within {limit:g} s: a worker or server is slow or gone")
+                              f"within {limit:g} s: {who}; a worker or server is slow or gone")
         if self._error is not None:
             raise self._error
         return self._result
@@ -539,6 +542,17 @@ class KVStore:
                 following._finish(info.error)
             else:
                 self._start(following)
+
+    def _owing(self, handle):
+        """Which servers still owe results for handle, and for which chunks."""
+        owing = []
+        for link in self._links:
+            with link.ready:
+                chunks = sorted(slot[1] for slot, entry in link.expected.items() if entry[0] is handle)
+            if chunks:
+                shown = ", ".join(map(str, chunks[:8])) + (", ..." if len(chunks) > 8 else "")
+                owing.append(f"{link.describe()} (chunks {shown})")
+        return owing
 
     def _fail_key(self, wire, error):
         with self._lock:
