@@ -582,7 +582,8 @@ class KVStore:
             return
         if not isinstance(error, RemoteError):
             error = ConnectionClosed(f"lost the scheduler: {error}")
-        self._failure = error
+        if self._failure is None:     # the first report says why; the closing link that follows does not
+            self._failure = error
         with self._barrier_cond:
             self._barrier_cond.notify_all()
         for link in self._links:
