@@ -92,7 +92,7 @@ def decode_json(payload):
         raise ProtocolError(f"control payload of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
     try:
         obj = json.loads(bytes(payload).decode())
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:   # RecursionError: deep nesting
         raise ProtocolError(f"control payload is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("control payload is not a JSON object")
