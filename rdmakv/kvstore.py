@@ -209,7 +209,6 @@ class ServerLink(Handler):
                 if entry is None or handle.done():
                     self.queue.finish(nbytes)
                     continue
-                entry[3] = True       # sent: its credit comes back with the result
             no_data = handle.flags & FLAG_NO_DATA
             try:
                 self.peer.send(Op.PUSH, None if no_data else source, dtype=protocol.DTYPE_CODES[handle._info.dtype.name],
@@ -218,6 +217,12 @@ class ServerLink(Handler):
             except RdmaKVError as exc:
                 self.fail(ConnectionClosed(f"sending to {self.describe()} failed: {exc}"))
                 return
+            # The credit comes back once the chunk is handed over, not with the round's sum:
+            # the sum needs every worker's chunk, and workers whose credit is held by different
+            # chunks (their queues filled in a different order) would wait for each other forever.
+            with self.ready:
+                self.queue.finish(nbytes)
+                self.ready.notify()
             if tracer:
                 tracer.instant("sent", key=handle._info.name, chunk=chunk.index, priority=handle.priority)
 
@@ -238,9 +243,6 @@ class ServerLink(Handler):
         if header.op == Op.RESULT:
             with self.ready:
                 entry = self.expected.pop((header.key, header.chunk, header.round), None)
-                if entry is not None and entry[3]:
-                    self.queue.finish(entry[2])
-                    self.ready.notify()
             if entry is not None:
                 if self.store.tracer:
                     self.store.tracer.instant("received", key=entry[0]._info.name, chunk=header.chunk)
@@ -297,9 +299,7 @@ class ServerLink(Handler):
         """Forget the results owed for a failed key, returning their credit."""
         with self.ready:
             for slot in [s for s in self.expected if s[0] == wire]:
-                entry = self.expected.pop(slot)
-                if entry[3]:
-                    self.queue.finish(entry[2])
+                self.expected.pop(slot)
             self.ready.notify_all()
 
     def close(self):
