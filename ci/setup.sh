@@ -21,4 +21,6 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "setuptools>=68" wheel "Cython>=3" "numpy<1.24" pytest pytest-timeout hypothesis
 # MXNet 1.9.1 (its last release) needs numpy<1.24; the core works without it.
 "${pip[@]}" "mxnet==1.9.1" || echo "ci/setup.sh: MXNet 1.9.1 could not be installed; its tests will skip"
+# atheris (coverage-guided fuzzing of the decoder, tools/fuzz_decoder.py) is optional.
+"${pip[@]}" atheris || echo "ci/setup.sh: atheris could not be installed; the decoder fuzz run will skip"
 "${pip[@]}" --no-build-isolation -e .

@@ -21,7 +21,7 @@ from rdmakv.config import Config
 from rdmakv.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
                            RdmaKVError, RemoteError)
 from rdmakv.node import ControlLink
-from rdmakv.protocol import FLAG_BROADCAST, FLAG_NO_DATA, Op
+from rdmakv.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.scheduling import ChunkQueue
 from rdmakv.transport import select
 from rdmakv.transport.base import Handler, Peer
@@ -121,8 +121,11 @@ class Handle:
         timeout=None waits up to RDMAKV_TIMEOUT."""
         limit = self._store.config.timeout if timeout is None else timeout
         if not self._done.wait(limit):
+            owing = self._store._owing(self)
+            who = (f"still waiting for {'; '.join(owing)}" if owing
+                   else "its chunks wait behind an earlier round of the same key")
             raise PeerTimeout(f"pushpull of key {self._info.name!r} (round {self.round}) did not complete "
-                              f"within {limit:g} s: a worker or server is slow or gone")
+                              f"within {limit:g} s: {who}; a worker or server is slow or gone")
         if self._error is not None:
             raise self._error
         return self._result
@@ -192,8 +195,13 @@ class ServerLink(Handler):
                 raise self.error
             slot = (handle._info.wire, chunk.index, handle.round)
             self.expected[slot] = [handle, destination, chunk.nbytes, False]
+            # Credit counts bytes sent and not yet in the server's hands (it answers
+            # RECEIVED), never bytes waiting for the round's sum: that needs the
+            # other workers' chunks, and workers whose credit went to different
+            # chunks would wait for each other forever.  Small chunks take none.
+            credit = chunk.nbytes if chunk.nbytes > DIRECT_SEND_BYTES and self.queue.credit else 0
             self.queue.push((handle, chunk, source, slot), priority=handle.priority,
-                            key_order=handle._info.order, chunk=chunk.index, nbytes=chunk.nbytes)
+                            key_order=handle._info.order, chunk=chunk.index, nbytes=credit)
             # A small chunk with nothing ahead of it is sent by the calling thread:
             # no hand-off to the sender thread, which costs more than the send.
             item = None
@@ -211,17 +219,21 @@ class ServerLink(Handler):
             (handle, chunk, source, slot), nbytes = popped
             entry = self.expected.get(slot)
             if entry is not None and not handle.done():
-                entry[3] = True       # sent: its credit comes back with the result
-                return handle, chunk, source
+                if nbytes:
+                    entry[3] = True   # holds credit until RECEIVED (or the result) comes back
+                else:
+                    self.queue.finish(0)
+                return handle, chunk, source, entry[3]
             self.queue.finish(nbytes)
         return None
 
     def _transmit(self, item):
-        handle, chunk, source = item
+        handle, chunk, source, credited = item
         info = handle._info
         try:
             self.peer.send(Op.PUSH, None if handle.flags & FLAG_NO_DATA else source,
-                           dtype=protocol.DTYPE_CODES[info.dtype.name], flags=handle.flags, key=info.wire,
+                           dtype=protocol.DTYPE_CODES[info.dtype.name],
+                           flags=handle.flags | (FLAG_ACK if credited else 0), key=info.wire,
                            chunk=chunk.index, priority=handle.priority, round=handle.round,
                            sender=self.store.rank)
         except RdmaKVError as exc:
@@ -262,13 +274,17 @@ class ServerLink(Handler):
         if header.op == Op.RESULT:
             with self.ready:
                 entry = self.expected.pop((header.key, header.chunk, header.round), None)
-                if entry is not None and entry[3]:
-                    self.queue.finish(entry[2])
-                    self.ready.notify()
+                if entry is not None:
+                    self._return_credit(entry)
             if entry is not None:
                 if self.store.tracer:
                     self.store.tracer.instant("received", key=entry[0]._info.name, chunk=header.chunk)
                 entry[0]._chunk_done()
+        elif header.op == Op.RECEIVED:
+            with self.ready:
+                entry = self.expected.get((header.key, header.chunk, header.round))
+                if entry is not None:
+                    self._return_credit(entry)
         elif header.op == Op.ERROR:
             obj = protocol.decode_json(payload or b"")
             message = str(obj.get("message", "no reason given"))
@@ -321,10 +337,14 @@ class ServerLink(Handler):
         """Forget the results owed for a failed key, returning their credit."""
         with self.ready:
             for slot in [s for s in self.expected if s[0] == wire]:
-                entry = self.expected.pop(slot)
-                if entry[3]:
-                    self.queue.finish(entry[2])
-            self.ready.notify_all()
+                self._return_credit(self.expected.pop(slot))
+
+    def _return_credit(self, entry):
+        """The caller holds self.ready."""
+        if entry[3]:
+            entry[3] = False
+            self.queue.finish(entry[2])
+            self.ready.notify()
 
     def close(self):
         self.fail(ClosedError("the KVStore is closed"))
@@ -579,6 +599,17 @@ class KVStore:
             else:
                 self._start(following)
 
+    def _owing(self, handle):
+        """Which servers still owe results for handle, and for which chunks."""
+        owing = []
+        for link in self._links:
+            with link.ready:
+                chunks = sorted(slot[1] for slot, entry in link.expected.items() if entry[0] is handle)
+            if chunks:
+                shown = ", ".join(map(str, chunks[:8])) + (", ..." if len(chunks) > 8 else "")
+                owing.append(f"{link.describe()} (chunks {shown})")
+        return owing
+
     def _fail_key(self, wire, error):
         with self._lock:
             name = self._wire_keys.get(wire)
@@ -607,7 +638,8 @@ class KVStore:
             return
         if not isinstance(error, RemoteError):
             error = ConnectionClosed(f"lost the scheduler: {error}")
-        self._failure = error
+        if self._failure is None:     # the first report says why; the closing link that follows does not
+            self._failure = error
         with self._barrier_cond:
             self._barrier_cond.notify_all()
         for link in self._links:

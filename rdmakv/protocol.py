@@ -39,6 +39,7 @@ class Op:
     STATES = 17        # payload: optimizer state bytes
     SET_STATES = 18    # payload: optimizer state bytes
     ACK = 19
+    RECEIVED = 20      # the server has a push that asked for FLAG_ACK: its credit may come back
     # any direction
     ERROR = 30         # json {message, key?}
     # connection handshake (rdmakv.auth)
@@ -54,7 +55,8 @@ Op.NAMES = {v: k for k, v in vars(Op).items() if isinstance(v, int)}
 # Header flags
 FLAG_BROADCAST = 1     # only the root's payload counts in this round
 FLAG_NO_DATA = 2       # a broadcast contribution from a non-root: header only
-KNOWN_FLAGS = FLAG_BROADCAST | FLAG_NO_DATA
+FLAG_ACK = 4           # answer RECEIVED once this push is in (it holds scheduling credit)
+KNOWN_FLAGS = FLAG_BROADCAST | FLAG_NO_DATA | FLAG_ACK
 
 # Codes shared with the reduction kernel in _reduce.pxi.
 DTYPE_CODES = {
@@ -96,7 +98,7 @@ def decode_json(payload):
         raise ProtocolError(f"control payload of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
     try:
         obj = json.loads(bytes(payload).decode())
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:   # RecursionError: deep nesting
         raise ProtocolError(f"control payload is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("control payload is not a JSON object")

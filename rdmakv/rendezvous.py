@@ -57,6 +57,12 @@ class Scheduler(Handler):
                 self._wait_for_disconnects(servers)
                 log.info("all workers finished; servers told to shut down")
                 return 0
+            # Tell every node that is still there before close() drops their connections:
+            # done here, not in the dead peer's reader thread, so the news cannot lose that race.
+            with self._lock:
+                others = [p for p in self._pending if not p.info.get("gone")]
+            for other in others:
+                self._send(other, Op.ERROR, {"message": failure})
             log.error("job failed: %s", failure)
             return 1
         finally:
@@ -213,12 +219,8 @@ class Scheduler(Handler):
             orderly = peer.info.get("said_goodbye") or self._closing or (
                 role == "server" and len(self._goodbyes) == self.config.num_workers)
             if role is not None and not orderly and self._failure is None:
+                # run() wakes up and tells every other node which peer died.
                 self._failure = f"{peer.name} disconnected unexpectedly ({error or 'connection closed'})"
-                others = [p for p in self._pending if p is not peer and not p.info.get("gone")]
-            else:
-                others = []
             if peer in self._pending and not self._started:
                 self._pending.remove(peer)
             self._changed.notify_all()
-        for other in others:
-            self._send(other, Op.ERROR, {"message": self._failure})

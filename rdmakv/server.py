@@ -10,6 +10,7 @@ import functools
 import heapq
 import itertools
 import logging
+import math
 import threading
 
 import numpy as np
@@ -19,7 +20,7 @@ from rdmakv._native import transport as _t
 from rdmakv.config import Config
 from rdmakv.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
 from rdmakv.node import ControlLink
-from rdmakv.protocol import FLAG_BROADCAST, FLAG_NO_DATA, Op
+from rdmakv.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.transport import select
 from rdmakv.transport.base import Handler, Peer
 
@@ -323,10 +324,11 @@ class ParameterServer(Handler):
         problem = None
         if not isinstance(name, str) or len(name) > 1024:
             problem = "a missing or over-long name"
-        elif dtype not in protocol.DTYPE_CODES:
+        elif not isinstance(dtype, str) or dtype not in protocol.DTYPE_CODES:   # a list is unhashable
             problem = f"unsupported dtype {dtype!r}"
         elif (not isinstance(shape, list) or len(shape) > MAX_DIMS
-              or not all(isinstance(d, int) and d >= 0 for d in shape)):
+              or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+              or math.prod(shape) > MAX_CHUNK_BYTES << 20):       # Python ints: no int64 wrap-around
             problem = f"invalid shape {shape!r}"
         elif not isinstance(chunks, list) or not chunks or len(chunks) > (1 << 20):
             problem = "an invalid chunk list"
@@ -335,7 +337,7 @@ class ParameterServer(Handler):
             expected_offset = 0
             for chunk in chunks:
                 if (not isinstance(chunk, list) or len(chunk) != 3
-                        or not all(isinstance(v, int) for v in chunk)):
+                        or not all(isinstance(v, int) and not isinstance(v, bool) for v in chunk)):
                     problem = "a malformed chunk entry"
                     break
                 offset, nbytes, server = chunk
@@ -345,7 +347,7 @@ class ParameterServer(Handler):
                     break
                 expected_offset += nbytes
             else:
-                if expected_offset != int(np.prod(shape, dtype=np.int64)) * itemsize:
+                if expected_offset != math.prod(shape) * itemsize:
                     problem = "chunks that do not cover the tensor exactly"
         if problem:
             raise ProtocolError(f"DECLARE of key {name!r} ({key}) has {problem}")
@@ -435,6 +437,8 @@ class ParameterServer(Handler):
             chunk.flags = header.flags
             chunk.pushed.add(link.rank)
             if len(chunk.pushed) < self.num_workers:
+                if header.flags & FLAG_ACK:
+                    link.reply(1 << 30, Op.RECEIVED, None, key=header.key, chunk=chunk.index, round=header.round)
                 return
             if not chunk.has_data:
                 raise KeyRefused(header.key, f"no worker sent the root value for the broadcast of key "

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections import deque
 
 import rdmakv
 
@@ -51,13 +52,18 @@ class LocalCluster:
                         RDMAKV_TIMEOUT="30", PYTHONPATH=REPO)
         self.env.update({k: str(v) for k, v in env.items()})
         self.procs = []
+        self.logs = []                # the last lines each process logged
         self.stores = []
 
     def start(self):
         for role in ["scheduler"] + ["server"] * self.num_servers:
-            self.procs.append(subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "rdmakv.server"], env=dict(self.env, DMLC_ROLE=role),
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self.procs.append(proc)
+            # Drain the log as it comes: a full pipe would block a chatty server in logging.
+            self.logs.append(deque(maxlen=200))
+            threading.Thread(target=self._drain, args=(proc, self.logs[-1]), daemon=True).start()
         return self
 
     def raw_connection(self, timeout=10):
@@ -71,6 +77,11 @@ class LocalCluster:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+    @staticmethod
+    def _drain(proc, tail):
+        for line in iter(proc.stderr.readline, b""):
+            tail.append(line.decode(errors="replace").rstrip())
 
     def settings(self, **overrides):
         base = {"scheduler_host": self.host, "scheduler_port": self.port, "num_workers": self.num_workers,
@@ -123,5 +134,3 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            if proc.stderr:
-                proc.stderr.close()

@@ -189,10 +189,11 @@ def test_workers_that_disagree_on_a_key_all_get_an_error_naming_it(cluster_facto
 
 
 def test_priority_order_is_observed_at_the_server(cluster_factory, tmp_path):
-    cluster = cluster_factory(1, 1, RDMAKV_PARTITION_BYTES=4096, RDMAKV_SCHEDULING_CREDIT=1,
+    # Chunks of 128 KiB take credit (smaller ones go straight out); one may be in flight.
+    cluster = cluster_factory(1, 1, RDMAKV_PARTITION_BYTES=128 * 1024, RDMAKV_SCHEDULING_CREDIT=1,
                               RDMAKV_TRACE_DIR=tmp_path)
     (kv,) = cluster.connect()
-    low = np.zeros(4096 * 64 // 4, np.float32)       # 64 chunks, one in flight at a time
+    low = np.zeros(128 * 1024 * 64 // 4, np.float32)  # 64 chunks
     high = np.ones(1024, np.float32)
     first = kv.pushpull_async("low", low, priority=-10)
     second = kv.pushpull_async("high", high, priority=10)
