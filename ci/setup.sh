@@ -21,4 +21,7 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "setuptools>=68" wheel "Cython>=3" "numpy<1.24" pytest pytest-timeout hypothesis
 # MXNet 1.9.1 (its last release) needs numpy<1.24; the core works without it.
 "${pip[@]}" "mxnet==1.9.1" || echo "ci/setup.sh: MXNet 1.9.1 could not be installed; its tests will skip"
+# scikit-learn ships the digits data set that examples/mxnet_train.py trains on;
+# pinning numpy keeps the resolver from upgrading it past what MXNet accepts.
+"${pip[@]}" scikit-learn "numpy<1.24" || echo "ci/setup.sh: scikit-learn could not be installed; the MXNet example's test will skip"
 "${pip[@]}" --no-build-isolation -e .
