@@ -23,4 +23,7 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "mxnet==1.9.1" || echo "ci/setup.sh: MXNet 1.9.1 could not be installed; its tests will skip"
 # atheris (coverage-guided fuzzing of the decoder, tools/fuzz_decoder.py) is optional.
 "${pip[@]}" atheris || echo "ci/setup.sh: atheris could not be installed; the decoder fuzz run will skip"
+# scikit-learn ships the digits data set that examples/mxnet_train.py trains on;
+# pinning numpy keeps the resolver from upgrading it past what MXNet accepts.
+"${pip[@]}" scikit-learn "numpy<1.24" || echo "ci/setup.sh: scikit-learn could not be installed; the MXNet example's test will skip"
 "${pip[@]}" --no-build-isolation -e .

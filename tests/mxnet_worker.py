@@ -26,8 +26,12 @@ def api(kv, out):
     a = mx.nd.zeros(shape)
     kv.broadcast("3", mx.nd.ones(shape) * (2 if kv.rank == 0 else 7), out=a)
     np.testing.assert_array_equal(a.asnumpy(), np.full(shape, 2))
+    print("api example broadcast:")
+    print(a.asnumpy())
     kv.pushpull("3", mx.nd.ones(shape) * 8, out=a)
     np.testing.assert_array_equal(a.asnumpy(), np.full(shape, 8 * n))
+    print("api example pushpull:")
+    print(a.asnumpy())
     # A list of values is summed locally first; a list of outs all get the result.
     vals = [mx.nd.ones(shape) * (kv.rank + 1), mx.nd.ones(shape)]
     outs = [mx.nd.zeros(shape), mx.nd.zeros(shape, dtype="float32")]

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "mxnet_worker.py")
 
 
-def launch(scenario, outdir, workers=2, servers=1, timeout=240):
+def launch(scenario, outdir, workers=2, servers=1, timeout=240, stdout=None):
     env = dict(os.environ, PYTHONPATH=REPO, RDMAKV_TIMEOUT="60")
     proc = subprocess.run(
         [sys.executable, "-m", "rdmakv.launch", "-n", str(workers), "-s", str(servers), "--",
@@ -23,6 +23,8 @@ def launch(scenario, outdir, workers=2, servers=1, timeout=240):
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     for rank in range(workers):
         assert "worker %d: %s ok" % (rank, scenario) in proc.stdout
+    if stdout is not None:
+        stdout.append(proc.stdout)
     return [dict(np.load(os.path.join(outdir, "%s-%d.npz" % (scenario, r))))
             for r in range(workers)]
 
@@ -37,7 +39,17 @@ def assert_same_on_every_worker(results):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("workers", [1, 2])
 def test_api_examples(tmp_path, workers):
-    assert_same_on_every_worker(launch("api", tmp_path, workers=workers))
+    stdout = []
+    assert_same_on_every_worker(launch("api", tmp_path, workers=workers, stdout=stdout))
+    # What the API text's examples print: broadcast gives rank 0's 2s; pushpull
+    # gives 8s with one worker and their sum, 8 * N, with N.
+    for rank in range(workers):
+        lines = [line.split("] ", 1)[1] for line in stdout[0].splitlines()
+                 if line.startswith("[worker %d] " % rank)]
+        start = lines.index("api example broadcast:")
+        assert lines[start + 1:start + 6] == (
+            str(np.full((2, 3), 2, np.float32)).splitlines() + ["api example pushpull:"]
+            + str(np.full((2, 3), 8 * workers, np.float32)).splitlines()), lines
 
 
 @pytest.mark.timeout(300)
