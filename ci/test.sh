@@ -5,3 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests
+# The verbs tests need a real RDMA device: they run inside the soft-RoCE VM.
+bash ci/rxe.sh

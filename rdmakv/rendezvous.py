@@ -20,7 +20,7 @@ class Scheduler(Handler):
     def __init__(self, config):
         self.config = config
         self.transport, _ = select("tcp")       # control traffic always uses TCP
-        self.listener = self.transport.TcpListener(config.scheduler_host, config.scheduler_port, config.timeout)
+        self.listener = self.transport.Listener(config.scheduler_host, config.scheduler_port, config.timeout)
         self.address = netif.format_address(*self.listener.address)
         self.secret = auth.load_secret(config)
         if self.secret is None:

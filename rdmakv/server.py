@@ -140,7 +140,7 @@ class ParameterServer(Handler):
         self.config = config or Config.load(role="server", **overrides)
         self.transport, why = select(self.config.transport)
         host = netif.advertised_host(self.config)
-        self.listener = self.transport.TcpListener(host, self.config.port, self.config.timeout)
+        self.listener = self.transport.Listener(host, self.config.port, self.config.timeout)
         self.address = netif.format_address(*self.listener.address)
         self.secret = auth.load_secret(self.config)
         if self.secret is None:

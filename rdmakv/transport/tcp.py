@@ -127,3 +127,6 @@ def connect(host, port, timeout, retry_until=None):
         if time.monotonic() >= deadline:
             raise PeerTimeout(f"cannot connect to {netif.format_address(host, port)}: {last}")
         time.sleep(0.05)
+
+
+Listener = TcpListener      # the name every transport module exports
