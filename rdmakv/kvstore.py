@@ -288,7 +288,9 @@ class ServerLink(Handler):
         elif header.op == Op.ERROR:
             obj = protocol.decode_json(payload or b"")
             message = str(obj.get("message", "no reason given"))
-            if isinstance(obj.get("key"), int):
+            if obj.get("fatal") is True:
+                self.store._on_lost(RemoteError(message))
+            elif isinstance(obj.get("key"), int):
                 self.store._fail_key(obj["key"], RemoteError(message))
             else:
                 with self.replied:
