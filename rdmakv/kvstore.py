@@ -243,7 +243,8 @@ class ServerLink(Handler):
                 self.sending = False
                 self.ready.notify()
         if self.store.tracer:
-            self.store.tracer.instant("sent", key=info.name, chunk=chunk.index, priority=handle.priority)
+            self.store.tracer.instant("sent", key=info.name, chunk=chunk.index, round=handle.round,
+                                      priority=handle.priority)
 
     def _send_loop(self):
         while True:
@@ -278,7 +279,8 @@ class ServerLink(Handler):
                     self._return_credit(entry)
             if entry is not None:
                 if self.store.tracer:
-                    self.store.tracer.instant("received", key=entry[0]._info.name, chunk=header.chunk)
+                    self.store.tracer.instant("received", key=entry[0]._info.name, chunk=header.chunk,
+                                              round=header.round)
                 entry[0]._chunk_done()
         elif header.op == Op.RECEIVED:
             with self.ready:
@@ -567,8 +569,6 @@ class KVStore:
                 info.active = handle
             else:
                 info.waiting.append(handle)
-        if self.tracer:
-            self.tracer.instant("queued", key=info.name, round=handle.round, priority=handle.priority)
         if start:
             self._start(handle)
         return handle
@@ -577,8 +577,12 @@ class KVStore:
         info = handle._info
         source = handle._value.reshape(-1).view(np.uint8)
         target = handle._out.reshape(-1).view(np.uint8)
+        tracer = self.tracer
         try:
             for chunk in info.chunks:
+                if tracer:
+                    tracer.instant("queued", key=info.name, chunk=chunk.index, round=handle.round,
+                                   priority=handle.priority)
                 end = chunk.offset + chunk.nbytes
                 self._links[chunk.server].enqueue(handle, chunk, source[chunk.offset:end],
                                                   target[chunk.offset:end])

@@ -459,6 +459,8 @@ class ParameterServer(Handler):
                 self.updater.update(name, chunk.index, chunk.weight.view(chunk.dtype), target.view(chunk.dtype))
                 result = chunk.weight
             rnd = chunk.round
+            if self.tracer:
+                self.tracer.instant("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
             chunk.round += 1
             chunk.pushed = set()
             chunk.has_data = False

@@ -255,3 +255,32 @@ def test_a_round_that_waits_for_a_departed_worker_fails_at_once(cluster_factory)
     with pytest.raises(RemoteError, match="worker 0 left the job"):
         second.pushpull("k", np.ones(4))
     assert time.monotonic() - started < 30       # long before RDMAKV_TIMEOUT
+
+
+def test_timeline_has_every_stage_of_every_chunk(cluster_factory, tmp_path):
+    cluster = cluster_factory(2, 2, RDMAKV_PARTITION_BYTES=4096, RDMAKV_TRACE_DIR=tmp_path)
+
+    def work(kv):
+        for round_ in range(2):
+            kv.pushpull("t", np.ones(3000, np.float32))      # 3 chunks of <= 4 KiB
+        return True
+
+    assert cluster.run(work) == [True, True]
+    cluster.close()
+
+    def events(name):
+        with open(tmp_path / name) as trace:
+            data = json.load(trace)
+        return [(e["name"], e["args"].get("chunk"), e["args"].get("round"), e["ts"])
+                for e in data["traceEvents"] if e.get("ph") == "i"]
+
+    for rank in range(2):
+        stages = events(f"rdmakv-worker-{rank}.json")
+        for chunk in range(3):
+            for round_ in range(2):
+                times = {name: ts for name, c, r, ts in stages if c == chunk and r == round_}
+                assert set(times) == {"queued", "sent", "received"}
+                assert times["queued"] <= times["sent"] <= times["received"]
+    summed = [(c, r) for server in range(2) for name, c, r, _ in events(f"rdmakv-server-{server}.json")
+              if name == "summed"]
+    assert sorted(summed) == sorted((c, r) for c in range(3) for r in range(2))
