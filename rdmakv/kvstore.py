@@ -29,6 +29,7 @@ from rdmakv.transport.base import Handler, Peer
 log = logging.getLogger("rdmakv.worker")
 
 DIRECT_SEND_BYTES = 64 * 1024
+DTYPE_CODE_OF = {np.dtype(name): code for name, code in protocol.DTYPE_CODES.items()}
 
 
 def as_array(obj, what, writable=False):
@@ -45,7 +46,7 @@ def as_array(obj, what, writable=False):
         except TypeError:
             raise TypeError(f"{what} must be a numpy array or support the buffer protocol or DLPack, "
                             f"not {type(obj).__name__}") from None
-    if array.dtype.name not in protocol.DTYPE_CODES:
+    if array.dtype not in DTYPE_CODE_OF:
         raise TypeError(f"{what} has dtype {array.dtype}, which rdmakv does not sum; "
                         f"use one of {', '.join(protocol.DTYPE_CODES)}")
     if not array.flags.c_contiguous:
@@ -85,6 +86,7 @@ class KeyInfo:
         self.wire = wire
         self.order = order
         self.dtype = dtype
+        self.dtype_code = DTYPE_CODE_OF[dtype]
         self.shape = shape
         self.nbytes = nbytes
         self.chunks = chunks
@@ -109,18 +111,30 @@ class Handle:
         self.round = None
         self._remaining = len(info.chunks)
         self._lock = threading.Lock()
-        self._done = threading.Event()
+        # Held until the operation is done: waiting is acquire-then-release, which is
+        # much cheaper to set up than a threading.Event for every pushpull.
+        self._pending = threading.Lock()
+        self._pending.acquire()
+        self._is_done = False
         self._error = None
         self._callbacks = []
 
     def done(self):
-        return self._done.is_set()
+        return self._is_done
+
+    def _wait_done(self, timeout):
+        if self._is_done:
+            return True
+        if not self._pending.acquire(timeout=max(0.0, timeout)):
+            return False
+        self._pending.release()       # let any other waiter through too
+        return True
 
     def wait(self, timeout=None):
         """The result (the `out` given, else `value`); raises what failed the operation.
         timeout=None waits up to RDMAKV_TIMEOUT."""
         limit = self._store.config.timeout if timeout is None else timeout
-        if not self._done.wait(limit):
+        if not self._wait_done(limit):
             owing = self._store._owing(self)
             who = (f"still waiting for {'; '.join(owing)}" if owing
                    else "its chunks wait behind an earlier round of the same key")
@@ -133,7 +147,7 @@ class Handle:
     def add_done_callback(self, fn):
         """Call fn(handle) once done (at once if already done), from a transport thread."""
         with self._lock:
-            if not self._done.is_set():
+            if not self._is_done:
                 self._callbacks.append(fn)
                 return
         fn(self)
@@ -141,17 +155,18 @@ class Handle:
     def _chunk_done(self):
         with self._lock:
             self._remaining -= 1
-            finished = self._remaining == 0 and not self._done.is_set()
+            finished = self._remaining == 0 and not self._is_done
         if finished:
             self._finish(None)
 
     def _finish(self, error):
         with self._lock:
-            if self._done.is_set():
+            if self._is_done:
                 return False
             self._error = error
             self._value = None
-            self._done.set()
+            self._is_done = True
+            self._pending.release()
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             try:
@@ -232,7 +247,7 @@ class ServerLink(Handler):
         info = handle._info
         try:
             self.peer.send(Op.PUSH, None if handle.flags & FLAG_NO_DATA else source,
-                           dtype=protocol.DTYPE_CODES[info.dtype.name],
+                           dtype=info.dtype_code,
                            flags=handle.flags | (FLAG_ACK if credited else 0), key=info.wire,
                            chunk=chunk.index, priority=handle.priority, round=handle.round,
                            sender=self.store.rank)
@@ -410,7 +425,7 @@ class KVStore:
             for chunk in info.chunks:
                 self._links[chunk.server].peer.send(
                     Op.INIT, flat[chunk.offset:chunk.offset + chunk.nbytes],
-                    dtype=protocol.DTYPE_CODES[info.dtype.name], key=info.wire, chunk=chunk.index)
+                    dtype=info.dtype_code, key=info.wire, chunk=chunk.index)
 
     def declare(self, key, shape, dtype):
         """Declare key's shape and dtype without data.  Keys are placed on servers in
@@ -468,7 +483,7 @@ class KVStore:
         with self._lock:
             handles = list(self._handles)
         for handle in handles:
-            handle._done.wait(max(0.0, deadline - time.monotonic()))
+            handle._wait_done(deadline - time.monotonic())
         if self._failure is None:
             try:
                 self._control.send(Op.GOODBYE)
