@@ -326,6 +326,8 @@ class ClusterRun:
                    DMLC_PS_ROOT_URI="127.0.0.1", DMLC_PS_ROOT_PORT=str(port),
                    DMLC_NUM_WORKER=str(self.args.workers), DMLC_NUM_SERVER=str(self.args.servers),
                    DMLC_NODE_HOST="127.0.0.1", RDMAKV_TIMEOUT="120", PYTHONUNBUFFERED="1")
+        if self.system == "rdmakv":
+            env.update(self.args.rdmakv_env)
         if self.system == "mxnet":
             env.update(DMLC_INTERFACE="lo", PS_VERBOSE="0")
         if self.system == "gloo":
@@ -528,6 +530,7 @@ def run_all(args):
     pythons = {"rdmakv": python, "mxnet": args.mxnet_python or python, "gloo": args.torch_python or python}
     report = {"config": {"workers": args.workers, "servers": args.servers, "quick": args.quick,
                          "host": "127.0.0.1", "cpus": os.cpu_count(), "python": python,
+                         "rdmakv_env": args.rdmakv_env,
                          "loadavg_start": loadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")},
               "skipped": {}, "limits": {}, "workloads": {}}
     progress(f"loopback: iperf3 ({args.iperf_seconds} s) and memcpy")
@@ -687,6 +690,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=0, help="timed steps per workload (default: per workload)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one system may take on one workload")
     p.add_argument("--iperf-seconds", type=int, default=None)
+    p.add_argument("--rdmakv-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an RDMAKV_* setting for the rdmakv processes (repeatable), e.g. RDMAKV_SCHEDULING_CREDIT=0")
     p.add_argument("--torch-python", help="interpreter with torch for the gloo baseline (default: this one)")
     p.add_argument("--mxnet-python", help="interpreter with MXNet 1.9.1 (default: this one)")
     # worker mode, used by the driver
@@ -698,6 +703,9 @@ def parse_args(argv):
     args.systems = [s for s in args.systems.split(",") if s]
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.skip_baseline = [w for w in args.skip_baseline.split(",") if w]
+    if not all("=" in item for item in args.rdmakv_env):
+        p.error("--rdmakv-env takes NAME=VALUE")
+    args.rdmakv_env = dict(item.split("=", 1) for item in args.rdmakv_env)
     for s in args.systems:
         if s not in SYSTEMS:
             p.error(f"unknown system {s!r}")
