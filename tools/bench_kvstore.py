@@ -42,10 +42,14 @@ KiB, MiB = 1 << 10, 1 << 20
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SYSTEMS = ("rdmakv", "mxnet", "gloo")
 WORKLOADS = ("4KiB", "256KiB", "4MiB", "64MiB", "resnet50")
-SIZES = {"4KiB": 4 * KiB, "256KiB": 256 * KiB, "4MiB": 4 * MiB, "64MiB": 64 * MiB}
+# Not run by default: per-key overhead, many small keys against one key of the same total size.
+EXTRA_WORKLOADS = ("1MiB", "1024x1KiB")
+SIZES = {"4KiB": 4 * KiB, "256KiB": 256 * KiB, "1MiB": MiB, "4MiB": 4 * MiB, "64MiB": 64 * MiB}
 # (timed steps, warm-up steps): full run / --quick
-STEPS = {"4KiB": (200, 20), "256KiB": (100, 10), "4MiB": (40, 4), "64MiB": (10, 2), "resnet50": (10, 2)}
-QUICK_STEPS = {"4KiB": (10, 2), "256KiB": (6, 1), "4MiB": (4, 1), "64MiB": (2, 1), "resnet50": (2, 1)}
+STEPS = {"4KiB": (200, 20), "256KiB": (100, 10), "1MiB": (50, 5), "4MiB": (40, 4), "64MiB": (10, 2),
+         "resnet50": (10, 2), "1024x1KiB": (30, 3)}
+QUICK_STEPS = {"4KiB": (10, 2), "256KiB": (6, 1), "1MiB": (4, 1), "4MiB": (4, 1), "64MiB": (2, 1),
+               "resnet50": (2, 1), "1024x1KiB": (2, 1)}
 RESNET50_TENSORS = 161
 RESNET50_VALUES = 25_557_032
 
@@ -89,6 +93,8 @@ def workload_shapes(name):
         total = sum(_count(s) for s in shapes)
         assert len(shapes) == RESNET50_TENSORS and total == RESNET50_VALUES, (len(shapes), total)
         return shapes
+    if name == "1024x1KiB":
+        return [(256,)] * 1024
     return [(SIZES[name] // 4,)]
 
 
@@ -117,6 +123,7 @@ class Tensors:
                      for k, s in enumerate(shapes)]
         self.values = [np.empty_like(b) for b in self.base]
         self.expected = [np.empty_like(b) for b in self.base]
+        self.harness_bytes = 2 * sum(b.nbytes for b in self.base)   # base + expected: not what a trainer holds
 
     def fill(self, step):
         np = self.np
@@ -279,7 +286,7 @@ def worker_main(system, workload, rank, num_workers, steps, warmup):
         cpu += c1 - c0
         exact &= worker.check()
     worker.barrier()
-    _say("done", rank=rank, times=times, cpu=cpu, exact=bool(exact),
+    _say("done", rank=rank, times=times, cpu=cpu, exact=bool(exact), harness_bytes=worker.t.harness_bytes,
          maxrss=proc_peak_rss(os.getpid()))   # VmHWM: ru_maxrss would include the pre-exec image of the driver
     _await("exit")
     worker.close()
@@ -427,6 +434,7 @@ class ClusterRun:
         cpu_roles.update({role: cpu / steps for role, cpu in helper_cpu.items()})
         cpu_total = sum(d["cpu"] for d in done) / steps + sum(helper_cpu.values()) / steps
         rss = {"worker": max(d["maxrss"] for d in done)}
+        harness = max(d["harness_bytes"] for d in done)
         rss.update(helper_rss)
         nbytes = workload_bytes(self.workload)
         median = statistics.median(per_step)
@@ -435,7 +443,7 @@ class ClusterRun:
                 "step_ms_min": min(per_step) * 1e3,
                 "bytes_per_worker_per_s": nbytes / median,
                 "cpu_s_per_step": cpu_total, "cpu_s_per_step_by_role": cpu_roles,
-                "peak_rss_bytes_by_role": rss}
+                "peak_rss_bytes_by_role": rss, "worker_harness_bytes": harness}
 
     def _finish(self, deadline):
         for proc in self.workers + [p for _, p in self.helpers]:
@@ -549,6 +557,10 @@ def run_all(args):
         moved = 2 * args.workers * nbytes      # every worker pushes and pulls the whole workload
         entry["loopback_floor_ms"] = moved / iperf["bytes_per_s"] * 1e3 if iperf.get("status") == "ok" else None
         entry["memcpy_floor_ms"] = moved / memcpy["bytes_per_s"] * 1e3
+        # what an all-reduce must move instead: 2(n-1)/n of the tensor out of each of n ranks
+        ring = 2 * (args.workers - 1) * nbytes
+        entry["allreduce_loopback_floor_ms"] = (ring / iperf["bytes_per_s"] * 1e3
+                                                if iperf.get("status") == "ok" else None)
         for system in systems:
             if system in report["skipped"]:
                 entry["systems"][system] = {"status": "skipped", "reason": report["skipped"][system]}
@@ -604,9 +616,10 @@ def format_report(report):
     lines.append("loopback: iperf3 one stream " + (f"{iperf['bytes_per_s'] / 1e9:.2f} GB/s ({iperf['gbit_per_s']:.1f} Gbit/s)"
                                                    if iperf.get("status") == "ok" else f"{iperf['status']}: {iperf.get('reason')}")
                  + f"; numpy memcpy {memcpy['bytes_per_s'] / 1e9:.2f} GB/s")
-    lines.append(f"floor = {2 * cfg['workers']} x workload bytes through loopback (each worker pushes and pulls it once)")
+    lines.append(f"floor = {2 * cfg['workers']} x workload bytes through loopback at the iperf3 rate (each worker pushes "
+                 f"and pulls it once); ring floor = {2 * (cfg['workers'] - 1)} x, what an all-reduce such as gloo moves")
     lines.append("")
-    head = ["workload"] + [f"{s} ms" for s in systems] + ["floor ms"] + \
+    head = ["workload"] + [f"{s} ms" for s in systems] + ["floor ms", "ring floor"] + \
         [f"rdmakv/{s}" for s in systems if s != "rdmakv"] + ["rdmakv/floor", "exact"]
     rows = [head]
     for name, w in report["workloads"].items():
@@ -615,6 +628,7 @@ def format_report(report):
             r = w["systems"].get(s, {})
             row.append(_fmt(r.get("step_ms_median"), ".3f") if r.get("status") == "ok" else r.get("status", "-"))
         row.append(_fmt(w["loopback_floor_ms"], ".3f"))
+        row.append(_fmt(w.get("allreduce_loopback_floor_ms"), ".3f"))
         row += [_fmt(w["rdmakv_ratio"].get(s), ".2f") for s in systems if s != "rdmakv"]
         row.append(_fmt(w["rdmakv_ratio"].get("loopback_floor"), ".2f"))
         ran = [r for r in w["systems"].values() if r.get("status") == "ok"]
@@ -622,7 +636,8 @@ def format_report(report):
         rows.append(row)
     lines += _table(rows)
     lines.append("")
-    rows = [["workload", "system", "GB/s/worker", "CPU s/step", "worker MiB", "server MiB", "sched MiB", "load"]]
+    rows = [["workload", "system", "GB/s/worker", "CPU s/step", "worker MiB", "(harness)", "server MiB", "sched MiB",
+             "load"]]
     for name, w in report["workloads"].items():
         for s in systems:
             r = w["systems"].get(s, {})
@@ -630,11 +645,13 @@ def format_report(report):
                 continue
             rss = r["peak_rss_bytes_by_role"]
             rows.append([name, s, f"{r['bytes_per_worker_per_s'] / 1e9:.3f}", f"{r['cpu_s_per_step']:.4f}",
-                         _fmt(rss.get("worker", 0) / MiB, ".0f"),
+                         _fmt(rss.get("worker", 0) / MiB, ".0f"), _fmt(r["worker_harness_bytes"] / MiB, ".0f"),
                          _fmt(rss["server"] / MiB if "server" in rss else None, ".0f"),
                          _fmt(rss["scheduler"] / MiB if "scheduler" in rss else None, ".0f"),
                          f"{r['loadavg']:.2f}"])
     lines += _table(rows)
+    lines.append("peak RSS per role (VmHWM); a worker's includes the harness's own check arrays, shown as (harness); "
+                 "CPU s/step sums every process of the cluster")
     problems = [f"{name} {s}: {r['status']}: {r['reason']}" for name, w in report["workloads"].items()
                 for s, r in w["systems"].items() if r.get("status") != "ok"]
     if problems:
@@ -682,7 +699,8 @@ def parse_args(argv):
     p.add_argument("--json", metavar="FILE", help="write the full results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the step times")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help="comma-separated, from " + ",".join(WORKLOADS + EXTRA_WORKLOADS))
     p.add_argument("--skip-baseline", default="", metavar="WORKLOADS",
                    help="workloads on which to run rdmakv only (e.g. 64MiB to save time)")
     p.add_argument("--workers", type=int, default=2)
@@ -710,7 +728,7 @@ def parse_args(argv):
         if s not in SYSTEMS:
             p.error(f"unknown system {s!r}")
     for w in args.workloads + args.skip_baseline:
-        if w not in WORKLOADS:
+        if w not in WORKLOADS + EXTRA_WORKLOADS:
             p.error(f"unknown workload {w!r}")
     if args.iperf_seconds is None:
         args.iperf_seconds = 1 if args.quick else 3
