@@ -21,4 +21,7 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "setuptools>=68" wheel "Cython>=3" "numpy<1.24" pytest pytest-timeout hypothesis
 # MXNet 1.9.1 (its last release) needs numpy<1.24; the core works without it.
 "${pip[@]}" "mxnet==1.9.1" || echo "ci/setup.sh: MXNet 1.9.1 could not be installed; its tests will skip"
+# The benchmark's plots (tools/); torch for the gloo baseline is installed on request:
+# .venv/bin/pip install torch==2.13.0
+"${pip[@]}" "matplotlib<3.11" || echo "ci/setup.sh: matplotlib could not be installed; --plot will not work"
 "${pip[@]}" --no-build-isolation -e .

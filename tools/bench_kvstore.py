@@ -718,6 +718,11 @@ def parse_args(argv):
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib: .venv/bin/pip install matplotlib")
     args.systems = [s for s in args.systems.split(",") if s]
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.skip_baseline = [w for w in args.skip_baseline.split(",") if w]

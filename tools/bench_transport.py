@@ -275,6 +275,11 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--connect", metavar="HOST:PORT", help="run only the client side, against a --serve")
     args = p.parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib: .venv/bin/pip install matplotlib")
     transport = Transport(args.transport)
     if args.serve:
         serve(transport, args.host, args.port, once=args.port == 0)
