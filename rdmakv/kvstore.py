@@ -29,6 +29,7 @@ from rdmakv.transport.base import Handler, Peer
 log = logging.getLogger("rdmakv.worker")
 
 DIRECT_SEND_BYTES = 64 * 1024
+FUSE_BYTES = 64 * 1024        # pushpull_many packs tensors this small into one per dtype
 DTYPE_CODE_OF = {np.dtype(name): code for name, code in protocol.DTYPE_CODES.items()}
 
 
@@ -115,7 +116,8 @@ class Handle:
         # much cheaper to set up than a threading.Event for every pushpull.
         self._pending = threading.Lock()
         self._pending.acquire()
-        self._is_done = False
+        self._settled = False         # the outcome is known; done-callbacks may still be running
+        self._is_done = False         # callbacks ran too: waiters may look at the result
         self._error = None
         self._callbacks = []
 
@@ -144,10 +146,15 @@ class Handle:
             raise self._error
         return self._result
 
+    def exception(self):
+        """What failed the operation, or None; meant for done-callbacks."""
+        return self._error
+
     def add_done_callback(self, fn):
-        """Call fn(handle) once done (at once if already done), from a transport thread."""
+        """Call fn(handle) once the outcome is known (at once if it is), from a transport
+        thread, before wait() returns."""
         with self._lock:
-            if not self._is_done:
+            if not self._settled:
                 self._callbacks.append(fn)
                 return
         fn(self)
@@ -155,26 +162,45 @@ class Handle:
     def _chunk_done(self):
         with self._lock:
             self._remaining -= 1
-            finished = self._remaining == 0 and not self._is_done
+            finished = self._remaining == 0 and not self._settled
         if finished:
             self._finish(None)
 
     def _finish(self, error):
         with self._lock:
-            if self._is_done:
+            if self._settled:
                 return False
             self._error = error
             self._value = None
-            self._is_done = True
-            self._pending.release()
+            self._settled = True
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             try:
                 fn(self)
             except Exception:
                 log.exception("done-callback of key %r failed", self.key)
+        self._is_done = True
+        self._pending.release()
         self._store._advance(self._info, self)
         return True
+
+
+class GroupHandle:
+    """Several operations waited on as one."""
+
+    def __init__(self, parts, results):
+        self._parts = parts
+        self._results = results
+
+    def done(self):
+        return all(part.done() for part in self._parts)
+
+    def wait(self, timeout=None):
+        """The list of results, in the order of the keys."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for part in self._parts:
+            part.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return self._results
 
 
 class ServerLink(Handler):
@@ -233,7 +259,7 @@ class ServerLink(Handler):
         while (popped := self.queue.pop()) is not None:
             (handle, chunk, source, slot), nbytes = popped
             entry = self.expected.get(slot)
-            if entry is not None and not handle.done():
+            if entry is not None and not handle._settled:
                 if nbytes:
                     entry[3] = True   # holds credit until RECEIVED (or the result) comes back
                 else:
@@ -281,6 +307,8 @@ class ServerLink(Handler):
             return None
         with self.ready:
             entry = self.expected.get((header.key, header.chunk, header.round))
+        if entry is None and header.key in self.store._failed_wires:
+            return bytearray(header.length)   # a result that crossed its key's failure: dropped
         if entry is None:
             raise ProtocolError(f"{self.describe()} sent an unexpected result for key {header.key} "
                                 f"chunk {header.chunk} round {header.round}")
@@ -388,6 +416,8 @@ class KVStore:
         self._keys = {}
         self._wire_keys = {}
         self._handles = set()
+        self._fused_buffers = {}      # (group, dtype) -> staging arrays free for the next round
+        self._failed_wires = set()    # wire keys a server refused
         self._barrier_number = 0
         self._barrier_done = {}
         self._barrier_cond = threading.Condition()
@@ -446,6 +476,61 @@ class KVStore:
     def pushpull(self, key, value, out=None, priority=0):
         """The elementwise sum over all workers of this round's value for key."""
         return self.pushpull_async(key, value, out, priority).wait()
+
+    def pushpull_many_async(self, keys, values, outs=None, priority=0):
+        """pushpull for many keys at once; returns a GroupHandle whose wait() gives the results.
+
+        Tensors of FUSE_BYTES or less are packed per dtype into one fused tensor,
+        summed as one key (named after the whole group), and unpacked: per-key
+        costs then stay small.  Every worker must pass the same keys in the same
+        order.  Larger tensors go as ordinary pushpulls."""
+        keys, values = list(keys), list(values)
+        outs = [None] * len(keys) if outs is None else list(outs)
+        if not len(keys) == len(values) == len(outs):
+            raise ValueError(f"{len(keys)} keys, {len(values)} values and {len(outs)} outs do not match")
+        if len(set(keys)) != len(keys):
+            raise ValueError("pushpull_many got the same key twice")
+        parts, small = [], {}
+        for key, value, out in zip(keys, values, outs):
+            source = as_array(value, f"value of key {key_name(key)!r}", writable=out is None)
+            target = source if out is None else as_array(out, f"out of key {key_name(key)!r}", writable=True)
+            if target.dtype != source.dtype or target.shape != source.shape:
+                raise ValueError(f"out of key {key_name(key)!r} is {target.dtype}{list(target.shape)} but its "
+                                 f"value is {source.dtype}{list(source.shape)}")
+            if source.nbytes <= FUSE_BYTES:
+                small.setdefault(source.dtype, []).append((key, source, target))
+            else:
+                parts.append(self.pushpull_async(key, value, out, priority))
+        for dtype, members in small.items():
+            parts.append(self._fused(dtype, members, priority))
+        results = [value if out is None else out for value, out in zip(values, outs)]
+        return GroupHandle(parts, results)
+
+    def pushpull_many(self, keys, values, outs=None, priority=0):
+        """The sums of many keys at once (see pushpull_many_async)."""
+        return self.pushpull_many_async(keys, values, outs, priority).wait()
+
+    def _fused(self, dtype, members, priority):
+        names = [f"{key_name(key)}{list(source.shape)}" for key, source, _ in members]
+        group = "fused:" + hashlib.blake2b("|".join(names).encode(), digest_size=12).hexdigest()
+        sizes = [source.size for _, source, _ in members]
+        with self._lock:
+            pool = self._fused_buffers.setdefault((group, dtype), [])
+            staging = pool.pop() if pool else np.empty(sum(sizes), dtype)
+        np.concatenate([source.reshape(-1) for _, source, _ in members], out=staging)
+        handle = self.pushpull_async(group, staging, priority=priority)
+
+        def unpack(done):
+            if done.exception() is None:
+                offset = 0
+                for (_, _, target), size in zip(members, sizes):
+                    target.reshape(-1)[:] = staging[offset:offset + size]
+                    offset += size
+            with self._lock:
+                pool.append(staging)
+
+        handle.add_done_callback(unpack)
+        return handle
 
     def broadcast_async(self, key, value, out=None, root=0, priority=0):
         if not isinstance(root, int) or not 0 <= root < self.num_workers:
@@ -639,6 +724,7 @@ class KVStore:
                 return
             if info.error is None:
                 info.error = error
+            self._failed_wires.add(wire)
             pending = [h for h in self._handles if h._info is info]
         log.error("key %r failed: %s", name, error)
         for link in self._links:

@@ -9,23 +9,11 @@ import numpy as np
 import pytest
 
 import rdmakv
+from kvstore_helpers import expected_sum, worker_values
 from rdmakv.errors import PeerTimeout, RemoteError
 
 DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"]
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (1000,), (33, 17, 3), (2500, 9)]
-
-
-def worker_values(rank, shape, dtype, round_=0):
-    """Deterministic per-worker data: small integers, so float sums are exact too."""
-    rng = np.random.default_rng(1000 * rank + round_ + 17 * len(shape))
-    return rng.integers(-3, 4, size=shape).astype(dtype)
-
-
-def expected_sum(num_workers, shape, dtype, round_=0):
-    total = np.zeros(shape, dtype)
-    for rank in range(num_workers):
-        total += worker_values(rank, shape, dtype, round_)
-    return total
 
 
 @pytest.mark.parametrize("workers,servers", [(1, 1), (2, 1), (3, 2), (4, 3)])

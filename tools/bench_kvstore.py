@@ -155,6 +155,8 @@ class RdmakvWorker:
         self.t = Tensors(shapes, self.kv.rank, num_workers)
         self.outputs = [np.empty_like(b) for b in self.t.base]
         self.keys = list(range(len(shapes)))
+        # --rdmakv-env RDMAKV_BENCH_FUSE=1: one pushpull_many call, which fuses the small tensors
+        self.fuse = os.environ.get("RDMAKV_BENCH_FUSE") == "1"
 
     def prepare(self, step):
         self.t.fill(step)
@@ -165,6 +167,10 @@ class RdmakvWorker:
         kv, values, outputs = self.kv, self.t.values, self.outputs
         if len(values) == 1:
             kv.pushpull(0, values[0], out=outputs[0])
+            return
+        if self.fuse:
+            order = list(reversed(self.keys))
+            kv.pushpull_many(order, [values[i] for i in order], [outputs[i] for i in order])
             return
         handles = [kv.pushpull_async(i, values[i], out=outputs[i], priority=-i)
                    for i in reversed(self.keys)]      # backward order: the last layer's gradient is ready first
