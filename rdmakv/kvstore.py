@@ -33,8 +33,14 @@ FUSE_BYTES = 64 * 1024        # pushpull_many packs tensors this small into one 
 DTYPE_CODE_OF = {np.dtype(name): code for name, code in protocol.DTYPE_CODES.items()}
 
 
-def as_array(obj, what, writable=False):
-    """A numpy view (no copy) of a C-contiguous numpy, buffer-protocol or DLPack array."""
+def as_array(obj, what, writable=False, key=None):
+    """A numpy view (no copy) of a C-contiguous numpy, buffer-protocol or DLPack array.
+    Errors name `what` (and the key, if given)."""
+    if type(obj) is np.ndarray and obj.dtype in DTYPE_CODE_OF and obj.flags.c_contiguous \
+            and (obj.flags.writeable or not writable):
+        return obj                    # the common case, without building any message
+    if key is not None:
+        what = f"{what} of key {key_name(key)!r}"
     if isinstance(obj, np.ndarray):
         array = obj
     elif hasattr(obj, "__dlpack__"):
@@ -417,6 +423,7 @@ class KVStore:
         self._wire_keys = {}
         self._handles = set()
         self._fused_buffers = {}      # (group, dtype) -> staging arrays free for the next round
+        self._fused_layouts = {}      # (dtype, ((key, shape), ...)) -> (group key, sizes)
         self._failed_wires = set()    # wire keys a server refused
         self._barrier_number = 0
         self._barrier_done = {}
@@ -492,8 +499,8 @@ class KVStore:
             raise ValueError("pushpull_many got the same key twice")
         parts, small = [], {}
         for key, value, out in zip(keys, values, outs):
-            source = as_array(value, f"value of key {key_name(key)!r}", writable=out is None)
-            target = source if out is None else as_array(out, f"out of key {key_name(key)!r}", writable=True)
+            source = as_array(value, "value", writable=out is None, key=key)
+            target = source if out is None else as_array(out, "out", writable=True, key=key)
             if target.dtype != source.dtype or target.shape != source.shape:
                 raise ValueError(f"out of key {key_name(key)!r} is {target.dtype}{list(target.shape)} but its "
                                  f"value is {source.dtype}{list(source.shape)}")
@@ -511,9 +518,13 @@ class KVStore:
         return self.pushpull_many_async(keys, values, outs, priority).wait()
 
     def _fused(self, dtype, members, priority):
-        names = [f"{key_name(key)}{list(source.shape)}" for key, source, _ in members]
-        group = "fused:" + hashlib.blake2b("|".join(names).encode(), digest_size=12).hexdigest()
-        sizes = [source.size for _, source, _ in members]
+        signature = (dtype, tuple((key, source.shape) for key, source, _ in members))
+        layout = self._fused_layouts.get(signature)
+        if layout is None:
+            names = "|".join(f"{key_name(key)}{list(shape)}" for key, shape in signature[1])
+            group = "fused:" + hashlib.blake2b(names.encode(), digest_size=12).hexdigest()
+            layout = self._fused_layouts[signature] = (group, [source.size for _, source, _ in members])
+        group, sizes = layout
         with self._lock:
             pool = self._fused_buffers.setdefault((group, dtype), [])
             staging = pool.pop() if pool else np.empty(sum(sizes), dtype)
