@@ -8,7 +8,6 @@ straight into the caller's output array."""
 import hashlib
 import logging
 import os
-import socket
 import threading
 import time
 import warnings

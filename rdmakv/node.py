@@ -1,5 +1,6 @@
 """Joining a cluster: every worker and server connects to the scheduler,
 says HELLO, and receives its rank and the address book in WELCOME."""
+import functools
 import socket
 import threading
 import time
@@ -8,6 +9,19 @@ from rdmakv import auth, netif, protocol
 from rdmakv.errors import PeerTimeout, ProtocolError, RemoteError
 from rdmakv.protocol import Op
 from rdmakv.transport.base import Handler, Peer
+
+
+def accept_peers(listener, handler, secret, timeout, running, label):
+    """Accept connections while running() is true; each becomes a Peer whose reader
+    thread authenticates it before anything else is read."""
+    handshake = functools.partial(auth.accept, secret=secret, timeout=timeout)
+    while running():
+        try:
+            connection = listener.accept(1.0)
+        except OSError:
+            return
+        if connection is not None:
+            Peer(connection, handler, f"{label} at {connection.peer}", handshake).start()
 
 
 class ControlLink(Handler):

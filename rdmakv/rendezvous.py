@@ -5,13 +5,12 @@ import logging
 import threading
 import time
 
-import functools
-
 from rdmakv import auth, netif, protocol
 from rdmakv.errors import PeerTimeout, ProtocolError
+from rdmakv.node import accept_peers
 from rdmakv.protocol import Op
 from rdmakv.transport import select
-from rdmakv.transport.base import Handler, Peer
+from rdmakv.transport.base import Handler
 
 log = logging.getLogger("rdmakv.scheduler")
 
@@ -119,14 +118,7 @@ class Scheduler(Handler):
             peer.name = f"server {rank}"
 
     def _accept_loop(self):
-        while not self._closing:
-            try:
-                connection = self.listener.accept(1.0)
-            except OSError:
-                return
-            if connection is not None:
-                handshake = functools.partial(auth.accept, secret=self.secret, timeout=self.config.timeout)
-                Peer(connection, self, f"node at {connection.peer}", handshake).start()
+        accept_peers(self.listener, self, self.secret, self.config.timeout, lambda: not self._closing, "node")
 
     def _wait_for_disconnects(self, peers, timeout=5.0):
         deadline = time.monotonic() + timeout

@@ -6,7 +6,6 @@ Memory per chunk is two result buffers used by alternate rounds (a worker can
 push round r+1 as soon as it has round r's result, while round r's result may
 still be going out to slower workers) plus, with an optimizer, the weights:
 bounded, whatever the number of rounds."""
-import functools
 import heapq
 import itertools
 import logging
@@ -19,10 +18,10 @@ from rdmakv import auth, netif, protocol, trace
 from rdmakv._native import transport as _t
 from rdmakv.config import Config
 from rdmakv.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
-from rdmakv.node import ControlLink
+from rdmakv.node import ControlLink, accept_peers
 from rdmakv.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.transport import select
-from rdmakv.transport.base import Handler, Peer
+from rdmakv.transport.base import Handler
 
 log = logging.getLogger("rdmakv.server")
 
@@ -185,14 +184,8 @@ class ParameterServer(Handler):
             self.tracer.write()
 
     def _accept_loop(self):
-        while not self._stopped.is_set():
-            try:
-                connection = self.listener.accept(1.0)
-            except OSError:
-                return
-            if connection is not None:
-                handshake = functools.partial(auth.accept, secret=self.secret, timeout=self.config.timeout)
-                Peer(connection, self, f"worker at {connection.peer}", handshake).start()
+        accept_peers(self.listener, self, self.secret, self.config.timeout,
+                     lambda: not self._stopped.is_set(), "worker")
 
     # ---- scheduler messages ----------------------------------------------
     def _on_control(self, header, obj):

@@ -171,7 +171,7 @@ def test_launcher_stops_the_rest(tmp_path, marker, victim):
         except subprocess.TimeoutExpired:
             raise AssertionError("the launcher did not stop the job:\n" + "\n".join(output.lines[-20:])) from None
         assert code != 0, "\n".join(output.lines[-20:])
-        assert any(f"exited with status" in line for line in output.lines), output.lines[-10:]
+        assert any("exited with status" in line for line in output.lines), output.lines[-10:]
         time.sleep(0.2)
         assert tagged(marker) == [], f"processes left by the launcher: {tagged(marker)}"
         print(f"\nFIGURE launcher, kill -9 {victim}: exited {code} after {time.monotonic() - began:.2f} s, "

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import rdmakv
 from rdmakv import partition, protocol
 from rdmakv.errors import ProtocolError
 from rdmakv.kvstore import wire_key
