@@ -4,7 +4,7 @@
 # loops run with the GIL released, and every wait is bounded.  Policy (set-up,
 # peer names, errors) lives in rdmakv/transport/shm.py.
 
-from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED, MAP_POPULATE
 
 
 cdef extern from "_shm.h" nogil:
@@ -74,7 +74,11 @@ cdef class ShmChannel:
         cdef char *b
         self.base = NULL
         self.length = shm_segment_bytes(ring_bytes)
-        address = mmap(NULL, self.length, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0)
+        # Populated at once: the rings' pages are all used soon anyway, and a
+        # first pass through them would otherwise fault a page at a time
+        # (and look like growth to anyone watching RSS).
+        with nogil:
+            address = mmap(NULL, self.length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, memfd, 0)
         if address == MAP_FAILED:
             raise OSError(errno, f"mmap of the shared segment: {__import__('os').strerror(errno)}")
         self.base = <char *>address
