@@ -328,9 +328,11 @@ def test_forced_shm_fails_loudly_when_the_listener_refuses(monkeypatch):
 # ---- the KVStore over shared memory ------------------------------------------
 
 @pytest.fixture
-def shm_cluster_factory(cluster_factory):
-    """LocalClusters whose servers and workers force shared memory; records the
-    connection kinds every worker got to its servers."""
+def shm_cluster_factory(cluster_factory, monkeypatch):
+    """LocalClusters whose servers and workers force shared memory (even where
+    the suite runs with RDMAKV_SHM=0); records the connection kinds every worker
+    got to its servers."""
+    monkeypatch.delenv("RDMAKV_SHM", raising=False)
     kinds = []
 
     def make(num_workers=2, num_servers=1, **env):
