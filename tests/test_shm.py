@@ -276,6 +276,41 @@ def test_a_local_stranger_at_the_shm_socket_is_refused_and_the_listener_keeps_se
         listener.close()
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+def test_a_squatter_of_another_user_never_gets_our_memory():
+    plain = tcp.Listener("127.0.0.1", 0, 5)
+    name = shm._endpoint(*plain.address)
+    ready, done = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:                                 # binds the name as nobody, then waits
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            squatter.bind(name)
+            squatter.listen(8)
+            os.write(ready[1], b"x")
+            os.read(done[0], 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready[0], 1) == b"x"
+        with pytest.raises(TransportError, match="runs as uid 65534"):
+            LAYER.connect("127.0.0.1", plain.address[1], 5)
+        accepted = {}
+        thread = threading.Thread(target=lambda: accepted.setdefault("c", plain.accept(5)))
+        thread.start()
+        fallback = shm.over(tcp).connect("127.0.0.1", plain.address[1], 5)     # auto: TCP instead
+        thread.join(10)
+        assert type(fallback).__name__ == "TcpConnection"
+        fallback.close()
+        accepted["c"].close()
+    finally:
+        os.write(done[1], b"x")
+        os.waitpid(pid, 0)
+        plain.close()
+
+
 def test_selection(monkeypatch):
     monkeypatch.delenv("RDMAKV_SHM", raising=False)
     monkeypatch.delenv("RDMAKV_SHM_RING_BYTES", raising=False)

@@ -110,9 +110,10 @@ def _endpoint(host, port):
     return f"\0rdmakv-shm/{sockaddr[0]}/{sockaddr[1]}".encode()
 
 
-def _peer_pid(sock):
-    pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return pid
+def _peer_credentials(sock):
+    """(pid, uid) of the process at the other end of a Unix socket, from the kernel."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid
 
 
 def _recv_line(sock, deadline, limit=4096):
@@ -255,7 +256,7 @@ class ShmListener(Listener):
         """The acceptor's side of the set-up; None (after logging why) if it fails."""
         memfd = -1
         try:
-            pid = _peer_pid(sock)
+            pid, _ = _peer_credentials(sock)
             peer = f"local pid {pid} (shm)"
         except OSError:
             peer = "a local process (shm)"
@@ -320,6 +321,12 @@ def _connect_shm(host, port, timeout, forced):
         return None
     memfd = -1
     try:
+        # Anyone on this host may bind an abstract name first.  A squatter of
+        # another user is never handed our memory; one of ours (or anyone,
+        # without a cluster secret) still meets the authentication on top.
+        _, uid = _peer_credentials(sock)
+        if uid != os.getuid():
+            raise TransportError(f"the process at its shared-memory socket runs as uid {uid}, not {os.getuid()}")
         size = ring_bytes()
         memfd = os.memfd_create("rdmakv-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(memfd, _t.shm_segment_bytes(size))
