@@ -26,6 +26,7 @@ futex sleeps only when a side has nothing to do, every wait bounded.
 
 The stream carries exactly what the TCP transport carries, so authentication,
 the KVStore and the server run over it unchanged."""
+import errno
 import fcntl
 import json
 import logging
@@ -244,8 +245,11 @@ class ShmListener(Listener):
                     return connection
                 continue
             poller = select.poll()
-            poller.register(self._unix.fileno(), select.POLLIN)
-            poller.register(inner_fd, select.POLLIN)
+            try:
+                poller.register(self._unix.fileno(), select.POLLIN)
+                poller.register(inner_fd, select.POLLIN)
+            except ValueError:                 # closed meanwhile (fileno() is -1)
+                raise OSError(errno.EBADF, "listener closed") from None
             ready = {fd for fd, _ in poller.poll(max(1, int(left * 1000)))}
             if inner_fd in ready:
                 connection = self._inner.accept(0)
