@@ -299,6 +299,15 @@ static inline int rdmakv_ring_try_read(rdmakv_ring *r, char *dst, size_t n) {
     return 1;
 }
 
+/* Counters start just below the 32-bit wrap, so every connection crosses it
+ * within its first page of traffic: the wrap-around is exercised always, not
+ * after 4 GiB.  Only the creator calls this, before the peer maps the segment. */
+#define RDMAKV_SHM_START 0xFFFFF000u
+static inline void rdmakv_ring_init(rdmakv_ring *r) {
+    atomic_store_explicit(&r->ctl->head, RDMAKV_SHM_START, memory_order_relaxed);
+    atomic_store_explicit(&r->ctl->tail, RDMAKV_SHM_START, memory_order_relaxed);
+}
+
 /* Bytes ready to read (capped at INT32_MAX by the size limit), or RDMAKV_SHM_CORRUPT. */
 static inline int rdmakv_ring_avail(rdmakv_ring *r) {
     uint32_t avail = rdmakv_load_acquire(&r->ctl->head) - rdmakv_load_relaxed(&r->ctl->tail);

@@ -28,6 +28,7 @@ cdef extern from "_shm.h" nogil:
     int rdmakv_ring_read(rdmakv_ring *r, char *dst, size_t n, double timeout, rdmakv_flag *stop, int fd)
     int rdmakv_ring_try_read(rdmakv_ring *r, char *dst, size_t n)
     int rdmakv_ring_avail(rdmakv_ring *r)
+    void rdmakv_ring_init(rdmakv_ring *r)
     void rdmakv_shm_shutdown(rdmakv_ring *out, rdmakv_ring *inb, rdmakv_flag *stop)
 
 
@@ -93,6 +94,9 @@ cdef class ShmChannel:
         self.in_ring.ctl = <rdmakv_ring_ctl *>(b if first else a)
         self.in_ring.data = (b if first else a) + RDMAKV_SHM_CONTROL
         self.in_ring.size = <unsigned int>ring_bytes
+        if first:                                       # the creator, before the peer sees it
+            rdmakv_ring_init(&self.out_ring)
+            rdmakv_ring_init(&self.in_ring)
 
     cdef int _check(self, str what) except -1:
         if self.base == NULL:
