@@ -30,8 +30,8 @@ def _transport(text):
     text = text.strip().lower()
     aliases = {"ibverbs": "verbs", "1": "verbs", "zmq": "tcp", "0": "auto", "": "auto"}
     text = aliases.get(text, text)
-    if text not in ("auto", "verbs", "tcp"):
-        raise ValueError("must be auto, verbs or tcp")
+    if text not in ("auto", "verbs", "tcp", "shm"):
+        raise ValueError("must be auto, verbs, tcp or shm")
     return text
 
 
@@ -57,7 +57,7 @@ SETTINGS = {
                   "address this node advertises (default: from the interface, else the route to the scheduler)"),
     "port": (("RDMAKV_PORT", "PORT"), _int, 0, "port a server listens on (0: any free port)"),
     "transport": (("RDMAKV_TRANSPORT", "DMLC_ENABLE_RDMA"), _transport, "auto",
-                  "auto, verbs or tcp (DMLC_ENABLE_RDMA=ibverbs means verbs)"),
+                  "auto, verbs, tcp or shm (DMLC_ENABLE_RDMA=ibverbs means verbs; RDMAKV_SHM=0 forbids shm)"),
     "partition_bytes": (("RDMAKV_PARTITION_BYTES", "BYTEPS_PARTITION_BYTES"), _int, 4 * MiB,
                         "tensors larger than this are split into chunks of at most this size"),
     "scheduling_credit": (("RDMAKV_SCHEDULING_CREDIT", "BYTEPS_SCHEDULING_CREDIT"), _int, 4,

@@ -13,6 +13,13 @@ from rdmakv.config import SETTINGS, Config
 from rdmakv.errors import ConfigError
 
 
+def _shm_state():
+    from rdmakv.transport import shm
+    missing = shm.unavailable()
+    return (f"unavailable: {missing}" if missing
+            else "available: auto uses it between co-located workers and servers (RDMAKV_SHM=0 forbids)")
+
+
 def gather(environ=None):
     try:
         config = Config.load(environ)
@@ -26,6 +33,7 @@ def gather(environ=None):
         "numpy": numpy.__version__,
         "transports": {
             "tcp": "available",
+            "shm": _shm_state(),
             "verbs": ("libibverbs loaded; no verbs transport in this build"
                       if _native.libibverbs_error is None else f"unavailable: {_native.libibverbs_error}"),
         },

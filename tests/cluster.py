@@ -89,6 +89,7 @@ class LocalCluster:
         for name, variable, parse in (("partition_bytes", "RDMAKV_PARTITION_BYTES", int),
                                       ("scheduling_credit", "RDMAKV_SCHEDULING_CREDIT", int),
                                       ("trace_dir", "RDMAKV_TRACE_DIR", str),
+                                      ("transport", "RDMAKV_TRANSPORT", str),
                                       ("secret", "RDMAKV_SECRET", str),
                                       ("secret_file", "RDMAKV_SECRET_FILE", str)):
             if variable in self.env:

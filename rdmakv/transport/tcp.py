@@ -105,6 +105,10 @@ class TcpListener(Listener):
             return None
         return TcpConnection(sock, self._timeout)
 
+    def fileno(self):
+        """The listening socket, for callers that wait on several listeners."""
+        return self._sock.fileno()
+
     def close(self):
         self._sock.close()
 

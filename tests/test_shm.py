@@ -1,0 +1,429 @@
+"""The shared-memory transport: the transport contract between real processes
+(tests/shm_peer.py is the far end), clean-up after exit and after kill -9, the
+fall-back to TCP, and the KVStore suites run over shared memory."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import rdmakv
+import test_kvstore
+from cluster import REPO
+from rdmakv import protocol
+from rdmakv.errors import ConfigError, ConnectionClosed, TransportError
+from rdmakv.protocol import Op
+from rdmakv.transport import select, shm, tcp
+
+pytestmark = pytest.mark.skipif(shm.unavailable() is not None, reason=f"no shared memory: {shm.unavailable()}")
+
+LAYER = shm.over(tcp, forced=True)
+
+
+def dev_shm():
+    return set(os.listdir("/dev/shm"))
+
+
+def shm_mappings(pid="self"):
+    """Mappings and fds of our segments in a process (memfd names show in both)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        mapped = [line for line in maps if "rdmakv-shm" in line]
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if "rdmakv-shm" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                fds.append(fd)
+        except OSError:
+            pass
+    return mapped, fds
+
+
+class FarEnd:
+    """tests/shm_peer.py in its own process, and our connection to it."""
+    count = 0
+
+    def __init__(self, tmp_path, mode="echo"):
+        FarEnd.count += 1
+        port_file = str(tmp_path / f"port-{mode}-{FarEnd.count}")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "shm_peer.py"), mode, port_file],
+                                     env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(port_file):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "the far end did not start"
+            time.sleep(0.02)
+        port, self.pid = map(int, open(port_file).read().split())
+        self.connection = LAYER.connect("127.0.0.1", port, 10)
+        self.port = port
+
+    def close(self):
+        self.connection.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def far_end(tmp_path):
+    made = []
+
+    def make(mode="echo"):
+        end = FarEnd(tmp_path, mode)
+        made.append(end)
+        return end
+
+    yield make
+    for end in made:
+        end.close()
+
+
+def frame(n, seed):
+    payload = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+    return protocol.pack(Op.PUSH, key=seed, chunk=7, round=seed, length=n), payload
+
+
+def roundtrip(connection, n, seed):
+    header, payload = frame(n, seed)
+    connection.send(header, payload if n else None)
+    got = connection.recv_header(10)
+    assert (got.key, got.chunk, got.round, got.length) == (seed, 7, seed, n)
+    back = np.empty(n, np.uint8)
+    if n:
+        connection.recv_payload(got, back)
+    np.testing.assert_array_equal(back, payload)
+
+
+def test_frames_of_every_size_cross_to_another_process_and_back(far_end):
+    end = far_end()
+    assert type(end.connection).__name__ == "ShmConnection"
+    assert end.connection.peer == f"127.0.0.1:{end.port} (shm)"
+    assert end.proc.stdout.readline().decode().startswith(f"ShmConnection local pid {os.getpid()} (shm)")
+    # Empty, tiny, around the GIL-held threshold, bigger than a ring piece, bigger than the ring (16 MiB).
+    for seed, n in enumerate([0, 1, 47, 48, 65536 - 48, 65536, 65537, 300_000, 5 << 20, 40 << 20]):
+        roundtrip(end.connection, n, seed)
+
+
+def test_many_messages_both_ways_at_once(far_end):
+    end = far_end()
+    connection = end.connection
+    sizes = [(i * 7919) % 200_000 for i in range(400)]
+    errors = []
+
+    def sender():
+        try:
+            for seed, n in enumerate(sizes):
+                header, payload = frame(n, seed)
+                connection.send(header, payload if n else None)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sender)]
+    threads[0].start()
+    for seed, n in enumerate(sizes):            # the echoes come back while we still send
+        got = connection.recv_header(10)
+        assert (got.key, got.length) == (seed, n)
+        back = np.empty(n, np.uint8)
+        if n:
+            connection.recv_payload(got, back)
+        np.testing.assert_array_equal(back, frame(n, seed)[1])
+    threads[0].join(10)
+    assert not errors
+
+
+def test_close_wakes_a_blocked_receiver_and_a_blocked_sender(far_end):
+    end = far_end("mute")                        # never reads: our sends fill the ring, then block
+    connection = end.connection
+    outcome = {}
+
+    def receive():
+        try:
+            outcome["recv"] = connection.recv_header(30)
+        except ConnectionClosed as exc:
+            outcome["recv"] = exc
+
+    def send():
+        header, payload = frame(40 << 20, 1)      # more than the 16 MiB ring
+        try:
+            connection.send(header, payload)
+            outcome["send"] = "returned"
+        except ConnectionClosed as exc:
+            outcome["send"] = exc
+
+    threads = [threading.Thread(target=receive), threading.Thread(target=send)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    connection.close()
+    for thread in threads:
+        thread.join(5)
+    assert time.monotonic() - started < 1.0
+    assert isinstance(outcome["recv"], ConnectionClosed) and "(shm)" in str(outcome["recv"])
+    assert isinstance(outcome["send"], ConnectionClosed)
+    connection.close()                            # idempotent
+    assert shm_mappings() == ([], [])
+
+
+@pytest.mark.parametrize("blocked_in", ["recv", "send"])
+def test_killed_peer_ends_blocked_calls_naming_it_and_nothing_lingers(far_end, blocked_in):
+    before = dev_shm()
+    end = far_end("mute" if blocked_in == "send" else "echo")
+    connection = end.connection
+    assert shm_mappings(end.pid)[0], "the far end maps the segment"
+    assert shm_mappings(end.pid)[1] == [], "the far end keeps no fd to it"
+    outcome = {}
+
+    def blocked():
+        try:
+            if blocked_in == "send":
+                connection.send(*frame(40 << 20, 1))
+            else:
+                connection.recv_header(30)
+            outcome["result"] = "returned"
+        except ConnectionClosed as exc:
+            outcome["result"] = exc
+
+    thread = threading.Thread(target=blocked)
+    thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    os.kill(end.pid, signal.SIGKILL)
+    thread.join(5)
+    assert time.monotonic() - started < 2.0
+    error = outcome["result"]
+    assert isinstance(error, ConnectionClosed), error
+    assert f"127.0.0.1:{end.port} (shm)" in str(error)
+    end.proc.wait(10)
+    connection.close()
+    assert shm_mappings() == ([], [])
+    assert dev_shm() == before
+
+
+def test_segments_leave_no_trace_after_a_clean_exit(far_end):
+    before = dev_shm()
+    ends = [far_end() for _ in range(3)]
+    for i, end in enumerate(ends):
+        roundtrip(end.connection, 1 << 20, i)
+    assert len(shm_mappings()[0]) == 3 and shm_mappings()[1] == []
+    for end in ends:
+        end.connection.close()
+        assert end.proc.wait(10) == 0
+    assert shm_mappings() == ([], [])
+    assert dev_shm() == before
+
+
+def test_peers_that_cannot_share_memory_use_tcp():
+    # A plain TCP listener (the scheduler's kind) and a shm listener reached by a plain TCP connector.
+    plain = tcp.Listener("127.0.0.1", 0, 5)
+    offered = LAYER.Listener("127.0.0.1", 0, 5)
+    try:
+        for connect, listener, kind in [(LAYER.connect, plain, "TcpConnection"),
+                                        (tcp.connect, offered, "TcpConnection"),
+                                        (LAYER.connect, offered, "ShmConnection")]:
+            accepted = {}
+            thread = threading.Thread(target=lambda: accepted.setdefault("c", listener.accept(5)))
+            thread.start()
+            mine = connect("127.0.0.1", listener.address[1], 5)
+            thread.join(10)
+            theirs = accepted["c"]
+            assert (type(mine).__name__, type(theirs).__name__) == (kind, kind)
+            mine.send(protocol.pack(Op.PING if hasattr(Op, "PING") else Op.BARRIER, length=3), b"abc")
+            header = theirs.recv_header(5)
+            payload = bytearray(3)
+            theirs.recv_payload(header, payload)
+            assert payload == b"abc"
+            mine.close()
+            theirs.close()
+    finally:
+        plain.close()
+        offered.close()
+
+
+def test_a_local_stranger_at_the_shm_socket_is_refused_and_the_listener_keeps_serving():
+    listener = LAYER.Listener("127.0.0.1", 0, 5)
+    try:
+        name = shm._endpoint(*listener.address)
+        for garbage in [b"", b"hello\n", b'{"rdmakv_shm": 1, "ring_bytes": 65536}']:   # no fd passed
+            stranger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            stranger.connect(name)
+            stranger.sendall(garbage)
+            stranger.shutdown(socket.SHUT_WR)
+            assert listener.accept(2) is None
+            stranger.close()
+        # An unsealed segment (whose owner could shrink it under our mapping) is refused too.
+        stranger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stranger.connect(name)
+        fd = os.memfd_create("rdmakv-shm-unsealed")
+        os.ftruncate(fd, rdmakv._native.transport.shm_segment_bytes(65536))
+        socket.send_fds(stranger, [b'{"rdmakv_shm": 1, "ring_bytes": 65536}'], [fd])
+        os.close(fd)
+        assert listener.accept(2) is None
+        assert b"sealed" in stranger.recv(4096)
+        stranger.close()
+        accepted = {}
+        thread = threading.Thread(target=lambda: accepted.setdefault("c", listener.accept(5)))
+        thread.start()
+        good = LAYER.connect("127.0.0.1", listener.address[1], 5)
+        thread.join(10)
+        assert type(good).__name__ == "ShmConnection"
+        good.close()
+        accepted["c"].close()
+    finally:
+        listener.close()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+def test_a_squatter_of_another_user_never_gets_our_memory():
+    plain = tcp.Listener("127.0.0.1", 0, 5)
+    name = shm._endpoint(*plain.address)
+    ready, done = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:                                 # binds the name as nobody, then waits
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            squatter.bind(name)
+            squatter.listen(8)
+            os.write(ready[1], b"x")
+            os.read(done[0], 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready[0], 1) == b"x"
+        with pytest.raises(TransportError, match="runs as uid 65534"):
+            LAYER.connect("127.0.0.1", plain.address[1], 5)
+        accepted = {}
+        thread = threading.Thread(target=lambda: accepted.setdefault("c", plain.accept(5)))
+        thread.start()
+        fallback = shm.over(tcp).connect("127.0.0.1", plain.address[1], 5)     # auto: TCP instead
+        thread.join(10)
+        assert type(fallback).__name__ == "TcpConnection"
+        fallback.close()
+        accepted["c"].close()
+    finally:
+        os.write(done[1], b"x")
+        os.waitpid(pid, 0)
+        plain.close()
+
+
+def test_selection(monkeypatch):
+    monkeypatch.delenv("RDMAKV_SHM", raising=False)
+    monkeypatch.delenv("RDMAKV_SHM_RING_BYTES", raising=False)
+    module, why = select("auto")
+    assert isinstance(module, shm.Layer) and not module.forced and "shared memory" in why
+    module, why = select("shm")
+    assert isinstance(module, shm.Layer) and module.forced
+    assert select("tcp")[0] is tcp
+    monkeypatch.setenv("RDMAKV_SHM", "0")
+    module, why = select("auto")
+    assert module is tcp and "RDMAKV_SHM=0" in why
+    with pytest.raises(ConfigError, match="contradicts"):
+        select("shm")
+    monkeypatch.setenv("RDMAKV_SHM", "1")
+    monkeypatch.setenv("RDMAKV_SHM_RING_BYTES", "1000")
+    with pytest.raises(ConfigError, match="power of two"):
+        select("auto")
+    from rdmakv.config import Config
+    assert Config.load(environ={"RDMAKV_TRANSPORT": "shm"}).transport == "shm"
+
+
+def test_small_ring_streams_large_payloads(far_end, monkeypatch):
+    monkeypatch.setenv("RDMAKV_SHM_RING_BYTES", str(64 * 1024))   # the connector chooses the size
+    end = far_end()
+    for seed, n in enumerate([0, 65536, 65536 * 3 + 5, 3 << 20]):
+        roundtrip(end.connection, n, seed)
+
+
+def test_forced_shm_fails_loudly_when_the_listener_refuses(monkeypatch):
+    listener = LAYER.Listener("127.0.0.1", 0, 5)
+    try:
+        thread = threading.Thread(target=listener.accept, args=(3,))
+        thread.start()
+        import fcntl
+
+        class Unsealing:                    # a connector that forgets to seal its segment
+            def __getattr__(self, name):
+                return getattr(fcntl, name)
+
+            def fcntl(self, fd, op, arg=0):
+                return 0 if op == fcntl.F_ADD_SEALS else fcntl.fcntl(fd, op, arg)
+        monkeypatch.setattr(shm, "fcntl", Unsealing())
+        with pytest.raises(TransportError, match=f"127.0.0.1:{listener.address[1]}.*refused shared memory.*sealed"):
+            LAYER.connect("127.0.0.1", listener.address[1], 5)
+        thread.join(10)
+    finally:
+        listener.close()
+
+
+# ---- the KVStore over shared memory ------------------------------------------
+
+@pytest.fixture
+def shm_cluster_factory(cluster_factory, monkeypatch):
+    """LocalClusters whose servers and workers force shared memory (even where
+    the suite runs with RDMAKV_SHM=0); records the connection kinds every worker
+    got to its servers."""
+    monkeypatch.delenv("RDMAKV_SHM", raising=False)
+    kinds = []
+
+    def make(num_workers=2, num_servers=1, **env):
+        cluster = cluster_factory(num_workers, num_servers, RDMAKV_TRANSPORT="shm", **env)
+        connect = cluster.connect
+
+        def connect_and_record():
+            stores = connect()
+            kinds.extend(type(link.peer.connection).__name__ for kv in stores for link in kv._links)
+            return stores
+        cluster.connect = connect_and_record
+        return cluster
+
+    yield make
+    assert kinds and set(kinds) == {"ShmConnection"}, kinds
+
+
+@pytest.mark.parametrize("workers,servers", [(2, 1), (3, 2)])
+def test_kvstore_every_dtype_and_shape_over_shm(shm_cluster_factory, workers, servers):
+    test_kvstore.test_pushpull_every_dtype_and_shape(shm_cluster_factory, workers, servers)
+
+
+def test_kvstore_many_keys_priorities_over_shm(shm_cluster_factory):
+    test_kvstore.test_many_keys_in_flight_with_out_and_priorities(shm_cluster_factory)
+
+
+def test_kvstore_async_rounds_over_shm(shm_cluster_factory):
+    test_kvstore.test_repeated_async_rounds_of_one_key_are_ordered(shm_cluster_factory)
+
+
+def test_kvstore_broadcast_and_barrier_over_shm(shm_cluster_factory):
+    test_kvstore.test_broadcast_and_barrier(shm_cluster_factory)
+
+
+def test_kvstore_priority_order_over_shm(shm_cluster_factory, tmp_path):
+    test_kvstore.test_priority_order_is_observed_at_the_server(shm_cluster_factory, tmp_path)
+
+
+def test_kvstore_ipv6_over_shm(shm_cluster_factory):
+    test_kvstore.test_ipv6_cluster(shm_cluster_factory)
+
+
+def test_kvstore_large_multi_chunk_tensors_and_auth_over_shm(shm_cluster_factory, monkeypatch):
+    before = dev_shm()
+    monkeypatch.setenv("RDMAKV_SHM_RING_BYTES", str(1 << 20))     # the connecting workers choose it
+    cluster = shm_cluster_factory(2, 2, RDMAKV_SECRET="s3cret")
+
+    def work(kv):
+        for round_ in range(3):
+            value = np.full(9_000_000, kv.rank + round_, np.float32)   # 36 MB: 9 chunks, rings of 1 MiB
+            kv.pushpull("big", value)
+            assert (value == 2 * round_ + 1).all()
+        return True
+
+    assert cluster.run(work, timeout=120) == [True, True]
+    cluster.close()
+    assert cluster.wait() == [0, 0, 0]
+    assert shm_mappings() == ([], [])
+    assert dev_shm() == before
