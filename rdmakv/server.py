@@ -154,6 +154,7 @@ class ParameterServer(Handler):
         self._chunks = {}
         self._links = {}              # worker rank -> WorkerLink
         self._departed = {}           # worker rank -> why it left; no round can complete after that
+        self._failure = None          # why the job failed, once it has
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._exit_code = 0
@@ -193,23 +194,24 @@ class ParameterServer(Handler):
             log.info("server %d: shutdown", self.rank)
             self._stopped.set()
         elif header.op == Op.ERROR:
-            message = str(obj.get("message", "the job failed"))
-            log.error("server %s: job failed: %s", self.rank, message)
-            # Pass the real cause on before our connections close, or workers would
-            # only learn that this server went away.
-            notice = protocol.encode_json({"message": f"the scheduler reports: {message}", "fatal": True})
-            with self._lock:
-                links = list(self._links.values())
-            for link in links:
-                try:
-                    link.peer.send(Op.ERROR, notice)
-                except RdmaKVError:
-                    pass
-            self._exit_code = 1
-            self._stopped.set()
+            self._job_failed(f"the scheduler reports: {obj.get('message', 'the job failed')}")
 
     def _on_lost(self, error):
-        log.error("server %s lost the scheduler: %s", self.rank, error)
+        self._job_failed(f"server {self.rank} lost the scheduler ({error})")
+
+    def _job_failed(self, reason):
+        """Pass the real cause on to every worker before our connections close, or
+        they would only learn that this server went away (or that a worker left)."""
+        log.error("server %s: job failed: %s", self.rank, reason)
+        with self._lock:
+            self._failure = self._failure or reason
+            links = list(self._links.values())
+        notice = protocol.encode_json({"message": self._failure, "fatal": True})
+        for link in links:
+            try:
+                link.peer.send(Op.ERROR, notice)
+            except RdmaKVError:
+                pass
         self._exit_code = 1
         self._stopped.set()
 
@@ -298,6 +300,8 @@ class ParameterServer(Handler):
             self._fail_key(key, self._departure_message(link.rank, key))
 
     def _departure_message(self, rank, key):
+        if self._failure:             # the worker left because the job failed: say why
+            return self._failure
         state = self._keys.get(key)
         name = state.name if state else key
         return f"worker {rank} left the job ({self._departed[rank]}), so key {name!r} can no longer be summed"

@@ -22,10 +22,9 @@ SLACK = 7
 WORKER = os.path.join(REPO, "tests", "pp_worker.py")
 NAMED = {"worker": re.compile(r"worker \d+"), "server": re.compile(r"server \d+"),
          "scheduler": re.compile(r"scheduler")}
-# When the job fails (a worker or the scheduler died) the servers stop at once, so a worker may
-# hear of it first as "connection to server N at ... lost" and not yet from the scheduler: a named
-# peer, but not the root cause.  Allowed here; the servers should forward the reason (see
-# docs/reliability.md, what remains).
+# When the job fails (a worker or the scheduler died) the servers forward the reason and stop, but
+# a worker may still see its server connection close before that notice: a named peer, though not
+# the root cause.  Allowed here.
 CONSEQUENCE = re.compile(r"server \d+ at ")
 
 
