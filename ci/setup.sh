@@ -26,4 +26,7 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # scikit-learn ships the digits data set that examples/mxnet_train.py trains on;
 # pinning numpy keeps the resolver from upgrading it past what MXNet accepts.
 "${pip[@]}" scikit-learn "numpy<1.24" || echo "ci/setup.sh: scikit-learn could not be installed; the MXNet example's test will skip"
+# The benchmark's plots (tools/); torch for the gloo baseline is installed on request:
+# .venv/bin/pip install torch==2.13.0 "numpy<1.24"   (keep the numpy MXNet needs)
+"${pip[@]}" "matplotlib<3.11" "numpy<1.24" || echo "ci/setup.sh: matplotlib could not be installed; --plot will not work"
 "${pip[@]}" --no-build-isolation -e .

@@ -29,10 +29,18 @@ from rdmakv.transport.base import Handler, Peer
 log = logging.getLogger("rdmakv.worker")
 
 DIRECT_SEND_BYTES = 64 * 1024
+FUSE_BYTES = 64 * 1024        # pushpull_many packs tensors this small into one per dtype
+DTYPE_CODE_OF = {np.dtype(name): code for name, code in protocol.DTYPE_CODES.items()}
 
 
-def as_array(obj, what, writable=False):
-    """A numpy view (no copy) of a C-contiguous numpy, buffer-protocol or DLPack array."""
+def as_array(obj, what, writable=False, key=None):
+    """A numpy view (no copy) of a C-contiguous numpy, buffer-protocol or DLPack array.
+    Errors name `what` (and the key, if given)."""
+    if type(obj) is np.ndarray and obj.dtype in DTYPE_CODE_OF and obj.flags.c_contiguous \
+            and (obj.flags.writeable or not writable):
+        return obj                    # the common case, without building any message
+    if key is not None:
+        what = f"{what} of key {key_name(key)!r}"
     if isinstance(obj, np.ndarray):
         array = obj
     elif hasattr(obj, "__dlpack__"):
@@ -45,7 +53,7 @@ def as_array(obj, what, writable=False):
         except TypeError:
             raise TypeError(f"{what} must be a numpy array or support the buffer protocol or DLPack, "
                             f"not {type(obj).__name__}") from None
-    if array.dtype.name not in protocol.DTYPE_CODES:
+    if array.dtype not in DTYPE_CODE_OF:
         raise TypeError(f"{what} has dtype {array.dtype}, which rdmakv does not sum; "
                         f"use one of {', '.join(protocol.DTYPE_CODES)}")
     if not array.flags.c_contiguous:
@@ -85,6 +93,7 @@ class KeyInfo:
         self.wire = wire
         self.order = order
         self.dtype = dtype
+        self.dtype_code = DTYPE_CODE_OF[dtype]
         self.shape = shape
         self.nbytes = nbytes
         self.chunks = chunks
@@ -109,18 +118,31 @@ class Handle:
         self.round = None
         self._remaining = len(info.chunks)
         self._lock = threading.Lock()
-        self._done = threading.Event()
+        # Held until the operation is done: waiting is acquire-then-release, which is
+        # much cheaper to set up than a threading.Event for every pushpull.
+        self._pending = threading.Lock()
+        self._pending.acquire()
+        self._settled = False         # the outcome is known; done-callbacks may still be running
+        self._is_done = False         # callbacks ran too: waiters may look at the result
         self._error = None
         self._callbacks = []
 
     def done(self):
-        return self._done.is_set()
+        return self._is_done
+
+    def _wait_done(self, timeout):
+        if self._is_done:
+            return True
+        if not self._pending.acquire(timeout=max(0.0, timeout)):
+            return False
+        self._pending.release()       # let any other waiter through too
+        return True
 
     def wait(self, timeout=None):
         """The result (the `out` given, else `value`); raises what failed the operation.
         timeout=None waits up to RDMAKV_TIMEOUT."""
         limit = self._store.config.timeout if timeout is None else timeout
-        if not self._done.wait(limit):
+        if not self._wait_done(limit):
             owing = self._store._owing(self)
             who = (f"still waiting for {'; '.join(owing)}" if owing
                    else "its chunks wait behind an earlier round of the same key")
@@ -130,10 +152,15 @@ class Handle:
             raise self._error
         return self._result
 
+    def exception(self):
+        """What failed the operation, or None; meant for done-callbacks."""
+        return self._error
+
     def add_done_callback(self, fn):
-        """Call fn(handle) once done (at once if already done), from a transport thread."""
+        """Call fn(handle) once the outcome is known (at once if it is), from a transport
+        thread, before wait() returns."""
         with self._lock:
-            if not self._done.is_set():
+            if not self._settled:
                 self._callbacks.append(fn)
                 return
         fn(self)
@@ -141,25 +168,45 @@ class Handle:
     def _chunk_done(self):
         with self._lock:
             self._remaining -= 1
-            finished = self._remaining == 0 and not self._done.is_set()
+            finished = self._remaining == 0 and not self._settled
         if finished:
             self._finish(None)
 
     def _finish(self, error):
         with self._lock:
-            if self._done.is_set():
+            if self._settled:
                 return False
             self._error = error
             self._value = None
-            self._done.set()
+            self._settled = True
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             try:
                 fn(self)
             except Exception:
                 log.exception("done-callback of key %r failed", self.key)
+        self._is_done = True
+        self._pending.release()
         self._store._advance(self._info, self)
         return True
+
+
+class GroupHandle:
+    """Several operations waited on as one."""
+
+    def __init__(self, parts, results):
+        self._parts = parts
+        self._results = results
+
+    def done(self):
+        return all(part.done() for part in self._parts)
+
+    def wait(self, timeout=None):
+        """The list of results, in the order of the keys."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for part in self._parts:
+            part.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return self._results
 
 
 class ServerLink(Handler):
@@ -218,7 +265,7 @@ class ServerLink(Handler):
         while (popped := self.queue.pop()) is not None:
             (handle, chunk, source, slot), nbytes = popped
             entry = self.expected.get(slot)
-            if entry is not None and not handle.done():
+            if entry is not None and not handle._settled:
                 if nbytes:
                     entry[3] = True   # holds credit until RECEIVED (or the result) comes back
                 else:
@@ -232,7 +279,7 @@ class ServerLink(Handler):
         info = handle._info
         try:
             self.peer.send(Op.PUSH, None if handle.flags & FLAG_NO_DATA else source,
-                           dtype=protocol.DTYPE_CODES[info.dtype.name],
+                           dtype=info.dtype_code,
                            flags=handle.flags | (FLAG_ACK if credited else 0), key=info.wire,
                            chunk=chunk.index, priority=handle.priority, round=handle.round,
                            sender=self.store.rank)
@@ -243,7 +290,8 @@ class ServerLink(Handler):
                 self.sending = False
                 self.ready.notify()
         if self.store.tracer:
-            self.store.tracer.instant("sent", key=info.name, chunk=chunk.index, priority=handle.priority)
+            self.store.tracer.instant("sent", key=info.name, chunk=chunk.index, round=handle.round,
+                                      priority=handle.priority)
 
     def _send_loop(self):
         while True:
@@ -265,6 +313,8 @@ class ServerLink(Handler):
             return None
         with self.ready:
             entry = self.expected.get((header.key, header.chunk, header.round))
+        if entry is None and header.key in self.store._failed_wires:
+            return bytearray(header.length)   # a result that crossed its key's failure: dropped
         if entry is None:
             raise ProtocolError(f"{self.describe()} sent an unexpected result for key {header.key} "
                                 f"chunk {header.chunk} round {header.round}")
@@ -278,7 +328,8 @@ class ServerLink(Handler):
                     self._return_credit(entry)
             if entry is not None:
                 if self.store.tracer:
-                    self.store.tracer.instant("received", key=entry[0]._info.name, chunk=header.chunk)
+                    self.store.tracer.instant("received", key=entry[0]._info.name, chunk=header.chunk,
+                                              round=header.round)
                 entry[0]._chunk_done()
         elif header.op == Op.RECEIVED:
             with self.ready:
@@ -288,7 +339,9 @@ class ServerLink(Handler):
         elif header.op == Op.ERROR:
             obj = protocol.decode_json(payload or b"")
             message = str(obj.get("message", "no reason given"))
-            if isinstance(obj.get("key"), int):
+            if obj.get("fatal") is True:
+                self.store._on_lost(RemoteError(message))
+            elif isinstance(obj.get("key"), int):
                 self.store._fail_key(obj["key"], RemoteError(message))
             else:
                 with self.replied:
@@ -369,6 +422,9 @@ class KVStore:
         self._keys = {}
         self._wire_keys = {}
         self._handles = set()
+        self._fused_buffers = {}      # (group, dtype) -> staging arrays free for the next round
+        self._fused_layouts = {}      # (dtype, ((key, shape), ...)) -> (group key, sizes)
+        self._failed_wires = set()    # wire keys a server refused
         self._barrier_number = 0
         self._barrier_done = {}
         self._barrier_cond = threading.Condition()
@@ -406,7 +462,7 @@ class KVStore:
             for chunk in info.chunks:
                 self._links[chunk.server].peer.send(
                     Op.INIT, flat[chunk.offset:chunk.offset + chunk.nbytes],
-                    dtype=protocol.DTYPE_CODES[info.dtype.name], key=info.wire, chunk=chunk.index)
+                    dtype=info.dtype_code, key=info.wire, chunk=chunk.index)
 
     def declare(self, key, shape, dtype):
         """Declare key's shape and dtype without data.  Keys are placed on servers in
@@ -427,6 +483,65 @@ class KVStore:
     def pushpull(self, key, value, out=None, priority=0):
         """The elementwise sum over all workers of this round's value for key."""
         return self.pushpull_async(key, value, out, priority).wait()
+
+    def pushpull_many_async(self, keys, values, outs=None, priority=0):
+        """pushpull for many keys at once; returns a GroupHandle whose wait() gives the results.
+
+        Tensors of FUSE_BYTES or less are packed per dtype into one fused tensor,
+        summed as one key (named after the whole group), and unpacked: per-key
+        costs then stay small.  Every worker must pass the same keys in the same
+        order.  Larger tensors go as ordinary pushpulls."""
+        keys, values = list(keys), list(values)
+        outs = [None] * len(keys) if outs is None else list(outs)
+        if not len(keys) == len(values) == len(outs):
+            raise ValueError(f"{len(keys)} keys, {len(values)} values and {len(outs)} outs do not match")
+        if len(set(keys)) != len(keys):
+            raise ValueError("pushpull_many got the same key twice")
+        parts, small = [], {}
+        for key, value, out in zip(keys, values, outs):
+            source = as_array(value, "value", writable=out is None, key=key)
+            target = source if out is None else as_array(out, "out", writable=True, key=key)
+            if target.dtype != source.dtype or target.shape != source.shape:
+                raise ValueError(f"out of key {key_name(key)!r} is {target.dtype}{list(target.shape)} but its "
+                                 f"value is {source.dtype}{list(source.shape)}")
+            if source.nbytes <= FUSE_BYTES:
+                small.setdefault(source.dtype, []).append((key, source, target))
+            else:
+                parts.append(self.pushpull_async(key, value, out, priority))
+        for dtype, members in small.items():
+            parts.append(self._fused(dtype, members, priority))
+        results = [value if out is None else out for value, out in zip(values, outs)]
+        return GroupHandle(parts, results)
+
+    def pushpull_many(self, keys, values, outs=None, priority=0):
+        """The sums of many keys at once (see pushpull_many_async)."""
+        return self.pushpull_many_async(keys, values, outs, priority).wait()
+
+    def _fused(self, dtype, members, priority):
+        signature = (dtype, tuple((key, source.shape) for key, source, _ in members))
+        layout = self._fused_layouts.get(signature)
+        if layout is None:
+            names = "|".join(f"{key_name(key)}{list(shape)}" for key, shape in signature[1])
+            group = "fused:" + hashlib.blake2b(names.encode(), digest_size=12).hexdigest()
+            layout = self._fused_layouts[signature] = (group, [source.size for _, source, _ in members])
+        group, sizes = layout
+        with self._lock:
+            pool = self._fused_buffers.setdefault((group, dtype), [])
+            staging = pool.pop() if pool else np.empty(sum(sizes), dtype)
+        np.concatenate([source.reshape(-1) for _, source, _ in members], out=staging)
+        handle = self.pushpull_async(group, staging, priority=priority)
+
+        def unpack(done):
+            if done.exception() is None:
+                offset = 0
+                for (_, _, target), size in zip(members, sizes):
+                    target.reshape(-1)[:] = staging[offset:offset + size]
+                    offset += size
+            with self._lock:
+                pool.append(staging)
+
+        handle.add_done_callback(unpack)
+        return handle
 
     def broadcast_async(self, key, value, out=None, root=0, priority=0):
         if not isinstance(root, int) or not 0 <= root < self.num_workers:
@@ -464,7 +579,7 @@ class KVStore:
         with self._lock:
             handles = list(self._handles)
         for handle in handles:
-            handle._done.wait(max(0.0, deadline - time.monotonic()))
+            handle._wait_done(deadline - time.monotonic())
         if self._failure is None:
             try:
                 self._control.send(Op.GOODBYE)
@@ -565,8 +680,6 @@ class KVStore:
                 info.active = handle
             else:
                 info.waiting.append(handle)
-        if self.tracer:
-            self.tracer.instant("queued", key=info.name, round=handle.round, priority=handle.priority)
         if start:
             self._start(handle)
         return handle
@@ -575,8 +688,12 @@ class KVStore:
         info = handle._info
         source = handle._value.reshape(-1).view(np.uint8)
         target = handle._out.reshape(-1).view(np.uint8)
+        tracer = self.tracer
         try:
             for chunk in info.chunks:
+                if tracer:
+                    tracer.instant("queued", key=info.name, chunk=chunk.index, round=handle.round,
+                                   priority=handle.priority)
                 end = chunk.offset + chunk.nbytes
                 self._links[chunk.server].enqueue(handle, chunk, source[chunk.offset:end],
                                                   target[chunk.offset:end])
@@ -618,6 +735,7 @@ class KVStore:
                 return
             if info.error is None:
                 info.error = error
+            self._failed_wires.add(wire)
             pending = [h for h in self._handles if h._info is info]
         log.error("key %r failed: %s", name, error)
         for link in self._links:

@@ -245,11 +245,7 @@ class RdmaKV(_Base):
 
 
 def _outcome(handle):
-    try:
-        handle.wait(0)
-    except BaseException as exc:       # handed to MXNet, raised where out is read
-        return exc
-    return None
+    return handle.exception()          # handed to MXNet, raised where out is read
 
 
 def _check_dense(arr, what):

@@ -200,7 +200,18 @@ class ParameterServer(Handler):
             log.info("server %d: shutdown", self.rank)
             self._stopped.set()
         elif header.op == Op.ERROR:
-            log.error("server %s: job failed: %s", self.rank, obj.get("message"))
+            message = str(obj.get("message", "the job failed"))
+            log.error("server %s: job failed: %s", self.rank, message)
+            # Pass the real cause on before our connections close, or workers would
+            # only learn that this server went away.
+            notice = protocol.encode_json({"message": f"the scheduler reports: {message}", "fatal": True})
+            with self._lock:
+                links = list(self._links.values())
+            for link in links:
+                try:
+                    link.peer.send(Op.ERROR, notice)
+                except RdmaKVError:
+                    pass
             self._exit_code = 1
             self._stopped.set()
 
@@ -448,6 +459,8 @@ class ParameterServer(Handler):
                 self.updater.update(name, chunk.index, chunk.weight.view(chunk.dtype), target.view(chunk.dtype))
                 result = chunk.weight
             rnd = chunk.round
+            if self.tracer:
+                self.tracer.instant("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
             chunk.round += 1
             chunk.pushed = set()
             chunk.has_data = False

@@ -9,23 +9,11 @@ import numpy as np
 import pytest
 
 import rdmakv
+from kvstore_helpers import expected_sum, worker_values
 from rdmakv.errors import PeerTimeout, RemoteError
 
 DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"]
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (1000,), (33, 17, 3), (2500, 9)]
-
-
-def worker_values(rank, shape, dtype, round_=0):
-    """Deterministic per-worker data: small integers, so float sums are exact too."""
-    rng = np.random.default_rng(1000 * rank + round_ + 17 * len(shape))
-    return rng.integers(-3, 4, size=shape).astype(dtype)
-
-
-def expected_sum(num_workers, shape, dtype, round_=0):
-    total = np.zeros(shape, dtype)
-    for rank in range(num_workers):
-        total += worker_values(rank, shape, dtype, round_)
-    return total
 
 
 @pytest.mark.parametrize("workers,servers", [(1, 1), (2, 1), (3, 2), (4, 3)])
@@ -255,3 +243,32 @@ def test_a_round_that_waits_for_a_departed_worker_fails_at_once(cluster_factory)
     with pytest.raises(RemoteError, match="worker 0 left the job"):
         second.pushpull("k", np.ones(4))
     assert time.monotonic() - started < 30       # long before RDMAKV_TIMEOUT
+
+
+def test_timeline_has_every_stage_of_every_chunk(cluster_factory, tmp_path):
+    cluster = cluster_factory(2, 2, RDMAKV_PARTITION_BYTES=4096, RDMAKV_TRACE_DIR=tmp_path)
+
+    def work(kv):
+        for round_ in range(2):
+            kv.pushpull("t", np.ones(3000, np.float32))      # 3 chunks of <= 4 KiB
+        return True
+
+    assert cluster.run(work) == [True, True]
+    cluster.close()
+
+    def events(name):
+        with open(tmp_path / name) as trace:
+            data = json.load(trace)
+        return [(e["name"], e["args"].get("chunk"), e["args"].get("round"), e["ts"])
+                for e in data["traceEvents"] if e.get("ph") == "i"]
+
+    for rank in range(2):
+        stages = events(f"rdmakv-worker-{rank}.json")
+        for chunk in range(3):
+            for round_ in range(2):
+                times = {name: ts for name, c, r, ts in stages if c == chunk and r == round_}
+                assert set(times) == {"queued", "sent", "received"}
+                assert times["queued"] <= times["sent"] <= times["received"]
+    summed = [(c, r) for server in range(2) for name, c, r, _ in events(f"rdmakv-server-{server}.json")
+              if name == "summed"]
+    assert sorted(summed) == sorted((c, r) for c in range(3) for r in range(2))

@@ -9,11 +9,39 @@ the sender's array to the receiver's array with no intermediate copy."""
 import abc
 import logging
 import threading
+import time
 
 from rdmakv import protocol
 from rdmakv.errors import EndOfStream, ProtocolError, RdmaKVError
 
 log = logging.getLogger("rdmakv.transport")
+
+
+class _Throttle:
+    """Lets at most `burst` messages through per `period` seconds, then reports how
+    many it held back, so a flood of hostile connections cannot flood the log."""
+
+    def __init__(self, burst=20, period=10.0):
+        self.burst, self.period = burst, period
+        self._start, self._count, self._held = 0.0, 0, 0
+        self._lock = threading.Lock()
+
+    def allow(self):
+        """(whether to log this one, how many were held back before it)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._start > self.period:
+                held, self._start, self._count, self._held = self._held, now, 0, 0
+            else:
+                held = 0
+            self._count += 1
+            if self._count > self.burst:
+                self._held += 1
+                return False, held
+            return True, held
+
+
+_closed_warnings = _Throttle()
 
 IDLE_POLL_SECONDS = 1.0
 
@@ -126,7 +154,11 @@ class Peer:
             elif isinstance(error, EndOfStream):
                 log.debug("%s closed the connection", self.name)
             elif error is not None:
-                log.warning("connection to %s (%s) closed: %s", self.name, self.connection.peer, error)
+                allowed, held = _closed_warnings.allow()
+                if held:
+                    log.warning("%d more connections closed with errors (not shown)", held)
+                if allowed:
+                    log.warning("connection to %s (%s) closed: %s", self.name, self.connection.peer, error)
             self.connection.close()
             self.handler.on_closed(self, error)
 

@@ -1,0 +1,117 @@
+"""The benchmark tools run end to end in their quick mode and report what they
+promise.  Timings are never asserted on: the machine is shared and noisy."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(REPO, "tools")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tool, *args, timeout=240):
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, tool), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, f"{tool} exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_resnet50_shapes_are_the_real_parameter_set():
+    bench = _load("bench_kvstore")
+    shapes = bench.resnet50_shapes()
+    assert len(shapes) == 161
+    assert sum(bench._count(s) for s in shapes) == 25_557_032
+    assert shapes[0] == (64, 3, 7, 7) and shapes[-2:] == [(1000, 2048), (1000,)]
+
+
+def test_expected_sums_are_exact_and_change_every_step():
+    bench = _load("bench_kvstore")
+    import numpy as np
+    shapes = [(3, 5), (7,)]
+    ranks = [bench.Tensors(shapes, r, 3) for r in range(3)]
+    for step in (0, 1, 2):
+        for t in ranks:
+            t.fill(step)
+        sums = [sum(t.values[i] for t in ranks) for i in range(len(shapes))]
+        assert all(t.check(sums) for t in ranks)
+        assert not ranks[0].check([s + 1 for s in sums])
+    assert not np.array_equal(ranks[0].values[0], bench.Tensors(shapes, 1, 3).values[0] + 99)
+
+
+def _plot_args(path):
+    """--plot where matplotlib is installed (ci/setup.sh installs it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return []
+    return ["--plot", str(path)]
+
+
+def test_bench_kvstore_quick(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = _run("bench_kvstore.py", "--quick", "--systems", "rdmakv,gloo", "--workloads", "4KiB,256KiB",
+                "--torch-python", str(tmp_path / "no-such-python"), "--json", str(out), *_plot_args(png))
+    report = json.loads(out.read_text())
+    assert report["exact"] is True
+    assert set(report) >= {"config", "limits", "workloads", "skipped", "exact"}
+    assert report["limits"]["memcpy"]["bytes_per_s"] > 0
+    assert report["limits"]["iperf3"]["status"] in ("ok", "skipped", "failed")
+    # a baseline that cannot run is reported with its reason, never dropped
+    assert "not found" in report["skipped"]["gloo"]
+    for name in ("4KiB", "256KiB"):
+        entry = report["workloads"][name]
+        assert entry["tensors"] == 1 and entry["bytes"] in (4096, 262144)
+        ours = entry["systems"]["rdmakv"]
+        assert ours["status"] == "ok" and ours["exact"] is True, ours
+        assert set(ours) >= {"step_ms_median", "bytes_per_worker_per_s", "cpu_s_per_step",
+                             "peak_rss_bytes_by_role", "steps"}
+        assert set(ours["peak_rss_bytes_by_role"]) == {"worker", "server", "scheduler"}
+        assert entry["systems"]["gloo"]["status"] == "skipped"
+        assert "memcpy_floor" in entry["rdmakv_ratio"]
+    assert "4KiB" in proc.stdout and "rdmakv ms" in proc.stdout and "skipped" in proc.stdout
+    assert png.exists() or not _plot_args(png)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_kvstore_quick_with_baselines(tmp_path):
+    pytest.importorskip("mxnet")
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    _run("bench_kvstore.py", "--quick", "--workloads", "4KiB", "--json", str(out), timeout=560)
+    report = json.loads(out.read_text())
+    systems = report["workloads"]["4KiB"]["systems"]
+    for name in ("rdmakv", "mxnet", "gloo"):
+        assert systems[name]["status"] == "ok" and systems[name]["exact"] is True, systems[name]
+    assert set(report["workloads"]["4KiB"]["rdmakv_ratio"]) >= {"mxnet", "gloo"}
+
+
+def test_bench_transport_quick(tmp_path):
+    out, png = tmp_path / "transport.json", tmp_path / "transport.png"
+    proc = _run("bench_transport.py", "--quick", "--json", str(out), *_plot_args(png), timeout=120)
+    report = json.loads(out.read_text())
+    assert report["transport"] == "tcp"
+    assert [r["bytes"] for r in report["results"]] == [8, 4096, 65536, 1 << 20]
+    for r in report["results"]:
+        assert set(r) >= {"gb_per_s", "gbit_per_s", "msg_per_s", "lat_us_p50", "lat_us_p99"}
+        assert r["lat_us_p99"] >= r["lat_us_p50"] > 0
+        assert r["gbit_per_s"] == pytest.approx(r["gb_per_s"] * 8)
+    assert "lat p50 us" in proc.stdout
+    assert "[bench_transport]" in proc.stderr       # progress while running
+    assert png.exists() or not _plot_args(png)
+
+
+def test_bench_transport_unknown_transport_is_an_error():
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_transport.py"), "--transport", "carrier-pigeon"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "unknown transport" in proc.stderr
