@@ -29,7 +29,8 @@ def has(feature):
         from rdmakv._native import transport  # noqa: F401
         return True
     if feature == "verbs":
-        return False
+        from rdmakv.transport import verbs_devices
+        return verbs_devices.probe()[0]
     if feature == "mxnet":
         try:
             import mxnet  # noqa: F401

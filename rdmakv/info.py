@@ -1,6 +1,7 @@
 """`python -m rdmakv.info`: versions, transports, RDMA devices (or why there
 are none) and the effective configuration."""
 import argparse
+import importlib.util
 import json
 import platform
 import sys
@@ -8,7 +9,6 @@ import sys
 import numpy
 
 import rdmakv
-from rdmakv import _native
 from rdmakv.config import SETTINGS, Config
 from rdmakv.errors import ConfigError
 
@@ -20,7 +20,25 @@ def _shm_state():
             else "available: auto uses it between co-located workers and servers (RDMAKV_SHM=0 forbids)")
 
 
+def _devices():
+    """(describe_devices() list, None) or ([], the reason there are none)."""
+    from rdmakv.errors import TransportError
+    from rdmakv.transport import verbs_devices
+    import errno
+    try:
+        return verbs_devices.describe_devices(), None
+    except TransportError as exc:
+        if getattr(exc, "errno", None) == errno.ENOSYS:
+            return [], "this kernel has no RDMA support (ibv_get_device_list: ENOSYS)"
+        return [], str(exc)
+
+
 def gather(environ=None):
+    from rdmakv.transport import verbs_devices
+    usable, reason = verbs_devices.probe()
+    devices, devices_error = _devices()
+    if not devices and devices_error is None:
+        devices_error = "no RDMA devices"
     try:
         config = Config.load(environ)
         settings = [{"setting": n, "value": v, "from": s} for n, v, s in config.describe()]
@@ -34,10 +52,12 @@ def gather(environ=None):
         "transports": {
             "tcp": "available",
             "shm": _shm_state(),
-            "verbs": ("libibverbs loaded; no verbs transport in this build"
-                      if _native.libibverbs_error is None else f"unavailable: {_native.libibverbs_error}"),
+            "verbs": (f"available: {reason}" if usable else f"unavailable: {reason}"),
         },
-        "mxnet": rdmakv.has("mxnet"),
+        "devices": devices,
+        "devices_error": devices_error,
+        # Installed, not imported: importing MXNet takes seconds (minutes under emulation).
+        "mxnet": importlib.util.find_spec("mxnet") is not None,
         "settings": settings,
         "config_error": config_error,
         "variables": {name: list(spec[0]) for name, spec in SETTINGS.items()},
@@ -58,6 +78,26 @@ def main(argv=None):
     print("transports:")
     for name, state in info["transports"].items():
         print(f"  {name:6} {state}")
+    print("RDMA devices:")
+    if info["devices_error"]:
+        print(f"  none: {info['devices_error']}")
+    for dev in info["devices"]:
+        print(f"  hca_id: {dev['device']}")
+        for field in ("fw_ver", "node_guid", "sys_image_guid", "vendor_id", "vendor_part_id", "hw_ver",
+                      "phys_port_cnt", "max_qp", "max_cqe", "max_mr_size", "max_sge"):
+            print(f"    {field + ':':16} {dev[field]}")
+        for port in dev["ports"]:
+            print(f"    port: {port['port']}")
+            print(f"      {'state:':14} {port['state']}")
+            print(f"      {'max_mtu:':14} {port['max_mtu']}")
+            print(f"      {'active_mtu:':14} {port['active_mtu']}")
+            print(f"      {'link_layer:':14} {port['link_layer']}")
+            print(f"      {'port_lid:':14} {port['lid']}")
+            print(f"      {'sm_lid:':14} {port['sm_lid']}")
+            print(f"      {'gid_tbl_len:':14} {port['gid_tbl_len']}")
+            print(f"      {'max_msg_sz:':14} {port['max_msg_sz']:#x}")
+            for gid in port["gids"]:
+                print(f"      GID[{gid['index']:3}]:      {gid['gid']}, {gid['type']}")
     if info["config_error"]:
         print(f"configuration error: {info['config_error']}")
     else:

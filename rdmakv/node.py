@@ -29,8 +29,9 @@ class ControlLink(Handler):
     message goes to on_control(header, obj) and a lost link to on_lost(error)."""
 
     def __init__(self, config, transport, role, on_control, on_lost):
+        from rdmakv.transport import tcp
         self.config = config
-        self.transport = transport
+        self.transport = tcp            # the scheduler always speaks TCP; `transport` is for data
         self.role = role
         self.on_control = on_control
         self.on_lost = on_lost

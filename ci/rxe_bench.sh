@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Throughput on one soft-RoCE device, all in ONE VM run (../shared/rxe-vm):
+# perftest's ib_write_bw -F and ib_send_lat -F on rxe0, then
+# tools/bench_transport.py over the verbs and the TCP transports, then
+# pushpull of a 16 MiB tensor (2 workers, 1 server) over verbs and over TCP.
+#   usage: ci/rxe_bench.sh [-t SECONDS]      (output: stdout; also docs/rxe_bench.log)
+set -uo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ ${1:-} != --inner ]]; then
+    timeout_s=1500
+    if [[ ${1:-} == -t ]]; then timeout_s=$2; fi
+    vm="$repo/../shared/rxe-vm/run-in-rxe-vm.sh"
+    [[ -f $vm && $(id -u) -eq 0 ]] || { echo "SKIP: needs root and $vm"; exit 0; }
+    bash "$vm" -q -C "$repo" -t "$timeout_s" -- bash ci/rxe_bench.sh --inner 2>&1 | tee "$repo/docs/rxe_bench.log"
+    exit "${PIPESTATUS[0]}"
+fi
+
+py=${RDMAKV_PYTHON:-$repo/.venv/bin/python}
+dev=${RXE_VM_DEVICE:-rxe0}
+gid=${RXE_VM_GID_INDEX:-1}
+echo "== $(uname -r), $(nproc) vCPUs, device $dev GID index $gid, $(date -u +%FT%TZ)"
+
+for s in 65536 1048576 4194304; do
+    echo "== ib_write_bw -F -d $dev -x $gid -s $s -n 100 (loopback through rxe0)"
+    ib_write_bw -F -d "$dev" -x "$gid" -s $s -n 100 >/tmp/wbw_server.log 2>&1 &
+    server=$!
+    sleep 1
+    ib_write_bw -F -d "$dev" -x "$gid" -s $s -n 100 127.0.0.1 | grep -A1 "#bytes"
+    wait $server
+done
+for s in 8 4096; do
+    echo "== ib_send_lat -F -d $dev -x $gid -s $s -n 1000"
+    ib_send_lat -F -d "$dev" -x "$gid" -s $s -n 1000 >/tmp/slat_server.log 2>&1 &
+    server=$!
+    sleep 1
+    ib_send_lat -F -d "$dev" -x "$gid" -s $s -n 1000 127.0.0.1 | grep -A1 "#bytes"
+    wait $server
+done
+
+sizes=1024,16384,65536,1048576,4194304,8388608
+for t in verbs tcp; do
+    echo "== tools/bench_transport.py --transport $t --sizes $sizes --seconds 0.03"
+    "$py" tools/bench_transport.py --transport "$t" --sizes "$sizes" --seconds 0.03 --json "/tmp/bench_$t.json"
+done
+
+for t in verbs tcp; do
+    echo "== RDMAKV_TRANSPORT=$t python -m rdmakv.launch -n 2 -s 1 -- python tools/pushpull_time.py --mib 16 --steps 5"
+    RDMAKV_TRANSPORT=$t RDMAKV_TIMEOUT=120 "$py" -m rdmakv.launch -n 2 -s 1 -- \
+        "$py" tools/pushpull_time.py --mib 16 --steps 5 2>&1 | grep -E "PUSHPULL|rror"
+done

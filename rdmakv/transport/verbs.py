@@ -1,0 +1,645 @@
+"""The RDMA verbs transport: the same contract as tcp.py over RC queue pairs.
+
+Connection set-up.  A TCP socket carries the set-up: each side sends a JSON
+description of its QP (verbs_qp.local_endpoint plus its receive-slot
+geometry), both walk their QP to RTS, then trade a ready byte.  The socket
+then stays open for liveness only: its end of file means the peer is gone,
+and a clean close() says so first with a goodbye byte.
+
+Every connection has its own protection domain, completion channel, CQ and
+RC QP on a process-wide device Context, and a progress thread that waits on
+the CQ (CQ.wait: spin briefly, then sleep on the channel, GIL released) and
+hands completions to the threads waiting for them.
+
+Messages.  Each SEND carries a 24-byte frame prefix (kind, returned credits,
+message id, rkey, address) before the rdmakv header:
+
+- eager: header and a payload of at most `eager_limit` bytes, copied into a
+  registered send slot; the receiver copies the payload from its receive slot
+  into the destination on recv_payload().  Such copies are counted in
+  `copied_bytes`.
+- rendezvous (larger payloads, zero copy): the header goes alone.  On
+  recv_payload(header, dest) the receiver registers `dest` (remote write)
+  through its MR cache and answers clear-to-send {id, addr, rkey}; the sender
+  registers its own buffer (local access only: the peer never reads worker
+  memory) and RDMA-writes it straight from the caller's array with the
+  immediate = id, which completes the receiver's wait.  send() returns once
+  its write completed.
+
+Flow control: the sender holds one credit per receive slot the peer keeps
+for messages; the receiver returns credits as it consumes messages,
+piggybacked on its own frames or in a CREDIT frame.  Clear-to-send, credit
+frames and write-with-immediate land in extra slots that the progress thread
+reposts at once, so they can never be starved by unread messages.
+
+rkeys are only ever sent to the peer of their connection, whose PD they
+belong to, and die with it: close() destroys QP -> CQ -> MRs -> PD -> channel
+and drops the device Context when its last user goes.
+"""
+import json
+import logging
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+
+from rdmakv import netif, protocol
+from rdmakv.errors import (ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, TransportError,
+                           VerbsError)
+from rdmakv.transport import tcp as _tcp
+from rdmakv.transport import verbs_devices, verbs_qp
+from rdmakv.transport.base import Connection, Listener as _ListenerBase
+from rdmakv.transport.mrcache import MRCache
+
+log = logging.getLogger("rdmakv.transport.verbs")
+
+SLOT_BYTES = 16384           # one receive/send slot: frame prefix + header + eager payload
+DATA_SLOTS = 64              # receive slots for messages (the peer's credits)
+CTRL_SLOTS = 16              # receive slots for clear-to-send, credits and write-with-imm
+SEND_SLOTS = 64              # registered send slots
+MR_CACHE_BYTES = 512 << 20   # per connection
+WRITE_PIECE = 1 << 30        # one RDMA write moves at most this much
+PROGRESS_SLICE = 0.1         # seconds the progress thread sleeps before checking liveness
+HANDSHAKE_MAGIC = b"RDKVVRB1"
+
+# frame prefix: kind, flags, returned credits, id, rkey, addr
+PREFIX = struct.Struct("<BBHIIQ4x")
+K_EAGER, K_RNDV, K_CTS, K_CREDIT = 1, 2, 3, 4
+EAGER_LIMIT = SLOT_BYTES - PREFIX.size - protocol.HEADER_SIZE
+
+# wr_id tags (top bits) for the three kinds of work request
+_RX, _TX, _WRITE = 1 << 40, 2 << 40, 3 << 40
+_TAG_MASK = 0xFF << 40
+
+_WIRE_FIELDS = ("qpn", "psn", "lid", "mtu", "slots", "slot_bytes")
+
+
+def _t():
+    from rdmakv._native import transport
+    return transport
+
+
+# --- the process-wide device ---------------------------------------------------------
+
+class _Device:
+    """The device Context and PortInfo, shared by every connection of this
+    process and closed when the last one releases it."""
+    _lock = threading.Lock()
+    _ctx = None
+    _port = None
+    _users = 0
+    _pid = None
+
+    @classmethod
+    def acquire(cls):
+        with cls._lock:
+            if cls._ctx is None or cls._pid != os.getpid():
+                cls._ctx, cls._port = verbs_devices.open_device()
+                cls._pid = os.getpid()
+                cls._users = 0
+            cls._users += 1
+            return cls._ctx, cls._port
+
+    @classmethod
+    def release(cls):
+        with cls._lock:
+            cls._users -= 1
+            if cls._users <= 0 and cls._ctx is not None:
+                ctx, cls._ctx, cls._port = cls._ctx, None, None
+                ctx.close()
+
+
+def _slab(nbytes):
+    """Dedicated page-aligned anonymous memory (safe to register even where
+    ibv_fork_init marks registered pages MADV_DONTFORK)."""
+    return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+# --- the TCP side channel -------------------------------------------------------------
+
+def _send_blob(sock, obj):
+    data = json.dumps(obj).encode()
+    sock.sendall(HANDSHAKE_MAGIC + struct.pack("<I", len(data)) + data)
+
+
+def _recv_exact(sock, n, deadline, what):
+    out = bytearray()
+    while len(out) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PeerTimeout(f"{what}: no answer within the time limit")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(n - len(out))
+        except socket.timeout:
+            continue
+        if not chunk:
+            raise ConnectionClosed(f"{what}: the peer closed the connection during the verbs set-up")
+        out += chunk
+    return bytes(out)
+
+
+def _recv_blob(sock, deadline, what):
+    head = _recv_exact(sock, len(HANDSHAKE_MAGIC) + 4, deadline, what)
+    if head[:len(HANDSHAKE_MAGIC)] != HANDSHAKE_MAGIC:
+        raise ProtocolError(f"{what}: the peer does not speak the rdmakv verbs transport "
+                            f"(is it using RDMAKV_TRANSPORT=tcp?)")
+    (length,) = struct.unpack("<I", head[len(HANDSHAKE_MAGIC):])
+    if length > 4096:
+        raise ProtocolError(f"{what}: set-up message of {length} bytes")
+    try:
+        obj = json.loads(_recv_exact(sock, length, deadline, what))
+    except ValueError as exc:
+        raise ProtocolError(f"{what}: set-up message is not JSON: {exc}") from None
+    if not isinstance(obj, dict) or any(not isinstance(obj.get(k), int) for k in _WIRE_FIELDS):
+        raise ProtocolError(f"{what}: set-up message lacks {', '.join(_WIRE_FIELDS)}")
+    if obj.get("gid") is not None and not isinstance(obj["gid"], str):
+        raise ProtocolError(f"{what}: bad GID in the set-up message")
+    if obj["slot_bytes"] != SLOT_BYTES or not 1 <= obj["slots"] <= 4096:
+        raise ProtocolError(f"{what}: the peer uses {obj['slots']} slots of {obj['slot_bytes']} bytes, "
+                            f"this side {SLOT_BYTES}-byte slots")
+    return obj
+
+
+# --- the connection -------------------------------------------------------------------
+
+class VerbsConnection(Connection):
+    """One RC QP to one peer, with its TCP side channel (see the module doc)."""
+
+    def __init__(self, sock, timeout, initiator, setup_timeout=None):
+        self._sock = sock
+        self._timeout = timeout
+        self._setup_timeout = timeout if setup_timeout is None else setup_timeout
+        try:
+            self.peer = netif.format_address(*sock.getpeername()[:2])
+        except OSError:
+            self.peer = "?"
+        self.copied_bytes = 0          # payload bytes copied through bounce slots (both ways)
+        self.rendezvous_bytes = 0      # payload bytes moved zero-copy by RDMA write (both ways)
+        self._cv = threading.Condition()
+        self._post_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._closed = False           # close() was called here
+        self._error = None             # why the connection is unusable (ConnectionClosed, ...)
+        self._peer_said_bye = False
+        self._released = False
+        self._inbox = deque()          # (slot, byte_len) of received eager/rendezvous frames
+        self._current = None           # (slot, kind, id) of the frame whose header recv_header returned
+        self._cts = {}                 # message id -> (addr, rkey) from the peer
+        self._writes_in = set()        # ids whose write-with-imm arrived here
+        self._writes_done = {}         # id -> None or error, our writes' completions
+        self._free_tx = list(range(SEND_SLOTS))
+        self._credits = 0              # messages we may still send
+        self._to_return = 0            # consumed slots whose credit the peer has not got back
+        self._next_id = 1
+        self._thread = None
+        self._have_device = False
+        self._qp = self._cq = self._channel = self._pd = None
+        self._rx_mr = self._tx_mr = None
+        self._mrs = None
+        try:
+            self._setup(initiator)
+        except BaseException:
+            self._release()
+            raise
+
+    # ---- set-up --------------------------------------------------------------------
+    def _setup(self, initiator):
+        t = _t()
+        ctx, port = _Device.acquire()
+        self._have_device = True
+        self._port = port
+        self._pd = t.PD(ctx)
+        self._channel = t.CompChannel(ctx)
+        rx_slots = DATA_SLOTS + CTRL_SLOTS
+        self._cq = t.CQ(ctx, rx_slots + SEND_SLOTS + 64, self._channel)
+        self._qp = t.QP(self._pd, self._cq, max_send_wr=SEND_SLOTS + 32, max_recv_wr=rx_slots,
+                        max_inline_data=256)
+        self._inline = self._qp.max_inline_data
+        self._rx = _slab(rx_slots * SLOT_BYTES)
+        self._tx = _slab(SEND_SLOTS * SLOT_BYTES)
+        self._rxv, self._txv = memoryview(self._rx), memoryview(self._tx)
+        self._rx_mr = t.MR(self._pd, self._rx, t.IBV_ACCESS_LOCAL_WRITE)
+        self._tx_mr = t.MR(self._pd, self._tx, 0)
+        self._mrs = MRCache(self._pd, MR_CACHE_BYTES)
+        access = t.IBV_ACCESS_LOCAL_WRITE | t.IBV_ACCESS_REMOTE_WRITE
+        # Receives can be posted from INIT on, so they are there before the peer may send.
+        self._qp.modify(t.IBV_QPS_INIT, pkey_index=0, port_num=port.port, qp_access_flags=access)
+        for slot in range(rx_slots):
+            self._post_rx(slot)
+        psn = verbs_qp.new_psn()
+        mine = dict(verbs_qp.local_endpoint(self._qp, port, psn), slots=DATA_SLOTS, slot_bytes=SLOT_BYTES)
+        what = f"verbs set-up with {self.peer}"
+        deadline = time.monotonic() + self._setup_timeout
+        if initiator:
+            _send_blob(self._sock, mine)
+            theirs = _recv_blob(self._sock, deadline, what)
+        else:
+            theirs = _recv_blob(self._sock, deadline, what)
+            _send_blob(self._sock, mine)
+        if theirs.get("gid") is None and port.gid_index is not None:
+            raise ProtocolError(f"{what}: this port is RoCE but the peer sent no GID")
+        verbs_qp.connect_rc(self._qp, port, theirs, psn, access=access)
+        self._credits = theirs["slots"]
+        self._sock.sendall(b"R")
+        if _recv_exact(self._sock, 1, deadline, what) != b"R":
+            raise ProtocolError(f"{what}: bad ready byte")
+        self._sock.setblocking(False)
+        self._thread = threading.Thread(target=self._progress, name=f"rdmakv-verbs-{self.peer}", daemon=True)
+        self._thread.start()
+
+    def _post_rx(self, slot):
+        self._qp.post_recv(self._rx_mr, slot * SLOT_BYTES, SLOT_BYTES, wr_id=_RX | slot)
+
+    # ---- failure -----------------------------------------------------------------------
+    def _fail(self, error):
+        """Make the connection unusable with `error`; wakes every waiter."""
+        with self._cv:
+            if self._error is None:
+                self._error = error
+            self._cv.notify_all()
+
+    def _check(self, what):
+        """Raise the reason this connection can't be used, if any (cv held)."""
+        if self._closed:
+            raise ConnectionClosed(f"{what} {self.peer}: connection closed")
+        if self._error is not None:
+            raise self._error
+
+    def _wait(self, ready, what, deadline=None):
+        """Wait (cv held) until ready() is true, the connection fails or the deadline passes."""
+        deadline = deadline if deadline is not None else time.monotonic() + self._timeout
+        while True:
+            self._check(what)
+            if ready():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerTimeout(f"{what} {self.peer}: no progress for {self._timeout:g} s (RDMAKV_TIMEOUT)")
+            self._cv.wait(left)
+
+    def _wc_error(self, wc, operation):
+        exc = wc.error((wc,))
+        exc.args = (f"{operation} {self.peer} failed: {wc.status_str} (status {wc.status}, "
+                    f"vendor_err {wc.vendor_err:#x}, wr_id {wc.wr_id & ~_TAG_MASK})",)
+        return exc
+
+    # ---- the progress thread ----------------------------------------------------------
+    def _progress(self):
+        try:
+            while not self._closed:
+                wcs = self._cq.wait(PROGRESS_SLICE, max_entries=32, spin_us=30.0, check=False)
+                if wcs:
+                    self._dispatch(wcs)     # after a failure too: flushed completions free slots
+                elif self._error is None:
+                    self._check_liveness()
+        except Exception as exc:  # noqa: BLE001 - the connection fails, the process goes on
+            if not self._closed:
+                log.exception("verbs progress for %s failed", self.peer)
+                self._fail(TransportError(f"verbs progress for {self.peer} failed: {exc}"))
+
+    def _check_liveness(self):
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            if not readable:
+                return
+            data = self._sock.recv(16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            data = None
+            reason = exc.strerror or str(exc)
+        else:
+            reason = "closed its side channel"
+        if data and b"B" in data:
+            self._peer_said_bye = True
+            # Everything it sent completed before it said goodbye: reap it first.
+            self._drain_cq()
+            self._fail(EndOfStream(f"{self.peer} closed the connection"))
+        elif not data:
+            self._drain_cq()
+            self._fail(ConnectionClosed(f"connection to {self.peer} lost: the peer {reason} (process died?)"))
+
+    def _drain_cq(self):
+        while True:
+            wcs = self._cq.poll(64)
+            if not wcs:
+                return
+            self._dispatch(wcs)
+
+    def _dispatch(self, wcs):
+        t = _t()
+        with self._cv:
+            for wc in wcs:
+                tag, index = wc.wr_id & _TAG_MASK, wc.wr_id & ~_TAG_MASK
+                if not wc.ok:
+                    if self._error is None:
+                        op = {_RX: "receive from", _TX: "send to", _WRITE: "RDMA write to"}.get(tag, "verbs op with")
+                        self._error = self._wc_error(wc, op)
+                    if tag == _WRITE:
+                        self._writes_done[index] = self._error
+                    continue
+                if tag == _TX:
+                    self._free_tx.append(index)
+                elif tag == _WRITE:
+                    self._writes_done[index] = None
+                elif tag == _RX:
+                    if wc.opcode == t.IBV_WC_RECV_RDMA_WITH_IMM:
+                        self._writes_in.add(wc.imm_data)
+                        self._repost(index)
+                        continue
+                    kind, _, credits, ident, rkey, addr = PREFIX.unpack_from(self._rx, index * SLOT_BYTES)
+                    self._credits += credits
+                    if kind == K_CTS:
+                        self._cts[ident] = (addr, rkey)
+                        self._repost(index)
+                    elif kind == K_CREDIT:
+                        self._repost(index)
+                    elif kind in (K_EAGER, K_RNDV) and wc.byte_len >= PREFIX.size + protocol.HEADER_SIZE:
+                        self._inbox.append((index, wc.byte_len))
+                    else:
+                        self._error = ProtocolError(f"{self.peer} sent a malformed verbs frame (kind {kind}, "
+                                                    f"{wc.byte_len} bytes)")
+            self._cv.notify_all()
+
+    def _repost(self, slot):
+        try:
+            self._post_rx(slot)
+        except (VerbsError, ValueError) as exc:
+            if self._error is None and not self._closed:
+                self._error = ConnectionClosed(f"receive from {self.peer}: cannot repost a receive: {exc}")
+
+    # ---- sending ---------------------------------------------------------------------------
+    def _post_frame(self, kind, ident, header=b"", payload=None, n=0, rkey=0, addr=0, uses_credit=True,
+                    what="send to"):
+        """Copy one frame into a send slot and SEND it (cv held while waiting for a slot/credit)."""
+        with self._cv:
+            self._wait(lambda: self._free_tx and (self._credits > 0 or not uses_credit), what)
+            slot = self._free_tx.pop()
+            if uses_credit:
+                self._credits -= 1
+            credits, self._to_return = min(self._to_return, 0xFFFF), max(0, self._to_return - 0xFFFF)
+        base = slot * SLOT_BYTES
+        PREFIX.pack_into(self._tx, base, kind, 0, credits, ident, rkey, addr)
+        end = base + PREFIX.size
+        if header:
+            self._txv[end:end + len(header)] = header
+            end += len(header)
+        if n:
+            self._txv[end:end + n] = payload
+            end += n
+        length = end - base
+        with self._post_lock:
+            try:
+                self._qp.post_send(self._tx_mr, base, length, wr_id=_TX | slot, inline=length <= self._inline)
+            except (VerbsError, ValueError) as exc:
+                self._fail(ConnectionClosed(f"{what} {self.peer}: {exc}"))
+                with self._cv:
+                    self._check(what)
+                raise
+        return n
+
+    def send(self, header, payload=None):
+        what = "send to"
+        view = None
+        n = 0
+        if payload is not None:
+            view = memoryview(payload)
+            if not view.contiguous:
+                raise ValueError("payload must be a contiguous buffer")
+            view = view.cast("B")
+            n = view.nbytes
+        if len(header) != protocol.HEADER_SIZE:
+            raise ProtocolError(f"header is {len(header)} bytes, expected {protocol.HEADER_SIZE}")
+        if n <= EAGER_LIMIT:
+            self._post_frame(K_EAGER, 0, header, view, n)
+            with self._cv:
+                self.copied_bytes += n
+            return
+        with self._cv:
+            self._check(what)
+            ident = self._next_id
+            self._next_id = (self._next_id % 0xFFFFFFFF) + 1
+        with self._mrs.lease(view, 0) as mr:
+            self._post_frame(K_RNDV, ident, header)
+            deadline = time.monotonic() + self._timeout
+            with self._cv:
+                self._wait(lambda: ident in self._cts, "clear-to-send from", deadline)
+                addr, rkey = self._cts.pop(ident)
+            offset = 0
+            with self._post_lock:
+                try:
+                    while offset < n:
+                        piece = min(WRITE_PIECE, n - offset)
+                        last = offset + piece == n
+                        self._qp.post_write(mr, offset, piece, addr + offset, rkey, wr_id=_WRITE | ident,
+                                            imm=ident if last else None, signaled=last)
+                        offset += piece
+                except (VerbsError, ValueError) as exc:
+                    self._fail(ConnectionClosed(f"RDMA write to {self.peer}: {exc}"))
+                    raise self._error from None
+            with self._cv:
+                try:
+                    self._wait(lambda: ident in self._writes_done, "RDMA write to", deadline)
+                finally:
+                    error = self._writes_done.pop(ident, None)
+                if error is not None:
+                    raise error
+                self.rendezvous_bytes += n
+
+    # ---- receiving ------------------------------------------------------------------------
+    def recv_header(self, idle_timeout):
+        with self._recv_lock:
+            with self._cv:
+                if self._current is not None:
+                    raise ProtocolError(f"recv_header from {self.peer} before the last payload was received")
+                deadline = time.monotonic() + idle_timeout
+                while not self._inbox:
+                    if self._closed or self._error is not None:
+                        self._check("receive from")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._cv.wait(left)
+                slot, byte_len = self._inbox.popleft()
+            base = slot * SLOT_BYTES
+            kind, _, _, ident, _, _ = PREFIX.unpack_from(self._rx, base)
+            start = base + PREFIX.size
+            header = protocol.unpack(self._rx[start:start + protocol.HEADER_SIZE])
+            carried = byte_len - PREFIX.size - protocol.HEADER_SIZE
+            if kind == K_EAGER and carried != header.length:
+                self._consumed(slot)
+                raise ProtocolError(f"{self.peer}: header says {header.length} payload bytes, frame carries {carried}")
+            if kind == K_RNDV and (carried or header.length <= EAGER_LIMIT):
+                self._consumed(slot)
+                raise ProtocolError(f"{self.peer}: a rendezvous for {header.length} bytes is not allowed")
+            if kind == K_RNDV or header.length == 0:
+                self._consumed(slot)
+                if header.length:
+                    self._current = (None, kind, ident)
+            else:
+                self._current = (slot, kind, ident)
+            return header
+
+    def _consumed(self, slot):
+        """Give a message slot back to the device and its credit back to the peer."""
+        with self._cv:
+            self._repost(slot)
+            self._to_return += 1
+            owe = self._to_return >= DATA_SLOTS // 4
+        if owe:
+            with self._cv:
+                if self._to_return < DATA_SLOTS // 4 or self._error is not None or self._closed:
+                    return
+            self._post_frame(K_CREDIT, 0, uses_credit=False, what="credit to")
+
+    def recv_payload(self, header, destination):
+        with self._recv_lock:
+            if self._current is None:
+                raise ProtocolError(f"recv_payload from {self.peer} without a pending header")
+            slot, kind, ident = self._current
+            self._current = None
+            dest = memoryview(destination).cast("B")
+            if dest.nbytes != header.length:
+                raise ValueError(f"destination of {dest.nbytes} bytes for a {header.length}-byte payload")
+            if kind == K_EAGER:
+                start = slot * SLOT_BYTES + PREFIX.size + protocol.HEADER_SIZE
+                dest[:] = self._rxv[start:start + header.length]
+                with self._cv:
+                    self.copied_bytes += header.length
+                self._consumed(slot)
+                return
+            t = _t()
+            with self._mrs.lease(dest, t.IBV_ACCESS_LOCAL_WRITE | t.IBV_ACCESS_REMOTE_WRITE) as mr:
+                self._post_frame(K_CTS, ident, rkey=mr.rkey, addr=mr.addr, uses_credit=False,
+                                 what="clear-to-send to")
+                with self._cv:
+                    self._wait(lambda: ident in self._writes_in, "receive from")
+                    self._writes_in.discard(ident)
+                    self.rendezvous_bytes += header.length
+
+    # ---- teardown ---------------------------------------------------------------------------
+    def close(self):
+        with self._cv:
+            if self._closed:
+                return
+            drain_until = time.monotonic() + min(self._timeout, 2.0)
+            # Let SENDs already posted reach the peer before the QP goes.
+            while (len(self._free_tx) < SEND_SLOTS and self._error is None and self._thread is not None
+                   and time.monotonic() < drain_until):
+                self._cv.wait(0.05)
+            self._closed = True
+            self._cv.notify_all()
+        try:
+            if not self._peer_said_bye:
+                self._sock.setblocking(True)
+                self._sock.settimeout(0.5)
+                self._sock.sendall(b"B")
+        except OSError:
+            pass
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        self._release()
+
+    def _release(self):
+        """Destroy QP -> CQ -> MRs -> PD -> channel, then drop the device.  Once."""
+        with self._cv:
+            if self._released:
+                return
+            self._released = True
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
+            return  # the progress thread is stuck in a wait; leave the handles to the process' end
+        for obj in (self._qp, self._cq):
+            if obj is not None:
+                obj.close()
+        if self._mrs is not None:
+            self._mrs.close()
+        for obj in (self._rx_mr, self._tx_mr, self._pd, self._channel):
+            if obj is not None:
+                obj.close()
+        self._sock.close()
+        if self._have_device:
+            self._have_device = False
+            _Device.release()
+
+    def __repr__(self):
+        return f"<VerbsConnection to {self.peer}{' closed' if self._closed else ''}>"
+
+
+# --- listening and connecting -------------------------------------------------------------
+
+class VerbsListener(_ListenerBase):
+    """A TCP listener whose accepted sockets become verbs connections."""
+
+    def __init__(self, host, port, timeout, backlog=128):
+        verbs_devices.select_port()      # fail now, with the reason, where verbs can't work
+        self._tcp = _tcp.TcpListener(host, port, timeout, backlog)
+        self._timeout = timeout
+        self.address = self._tcp.address
+
+    def accept(self, timeout):
+        if not _tcp._t.wait_readable(self._tcp._sock.fileno(), timeout):
+            return None
+        try:
+            sock, _ = self._tcp._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        sock.setblocking(True)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            # A stalled client must not hold up the accept loop for long.
+            return VerbsConnection(sock, self._timeout, initiator=False, setup_timeout=min(self._timeout, 10.0))
+        except (TransportError, ProtocolError, OSError) as exc:
+            log.warning("verbs connection from %s refused: %s", _name(sock), exc)
+            sock.close()
+            return None
+
+    def close(self):
+        self._tcp.close()
+
+
+def _name(sock):
+    try:
+        return netif.format_address(*sock.getpeername()[:2])
+    except OSError:
+        return "?"
+
+
+def connect(host, port, timeout, retry_until=None):
+    """Connect (retrying refused attempts until `retry_until`) and set up the QP."""
+    family, sockaddr = netif.resolve(host, port)
+    deadline = retry_until if retry_until is not None else time.monotonic() + timeout
+    last = None
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(max(0.1, min(timeout, deadline - time.monotonic())))
+        try:
+            sock.connect(sockaddr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            if time.monotonic() >= deadline:
+                raise PeerTimeout(f"cannot connect to {netif.format_address(host, port)}: {last}") from None
+            time.sleep(0.05)
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            return VerbsConnection(sock, timeout, initiator=True)
+        except BaseException:
+            sock.close()
+            raise
+
+
+Listener = VerbsListener      # the name every transport module exports
+
+__all__ = ["Listener", "connect", "VerbsConnection", "EAGER_LIMIT"]

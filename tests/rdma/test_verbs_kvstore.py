@@ -1,0 +1,153 @@
+"""KVStore over verbs with a real local cluster in the soft-RoCE VM: the
+scheduler on TCP, servers and workers on RDMAKV_TRANSPORT=verbs."""
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rdmakv.transport import verbs_devices
+
+USABLE, REASON = verbs_devices.probe()
+pytestmark = [pytest.mark.rdma, pytest.mark.skipif(not USABLE, reason=f"no usable RDMA device: {REASON}")]
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"]
+
+
+@pytest.fixture
+def verbs_cluster(cluster_factory, monkeypatch):
+    monkeypatch.setenv("RDMAKV_TRANSPORT", "verbs")
+
+    def make(workers, servers, **env):
+        # Python under TCG starts slowly: give the rendezvous more than the default 30 s.
+        return cluster_factory(workers, servers, **{"RDMAKV_TIMEOUT": 120, **env})
+    return make
+
+
+def values(rank, shape, dtype, round_=0):
+    rng = np.random.default_rng(1000 * rank + round_ + 17 * len(shape))
+    return rng.integers(-3, 4, size=shape).astype(dtype)
+
+
+def expected(workers, shape, dtype, round_=0):
+    total = np.zeros(shape, dtype)
+    for rank in range(workers):
+        total += values(rank, shape, dtype, round_)
+    return total
+
+
+def test_exact_sums_every_dtype_multichunk(verbs_cluster):
+    cluster = verbs_cluster(2, 2, RDMAKV_PARTITION_BYTES=32768)
+
+    def work(kv):
+        from rdmakv.transport import verbs
+        assert kv.transport is verbs
+        for dtype in DTYPES:
+            for shape in [(1,), (3, 5), (40_000,), (300, 257)]:      # up to 8 chunks of 32 KiB
+                value = values(kv.rank, shape, dtype)
+                kv.pushpull(f"{dtype}{shape}", value)
+                np.testing.assert_array_equal(value, expected(2, shape, dtype))
+        return True
+
+    assert cluster.run(work, timeout=240) == [True, True]
+
+
+def test_many_keys_priorities_and_broadcast(verbs_cluster):
+    cluster = verbs_cluster(2, 2, RDMAKV_PARTITION_BYTES=65536, RDMAKV_SCHEDULING_CREDIT=2)
+    shapes = [((n * 7919) % 50_000 + 1,) for n in range(24)]
+
+    def work(kv):
+        handles = []
+        for index, shape in enumerate(shapes):
+            value = values(kv.rank, shape, "int64", index)
+            out = np.empty_like(value)
+            handles.append((index, out, kv.pushpull_async(index, value, out=out, priority=-index)))
+        for index, out, handle in handles:
+            assert handle.wait() is out
+            np.testing.assert_array_equal(out, expected(2, shapes[index], "int64", index))
+        weights = np.arange(200_000, dtype=np.float32) * (kv.rank + 1)
+        kv.broadcast("w", weights, root=0)
+        np.testing.assert_array_equal(weights, np.arange(200_000, dtype=np.float32))
+        kv.barrier()
+        return True
+
+    assert cluster.run(work, timeout=240) == [True, True]
+
+
+def test_16mib_pushpull_is_zero_copy(verbs_cluster):
+    cluster = verbs_cluster(2, 1)
+    n = 4 << 20                       # float32: 16 MiB, four 4 MiB chunks
+
+    def work(kv):
+        value = np.full(n, kv.rank + 1, np.float32)
+        kv.pushpull("big", value)
+        np.testing.assert_array_equal(value, np.full(n, 3, np.float32))
+        connections = [link.peer.connection for link in kv._links]
+        return sum(c.copied_bytes for c in connections), sum(c.rendezvous_bytes for c in connections)
+
+    for copied, zero_copy in cluster.run(work, timeout=240):
+        assert zero_copy == 2 * 16 << 20            # pushed and pulled by RDMA write
+        assert copied < 64 << 10, f"{copied} bytes went through bounce slots"
+
+
+SCRIPT = """
+import numpy as np, rdmakv
+from rdmakv.transport import verbs
+with rdmakv.KVStore() as kv:
+    assert kv.transport is verbs, kv.transport_reason
+    x = np.full(300_000, kv.rank + 1, np.int32)
+    kv.pushpull("x", x)
+    assert (x == 3).all()
+    print("launch ok", kv.rank, flush=True)
+"""
+
+
+def test_launch_with_verbs(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, RDMAKV_TRANSPORT="verbs", PYTHONPATH=REPO, RDMAKV_TIMEOUT="60")
+    proc = subprocess.run([sys.executable, "-m", "rdmakv.launch", "-n", "2", "-s", "1", "--",
+                           sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("launch ok") == 2, proc.stdout
+
+
+def test_info_lists_devices_like_pyverbs(tmp_path):
+    """`python -m rdmakv.info --json` agrees with pyverbs on devices, ports, state, MTU and GIDs."""
+    src = "/usr/lib/python3/dist-packages/pyverbs"
+    if not os.path.isdir(src):
+        pytest.skip("python3-pyverbs is not installed")
+    out = subprocess.run([sys.executable, "-m", "rdmakv.info", "--json"], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHONPATH=REPO), check=True).stdout
+    info = json.loads(out)
+    assert info["transports"]["verbs"].startswith("available")
+    text = subprocess.run([sys.executable, "-m", "rdmakv.info"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=REPO), check=True).stdout
+    (tmp_path / "pyverbs").symlink_to(src)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import pyverbs.device as d
+    except ImportError as exc:
+        pytest.skip(f"pyverbs does not import here: {exc}")
+    finally:
+        sys.path.remove(str(tmp_path))
+    names = [x.name.decode() if isinstance(x.name, bytes) else x.name for x in d.get_device_list()]
+    assert [dev["device"] for dev in info["devices"]] == names
+    for dev in info["devices"]:
+        assert f"hca_id: {dev['device']}" in text
+        with d.Context(name=dev["device"]) as ctx:
+            for port in dev["ports"]:
+                attr = ctx.query_port(port["port"])
+                assert port["state"] == {4: "PORT_ACTIVE", 1: "PORT_DOWN", 2: "PORT_INIT"}[attr.state]
+                assert port["active_mtu"] == verbs_devices.MTU_BYTES[attr.active_mtu]
+                assert port["link_layer"] == {1: "InfiniBand", 2: "Ethernet"}[attr.link_layer]
+                assert port["lid"] == attr.lid
+                for gid in port["gids"]:
+                    theirs = ctx.query_gid(port["port"], gid["index"])
+                    theirs = theirs.gid if hasattr(theirs, "gid") else str(theirs)
+                    assert ipaddress.IPv6Address(theirs) == ipaddress.IPv6Address(gid["gid"])
+                    assert gid["gid"] in text
