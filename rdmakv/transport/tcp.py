@@ -2,6 +2,7 @@
 rdmakv._transport.  IPv4 and IPv6."""
 import socket
 import threading
+import time
 
 from rdmakv import netif, protocol
 from rdmakv._native import transport as _t
@@ -113,24 +114,27 @@ class TcpListener(Listener):
         self._sock.close()
 
 
-def connect(host, port, timeout, retry_until=None):
-    """Connect, retrying refused attempts until `retry_until` (a time.monotonic value)."""
-    import time
+def connect_socket(host, port, timeout, retry_until=None):
+    """A connected TCP socket, retrying refused attempts until `retry_until` (a
+    time.monotonic value; default: `timeout` from now)."""
     family, sockaddr = netif.resolve(host, port)
     deadline = retry_until if retry_until is not None else time.monotonic() + timeout
-    last = None
     while True:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.settimeout(max(0.1, min(timeout, deadline - time.monotonic())))
         try:
             sock.connect(sockaddr)
-            return TcpConnection(sock, timeout)
+            return sock
         except OSError as exc:
             sock.close()
-            last = exc
-        if time.monotonic() >= deadline:
-            raise PeerTimeout(f"cannot connect to {netif.format_address(host, port)}: {last}")
+            if time.monotonic() >= deadline:
+                raise PeerTimeout(f"cannot connect to {netif.format_address(host, port)}: {exc}") from None
         time.sleep(0.05)
+
+
+def connect(host, port, timeout, retry_until=None):
+    """A TcpConnection to host:port (see connect_socket for the retries)."""
+    return TcpConnection(connect_socket(host, port, timeout, retry_until), timeout)
 
 
 Listener = TcpListener      # the name every transport module exports

@@ -617,27 +617,13 @@ def _name(sock):
 
 def connect(host, port, timeout, retry_until=None):
     """Connect (retrying refused attempts until `retry_until`) and set up the QP."""
-    family, sockaddr = netif.resolve(host, port)
-    deadline = retry_until if retry_until is not None else time.monotonic() + timeout
-    last = None
-    while True:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(max(0.1, min(timeout, deadline - time.monotonic())))
-        try:
-            sock.connect(sockaddr)
-        except OSError as exc:
-            sock.close()
-            last = exc
-            if time.monotonic() >= deadline:
-                raise PeerTimeout(f"cannot connect to {netif.format_address(host, port)}: {last}") from None
-            time.sleep(0.05)
-            continue
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            return VerbsConnection(sock, timeout, initiator=True)
-        except BaseException:
-            sock.close()
-            raise
+    sock = _tcp.connect_socket(host, port, timeout, retry_until)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        return VerbsConnection(sock, timeout, initiator=True)
+    except BaseException:
+        sock.close()
+        raise
 
 
 Listener = VerbsListener      # the name every transport module exports
