@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from kvstore_helpers import expected_sum, worker_values
 from rdmakv.transport import verbs_devices
 
 USABLE, REASON = verbs_devices.probe()
@@ -28,18 +29,6 @@ def verbs_cluster(cluster_factory, monkeypatch):
     return make
 
 
-def values(rank, shape, dtype, round_=0):
-    rng = np.random.default_rng(1000 * rank + round_ + 17 * len(shape))
-    return rng.integers(-3, 4, size=shape).astype(dtype)
-
-
-def expected(workers, shape, dtype, round_=0):
-    total = np.zeros(shape, dtype)
-    for rank in range(workers):
-        total += values(rank, shape, dtype, round_)
-    return total
-
-
 def test_exact_sums_every_dtype_multichunk(verbs_cluster):
     cluster = verbs_cluster(2, 2, RDMAKV_PARTITION_BYTES=32768)
 
@@ -48,9 +37,9 @@ def test_exact_sums_every_dtype_multichunk(verbs_cluster):
         assert kv.transport is verbs
         for dtype in DTYPES:
             for shape in [(1,), (3, 5), (40_000,), (300, 257)]:      # up to 8 chunks of 32 KiB
-                value = values(kv.rank, shape, dtype)
+                value = worker_values(kv.rank, shape, dtype)
                 kv.pushpull(f"{dtype}{shape}", value)
-                np.testing.assert_array_equal(value, expected(2, shape, dtype))
+                np.testing.assert_array_equal(value, expected_sum(2, shape, dtype))
         return True
 
     assert cluster.run(work, timeout=240) == [True, True]
@@ -63,12 +52,12 @@ def test_many_keys_priorities_and_broadcast(verbs_cluster):
     def work(kv):
         handles = []
         for index, shape in enumerate(shapes):
-            value = values(kv.rank, shape, "int64", index)
+            value = worker_values(kv.rank, shape, "int64", index)
             out = np.empty_like(value)
             handles.append((index, out, kv.pushpull_async(index, value, out=out, priority=-index)))
         for index, out, handle in handles:
             assert handle.wait() is out
-            np.testing.assert_array_equal(out, expected(2, shapes[index], "int64", index))
+            np.testing.assert_array_equal(out, expected_sum(2, shapes[index], "int64", index))
         weights = np.arange(200_000, dtype=np.float32) * (kv.rank + 1)
         kv.broadcast("w", weights, root=0)
         np.testing.assert_array_equal(weights, np.arange(200_000, dtype=np.float32))
