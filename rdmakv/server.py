@@ -5,7 +5,9 @@ scheduler according to DMLC_ROLE, as `import byteps.server` does.
 Memory per chunk is two result buffers used by alternate rounds (a worker can
 push round r+1 as soon as it has round r's result, while round r's result may
 still be going out to slower workers) plus, with an optimizer, the weights:
-bounded, whatever the number of rounds."""
+bounded, whatever the number of rounds.  A worker whose connection places data
+remotely (verbs) also gets a slot per chunk that its pushes are written
+straight into: the slot for round r+1 is offered once round r's push is summed."""
 import heapq
 import itertools
 import logging
@@ -45,6 +47,7 @@ class KeyState:
         self.layout = layout          # the declaration every worker must match
         self.name = layout["name"]
         self.declared_by = {first_rank}
+        self.chunks = []              # the ChunkStates this server holds
         self.error = None             # set once workers disagree: the key is then refused
 
 
@@ -82,6 +85,8 @@ class WorkerLink:
         self.rank = None
         self.scratch = np.empty(0, np.uint8)
         self.filling = None           # the chunk this worker's push is landing in directly
+        self.places = peer.connection.places_remotely
+        self.slots = {}               # ChunkState -> where this worker's pushes land (when places)
         self._queue = []
         self._order = itertools.count()
         self._ready = threading.Condition()
@@ -94,6 +99,17 @@ class WorkerLink:
         if self.scratch.nbytes < nbytes:
             self.scratch = np.empty(nbytes, np.uint8)
         return self.scratch[:nbytes]
+
+    def slot_for(self, chunk):
+        slot = self.slots.get(chunk)
+        if slot is None:
+            slot = self.slots[chunk] = np.empty(chunk.nbytes, np.uint8)
+        return slot
+
+    def offer_slot(self, chunk, rnd):
+        """Let the worker write its push of round rnd straight into its slot (verbs)."""
+        if self.places:
+            self.peer.offer(Op.PUSH, chunk.key_state.key, chunk.index, rnd, self.slot_for(chunk))
 
     def reply(self, priority, op, payload, **fields):
         with self._ready:
@@ -228,6 +244,8 @@ class ParameterServer(Handler):
             link = peer.info.get("link")
             if link is None:
                 raise ProtocolError(f"{protocol.op_name(header.op)} before CONNECT")
+            if header.op == Op.PUSH and link.places:
+                return link.slot_for(chunk)
             if header.op == Op.PUSH:
                 # The round's first contribution lands straight in its result buffer;
                 # later ones land in the connection's scratch buffer and are added.
@@ -319,13 +337,19 @@ class ParameterServer(Handler):
                 code = protocol.DTYPE_CODES[layout["dtype"]]
                 for index, (_, nbytes, server) in enumerate(layout["chunks"]):
                     if server == self.rank:
-                        self._chunks[(key, index)] = ChunkState(state, index, nbytes, code)
-                return
-            state.declared_by.add(link.rank)
-            if state.error is None and state.layout != layout:
-                state.error = self._describe_mismatch(state, layout, link.rank)
+                        chunk = self._chunks[(key, index)] = ChunkState(state, index, nbytes, code)
+                        state.chunks.append(chunk)
+            else:
+                state.declared_by.add(link.rank)
+                if state.error is None and state.layout != layout:
+                    state.error = self._describe_mismatch(state, layout, link.rank)
         if state.error is not None:
             self._fail_key(key, state.error)
+            return
+        for chunk in state.chunks:
+            with chunk.lock:
+                rnd = chunk.round     # 0: no round completes before this worker pushes
+            link.offer_slot(chunk, rnd)
 
     def _validate_layout(self, key, layout):
         name, dtype, shape, chunks = (layout.get(f) for f in ("name", "dtype", "shape", "chunks"))
@@ -444,25 +468,30 @@ class ParameterServer(Handler):
                 chunk.has_data = True
             chunk.flags = header.flags
             chunk.pushed.add(link.rank)
-            if len(chunk.pushed) < self.num_workers:
-                if header.flags & FLAG_ACK:
-                    link.reply(1 << 30, Op.RECEIVED, None, key=header.key, chunk=chunk.index, round=header.round)
-                return
-            if not chunk.has_data:
-                raise KeyRefused(header.key, f"no worker sent the root value for the broadcast of key "
-                                            f"{name!r}: the root rank is not a worker")
-            result = target
-            if self.updater is not None and chunk.weight is not None and not broadcast:
-                self.updater.update(name, chunk.index, chunk.weight.view(chunk.dtype), target.view(chunk.dtype))
-                result = chunk.weight
-            rnd = chunk.round
-            if self.tracer:
-                self.tracer.instant("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
-            chunk.round += 1
-            chunk.pushed = set()
-            chunk.has_data = False
-            with self._lock:
-                links = list(self._links.values())
+            complete = len(chunk.pushed) == self.num_workers
+            if complete:
+                if not chunk.has_data:
+                    raise KeyRefused(header.key, f"no worker sent the root value for the broadcast of key "
+                                                f"{name!r}: the root rank is not a worker")
+                result = target
+                if self.updater is not None and chunk.weight is not None and not broadcast:
+                    self.updater.update(name, chunk.index, chunk.weight.view(chunk.dtype),
+                                        target.view(chunk.dtype))
+                    result = chunk.weight
+                rnd = chunk.round
+                if self.tracer:
+                    self.tracer.instant("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
+                chunk.round += 1
+                chunk.pushed = set()
+                chunk.has_data = False
+                with self._lock:
+                    links = list(self._links.values())
+        # Before the result goes out, so the worker has it when it pushes the next round.
+        link.offer_slot(chunk, header.round + 1)
+        if not complete:
+            if header.flags & FLAG_ACK:
+                link.reply(1 << 30, Op.RECEIVED, None, key=header.key, chunk=chunk.index, round=header.round)
+            return
         for other in links:
             other.reply(header.priority, Op.RESULT, result, key=header.key, chunk=chunk.index, round=rnd,
                         dtype=chunk.dtype_code)

@@ -66,6 +66,16 @@ class Connection(abc.ABC):
     def close(self):
         """Release everything; idempotent; wakes a blocked receiver."""
 
+    places_remotely = False   # whether offer() lets the peer write payloads straight into our buffers
+
+    def offer(self, op, key, chunk, round, buffer):
+        """Advice: the payload of the peer's next (op, key, chunk) message of
+        `round` will be received into `buffer`.  A transport that can place
+        data remotely (verbs) hands the buffer to the peer, which then writes
+        that payload straight into it; the others ignore the call.  The caller
+        must leave `buffer` alone until that message is received or a later
+        offer for the same (op, key, chunk) replaces this one."""
+
 
 class Listener(abc.ABC):
     address = None       # (host, port) peers connect to
@@ -115,6 +125,9 @@ class Peer:
     def send(self, op, payload=None, **fields):
         length = 0 if payload is None else memoryview(payload).nbytes
         self.connection.send(protocol.pack(op, length=length, **fields), payload)
+
+    def offer(self, op, key, chunk, round, buffer):
+        self.connection.offer(op, key, chunk, round, buffer)
 
     def send_json(self, op, obj, **fields):
         self.send(op, protocol.encode_json(obj), **fields)

@@ -91,16 +91,25 @@ class MRCache:
     @contextmanager
     def lease(self, buffer, access):
         """Like get(), and pinned against eviction until the block exits."""
-        key, mr = self._acquire(buffer, access, lease=True, with_key=True)
+        pin = self.pin(buffer, access)
         try:
-            yield mr
+            yield pin[1]
         finally:
-            with self._lock:
-                entry = self._entries.get(key)
-                if entry is not None and entry.mr is mr:
-                    entry.leases -= 1
-                if not self._closed:
-                    self._shrink(keep=None)
+            self.unpin(pin)
+
+    def pin(self, buffer, access):
+        """A lease that outlives a block (e.g. memory offered to a peer until it
+        writes there): returns a (key, mr) token; give it back with unpin()."""
+        return self._acquire(buffer, access, lease=True, with_key=True)
+
+    def unpin(self, pin):
+        key, mr = pin
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.mr is mr:
+                entry.leases -= 1
+            if not self._closed:
+                self._shrink(keep=None)
 
     def _acquire(self, buffer, access, lease, with_key=False):
         addr, nbytes = buffer_span(buffer)

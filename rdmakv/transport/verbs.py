@@ -45,7 +45,7 @@ import socket
 import struct
 import threading
 import time
-from collections import deque
+from collections import deque, namedtuple
 
 from rdmakv import netif, protocol
 from rdmakv.errors import (ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, TransportError,
@@ -53,7 +53,7 @@ from rdmakv.errors import (ConnectionClosed, EndOfStream, PeerTimeout, ProtocolE
 from rdmakv.transport import tcp as _tcp
 from rdmakv.transport import verbs_devices, verbs_qp
 from rdmakv.transport.base import Connection, Listener as _ListenerBase
-from rdmakv.transport.mrcache import MRCache
+from rdmakv.transport.mrcache import MRCache, buffer_span
 
 log = logging.getLogger("rdmakv.transport.verbs")
 
@@ -66,16 +66,30 @@ WRITE_PIECE = 1 << 30        # one RDMA write moves at most this much
 PROGRESS_SLICE = 0.1         # seconds the progress thread sleeps before checking liveness
 HANDSHAKE_MAGIC = b"RDKVVRB1"
 
+OFFER_SLOTS = 4096           # buffers this side may have offered to the peer at once
+OFFER_HEADER_BYTES = 64      # one entry of the table the peer writes a placed message's header into
+
 # frame prefix: kind, flags, returned credits, id, rkey, addr
 PREFIX = struct.Struct("<BBHIIQ4x")
-K_EAGER, K_RNDV, K_CTS, K_CREDIT = 1, 2, 3, 4
+K_EAGER, K_RNDV, K_CTS, K_CREDIT, K_OFFER = 1, 2, 3, 4, 5
+K_PLACED = 6                 # inbox only: a message the peer wrote into an offered buffer
 EAGER_LIMIT = SLOT_BYTES - PREFIX.size - protocol.HEADER_SIZE
+# an offer's body: op, key, chunk, round, length, header entry addr, header table rkey
+# (the payload buffer's rkey and addr travel in the prefix)
+OFFER = struct.Struct("<BQIQQQI")
+# immediate data: a rendezvous message id, or PLACED_BIT | the offer it fills
+PLACED_BIT = 1 << 31
 
 # wr_id tags (top bits) for the three kinds of work request
 _RX, _TX, _WRITE = 1 << 40, 2 << 40, 3 << 40
 _TAG_MASK = 0xFF << 40
 
 _WIRE_FIELDS = ("qpn", "psn", "lid", "mtu", "slots", "slot_bytes")
+
+# A buffer of ours the peer may write one message into: `match` is (op, key, chunk).
+_Offer = namedtuple("_Offer", "match round view pin")
+# Where the peer wants its next (op, key, chunk) message of `round`.
+_PeerOffer = namedtuple("_PeerOffer", "round ident length addr rkey header_addr header_rkey")
 
 
 def _t():
@@ -170,6 +184,8 @@ def _recv_blob(sock, deadline, what):
 class VerbsConnection(Connection):
     """One RC QP to one peer, with its TCP side channel (see the module doc)."""
 
+    places_remotely = True
+
     def __init__(self, sock, timeout, initiator, setup_timeout=None):
         self._sock = sock
         self._timeout = timeout
@@ -180,6 +196,7 @@ class VerbsConnection(Connection):
             self.peer = "?"
         self.copied_bytes = 0          # payload bytes copied through bounce slots (both ways)
         self.rendezvous_bytes = 0      # payload bytes moved zero-copy by RDMA write (both ways)
+        self.placed_bytes = 0          # payload bytes written straight into offered buffers (both ways)
         self._cv = threading.Condition()
         self._post_lock = threading.Lock()
         self._recv_lock = threading.Lock()
@@ -196,10 +213,14 @@ class VerbsConnection(Connection):
         self._credits = 0              # messages we may still send
         self._to_return = 0            # consumed slots whose credit the peer has not got back
         self._next_id = 1
+        self._offers_out = {}          # offer id -> _Offer: buffers of ours the peer may write into
+        self._offer_ids = {}           # (op, key, chunk) -> our newest offer id for it
+        self._free_offer_ids = deque(range(OFFER_SLOTS))   # FIFO, so a retired id is reused last
+        self._offers_in = {}           # (op, key, chunk) -> _PeerOffer
         self._thread = None
         self._have_device = False
         self._qp = self._cq = self._channel = self._pd = None
-        self._rx_mr = self._tx_mr = None
+        self._rx_mr = self._tx_mr = self._offer_mr = None
         self._mrs = None
         try:
             self._setup(initiator)
@@ -227,6 +248,8 @@ class VerbsConnection(Connection):
         self._tx_mr = t.MR(self._pd, self._tx, 0)
         self._mrs = MRCache(self._pd, MR_CACHE_BYTES)
         access = t.IBV_ACCESS_LOCAL_WRITE | t.IBV_ACCESS_REMOTE_WRITE
+        self._offer_headers = _slab(OFFER_SLOTS * OFFER_HEADER_BYTES)
+        self._offer_mr = t.MR(self._pd, self._offer_headers, access)
         # Receives can be posted from INIT on, so they are there before the peer may send.
         self._qp.modify(t.IBV_QPS_INIT, pkey_index=0, port_num=port.port, qp_access_flags=access)
         for slot in range(rx_slots):
@@ -349,7 +372,10 @@ class VerbsConnection(Connection):
                     self._writes_done[index] = None
                 elif tag == _RX:
                     if wc.opcode == t.IBV_WC_RECV_RDMA_WITH_IMM:
-                        self._writes_in.add(wc.imm_data)
+                        if wc.imm_data & PLACED_BIT:
+                            self._inbox.append((K_PLACED, wc.imm_data & ~PLACED_BIT, 0))
+                        else:
+                            self._writes_in.add(wc.imm_data)
                         self._repost(index)
                         continue
                     kind, _, credits, ident, rkey, addr = PREFIX.unpack_from(self._rx, index * SLOT_BYTES)
@@ -360,7 +386,9 @@ class VerbsConnection(Connection):
                     elif kind == K_CREDIT:
                         self._repost(index)
                     elif kind in (K_EAGER, K_RNDV) and wc.byte_len >= PREFIX.size + protocol.HEADER_SIZE:
-                        self._inbox.append((index, wc.byte_len))
+                        self._inbox.append((kind, index, wc.byte_len))
+                    elif kind == K_OFFER and wc.byte_len == PREFIX.size + OFFER.size:
+                        self._inbox.append((kind, index, wc.byte_len))
                     else:
                         self._error = ProtocolError(f"{self.peer} sent a malformed verbs frame (kind {kind}, "
                                                     f"{wc.byte_len} bytes)")
@@ -404,7 +432,6 @@ class VerbsConnection(Connection):
         return n
 
     def send(self, header, payload=None):
-        what = "send to"
         view = None
         n = 0
         if payload is not None:
@@ -420,75 +447,204 @@ class VerbsConnection(Connection):
             with self._cv:
                 self.copied_bytes += n
             return
+        _, _, op, _, _, key, chunk, _, rnd, _, _ = protocol.HEADER.unpack(header)
         with self._cv:
-            self._check(what)
+            self._check("send to")
+            offer = self._offers_in.get((op, key, chunk))
+            if offer is not None and offer.round == rnd and offer.length == n:
+                del self._offers_in[(op, key, chunk)]
+            else:
+                offer = None
             ident = self._next_id
-            self._next_id = (self._next_id % 0xFFFFFFFF) + 1
+            self._next_id = self._next_id % (PLACED_BIT - 1) + 1
+        deadline = time.monotonic() + self._timeout
         with self._mrs.lease(view, 0) as mr:
-            self._post_frame(K_RNDV, ident, header)
-            deadline = time.monotonic() + self._timeout
+            if offer is not None:
+                self._send_placed(header, mr, n, ident, offer, deadline)
+            else:
+                self._send_rendezvous(header, mr, n, ident, deadline)
+
+    def _send_placed(self, header, mr, n, ident, offer, deadline):
+        """Write the header into the peer's table entry for the offer and the
+        payload into the offered buffer; the immediate names the offer."""
+        with self._cv:
+            self._wait(lambda: self._free_tx and self._credits > 0, "send to", deadline)
+            slot = self._free_tx.pop()
+            self._credits -= 1
+        base = slot * SLOT_BYTES
+        self._txv[base:base + protocol.HEADER_SIZE] = header
+        # On failure the slot stays taken: the NIC may still read it, and the connection is dead.
+        self._write(mr, n, offer.addr, offer.rkey, ident, PLACED_BIT | offer.ident, deadline,
+                    header_write=(base, offer.header_addr, offer.header_rkey))
+        with self._cv:
+            self._free_tx.append(slot)
+            self.placed_bytes += n
+            self._cv.notify_all()
+
+    def _send_rendezvous(self, header, mr, n, ident, deadline):
+        """Send the header alone, wait for clear-to-send, then write the payload there."""
+        self._post_frame(K_RNDV, ident, header)
+        with self._cv:
+            self._wait(lambda: ident in self._cts, "clear-to-send from", deadline)
+            addr, rkey = self._cts.pop(ident)
+        self._write(mr, n, addr, rkey, ident, ident, deadline)
+        with self._cv:
+            self.rendezvous_bytes += n
+
+    def _write(self, mr, n, addr, rkey, ident, imm, deadline, header_write=None):
+        """RDMA-write mr's n bytes to (addr, rkey), the last piece with `imm`, and
+        wait for completion.  header_write=(tx slot offset, addr, rkey) first
+        writes a message header from that send slot (RC keeps the order)."""
+        with self._post_lock:
+            try:
+                if header_write is not None:
+                    base, header_addr, header_rkey = header_write
+                    self._qp.post_write(self._tx_mr, base, protocol.HEADER_SIZE, header_addr, header_rkey,
+                                        wr_id=_WRITE | ident, signaled=False,
+                                        inline=protocol.HEADER_SIZE <= self._inline)
+                offset = 0
+                while offset < n:
+                    piece = min(WRITE_PIECE, n - offset)
+                    last = offset + piece == n
+                    self._qp.post_write(mr, offset, piece, addr + offset, rkey, wr_id=_WRITE | ident,
+                                        imm=imm if last else None, signaled=last)
+                    offset += piece
+            except (VerbsError, ValueError) as exc:
+                self._fail(ConnectionClosed(f"RDMA write to {self.peer}: {exc}"))
+                raise self._error from None
+        with self._cv:
+            try:
+                self._wait(lambda: ident in self._writes_done, "RDMA write to", deadline)
+            finally:
+                error = self._writes_done.pop(ident, None)
+            if error is not None:
+                raise error
+
+    # ---- offers ------------------------------------------------------------------------
+    def offer(self, op, key, chunk, round, buffer):
+        """Register `buffer` for remote write and tell the peer to write its
+        next (op, key, chunk) message of `round` straight into it."""
+        view = memoryview(buffer)
+        if not view.contiguous or view.nbytes <= EAGER_LIMIT:
+            return                    # small messages are cheaper through the eager slots
+        view = view.cast("B")
+        match = (op, key, chunk)
+        with self._cv:
+            # Offers are advice: without one the message comes by rendezvous, where
+            # a broken connection reports itself.
+            if self._closed or self._error is not None or not self._free_offer_ids:
+                return
+            ident = self._free_offer_ids.popleft()
+        t = _t()
+        try:
+            pin = self._mrs.pin(view, t.IBV_ACCESS_LOCAL_WRITE | t.IBV_ACCESS_REMOTE_WRITE)
+        except BaseException:
             with self._cv:
-                self._wait(lambda: ident in self._cts, "clear-to-send from", deadline)
-                addr, rkey = self._cts.pop(ident)
-            offset = 0
-            with self._post_lock:
-                try:
-                    while offset < n:
-                        piece = min(WRITE_PIECE, n - offset)
-                        last = offset + piece == n
-                        self._qp.post_write(mr, offset, piece, addr + offset, rkey, wr_id=_WRITE | ident,
-                                            imm=ident if last else None, signaled=last)
-                        offset += piece
-                except (VerbsError, ValueError) as exc:
-                    self._fail(ConnectionClosed(f"RDMA write to {self.peer}: {exc}"))
-                    raise self._error from None
-            with self._cv:
-                try:
-                    self._wait(lambda: ident in self._writes_done, "RDMA write to", deadline)
-                finally:
-                    error = self._writes_done.pop(ident, None)
-                if error is not None:
-                    raise error
-                self.rendezvous_bytes += n
+                self._free_offer_ids.append(ident)
+            raise
+        with self._cv:
+            self._offers_out[ident] = _Offer(match, round, view, pin)
+            replaced = self._offer_ids.get(match)
+            self._offer_ids[match] = ident
+        if replaced is not None:
+            self._retire_offer(replaced)
+        entry = self._offer_mr.addr + ident * OFFER_HEADER_BYTES
+        body = OFFER.pack(op, key, chunk, round, view.nbytes, entry, self._offer_mr.rkey)
+        self._post_frame(K_OFFER, ident, body, rkey=pin[1].rkey, addr=pin[1].addr, what="offer to")
+
+    def _retire_offer(self, ident):
+        """Forget our offer `ident` and unpin its buffer; returns it (or None)."""
+        with self._cv:
+            offer = self._offers_out.pop(ident, None)
+            if offer is None:
+                return None
+            if self._offer_ids.get(offer.match) == ident:
+                del self._offer_ids[offer.match]
+            self._free_offer_ids.append(ident)
+        self._mrs.unpin(offer.pin)
+        return offer
+
+    def _take_offer(self, slot):
+        """Record the peer's offer in receive slot `slot`."""
+        base = slot * SLOT_BYTES
+        _, _, _, ident, rkey, addr = PREFIX.unpack_from(self._rx, base)
+        op, key, chunk, rnd, length, header_addr, header_rkey = OFFER.unpack_from(self._rx, base + PREFIX.size)
+        self._consumed(slot)
+        if length <= EAGER_LIMIT or ident >= OFFER_SLOTS:
+            raise ProtocolError(f"{self.peer} offered a buffer of {length} bytes as offer {ident}")
+        with self._cv:
+            if (op, key, chunk) not in self._offers_in and len(self._offers_in) >= OFFER_SLOTS:
+                raise ProtocolError(f"{self.peer} offered more than {OFFER_SLOTS} buffers")
+            self._offers_in[(op, key, chunk)] = _PeerOffer(rnd, ident, length, addr, rkey, header_addr,
+                                                           header_rkey)
 
     # ---- receiving ------------------------------------------------------------------------
     def recv_header(self, idle_timeout):
         with self._recv_lock:
-            with self._cv:
-                if self._current is not None:
-                    raise ProtocolError(f"recv_header from {self.peer} before the last payload was received")
-                deadline = time.monotonic() + idle_timeout
-                while not self._inbox:
-                    if self._closed or self._error is not None:
-                        self._check("receive from")
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return None
-                    self._cv.wait(left)
-                slot, byte_len = self._inbox.popleft()
-            base = slot * SLOT_BYTES
-            kind, _, _, ident, _, _ = PREFIX.unpack_from(self._rx, base)
-            start = base + PREFIX.size
-            header = protocol.unpack(self._rx[start:start + protocol.HEADER_SIZE])
-            carried = byte_len - PREFIX.size - protocol.HEADER_SIZE
-            if kind == K_EAGER and carried != header.length:
-                self._consumed(slot)
-                raise ProtocolError(f"{self.peer}: header says {header.length} payload bytes, frame carries {carried}")
-            if kind == K_RNDV and (carried or header.length <= EAGER_LIMIT):
-                self._consumed(slot)
-                raise ProtocolError(f"{self.peer}: a rendezvous for {header.length} bytes is not allowed")
-            if kind == K_RNDV or header.length == 0:
-                self._consumed(slot)
-                if header.length:
-                    self._current = (None, kind, ident)
-            else:
-                self._current = (slot, kind, ident)
-            return header
+            deadline = time.monotonic() + idle_timeout
+            while True:
+                with self._cv:
+                    if self._current is not None:
+                        raise ProtocolError(f"recv_header from {self.peer} before the last payload was received")
+                    while not self._inbox:
+                        if self._closed or self._error is not None:
+                            self._check("receive from")
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            return None
+                        self._cv.wait(left)
+                    kind, index, byte_len = self._inbox.popleft()
+                if kind == K_OFFER:
+                    self._take_offer(index)
+                elif kind == K_PLACED:
+                    return self._placed_header(index)
+                else:
+                    return self._frame_header(kind, index, byte_len)
+
+    def _frame_header(self, kind, slot, byte_len):
+        base = slot * SLOT_BYTES
+        _, _, _, ident, _, _ = PREFIX.unpack_from(self._rx, base)
+        start = base + PREFIX.size
+        header = protocol.unpack(self._rx[start:start + protocol.HEADER_SIZE])
+        carried = byte_len - PREFIX.size - protocol.HEADER_SIZE
+        if kind == K_EAGER and carried != header.length:
+            self._consumed(slot)
+            raise ProtocolError(f"{self.peer}: header says {header.length} payload bytes, frame carries {carried}")
+        if kind == K_RNDV and (carried or header.length <= EAGER_LIMIT):
+            self._consumed(slot)
+            raise ProtocolError(f"{self.peer}: a rendezvous for {header.length} bytes is not allowed")
+        if kind == K_RNDV or header.length == 0:
+            self._consumed(slot)
+            if header.length:
+                self._current = (None, kind, ident)
+        else:
+            self._current = (slot, kind, ident)
+        return header
+
+    def _placed_header(self, ident):
+        """The header of a message the peer wrote into our offer `ident`."""
+        self._consumed(None)
+        with self._cv:
+            offer = self._offers_out.get(ident)
+        if offer is None:
+            raise ProtocolError(f"{self.peer} wrote a message into offer {ident}, which is not open")
+        start = ident * OFFER_HEADER_BYTES
+        header = protocol.unpack(self._offer_headers[start:start + protocol.HEADER_SIZE])
+        if ((header.op, header.key, header.chunk) != offer.match or header.round != offer.round
+                or header.length != offer.view.nbytes):
+            op, key, chunk = offer.match
+            raise ProtocolError(
+                f"{self.peer} wrote {protocol.op_name(header.op)} key {header.key} chunk {header.chunk} "
+                f"round {header.round} ({header.length} bytes) into the buffer offered for "
+                f"{protocol.op_name(op)} key {key} chunk {chunk} round {offer.round} ({offer.view.nbytes} bytes)")
+        self._current = (None, K_PLACED, ident)
+        return header
 
     def _consumed(self, slot):
-        """Give a message slot back to the device and its credit back to the peer."""
+        """Give a message's receive slot (if it holds one) back to the device and its credit back to the peer."""
         with self._cv:
-            self._repost(slot)
+            if slot is not None:
+                self._repost(slot)
             self._to_return += 1
             owe = self._to_return >= DATA_SLOTS // 4
         if owe:
@@ -512,6 +668,18 @@ class VerbsConnection(Connection):
                 with self._cv:
                     self.copied_bytes += header.length
                 self._consumed(slot)
+                return
+            if kind == K_PLACED:
+                offer = self._retire_offer(ident)
+                if offer is None:
+                    raise ConnectionClosed(f"receive from {self.peer}: connection closed")
+                # The payload is in place; a caller that changed its mind about where it goes gets a copy.
+                if buffer_span(dest) != buffer_span(offer.view):
+                    dest[:] = offer.view
+                    with self._cv:
+                        self.copied_bytes += header.length
+                with self._cv:
+                    self.placed_bytes += header.length
                 return
             t = _t()
             with self._mrs.lease(dest, t.IBV_ACCESS_LOCAL_WRITE | t.IBV_ACCESS_REMOTE_WRITE) as mr:
@@ -564,7 +732,7 @@ class VerbsConnection(Connection):
                 obj.close()
         if self._mrs is not None:
             self._mrs.close()
-        for obj in (self._rx_mr, self._tx_mr, self._pd, self._channel):
+        for obj in (self._rx_mr, self._tx_mr, self._offer_mr, self._pd, self._channel):
             if obj is not None:
                 obj.close()
         self._sock.close()

@@ -11,7 +11,8 @@ import pytest
 
 import rdmakv
 from rdmakv import protocol
-from rdmakv.errors import ConnectionClosed, DeviceUnavailable, EndOfStream, PeerTimeout, TransportError, WorkCompletionError
+from rdmakv.errors import (ConnectionClosed, DeviceUnavailable, EndOfStream, PeerTimeout, ProtocolError,
+                           TransportError, WorkCompletionError)
 from rdmakv.protocol import Op
 from rdmakv.transport import select, verbs_devices
 
@@ -178,6 +179,77 @@ def test_large_payloads_are_zero_copy(pair, verbs):
     receive(server)
     assert client.copied_bytes == 100 and server.copied_bytes == 100
     assert client.rendezvous_bytes == n and server.rendezvous_bytes == n
+
+
+def offered(client, server, dest, key=7, round_=0):
+    """server offers dest for the client's PUSH of key, chunk 0, round_; the
+    client's reader (here: one recv_header call) takes the offer in."""
+    server.offer(Op.PUSH, key, 0, round_, dest)
+    assert client.recv_header(0.5) is None
+
+
+def test_offered_buffer_is_written_in_place(pair):
+    client, server = pair
+    n = 1 << 20
+    data = np.random.default_rng(1).integers(0, 256, n, dtype=np.uint8)
+    dest = np.zeros(n, np.uint8)
+    offered(client, server, dest)
+    client.send(header(n, key=7), data)
+    h, got = receive(server, dest)
+    assert (h.op, h.key, h.length) == (Op.PUSH, 7, n)
+    np.testing.assert_array_equal(dest, data)
+    assert client.placed_bytes == n and server.placed_bytes == n
+    assert client.rendezvous_bytes == 0 and server.copied_bytes == 0
+    assert all(entry.leases == 0 for entry in server._mrs._entries.values())
+
+
+def test_offer_for_another_round_waits_for_that_round(pair):
+    client, server = pair
+    n = 100_000
+    dest = np.zeros(n, np.uint8)
+    offered(client, server, dest, round_=1)
+    # Not the offered round: a rendezvous, so the send waits for the receiver.
+    sender = threading.Thread(target=client.send, args=(header(n, key=7, round_=0), np.full(n, 1, np.uint8)))
+    sender.start()
+    receive(server)
+    sender.join(TIMEOUT)
+    assert not dest.any() and server.rendezvous_bytes == n
+    client.send(header(n, key=7, round_=1), np.full(n, 2, np.uint8))
+    receive(server, dest)
+    assert (dest == 2).all() and server.placed_bytes == n
+
+
+def test_a_later_offer_replaces_the_earlier_one(pair):
+    client, server = pair
+    n = 100_000
+    first, second = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
+    offered(client, server, first)
+    offered(client, server, second)
+    client.send(header(n, key=7), np.full(n, 5, np.uint8))
+    receive(server, second)
+    assert (second == 5).all() and not first.any()
+    assert server.placed_bytes == n and not server._offers_out
+
+
+def test_receiving_elsewhere_than_offered_copies(pair):
+    client, server = pair
+    n = 100_000
+    dest, elsewhere = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
+    offered(client, server, dest)
+    client.send(header(n, key=7), np.full(n, 9, np.uint8))
+    receive(server, elsewhere)
+    assert (elsewhere == 9).all() and server.copied_bytes == n
+
+
+def test_a_message_that_does_not_fit_its_offer_is_refused(pair):
+    client, server = pair
+    n = 100_000
+    offered(client, server, np.zeros(n, np.uint8))
+    forged = client._offers_in[(Op.PUSH, 7, 0)]._replace(round=5)    # a peer that ignores the offer's round
+    client._offers_in[(Op.PUSH, 7, 0)] = forged
+    client.send(header(n, key=7, round_=5), np.ones(n, np.uint8))
+    with pytest.raises(ProtocolError, match=r"round 5 .* into the buffer offered for PUSH key 7 chunk 0 round 0"):
+        server.recv_header(TIMEOUT)
 
 
 def test_close_wakes_a_blocked_receiver_and_is_idempotent(pair):
