@@ -826,6 +826,8 @@ cdef class CQ:
         cq = self._handle
         if self.channel is not None:
             ch = (<CompChannel>self.channel)._handle
+        if spin_end > deadline:
+            spin_end = deadline
         # 1. spin
         with nogil:
             while True:

@@ -18,16 +18,34 @@ message id, rkey, address) before the rdmakv header:
   registered send slot; the receiver copies the payload from its receive slot
   into the destination on recv_payload().  Such copies are counted in
   `copied_bytes`.
-- rendezvous (larger payloads, zero copy): the header goes alone.  On
-  recv_payload(header, dest) the receiver registers `dest` (remote write)
-  through its MR cache and answers clear-to-send {id, addr, rkey}; the sender
-  registers its own buffer (local access only: the peer never reads worker
-  memory) and RDMA-writes it straight from the caller's array with the
-  immediate = id, which completes the receiver's wait.  send() returns once
-  its write completed.
+- placed (larger payloads the receiver offered a buffer for, zero copy, one
+  way): offer(op, key, chunk, round, buffer) registers the buffer (remote
+  write) and sends an OFFER frame {offer id, addr, rkey, and where the
+  header goes}.  When the sender later sends that message, it RDMA-writes the
+  48-byte header into the receiver's offer-header table entry, then the
+  payload straight from the caller's array into the offered buffer with
+  WRITE_WITH_IMM, immediate = PLACED_BIT | offer id (RC places both writes
+  before the immediate completes).  The receiver checks the header against
+  its offer.  The KVStore offers each result's destination before pushing,
+  and the server offers each worker a slot per chunk for its next push, so
+  both directions skip the round trip below.
+- rendezvous (larger payloads without an offer, zero copy): the header goes
+  alone.  On recv_payload(header, dest) the receiver registers `dest`
+  (remote write) through its MR cache and answers clear-to-send {id, addr,
+  rkey}; the sender RDMA-writes straight from the caller's array with the
+  immediate = id, which completes the receiver's wait.
+
+In both, the sender registers its own buffer with local access only (the
+peer never reads worker memory), and send() returns once its write completed.
+
+Offers are frames like messages, taken in by the receiving side's reader (in
+order with the messages around them).  A new offer for the same (op, key,
+chunk) replaces the last; at most OFFER_SLOTS are open per connection, and
+with none free a message simply goes by rendezvous.
 
 Flow control: the sender holds one credit per receive slot the peer keeps
-for messages; the receiver returns credits as it consumes messages,
+for messages (eager, rendezvous, offer and placed messages each take one);
+the receiver returns credits as it consumes messages,
 piggybacked on its own frames or in a CREDIT frame.  Clear-to-send, credit
 frames and write-with-immediate land in extra slots that the progress thread
 reposts at once, so they can never be starved by unread messages.

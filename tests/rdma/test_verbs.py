@@ -1,6 +1,7 @@
 """Real verbs on a real device (soft-RoCE rxe0 inside the test VM)."""
 import ipaddress
 import os
+import subprocess
 import sys
 import time
 
@@ -251,6 +252,9 @@ def test_wait_times_out_empty(pair):
     cq = t.CQ(a.pd.context, 8)         # no channel: the nap-poll path
     assert cq.wait(timeout=0.05) == []
     cq.close()
+    start = time.monotonic()
+    assert a.cq.wait(timeout=0.3, spin_us=1e9) == []     # a spin never outlasts the timeout
+    assert time.monotonic() - start < 5
 
 
 def test_memlock_hint(tmp_path):
@@ -356,3 +360,10 @@ def test_fork_after_init_keeps_working(pair, arrays):
     assert np.array_equal(src, dst)
     if heap_mr is not None:
         heap_mr.close()
+
+
+def test_pingpong_tool_measures_three_ways_of_waiting():
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, os.path.join(repo, "tools", "verbs_pingpong.py"), "--count", "10"],
+                         capture_output=True, text=True, timeout=180, check=True).stdout
+    assert out.count("us one-way") == 3, out
