@@ -11,7 +11,10 @@ each message is a 48-byte rdmakv header plus a payload sent from and received in
 preallocated arrays.  For every size from 8 B to 64 MiB:
 
   bandwidth  the client streams messages back to back, then waits for a
-             BARRIER_DONE; bytes / elapsed (GB/s = 1e9 B/s, Gbit/s = 1e9 bit/s)
+             BARRIER_DONE; bytes / elapsed (GB/s = 1e9 B/s, Gbit/s = 1e9 bit/s).
+             Over a transport that places data remotely (verbs) the server
+             keeps buffers offered for the next OFFER_WINDOW messages, so
+             each is one RDMA write into a known buffer, as in ib_write_bw
   msg rate   messages / elapsed in that stream
   latency    ping-pong: the server echoes each message; half the round trip,
              p50 and p99 (what ib_send_lat reports)
@@ -37,7 +40,8 @@ from rdmakv import protocol  # noqa: E402
 from rdmakv.protocol import Op  # noqa: E402
 
 MAX_SIZE = 64 << 20
-ECHO, SINK = 1, 0                 # carried in the header's round field
+ECHO, SINK = 1, 0                 # carried in the header's sender field
+OFFER_WINDOW = 16                 # bandwidth messages the server keeps a buffer offered for
 TIMEOUT = 60.0
 
 # A transport is a module with Listener(host, port, timeout) -> .accept(timeout)/.address/.close()
@@ -95,9 +99,17 @@ def _serve_one(connection):
         if header.length:
             connection.recv_payload(header, payload)
         if header.op == Op.PUSH:
-            if header.round == ECHO:
+            if header.sender == ECHO:
                 connection.send(protocol.pack(Op.RESULT, length=header.length), payload)
+            elif connection.places_remotely:
+                connection.offer(Op.PUSH, header.key, 0, header.round + OFFER_WINDOW, payload)
         elif header.op == Op.BARRIER:
+            size = header.key         # a bandwidth run of messages of this size starts
+            if size and connection.places_remotely:
+                if size > MAX_SIZE:
+                    raise SystemExit(f"bench_transport server: messages of {size} bytes are over {MAX_SIZE}")
+                for seq in range(OFFER_WINDOW):
+                    connection.offer(Op.PUSH, seq, 0, seq, buffer[:size])
             connection.send(protocol.pack(Op.BARRIER_DONE))
         elif header.op == Op.GOODBYE:
             return
@@ -114,7 +126,7 @@ class Client:
     def _header(self, size, mode):
         key = (size, mode)
         if key not in self.headers:
-            self.headers[key] = protocol.pack(Op.PUSH, length=size, round=mode)
+            self.headers[key] = protocol.pack(Op.PUSH, length=size, sender=mode)
         return self.headers[key]
 
     def _expect(self, op):
@@ -123,16 +135,17 @@ class Client:
             raise RuntimeError(f"expected {protocol.op_name(op)}, got {header}")
         return header
 
-    def sync(self):
-        self.c.send(protocol.pack(Op.BARRIER))
+    def sync(self, bandwidth_size=0):
+        self.c.send(protocol.pack(Op.BARRIER, key=bandwidth_size))
         self._expect(Op.BARRIER_DONE)
 
     def bandwidth(self, size, count):
-        header, payload = self._header(size, SINK), self.out[:size]
-        self.sync()
+        payload = self.out[:size]
+        self.sync(size)
         start = time.perf_counter()
-        for _ in range(count):
-            self.c.send(header, payload)
+        for seq in range(count):
+            self.c.send(protocol.pack(Op.PUSH, length=size, key=seq % OFFER_WINDOW, round=seq, sender=SINK),
+                        payload)
         self.sync()
         return time.perf_counter() - start
 

@@ -38,10 +38,11 @@ message id, rkey, address) before the rdmakv header:
 In both, the sender registers its own buffer with local access only (the
 peer never reads worker memory), and send() returns once its write completed.
 
-Offers are frames like messages, taken in by the receiving side's reader (in
-order with the messages around them).  A new offer for the same (op, key,
-chunk) replaces the last; at most OFFER_SLOTS are open per connection, and
-with none free a message simply goes by rendezvous.
+The progress thread takes offers in as they arrive, so a sender sees an offer
+whatever its own reader is doing; their credits go back in a CREDIT frame it
+sends only from a free send slot (it must never wait).  A new offer for the
+same (op, key, chunk) replaces the last; at most OFFER_SLOTS are open per
+connection, and with none free a message simply goes by rendezvous.
 
 Flow control: the sender holds one credit per receive slot the peer keeps
 for messages (eager, rendezvous, offer and placed messages each take one);
@@ -66,8 +67,8 @@ import time
 from collections import deque, namedtuple
 
 from rdmakv import netif, protocol
-from rdmakv.errors import (ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, TransportError,
-                           VerbsError)
+from rdmakv.errors import (ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, RdmaKVError,
+                           TransportError, VerbsError)
 from rdmakv.transport import tcp as _tcp
 from rdmakv.transport import verbs_devices, verbs_qp
 from rdmakv.transport.base import Connection, Listener as _ListenerBase
@@ -406,11 +407,12 @@ class VerbsConnection(Connection):
                     elif kind in (K_EAGER, K_RNDV) and wc.byte_len >= PREFIX.size + protocol.HEADER_SIZE:
                         self._inbox.append((kind, index, wc.byte_len))
                     elif kind == K_OFFER and wc.byte_len == PREFIX.size + OFFER.size:
-                        self._inbox.append((kind, index, wc.byte_len))
+                        self._take_offer(index, ident, rkey, addr)
                     else:
                         self._error = ProtocolError(f"{self.peer} sent a malformed verbs frame (kind {kind}, "
                                                     f"{wc.byte_len} bytes)")
             self._cv.notify_all()
+        self._return_offer_credits()
 
     def _repost(self, slot):
         try:
@@ -421,9 +423,12 @@ class VerbsConnection(Connection):
 
     # ---- sending ---------------------------------------------------------------------------
     def _post_frame(self, kind, ident, header=b"", payload=None, n=0, rkey=0, addr=0, uses_credit=True,
-                    what="send to"):
-        """Copy one frame into a send slot and SEND it (cv held while waiting for a slot/credit)."""
+                    what="send to", block=True):
+        """Copy one frame into a send slot and SEND it (cv held while waiting for a slot/credit).
+        With block=False, send nothing rather than wait for a slot."""
         with self._cv:
+            if not block and not self._free_tx:
+                return 0
             self._wait(lambda: self._free_tx and (self._credits > 0 or not uses_credit), what)
             slot = self._free_tx.pop()
             if uses_credit:
@@ -582,42 +587,51 @@ class VerbsConnection(Connection):
         self._mrs.unpin(offer.pin)
         return offer
 
-    def _take_offer(self, slot):
-        """Record the peer's offer in receive slot `slot`."""
-        base = slot * SLOT_BYTES
-        _, _, _, ident, rkey, addr = PREFIX.unpack_from(self._rx, base)
-        op, key, chunk, rnd, length, header_addr, header_rkey = OFFER.unpack_from(self._rx, base + PREFIX.size)
-        self._consumed(slot)
+    def _take_offer(self, slot, ident, rkey, addr):
+        """Record the peer's offer in receive slot `slot` (progress thread, cv
+        held): at once, so a sender sees it whatever its reader is doing."""
+        op, key, chunk, rnd, length, header_addr, header_rkey = OFFER.unpack_from(self._rx,
+                                                                                 slot * SLOT_BYTES + PREFIX.size)
+        self._repost(slot)
+        self._to_return += 1
         if length <= EAGER_LIMIT or ident >= OFFER_SLOTS:
-            raise ProtocolError(f"{self.peer} offered a buffer of {length} bytes as offer {ident}")
-        with self._cv:
-            if (op, key, chunk) not in self._offers_in and len(self._offers_in) >= OFFER_SLOTS:
-                raise ProtocolError(f"{self.peer} offered more than {OFFER_SLOTS} buffers")
+            self._error = self._error or ProtocolError(f"{self.peer} offered a buffer of {length} bytes "
+                                                       f"as offer {ident}")
+        elif (op, key, chunk) not in self._offers_in and len(self._offers_in) >= OFFER_SLOTS:
+            self._error = self._error or ProtocolError(f"{self.peer} offered more than {OFFER_SLOTS} buffers")
+        else:
             self._offers_in[(op, key, chunk)] = _PeerOffer(rnd, ident, length, addr, rkey, header_addr,
                                                            header_rkey)
+
+    def _return_offer_credits(self):
+        """The progress thread took offers in: send their credits back once
+        enough are owed, but only from a free send slot, as it must not wait."""
+        with self._cv:
+            if self._to_return < DATA_SLOTS // 4 or self._error is not None or self._closed:
+                return
+        try:
+            self._post_frame(K_CREDIT, 0, uses_credit=False, what="credit to", block=False)
+        except RdmaKVError:
+            pass   # the connection just failed or closed: its users hear why from it
 
     # ---- receiving ------------------------------------------------------------------------
     def recv_header(self, idle_timeout):
         with self._recv_lock:
-            deadline = time.monotonic() + idle_timeout
-            while True:
-                with self._cv:
-                    if self._current is not None:
-                        raise ProtocolError(f"recv_header from {self.peer} before the last payload was received")
-                    while not self._inbox:
-                        if self._closed or self._error is not None:
-                            self._check("receive from")
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            return None
-                        self._cv.wait(left)
-                    kind, index, byte_len = self._inbox.popleft()
-                if kind == K_OFFER:
-                    self._take_offer(index)
-                elif kind == K_PLACED:
-                    return self._placed_header(index)
-                else:
-                    return self._frame_header(kind, index, byte_len)
+            with self._cv:
+                if self._current is not None:
+                    raise ProtocolError(f"recv_header from {self.peer} before the last payload was received")
+                deadline = time.monotonic() + idle_timeout
+                while not self._inbox:
+                    if self._closed or self._error is not None:
+                        self._check("receive from")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._cv.wait(left)
+                kind, index, byte_len = self._inbox.popleft()
+            if kind == K_PLACED:
+                return self._placed_header(index)
+            return self._frame_header(kind, index, byte_len)
 
     def _frame_header(self, kind, slot, byte_len):
         base = slot * SLOT_BYTES

@@ -1,6 +1,7 @@
 """The transport contract over real verbs (soft-RoCE rxe0 in the test VM):
 the same behaviour tcp.py gives, plus zero copy and verbs failure handling."""
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -183,9 +184,13 @@ def test_large_payloads_are_zero_copy(pair, verbs):
 
 def offered(client, server, dest, key=7, round_=0):
     """server offers dest for the client's PUSH of key, chunk 0, round_; the
-    client's reader (here: one recv_header call) takes the offer in."""
+    client's progress thread takes the offer in without its reader."""
+    before = client._offers_in.get((Op.PUSH, key, 0))
     server.offer(Op.PUSH, key, 0, round_, dest)
-    assert client.recv_header(0.5) is None
+    deadline = time.monotonic() + TIMEOUT
+    while client._offers_in.get((Op.PUSH, key, 0)) == before:
+        assert time.monotonic() < deadline, "the offer never arrived"
+        time.sleep(0.01)
 
 
 def test_offered_buffer_is_written_in_place(pair):
@@ -250,6 +255,34 @@ def test_a_message_that_does_not_fit_its_offer_is_refused(pair):
     client.send(header(n, key=7, round_=5), np.ones(n, np.uint8))
     with pytest.raises(ProtocolError, match=r"round 5 .* into the buffer offered for PUSH key 7 chunk 0 round 0"):
         server.recv_header(TIMEOUT)
+
+
+def test_offers_beyond_the_credits_come_back_without_a_reader(pair, verbs):
+    """Each offer takes a credit; the peer's progress thread returns them, so an
+    offering side never stalls on a peer whose reader is busy elsewhere."""
+    client, server = pair
+    n, keys = verbs.EAGER_LIMIT + 1, 3 * verbs.DATA_SLOTS
+    dests = [np.zeros(n, np.uint8) for _ in range(keys)]
+    for key, dest in enumerate(dests):
+        server.offer(Op.PUSH, key, 0, 0, dest)        # would block for credit if none came back
+    for key in range(keys):
+        offered_round = None
+        deadline = time.monotonic() + TIMEOUT
+        while offered_round != 0:
+            assert time.monotonic() < deadline, f"offer for key {key} never arrived"
+            time.sleep(0.005)
+            offered_round = client._offers_in.get((Op.PUSH, key, 0), (None,))[0]
+        client.send(header(n, key=key), np.full(n, key % 251, np.uint8))
+        receive(server, dests[key])
+        assert (dests[key] == key % 251).all()
+    assert server.placed_bytes == keys * n and server.copied_bytes == 0
+
+
+def test_bench_transport_over_verbs():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench_transport.py"), "--transport", "verbs",
+                          "--sizes", "4096,1048576", "--seconds", "0.02"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "transport verbs" in out and re.search(r"^\s*1 MiB\s+\d", out, re.M), out
 
 
 def test_close_wakes_a_blocked_receiver_and_is_idempotent(pair):
