@@ -161,14 +161,16 @@ static inline double rdmakv_shm_now(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* The socket kept open beside the segment carries nothing after the set-up,
- * so any event on it (EOF, hang-up, error) means the peer's process is gone. */
+/* The socket kept open beside the segment carries only the fds of shared
+ * result memory after the set-up, so data waiting on it is no sign of
+ * anything; its end (the peer's side closed: hang-up or error) means the
+ * peer's process is gone. */
 static inline int rdmakv_shm_peer_gone(int fd) {
     struct pollfd p;
     p.fd = fd;
-    p.events = POLLIN;
+    p.events = POLLRDHUP;
     p.revents = 0;
-    return poll(&p, 1, 0) > 0;
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL));
 }
 
 static inline int rdmakv_shm_slice(double deadline) {

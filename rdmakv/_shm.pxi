@@ -1,9 +1,11 @@
 # Shared-memory data path: one mapped segment per connection holding two byte
 # rings (rdmakv/_shm.h), one per direction.  A frame is copied into the ring by
-# the sender and out of it by the receiver straight into the destination; the
-# loops run with the GIL released, and every wait is bounded.  Policy (set-up,
-# peer names, errors) lives in rdmakv/transport/shm.py.
+# the sender and out of it by the receiver straight into the destination, or,
+# for a payload that already lies in memory the sender shared, read from there
+# in place (copy_region); the loops run with the GIL released, and every wait
+# is bounded.  Policy (set-up, peer names, errors) lives in rdmakv/transport/shm.py.
 
+from libc.string cimport memcpy
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED, MAP_POPULATE
 
 
@@ -188,3 +190,27 @@ cdef class ShmChannel:
         if self.base != NULL:
             munmap(self.base, self.length)
             self.base = NULL
+
+
+def copy_region(source, size_t offset, destination):
+    """Fill the whole of the writable buffer `destination` from `source`
+    starting at byte `offset` (a peer's shared memory, read in place),
+    with the GIL released; a region outside `source` is a ValueError."""
+    cdef Py_buffer sview
+    cdef Py_buffer dview
+    PyObject_GetBuffer(source, &sview, PyBUF_ANY_CONTIGUOUS)
+    try:
+        PyObject_GetBuffer(destination, &dview, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
+        try:
+            if offset > <size_t>sview.len or <size_t>dview.len > <size_t>sview.len - offset:
+                raise ValueError(f"a region of {dview.len} bytes at offset {offset} lies outside "
+                                 f"the {sview.len}-byte shared segment")
+            if dview.len <= GIL_HELD_BYTES:
+                memcpy(dview.buf, <const char *>sview.buf + offset, dview.len)
+            else:
+                with nogil:
+                    memcpy(dview.buf, <const char *>sview.buf + offset, dview.len)
+        finally:
+            PyBuffer_Release(&dview)
+    finally:
+        PyBuffer_Release(&sview)

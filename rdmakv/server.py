@@ -52,7 +52,7 @@ class KeyState:
 
 
 class ChunkState:
-    def __init__(self, key_state, index, nbytes, dtype_code):
+    def __init__(self, key_state, index, nbytes, dtype_code, allocate):
         self.key_state = key_state
         self.index = index
         self.nbytes = nbytes
@@ -66,12 +66,13 @@ class ChunkState:
         self.has_data = False
         self.flags = 0
         self.buffers = [None, None]
+        self._allocate = allocate     # nbytes -> uint8 array, shared with co-located workers where possible
         self.weight = None            # optimizer mode: the stored value
 
     def buffer(self, rnd):
         slot = rnd % 2
         if self.buffers[slot] is None:
-            self.buffers[slot] = np.empty(self.nbytes, np.uint8)
+            self.buffers[slot] = self._allocate(self.nbytes)
         return self.buffers[slot]
 
 
@@ -156,6 +157,9 @@ class ParameterServer(Handler):
         self.transport, why = select(self.config.transport)
         host = netif.advertised_host(self.config)
         self.listener = self.transport.Listener(host, self.config.port, self.config.timeout)
+        # Round buffers in memory the transport can share, so a result is written once for
+        # all co-located workers (rdmakv/transport/shm.py) instead of once per connection.
+        self._allocate = getattr(self.listener, "shared_buffer", None) or (lambda nbytes: np.empty(nbytes, np.uint8))
         self.address = netif.format_address(*self.listener.address)
         self.secret = auth.load_secret(self.config)
         if self.secret is None:
@@ -337,7 +341,7 @@ class ParameterServer(Handler):
                 code = protocol.DTYPE_CODES[layout["dtype"]]
                 for index, (_, nbytes, server) in enumerate(layout["chunks"]):
                     if server == self.rank:
-                        chunk = self._chunks[(key, index)] = ChunkState(state, index, nbytes, code)
+                        chunk = self._chunks[(key, index)] = ChunkState(state, index, nbytes, code, self._allocate)
                         state.chunks.append(chunk)
             else:
                 state.declared_by.add(link.rank)

@@ -427,3 +427,82 @@ def test_kvstore_large_multi_chunk_tensors_and_auth_over_shm(shm_cluster_factory
     assert cluster.wait() == [0, 0, 0]
     assert shm_mappings() == ([], [])
     assert dev_shm() == before
+
+
+def shm_pair(timeout=5):
+    """(listener, its side, the connector's side) of one shared-memory connection in this process."""
+    listener = LAYER.Listener("127.0.0.1", 0, timeout)
+    accepted = {}
+    thread = threading.Thread(target=lambda: accepted.setdefault("c", listener.accept(5)))
+    thread.start()
+    mine = LAYER.connect("127.0.0.1", listener.address[1], timeout)
+    thread.join(10)
+    return listener, accepted["c"], mine
+
+
+def result_mappings():
+    with open("/proc/self/maps") as maps:
+        return [line.split()[1] for line in maps if "rdmakv-shm-results" in line]
+
+
+def test_a_buffer_from_the_shared_arena_is_read_in_place_by_the_peer():
+    listener, theirs, mine = shm_pair()
+    try:
+        shared = [listener.shared_buffer(n) for n in (1 << 20, 3 << 20, 100_000)]
+        small = listener.shared_buffer(1000)             # below the threshold: an ordinary array
+        assert result_mappings() == ["rw-s"] and small.base is None
+        rng = np.random.default_rng(5)
+        for seed, payload in enumerate(shared + [small, rng.integers(0, 256, 200_000, dtype=np.uint8)]):
+            payload[:] = rng.integers(0, 256, payload.nbytes, dtype=np.uint8)
+            theirs.send(protocol.pack(Op.RESULT, key=seed, flags=protocol.FLAG_ACK, length=payload.nbytes), payload)
+            header = mine.recv_header(5)
+            assert (header.key, header.flags, header.length) == (seed, protocol.FLAG_ACK, payload.nbytes)
+            back = np.empty(payload.nbytes, np.uint8)
+            mine.recv_payload(header, back)
+            np.testing.assert_array_equal(back, payload)
+        # One segment, passed once, mapped read-only on the receiving side; gone once it closes.
+        assert sorted(result_mappings()) == ["r--s", "rw-s"]
+        mine.close()
+        assert result_mappings() == ["rw-s"]
+    finally:
+        mine.close()
+        theirs.close()
+        listener.close()
+
+
+def flagged(header):
+    raw = bytearray(header)
+    shm._FLAGS.pack_into(raw, protocol.FLAGS_OFFSET, shm.SHARED_PAYLOAD)
+    return raw
+
+
+@pytest.mark.parametrize("case", ["never sent", "outside", "not sealed", "empty"])
+def test_a_shared_payload_at_a_bad_place_is_refused(case):
+    listener, theirs, mine = shm_pair(timeout=1)
+    try:
+        length = 1 << 20
+        if case == "outside":
+            segment = listener._arena._new_segment(0, 1 << 20)
+            theirs._share(segment)
+            os.close(segment.fd)
+            place = shm.PLACE.pack(0, 4096)                  # 4 KiB short of a whole payload
+        elif case == "not sealed":
+            fd = os.memfd_create("rdmakv-shm-results-unsealed")
+            os.ftruncate(fd, 1 << 20)
+            socket.send_fds(theirs._sock, [shm.SEGMENT.pack(0, 1 << 20)], [fd])
+            os.close(fd)
+            place = shm.PLACE.pack(0, 0)
+        else:
+            place = shm.PLACE.pack(7, 0)
+        if case == "empty":
+            length = 0
+        theirs._channel.send_frame(flagged(protocol.pack(Op.RESULT, length=length)), place, 1.0)
+        with pytest.raises(rdmakv.errors.ProtocolError, match={"never sent": "never sent", "outside": "outside",
+                                                                "not sealed": "not sealed", "empty": "0 bytes"}[case]):
+            header = mine.recv_header(5)
+            mine.recv_payload(header, np.empty(length, np.uint8))
+    finally:
+        mine.close()
+        theirs.close()
+        listener.close()
+
