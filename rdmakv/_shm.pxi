@@ -29,6 +29,9 @@ cdef extern from "_shm.h" nogil:
     int rdmakv_ring_wait(rdmakv_ring *r, double timeout, rdmakv_flag *stop, int fd)
     int rdmakv_ring_read(rdmakv_ring *r, char *dst, size_t n, double timeout, rdmakv_flag *stop, int fd)
     int rdmakv_ring_try_read(rdmakv_ring *r, char *dst, size_t n)
+    ctypedef void (*rdmakv_add_fn)(void *dst, const void *src, size_t count) noexcept nogil
+    int rdmakv_ring_read_add(rdmakv_ring *r, char *dst, size_t n, rdmakv_add_fn add, size_t itemsize,
+                             double timeout, rdmakv_flag *stop, int fd)
     int rdmakv_ring_avail(rdmakv_ring *r)
     void rdmakv_ring_init(rdmakv_ring *r)
     void rdmakv_shm_shutdown(rdmakv_ring *out, rdmakv_ring *inb, rdmakv_flag *stop)
@@ -153,6 +156,26 @@ cdef class ShmChannel:
                     rc = rdmakv_ring_read(&self.in_ring, <char *>view.buf, view.len, timeout, &self.stop, self.fd)
             elif rc == 1:
                 rc = 0
+            if rc != 0:
+                _raise_shm(rc, "receive")
+        finally:
+            PyBuffer_Release(&view)
+
+    def recv_add_into(self, buffer, int dtype_code, double timeout):
+        """Add the next len(buffer) bytes of the ring into the writable contiguous
+        buffer, elementwise as items of dtype_code (the codes of add_into)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t itemsize = 0
+        cdef add_fn add = _adder(dtype_code, &itemsize)
+        cdef int rc
+        self._check("receive")
+        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
+        try:
+            if view.len % itemsize:
+                raise ValueError(f"recv_add_into: {view.len} bytes are not whole {itemsize}-byte items")
+            with nogil:
+                rc = rdmakv_ring_read_add(&self.in_ring, <char *>view.buf, view.len, <rdmakv_add_fn>add,
+                                          itemsize, timeout, &self.stop, self.fd)
             if rc != 0:
                 _raise_shm(rc, "receive")
         finally:

@@ -506,3 +506,32 @@ def test_a_shared_payload_at_a_bad_place_is_refused(case):
         theirs.close()
         listener.close()
 
+
+def test_payloads_are_summed_on_their_way_in_across_the_ring_end(monkeypatch):
+    # A 64 KiB ring and payloads of odd item counts, so items sit at every
+    # alignment and some straddle the ring's end.
+    monkeypatch.setenv("RDMAKV_SHM_RING_BYTES", "65536")
+    listener, theirs, mine = shm_pair()
+    rng = np.random.default_rng(9)
+    try:
+        assert mine.can_add and not tcp.TcpConnection.can_add
+        for step in range(60):
+            dtype = ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"][step % 7]
+            count = int(rng.integers(1, 50_000))
+            value = rng.integers(-50, 50, count).astype(dtype)
+            target = rng.integers(-50, 50, count).astype(dtype)
+            expected = target + value
+            sender = threading.Thread(target=mine.send, args=(protocol.pack(Op.PUSH, length=value.nbytes), value))
+            sender.start()                             # larger than the ring: it streams
+            header = theirs.recv_header(5)
+            theirs.recv_payload_add(header, target.view(np.uint8), protocol.DTYPE_CODES[dtype])
+            sender.join(10)
+            np.testing.assert_array_equal(target, expected)
+            mine.send(protocol.pack(Op.BARRIER, length=step % 5), b"x" * (step % 5) or None)   # shifts the alignment
+            header = theirs.recv_header(5)
+            if header.length:
+                theirs.recv_payload(header, bytearray(header.length))
+    finally:
+        mine.close()
+        theirs.close()
+        listener.close()

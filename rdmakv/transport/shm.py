@@ -221,6 +221,8 @@ class SharedArena:
 
 
 class ShmConnection(Connection):
+    can_add = True
+
     def __init__(self, sock, channel, peer, timeout, arena=None):
         self._sock = sock
         self._channel = channel
@@ -301,6 +303,15 @@ class ShmConnection(Connection):
                     self._io("receive from", _t.copy_region, memory, offset, destination)
                 else:
                     self._io("receive from", self._channel.recv_into, destination, self._timeout)
+            except EndOfStream:
+                raise ConnectionClosed(f"receive from {self.peer}: the peer left mid-message") from None
+
+    def recv_payload_add(self, header, target, dtype_code):
+        with self._recv_lock:
+            if self._place_follows:
+                raise ProtocolError(f"receive from {self.peer}: a shared payload where a sum was expected")
+            try:
+                self._io("receive from", self._channel.recv_add_into, target, dtype_code, self._timeout)
             except EndOfStream:
                 raise ConnectionClosed(f"receive from {self.peer}: the peer left mid-message") from None
 
