@@ -116,7 +116,8 @@ class WorkerLink:
 
     def reply(self, priority, op, payload, **fields):
         with self._ready:
-            small = payload is None or memoryview(payload).nbytes <= DIRECT_REPLY_BYTES
+            small = (payload is None or memoryview(payload).nbytes <= DIRECT_REPLY_BYTES
+                     or self.peer.connection.shares(payload))
             if self._queue or self._sending or not small:
                 heapq.heappush(self._queue, (-priority, next(self._order), op, payload, fields))
                 self._ready.notify()

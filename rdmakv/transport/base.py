@@ -74,6 +74,11 @@ class Connection(abc.ABC):
     def recv_payload(self, header, destination):
         """Place the payload of `header` into the writable buffer `destination` (header.length bytes)."""
 
+    def shares(self, payload):
+        """True if sending payload moves only where it lies (the peer reads it in
+        place), so the send costs no copy however large the payload."""
+        return False
+
     def recv_payload_add(self, header, target, dtype_code):
         """Add the payload of `header` into `target` elementwise (see AddInto)."""
         raise NotImplementedError(f"{type(self).__name__} cannot sum a payload on its way in")

@@ -269,6 +269,9 @@ class ShmConnection(Connection):
                 payload = PLACE.pack(segment.number, offset)
             self._io("send to", self._channel.send_frame, header, payload, self._timeout)
 
+    def shares(self, payload):
+        return self._arena is not None and self._arena.locate(payload) is not None
+
     def _share(self, segment):
         """Pass a segment's fd to the peer, ahead of the first frame that names it."""
         if segment.fd < 0:
