@@ -71,7 +71,7 @@ SHARED_MIN_BYTES = 64 * 1024   # smaller payloads are cheaper to copy through th
 ARENA_SEGMENT_BYTES = 64 * MiB  # the arena grows by memory files of this size (or one buffer's)
 ARENA_ALIGN = 4096
 MAX_SHARED_SEGMENTS = 4096     # a peer sharing more is refused (each costs us a mapping)
-SHARED_PAYLOAD = 1 << 31       # header flag bit private to this layer: the payload is a Place
+SHARED_PAYLOAD = 1 << 31       # header flag bit private to this layer: a PLACE follows, not the bytes
 _FLAGS = struct.Struct("<I")
 SEGMENT = struct.Struct("<IQ")  # sent with a segment's fd: its number and size
 PLACE = struct.Struct("<IQ")    # in the ring instead of the payload: segment number, offset
@@ -210,6 +210,15 @@ class SharedArena:
                 return segment, offset
         return None
 
+    def pass_segment(self, sock, segment):
+        """Send a segment's fd and size over a Unix socket (under the lock, so
+        close() cannot free the fd number meanwhile)."""
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.EBADF, "the shared arena is closed")
+            if socket.send_fds(sock, [SEGMENT.pack(segment.number, segment.size)], [segment.fd]) != SEGMENT.size:
+                raise OSError(errno.EAGAIN, "the segment announcement did not fit the socket")
+
     def close(self):
         """Stop sharing: later payloads go through the rings; mappings stay while buffers do."""
         with self._lock:
@@ -231,7 +240,7 @@ class ShmConnection(Connection):
         self._arena = arena
         self._shared_with_peer = set()    # numbers of our segments the peer has
         self._peer_segments = {}          # number -> read-only mmap of the peer's segment
-        self._place_follows = False       # the header just read announced a Place, not bytes
+        self._place_follows = False       # the header just read announced a PLACE, not bytes
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._header = bytearray(protocol.HEADER_SIZE)
@@ -274,10 +283,7 @@ class ShmConnection(Connection):
 
     def _share(self, segment):
         """Pass a segment's fd to the peer, ahead of the first frame that names it."""
-        if segment.fd < 0:
-            raise OSError(errno.EBADF, "the shared arena is closed")
-        if socket.send_fds(self._sock, [SEGMENT.pack(segment.number, segment.size)], [segment.fd]) != SEGMENT.size:
-            raise OSError(errno.EAGAIN, "the segment announcement did not fit the socket")
+        self._arena.pass_segment(self._sock, segment)
         self._shared_with_peer.add(segment.number)
 
     def recv_header(self, idle_timeout):
