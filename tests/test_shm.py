@@ -14,6 +14,7 @@ import pytest
 
 import rdmakv
 import test_kvstore
+from kvstore_helpers import expected_sum, worker_values
 from cluster import REPO
 from rdmakv import protocol
 from rdmakv.errors import ConfigError, ConnectionClosed, TransportError
@@ -535,3 +536,32 @@ def test_payloads_are_summed_on_their_way_in_across_the_ring_end(monkeypatch):
         mine.close()
         theirs.close()
         listener.close()
+
+
+def test_kvstore_large_chunks_are_summed_on_arrival_and_read_in_place_over_shm(shm_cluster_factory):
+    # 256 KiB chunks (so later pushes are summed out of the ring and results read
+    # from the server's memory), odd element counts, a 64 KiB ring (so items
+    # straddle its end), rounds in flight together, and a broadcast then a sum
+    # on the same key.
+    cluster = shm_cluster_factory(3, 2, RDMAKV_PARTITION_BYTES=256 * 1024, RDMAKV_SHM_RING_BYTES=65536)
+    shapes = {"float16": (300_001,), "float32": (120_003,), "float64": (50, 2001), "int8": (700_001,),
+              "int32": (99_999,), "int64": (70_001,)}
+
+    def work(kv):
+        for dtype, shape in shapes.items():
+            for round_ in range(3):
+                value = worker_values(kv.rank, shape, dtype, round_)
+                np.testing.assert_array_equal(kv.pushpull(dtype, value), expected_sum(3, shape, dtype, round_))
+        values = [worker_values(kv.rank, (400_000,), "float32", r) for r in range(4)]
+        outs = [np.empty_like(v) for v in values]
+        handles = [kv.pushpull_async("burst", v, out=o, priority=r) for r, (v, o) in enumerate(zip(values, outs))]
+        for r, handle in enumerate(handles):
+            np.testing.assert_array_equal(handle.wait(), expected_sum(3, (400_000,), "float32", r))
+        root_value = np.arange(300_000, dtype=np.float32) * (kv.rank + 1)
+        kv.broadcast("mixed", root_value, root=1)
+        np.testing.assert_array_equal(root_value, np.arange(300_000, dtype=np.float32) * 2)
+        value = worker_values(kv.rank, (300_000,), "float32")
+        np.testing.assert_array_equal(kv.pushpull("mixed", value), expected_sum(3, (300_000,), "float32"))
+        return True
+
+    assert cluster.run(work, timeout=120) == [True] * 3
