@@ -161,14 +161,16 @@ static inline double rdmakv_shm_now(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* The socket kept open beside the segment carries nothing after the set-up,
- * so any event on it (EOF, hang-up, error) means the peer's process is gone. */
+/* The socket kept open beside the segment carries only the fds of shared
+ * result memory after the set-up, so data waiting on it is no sign of
+ * anything; its end (the peer's side closed: hang-up or error) means the
+ * peer's process is gone. */
 static inline int rdmakv_shm_peer_gone(int fd) {
     struct pollfd p;
     p.fd = fd;
-    p.events = POLLIN;
+    p.events = POLLRDHUP;
     p.revents = 0;
-    return poll(&p, 1, 0) > 0;
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL));
 }
 
 static inline int rdmakv_shm_slice(double deadline) {
@@ -232,9 +234,10 @@ static inline int rdmakv_ring_write(rdmakv_ring *r, const char *src, size_t n, d
     return 0;
 }
 
-/* Wait until the ring holds data: 1, or 0 after `timeout`, or a negative code
+/* Wait until the producer publishes past `seen` (the consumer's tail: until
+ * the ring holds data): 1, or 0 after `timeout`, or a negative code
  * (RDMAKV_SHM_GONE once the peer left and everything it sent was read). */
-static inline int rdmakv_ring_wait(rdmakv_ring *r, double timeout, rdmakv_flag *stop, int fd) {
+static inline int rdmakv_ring_wait_past(rdmakv_ring *r, uint32_t seen, double timeout, rdmakv_flag *stop, int fd) {
     rdmakv_ring_ctl *c = r->ctl;
     uint32_t tail = rdmakv_load_relaxed(&c->tail);
     double deadline = 0;
@@ -242,11 +245,11 @@ static inline int rdmakv_ring_wait(rdmakv_ring *r, double timeout, rdmakv_flag *
     while (1) {
         uint32_t head = rdmakv_load_acquire(&c->head);
         if (head - tail > r->size) return RDMAKV_SHM_CORRUPT;
-        if (head != tail) return 1;
+        if (head != seen) return 1;
         if (atomic_load_explicit(stop, memory_order_relaxed)) return RDMAKV_SHM_STOPPED;
         if (rdmakv_load_acquire(&c->closed) || (spins >= RDMAKV_SHM_SPINS && rdmakv_shm_peer_gone(fd))) {
             /* whatever it published before leaving is still to be read */
-            if (rdmakv_load_acquire(&c->head) != tail) return 1;
+            if (rdmakv_load_acquire(&c->head) != seen) return 1;
             return RDMAKV_SHM_GONE;
         }
         if (spins < RDMAKV_SHM_SPINS) { spins++; rdmakv_cpu_relax(); continue; }
@@ -255,6 +258,10 @@ static inline int rdmakv_ring_wait(rdmakv_ring *r, double timeout, rdmakv_flag *
         if (ms == 0) return 0;
         rdmakv_ring_sleep_consumer(c, head, ms);
     }
+}
+
+static inline int rdmakv_ring_wait(rdmakv_ring *r, double timeout, rdmakv_flag *stop, int fd) {
+    return rdmakv_ring_wait_past(r, rdmakv_load_relaxed(&r->ctl->tail), timeout, stop, fd);
 }
 
 /* Read n bytes into dst; 0 or a negative code.  `timeout` bounds each
@@ -278,6 +285,64 @@ static inline int rdmakv_ring_read(rdmakv_ring *r, char *dst, size_t n, double t
         if (avail > n) avail = n;
         if (avail > RDMAKV_SHM_PIECE) avail = RDMAKV_SHM_PIECE;
         rdmakv_ring_copy_out(r->data, r->size, tail, dst, avail);
+        tail += (uint32_t)avail;
+        dst += avail;
+        n -= avail;
+        rdmakv_ring_release(c, tail);
+    }
+    return 0;
+}
+
+typedef void (*rdmakv_add_fn)(void *dst, const void *src, size_t count);
+
+/* dst += n bytes of items from the ring at logical position pos (wrapping);
+ * n is a whole number of items.  An item the ring's end splits in two is
+ * put together first.  Frames of different dtypes share the ring, so items
+ * there may sit at any alignment: fine for the loads of x86-64 and arm64,
+ * the targets this builds for. */
+static inline void rdmakv_ring_add_out(const char *data, uint32_t size, uint32_t pos, char *dst, size_t n,
+                                       rdmakv_add_fn add, size_t itemsize) {
+    uint32_t off = pos & (size - 1);
+    size_t first = size - off, whole;
+    char item[16];
+    if (first >= n) {
+        add(dst, data + off, n / itemsize);
+        return;
+    }
+    whole = first - first % itemsize;
+    add(dst, data + off, whole / itemsize);
+    if (whole < first) {
+        rdmakv_ring_copy_out(data, size, pos + (uint32_t)whole, item, itemsize);
+        add(dst + whole, item, 1);
+        whole += itemsize;
+    }
+    add(dst + whole, data + ((pos + (uint32_t)whole) & (size - 1)), (n - whole) / itemsize);
+}
+
+/* Add the next n bytes (whole items of itemsize <= 16) into dst instead of
+ * copying them: the server sums a push straight out of the ring.  0 or a
+ * negative code; `timeout` bounds each stretch without progress. */
+static inline int rdmakv_ring_read_add(rdmakv_ring *r, char *dst, size_t n, rdmakv_add_fn add, size_t itemsize,
+                                       double timeout, rdmakv_flag *stop, int fd) {
+    rdmakv_ring_ctl *c = r->ctl;
+    uint32_t tail = rdmakv_load_relaxed(&c->tail);
+    size_t wanted = n;
+    int rc;
+    while (n > 0) {
+        uint32_t head = rdmakv_load_acquire(&c->head);
+        size_t avail = head - tail;
+        if (avail > r->size) return RDMAKV_SHM_CORRUPT;
+        if (avail > n) avail = n;
+        if (avail > RDMAKV_SHM_PIECE) avail = RDMAKV_SHM_PIECE;
+        avail -= avail % itemsize;            /* only whole items; the rest of one is on its way */
+        if (avail == 0) {
+            rc = rdmakv_ring_wait_past(r, head, timeout, stop, fd);
+            if (rc == 0) return RDMAKV_SHM_TIMEOUT;
+            if (rc == RDMAKV_SHM_GONE && n < wanted) return RDMAKV_SHM_GONE_MID;
+            if (rc < 0) return rc;
+            continue;
+        }
+        rdmakv_ring_add_out(r->data, r->size, tail, dst, avail, add, itemsize);
         tail += (uint32_t)avail;
         dst += avail;
         n -= avail;

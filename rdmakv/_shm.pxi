@@ -1,9 +1,11 @@
 # Shared-memory data path: one mapped segment per connection holding two byte
 # rings (rdmakv/_shm.h), one per direction.  A frame is copied into the ring by
-# the sender and out of it by the receiver straight into the destination; the
-# loops run with the GIL released, and every wait is bounded.  Policy (set-up,
-# peer names, errors) lives in rdmakv/transport/shm.py.
+# the sender and out of it by the receiver straight into the destination, or,
+# for a payload that already lies in memory the sender shared, read from there
+# in place (copy_region); the loops run with the GIL released, and every wait
+# is bounded.  Policy (set-up, peer names, errors) lives in rdmakv/transport/shm.py.
 
+from libc.string cimport memcpy
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED, MAP_POPULATE
 
 
@@ -27,6 +29,9 @@ cdef extern from "_shm.h" nogil:
     int rdmakv_ring_wait(rdmakv_ring *r, double timeout, rdmakv_flag *stop, int fd)
     int rdmakv_ring_read(rdmakv_ring *r, char *dst, size_t n, double timeout, rdmakv_flag *stop, int fd)
     int rdmakv_ring_try_read(rdmakv_ring *r, char *dst, size_t n)
+    ctypedef void (*rdmakv_add_fn)(void *dst, const void *src, size_t count) noexcept nogil
+    int rdmakv_ring_read_add(rdmakv_ring *r, char *dst, size_t n, rdmakv_add_fn add, size_t itemsize,
+                             double timeout, rdmakv_flag *stop, int fd)
     int rdmakv_ring_avail(rdmakv_ring *r)
     void rdmakv_ring_init(rdmakv_ring *r)
     void rdmakv_shm_shutdown(rdmakv_ring *out, rdmakv_ring *inb, rdmakv_flag *stop)
@@ -156,6 +161,26 @@ cdef class ShmChannel:
         finally:
             PyBuffer_Release(&view)
 
+    def recv_add_into(self, buffer, int dtype_code, double timeout):
+        """Add the next len(buffer) bytes of the ring into the writable contiguous
+        buffer, elementwise as items of dtype_code (the codes of add_into)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t itemsize = 0
+        cdef add_fn add = _adder(dtype_code, &itemsize)
+        cdef int rc
+        self._check("receive")
+        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
+        try:
+            if view.len % itemsize:
+                raise ValueError(f"recv_add_into: {view.len} bytes are not whole {itemsize}-byte items")
+            with nogil:
+                rc = rdmakv_ring_read_add(&self.in_ring, <char *>view.buf, view.len, <rdmakv_add_fn>add,
+                                          itemsize, timeout, &self.stop, self.fd)
+            if rc != 0:
+                _raise_shm(rc, "receive")
+        finally:
+            PyBuffer_Release(&view)
+
     def wait_readable(self, double timeout):
         """True once the ring holds data, False after timeout; EOFError once the
         peer left and everything it sent was read."""
@@ -188,3 +213,27 @@ cdef class ShmChannel:
         if self.base != NULL:
             munmap(self.base, self.length)
             self.base = NULL
+
+
+def copy_region(source, size_t offset, destination):
+    """Fill the whole of the writable buffer `destination` from `source`
+    starting at byte `offset` (a peer's shared memory, read in place),
+    with the GIL released; a region outside `source` is a ValueError."""
+    cdef Py_buffer sview
+    cdef Py_buffer dview
+    PyObject_GetBuffer(source, &sview, PyBUF_ANY_CONTIGUOUS)
+    try:
+        PyObject_GetBuffer(destination, &dview, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
+        try:
+            if offset > <size_t>sview.len or <size_t>dview.len > <size_t>sview.len - offset:
+                raise ValueError(f"a region of {dview.len} bytes at offset {offset} lies outside "
+                                 f"the {sview.len}-byte shared segment")
+            if dview.len <= GIL_HELD_BYTES:
+                memcpy(dview.buf, <const char *>sview.buf + offset, dview.len)
+            else:
+                with nogil:
+                    memcpy(dview.buf, <const char *>sview.buf + offset, dview.len)
+        finally:
+            PyBuffer_Release(&dview)
+    finally:
+        PyBuffer_Release(&sview)

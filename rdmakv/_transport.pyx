@@ -11,6 +11,6 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 cimport rdmakv._sys as s
 
 include "_tcp.pxi"
-include "_shm.pxi"
 include "_reduce.pxi"
+include "_shm.pxi"
 include "_verbs.pxi"

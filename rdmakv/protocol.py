@@ -16,6 +16,7 @@ MAX_CONTROL_BYTES = 1 << 20  # a JSON control payload is never larger
 # magic, version, op, dtype, flags, key, chunk, priority, round, length, sender
 HEADER = struct.Struct("<IHBBIQIiQQI")
 HEADER_SIZE = HEADER.size
+FLAGS_OFFSET = struct.calcsize("<IHBB")   # where the u32 flags sit in a packed header
 
 Header = namedtuple("Header", "op dtype flags key chunk priority round length sender")
 

@@ -23,13 +23,14 @@ from rdmakv.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
 from rdmakv.node import ControlLink, accept_peers
 from rdmakv.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.transport import select
-from rdmakv.transport.base import Handler
+from rdmakv.transport.base import AddInto, Handler
 
 log = logging.getLogger("rdmakv.server")
 
 MAX_CHUNK_BYTES = 1 << 30       # a declaration asking for more is refused
 MAX_DIMS = 32
 DIRECT_REPLY_BYTES = 64 * 1024   # smaller replies go out from the summing thread when nothing waits
+ADD_ON_ARRIVAL_BYTES = 64 * 1024  # larger pushes are summed on their way in where the transport can
 MAX_STATE_BYTES = 1 << 34      # optimizer state sent by SET_STATES
 
 
@@ -52,7 +53,7 @@ class KeyState:
 
 
 class ChunkState:
-    def __init__(self, key_state, index, nbytes, dtype_code):
+    def __init__(self, key_state, index, nbytes, dtype_code, allocate):
         self.key_state = key_state
         self.index = index
         self.nbytes = nbytes
@@ -66,12 +67,13 @@ class ChunkState:
         self.has_data = False
         self.flags = 0
         self.buffers = [None, None]
+        self._allocate = allocate     # nbytes -> uint8 array, shared with co-located workers where possible
         self.weight = None            # optimizer mode: the stored value
 
     def buffer(self, rnd):
         slot = rnd % 2
         if self.buffers[slot] is None:
-            self.buffers[slot] = np.empty(self.nbytes, np.uint8)
+            self.buffers[slot] = self._allocate(self.nbytes)
         return self.buffers[slot]
 
 
@@ -85,6 +87,7 @@ class WorkerLink:
         self.rank = None
         self.scratch = np.empty(0, np.uint8)
         self.filling = None           # the chunk this worker's push is landing in directly
+        self.adding = False           # ... and is being summed into it on arrival, not copied
         self.places = peer.connection.places_remotely
         self.slots = {}               # ChunkState -> where this worker's pushes land (when places)
         self._queue = []
@@ -113,7 +116,8 @@ class WorkerLink:
 
     def reply(self, priority, op, payload, **fields):
         with self._ready:
-            small = payload is None or memoryview(payload).nbytes <= DIRECT_REPLY_BYTES
+            small = (payload is None or memoryview(payload).nbytes <= DIRECT_REPLY_BYTES
+                     or self.peer.connection.shares(payload))
             if self._queue or self._sending or not small:
                 heapq.heappush(self._queue, (-priority, next(self._order), op, payload, fields))
                 self._ready.notify()
@@ -156,6 +160,9 @@ class ParameterServer(Handler):
         self.transport, why = select(self.config.transport)
         host = netif.advertised_host(self.config)
         self.listener = self.transport.Listener(host, self.config.port, self.config.timeout)
+        # Round buffers in memory the transport can share, so a result is written once for
+        # all co-located workers (rdmakv/transport/shm.py) instead of once per connection.
+        self._allocate = getattr(self.listener, "shared_buffer", None) or (lambda nbytes: np.empty(nbytes, np.uint8))
         self.address = netif.format_address(*self.listener.address)
         self.secret = auth.load_secret(self.config)
         if self.secret is None:
@@ -247,20 +254,42 @@ class ParameterServer(Handler):
             if header.op == Op.PUSH and link.places:
                 return link.slot_for(chunk)
             if header.op == Op.PUSH:
-                # The round's first contribution lands straight in its result buffer;
-                # later ones land in the connection's scratch buffer and are added.
+                # The round's first contribution lands straight in its result buffer.
+                # Later ones are summed into it on their way in where the transport can
+                # (waiting for the one landing there first), else land in the
+                # connection's scratch buffer and are added.
                 with chunk.lock:
-                    if (header.round == chunk.round and not chunk.has_data and chunk.filling is None
+                    if self._may_add_on_arrival(peer, link, header, chunk):
+                        chunk.filled.wait_for(lambda: chunk.filling is None, self.config.timeout)
+                    if (header.round == chunk.round and chunk.filling is None
                             and link.rank not in chunk.pushed and chunk.key_state.error is None):
-                        chunk.filling = link.rank
-                        link.filling = chunk
-                        return chunk.buffer(chunk.round)
+                        if not chunk.has_data:
+                            chunk.filling = link.rank
+                            link.filling = chunk
+                            return chunk.buffer(chunk.round)
+                        if self._may_add_on_arrival(peer, link, header, chunk):
+                            chunk.filling = link.rank
+                            link.filling = chunk
+                            link.adding = True
+                            return AddInto(chunk.buffer(chunk.round), chunk.dtype_code)
             return link.scratch_for(header.length)
         if header.op == Op.SET_STATES:
             if header.length > MAX_STATE_BYTES:
                 raise ProtocolError(f"optimizer state of {header.length} bytes exceeds {MAX_STATE_BYTES}")
             return bytearray(header.length)
         return None
+
+    @staticmethod
+    def _may_add_on_arrival(peer, link, header, chunk):
+        """Whether this push may be summed into the round's buffer as it arrives:
+        an ordinary, well-formed contribution to the current round.  It is added
+        before _push can refuse it, so everything _push would refuse is excluded;
+        the caller holds chunk.lock."""
+        return (peer.connection.can_add and chunk.nbytes >= ADD_ON_ARRIVAL_BYTES
+                and not header.flags & (FLAG_BROADCAST | FLAG_NO_DATA) and not chunk.flags & FLAG_BROADCAST
+                and header.dtype == chunk.dtype_code and header.round == chunk.round
+                and link.rank not in chunk.pushed and link.rank in chunk.key_state.declared_by
+                and chunk.key_state.error is None)
 
     def on_message(self, peer, header, payload):
         link = peer.info.get("link")
@@ -337,7 +366,7 @@ class ParameterServer(Handler):
                 code = protocol.DTYPE_CODES[layout["dtype"]]
                 for index, (_, nbytes, server) in enumerate(layout["chunks"]):
                     if server == self.rank:
-                        chunk = self._chunks[(key, index)] = ChunkState(state, index, nbytes, code)
+                        chunk = self._chunks[(key, index)] = ChunkState(state, index, nbytes, code, self._allocate)
                         state.chunks.append(chunk)
             else:
                 state.declared_by.add(link.rank)
@@ -431,6 +460,7 @@ class ParameterServer(Handler):
             # Held from here until the contribution is counted, so that an adder
             # waiting for a direct fill never sees the buffer before it is marked full.
             direct = link.filling is chunk
+            added = direct and link.adding   # already summed on arrival
             if direct:
                 self._end_fill(link)
             if chunk.key_state.error is not None:
@@ -461,7 +491,7 @@ class ParameterServer(Handler):
                 if chunk.has_data and broadcast:
                     raise KeyRefused(header.key, f"more than one worker sent the root value for the "
                                                 f"broadcast of key {name!r}: the workers disagree on the root")
-                if chunk.nbytes and chunk.has_data:
+                if chunk.nbytes and chunk.has_data and not added:
                     _t.add_into(target, payload, chunk.dtype_code)
                 elif chunk.nbytes and not direct:
                     target[:] = payload
@@ -500,7 +530,7 @@ class ParameterServer(Handler):
     def _end_fill(link):
         """link's direct fill is over (its push arrived, or it died): let waiting adders in.
         The caller holds the chunk's lock."""
-        chunk, link.filling = link.filling, None
+        chunk, link.filling, link.adding = link.filling, None, False
         if chunk is not None and chunk.filling == link.rank:
             chunk.filling = None
             chunk.filled.notify_all()

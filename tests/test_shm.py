@@ -14,6 +14,7 @@ import pytest
 
 import rdmakv
 import test_kvstore
+from kvstore_helpers import expected_sum, worker_values
 from cluster import REPO
 from rdmakv import protocol
 from rdmakv.errors import ConfigError, ConnectionClosed, TransportError
@@ -427,3 +428,140 @@ def test_kvstore_large_multi_chunk_tensors_and_auth_over_shm(shm_cluster_factory
     assert cluster.wait() == [0, 0, 0]
     assert shm_mappings() == ([], [])
     assert dev_shm() == before
+
+
+def shm_pair(timeout=5):
+    """(listener, its side, the connector's side) of one shared-memory connection in this process."""
+    listener = LAYER.Listener("127.0.0.1", 0, timeout)
+    accepted = {}
+    thread = threading.Thread(target=lambda: accepted.setdefault("c", listener.accept(5)))
+    thread.start()
+    mine = LAYER.connect("127.0.0.1", listener.address[1], timeout)
+    thread.join(10)
+    return listener, accepted["c"], mine
+
+
+def result_mappings():
+    with open("/proc/self/maps") as maps:
+        return [line.split()[1] for line in maps if "rdmakv-shm-results" in line]
+
+
+def test_a_buffer_from_the_shared_arena_is_read_in_place_by_the_peer():
+    listener, theirs, mine = shm_pair()
+    try:
+        shared = [listener.shared_buffer(n) for n in (1 << 20, 3 << 20, 100_000)]
+        small = listener.shared_buffer(1000)             # below the threshold: an ordinary array
+        assert result_mappings() == ["rw-s"] and small.base is None
+        rng = np.random.default_rng(5)
+        for seed, payload in enumerate(shared + [small, rng.integers(0, 256, 200_000, dtype=np.uint8)]):
+            payload[:] = rng.integers(0, 256, payload.nbytes, dtype=np.uint8)
+            theirs.send(protocol.pack(Op.RESULT, key=seed, flags=protocol.FLAG_ACK, length=payload.nbytes), payload)
+            header = mine.recv_header(5)
+            assert (header.key, header.flags, header.length) == (seed, protocol.FLAG_ACK, payload.nbytes)
+            back = np.empty(payload.nbytes, np.uint8)
+            mine.recv_payload(header, back)
+            np.testing.assert_array_equal(back, payload)
+        # One segment, passed once, mapped read-only on the receiving side; gone once it closes.
+        assert sorted(result_mappings()) == ["r--s", "rw-s"]
+        mine.close()
+        assert result_mappings() == ["rw-s"]
+    finally:
+        mine.close()
+        theirs.close()
+        listener.close()
+
+
+def flagged(header):
+    raw = bytearray(header)
+    shm._FLAGS.pack_into(raw, protocol.FLAGS_OFFSET, shm.SHARED_PAYLOAD)
+    return raw
+
+
+@pytest.mark.parametrize("case", ["never sent", "outside", "not sealed", "empty"])
+def test_a_shared_payload_at_a_bad_place_is_refused(case):
+    listener, theirs, mine = shm_pair(timeout=1)
+    try:
+        length = 1 << 20
+        if case == "outside":
+            segment = listener._arena._new_segment(0, 1 << 20)
+            theirs._share(segment)
+            os.close(segment.fd)
+            place = shm.PLACE.pack(0, 4096)                  # 4 KiB short of a whole payload
+        elif case == "not sealed":
+            fd = os.memfd_create("rdmakv-shm-results-unsealed")
+            os.ftruncate(fd, 1 << 20)
+            socket.send_fds(theirs._sock, [shm.SEGMENT.pack(0, 1 << 20)], [fd])
+            os.close(fd)
+            place = shm.PLACE.pack(0, 0)
+        else:
+            place = shm.PLACE.pack(7, 0)
+        if case == "empty":
+            length = 0
+        theirs._channel.send_frame(flagged(protocol.pack(Op.RESULT, length=length)), place, 1.0)
+        with pytest.raises(rdmakv.errors.ProtocolError, match={"never sent": "never sent", "outside": "outside",
+                                                                "not sealed": "not sealed", "empty": "0 bytes"}[case]):
+            header = mine.recv_header(5)
+            mine.recv_payload(header, np.empty(length, np.uint8))
+    finally:
+        mine.close()
+        theirs.close()
+        listener.close()
+
+
+def test_payloads_are_summed_on_their_way_in_across_the_ring_end(monkeypatch):
+    # A 64 KiB ring and payloads of odd item counts, so items sit at every
+    # alignment and some straddle the ring's end.
+    monkeypatch.setenv("RDMAKV_SHM_RING_BYTES", "65536")
+    listener, theirs, mine = shm_pair()
+    rng = np.random.default_rng(9)
+    try:
+        assert mine.can_add and not tcp.TcpConnection.can_add
+        for step in range(60):
+            dtype = ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"][step % 7]
+            count = int(rng.integers(1, 50_000))
+            value = rng.integers(-50, 50, count).astype(dtype)
+            target = rng.integers(-50, 50, count).astype(dtype)
+            expected = target + value
+            sender = threading.Thread(target=mine.send, args=(protocol.pack(Op.PUSH, length=value.nbytes), value))
+            sender.start()                             # larger than the ring: it streams
+            header = theirs.recv_header(5)
+            theirs.recv_payload_add(header, target.view(np.uint8), protocol.DTYPE_CODES[dtype])
+            sender.join(10)
+            np.testing.assert_array_equal(target, expected)
+            mine.send(protocol.pack(Op.BARRIER, length=step % 5), b"x" * (step % 5) or None)   # shifts the alignment
+            header = theirs.recv_header(5)
+            if header.length:
+                theirs.recv_payload(header, bytearray(header.length))
+    finally:
+        mine.close()
+        theirs.close()
+        listener.close()
+
+
+def test_kvstore_large_chunks_are_summed_on_arrival_and_read_in_place_over_shm(shm_cluster_factory):
+    # 256 KiB chunks (so later pushes are summed out of the ring and results read
+    # from the server's memory), odd element counts, a 64 KiB ring (so items
+    # straddle its end), rounds in flight together, and a broadcast then a sum
+    # on the same key.
+    cluster = shm_cluster_factory(3, 2, RDMAKV_PARTITION_BYTES=256 * 1024, RDMAKV_SHM_RING_BYTES=65536)
+    shapes = {"float16": (300_001,), "float32": (120_003,), "float64": (50, 2001), "int8": (700_001,),
+              "int32": (99_999,), "int64": (70_001,)}
+
+    def work(kv):
+        for dtype, shape in shapes.items():
+            for round_ in range(3):
+                value = worker_values(kv.rank, shape, dtype, round_)
+                np.testing.assert_array_equal(kv.pushpull(dtype, value), expected_sum(3, shape, dtype, round_))
+        values = [worker_values(kv.rank, (400_000,), "float32", r) for r in range(4)]
+        outs = [np.empty_like(v) for v in values]
+        handles = [kv.pushpull_async("burst", v, out=o, priority=r) for r, (v, o) in enumerate(zip(values, outs))]
+        for r, handle in enumerate(handles):
+            np.testing.assert_array_equal(handle.wait(), expected_sum(3, (400_000,), "float32", r))
+        root_value = np.arange(300_000, dtype=np.float32) * (kv.rank + 1)
+        kv.broadcast("mixed", root_value, root=1)
+        np.testing.assert_array_equal(root_value, np.arange(300_000, dtype=np.float32) * 2)
+        value = worker_values(kv.rank, (300_000,), "float32")
+        np.testing.assert_array_equal(kv.pushpull("mixed", value), expected_sum(3, (300_000,), "float32"))
+        return True
+
+    assert cluster.run(work, timeout=120) == [True] * 3

@@ -46,8 +46,20 @@ _closed_warnings = _Throttle()
 IDLE_POLL_SECONDS = 1.0
 
 
+class AddInto:
+    """A destination that asks for the payload to be summed into `target`
+    (elementwise, as items of protocol dtype `dtype_code`) instead of landing
+    in a buffer of its own; only for connections whose can_add is True."""
+    __slots__ = ("target", "dtype_code")
+
+    def __init__(self, target, dtype_code):
+        self.target = target
+        self.dtype_code = dtype_code
+
+
 class Connection(abc.ABC):
     peer = "?"           # printable address of the other side
+    can_add = False      # recv_payload_add works: the payload can be summed on its way in
 
     @abc.abstractmethod
     def send(self, header, payload=None):
@@ -61,6 +73,15 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def recv_payload(self, header, destination):
         """Place the payload of `header` into the writable buffer `destination` (header.length bytes)."""
+
+    def shares(self, payload):
+        """True if sending payload moves only where it lies (the peer reads it in
+        place), so the send costs no copy however large the payload."""
+        return False
+
+    def recv_payload_add(self, header, target, dtype_code):
+        """Add the payload of `header` into `target` elementwise (see AddInto)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sum a payload on its way in")
 
     @abc.abstractmethod
     def close(self):
@@ -93,7 +114,8 @@ class Handler:
     """What a Peer's reader thread calls; subclasses override what they need."""
 
     def destination(self, peer, header):
-        """A writable buffer of header.length bytes for the payload, or None for a control payload."""
+        """A writable buffer of header.length bytes for the payload, an AddInto
+        one (if peer.connection.can_add), or None for a control payload."""
         return None
 
     def on_message(self, peer, header, payload):
@@ -144,6 +166,9 @@ class Peer:
                 payload = None
                 if header.length:
                     payload = self.handler.destination(self, header)
+                    adding = type(payload) is AddInto
+                    if adding:
+                        dtype_code, payload = payload.dtype_code, payload.target
                     if payload is None:
                         if header.length > protocol.MAX_CONTROL_BYTES:
                             raise ProtocolError(
@@ -154,7 +179,10 @@ class Peer:
                         raise ProtocolError(
                             f"{protocol.op_name(header.op)} for key {header.key} chunk {header.chunk} "
                             f"carries {header.length} bytes, expected {memoryview(payload).nbytes}")
-                    self.connection.recv_payload(header, payload)
+                    if adding:
+                        self.connection.recv_payload_add(header, payload, dtype_code)
+                    else:
+                        self.connection.recv_payload(header, payload)
                 self.handler.on_message(self, header, payload)
         except RdmaKVError as exc:
             error = exc

@@ -24,18 +24,33 @@ receiver copies straight out into the destination buffer, in pieces, so a
 large payload streams through a ring of any size.  Acquire/release counters,
 futex sleeps only when a side has nothing to do, every wait bounded.
 
+Shared results.  A listener also keeps an arena of memory files that the
+server's round buffers are allocated from (shared_buffer).  A payload of at
+least SHARED_MIN_BYTES that lies in the arena is not copied into the ring:
+the first time a connection needs a segment its fd goes over the Unix socket,
+and the ring carries the header (flagged SHARED_PAYLOAD, a bit only this
+layer uses and strips) and the payload's place.  The receiver copies straight
+from the mapping into the destination, so the server writes a sum once for
+all its co-located workers instead of once into each worker's ring.  This is
+safe because the protocol already keeps a round's result buffer unchanged
+until every worker has its copy: it is reused two rounds later, and the next
+round cannot complete before each worker has received this one.
+
 The stream carries exactly what the TCP transport carries, so authentication,
 the KVStore and the server run over it unchanged."""
 import errno
 import fcntl
 import json
 import logging
+import mmap
 import os
 import select
 import socket
 import struct
 import threading
 import time
+
+import numpy as np
 
 from rdmakv import netif, protocol
 from rdmakv._native import transport as _t
@@ -51,6 +66,15 @@ MAX_RING_BYTES = 1 << 30
 SETUP_SECONDS = 5.0            # bound on the set-up exchange (a local peer that stalls it is refused)
 SETUP_VERSION = 1
 _OFF = ("0", "false", "no", "off")
+
+SHARED_MIN_BYTES = 64 * 1024   # smaller payloads are cheaper to copy through the ring
+ARENA_SEGMENT_BYTES = 64 * MiB  # the arena grows by memory files of this size (or one buffer's)
+ARENA_ALIGN = 4096
+MAX_SHARED_SEGMENTS = 4096     # a peer sharing more is refused (each costs us a mapping)
+SHARED_PAYLOAD = 1 << 31       # header flag bit private to this layer: a PLACE follows, not the bytes
+_FLAGS = struct.Struct("<I")
+SEGMENT = struct.Struct("<IQ")  # sent with a segment's fd: its number and size
+PLACE = struct.Struct("<IQ")    # in the ring instead of the payload: segment number, offset
 
 
 def ring_bytes(environ=None):
@@ -130,12 +154,93 @@ def _recv_line(sock, deadline, limit=4096):
     return json.loads(data)
 
 
+class _Segment:
+    def __init__(self, number, fd, size, memory):
+        self.number = number
+        self.fd = fd
+        self.size = size
+        self.memory = memory                       # an mmap.mmap
+        self.address = np.frombuffer(memory, np.uint8, 1).ctypes.data
+
+
+class SharedArena:
+    """Memory files the listener's owner allocates buffers from, so that
+    connections can hand co-located peers a buffer's place instead of its
+    bytes.  Buffers live as long as the process; segments only grow."""
+
+    def __init__(self):
+        self._segments = []
+        self._used = 0                # bytes taken from the newest segment
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def allocate(self, nbytes):
+        """A writable uint8 array of nbytes in shared memory."""
+        with self._lock:
+            if not self._segments or self._used + nbytes > self._segments[-1].size:
+                size = max(ARENA_SEGMENT_BYTES, -(-nbytes // ARENA_ALIGN) * ARENA_ALIGN)
+                self._segments.append(self._new_segment(len(self._segments), size))
+                self._used = 0
+            segment, offset = self._segments[-1], self._used
+            self._used += -(-nbytes // ARENA_ALIGN) * ARENA_ALIGN
+        return np.frombuffer(segment.memory, np.uint8, nbytes, offset)
+
+    @staticmethod
+    def _new_segment(number, size):
+        fd = os.memfd_create("rdmakv-shm-results", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            memory = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(fd)
+            raise
+        return _Segment(number, fd, size, memory)
+
+    def locate(self, payload):
+        """(segment, offset) of a payload that lies wholly in the arena and is
+        worth sharing, else None."""
+        if (self._closed or type(payload) is not np.ndarray or payload.nbytes < SHARED_MIN_BYTES
+                or not payload.flags.c_contiguous):
+            return None
+        start = payload.ctypes.data
+        for segment in self._segments:
+            offset = start - segment.address
+            if 0 <= offset and offset + payload.nbytes <= segment.size:
+                return segment, offset
+        return None
+
+    def pass_segment(self, sock, segment):
+        """Send a segment's fd and size over a Unix socket (under the lock, so
+        close() cannot free the fd number meanwhile)."""
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.EBADF, "the shared arena is closed")
+            if socket.send_fds(sock, [SEGMENT.pack(segment.number, segment.size)], [segment.fd]) != SEGMENT.size:
+                raise OSError(errno.EAGAIN, "the segment announcement did not fit the socket")
+
+    def close(self):
+        """Stop sharing: later payloads go through the rings; mappings stay while buffers do."""
+        with self._lock:
+            self._closed = True
+            for segment in self._segments:
+                if segment.fd >= 0:
+                    os.close(segment.fd)
+                    segment.fd = -1
+
+
 class ShmConnection(Connection):
-    def __init__(self, sock, channel, peer, timeout):
+    can_add = True
+
+    def __init__(self, sock, channel, peer, timeout, arena=None):
         self._sock = sock
         self._channel = channel
         self.peer = peer
         self._timeout = timeout
+        self._arena = arena
+        self._shared_with_peer = set()    # numbers of our segments the peer has
+        self._peer_segments = {}          # number -> read-only mmap of the peer's segment
+        self._place_follows = False       # the header just read announced a PLACE, not bytes
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._header = bytearray(protocol.HEADER_SIZE)
@@ -162,21 +267,97 @@ class ShmConnection(Connection):
 
     def send(self, header, payload=None):
         with self._send_lock:
+            place = self._arena.locate(payload) if self._arena is not None and payload is not None else None
+            if place is not None:
+                segment, offset = place
+                if segment.number not in self._shared_with_peer:
+                    self._io("send to", self._share, segment)
+                header = bytearray(header)
+                _FLAGS.pack_into(header, protocol.FLAGS_OFFSET,
+                                 _FLAGS.unpack_from(header, protocol.FLAGS_OFFSET)[0] | SHARED_PAYLOAD)
+                payload = PLACE.pack(segment.number, offset)
             self._io("send to", self._channel.send_frame, header, payload, self._timeout)
+
+    def shares(self, payload):
+        return self._arena is not None and self._arena.locate(payload) is not None
+
+    def _share(self, segment):
+        """Pass a segment's fd to the peer, ahead of the first frame that names it."""
+        self._arena.pass_segment(self._sock, segment)
+        self._shared_with_peer.add(segment.number)
 
     def recv_header(self, idle_timeout):
         with self._recv_lock:
             if not self._io("receive from", self._channel.wait_readable, idle_timeout):
                 return None
             self._io("receive from", self._channel.recv_into, self._header, self._timeout)
-        return protocol.unpack(self._header)
+            flags = _FLAGS.unpack_from(self._header, protocol.FLAGS_OFFSET)[0]
+            self._place_follows = bool(flags & SHARED_PAYLOAD)
+            if self._place_follows:
+                _FLAGS.pack_into(self._header, protocol.FLAGS_OFFSET, flags & ~SHARED_PAYLOAD)
+            header = protocol.unpack(self._header)
+            if self._place_follows and header.length == 0:
+                raise ProtocolError(f"receive from {self.peer}: a shared payload of 0 bytes")
+        return header
 
     def recv_payload(self, header, destination):
         with self._recv_lock:
             try:
-                self._io("receive from", self._channel.recv_into, destination, self._timeout)
+                if self._place_follows:
+                    self._place_follows = False
+                    place = bytearray(PLACE.size)
+                    self._io("receive from", self._channel.recv_into, place, self._timeout)
+                    number, offset = PLACE.unpack(place)
+                    memory = self._peer_segment(number)
+                    self._io("receive from", _t.copy_region, memory, offset, destination)
+                else:
+                    self._io("receive from", self._channel.recv_into, destination, self._timeout)
             except EndOfStream:
                 raise ConnectionClosed(f"receive from {self.peer}: the peer left mid-message") from None
+
+    def recv_payload_add(self, header, target, dtype_code):
+        with self._recv_lock:
+            if self._place_follows:
+                raise ProtocolError(f"receive from {self.peer}: a shared payload where a sum was expected")
+            try:
+                self._io("receive from", self._channel.recv_add_into, target, dtype_code, self._timeout)
+            except EndOfStream:
+                raise ConnectionClosed(f"receive from {self.peer}: the peer left mid-message") from None
+
+    def _peer_segment(self, number):
+        """The peer's segment `number`, mapped read-only; its fd was sent ahead
+        of the frame, so it waits on the socket (or the peer is broken)."""
+        deadline = time.monotonic() + self._timeout
+        while number not in self._peer_segments:
+            if len(self._peer_segments) >= MAX_SHARED_SEGMENTS:
+                raise ProtocolError(f"receive from {self.peer}: more than {MAX_SHARED_SEGMENTS} shared segments")
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+                raise ProtocolError(f"receive from {self.peer}: shared segment {number} was never sent")
+            try:
+                data, fds, _, _ = socket.recv_fds(self._sock, SEGMENT.size, 1)
+            except OSError as exc:
+                raise TransportError(f"receive from {self.peer}: shared segment: {exc}") from None
+            try:
+                if not data:
+                    raise EndOfStream(f"{self.peer} closed the connection")
+                if len(data) != SEGMENT.size or len(fds) != 1:
+                    raise ProtocolError(f"receive from {self.peer}: a malformed shared-segment announcement")
+                got, size = SEGMENT.unpack(data)
+                if got in self._peer_segments:
+                    raise ProtocolError(f"receive from {self.peer}: shared segment {got} sent twice")
+                if os.fstat(fds[0]).st_size != size or not size:
+                    raise ProtocolError(f"receive from {self.peer}: shared segment {got} is not {size} bytes")
+                if not fcntl.fcntl(fds[0], fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+                    raise ProtocolError(f"receive from {self.peer}: shared segment {got} is not sealed "
+                                        f"against shrinking")
+                self._peer_segments[got] = mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ)
+            except (OSError, ValueError) as exc:
+                raise ProtocolError(f"receive from {self.peer}: shared segment: {exc}") from None
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        return self._peer_segments[number]
 
     def close(self):
         if self._closed:
@@ -192,6 +373,9 @@ class ShmConnection(Connection):
         # The mapping and the fd must outlive every thread still inside a call.
         with self._send_lock, self._recv_lock:
             self._channel.unmap()
+            for memory in self._peer_segments.values():
+                memory.close()
+            self._peer_segments.clear()
             self._sock.close()
 
 
@@ -205,6 +389,7 @@ class ShmListener(Listener):
         self._timeout = timeout
         self._forced = forced
         self._ring_bytes = ring_bytes()
+        self._arena = SharedArena()
         self._unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             name = _endpoint(*self.address)
@@ -288,7 +473,7 @@ class ShmListener(Listener):
             memfd = -1
             sock.sendall(b'{"ok": true}\n')
             sock.setblocking(False)
-            return ShmConnection(sock, channel, peer, self._timeout)
+            return ShmConnection(sock, channel, peer, self._timeout, self._arena)
         except (OSError, ValueError, ProtocolError) as exc:
             log.warning("refused a shared-memory connection from %s: %s", peer, exc)
             try:
@@ -301,12 +486,21 @@ class ShmListener(Listener):
             if memfd >= 0:
                 os.close(memfd)
 
+    def shared_buffer(self, nbytes):
+        """A writable uint8 array whose bytes co-located peers read in place
+        when it is sent to them (see SharedArena); a plain one where that
+        cannot help."""
+        if self._unix is None or nbytes < SHARED_MIN_BYTES:
+            return np.empty(nbytes, np.uint8)
+        return self._arena.allocate(nbytes)
+
     def fileno(self):
         return self._inner.fileno() if hasattr(self._inner, "fileno") else -1
 
     def close(self):
         if self._unix is not None:
             self._unix.close()
+        self._arena.close()
         self._inner.close()
 
 
