@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+import rdmakv
+
 from kvstore_helpers import expected_sum, worker_values
 from rdmakv.transport import verbs_devices
 
@@ -88,6 +90,31 @@ def test_16mib_pushpull_is_zero_copy(verbs_cluster):
         assert placed + rendezvous == rounds * 2 * 16 << 20
         assert placed >= (2 * rounds - 1) * 16 << 20
         assert copied < 64 << 10, f"{copied} bytes went through bounce slots"
+
+
+def test_verbs_workers_of_a_server_that_also_shares_memory(cluster_factory):
+    """The server runs `auto`: shared memory layered over verbs, its round
+    buffers in memory it could share with co-located workers.  These workers
+    force verbs, so every result goes out of that memory by RDMA write."""
+    from cluster import run_threads
+    cluster = cluster_factory(2, 1, RDMAKV_TRANSPORT="auto", RDMAKV_TIMEOUT=120)
+    stores, errors = run_threads([lambda i=i: rdmakv.KVStore(worker_id=i, **cluster.settings(transport="verbs"))
+                                  for i in range(2)], timeout=120)
+    cluster.stores.extend(store for store in stores if store is not None)
+    assert not any(errors), errors
+    n = 3 << 18                       # int32: 3 MiB, one chunk
+
+    def work(kv):
+        assert kv.transport.__name__.endswith("verbs")
+        value = np.empty(n, np.int32)
+        for step in range(3):
+            value[:] = np.arange(n, dtype=np.int32) * (kv.rank + 1) + step
+            kv.pushpull("shared", value)
+            np.testing.assert_array_equal(value, np.arange(n, dtype=np.int32) * 3 + 2 * step)
+        return sum(link.peer.connection.placed_bytes for link in kv._links)
+
+    for placed in cluster.run(work, timeout=240):
+        assert placed >= 5 * n * 4    # all results and the pushes after the first, in place
 
 
 SCRIPT = """
