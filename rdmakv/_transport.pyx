@@ -12,5 +12,6 @@ cimport rdmakv._sys as s
 
 include "_tcp.pxi"
 include "_reduce.pxi"
+include "_pack.pxi"
 include "_shm.pxi"
 include "_verbs.pxi"

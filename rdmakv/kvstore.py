@@ -16,6 +16,7 @@ from collections import deque
 import numpy as np
 
 from rdmakv import auth, netif, partition, protocol, trace
+from rdmakv._native import transport as _t
 from rdmakv.config import Config
 from rdmakv.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
                            RdmaKVError, RemoteError)
@@ -28,7 +29,7 @@ from rdmakv.transport.base import Handler, Peer
 log = logging.getLogger("rdmakv.worker")
 
 DIRECT_SEND_BYTES = 64 * 1024
-FUSE_BYTES = 64 * 1024        # pushpull_many packs tensors this small into one per dtype
+FUSE_BYTES = 64 * 1024        # fused groups pack tensors this small into one per dtype
 DTYPE_CODE_OF = {np.dtype(name): code for name, code in protocol.DTYPE_CODES.items()}
 
 
@@ -206,6 +207,50 @@ class GroupHandle:
         for part in self._parts:
             part.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return self._results
+
+
+class FusedGroup:
+    """Keys pushpulled together (KVStore.fuse).  The group keeps the arrays it
+    was given: each call sums their current contents into the outputs, with
+    one copy in and one copy out for all the small tensors of a dtype."""
+
+    def __init__(self, store, keys, values, outs=None):
+        keys, values = list(keys), list(values)
+        outs = [None] * len(keys) if outs is None else list(outs)
+        if not len(keys) == len(values) == len(outs):
+            raise ValueError(f"{len(keys)} keys, {len(values)} values and {len(outs)} outs do not match")
+        if len(set(keys)) != len(keys):
+            raise ValueError("a fused group got the same key twice")
+        self._store = store
+        self._large = []              # (key, value, out) pushpulled one by one
+        small = {}
+        for key, value, out in zip(keys, values, outs):
+            source = as_array(value, "value", writable=out is None, key=key)
+            target = source if out is None else as_array(out, "out", writable=True, key=key)
+            if target.dtype != source.dtype or target.shape != source.shape:
+                raise ValueError(f"out of key {key_name(key)!r} is {target.dtype}{list(target.shape)} but its "
+                                 f"value is {source.dtype}{list(source.shape)}")
+            if source.nbytes <= FUSE_BYTES:
+                small.setdefault(source.dtype, []).append((key, source, target))
+            else:
+                self._large.append((key, value, out))
+        # (fused key, dtype, sources, targets, elements) per dtype
+        self._fused = [(store._fused_layout(dtype, members), dtype, [source for _, source, _ in members],
+                        [target for _, _, target in members], sum(source.size for _, source, _ in members))
+                       for dtype, members in small.items()]
+        self.results = [value if out is None else out for value, out in zip(values, outs)]
+
+    def pushpull_async(self, priority=0):
+        """Start this step's sums; a GroupHandle whose wait() gives the results."""
+        store = self._store
+        parts = [store.pushpull_async(key, value, out, priority) for key, value, out in self._large]
+        parts += [store._fused_pushpull(group, dtype, sources, targets, size, priority)
+                  for group, dtype, sources, targets, size in self._fused]
+        return GroupHandle(parts, self.results)
+
+    def pushpull(self, priority=0):
+        """This step's sums, in the order of the keys."""
+        return self.pushpull_async(priority).wait()
 
 
 class ServerLink(Handler):
@@ -424,7 +469,7 @@ class KVStore:
         self._wire_keys = {}
         self._handles = set()
         self._fused_buffers = {}      # (group, dtype) -> staging arrays free for the next round
-        self._fused_layouts = {}      # (dtype, ((key, shape), ...)) -> (group key, sizes)
+        self._fused_layouts = {}      # (dtype, ((key, shape), ...)) -> fused key name
         self._failed_wires = set()    # wire keys a server refused
         self._barrier_number = 0
         self._barrier_done = {}
@@ -485,59 +530,43 @@ class KVStore:
         """The elementwise sum over all workers of this round's value for key."""
         return self.pushpull_async(key, value, out, priority).wait()
 
-    def pushpull_many_async(self, keys, values, outs=None, priority=0):
-        """pushpull for many keys at once; returns a GroupHandle whose wait() gives the results.
+    def fuse(self, keys, values, outs=None):
+        """A FusedGroup: these keys, checked and laid out once, to pushpull
+        together every step with `group.pushpull()`.  Tensors of FUSE_BYTES or
+        less are packed per dtype into one fused tensor, summed as one key
+        (named after the whole group) and unpacked; larger ones go as ordinary
+        pushpulls.  Every worker must fuse the same keys in the same order."""
+        return FusedGroup(self, keys, values, outs)
 
-        Tensors of FUSE_BYTES or less are packed per dtype into one fused tensor,
-        summed as one key (named after the whole group), and unpacked: per-key
-        costs then stay small.  Every worker must pass the same keys in the same
-        order.  Larger tensors go as ordinary pushpulls."""
-        keys, values = list(keys), list(values)
-        outs = [None] * len(keys) if outs is None else list(outs)
-        if not len(keys) == len(values) == len(outs):
-            raise ValueError(f"{len(keys)} keys, {len(values)} values and {len(outs)} outs do not match")
-        if len(set(keys)) != len(keys):
-            raise ValueError("pushpull_many got the same key twice")
-        parts, small = [], {}
-        for key, value, out in zip(keys, values, outs):
-            source = as_array(value, "value", writable=out is None, key=key)
-            target = source if out is None else as_array(out, "out", writable=True, key=key)
-            if target.dtype != source.dtype or target.shape != source.shape:
-                raise ValueError(f"out of key {key_name(key)!r} is {target.dtype}{list(target.shape)} but its "
-                                 f"value is {source.dtype}{list(source.shape)}")
-            if source.nbytes <= FUSE_BYTES:
-                small.setdefault(source.dtype, []).append((key, source, target))
-            else:
-                parts.append(self.pushpull_async(key, value, out, priority))
-        for dtype, members in small.items():
-            parts.append(self._fused(dtype, members, priority))
-        results = [value if out is None else out for value, out in zip(values, outs)]
-        return GroupHandle(parts, results)
+    def pushpull_many_async(self, keys, values, outs=None, priority=0):
+        """pushpull for many keys at once (a one-off fuse()); returns a
+        GroupHandle whose wait() gives the results."""
+        return FusedGroup(self, keys, values, outs).pushpull_async(priority)
 
     def pushpull_many(self, keys, values, outs=None, priority=0):
         """The sums of many keys at once (see pushpull_many_async)."""
         return self.pushpull_many_async(keys, values, outs, priority).wait()
 
-    def _fused(self, dtype, members, priority):
+    def _fused_layout(self, dtype, members):
+        """The wire name of the fused key for these (key, source, target) members."""
         signature = (dtype, tuple((key, source.shape) for key, source, _ in members))
-        layout = self._fused_layouts.get(signature)
-        if layout is None:
+        group = self._fused_layouts.get(signature)
+        if group is None:
             names = "|".join(f"{key_name(key)}{list(shape)}" for key, shape in signature[1])
-            group = "fused:" + hashlib.blake2b(names.encode(), digest_size=12).hexdigest()
-            layout = self._fused_layouts[signature] = (group, [source.size for _, source, _ in members])
-        group, sizes = layout
+            group = self._fused_layouts[signature] = "fused:" + hashlib.blake2b(names.encode(),
+                                                                                digest_size=12).hexdigest()
+        return group
+
+    def _fused_pushpull(self, group, dtype, sources, targets, size, priority):
         with self._lock:
             pool = self._fused_buffers.setdefault((group, dtype), [])
-            staging = pool.pop() if pool else np.empty(sum(sizes), dtype)
-        np.concatenate([source.reshape(-1) for _, source, _ in members], out=staging)
+            staging = pool.pop() if pool else np.empty(size, dtype)
+        _t.pack(sources, staging)
         handle = self.pushpull_async(group, staging, priority=priority)
 
         def unpack(done):
             if done.exception() is None:
-                offset = 0
-                for (_, _, target), size in zip(members, sizes):
-                    target.reshape(-1)[:] = staging[offset:offset + size]
-                    offset += size
+                _t.unpack(staging, targets)
             with self._lock:
                 pool.append(staging)
 

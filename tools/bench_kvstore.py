@@ -155,8 +155,14 @@ class RdmakvWorker:
         self.t = Tensors(shapes, self.kv.rank, num_workers)
         self.outputs = [np.empty_like(b) for b in self.t.base]
         self.keys = list(range(len(shapes)))
-        # --rdmakv-env RDMAKV_BENCH_FUSE=1: one pushpull_many call, which fuses the small tensors
-        self.fuse = os.environ.get("RDMAKV_BENCH_FUSE") == "1"
+        # --rdmakv-env RDMAKV_BENCH_FUSE=1: one pushpull_many call per step, which fuses the small
+        # tensors; RDMAKV_BENCH_FUSE=group: a group made once with kv.fuse(), pushpulled every step
+        fuse = os.environ.get("RDMAKV_BENCH_FUSE", "")
+        self.fuse = fuse == "1"
+        self.group = None
+        if fuse == "group":
+            order = list(reversed(self.keys))
+            self.group = self.kv.fuse(order, [self.t.values[i] for i in order], [self.outputs[i] for i in order])
 
     def prepare(self, step):
         self.t.fill(step)
@@ -167,6 +173,9 @@ class RdmakvWorker:
         kv, values, outputs = self.kv, self.t.values, self.outputs
         if len(values) == 1:
             kv.pushpull(0, values[0], out=outputs[0])
+            return
+        if self.group is not None:
+            self.group.pushpull()
             return
         if self.fuse:
             order = list(reversed(self.keys))
