@@ -619,7 +619,15 @@ class KVStore:
 
     def _teardown(self):
         self._closed = True
+        # Leaving because the job failed: say why to the servers still there, or the
+        # other workers would only hear that this worker left.
+        reason = self._failure or next((link.error for link in self._links if link.error is not None), None)
         for link in self._links:
+            if reason is not None and link.error is None and link.peer is not None:
+                try:
+                    link.peer.send_json(Op.ERROR, {"message": str(reason)})
+                except RdmaKVError:
+                    pass
             link.close()
         self._control.close()
         if getattr(self, "tracer", None):

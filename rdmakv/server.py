@@ -88,6 +88,7 @@ class WorkerLink:
         self.scratch = np.empty(0, np.uint8)
         self.filling = None           # the chunk this worker's push is landing in directly
         self.adding = False           # ... and is being summed into it on arrival, not copied
+        self.leaving_because = None   # what the worker said was wrong before it left
         self.places = peer.connection.places_remotely
         self.slots = {}               # ChunkState -> where this worker's pushes land (when places)
         self._queue = []
@@ -307,6 +308,8 @@ class ParameterServer(Handler):
                 self._init_value(header, payload)
             elif header.op in (Op.SET_OPTIMIZER, Op.GET_STATES, Op.SET_STATES):
                 self._optimizer_op(link, header, payload)
+            elif header.op == Op.ERROR:      # the worker is leaving because the job failed: why
+                link.leaving_because = str(protocol.decode_json(payload or b"").get("message", ""))[:1000]
             else:
                 raise ProtocolError(f"unexpected {protocol.op_name(header.op)} from {peer.name}")
         except KeyRefused as exc:
@@ -337,8 +340,8 @@ class ParameterServer(Handler):
             if self._links.get(link.rank) is not link:
                 return
             del self._links[link.rank]
-            self._departed.setdefault(link.rank, "closed its connection" if error is None
-                                      or isinstance(error, EndOfStream) else str(error))
+            self._departed.setdefault(link.rank, link.leaving_because or (
+                "closed its connection" if error is None or isinstance(error, EndOfStream) else str(error)))
             broken = {key for (key, _), chunk in self._chunks.items() if chunk.pushed}
         if error is not None and not self._stopped.is_set() and not isinstance(error, EndOfStream):
             log.warning("server %s: %s left: %s", self.rank, peer.name, error)
