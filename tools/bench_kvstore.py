@@ -294,6 +294,7 @@ def worker_main(system, workload, rank, num_workers, steps, warmup):
     times, cpu = [], 0.0
     for i in range(warmup, warmup + steps):
         worker.prepare(i)
+        worker.barrier()      # every worker starts the step together: refilling many tensors takes a while
         c0, t0 = time.process_time(), time.perf_counter()
         worker.step()
         t1, c1 = time.perf_counter(), time.process_time()
