@@ -264,35 +264,6 @@ static inline int rdmakv_ring_wait(rdmakv_ring *r, double timeout, rdmakv_flag *
     return rdmakv_ring_wait_past(r, rdmakv_load_relaxed(&r->ctl->tail), timeout, stop, fd);
 }
 
-/* Read n bytes into dst; 0 or a negative code.  `timeout` bounds each
- * stretch without progress. */
-static inline int rdmakv_ring_read(rdmakv_ring *r, char *dst, size_t n, double timeout, rdmakv_flag *stop, int fd) {
-    rdmakv_ring_ctl *c = r->ctl;
-    uint32_t tail = rdmakv_load_relaxed(&c->tail);
-    size_t wanted = n;
-    int rc;
-    while (n > 0) {
-        uint32_t head = rdmakv_load_acquire(&c->head);
-        size_t avail = head - tail;
-        if (avail > r->size) return RDMAKV_SHM_CORRUPT;
-        if (avail == 0) {
-            rc = rdmakv_ring_wait(r, timeout, stop, fd);
-            if (rc == 0) return RDMAKV_SHM_TIMEOUT;
-            if (rc == RDMAKV_SHM_GONE && n < wanted) return RDMAKV_SHM_GONE_MID;
-            if (rc < 0) return rc;
-            continue;
-        }
-        if (avail > n) avail = n;
-        if (avail > RDMAKV_SHM_PIECE) avail = RDMAKV_SHM_PIECE;
-        rdmakv_ring_copy_out(r->data, r->size, tail, dst, avail);
-        tail += (uint32_t)avail;
-        dst += avail;
-        n -= avail;
-        rdmakv_ring_release(c, tail);
-    }
-    return 0;
-}
-
 typedef void (*rdmakv_add_fn)(void *dst, const void *src, size_t count);
 
 /* dst += n bytes of items from the ring at logical position pos (wrapping);
@@ -319,9 +290,9 @@ static inline void rdmakv_ring_add_out(const char *data, uint32_t size, uint32_t
     add(dst + whole, data + ((pos + (uint32_t)whole) & (size - 1)), (n - whole) / itemsize);
 }
 
-/* Add the next n bytes (whole items of itemsize <= 16) into dst instead of
- * copying them: the server sums a push straight out of the ring.  0 or a
- * negative code; `timeout` bounds each stretch without progress. */
+/* Consume the next n bytes into dst: copied, or with add != NULL added as
+ * whole items of itemsize <= 16 (the server sums a push straight out of the
+ * ring).  0 or a negative code; `timeout` bounds each stretch without progress. */
 static inline int rdmakv_ring_read_add(rdmakv_ring *r, char *dst, size_t n, rdmakv_add_fn add, size_t itemsize,
                                        double timeout, rdmakv_flag *stop, int fd) {
     rdmakv_ring_ctl *c = r->ctl;
@@ -342,13 +313,21 @@ static inline int rdmakv_ring_read_add(rdmakv_ring *r, char *dst, size_t n, rdma
             if (rc < 0) return rc;
             continue;
         }
-        rdmakv_ring_add_out(r->data, r->size, tail, dst, avail, add, itemsize);
+        if (add)
+            rdmakv_ring_add_out(r->data, r->size, tail, dst, avail, add, itemsize);
+        else
+            rdmakv_ring_copy_out(r->data, r->size, tail, dst, avail);
         tail += (uint32_t)avail;
         dst += avail;
         n -= avail;
         rdmakv_ring_release(c, tail);
     }
     return 0;
+}
+
+/* Read n bytes into dst; 0 or a negative code. */
+static inline int rdmakv_ring_read(rdmakv_ring *r, char *dst, size_t n, double timeout, rdmakv_flag *stop, int fd) {
+    return rdmakv_ring_read_add(r, dst, n, NULL, 1, timeout, stop, fd);
 }
 
 /* Read all n bytes only if they are already there: 1 when read, 0 when not
