@@ -121,7 +121,7 @@ def test_live_server_survives_hostile_connections_while_workers_sum(cluster_fact
     def work(kv):
         rng = np.random.default_rng(kv.rank)
         round_ = 0
-        while not stop.is_set():
+        while True:
             for key, shape in enumerate([(3000,), (17, 33), (1,)]):
                 value = ((np.arange(np.prod(shape)) * (key + 1) + round_) % 7).astype(np.int32).reshape(shape)
                 out = kv.pushpull(f"h{key}", value * (kv.rank + 1), out=np.empty_like(value))
@@ -129,7 +129,10 @@ def test_live_server_survives_hostile_connections_while_workers_sum(cluster_fact
             round_ += 1
             rounds[kv.rank] = round_
             rng.random()
-        return round_
+            # Both workers stop after the same round: one seeing `stop` a round
+            # before the other would leave its peer waiting for a push forever.
+            if kv.pushpull("stop", np.array([stop.is_set()], np.int32))[0]:
+                return round_
 
     results = {}
     workers = threading.Thread(target=lambda: results.update(r=cluster.run_collect(work, timeout=150)),
