@@ -412,7 +412,10 @@ class VerbsConnection(Connection):
                         self._error = ProtocolError(f"{self.peer} sent a malformed verbs frame (kind {kind}, "
                                                     f"{wc.byte_len} bytes)")
             self._cv.notify_all()
-        self._return_offer_credits()
+        try:
+            self._send_owed_credits(block=False)     # for the offers taken in above
+        except RdmaKVError:
+            pass   # the connection just failed or closed: its users hear why from it
 
     def _repost(self, slot):
         try:
@@ -603,16 +606,13 @@ class VerbsConnection(Connection):
             self._offers_in[(op, key, chunk)] = _PeerOffer(rnd, ident, length, addr, rkey, header_addr,
                                                            header_rkey)
 
-    def _return_offer_credits(self):
-        """The progress thread took offers in: send their credits back once
-        enough are owed, but only from a free send slot, as it must not wait."""
+    def _send_owed_credits(self, block):
+        """Return credits in a CREDIT frame once enough are owed.  The progress
+        thread passes block=False: it must never wait for a send slot."""
         with self._cv:
             if self._to_return < DATA_SLOTS // 4 or self._error is not None or self._closed:
                 return
-        try:
-            self._post_frame(K_CREDIT, 0, uses_credit=False, what="credit to", block=False)
-        except RdmaKVError:
-            pass   # the connection just failed or closed: its users hear why from it
+        self._post_frame(K_CREDIT, 0, uses_credit=False, what="credit to", block=block)
 
     # ---- receiving ------------------------------------------------------------------------
     def recv_header(self, idle_timeout):
@@ -678,12 +678,7 @@ class VerbsConnection(Connection):
             if slot is not None:
                 self._repost(slot)
             self._to_return += 1
-            owe = self._to_return >= DATA_SLOTS // 4
-        if owe:
-            with self._cv:
-                if self._to_return < DATA_SLOTS // 4 or self._error is not None or self._closed:
-                    return
-            self._post_frame(K_CREDIT, 0, uses_credit=False, what="credit to")
+        self._send_owed_credits(block=True)
 
     def recv_payload(self, header, destination):
         with self._recv_lock:
