@@ -23,22 +23,17 @@ dev=${RXE_VM_DEVICE:-rxe0}
 gid=${RXE_VM_GID_INDEX:-1}
 echo "== $(uname -r), $(nproc) vCPUs, device $dev GID index $gid, $(date -u +%FT%TZ)"
 
-for s in 65536 1048576 4194304 16777216; do
-    echo "== ib_write_bw -F -d $dev -x $gid -s $s -n 100 (loopback through rxe0)"
-    ib_write_bw -F -d "$dev" -x "$gid" -s $s -n 100 >/tmp/wbw_server.log 2>&1 &
-    server=$!
+# perftest TOOL SIZE ITERATIONS: its server in the background, its client against it on 127.0.0.1
+perftest() {
+    echo "== $1 -F -d $dev -x $gid -s $2 -n $3"
+    "$1" -F -d "$dev" -x "$gid" -s "$2" -n "$3" >"/tmp/$1_server.log" 2>&1 &
+    local server=$!
     sleep 1
-    ib_write_bw -F -d "$dev" -x "$gid" -s $s -n 100 127.0.0.1 | grep -A1 "#bytes"
+    "$1" -F -d "$dev" -x "$gid" -s "$2" -n "$3" 127.0.0.1 | grep -A1 "#bytes"
     wait $server
-done
-for s in 8 4096; do
-    echo "== ib_send_lat -F -d $dev -x $gid -s $s -n 1000"
-    ib_send_lat -F -d "$dev" -x "$gid" -s $s -n 1000 >/tmp/slat_server.log 2>&1 &
-    server=$!
-    sleep 1
-    ib_send_lat -F -d "$dev" -x "$gid" -s $s -n 1000 127.0.0.1 | grep -A1 "#bytes"
-    wait $server
-done
+}
+for s in 65536 1048576 4194304 16777216; do perftest ib_write_bw $s 100; done
+for s in 8 4096; do perftest ib_send_lat $s 1000; done
 
 echo "== tools/verbs_pingpong.py --size 1024 --count 200"
 "$py" tools/verbs_pingpong.py --size 1024 --count 200

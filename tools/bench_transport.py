@@ -121,13 +121,6 @@ class Client:
         self.c = connection
         self.out = np.ones(MAX_SIZE, np.uint8)
         self.into = np.empty(MAX_SIZE, np.uint8)
-        self.headers = {}
-
-    def _header(self, size, mode):
-        key = (size, mode)
-        if key not in self.headers:
-            self.headers[key] = protocol.pack(Op.PUSH, length=size, sender=mode)
-        return self.headers[key]
 
     def _expect(self, op):
         header = self.c.recv_header(TIMEOUT)
@@ -150,7 +143,7 @@ class Client:
         return time.perf_counter() - start
 
     def pingpong(self, size, count):
-        header, payload, into = self._header(size, ECHO), self.out[:size], self.into[:size]
+        header, payload, into = protocol.pack(Op.PUSH, length=size, sender=ECHO), self.out[:size], self.into[:size]
         samples = []
         for _ in range(count):
             start = time.perf_counter()
