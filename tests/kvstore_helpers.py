@@ -13,3 +13,16 @@ def expected_sum(num_workers, shape, dtype, round_=0):
     for rank in range(num_workers):
         total += worker_values(rank, shape, dtype, round_)
     return total
+
+
+def pushpull_keys_at_once(kv, shapes, num_workers):
+    """Start an int64 pushpull with `out` for every shape (key = index,
+    priority = -index) before waiting on any, then check each sum exactly."""
+    handles = []
+    for index, shape in enumerate(shapes):
+        value = worker_values(kv.rank, shape, "int64", index)
+        out = np.empty_like(value)
+        handles.append((index, out, kv.pushpull_async(index, value, out=out, priority=-index)))
+    for index, out, handle in handles:
+        assert handle.wait() is out
+        np.testing.assert_array_equal(out, expected_sum(num_workers, shapes[index], "int64", index))

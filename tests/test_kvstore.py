@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rdmakv
-from kvstore_helpers import expected_sum, worker_values
+from kvstore_helpers import expected_sum, pushpull_keys_at_once, worker_values
 from rdmakv.errors import PeerTimeout, RemoteError
 
 DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"]
@@ -39,14 +39,7 @@ def test_many_keys_in_flight_with_out_and_priorities(cluster_factory):
     shapes = [(n * 37 % 2000 + 1,) for n in range(60)]
 
     def work(kv):
-        handles = []
-        for index, shape in enumerate(shapes):
-            value = worker_values(kv.rank, shape, "int64", index)
-            out = np.empty_like(value)
-            handles.append((index, out, kv.pushpull_async(index, value, out=out, priority=-index)))
-        for index, out, handle in handles:
-            assert handle.wait() is out
-            np.testing.assert_array_equal(out, expected_sum(3, shapes[index], "int64", index))
+        pushpull_keys_at_once(kv, shapes, 3)
         return True
 
     assert cluster.run(work) == [True] * 3

@@ -11,7 +11,7 @@ import pytest
 
 import rdmakv
 
-from kvstore_helpers import expected_sum, worker_values
+from kvstore_helpers import expected_sum, pushpull_keys_at_once, worker_values
 from rdmakv.transport import verbs_devices
 
 USABLE, REASON = verbs_devices.probe()
@@ -52,14 +52,7 @@ def test_many_keys_priorities_and_broadcast(verbs_cluster):
     shapes = [((n * 7919) % 50_000 + 1,) for n in range(24)]
 
     def work(kv):
-        handles = []
-        for index, shape in enumerate(shapes):
-            value = worker_values(kv.rank, shape, "int64", index)
-            out = np.empty_like(value)
-            handles.append((index, out, kv.pushpull_async(index, value, out=out, priority=-index)))
-        for index, out, handle in handles:
-            assert handle.wait() is out
-            np.testing.assert_array_equal(out, expected_sum(2, shapes[index], "int64", index))
+        pushpull_keys_at_once(kv, shapes, 2)
         weights = np.arange(200_000, dtype=np.float32) * (kv.rank + 1)
         kv.broadcast("w", weights, root=0)
         np.testing.assert_array_equal(weights, np.arange(200_000, dtype=np.float32))

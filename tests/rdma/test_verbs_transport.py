@@ -182,15 +182,20 @@ def test_large_payloads_are_zero_copy(pair, verbs):
     assert client.rendezvous_bytes == n and server.rendezvous_bytes == n
 
 
+def wait_for_offer(client, key, before=None):
+    """Wait until the client's progress thread holds an offer for its PUSH of
+    key, chunk 0, other than `before` (it takes offers in without its reader)."""
+    deadline = time.monotonic() + TIMEOUT
+    while client._offers_in.get((Op.PUSH, key, 0)) in (None, before):
+        assert time.monotonic() < deadline, f"the offer for key {key} never arrived"
+        time.sleep(0.01)
+
+
 def offered(client, server, dest, key=7, round_=0):
-    """server offers dest for the client's PUSH of key, chunk 0, round_; the
-    client's progress thread takes the offer in without its reader."""
+    """server offers dest for the client's PUSH of key, chunk 0, round_."""
     before = client._offers_in.get((Op.PUSH, key, 0))
     server.offer(Op.PUSH, key, 0, round_, dest)
-    deadline = time.monotonic() + TIMEOUT
-    while client._offers_in.get((Op.PUSH, key, 0)) == before:
-        assert time.monotonic() < deadline, "the offer never arrived"
-        time.sleep(0.01)
+    wait_for_offer(client, key, before)
 
 
 def test_offered_buffer_is_written_in_place(pair):
@@ -266,12 +271,7 @@ def test_offers_beyond_the_credits_come_back_without_a_reader(pair, verbs):
     for key, dest in enumerate(dests):
         server.offer(Op.PUSH, key, 0, 0, dest)        # would block for credit if none came back
     for key in range(keys):
-        offered_round = None
-        deadline = time.monotonic() + TIMEOUT
-        while offered_round != 0:
-            assert time.monotonic() < deadline, f"offer for key {key} never arrived"
-            time.sleep(0.005)
-            offered_round = client._offers_in.get((Op.PUSH, key, 0), (None,))[0]
+        wait_for_offer(client, key)
         client.send(header(n, key=key), np.full(n, key % 251, np.uint8))
         receive(server, dests[key])
         assert (dests[key] == key % 251).all()
