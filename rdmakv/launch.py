@@ -69,17 +69,16 @@ class Job:
             pump.join(2.0)
 
     def run(self):
-        """Exit status: 0 when every process succeeded, else the first failure's."""
+        """Exit status: 0 when every process succeeded, else the root failure's (see root_failure)."""
         workers = [proc for label, proc in self.procs if label.startswith("worker")]
         others = [(label, proc) for label, proc in self.procs if not label.startswith("worker")]
         shutdown_deadline = None
         while True:
-            for label, proc in self.procs:
-                code = proc.poll()
-                if code not in (None, 0):
-                    with self.out_lock:
-                        print(f"[launch] {label} exited with status {code}; stopping the job", flush=True)
-                    return code if code > 0 else 128 - code
+            if any(proc.poll() not in (None, 0) for _, proc in self.procs):
+                label, code = self.root_failure()
+                with self.out_lock:
+                    print(f"[launch] {label} exited with status {code}; stopping the job", flush=True)
+                return code if code > 0 else 128 - code
             if all(proc.poll() == 0 for proc in workers):
                 if all(proc.poll() is not None for _, proc in others):
                     return 0
@@ -90,6 +89,17 @@ class Job:
                     return 1
             time.sleep(0.05)
 
+    def root_failure(self, settle=0.5):
+        """(label, status) of the failure that most likely caused the others.
+
+        One failure makes its peers fail within milliseconds (a worker's script exits 3, the
+        scheduler then exits 1), and which of them this loop sees first is a race. So wait
+        briefly for the cascade, then blame a process killed by a signal (never a consequence),
+        else a worker (the user's own code), else whichever failed."""
+        time.sleep(settle)
+        failed = [(label, proc.poll()) for label, proc in self.procs if proc.poll() not in (None, 0)]
+        failed.sort(key=lambda failure: (failure[1] > 0, not failure[0].startswith("worker")))
+        return failed[0]
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m rdmakv.launch", description=__doc__,
