@@ -334,7 +334,8 @@ class ServerLink(Handler):
         finally:
             with self.ready:
                 self.sending = False
-                self.ready.notify()
+                if self.queue:        # waking an idle sender thread would only cost a GIL hand-off
+                    self.ready.notify()
         if self.store.tracer:
             self.store.tracer.instant("sent", key=info.name, chunk=chunk.index, round=handle.round,
                                       priority=handle.priority)

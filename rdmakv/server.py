@@ -135,7 +135,8 @@ class WorkerLink:
         finally:
             with self._ready:
                 self._sending = False
-                self._ready.notify()
+                if self._queue:       # waking an idle reply thread would only cost a GIL hand-off
+                    self._ready.notify()
 
     def _send_loop(self):
         while True:
