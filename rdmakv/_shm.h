@@ -234,10 +234,9 @@ static inline int rdmakv_ring_write(rdmakv_ring *r, const char *src, size_t n, d
     return 0;
 }
 
-/* Wait until the producer publishes past `seen` (the consumer's tail: until
- * the ring holds data): 1, or 0 after `timeout`, or a negative code
+/* Wait until the ring holds data: 1, or 0 after `timeout`, or a negative code
  * (RDMAKV_SHM_GONE once the peer left and everything it sent was read). */
-static inline int rdmakv_ring_wait_past(rdmakv_ring *r, uint32_t seen, double timeout, rdmakv_flag *stop, int fd) {
+static inline int rdmakv_ring_wait(rdmakv_ring *r, double timeout, rdmakv_flag *stop, int fd) {
     rdmakv_ring_ctl *c = r->ctl;
     uint32_t tail = rdmakv_load_relaxed(&c->tail);
     double deadline = 0;
@@ -245,11 +244,11 @@ static inline int rdmakv_ring_wait_past(rdmakv_ring *r, uint32_t seen, double ti
     while (1) {
         uint32_t head = rdmakv_load_acquire(&c->head);
         if (head - tail > r->size) return RDMAKV_SHM_CORRUPT;
-        if (head != seen) return 1;
+        if (head != tail) return 1;
         if (atomic_load_explicit(stop, memory_order_relaxed)) return RDMAKV_SHM_STOPPED;
         if (rdmakv_load_acquire(&c->closed) || (spins >= RDMAKV_SHM_SPINS && rdmakv_shm_peer_gone(fd))) {
             /* whatever it published before leaving is still to be read */
-            if (rdmakv_load_acquire(&c->head) != seen) return 1;
+            if (rdmakv_load_acquire(&c->head) != tail) return 1;
             return RDMAKV_SHM_GONE;
         }
         if (spins < RDMAKV_SHM_SPINS) { spins++; rdmakv_cpu_relax(); continue; }
@@ -260,41 +259,9 @@ static inline int rdmakv_ring_wait_past(rdmakv_ring *r, uint32_t seen, double ti
     }
 }
 
-static inline int rdmakv_ring_wait(rdmakv_ring *r, double timeout, rdmakv_flag *stop, int fd) {
-    return rdmakv_ring_wait_past(r, rdmakv_load_relaxed(&r->ctl->tail), timeout, stop, fd);
-}
-
-typedef void (*rdmakv_add_fn)(void *dst, const void *src, size_t count);
-
-/* dst += n bytes of items from the ring at logical position pos (wrapping);
- * n is a whole number of items.  An item the ring's end splits in two is
- * put together first.  Frames of different dtypes share the ring, so items
- * there may sit at any alignment: fine for the loads of x86-64 and arm64,
- * the targets this builds for. */
-static inline void rdmakv_ring_add_out(const char *data, uint32_t size, uint32_t pos, char *dst, size_t n,
-                                       rdmakv_add_fn add, size_t itemsize) {
-    uint32_t off = pos & (size - 1);
-    size_t first = size - off, whole;
-    char item[16];
-    if (first >= n) {
-        add(dst, data + off, n / itemsize);
-        return;
-    }
-    whole = first - first % itemsize;
-    add(dst, data + off, whole / itemsize);
-    if (whole < first) {
-        rdmakv_ring_copy_out(data, size, pos + (uint32_t)whole, item, itemsize);
-        add(dst + whole, item, 1);
-        whole += itemsize;
-    }
-    add(dst + whole, data + ((pos + (uint32_t)whole) & (size - 1)), (n - whole) / itemsize);
-}
-
-/* Consume the next n bytes into dst: copied, or with add != NULL added as
- * whole items of itemsize <= 16 (the server sums a push straight out of the
- * ring).  0 or a negative code; `timeout` bounds each stretch without progress. */
-static inline int rdmakv_ring_read_add(rdmakv_ring *r, char *dst, size_t n, rdmakv_add_fn add, size_t itemsize,
-                                       double timeout, rdmakv_flag *stop, int fd) {
+/* Read n bytes into dst; 0 or a negative code.  `timeout` bounds each
+ * stretch without progress. */
+static inline int rdmakv_ring_read(rdmakv_ring *r, char *dst, size_t n, double timeout, rdmakv_flag *stop, int fd) {
     rdmakv_ring_ctl *c = r->ctl;
     uint32_t tail = rdmakv_load_relaxed(&c->tail);
     size_t wanted = n;
@@ -303,31 +270,22 @@ static inline int rdmakv_ring_read_add(rdmakv_ring *r, char *dst, size_t n, rdma
         uint32_t head = rdmakv_load_acquire(&c->head);
         size_t avail = head - tail;
         if (avail > r->size) return RDMAKV_SHM_CORRUPT;
-        if (avail > n) avail = n;
-        if (avail > RDMAKV_SHM_PIECE) avail = RDMAKV_SHM_PIECE;
-        avail -= avail % itemsize;            /* only whole items; the rest of one is on its way */
         if (avail == 0) {
-            rc = rdmakv_ring_wait_past(r, head, timeout, stop, fd);
+            rc = rdmakv_ring_wait(r, timeout, stop, fd);
             if (rc == 0) return RDMAKV_SHM_TIMEOUT;
             if (rc == RDMAKV_SHM_GONE && n < wanted) return RDMAKV_SHM_GONE_MID;
             if (rc < 0) return rc;
             continue;
         }
-        if (add)
-            rdmakv_ring_add_out(r->data, r->size, tail, dst, avail, add, itemsize);
-        else
-            rdmakv_ring_copy_out(r->data, r->size, tail, dst, avail);
+        if (avail > n) avail = n;
+        if (avail > RDMAKV_SHM_PIECE) avail = RDMAKV_SHM_PIECE;
+        rdmakv_ring_copy_out(r->data, r->size, tail, dst, avail);
         tail += (uint32_t)avail;
         dst += avail;
         n -= avail;
         rdmakv_ring_release(c, tail);
     }
     return 0;
-}
-
-/* Read n bytes into dst; 0 or a negative code. */
-static inline int rdmakv_ring_read(rdmakv_ring *r, char *dst, size_t n, double timeout, rdmakv_flag *stop, int fd) {
-    return rdmakv_ring_read_add(r, dst, n, NULL, 1, timeout, stop, fd);
 }
 
 /* Read all n bytes only if they are already there: 1 when read, 0 when not
@@ -341,6 +299,68 @@ static inline int rdmakv_ring_try_read(rdmakv_ring *r, char *dst, size_t n) {
     rdmakv_ring_copy_out(r->data, r->size, tail, dst, n);
     rdmakv_ring_release(c, tail + (uint32_t)n);
     return 1;
+}
+
+/* ---- sums several processes build in one shared buffer --------------------
+ * The server's round buffers in shared memory carry this block in the 64
+ * bytes before them.  Co-located workers add their pushes straight into the
+ * buffer, and the server adds the pushes that reach it any other way: each
+ * contributor takes the lock, copies its items in when `round` does not name
+ * this round yet (the round's first contribution, which overwrites what two
+ * rounds ago left) or adds them, marks the round, and unlocks.  The lock is
+ * three-state (free, held, held with sleepers) so an uncontended hand-over
+ * makes no system call; waiting is bounded like every other wait here. */
+typedef struct {
+    _Atomic uint32_t lock;          /* 0 free, 1 held, 2 held and someone sleeps */
+    uint32_t reserved;
+    _Atomic uint64_t round;         /* 1 + the round the buffer holds a sum of; 0: none yet */
+} rdmakv_sum_ctl;
+
+#define RDMAKV_SUM_CONTROL 64       /* bytes reserved before each shared sum buffer */
+
+typedef void (*rdmakv_add_fn)(void *dst, const void *src, size_t count);   /* dst += src, count items */
+
+static inline int rdmakv_sum_lock(rdmakv_sum_ctl *ctl, double timeout, rdmakv_flag *stop) {
+    uint32_t expected = 0;
+    double deadline = 0;
+    int spins, ms;
+    for (spins = 0; spins < RDMAKV_SHM_SPINS; spins++) {
+        expected = 0;
+        if (atomic_compare_exchange_weak_explicit(&ctl->lock, &expected, 1, memory_order_acquire,
+                                                  memory_order_relaxed))
+            return 0;
+        rdmakv_cpu_relax();
+    }
+    while (atomic_exchange_explicit(&ctl->lock, 2, memory_order_acquire) != 0) {
+        if (atomic_load_explicit(stop, memory_order_relaxed)) return RDMAKV_SHM_STOPPED;
+        if (deadline == 0) deadline = rdmakv_shm_now() + timeout;
+        ms = rdmakv_shm_slice(deadline);
+        if (ms == 0) return RDMAKV_SHM_TIMEOUT;
+        rdmakv_futex_wait(&ctl->lock, 2, ms);
+    }
+    return 0;
+}
+
+static inline void rdmakv_sum_unlock(rdmakv_sum_ctl *ctl) {
+    if (atomic_exchange_explicit(&ctl->lock, 0, memory_order_release) == 2)
+        rdmakv_futex_wake(&ctl->lock);
+}
+
+/* Contribute n bytes of src (whole items of `add`'s type) to round `round`'s
+ * sum in dst, whose control block lies just before it: 0, or a negative code. */
+static inline int rdmakv_sum_contribute(char *dst, const char *src, size_t n, rdmakv_add_fn add,
+                                        size_t itemsize, uint64_t round, double timeout, rdmakv_flag *stop) {
+    rdmakv_sum_ctl *ctl = (rdmakv_sum_ctl *)(dst - RDMAKV_SUM_CONTROL);
+    int rc = rdmakv_sum_lock(ctl, timeout, stop);
+    if (rc != 0) return rc;
+    if (atomic_load_explicit(&ctl->round, memory_order_relaxed) != round + 1) {
+        memcpy(dst, src, n);
+        atomic_store_explicit(&ctl->round, round + 1, memory_order_relaxed);
+    } else {
+        add(dst, src, n / itemsize);
+    }
+    rdmakv_sum_unlock(ctl);
+    return 0;
 }
 
 /* Counters start just below the 32-bit wrap, so every connection crosses it

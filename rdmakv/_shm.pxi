@@ -2,8 +2,9 @@
 # rings (rdmakv/_shm.h), one per direction.  A frame is copied into the ring by
 # the sender and out of it by the receiver straight into the destination, or,
 # for a payload that already lies in memory the sender shared, read from there
-# in place (copy_region); the loops run with the GIL released, and every wait
-# is bounded.  Policy (set-up, peer names, errors) lives in rdmakv/transport/shm.py.
+# in place (copy_region).  A push can also be added straight into a sum that
+# several processes build in shared memory (sum_into_shared).  The loops run
+# with the GIL released, and every wait is bounded.  Policy (set-up, peer names, errors) lives in rdmakv/transport/shm.py.
 
 from libc.string cimport memcpy
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED, MAP_POPULATE
@@ -30,14 +31,17 @@ cdef extern from "_shm.h" nogil:
     int rdmakv_ring_read(rdmakv_ring *r, char *dst, size_t n, double timeout, rdmakv_flag *stop, int fd)
     int rdmakv_ring_try_read(rdmakv_ring *r, char *dst, size_t n)
     ctypedef void (*rdmakv_add_fn)(void *dst, const void *src, size_t count) noexcept nogil
-    int rdmakv_ring_read_add(rdmakv_ring *r, char *dst, size_t n, rdmakv_add_fn add, size_t itemsize,
-                             double timeout, rdmakv_flag *stop, int fd)
     int rdmakv_ring_avail(rdmakv_ring *r)
     void rdmakv_ring_init(rdmakv_ring *r)
     void rdmakv_shm_shutdown(rdmakv_ring *out, rdmakv_ring *inb, rdmakv_flag *stop)
+    enum:
+        RDMAKV_SUM_CONTROL
+    int rdmakv_sum_contribute(char *dst, const char *src, size_t n, rdmakv_add_fn add, size_t itemsize,
+                              unsigned long long round, double timeout, rdmakv_flag *stop)
 
 
 SHM_CONTROL_BYTES = RDMAKV_SHM_CONTROL
+SUM_CONTROL_BYTES = RDMAKV_SUM_CONTROL
 
 
 def shm_segment_bytes(size_t ring_bytes):
@@ -161,26 +165,6 @@ cdef class ShmChannel:
         finally:
             PyBuffer_Release(&view)
 
-    def recv_add_into(self, buffer, int dtype_code, double timeout):
-        """Add the next len(buffer) bytes of the ring into the writable contiguous
-        buffer, elementwise as items of dtype_code (the codes of add_into)."""
-        cdef Py_buffer view
-        cdef Py_ssize_t itemsize = 0
-        cdef add_fn add = _adder(dtype_code, &itemsize)
-        cdef int rc
-        self._check("receive")
-        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
-        try:
-            if view.len % itemsize:
-                raise ValueError(f"recv_add_into: {view.len} bytes are not whole {itemsize}-byte items")
-            with nogil:
-                rc = rdmakv_ring_read_add(&self.in_ring, <char *>view.buf, view.len, <rdmakv_add_fn>add,
-                                          itemsize, timeout, &self.stop, self.fd)
-            if rc != 0:
-                _raise_shm(rc, "receive")
-        finally:
-            PyBuffer_Release(&view)
-
     def wait_readable(self, double timeout):
         """True once the ring holds data, False after timeout; EOFError once the
         peer left and everything it sent was read."""
@@ -237,3 +221,42 @@ def copy_region(source, size_t offset, destination):
             PyBuffer_Release(&dview)
     finally:
         PyBuffer_Release(&sview)
+
+
+def sum_into_shared(region, size_t offset, source, int dtype_code, unsigned long long round, double timeout,
+                    ShmChannel channel=None):
+    """Contribute `source` to round `round`'s sum in the shared buffer at byte
+    `offset` of the writable `region`, whose control block fills the
+    SUM_CONTROL_BYTES before it (see _shm.h): copied in as the round's first
+    contribution, else added as items of dtype_code; GIL released.  Waiting for
+    another contributor ends after `timeout` (TimeoutError) or when `channel`
+    is closed locally."""
+    cdef Py_buffer rview
+    cdef Py_buffer sview
+    cdef Py_ssize_t itemsize = 0
+    cdef add_fn add = _adder(dtype_code, &itemsize)
+    cdef rdmakv_flag never_stopped = 0
+    cdef rdmakv_flag *stop = &never_stopped
+    cdef int rc
+    if channel is not None:
+        channel._check("sum")
+        stop = &channel.stop
+    PyObject_GetBuffer(region, &rview, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
+    try:
+        PyObject_GetBuffer(source, &sview, PyBUF_ANY_CONTIGUOUS)
+        try:
+            if (offset < RDMAKV_SUM_CONTROL or offset % RDMAKV_SUM_CONTROL or offset > <size_t>rview.len
+                    or <size_t>sview.len > <size_t>rview.len - offset):
+                raise ValueError(f"a shared sum of {sview.len} bytes at offset {offset} does not fit "
+                                 f"the {rview.len}-byte segment with its control block")
+            if sview.len % itemsize:
+                raise ValueError(f"a shared sum of {sview.len} bytes is not whole {itemsize}-byte items")
+            with nogil:
+                rc = rdmakv_sum_contribute(<char *>rview.buf + offset, <const char *>sview.buf, sview.len,
+                                           <rdmakv_add_fn>add, itemsize, round, timeout, stop)
+            if rc != 0:
+                _raise_shm(rc, "sum")
+        finally:
+            PyBuffer_Release(&sview)
+    finally:
+        PyBuffer_Release(&rview)

@@ -58,6 +58,10 @@ FLAG_BROADCAST = 1     # only the root's payload counts in this round
 FLAG_NO_DATA = 2       # a broadcast contribution from a non-root: header only
 FLAG_ACK = 4           # answer RECEIVED once this push is in (it holds scheduling credit)
 KNOWN_FLAGS = FLAG_BROADCAST | FLAG_NO_DATA | FLAG_ACK
+# Set by a transport on a header it delivers, never accepted from the wire: the
+# push's payload was already added into the sum its receiver offered for it
+# (Connection.offer_sum), so no payload bytes follow.
+FLAG_SUMMED_IN_PLACE = 1 << 8
 
 # Codes shared with the reduction kernel in _reduce.pxi.
 DTYPE_CODES = {

@@ -23,14 +23,13 @@ from rdmakv.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
 from rdmakv.node import ControlLink, accept_peers
 from rdmakv.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.transport import select
-from rdmakv.transport.base import AddInto, Handler
+from rdmakv.transport.base import Handler
 
 log = logging.getLogger("rdmakv.server")
 
 MAX_CHUNK_BYTES = 1 << 30       # a declaration asking for more is refused
 MAX_DIMS = 32
 DIRECT_REPLY_BYTES = 64 * 1024   # smaller replies go out from the summing thread when nothing waits
-ADD_ON_ARRIVAL_BYTES = 64 * 1024  # larger pushes are summed on their way in where the transport can
 MAX_STATE_BYTES = 1 << 34      # optimizer state sent by SET_STATES
 
 
@@ -68,6 +67,7 @@ class ChunkState:
         self.flags = 0
         self.buffers = [None, None]
         self._allocate = allocate     # nbytes -> uint8 array, shared with co-located workers where possible
+        self.shared = False           # the buffers are sums co-located workers add into (offer_sum)
         self.weight = None            # optimizer mode: the stored value
 
     def buffer(self, rnd):
@@ -87,7 +87,6 @@ class WorkerLink:
         self.rank = None
         self.scratch = np.empty(0, np.uint8)
         self.filling = None           # the chunk this worker's push is landing in directly
-        self.adding = False           # ... and is being summed into it on arrival, not copied
         self.leaving_because = None   # what the worker said was wrong before it left
         self.places = peer.connection.places_remotely
         self.slots = {}               # ChunkState -> where this worker's pushes land (when places)
@@ -109,6 +108,11 @@ class WorkerLink:
         if slot is None:
             slot = self.slots[chunk] = np.empty(chunk.nbytes, np.uint8)
         return slot
+
+    def offer_sum(self, chunk):
+        """Let a co-located worker add its pushes of chunk straight into the round buffers."""
+        if chunk.shared and self.peer.connection.sums_remotely:
+            self.peer.connection.offer_sum(chunk.key_state.key, chunk.index, chunk.buffers)
 
     def offer_slot(self, chunk, rnd):
         """Let the worker write its push of round rnd straight into its slot (verbs)."""
@@ -163,8 +167,10 @@ class ParameterServer(Handler):
         host = netif.advertised_host(self.config)
         self.listener = self.transport.Listener(host, self.config.port, self.config.timeout)
         # Round buffers in memory the transport can share, so a result is written once for
-        # all co-located workers (rdmakv/transport/shm.py) instead of once per connection.
+        # all co-located workers (rdmakv/transport/shm.py) instead of once per connection,
+        # and co-located workers add their pushes into them themselves.
         self._allocate = getattr(self.listener, "shared_buffer", None) or (lambda nbytes: np.empty(nbytes, np.uint8))
+        self._shares_sums = getattr(self.listener, "shares_sums", None)
         self.address = netif.format_address(*self.listener.address)
         self.secret = auth.load_secret(self.config)
         if self.secret is None:
@@ -255,43 +261,22 @@ class ParameterServer(Handler):
                 raise ProtocolError(f"{protocol.op_name(header.op)} before CONNECT")
             if header.op == Op.PUSH and link.places:
                 return link.slot_for(chunk)
-            if header.op == Op.PUSH:
-                # The round's first contribution lands straight in its result buffer.
-                # Later ones are summed into it on their way in where the transport can
-                # (waiting for the one landing there first), else land in the
-                # connection's scratch buffer and are added.
+            if header.op == Op.PUSH and not chunk.shared:
+                # The round's first contribution lands straight in its result buffer;
+                # later ones land in the connection's scratch buffer and are added.
+                # (Shared sums take pushes from co-located workers ready-summed.)
                 with chunk.lock:
-                    if self._may_add_on_arrival(peer, link, header, chunk):
-                        chunk.filled.wait_for(lambda: chunk.filling is None, self.config.timeout)
-                    if (header.round == chunk.round and chunk.filling is None
+                    if (header.round == chunk.round and not chunk.has_data and chunk.filling is None
                             and link.rank not in chunk.pushed and chunk.key_state.error is None):
-                        if not chunk.has_data:
-                            chunk.filling = link.rank
-                            link.filling = chunk
-                            return chunk.buffer(chunk.round)
-                        if self._may_add_on_arrival(peer, link, header, chunk):
-                            chunk.filling = link.rank
-                            link.filling = chunk
-                            link.adding = True
-                            return AddInto(chunk.buffer(chunk.round), chunk.dtype_code)
+                        chunk.filling = link.rank
+                        link.filling = chunk
+                        return chunk.buffer(chunk.round)
             return link.scratch_for(header.length)
         if header.op == Op.SET_STATES:
             if header.length > MAX_STATE_BYTES:
                 raise ProtocolError(f"optimizer state of {header.length} bytes exceeds {MAX_STATE_BYTES}")
             return bytearray(header.length)
         return None
-
-    @staticmethod
-    def _may_add_on_arrival(peer, link, header, chunk):
-        """Whether this push may be summed into the round's buffer as it arrives:
-        an ordinary, well-formed contribution to the current round.  It is added
-        before _push can refuse it, so everything _push would refuse is excluded;
-        the caller holds chunk.lock."""
-        return (peer.connection.can_add and chunk.nbytes >= ADD_ON_ARRIVAL_BYTES
-                and not header.flags & (FLAG_BROADCAST | FLAG_NO_DATA) and not chunk.flags & FLAG_BROADCAST
-                and header.dtype == chunk.dtype_code and header.round == chunk.round
-                and link.rank not in chunk.pushed and link.rank in chunk.key_state.declared_by
-                and chunk.key_state.error is None)
 
     def on_message(self, peer, header, payload):
         link = peer.info.get("link")
@@ -371,6 +356,8 @@ class ParameterServer(Handler):
                 for index, (_, nbytes, server) in enumerate(layout["chunks"]):
                     if server == self.rank:
                         chunk = self._chunks[(key, index)] = ChunkState(state, index, nbytes, code, self._allocate)
+                        chunk.shared = self._shares_sums is not None and all(
+                            self._shares_sums(chunk.buffer(rnd)) for rnd in (0, 1))
                         state.chunks.append(chunk)
             else:
                 state.declared_by.add(link.rank)
@@ -383,6 +370,7 @@ class ParameterServer(Handler):
             with chunk.lock:
                 rnd = chunk.round     # 0: no round completes before this worker pushes
             link.offer_slot(chunk, rnd)
+            link.offer_sum(chunk)
 
     def _validate_layout(self, key, layout):
         name, dtype, shape, chunks = (layout.get(f) for f in ("name", "dtype", "shape", "chunks"))
@@ -457,6 +445,7 @@ class ParameterServer(Handler):
             raise ProtocolError(f"PUSH for undeclared key {header.key} chunk {header.chunk}")
         name = chunk.key_state.name
         no_data = header.flags & FLAG_NO_DATA
+        summed = header.flags & protocol.FLAG_SUMMED_IN_PLACE   # the worker added it into target itself
         if self.tracer:
             self.tracer.instant("push", key=name, chunk=chunk.index, priority=header.priority,
                                 round=header.round, worker=link.rank)
@@ -464,7 +453,6 @@ class ParameterServer(Handler):
             # Held from here until the contribution is counted, so that an adder
             # waiting for a direct fill never sees the buffer before it is marked full.
             direct = link.filling is chunk
-            added = direct and link.adding   # already summed on arrival
             if direct:
                 self._end_fill(link)
             if chunk.key_state.error is not None:
@@ -495,7 +483,10 @@ class ParameterServer(Handler):
                 if chunk.has_data and broadcast:
                     raise KeyRefused(header.key, f"more than one worker sent the root value for the "
                                                 f"broadcast of key {name!r}: the workers disagree on the root")
-                if chunk.nbytes and chunk.has_data and not added:
+                if chunk.shared:
+                    if not summed:
+                        self._sum_shared(chunk, target, payload, link, name)
+                elif chunk.nbytes and chunk.has_data:
                     _t.add_into(target, payload, chunk.dtype_code)
                 elif chunk.nbytes and not direct:
                     target[:] = payload
@@ -530,11 +521,22 @@ class ParameterServer(Handler):
             other.reply(header.priority, Op.RESULT, result, key=header.key, chunk=chunk.index, round=rnd,
                         dtype=chunk.dtype_code)
 
+    def _sum_shared(self, chunk, target, payload, link, name):
+        """Add a push that reached us through the connection into a sum that
+        co-located workers add into too (the caller holds chunk.lock)."""
+        try:
+            self.listener.sum_into(target, payload, chunk.dtype_code, chunk.round)
+        except TimeoutError:
+            raise KeyRefused(chunk.key_state.key, f"the sum of key {name!r} chunk {chunk.index} stayed locked "
+                                                  f"for {self.config.timeout:g} s while worker {link.rank}'s "
+                                                  f"push waited: a co-located worker stalled or died adding "
+                                                  f"into it") from None
+
     @staticmethod
     def _end_fill(link):
         """link's direct fill is over (its push arrived, or it died): let waiting adders in.
         The caller holds the chunk's lock."""
-        chunk, link.filling, link.adding = link.filling, None, False
+        chunk, link.filling = link.filling, None
         if chunk is not None and chunk.filling == link.rank:
             chunk.filling = None
             chunk.filled.notify_all()

@@ -1,6 +1,7 @@
 """The shared-memory transport: the transport contract between real processes
 (tests/shm_peer.py is the far end), clean-up after exit and after kill -9, the
 fall-back to TCP, and the KVStore suites run over shared memory."""
+import math
 import os
 import signal
 import socket
@@ -461,10 +462,127 @@ def test_a_buffer_from_the_shared_arena_is_read_in_place_by_the_peer():
             back = np.empty(payload.nbytes, np.uint8)
             mine.recv_payload(header, back)
             np.testing.assert_array_equal(back, payload)
-        # One segment, passed once, mapped read-only on the receiving side; gone once it closes.
-        assert sorted(result_mappings()) == ["r--s", "rw-s"]
+        # One segment, passed once, mapped on the receiving side too (writable: shared sums);
+        # gone there once it closes.
+        assert result_mappings() == ["rw-s", "rw-s"]
         mine.close()
         assert result_mappings() == ["rw-s"]
+    finally:
+        mine.close()
+        theirs.close()
+        listener.close()
+
+
+def offered_sum_pair(timeout=5):
+    """shm_pair whose listener side offered its peer the sum of key 5 chunk 0 (1 MiB)."""
+    listener, theirs, mine = shm_pair(timeout)
+    buffers = [listener.shared_buffer(1 << 20) for _ in range(2)]
+    theirs.offer_sum(5, 0, buffers)
+    theirs.send(protocol.pack(Op.ACK))
+    assert mine.recv_header(5).op == Op.ACK        # the offer was taken in on the way
+    return listener, theirs, mine, buffers
+
+
+def push_header(round_, dtype, key=5, flags=protocol.FLAG_ACK):
+    return protocol.pack(Op.PUSH, key=key, round=round_, dtype=protocol.DTYPE_CODES[dtype], flags=flags,
+                         length=1 << 20)
+
+
+def test_a_push_is_added_into_the_offered_sum_and_the_first_contribution_of_a_round_copies():
+    listener, theirs, mine, buffers = offered_sum_pair()
+    rng = np.random.default_rng(3)
+    try:
+        assert theirs.sums_remotely and not mine.sums_remotely
+        for rnd, dtype in enumerate(["int32", "float64", "int8", "float16", "int64", "uint8", "float32"]):
+            ours, other = (rng.integers(-50, 50, (1 << 20) // np.dtype(dtype).itemsize).astype(dtype)
+                           for _ in range(2))
+            if rnd % 2:                                # whoever comes first copies, the other adds
+                mine.send(push_header(rnd, dtype), ours)
+                listener.sum_into(buffers[rnd % 2], other, protocol.DTYPE_CODES[dtype], rnd)
+            else:
+                listener.sum_into(buffers[rnd % 2], other, protocol.DTYPE_CODES[dtype], rnd)
+                mine.send(push_header(rnd, dtype), ours)
+            header = theirs.recv_header(5)
+            assert (header.op, header.round, header.length) == (Op.PUSH, rnd, 1 << 20)
+            assert header.flags == protocol.FLAG_ACK | protocol.FLAG_SUMMED_IN_PLACE
+            np.testing.assert_array_equal(buffers[rnd % 2].view(dtype), ours + other)
+        assert mine.summed_bytes == 7 << 20
+        # Anything else crosses the ring as before: another key, a broadcast.
+        for header in (push_header(0, "int8", key=6), push_header(7, "int8", flags=protocol.FLAG_BROADCAST)):
+            payload = rng.integers(0, 100, 1 << 20).astype(np.int8)
+            mine.send(header, payload)
+            got = theirs.recv_header(5)
+            assert not got.flags & protocol.FLAG_SUMMED_IN_PLACE
+            back = np.empty(1 << 20, np.int8)
+            theirs.recv_payload(got, back)
+            np.testing.assert_array_equal(back, payload)
+        assert mine.summed_bytes == 7 << 20
+    finally:
+        mine.close()
+        theirs.close()
+        listener.close()
+
+
+def test_a_sum_left_locked_times_out_naming_it_and_a_local_close_ends_the_wait():
+    listener, theirs, mine, buffers = offered_sum_pair(timeout=1)
+    try:
+        segment, offset = listener._arena.find(buffers[0])
+        np.frombuffer(segment.memory, np.uint32, 1, offset - shm.SUM_CONTROL_BYTES)[0] = 1  # held by a dead process
+        began = time.monotonic()
+        with pytest.raises(TimeoutError, match="sum"):
+            listener.sum_into(buffers[0], np.zeros(1 << 18, np.int32), protocol.DTYPE_CODES["int32"], 0)
+        with pytest.raises(rdmakv.errors.PeerTimeout, match="shared sum"):
+            mine.send(push_header(0, "int32"), np.zeros(1 << 18, np.int32))
+        assert time.monotonic() - began < 5
+    finally:
+        mine.close()
+        theirs.close()
+        listener.close()
+    listener, theirs, mine, buffers = offered_sum_pair(timeout=60)
+    try:
+        segment, offset = listener._arena.find(buffers[0])
+        np.frombuffer(segment.memory, np.uint32, 1, offset - shm.SUM_CONTROL_BYTES)[0] = 1
+        outcome = {}
+
+        def push():
+            try:
+                mine.send(push_header(0, "int32"), np.zeros(1 << 18, np.int32))
+            except rdmakv.errors.RdmaKVError as exc:
+                outcome["error"] = exc
+        pusher = threading.Thread(target=push)
+        pusher.start()
+        time.sleep(0.3)
+        closed_at = time.monotonic()
+        mine.close()
+        pusher.join(10)
+        assert isinstance(outcome.get("error"), rdmakv.errors.ConnectionClosed)
+        assert time.monotonic() - closed_at < 2
+    finally:
+        mine.close()
+        theirs.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("case", ["summed without an offer", "offer outside its segment", "offer to the server"])
+def test_hostile_shared_sum_frames_are_refused(case):
+    listener, theirs, mine, buffers = offered_sum_pair(timeout=1)
+    try:
+        if case == "summed without an offer":
+            mine._channel.send_frame(shm._flagged(push_header(0, "int8", key=9), shm.SUMMED), None, 1.0)
+            receiver, match = theirs, "without an offer"
+        elif case == "offer outside its segment":
+            segment, offset = listener._arena.find(buffers[1])
+            places = shm.SUM_PLACES.pack(segment.number, offset, segment.number, segment.size - 4096, 1 << 20)
+            theirs._channel.send_frame(shm._flagged(protocol.pack(Op.PUSH, key=8, length=len(places)),
+                                                    shm.SUM_OFFER), places, 1.0)
+            receiver, match = mine, "does not fit"
+        else:
+            places = shm.SUM_PLACES.pack(0, 4096, 0, 8192, 1 << 20)
+            mine._channel.send_frame(shm._flagged(protocol.pack(Op.PUSH, key=8, length=len(places)),
+                                                  shm.SUM_OFFER), places, 1.0)
+            receiver, match = theirs, "malformed shared-sum offer"
+        with pytest.raises(rdmakv.errors.ProtocolError, match=match):
+            receiver.recv_header(5)
     finally:
         mine.close()
         theirs.close()
@@ -508,41 +626,11 @@ def test_a_shared_payload_at_a_bad_place_is_refused(case):
         listener.close()
 
 
-def test_payloads_are_summed_on_their_way_in_across_the_ring_end(monkeypatch):
-    # A 64 KiB ring and payloads of odd item counts, so items sit at every
-    # alignment and some straddle the ring's end.
-    monkeypatch.setenv("RDMAKV_SHM_RING_BYTES", "65536")
-    listener, theirs, mine = shm_pair()
-    rng = np.random.default_rng(9)
-    try:
-        assert mine.can_add and not tcp.TcpConnection.can_add
-        for step in range(60):
-            dtype = ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"][step % 7]
-            count = int(rng.integers(1, 50_000))
-            value = rng.integers(-50, 50, count).astype(dtype)
-            target = rng.integers(-50, 50, count).astype(dtype)
-            expected = target + value
-            sender = threading.Thread(target=mine.send, args=(protocol.pack(Op.PUSH, length=value.nbytes), value))
-            sender.start()                             # larger than the ring: it streams
-            header = theirs.recv_header(5)
-            theirs.recv_payload_add(header, target.view(np.uint8), protocol.DTYPE_CODES[dtype])
-            sender.join(10)
-            np.testing.assert_array_equal(target, expected)
-            mine.send(protocol.pack(Op.BARRIER, length=step % 5), b"x" * (step % 5) or None)   # shifts the alignment
-            header = theirs.recv_header(5)
-            if header.length:
-                theirs.recv_payload(header, bytearray(header.length))
-    finally:
-        mine.close()
-        theirs.close()
-        listener.close()
-
-
-def test_kvstore_large_chunks_are_summed_on_arrival_and_read_in_place_over_shm(shm_cluster_factory):
-    # 256 KiB chunks (so later pushes are summed out of the ring and results read
-    # from the server's memory), odd element counts, a 64 KiB ring (so items
-    # straddle its end), rounds in flight together, and a broadcast then a sum
-    # on the same key.
+def test_kvstore_workers_add_into_the_servers_shared_sums_and_read_results_in_place(shm_cluster_factory):
+    # 256 KiB chunks (so workers add their pushes into the servers' shared sums
+    # and read results from the servers' memory), odd element counts, a 64 KiB
+    # ring (so fallback pushes stream through it), rounds in flight together,
+    # and a broadcast then a sum on the same key.
     cluster = shm_cluster_factory(3, 2, RDMAKV_PARTITION_BYTES=256 * 1024, RDMAKV_SHM_RING_BYTES=65536)
     shapes = {"float16": (300_001,), "float32": (120_003,), "float64": (50, 2001), "int8": (700_001,),
               "int32": (99_999,), "int64": (70_001,)}
@@ -562,6 +650,8 @@ def test_kvstore_large_chunks_are_summed_on_arrival_and_read_in_place_over_shm(s
         np.testing.assert_array_equal(root_value, np.arange(300_000, dtype=np.float32) * 2)
         value = worker_values(kv.rank, (300_000,), "float32")
         np.testing.assert_array_equal(kv.pushpull("mixed", value), expected_sum(3, (300_000,), "float32"))
-        return True
+        # Rounds after the first find the servers' offers in place (the first may overtake them).
+        later_rounds = sum(2 * np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in shapes.items())
+        return sum(link.peer.connection.summed_bytes for link in kv._links) >= later_rounds // 2
 
     assert cluster.run(work, timeout=120) == [True] * 3

@@ -46,20 +46,8 @@ _closed_warnings = _Throttle()
 IDLE_POLL_SECONDS = 1.0
 
 
-class AddInto:
-    """A destination that asks for the payload to be summed into `target`
-    (elementwise, as items of protocol dtype `dtype_code`) instead of landing
-    in a buffer of its own; only for connections whose can_add is True."""
-    __slots__ = ("target", "dtype_code")
-
-    def __init__(self, target, dtype_code):
-        self.target = target
-        self.dtype_code = dtype_code
-
-
 class Connection(abc.ABC):
     peer = "?"           # printable address of the other side
-    can_add = False      # recv_payload_add works: the payload can be summed on its way in
 
     @abc.abstractmethod
     def send(self, header, payload=None):
@@ -79,10 +67,6 @@ class Connection(abc.ABC):
         place), so the send costs no copy however large the payload."""
         return False
 
-    def recv_payload_add(self, header, target, dtype_code):
-        """Add the payload of `header` into `target` elementwise (see AddInto)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot sum a payload on its way in")
-
     @abc.abstractmethod
     def close(self):
         """Release everything; idempotent; wakes a blocked receiver."""
@@ -96,6 +80,16 @@ class Connection(abc.ABC):
         that payload straight into it; the others ignore the call.  The caller
         must leave `buffer` alone until that message is received or a later
         offer for the same (op, key, chunk) replaces this one."""
+
+    sums_remotely = False     # whether offer_sum() lets the peer add its pushes into our buffers
+
+    def offer_sum(self, key, chunk, buffers):
+        """Let the peer add the payload of its PUSH of (key, chunk) in round r
+        straight into buffers[r % 2], a sum that several processes build under
+        the lock in the buffer's control block; only where sums_remotely.  Such
+        a push then arrives flagged protocol.FLAG_SUMMED_IN_PLACE, without
+        payload bytes.  The buffers must stay for as long as the connection."""
+        raise NotImplementedError(f"{type(self).__name__} cannot share sums")
 
 
 class Listener(abc.ABC):
@@ -114,8 +108,7 @@ class Handler:
     """What a Peer's reader thread calls; subclasses override what they need."""
 
     def destination(self, peer, header):
-        """A writable buffer of header.length bytes for the payload, an AddInto
-        one (if peer.connection.can_add), or None for a control payload."""
+        """A writable buffer of header.length bytes for the payload, or None for a control payload."""
         return None
 
     def on_message(self, peer, header, payload):
@@ -164,11 +157,8 @@ class Peer:
                 if header is None:
                     continue
                 payload = None
-                if header.length:
+                if header.length and not header.flags & protocol.FLAG_SUMMED_IN_PLACE:
                     payload = self.handler.destination(self, header)
-                    adding = type(payload) is AddInto
-                    if adding:
-                        dtype_code, payload = payload.dtype_code, payload.target
                     if payload is None:
                         if header.length > protocol.MAX_CONTROL_BYTES:
                             raise ProtocolError(
@@ -179,10 +169,7 @@ class Peer:
                         raise ProtocolError(
                             f"{protocol.op_name(header.op)} for key {header.key} chunk {header.chunk} "
                             f"carries {header.length} bytes, expected {memoryview(payload).nbytes}")
-                    if adding:
-                        self.connection.recv_payload_add(header, payload, dtype_code)
-                    else:
-                        self.connection.recv_payload(header, payload)
+                    self.connection.recv_payload(header, payload)
                 self.handler.on_message(self, header, payload)
         except RdmaKVError as exc:
             error = exc

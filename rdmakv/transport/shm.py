@@ -25,16 +25,29 @@ large payload streams through a ring of any size.  Acquire/release counters,
 futex sleeps only when a side has nothing to do, every wait bounded.
 
 Shared results.  A listener also keeps an arena of memory files that the
-server's round buffers are allocated from (shared_buffer).  A payload of at
-least SHARED_MIN_BYTES that lies in the arena is not copied into the ring:
-the first time a connection needs a segment its fd goes over the Unix socket,
-and the ring carries the header (flagged SHARED_PAYLOAD, a bit only this
-layer uses and strips) and the payload's place.  The receiver copies straight
-from the mapping into the destination, so the server writes a sum once for
-all its co-located workers instead of once into each worker's ring.  This is
+server's round buffers are allocated from (shared_buffer), each after a sum
+control block.  A payload of at least SHARED_MIN_BYTES that lies in the arena
+is not copied into the ring: the first time a connection needs a segment its
+fd goes over the Unix socket, and the ring carries the header (flagged
+SHARED_PAYLOAD, a bit only this layer uses and strips) and the payload's
+place.  The receiver copies straight from the mapping into the destination,
+so the server writes a sum once for all its co-located workers instead of
+once into each worker's ring.  This is
 safe because the protocol already keeps a round's result buffer unchanged
 until every worker has its copy: it is reused two rounds later, and the next
 round cannot complete before each worker has received this one.
+
+Shared sums.  The same buffers take the pushes of co-located workers
+directly: offer_sum sends the worker the places of a chunk's two round
+buffers (mapped writable on its side), and its push of round r is then added
+into buffer r % 2 by the worker itself, under the lock in the buffer's
+control block (_shm.h), before only the header crosses the ring, flagged
+SUMMED.  The server adds pushes that reach it any other way under the same
+lock (ShmListener.sum_into), so the first contribution of a round copies and
+every later one adds, whoever makes it.  A worker pushes round r only after
+its round r - 1 completed, so every worker has copied round r - 2's result
+out of that buffer by then.  Co-located workers can thus write into the
+server's round buffers: they are trusted like the cluster secret they hold.
 
 The stream carries exactly what the TCP transport carries, so authentication,
 the KVStore and the server run over it unchanged."""
@@ -53,6 +66,7 @@ import time
 import numpy as np
 
 from rdmakv import netif, protocol
+from rdmakv.protocol import Op
 from rdmakv._native import transport as _t
 from rdmakv.errors import ConfigError, ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, TransportError
 from rdmakv.transport.base import Connection, Listener
@@ -68,13 +82,19 @@ SETUP_VERSION = 1
 _OFF = ("0", "false", "no", "off")
 
 SHARED_MIN_BYTES = 64 * 1024   # smaller payloads are cheaper to copy through the ring
+SUM_CONTROL_BYTES = _t.SUM_CONTROL_BYTES
 ARENA_SEGMENT_BYTES = 64 * MiB  # the arena grows by memory files of this size (or one buffer's)
 ARENA_ALIGN = 4096
 MAX_SHARED_SEGMENTS = 4096     # a peer sharing more is refused (each costs us a mapping)
-SHARED_PAYLOAD = 1 << 31       # header flag bit private to this layer: a PLACE follows, not the bytes
+# Header flag bits private to this layer (stripped on receipt):
+SHARED_PAYLOAD = 1 << 31       # a PLACE follows, not the bytes
+SUM_OFFER = 1 << 30            # not a message: a SUM_PLACES follows (offer_sum)
+SUMMED = 1 << 29               # a push already added into the offered sum: no bytes follow
+PRIVATE_FLAGS = SHARED_PAYLOAD | SUM_OFFER | SUMMED
 _FLAGS = struct.Struct("<I")
 SEGMENT = struct.Struct("<IQ")  # sent with a segment's fd: its number and size
 PLACE = struct.Struct("<IQ")    # in the ring instead of the payload: segment number, offset
+SUM_PLACES = struct.Struct("<IQIQQ")  # a sum's two round buffers (segment, offset each) and its size
 
 
 def ring_bytes(environ=None):
@@ -175,14 +195,14 @@ class SharedArena:
         self._closed = False
 
     def allocate(self, nbytes):
-        """A writable uint8 array of nbytes in shared memory."""
+        """A writable uint8 array of nbytes in shared memory, after a sum control block."""
+        span = -(-(SUM_CONTROL_BYTES + nbytes) // ARENA_ALIGN) * ARENA_ALIGN
         with self._lock:
-            if not self._segments or self._used + nbytes > self._segments[-1].size:
-                size = max(ARENA_SEGMENT_BYTES, -(-nbytes // ARENA_ALIGN) * ARENA_ALIGN)
-                self._segments.append(self._new_segment(len(self._segments), size))
+            if not self._segments or self._used + span > self._segments[-1].size:
+                self._segments.append(self._new_segment(len(self._segments), max(ARENA_SEGMENT_BYTES, span)))
                 self._used = 0
-            segment, offset = self._segments[-1], self._used
-            self._used += -(-nbytes // ARENA_ALIGN) * ARENA_ALIGN
+            segment, offset = self._segments[-1], self._used + SUM_CONTROL_BYTES
+            self._used += span
         return np.frombuffer(segment.memory, np.uint8, nbytes, offset)
 
     @staticmethod
@@ -200,8 +220,13 @@ class SharedArena:
     def locate(self, payload):
         """(segment, offset) of a payload that lies wholly in the arena and is
         worth sharing, else None."""
-        if (self._closed or type(payload) is not np.ndarray or payload.nbytes < SHARED_MIN_BYTES
-                or not payload.flags.c_contiguous):
+        if self._closed:
+            return None
+        return self.find(payload)
+
+    def find(self, payload):
+        """(segment, offset) of an arena buffer, shared or not any more; else None."""
+        if type(payload) is not np.ndarray or payload.nbytes < SHARED_MIN_BYTES or not payload.flags.c_contiguous:
             return None
         start = payload.ctypes.data
         for segment in self._segments:
@@ -229,9 +254,14 @@ class SharedArena:
                     segment.fd = -1
 
 
-class ShmConnection(Connection):
-    can_add = True
+def _flagged(header, bit):
+    """header (bytes) with a private flag bit set."""
+    header = bytearray(header)
+    _FLAGS.pack_into(header, protocol.FLAGS_OFFSET, _FLAGS.unpack_from(header, protocol.FLAGS_OFFSET)[0] | bit)
+    return header
 
+
+class ShmConnection(Connection):
     def __init__(self, sock, channel, peer, timeout, arena=None):
         self._sock = sock
         self._channel = channel
@@ -239,8 +269,11 @@ class ShmConnection(Connection):
         self._timeout = timeout
         self._arena = arena
         self._shared_with_peer = set()    # numbers of our segments the peer has
-        self._peer_segments = {}          # number -> read-only mmap of the peer's segment
+        self._peer_segments = {}          # number -> mmap of the peer's segment
         self._place_follows = False       # the header just read announced a PLACE, not bytes
+        self._sums = {}                   # (key, chunk) -> (place of even rounds, of odd rounds, nbytes)
+        self.summed_bytes = 0             # push bytes this side added straight into the peer's sums
+        self._offered_sums = {}           # (key, chunk) -> nbytes: our sums the peer adds into
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._header = bytearray(protocol.HEADER_SIZE)
@@ -265,40 +298,104 @@ class ShmConnection(Connection):
         except OSError as exc:
             raise TransportError(f"{what} {self.peer}: {exc}") from None
 
+    @property
+    def sums_remotely(self):
+        return self._arena is not None
+
     def send(self, header, payload=None):
         with self._send_lock:
+            if self._sums and payload is not None and self._sum_in_place(header, payload):
+                header, payload = _flagged(header, SUMMED), None
             place = self._arena.locate(payload) if self._arena is not None and payload is not None else None
             if place is not None:
                 segment, offset = place
-                if segment.number not in self._shared_with_peer:
-                    self._io("send to", self._share, segment)
-                header = bytearray(header)
-                _FLAGS.pack_into(header, protocol.FLAGS_OFFSET,
-                                 _FLAGS.unpack_from(header, protocol.FLAGS_OFFSET)[0] | SHARED_PAYLOAD)
+                self._share(segment)
+                header = _flagged(header, SHARED_PAYLOAD)
                 payload = PLACE.pack(segment.number, offset)
             self._io("send to", self._channel.send_frame, header, payload, self._timeout)
+
+    def _sum_in_place(self, header, payload):
+        """Add a push the peer offered a sum for straight into it; False for any other message."""
+        _, _, op, dtype, flags, key, chunk, _, rnd, length, _ = protocol.HEADER.unpack_from(header)
+        offer = self._sums.get((key, chunk))
+        if offer is None or op != Op.PUSH or flags & ~protocol.FLAG_ACK or length != offer[2]:
+            return False
+        memory, offset = offer[rnd % 2]
+        self._io("add to the shared sum of", _t.sum_into_shared, memory, offset, payload, dtype, rnd,
+                 self._timeout, self._channel)
+        self.summed_bytes += length
+        return True
+
+    def offer_sum(self, key, chunk, buffers):
+        places = [self._arena.find(buffer) if self._arena is not None else None for buffer in buffers]
+        if len(places) != 2 or None in places:
+            raise ValueError("offer_sum takes the two round buffers from the listener's shared_buffer")
+        with self._send_lock:
+            for segment, _ in places:
+                self._share(segment)
+            self._offered_sums[(key, chunk)] = buffers[0].nbytes
+            (even, even_offset), (odd, odd_offset) = places
+            offer = SUM_PLACES.pack(even.number, even_offset, odd.number, odd_offset, buffers[0].nbytes)
+            header = _flagged(protocol.pack(Op.PUSH, key=key, chunk=chunk, length=SUM_PLACES.size), SUM_OFFER)
+            self._io("send to", self._channel.send_frame, header, offer, self._timeout)
 
     def shares(self, payload):
         return self._arena is not None and self._arena.locate(payload) is not None
 
     def _share(self, segment):
-        """Pass a segment's fd to the peer, ahead of the first frame that names it."""
-        self._arena.pass_segment(self._sock, segment)
-        self._shared_with_peer.add(segment.number)
+        """Pass a segment's fd to the peer, ahead of the first frame that names it
+        (the caller holds the send lock)."""
+        if segment.number not in self._shared_with_peer:
+            self._io("send to", self._arena.pass_segment, self._sock, segment)
+            self._shared_with_peer.add(segment.number)
 
     def recv_header(self, idle_timeout):
         with self._recv_lock:
-            if not self._io("receive from", self._channel.wait_readable, idle_timeout):
-                return None
-            self._io("receive from", self._channel.recv_into, self._header, self._timeout)
-            flags = _FLAGS.unpack_from(self._header, protocol.FLAGS_OFFSET)[0]
-            self._place_follows = bool(flags & SHARED_PAYLOAD)
-            if self._place_follows:
-                _FLAGS.pack_into(self._header, protocol.FLAGS_OFFSET, flags & ~SHARED_PAYLOAD)
-            header = protocol.unpack(self._header)
-            if self._place_follows and header.length == 0:
-                raise ProtocolError(f"receive from {self.peer}: a shared payload of 0 bytes")
-        return header
+            while True:
+                if not self._io("receive from", self._channel.wait_readable, idle_timeout):
+                    return None
+                self._io("receive from", self._channel.recv_into, self._header, self._timeout)
+                flags = _FLAGS.unpack_from(self._header, protocol.FLAGS_OFFSET)[0]
+                private = flags & PRIVATE_FLAGS
+                if private:
+                    _FLAGS.pack_into(self._header, protocol.FLAGS_OFFSET, flags & ~PRIVATE_FLAGS)
+                header = protocol.unpack(self._header)
+                if private == SUM_OFFER:
+                    self._take_sum_offer(header)
+                    continue
+                self._place_follows = private == SHARED_PAYLOAD
+                if self._place_follows and header.length == 0:
+                    raise ProtocolError(f"receive from {self.peer}: a shared payload of 0 bytes")
+                if private == SUMMED:
+                    return self._summed(header)
+                if private and not self._place_follows:
+                    raise ProtocolError(f"receive from {self.peer}: private flags 0x{private:x} together")
+                return header
+
+    def _take_sum_offer(self, header):
+        """Record a sum the peer lets us add our pushes into (the caller holds the receive lock)."""
+        if self._arena is not None or header.op != Op.PUSH or header.length != SUM_PLACES.size:
+            raise ProtocolError(f"receive from {self.peer}: a malformed shared-sum offer")
+        raw = bytearray(SUM_PLACES.size)
+        self._io("receive from", self._channel.recv_into, raw, self._timeout)
+        even, even_offset, odd, odd_offset, nbytes = SUM_PLACES.unpack(raw)
+        places = []
+        for number, offset in ((even, even_offset), (odd, odd_offset)):
+            memory = self._peer_segment(number)
+            if (not nbytes or offset < SUM_CONTROL_BYTES or offset % SUM_CONTROL_BYTES
+                    or offset + nbytes > len(memory)):
+                raise ProtocolError(f"receive from {self.peer}: a shared sum of {nbytes} bytes at offset "
+                                    f"{offset} does not fit segment {number}")
+            places.append((memory, offset))
+        self._sums[(header.key, header.chunk)] = (places[0], places[1], nbytes)
+
+    def _summed(self, header):
+        """A push the peer added into a sum we offered: checked, and flagged for the layer above."""
+        nbytes = self._offered_sums.get((header.key, header.chunk))
+        if nbytes is None or header.op != Op.PUSH or header.flags & ~protocol.FLAG_ACK or header.length != nbytes:
+            raise ProtocolError(f"receive from {self.peer}: a push of key {header.key} chunk {header.chunk} "
+                                f"summed in place without an offer for it")
+        return header._replace(flags=header.flags | protocol.FLAG_SUMMED_IN_PLACE)
 
     def recv_payload(self, header, destination):
         with self._recv_lock:
@@ -315,18 +412,10 @@ class ShmConnection(Connection):
             except EndOfStream:
                 raise ConnectionClosed(f"receive from {self.peer}: the peer left mid-message") from None
 
-    def recv_payload_add(self, header, target, dtype_code):
-        with self._recv_lock:
-            if self._place_follows:
-                raise ProtocolError(f"receive from {self.peer}: a shared payload where a sum was expected")
-            try:
-                self._io("receive from", self._channel.recv_add_into, target, dtype_code, self._timeout)
-            except EndOfStream:
-                raise ConnectionClosed(f"receive from {self.peer}: the peer left mid-message") from None
-
     def _peer_segment(self, number):
-        """The peer's segment `number`, mapped read-only; its fd was sent ahead
-        of the frame, so it waits on the socket (or the peer is broken)."""
+        """The peer's segment `number`, mapped (writable: shared sums are added into
+        it); its fd was sent ahead of the frame, so it waits on the socket (or
+        the peer is broken)."""
         deadline = time.monotonic() + self._timeout
         while number not in self._peer_segments:
             if len(self._peer_segments) >= MAX_SHARED_SEGMENTS:
@@ -351,7 +440,8 @@ class ShmConnection(Connection):
                 if not fcntl.fcntl(fds[0], fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
                     raise ProtocolError(f"receive from {self.peer}: shared segment {got} is not sealed "
                                         f"against shrinking")
-                self._peer_segments[got] = mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ)
+                self._peer_segments[got] = mmap.mmap(fds[0], size, mmap.MAP_SHARED,
+                                                     mmap.PROT_READ | mmap.PROT_WRITE)
             except (OSError, ValueError) as exc:
                 raise ProtocolError(f"receive from {self.peer}: shared segment: {exc}") from None
             finally:
@@ -493,6 +583,17 @@ class ShmListener(Listener):
         if self._unix is None or nbytes < SHARED_MIN_BYTES:
             return np.empty(nbytes, np.uint8)
         return self._arena.allocate(nbytes)
+
+    def shares_sums(self, buffer):
+        """Whether buffer came from shared_buffer in shared memory, so co-located
+        workers may add into it (offer_sum) and sum_into must be used for it."""
+        return self._arena.find(buffer) is not None
+
+    def sum_into(self, buffer, source, dtype_code, round):
+        """Contribute source to round's sum in a shared buffer under its lock (see
+        "Shared sums"); TimeoutError when a co-located worker holds it too long."""
+        segment, offset = self._arena.find(buffer)
+        _t.sum_into_shared(segment.memory, offset, source, dtype_code, round, self._timeout)
 
     def fileno(self):
         return self._inner.fileno() if hasattr(self._inner, "fileno") else -1
