@@ -668,13 +668,20 @@ class KVStore:
 
     def _declare(self, key, dtype, shape):
         self._check_open()
+        # Keys are only ever added, once announced: a known one needs no lock.
+        info = self._keys.get(key) if type(key) is str or type(key) is int else None
+        if info is None:
+            info = self._add_key(key, dtype, shape)
+        if info.dtype != dtype or info.shape != shape:
+            raise ValueError(f"key {key_name(key)!r} was declared as {info.dtype}{list(info.shape)}, "
+                             f"now used with {dtype}{list(shape)}")
+        return info
+
+    def _add_key(self, key, dtype, shape):
         name = key_name(key)
         with self._lock:
             info = self._keys.get(key)
-            if info is not None:
-                if info.dtype != dtype or info.shape != shape:
-                    raise ValueError(f"key {name!r} was declared as {info.dtype}{list(info.shape)}, "
-                                     f"now used with {dtype}{list(shape)}")
+            if info is not None:      # another thread declared it meanwhile
                 return info
             wire = wire_key(key)
             if wire in self._wire_keys:
@@ -682,14 +689,14 @@ class KVStore:
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             pieces = partition.split(nbytes, dtype.itemsize, self.config.partition_bytes)
             info = KeyInfo(key, wire, len(self._keys), dtype, shape, nbytes, self._placement.place(pieces))
-            self._keys[key] = info
-            self._wire_keys[wire] = name
             layout = protocol.encode_json({
                 "key": wire, "name": name, "dtype": dtype.name, "shape": list(shape),
                 "chunks": [[c.offset, c.nbytes, c.server] for c in info.chunks]})
             # Every server sees every declaration, so they can check that all workers agree.
             for link in self._links:
                 link.peer.send(Op.DECLARE, layout)
+            self._wire_keys[wire] = name
+            self._keys[key] = info
         return info
 
     def _submit(self, key, value, out, priority, flags):
