@@ -46,8 +46,8 @@ WORKLOADS = ("4KiB", "256KiB", "4MiB", "64MiB", "resnet50")
 EXTRA_WORKLOADS = ("1MiB", "1024x1KiB")
 SIZES = {"4KiB": 4 * KiB, "256KiB": 256 * KiB, "1MiB": MiB, "4MiB": 4 * MiB, "64MiB": 64 * MiB}
 # (timed steps, warm-up steps): full run / --quick
-STEPS = {"4KiB": (200, 20), "256KiB": (100, 10), "1MiB": (50, 5), "4MiB": (40, 4), "64MiB": (10, 2),
-         "resnet50": (10, 2), "1024x1KiB": (30, 3)}
+STEPS = {"4KiB": (2000, 50), "256KiB": (500, 20), "1MiB": (50, 5), "4MiB": (100, 5), "64MiB": (20, 2),
+         "resnet50": (20, 2), "1024x1KiB": (30, 3)}
 QUICK_STEPS = {"4KiB": (10, 2), "256KiB": (6, 1), "1MiB": (4, 1), "4MiB": (4, 1), "64MiB": (2, 1),
                "resnet50": (2, 1), "1024x1KiB": (2, 1)}
 RESNET50_TENSORS = 161
