@@ -115,3 +115,28 @@ def test_bench_transport_unknown_transport_is_an_error():
     proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_transport.py"), "--transport", "carrier-pigeon"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "unknown transport" in proc.stderr
+
+
+def test_trace_stages_follows_each_chunk_through_the_cluster(tmp_path):
+    trace_dir = tmp_path / "trace"
+    env = {name: value for name, value in os.environ.items() if name not in ("RDMAKV_SHM", "RDMAKV_TRANSPORT")}
+    job = subprocess.run([sys.executable, "-m", "rdmakv.launch", "-n", "2", "-s", "1", "--", sys.executable,
+                          os.path.join(TOOLS, "pushpull_time.py"), "--mib", "0.25", "--steps", "12"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env=dict(env, PYTHONPATH=REPO, RDMAKV_TRACE_DIR=str(trace_dir)))
+    assert job.returncode == 0, job.stdout[-2000:]
+    assert "PUSHPULL transport=shm+tcp rank=0" in job.stdout
+    proc = _run("trace_stages.py", str(trace_dir), "--skip-rounds", "2")
+    for worker in ("0", "1"):
+        block = proc.stdout.split(f"worker {worker}: median us after queued\n")[1].splitlines()[:4]
+        medians = {line.split()[0]: float(line.split()[1]) for line in block}
+        assert list(medians) == ["sent", "push", "summed", "received"]
+        # Causal order: the round is summed after this worker's push is in, and received after that.
+        assert 0 < medians["push"] <= medians["summed"] <= medians["received"]
+        assert all("(11 chunks)" in line for line in block)   # rounds 2..12 of the one key
+
+
+def test_trace_stages_without_traces_is_an_error(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "trace_stages.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "no rdmakv traces" in proc.stderr

@@ -36,7 +36,8 @@ def main():
             if step:
                 times.append(elapsed)
         med = statistics.median(times)
-        print(f"PUSHPULL transport={kv.transport.__name__.rsplit('.', 1)[-1]} rank={kv.rank} "
+        transport = kv.transport.__name__.replace("rdmakv.transport.", "").replace(" over ", "+")  # shm+tcp
+        print(f"PUSHPULL transport={transport} rank={kv.rank} "
               f"MiB={args.mib:g} steps={args.steps} median_ms={med * 1e3:.1f} "
               f"mean_ms={statistics.mean(times) * 1e3:.1f} algbw_MBps={n * 4 / med / 1e6:.1f}", flush=True)
 
