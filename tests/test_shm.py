@@ -655,3 +655,28 @@ def test_kvstore_workers_add_into_the_servers_shared_sums_and_read_results_in_pl
         return sum(link.peer.connection.summed_bytes for link in kv._links) >= later_rounds // 2
 
     assert cluster.run(work, timeout=120) == [True] * 3
+
+
+def test_shared_sums_with_a_tcp_worker_and_co_located_workers_on_one_server(cluster_factory, monkeypatch):
+    # The server shares its sums with workers 1 and 2 over shared memory; worker 0 reaches
+    # it over TCP, so the server adds that worker's pushes under the same lock, in
+    # whatever order they meet the others'.
+    from cluster import run_threads
+    monkeypatch.delenv("RDMAKV_SHM", raising=False)
+    cluster = cluster_factory(3, 1, RDMAKV_TRANSPORT="auto", RDMAKV_PARTITION_BYTES=1 << 20)
+    stores, errors = run_threads([lambda i=i: rdmakv.KVStore(worker_id=i, **cluster.settings(
+        transport="tcp" if i == 0 else "shm")) for i in range(3)], timeout=60)
+    cluster.stores.extend(store for store in stores if store is not None)
+    assert not any(errors), errors
+    shape = (3 << 20) // 8 + 7          # int64: three full chunks and a small one
+
+    def work(kv):
+        for round_ in range(6):
+            value = worker_values(kv.rank, (shape,), "int64", round_)
+            np.testing.assert_array_equal(kv.pushpull("mixed", value), expected_sum(3, (shape,), "int64", round_))
+        connection = kv._links[0].peer.connection
+        return type(connection).__name__, getattr(connection, "summed_bytes", 0)
+
+    kinds = cluster.run(work, timeout=120)
+    assert [kind for kind, _ in kinds] == ["TcpConnection", "ShmConnection", "ShmConnection"]
+    assert all(summed >= 5 * (3 << 20) for _, summed in kinds[1:])   # rounds 1-5 of the three full chunks
