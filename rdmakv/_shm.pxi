@@ -4,7 +4,8 @@
 # for a payload that already lies in memory the sender shared, read from there
 # in place (copy_region).  A push can also be added straight into a sum that
 # several processes build in shared memory (sum_into_shared).  The loops run
-# with the GIL released, and every wait is bounded.  Policy (set-up, peer names, errors) lives in rdmakv/transport/shm.py.
+# with the GIL released, and every wait is bounded.  Policy (set-up, peer
+# names, errors) lives in rdmakv/transport/shm.py.
 
 from libc.string cimport memcpy
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED, MAP_POPULATE

@@ -101,6 +101,7 @@ class Job:
         failed.sort(key=lambda failure: (failure[1] > 0, not failure[0].startswith("worker")))
         return failed[0]
 
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m rdmakv.launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
