@@ -191,6 +191,7 @@ class SharedArena:
     def __init__(self):
         self._segments = []
         self._used = 0                # bytes taken from the newest segment
+        self._allocated = {}          # id(array) -> (array, segment, offset): find() without address maths
         self._lock = threading.Lock()
         self._closed = False
 
@@ -203,7 +204,9 @@ class SharedArena:
                 self._used = 0
             segment, offset = self._segments[-1], self._used + SUM_CONTROL_BYTES
             self._used += span
-        return np.frombuffer(segment.memory, np.uint8, nbytes, offset)
+            array = np.frombuffer(segment.memory, np.uint8, nbytes, offset)
+            self._allocated[id(array)] = (array, segment, offset)
+        return array
 
     @staticmethod
     def _new_segment(number, size):
@@ -228,6 +231,9 @@ class SharedArena:
         """(segment, offset) of an arena buffer, shared or not any more; else None."""
         if type(payload) is not np.ndarray or payload.nbytes < SHARED_MIN_BYTES or not payload.flags.c_contiguous:
             return None
+        known = self._allocated.get(id(payload))
+        if known is not None and known[0] is payload:
+            return known[1], known[2]
         start = payload.ctypes.data
         for segment in self._segments:
             offset = start - segment.address
