@@ -47,7 +47,8 @@ lock (ShmListener.sum_into), so the first contribution of a round copies and
 every later one adds, whoever makes it.  A worker pushes round r only after
 its round r - 1 completed, so every worker has copied round r - 2's result
 out of that buffer by then.  Co-located workers can thus write into the
-server's round buffers: they are trusted like the cluster secret they hold.
+server's round buffers: same-user processes holding the cluster secret are
+trusted that far (RDMAKV_SHM=0 on a worker keeps it out).
 
 The stream carries exactly what the TCP transport carries, so authentication,
 the KVStore and the server run over it unchanged."""
