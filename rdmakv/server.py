@@ -478,7 +478,8 @@ class ParameterServer(Handler):
                                             f"in round {chunk.round}")
             target = chunk.buffer(chunk.round)
             if not no_data:
-                if not direct and not chunk.filled.wait_for(lambda: chunk.filling is None, self.config.timeout):
+                if (not direct and chunk.filling is not None
+                        and not chunk.filled.wait_for(lambda: chunk.filling is None, self.config.timeout)):
                     raise KeyRefused(header.key, f"worker {chunk.filling} stalled while pushing key {name!r}")
                 if chunk.has_data and broadcast:
                     raise KeyRefused(header.key, f"more than one worker sent the root value for the "
