@@ -589,12 +589,6 @@ def test_hostile_shared_sum_frames_are_refused(case):
         listener.close()
 
 
-def flagged(header):
-    raw = bytearray(header)
-    shm._FLAGS.pack_into(raw, protocol.FLAGS_OFFSET, shm.SHARED_PAYLOAD)
-    return raw
-
-
 @pytest.mark.parametrize("case", ["never sent", "outside", "not sealed", "empty"])
 def test_a_shared_payload_at_a_bad_place_is_refused(case):
     listener, theirs, mine = shm_pair(timeout=1)
@@ -615,7 +609,8 @@ def test_a_shared_payload_at_a_bad_place_is_refused(case):
             place = shm.PLACE.pack(7, 0)
         if case == "empty":
             length = 0
-        theirs._channel.send_frame(flagged(protocol.pack(Op.RESULT, length=length)), place, 1.0)
+        theirs._channel.send_frame(shm._flagged(protocol.pack(Op.RESULT, length=length), shm.SHARED_PAYLOAD),
+                                   place, 1.0)
         with pytest.raises(rdmakv.errors.ProtocolError, match={"never sent": "never sent", "outside": "outside",
                                                                 "not sealed": "not sealed", "empty": "0 bytes"}[case]):
             header = mine.recv_header(5)
