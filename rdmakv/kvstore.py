@@ -5,12 +5,15 @@ each server, no round trip), splits the tensor into chunks and queues them by
 priority; per-server sender threads send chunks straight from the caller's
 array under a byte credit, and per-server reader threads receive each result
 straight into the caller's output array."""
+import atexit
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 
 import numpy as np
@@ -31,6 +34,36 @@ log = logging.getLogger("rdmakv.worker")
 DIRECT_SEND_BYTES = 64 * 1024
 FUSE_BYTES = 64 * 1024        # fused groups pack tensors this small into one per dtype
 DTYPE_CODE_OF = {np.dtype(name): code for name, code in protocol.DTYPE_CODES.items()}
+
+# Scripts written for MXNet or BytePS never close their store: one still open
+# when the interpreter exits is closed then (as Horovod and BytePS shut down at
+# exit), unless an unhandled exception ends the program, which fails the job.
+_open_stores = weakref.WeakSet()
+_exit_hooks_installed = False
+_unhandled_exit = None          # the exception that ended the main thread, if one did
+
+
+def _install_exit_hooks():
+    """Once per process, at the first KVStore: atexit hooks run last-registered
+    first, so a framework imported before the store (MXNet) shuts down after it."""
+    global _exit_hooks_installed
+    if _exit_hooks_installed:
+        return
+    _exit_hooks_installed = True
+    previous = sys.excepthook
+
+    def remember_unhandled(kind, value, traceback):
+        global _unhandled_exit
+        _unhandled_exit = value
+        previous(kind, value, traceback)
+
+    sys.excepthook = remember_unhandled
+    atexit.register(_close_open_stores)
+
+
+def _close_open_stores():
+    for store in list(_open_stores):
+        store.close_at_exit()
 
 
 def as_array(obj, what, writable=False, key=None):
@@ -497,6 +530,8 @@ class KVStore:
             raise
         log.info("worker %d of %d connected to %d servers (%s)", self.rank, self.num_workers,
                  self.num_servers, self.transport_reason)
+        _install_exit_hooks()
+        _open_stores.add(self)
 
     # ---- public API --------------------------------------------------------
     def init(self, key, value):
@@ -618,8 +653,29 @@ class KVStore:
                 log.warning("could not say goodbye to the scheduler: %s", exc)
         self._teardown()
 
+    def close_at_exit(self):
+        """What interpreter exit does with a store still open: after a normal exit, close()
+        (outstanding operations finish, the scheduler hears GOODBYE); after an unhandled
+        exception, leave the job failed, telling the scheduler and the servers which."""
+        if self._closed or os.getpid() != self._pid:
+            return
+        if _unhandled_exit is None:
+            try:
+                self.close()
+            except RdmaKVError as exc:
+                log.error("worker %d: closing at exit: %s", self.rank, exc)
+            return
+        why = f"exited with an unhandled {type(_unhandled_exit).__name__}: {_unhandled_exit}"
+        self._failure = RdmaKVError(f"worker {self.rank} {why}")
+        try:
+            self._control.send(Op.ERROR, {"message": why})
+        except RdmaKVError:
+            pass                      # the scheduler is gone already; the servers still hear it
+        self._teardown()
+
     def _teardown(self):
         self._closed = True
+        _open_stores.discard(self)
         # Leaving because the job failed: say why to the servers still there, or the
         # other workers would only hear that this worker left.
         reason = self._failure or next((link.error for link in self._links if link.error is not None), None)

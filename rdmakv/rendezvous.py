@@ -154,6 +154,12 @@ class Scheduler(Handler):
                 self._goodbyes.add(peer.info["rank"])
                 peer.info["said_goodbye"] = True
                 self._changed.notify_all()
+        elif header.op == Op.ERROR and peer.info["role"] == "worker":
+            # A worker leaving a failed job says why, so the others hear the cause.
+            with self._lock:
+                if self._failure is None:
+                    self._failure = f"{peer.name} failed: {str(obj.get('message', ''))[:1000]}"
+                self._changed.notify_all()
         else:
             raise ProtocolError(f"unexpected {protocol.op_name(header.op)} from {peer.name}")
 

@@ -1,4 +1,5 @@
 """The launcher runs a user's own script across real processes."""
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +69,48 @@ def test_a_failing_worker_stops_the_job_and_leaves_no_process(tmp_path):
     assert time.monotonic() - started < 60
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout
     assert leftovers.strip() == ""
+
+
+NO_CLOSE_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    import rdmakv
+
+    kv = rdmakv.KVStore()                  # never closed, as MXNet and BytePS scripts do
+    a = np.arange(1000, dtype=np.int64)
+    kv.pushpull("a", a)
+    assert (a == np.arange(1000) * kv.num_workers).all()
+    pending = kv.pushpull_async("b", np.full(1_000_000, kv.rank + 1, np.int32))   # never waited for
+    if kv.rank == 1 and len(__import__("sys").argv) > 1:
+        raise ZeroDivisionError("the user's own bug")
+    print("OK rank", kv.rank)
+""")
+
+
+def test_a_script_that_never_closes_exits_0_and_writes_every_trace(tmp_path):
+    traces = tmp_path / "traces"
+    path = tmp_path / "script.py"
+    path.write_text(NO_CLOSE_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=REPO, RDMAKV_TIMEOUT="30", RDMAKV_TRACE_DIR=str(traces))
+    done = subprocess.run([sys.executable, "-m", "rdmakv.launch", "-n", "2", "-s", "1", "--",
+                           sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "disconnected unexpectedly" not in done.stdout
+    assert sorted(os.listdir(traces)) == ["rdmakv-server-0.json", "rdmakv-worker-0.json", "rdmakv-worker-1.json"]
+    # The pushpull nobody waited for still ran to the end on the server: its trace shows both pushes summed.
+    server = json.loads((traces / "rdmakv-server-0.json").read_text())["traceEvents"]
+    assert any(e["name"] == "summed" and e["args"]["key"] == "b" for e in server)
+
+
+def test_an_unhandled_exception_still_fails_the_job_naming_it(tmp_path):
+    path = tmp_path / "script.py"
+    path.write_text(NO_CLOSE_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=REPO, RDMAKV_TIMEOUT="30")
+    done = subprocess.run([sys.executable, "-m", "rdmakv.launch", "-n", "2", "-s", "1", "--",
+                           sys.executable, str(path), "fail"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert ("job failed: worker 1 failed: exited with an unhandled ZeroDivisionError: the user's own bug"
+            in done.stdout), done.stdout
 
 
 def test_launch_requires_a_command():
