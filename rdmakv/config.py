@@ -39,6 +39,35 @@ def _str(text):
     return text
 
 
+_SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _byte_count(text):
+    """Bytes, with an optional binary suffix: 8G, 512M, 1.5T."""
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = _SIZE_SUFFIXES.get(text[-1:], 1)
+    number = text[:-1] if scale > 1 else text
+    value = int(float(number) * scale) if scale > 1 else int(number, 0)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def machine_memory():
+    """Bytes of memory this process may use: physical memory, or less under a cgroup limit."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+        break
+    return total
+
+
 # name: (environment variables, highest precedence first; parser; default; meaning)
 SETTINGS = {
     "role": (("RDMAKV_ROLE", "DMLC_ROLE"), _role, "worker",
@@ -71,6 +100,8 @@ SETTINGS = {
     "secret_file": (("RDMAKV_SECRET_FILE",), _str, None, "file holding the cluster secret"),
     "local_rank": (("RDMAKV_LOCAL_RANK", "BYTEPS_LOCAL_RANK"), _int, None,
                    "rank among the workers on this host (default: computed by the scheduler)"),
+    "server_memory": (("RDMAKV_SERVER_MEMORY",), _byte_count, None,
+                      "bytes a server may commit for the keys workers declare (default: this machine's memory)"),
 }
 
 
@@ -91,6 +122,7 @@ class Config:
     timeout: float = 120.0
     trace_dir: str = None
     local_rank: int = None
+    server_memory: int = None
     secret: str = field(default=None, repr=False)
     secret_file: str = None
     sources: dict = field(default_factory=dict, repr=False)
@@ -137,6 +169,8 @@ class Config:
             raise ConfigError(f"partition_bytes must be >= 8, got {self.partition_bytes}")
         if self.scheduling_credit < 0:
             raise ConfigError("scheduling_credit must be >= 0")
+        if self.server_memory is not None and self.server_memory <= 0:
+            raise ConfigError(f"server_memory must be > 0, got {self.server_memory}")
 
     def describe(self):
         """[(setting, value, where it came from)] for `python -m rdmakv.info`."""

@@ -8,6 +8,7 @@ straight into the caller's output array."""
 import atexit
 import hashlib
 import logging
+import math
 import os
 import sys
 import threading
@@ -500,7 +501,7 @@ class KVStore:
         self._failure = None
         self._lock = threading.Lock()
         self._keys = {}
-        self._wire_keys = {}
+        self._wire_keys = {}          # wire key -> KeyInfo
         self._handles = set()
         self._fused_buffers = {}      # (group, dtype) -> staging arrays free for the next round
         self._fused_layouts = {}      # (dtype, ((key, shape), ...)) -> fused key name
@@ -712,6 +713,15 @@ class KVStore:
     def _load_optimizer_states(self, states):
         if len(states) != len(self._links):
             raise ValueError(f"the saved states are for {len(states)} servers, this cluster has {len(self._links)}")
+        with self._lock:
+            held = [chunk for info in self._keys.values() for chunk in info.chunks]
+        for link, data in zip(self._links, states):
+            mine = [chunk for chunk in held if chunk.server == link.rank]
+            limit = protocol.state_limit(sum(chunk.nbytes for chunk in mine), len(mine))
+            if len(data) > limit:
+                raise ValueError(f"the saved optimizer state for server {link.rank} has {len(data)} bytes, more "
+                                 f"than the {limit} its {len(mine)} declared chunks allow: init() the keys "
+                                 f"before loading their states")
         for link, data in zip(self._links, states):
             link.request(Op.SET_STATES, data, self.config.timeout)
 
@@ -741,17 +751,22 @@ class KVStore:
                 return info
             wire = wire_key(key)
             if wire in self._wire_keys:
-                raise ValueError(f"keys {self._wire_keys[wire]!r} and {name!r} collide; rename one")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            pieces = partition.split(nbytes, dtype.itemsize, self.config.partition_bytes)
-            info = KeyInfo(key, wire, len(self._keys), dtype, shape, nbytes, self._placement.place(pieces))
-            layout = protocol.encode_json({
-                "key": wire, "name": name, "dtype": dtype.name, "shape": list(shape),
-                "chunks": [[c.offset, c.nbytes, c.server] for c in info.chunks]})
+                raise ValueError(f"keys {self._wire_keys[wire].name!r} and {name!r} collide; rename one")
+            nbytes = math.prod(shape) * dtype.itemsize
+            partition_bytes = min(self.config.partition_bytes, protocol.MAX_CHUNK_BYTES)
+            size = partition.chunk_size(nbytes, dtype.itemsize, partition_bytes)
+            count = partition.chunk_count(nbytes, size)
+            if count > protocol.MAX_KEY_CHUNKS:
+                raise ValueError(f"key {name!r} ({nbytes} bytes) would be split into {count} chunks of at most "
+                                 f"{partition_bytes} bytes; a key may have at most {protocol.MAX_KEY_CHUNKS} "
+                                 f"(raise RDMAKV_PARTITION_BYTES)")
+            layout = protocol.declaration(wire, name, dtype.name, shape, size, self._placement.load)
+            chunks = self._placement.place(partition.pieces(nbytes, size))
+            info = KeyInfo(key, wire, len(self._keys), dtype, shape, nbytes, chunks)
             # Every server sees every declaration, so they can check that all workers agree.
             for link in self._links:
                 link.peer.send(Op.DECLARE, layout)
-            self._wire_keys[wire] = name
+            self._wire_keys[wire] = info
             self._keys[key] = info
         return info
 
@@ -831,15 +846,14 @@ class KVStore:
 
     def _fail_key(self, wire, error):
         with self._lock:
-            name = self._wire_keys.get(wire)
-            info = next((i for i in self._keys.values() if i.wire == wire), None)
+            info = self._wire_keys.get(wire)
             if info is None:
                 return
             if info.error is None:
                 info.error = error
             self._failed_wires.add(wire)
             pending = [h for h in self._handles if h._info is info]
-        log.error("key %r failed: %s", name, error)
+        log.error("key %r failed: %s", info.name, error)
         for link in self._links:
             link.drop_key(wire)
         for handle in pending:

@@ -141,6 +141,13 @@ class Scheduler(Handler):
         except Exception as exc:  # the peer's own reader reports the failure
             log.warning("could not send %s to %s: %s", protocol.op_name(op), peer.name, exc)
 
+    def destination(self, peer, header):
+        # Nothing is allocated for a peer that has not said HELLO but its small HELLO.
+        if "role" not in peer.info and (header.op != Op.HELLO or header.length > protocol.MAX_CONNECT_BYTES):
+            raise ProtocolError(f"expected a HELLO of at most {protocol.MAX_CONNECT_BYTES} bytes, got "
+                                f"{protocol.op_name(header.op)} of {header.length} bytes")
+        return None
+
     def on_message(self, peer, header, payload):
         obj = protocol.decode_json(payload or b"{}")
         if header.op == Op.HELLO:

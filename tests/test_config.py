@@ -27,10 +27,18 @@ def test_precedence_keyword_then_rdmakv_then_dmlc():
     ({"DMLC_NUM_WORKER": "2", "DMLC_WORKER_ID": "2"}, "worker_id 2 is outside 0..1"),
     ({"RDMAKV_TIMEOUT": "-1"}, "RDMAKV_TIMEOUT"),
     ({"DMLC_PS_ROOT_PORT": "70000"}, "not a TCP port"),
+    ({"RDMAKV_SERVER_MEMORY": "lots"}, "RDMAKV_SERVER_MEMORY='lots'"),
+    ({"RDMAKV_SERVER_MEMORY": "0"}, "must be > 0"),
 ])
 def test_bad_settings_name_the_variable(env, message):
     with pytest.raises(ConfigError, match=message):
         Config.load(env)
+
+
+def test_server_memory_takes_binary_suffixes():
+    for text, expected in (("64G", 64 << 30), ("512MiB", 512 << 20), ("1.5T", 3 << 39), ("4096", 4096)):
+        assert Config.load({"RDMAKV_SERVER_MEMORY": text}).server_memory == expected
+    assert Config.load({}).server_memory is None       # the server then uses this machine's memory
 
 
 def test_unknown_keyword_is_refused():

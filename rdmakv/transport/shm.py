@@ -84,7 +84,7 @@ _OFF = ("0", "false", "no", "off")
 
 SHARED_MIN_BYTES = 64 * 1024   # smaller payloads are cheaper to copy through the ring
 SUM_CONTROL_BYTES = _t.SUM_CONTROL_BYTES
-ARENA_SEGMENT_BYTES = 64 * MiB  # the arena grows by memory files of this size (or one buffer's)
+ARENA_SEGMENT_BYTES = 64 * MiB  # the arena's first memory file; each next one is as large as all before
 ARENA_ALIGN = 4096
 MAX_SHARED_SEGMENTS = 4096     # a peer sharing more is refused (each costs us a mapping)
 # Header flag bits private to this layer (stripped on receipt):
@@ -187,7 +187,11 @@ class _Segment:
 class SharedArena:
     """Memory files the listener's owner allocates buffers from, so that
     connections can hand co-located peers a buffer's place instead of its
-    bytes.  Buffers live as long as the process; segments only grow."""
+    bytes.  Buffers live as long as the process; segments only grow.  Each
+    memory file is at least as large as all earlier ones together, so n bytes
+    of buffers take O(log n) files (two descriptors each, ours and the
+    mapping's) and at most about 2n of address space; the kernel commits a
+    page only when it is first touched."""
 
     def __init__(self):
         self._segments = []
@@ -201,7 +205,9 @@ class SharedArena:
         span = -(-(SUM_CONTROL_BYTES + nbytes) // ARENA_ALIGN) * ARENA_ALIGN
         with self._lock:
             if not self._segments or self._used + span > self._segments[-1].size:
-                self._segments.append(self._new_segment(len(self._segments), max(ARENA_SEGMENT_BYTES, span)))
+                reserved = sum(segment.size for segment in self._segments)
+                self._segments.append(self._new_segment(len(self._segments),
+                                                        max(ARENA_SEGMENT_BYTES, span, reserved)))
                 self._used = 0
             segment, offset = self._segments[-1], self._used + SUM_CONTROL_BYTES
             self._used += span
