@@ -40,7 +40,9 @@ run_build() {    # run_build SANITIZERS RUNTIMES... -- PYTEST ARGS...
         || { tail -20 "$tree/build.log"; return 1; }
     local module=("$tree"/rdmakv/_transport*.so)
     # An uninstrumented build would pass everything: make sure the checks are in.
-    nm -D "${module[0]}" | grep -q "__[at]san_\|__ubsan_" \
+    local symbols
+    symbols=$(nm -D "${module[0]}")     # whole, then searched: grep -q would cut nm's pipe (pipefail)
+    grep -q "__[at]san_\|__ubsan_" <<<"$symbols" \
         || { echo "ci/sanitize.sh: ${module[0]} has no $sanitizers instrumentation"; return 1; }
     echo "ci/sanitize.sh: -fsanitize=$sanitizers: pytest $*"
     (cd "$tree" && LD_PRELOAD=$preload \
