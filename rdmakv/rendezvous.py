@@ -141,6 +141,11 @@ class Scheduler(Handler):
         except Exception as exc:  # the peer's own reader reports the failure
             log.warning("could not send %s to %s: %s", protocol.op_name(op), peer.name, exc)
 
+    introduction = "accepted HELLO"
+
+    def introduced(self, peer):
+        return "role" in peer.info
+
     def on_message(self, peer, header, payload):
         obj = protocol.decode_json(payload or b"{}")
         if header.op == Op.HELLO:

@@ -247,6 +247,11 @@ class ParameterServer(Handler):
         self._stopped.set()
 
     # ---- worker messages -------------------------------------------------
+    introduction = "CONNECT"
+
+    def introduced(self, peer):
+        return "link" in peer.info
+
     def destination(self, peer, header):
         if header.op == Op.PUSH or header.op == Op.INIT:
             chunk = self._chunks.get((header.key, header.chunk))
