@@ -22,6 +22,8 @@ UNAUTHENTICATED_MAX = 256         # connections not yet handed to a reader threa
 UNAUTHENTICATED_PER_SOURCE = 64   # ... and from one address or local uid (a host's workers join at once)
 HANDSHAKE_SECONDS = 5.0           # to answer the challenge (a real peer answers at once)
 GATE_TICK = 0.01                  # how often connections whose arrivals wake no descriptor are looked at
+INCOMPLETE_TICK = 0.05            # ... and those that sent part of a message (real peers send it whole)
+HANG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 ACCEPT_BACKOFF = (0.01, 1.0)      # after a failed accept (EMFILE...): first and longest pause
 
 
@@ -38,6 +40,7 @@ class _Admission:
         self.connection = connection
         self.challenge = challenge    # None once authenticated
         self.deadline = deadline
+        self.incomplete = False       # part of a message is there, the rest is not
 
 
 class Gate:
@@ -79,16 +82,17 @@ class Gate:
         for fd in fds:
             if fd >= 0:
                 poller.register(fd, select.POLLIN)
-        by_fd = {}
         for admission in self._admissions:
             wake = min(wake, admission.deadline)
             fd = admission.connection.fileno()
             if fd < 0:
                 wake = min(wake, now + GATE_TICK)
+            elif admission.incomplete:     # POLLIN would stay up: watch for a hang-up, look again soon
+                wake = min(wake, now + INCOMPLETE_TICK)
+                poller.register(fd, select.POLLRDHUP)
             else:
-                by_fd[fd] = admission
                 poller.register(fd, select.POLLIN | select.POLLRDHUP)
-        ready = {fd for fd, _ in poller.poll(max(0, math.ceil((wake - now) * 1000)))}
+        ready = dict(poller.poll(max(0, math.ceil((wake - now) * 1000))))
         if not running():
             return False
         if listening and not self._accept_some():
@@ -96,8 +100,8 @@ class Gate:
         now = time.monotonic()
         for admission in list(self._admissions):
             fd = admission.connection.fileno()
-            if fd < 0 or fd in ready or admission.deadline <= now:
-                self._advance(admission, now)
+            if fd < 0 or fd in ready or admission.incomplete or admission.deadline <= now:
+                self._advance(admission, now, ready.get(fd, 0) & HANG_UP)
         return True
 
     def _accept_some(self):
@@ -145,7 +149,7 @@ class Gate:
                                            time.monotonic() + min(HANDSHAKE_SECONDS, self.timeout)))
         self._per_source[source] = self._per_source.get(source, 0) + 1
 
-    def _advance(self, admission, now):
+    def _advance(self, admission, now, hung_up):
         connection = admission.connection
         try:
             if admission.challenge is not None:
@@ -161,9 +165,13 @@ class Gate:
                 if connection.readable_bytes() >= protocol.HEADER_SIZE:
                     self._drop(admission, close=False)
                     self._start_peer(connection, None)
-                elif admission.deadline <= now:
+                    return
+                if admission.deadline <= now:
                     raise PeerTimeout(f"{connection.peer} sent nothing within {self.timeout:g} s of "
                                       f"authenticating (RDMAKV_TIMEOUT)")
+            if hung_up:                      # what it sent is all it will ever send
+                raise EndOfStream(f"{connection.peer} left during the handshake")
+            admission.incomplete = connection.readable_bytes() > 0
         except EndOfStream:
             self._drop(admission)
         except RdmaKVError as exc:
