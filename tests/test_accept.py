@@ -127,9 +127,12 @@ def test_silent_local_connections_do_not_stop_workers_from_joining(cluster_facto
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(name)
             silent.append(sock)
+        start = time.monotonic()
         assert cluster.run(exact_round, timeout=60) == [True, True]
         assert all(type(link.peer.connection).__name__ == "ShmConnection"
                    for kv in cluster.stores for link in kv._links)
+        print(f"\nFIGURE silent shm connections: 2 workers joined over shared memory and summed exactly "
+              f"in {time.monotonic() - start:.1f} s with 12 silent connections open")
     finally:
         for sock in silent:
             sock.close()
@@ -160,6 +163,8 @@ def test_the_accept_loop_survives_the_descriptor_limit(cluster_factory):
     assert cluster.run(exact_round, timeout=60) == [True, True]
     complaints = [line for line in cluster.logs[0] if "Too many open files" in line]
     assert 1 <= len(complaints) <= 5, list(cluster.logs[0])
+    print(f"\nFIGURE descriptor limit: {len(flood)} connections against a limit of {fds + 16} fds; "
+          f"{len(complaints)} log lines, e.g. {complaints[0].split(' WARNING ')[-1]!r}; workers exact after")
 
 
 @pytest.mark.timeout(120)
@@ -202,6 +207,8 @@ def test_a_flood_of_unauthenticated_connections_costs_descriptors_not_threads(cl
     assert during[0] <= threads + 2, f"threads {threads} -> {during[0]} during the flood"
     assert during[1] <= fds + UNAUTHENTICATED_PER_SOURCE + 4, f"fds {fds} -> {during[1]} during the flood"
     assert refused >= len(flood) - UNAUTHENTICATED_PER_SOURCE, (refused, len(flood))
+    print(f"\nFIGURE unauthenticated flood: {len(flood)} connections, {refused} refused at once; "
+          f"scheduler threads/fds {threads}/{fds} -> {during[0]}/{during[1]}; workers exact meanwhile")
 
 
 @pytest.mark.timeout(60)
@@ -323,6 +330,7 @@ def test_refused_shared_memory_connections_are_logged_within_a_budget(caplog):
         name = shm._endpoint(*listener.address)
         with caplog.at_level(logging.WARNING, logger="rdmakv.transport"):
             thread.start()
+            start = time.monotonic()
             for _ in range(1000):
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                     sock.connect(name)          # blocks while the listener's backlog is full
@@ -331,6 +339,7 @@ def test_refused_shared_memory_connections_are_logged_within_a_budget(caplog):
                         sock.sendall(b"hello\n")
                     except OSError:             # already refused (too many set-ups at once)
                         pass
+            elapsed = time.monotonic() - start
             time.sleep(0.5)
     finally:
         stop.set()
@@ -338,3 +347,4 @@ def test_refused_shared_memory_connections_are_logged_within_a_budget(caplog):
         listener.close()
     refusals = [r for r in caplog.records if "shared-memory" in r.getMessage()]
     assert 1 <= len(refusals) <= 25, f"{len(refusals)} lines logged for {sent} refusals"
+    print(f"\nFIGURE refused shm set-ups: {sent} refused, {len(refusals)} log lines in {elapsed:.1f} s")
