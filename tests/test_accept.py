@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import rdmakv
-from rdmakv import auth, protocol
+from rdmakv import auth
 from rdmakv._native import transport as _t
 from rdmakv.transport import shm, tcp
 from cluster import free_port
