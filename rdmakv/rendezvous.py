@@ -148,6 +148,11 @@ class Scheduler(Handler):
                                 f"{protocol.op_name(header.op)} of {header.length} bytes")
         return None
 
+    introduction = "accepted HELLO"
+
+    def introduced(self, peer):
+        return "role" in peer.info
+
     def on_message(self, peer, header, payload):
         obj = protocol.decode_json(payload or b"{}")
         if header.op == Op.HELLO:

@@ -292,6 +292,11 @@ class ParameterServer(Handler):
         self._stopped.set()
 
     # ---- worker messages -------------------------------------------------
+    introduction = "CONNECT"
+
+    def introduced(self, peer):
+        return "link" in peer.info
+
     def destination(self, peer, header):
         link = peer.info.get("link")
         if link is None:

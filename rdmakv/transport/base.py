@@ -12,12 +12,12 @@ import threading
 import time
 
 from rdmakv import protocol
-from rdmakv.errors import EndOfStream, ProtocolError, RdmaKVError
+from rdmakv.errors import EndOfStream, PeerTimeout, ProtocolError, RdmaKVError
 
 log = logging.getLogger("rdmakv.transport")
 
 
-class _Throttle:
+class Throttle:
     """Lets at most `burst` messages through per `period` seconds, then reports how
     many it held back, so a flood of hostile connections cannot flood the log."""
 
@@ -40,14 +40,23 @@ class _Throttle:
                 return False, held
             return True, held
 
+    def warn(self, logger, kind, message, *args):
+        """logger.warning(message, *args) within the budget; first, how many of `kind` were held back."""
+        allowed, held = self.allow()
+        if held:
+            logger.warning("%d more %s (not shown)", held, kind)
+        if allowed:
+            logger.warning(message, *args)
 
-_closed_warnings = _Throttle()
+
+_closed_warnings = Throttle()
 
 IDLE_POLL_SECONDS = 1.0
 
 
 class Connection(abc.ABC):
     peer = "?"           # printable address of the other side
+    source = "?"         # who is at the other side, for per-source limits: an address, or a local uid
 
     @abc.abstractmethod
     def send(self, header, payload=None):
@@ -70,6 +79,17 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def close(self):
         """Release everything; idempotent; wakes a blocked receiver."""
+
+    def readable_bytes(self):
+        """How many bytes recv_header/recv_payload can take now without waiting;
+        EndOfStream once the peer left and nothing is left; None where the
+        transport cannot tell (a handshake then runs in a thread of its own)."""
+        return None
+
+    def fileno(self):
+        """A descriptor that polls readable when bytes arrive, or -1 when arrivals
+        wake no descriptor (readable_bytes must then be asked again later)."""
+        return -1
 
     places_remotely = False   # whether offer() lets the peer write payloads straight into our buffers
 
@@ -97,7 +117,14 @@ class Listener(abc.ABC):
 
     @abc.abstractmethod
     def accept(self, timeout):
-        """A new Connection, or None after timeout seconds."""
+        """A new Connection, or None after timeout seconds.  accept(0) never waits:
+        a connection whose set-up is not complete yet stays with the listener.
+        OSError when accepting fails (EMFILE: out of descriptors)."""
+
+    @abc.abstractmethod
+    def watch(self):
+        """(descriptors that poll readable when accept(0) may return a connection,
+        a time.monotonic() by which accept(0) must be called again, or None)."""
 
     @abc.abstractmethod
     def close(self):
@@ -117,6 +144,12 @@ class Handler:
     def on_closed(self, peer, error):
         """The connection ended: error is None after a local close, else why."""
 
+    introduction = "first message"     # what an accepted peer must send before anything else
+
+    def introduced(self, peer):
+        """Whether an accepted peer has introduced itself (see Peer's introduce_by)."""
+        return True
+
 
 class Peer:
     """A connection and the thread that reads from it.
@@ -124,9 +157,12 @@ class Peer:
     The reader validates lengths before receiving, so a hostile header can
     never make us allocate an unchecked amount of memory."""
 
-    def __init__(self, connection, handler, name, handshake=None):
+    def __init__(self, connection, handler, name, handshake=None, introduce_within=None):
         self.connection = connection
         self.handshake = handshake  # run first, in the reader thread; it raises to refuse the peer
+        # An accepted peer that has not introduced itself (handler.introduced) this many
+        # seconds after authenticating is closed: it would hold a thread for nothing.
+        self._introduce_within = introduce_within
         self.handler = handler
         self.name = name
         self.info = {}          # what the upper layer learned about this peer
@@ -152,7 +188,14 @@ class Peer:
         try:
             if self.handshake is not None:
                 self.handshake(self.connection)
+            introduce_by = None if self._introduce_within is None else time.monotonic() + self._introduce_within
             while not self._closing:
+                if introduce_by is not None:
+                    if self.handler.introduced(self):
+                        introduce_by = None
+                    elif time.monotonic() > introduce_by:
+                        raise PeerTimeout(f"{self.name} sent no {self.handler.introduction} within "
+                                          f"{self._introduce_within:g} s of authenticating (RDMAKV_TIMEOUT)")
                 header = self.connection.recv_header(IDLE_POLL_SECONDS)
                 if header is None:
                     continue
@@ -182,11 +225,8 @@ class Peer:
             elif isinstance(error, EndOfStream):
                 log.debug("%s closed the connection", self.name)
             elif error is not None:
-                allowed, held = _closed_warnings.allow()
-                if held:
-                    log.warning("%d more connections closed with errors (not shown)", held)
-                if allowed:
-                    log.warning("connection to %s (%s) closed: %s", self.name, self.connection.peer, error)
+                _closed_warnings.warn(log, "connections closed with errors",
+                                      "connection to %s (%s) closed: %s", self.name, self.connection.peer, error)
             self.connection.close()
             self.handler.on_closed(self, error)
 
