@@ -1,6 +1,8 @@
 """rdmakv's settings: keyword arguments override RDMAKV_* variables, which
 override the DMLC_* / BYTEPS_* names that BytePS and ps-lite launchers set."""
+import difflib
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 
 from rdmakv.errors import ConfigError
@@ -35,8 +37,58 @@ def _transport(text):
     return text
 
 
+def _enable_rdma(text):
+    """ps-lite's DMLC_ENABLE_RDMA: 1 or ibverbs asks for verbs; 0 leaves the choice to auto."""
+    text = text.strip().lower()
+    if text in ("1", "ibverbs"):
+        return "verbs"
+    if text in ("0", ""):
+        return "auto"
+    raise ValueError("must be 1 or ibverbs (verbs) or 0 (auto); "
+                     "RDMAKV_TRANSPORT chooses among auto, verbs, tcp and shm")
+
+
+def _switch(text):
+    text = text.strip().lower()
+    if text in ("1", "on", "true", "yes"):
+        return True
+    if text in ("0", "off", "false", "no"):
+        return False
+    raise ValueError("must be 1 or 0")
+
+
 def _str(text):
     return text
+
+
+# A variable with values of its own, read instead of the setting's parser.
+VARIABLE_PARSERS = {"DMLC_ENABLE_RDMA": _enable_rdma}
+
+# RDMAKV_* variables read outside Config: by the transports, and by the tools, tests and CI scripts.
+OTHER_VARIABLES = {
+    "RDMAKV_SHM": "0 forbids shared memory",
+    "RDMAKV_SHM_RING_BYTES": "bytes of each shared-memory ring",
+    "RDMAKV_IB_DEVICE": "RDMA device", "RDMAKV_IB_PORT": "RDMA port", "RDMAKV_GID_INDEX": "RoCE GID index",
+    "RDMAKV_BENCH_FUSE": "tools/bench_kvstore.py: fuse small tensors",
+    "RDMAKV_FUZZ_SECONDS": "tests: fuzzing time", "RDMAKV_FUZZ_HYPOTHESIS": "tests: hypothesis examples",
+    "RDMAKV_ATHERIS_SECONDS": "tests: atheris time", "RDMAKV_LOAD_ROUNDS": "tests: load-test rounds",
+    "RDMAKV_PYTHON": "ci/rxe.sh: the Python to run in the VM",
+}
+
+
+def unknown_variables(environ=None):
+    """[(RDMAKV_* variable that nothing reads, the closest known name or None)]."""
+    environ = os.environ if environ is None else environ
+    known = [v for variables, *_ in SETTINGS.values() for v in variables if v.startswith("RDMAKV_")]
+    known += OTHER_VARIABLES
+    return [(name, next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.8)), None))
+            for name in sorted(environ) if name.startswith("RDMAKV_") and name not in known]
+
+
+def warn_unknown_variables(environ=None):
+    for name, closest in unknown_variables(environ):
+        hint = f"did you mean {closest}?" if closest else "`python -m rdmakv.info --json` lists the variables"
+        warnings.warn(f"{name} is not an rdmakv setting and is ignored; {hint}", UserWarning, stacklevel=3)
 
 
 # name: (environment variables, highest precedence first; parser; default; meaning)
@@ -66,6 +118,12 @@ SETTINGS = {
                 "seconds any blocking step (connect, rendezvous, barrier, pushpull, a peer's silence) may take"),
     "trace_dir": (("RDMAKV_TRACE_DIR", "BYTEPS_TRACE_DIR"), _str, None,
                   "write a Chrome-trace JSON per rank into this directory"),
+    "trace_on": (("RDMAKV_TRACE_ON", "BYTEPS_TRACE_ON"), _switch, None,
+                 "1 traces (into trace_dir, default ./traces), 0 does not (default: trace when trace_dir is set)"),
+    "trace_start_step": (("RDMAKV_TRACE_START_STEP", "BYTEPS_TRACE_START_STEP"), _int, 0,
+                         "first step traced (a step is a round of the first key declared)"),
+    "trace_end_step": (("RDMAKV_TRACE_END_STEP", "BYTEPS_TRACE_END_STEP"), _int, None,
+                       "last step traced (default: to the end)"),
     "secret": (("RDMAKV_SECRET",), _str, None,
                "cluster secret: every connection must prove it (HMAC challenge-response)"),
     "secret_file": (("RDMAKV_SECRET_FILE",), _str, None, "file holding the cluster secret"),
@@ -90,6 +148,9 @@ class Config:
     scheduling_credit: int = 4
     timeout: float = 120.0
     trace_dir: str = None
+    trace_on: bool = None
+    trace_start_step: int = 0
+    trace_end_step: int = None
     local_rank: int = None
     secret: str = field(default=None, repr=False)
     secret_file: str = None
@@ -99,6 +160,7 @@ class Config:
     def load(cls, environ=None, **overrides):
         """Settings from keyword arguments, then the environment, then defaults."""
         environ = os.environ if environ is None else environ
+        warn_unknown_variables(environ)
         unknown = set(overrides) - set(SETTINGS)
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
@@ -111,6 +173,7 @@ class Config:
                 for variable in variables:
                     if environ.get(variable, "") != "":
                         raw, source = environ[variable], variable
+                        parse = VARIABLE_PARSERS.get(variable, parse)
                         break
             if isinstance(raw, str) and parse is not _str:
                 try:
@@ -137,6 +200,11 @@ class Config:
             raise ConfigError(f"partition_bytes must be >= 8, got {self.partition_bytes}")
         if self.scheduling_credit < 0:
             raise ConfigError("scheduling_credit must be >= 0")
+        if self.trace_start_step < 0:
+            raise ConfigError(f"trace_start_step must be >= 0, got {self.trace_start_step}")
+        if self.trace_end_step is not None and self.trace_end_step < self.trace_start_step:
+            raise ConfigError(f"trace_end_step {self.trace_end_step} is before trace_start_step "
+                              f"{self.trace_start_step}")
 
     def describe(self):
         """[(setting, value, where it came from)] for `python -m rdmakv.info`."""

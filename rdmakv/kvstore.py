@@ -337,7 +337,7 @@ class ServerLink(Handler):
                 if self.queue:        # waking an idle sender thread would only cost a GIL hand-off
                     self.ready.notify()
         if self.store.tracer:
-            self.store.tracer.instant("sent", key=info.name, chunk=chunk.index, round=handle.round,
+            self.store.tracer.stage("sent", key=info.name, chunk=chunk.index, round=handle.round,
                                       priority=handle.priority)
 
     def _send_loop(self):
@@ -375,8 +375,8 @@ class ServerLink(Handler):
                     self._return_credit(entry)
             if entry is not None:
                 if self.store.tracer:
-                    self.store.tracer.instant("received", key=entry[0]._info.name, chunk=header.chunk,
-                                              round=header.round)
+                    self.store.tracer.stage("received", key=entry[0]._info.name, chunk=header.chunk,
+                                            round=header.round)
                 entry[0]._chunk_done()
         elif header.op == Op.RECEIVED:
             with self.ready:
@@ -735,10 +735,12 @@ class KVStore:
         source = handle._value.reshape(-1).view(np.uint8)
         target = handle._out.reshape(-1).view(np.uint8)
         tracer = self.tracer
+        if tracer and info.order == 0:
+            tracer.begin_step(handle.round)
         try:
             for chunk in info.chunks:
                 if tracer:
-                    tracer.instant("queued", key=info.name, chunk=chunk.index, round=handle.round,
+                    tracer.stage("queued", key=info.name, chunk=chunk.index, round=handle.round,
                                    priority=handle.priority)
                 end = chunk.offset + chunk.nbytes
                 self._links[chunk.server].enqueue(handle, chunk, source[chunk.offset:end],

@@ -182,6 +182,7 @@ class ParameterServer(Handler):
         self.tracer = None
         self.updater = None
         self._keys = {}
+        self._first_key = None        # the first key declared with chunks here: its rounds number the traced steps
         self._chunks = {}
         self._links = {}              # worker rank -> WorkerLink
         self._departed = {}           # worker rank -> why it left; no round can complete after that
@@ -359,6 +360,8 @@ class ParameterServer(Handler):
                         chunk.shared = self._shares_sums is not None and all(
                             self._shares_sums(chunk.buffer(rnd)) for rnd in (0, 1))
                         state.chunks.append(chunk)
+                        if self._first_key is None:
+                            self._first_key = key
             else:
                 state.declared_by.add(link.rank)
                 if state.error is None and state.layout != layout:
@@ -447,7 +450,9 @@ class ParameterServer(Handler):
         no_data = header.flags & FLAG_NO_DATA
         summed = header.flags & protocol.FLAG_SUMMED_IN_PLACE   # the worker added it into target itself
         if self.tracer:
-            self.tracer.instant("push", key=name, chunk=chunk.index, priority=header.priority,
+            if chunk.key_state.key == self._first_key:    # a round of the first key held here: a new step
+                self.tracer.begin_step(header.round)
+            self.tracer.stage("push", key=name, chunk=chunk.index, priority=header.priority,
                                 round=header.round, worker=link.rank)
         with chunk.lock:
             # Held from here until the contribution is counted, so that an adder
@@ -506,7 +511,7 @@ class ParameterServer(Handler):
                     result = chunk.weight
                 rnd = chunk.round
                 if self.tracer:
-                    self.tracer.instant("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
+                    self.tracer.stage("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
                 chunk.round += 1
                 chunk.pushed = set()
                 chunk.has_data = False
