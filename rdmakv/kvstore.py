@@ -15,7 +15,7 @@ from collections import deque
 
 import numpy as np
 
-from rdmakv import auth, netif, partition, protocol, trace
+from rdmakv import auth, netif, partition, protocol, standalone, trace
 from rdmakv._native import transport as _t
 from rdmakv.config import Config
 from rdmakv.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
@@ -462,6 +462,10 @@ class KVStore:
         if self.config.role != "worker":
             raise ConfigError(f"KVStore runs on workers; DMLC_ROLE is {self.config.role!r}")
         self.transport, self.transport_reason = select(self.config.transport)
+        self._local_job = None
+        if standalone.wanted(settings, os.environ):
+            self._local_job = standalone.LocalJob(self.config)
+            self.config = self._local_job.worker_config
         self._pid = os.getpid()
         self._closed = False
         self._failure = None
@@ -633,6 +637,8 @@ class KVStore:
         self._control.close()
         if getattr(self, "tracer", None):
             self.tracer.write()
+        if self._local_job is not None:
+            self._local_job.close()
 
     def __enter__(self):
         return self
