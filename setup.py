@@ -11,7 +11,8 @@ transport = Extension(
     "rdmakv._transport",
     ["rdmakv/_transport.pyx"],
     include_dirs=["rdmakv"],
-    extra_compile_args=["-O3", "-fno-strict-aliasing"],
+    # -g0 after Python's own -g: no debug info in the wheel (the module is ~10x smaller).
+    extra_compile_args=["-O3", "-fno-strict-aliasing", "-g0"],
     extra_link_args=["-Wl,-z,lazy"],
 )
 
