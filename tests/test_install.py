@@ -30,8 +30,8 @@ def built(tmp_path_factory):
     for name in _tracked_files():
         os.makedirs(os.path.dirname(source / name), exist_ok=True)
         shutil.copy2(os.path.join(REPO, name), source / name)
-    hooks = ("from setuptools import build_meta as hooks; import sys; "
-             "hooks.build_sdist(sys.argv[1]); hooks.build_wheel(sys.argv[1])")
+    hooks = ("from setuptools import build_meta as hooks; import sys; out = sys.argv[1]; "
+             "hooks.build_sdist(out); hooks.build_wheel(out)")      # a build rewrites sys.argv
     proc = subprocess.run([sys.executable, "-c", hooks, str(out)], cwd=source, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
