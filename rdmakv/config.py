@@ -4,6 +4,7 @@ import difflib
 import os
 import warnings
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 from rdmakv.errors import ConfigError
 
@@ -139,21 +140,21 @@ class Config:
     scheduler_port: int = 9091
     num_workers: int = 1
     num_servers: int = 1
-    worker_id: int = None
-    interface: str = None
-    node_host: str = None
+    worker_id: Optional[int] = None
+    interface: Optional[str] = None
+    node_host: Optional[str] = None
     port: int = 0
     transport: str = "auto"
     partition_bytes: int = 4 * MiB
     scheduling_credit: int = 4
     timeout: float = 120.0
-    trace_dir: str = None
-    trace_on: bool = None
+    trace_dir: Optional[str] = None
+    trace_on: Optional[bool] = None
     trace_start_step: int = 0
-    trace_end_step: int = None
-    local_rank: int = None
-    secret: str = field(default=None, repr=False)
-    secret_file: str = None
+    trace_end_step: Optional[int] = None
+    local_rank: Optional[int] = None
+    secret: Optional[str] = field(default=None, repr=False)
+    secret_file: Optional[str] = None
     sources: dict = field(default_factory=dict, repr=False)
 
     @classmethod

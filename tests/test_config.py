@@ -76,3 +76,9 @@ def test_dmlc_enable_rdma_names_its_own_values():
     assert str(error.value).startswith("DMLC_ENABLE_RDMA='fabric': must be 1 or ibverbs (verbs) or 0 (auto)")
     with pytest.raises(ConfigError, match="RDMAKV_TRANSPORT='fabric': must be auto, verbs, tcp or shm"):
         Config.load({"RDMAKV_TRANSPORT": "fabric"})
+
+
+def test_every_setting_is_listed_in_the_kvstore_docstring():
+    from rdmakv.kvstore import KVStore
+    listed = {line.split()[0] for line in KVStore.__doc__.splitlines()[4:] if line.startswith("    ") and line.split()}
+    assert set(SETTINGS) <= listed, set(SETTINGS) - listed
