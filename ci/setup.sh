@@ -18,7 +18,7 @@ fi
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
-"${pip[@]}" "setuptools>=68" wheel "Cython>=3" "numpy<1.24" pytest pytest-timeout hypothesis
+"${pip[@]}" "setuptools>=77" wheel "Cython>=3" "numpy<1.24" pytest pytest-timeout hypothesis
 # MXNet 1.9.1 (its last release) needs numpy<1.24; the core works without it.
 "${pip[@]}" "mxnet==1.9.1" || echo "ci/setup.sh: MXNet 1.9.1 could not be installed; its tests will skip"
 # atheris (coverage-guided fuzzing of the decoder, tools/fuzz_decoder.py) is optional.

@@ -23,7 +23,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'rdmakv' has no attribute {name!r}")
 
 
-def has(feature):
+def has(feature: str) -> bool:
     """Whether this installation can use a feature: "tcp", "verbs" or "mxnet"."""
     if feature == "tcp":
         from rdmakv._native import transport  # noqa: F401

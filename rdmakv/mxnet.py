@@ -15,12 +15,15 @@ declarative description (:mod:`rdmakv.optimizer`), never pickled.
 
 Importing this module without MXNet works; nothing is registered then.
 """
+from __future__ import annotations
+
 import atexit
 import functools
 import json
 import logging
 import os
 import struct
+from typing import TYPE_CHECKING, Any, List, Optional, Union
 
 import numpy as np
 
@@ -33,6 +36,14 @@ try:
 except ImportError:     # MXNet is optional: the module imports, nothing registers
     _mx = None
     _Base = object
+
+if TYPE_CHECKING:
+    from mxnet.ndarray import NDArray
+    from mxnet.optimizer import Optimizer
+
+    from rdmakv.kvstore import Key
+
+    Values = Union[NDArray, List[NDArray]]     # a list is summed locally first, as for several devices
 
 __all__ = ["RdmaKV", "NAMES"]
 log = logging.getLogger("rdmakv.mxnet")
@@ -135,23 +146,23 @@ class RdmaKV(_Base):
 
     # -- properties -----------------------------------------------------------
     @property
-    def type(self):
+    def type(self) -> str:
         return "dist_sync_rdmakv"
 
     @property
-    def rank(self):
+    def rank(self) -> int:
         return self._worker.kv.rank       # facts, still readable after close()
 
     @property
-    def local_rank(self):
+    def local_rank(self) -> int:
         return self._worker.kv.local_rank
 
     @property
-    def num_workers(self):
+    def num_workers(self) -> int:
         return self._worker.kv.num_workers
 
     @staticmethod
-    def is_capable(capability):
+    def is_capable(capability: str) -> bool:
         if not isinstance(capability, str):
             raise TypeError("capability must be a str")
         if capability.lower() == _Base.OPTIMIZER:
@@ -159,7 +170,7 @@ class RdmaKV(_Base):
         raise ValueError("Unknown capability: %s" % capability)
 
     # -- data ---------------------------------------------------------------
-    def init(self, key, value):
+    def init(self, key: Key, value: Values) -> None:
         """Declare ``key``; from rank 0 also store ``value`` on the servers as
         the starting weight for a server-side optimizer.  Blocks until
         ``value`` is computed."""
@@ -168,7 +179,7 @@ class RdmaKV(_Base):
         self._kv.init(key, value.asnumpy())
         self._worker.initialized.add(key)
 
-    def broadcast(self, key, value, out, priority=0):
+    def broadcast(self, key: Key, value: Values, out: Optional[Values], priority: int = 0) -> None:
         """Copy rank 0's ``value`` into ``out`` (NDArray or list) on every
         worker; ``out=None`` writes into ``value``.  Also makes ``value`` the
         starting weight on the servers (what Gluon's Trainer relies on)."""
@@ -182,7 +193,7 @@ class RdmaKV(_Base):
                       key, src, target, priority, "broadcast")
         _fan_out(target, outs)
 
-    def pushpull(self, key, value, out=None, priority=0):
+    def pushpull(self, key: Key, value: Values, out: Optional[Values] = None, priority: int = 0) -> None:
         """Sum ``value`` (NDArray, or a list summed locally first) over all
         workers into ``out`` (NDArray or list; default: every ``value``).
         With an optimizer set, ``out`` receives the updated weight instead."""
@@ -249,7 +260,7 @@ class RdmaKV(_Base):
                              priority=priority, name="rdmakv_%s" % what)
 
     # -- optimizer ------------------------------------------------------------
-    def set_optimizer(self, optimizer):
+    def set_optimizer(self, optimizer: Optimizer) -> None:
         """Run ``optimizer`` on the servers (see rdmakv.optimizer.describe for
         what can run there).  Returns when every server has it."""
         description = _optimizer.describe(optimizer)
@@ -257,7 +268,7 @@ class RdmaKV(_Base):
         self._worker.optimizer = optimizer
         self._worker.updater = _UpdaterInfo(optimizer)
 
-    def save_optimizer_states(self, fname, dump_optimizer=False):
+    def save_optimizer_states(self, fname: str, dump_optimizer: bool = False) -> None:
         """Save the servers' optimizer states (and with ``dump_optimizer``
         the optimizer's description) to ``fname``, in rdmakv's own format."""
         if self._worker.optimizer is None:
@@ -273,7 +284,7 @@ class RdmaKV(_Base):
             for blob in blobs:
                 f.write(blob)
 
-    def load_optimizer_states(self, fname):
+    def load_optimizer_states(self, fname: str) -> None:
         """Load states saved by save_optimizer_states into the servers; if the
         file holds an optimizer, it replaces the current one."""
         with open(fname, "rb") as f:
@@ -289,15 +300,15 @@ class RdmaKV(_Base):
         _mx.nd.waitall()
         self._kv._load_optimizer_states(blobs)
 
-    def set_gradient_compression(self, compression_params):
+    def set_gradient_compression(self, compression_params: Any) -> None:
         raise NotImplementedError("rdmakv does not compress gradients")
 
     # -- lifetime -------------------------------------------------------------
-    def barrier(self):
+    def barrier(self) -> None:
         _mx.nd.waitall()
         self._kv.barrier()
 
-    def close(self):
+    def close(self) -> None:
         """Release this store; the process's worker connection closes with the last
         one (or at exit, for stores never closed, as MXNet and BytePS scripts do)."""
         if self._closed:
@@ -305,10 +316,10 @@ class RdmaKV(_Base):
         self._closed = True
         self._worker.release()
 
-    def __enter__(self):
+    def __enter__(self) -> RdmaKV:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 

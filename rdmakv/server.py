@@ -227,6 +227,7 @@ class ParameterServer(Handler):
         self.tracer = None
         self.updater = None
         self._keys = {}
+        self._first_key = None        # the first key declared with chunks here: its rounds number the traced steps
         self._chunks = {}
         self._links = {}              # worker rank -> WorkerLink
         self._departed = {}           # worker rank -> why it left; no round can complete after that
@@ -472,6 +473,8 @@ class ParameterServer(Handler):
                 self._keys[key] = state
                 for chunk in state.chunks:
                     self._chunks[(key, chunk.index)] = chunk
+                if self._first_key is None and state.chunks:
+                    self._first_key = key
                 return state
         self.budget.release(cost)    # another worker's declaration won the race
         return existing
@@ -566,7 +569,9 @@ class ParameterServer(Handler):
         no_data = header.flags & FLAG_NO_DATA
         summed = header.flags & protocol.FLAG_SUMMED_IN_PLACE   # the worker added it into target itself
         if self.tracer:
-            self.tracer.instant("push", key=name, chunk=chunk.index, priority=header.priority,
+            if chunk.key_state.key == self._first_key:    # a round of the first key held here: a new step
+                self.tracer.begin_step(header.round)
+            self.tracer.stage("push", key=name, chunk=chunk.index, priority=header.priority,
                                 round=header.round, worker=link.rank)
         with chunk.lock:
             # Held from here until the contribution is counted, so that an adder
@@ -625,7 +630,7 @@ class ParameterServer(Handler):
                     result = chunk.weight
                 rnd = chunk.round
                 if self.tracer:
-                    self.tracer.instant("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
+                    self.tracer.stage("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
                 chunk.round += 1
                 chunk.pushed = set()
                 chunk.has_data = False
