@@ -513,6 +513,7 @@ class KVStore:
     interface          network interface whose address this node advertises
     node_host          address this node advertises
     port               port a server listens on (servers only)
+    server_memory      bytes a server may commit to declared keys (servers only); its memory
     transport          auto, verbs, tcp or shm; auto
     partition_bytes    tensors larger than this are split into chunks; 4 MiB
     scheduling_credit  partitions in flight per server (0: no limit); 4
