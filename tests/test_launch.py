@@ -1,11 +1,16 @@
 """The launcher runs a user's own script across real processes."""
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+import uuid
 
-from cluster import REPO
+import pytest
+
+from cluster import REPO, free_port, tagged
 
 USER_SCRIPT = textwrap.dedent("""
     import sys
@@ -74,3 +79,106 @@ def test_launch_requires_a_command():
     done = subprocess.run([sys.executable, "-m", "rdmakv.launch", "-n", "1"], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=REPO), timeout=30)
     assert done.returncode == 2 and "worker command" in done.stderr
+
+
+SLEEPER = textwrap.dedent("""
+    import subprocess, sys, time
+    import rdmakv
+    kv = rdmakv.KVStore()
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])   # like a data loader
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+
+
+def wait_for_lines(proc, text, count, timeout=60):
+    """Read proc's output until `count` lines contain text; return everything read."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    while sum(text in line for line in lines) < count:
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+        lines.append(proc.stdout.readline())
+    return "".join(lines)
+
+
+def wait_until_gone(marker, timeout=20):
+    deadline = time.monotonic() + timeout
+    while tagged(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return tagged(marker)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP, signal.SIGINT])
+def test_the_whole_job_ends_with_the_launcher(tmp_path, sig):
+    """A closed terminal (SIGHUP), Ctrl-C or kill -9 of the launcher ends every process of
+    the job, the workers' own children included."""
+    marker = uuid.uuid4().hex
+    path = tmp_path / "script.py"
+    path.write_text(SLEEPER)
+    env = dict(os.environ, PYTHONPATH=REPO, RDMAKV_TIMEOUT="30", RDKV_TEST_MARKER=marker)
+    launcher = subprocess.Popen([sys.executable, "-m", "rdmakv.launch", "-n", "2", "-s", "2", "--",
+                                 sys.executable, str(path)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for_lines(launcher, "] ready", 2)
+        # the launcher, the scheduler, 2 servers, 2 workers and their 2 children (and a guard)
+        assert len(tagged(marker)) >= 8
+        launcher.send_signal(sig)
+        launcher.wait(30)
+        assert wait_until_gone(marker) == []
+        if sig != signal.SIGKILL:
+            assert launcher.returncode == 128 + sig
+            assert f"{signal.Signals(sig).name}: stopping the job" in launcher.stdout.read()
+    finally:
+        for pid in tagged(marker):
+            os.kill(pid, signal.SIGKILL)
+        launcher.stdout.close()
+
+
+def test_launcher_labels_are_the_servers_ranks(tmp_path):
+    done = run_launch(tmp_path, "import rdmakv\nrdmakv.KVStore().close()\n", "-n", "1", "-s", "3")
+    assert done.returncode == 0, done.stdout
+    joined = [line for line in done.stdout.splitlines() if ": joined the job" in line]
+    assert len(joined) == 3, done.stdout
+    for line in joined:
+        label = re.match(r"\[server (\d)\]", line).group(1)
+        assert f"server {label}: joined" in line
+
+
+def test_a_server_gets_the_rank_it_asks_for_whatever_its_arrival(tmp_path):
+    """Server 1 registers first, server 0 later: each still gets its RDMAKV_SERVER_ID;
+    a second server asking for a taken id is refused by name."""
+    env = dict(os.environ, PYTHONPATH=REPO, RDMAKV_TIMEOUT="30", DMLC_PS_ROOT_URI="127.0.0.1",
+               DMLC_PS_ROOT_PORT=str(free_port()), DMLC_NUM_WORKER="1", DMLC_NUM_SERVER="2")
+    server = [sys.executable, "-m", "rdmakv.server"]
+    logs = {name: open(tmp_path / name, "w+") for name in ("scheduler", "first", "second", "duplicate")}
+    procs = []
+
+    def start(name, **variables):
+        procs.append(subprocess.Popen(server, env=dict(env, **variables), stdout=logs[name],
+                                      stderr=subprocess.STDOUT))
+        return procs[-1]
+
+    try:
+        start("scheduler", DMLC_ROLE="scheduler")
+        start("first", DMLC_ROLE="server", RDMAKV_SERVER_ID="1")
+        start("duplicate", DMLC_ROLE="server", RDMAKV_SERVER_ID="1")
+        deadline = time.monotonic() + 30
+        while "already taken" not in (tmp_path / "duplicate").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "duplicate").read_text()
+            time.sleep(0.1)
+        assert "refused this server: server id 1 is already taken" in (tmp_path / "duplicate").read_text()
+        start("second", DMLC_ROLE="server", RDMAKV_SERVER_ID="0")
+        worker = subprocess.run([sys.executable, "-c", "import rdmakv\nrdmakv.KVStore().close()\n"],
+                                env=dict(env, DMLC_ROLE="worker"), capture_output=True, text=True, timeout=60)
+        assert worker.returncode == 0, worker.stderr
+        for proc in procs[:2] + procs[3:]:
+            assert proc.wait(30) == 0
+        assert "server 1: joined" in (tmp_path / "first").read_text()
+        assert "server 0: joined" in (tmp_path / "second").read_text()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        for log in logs.values():
+            log.close()
