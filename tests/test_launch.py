@@ -151,33 +151,34 @@ def test_a_server_gets_the_rank_it_asks_for_whatever_its_arrival(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, RDMAKV_TIMEOUT="30", DMLC_PS_ROOT_URI="127.0.0.1",
                DMLC_PS_ROOT_PORT=str(free_port()), DMLC_NUM_WORKER="1", DMLC_NUM_SERVER="2")
     server = [sys.executable, "-m", "rdmakv.server"]
-    logs = {name: open(tmp_path / name, "w+") for name in ("scheduler", "first", "second", "duplicate")}
-    procs = []
+    logs = {name: open(tmp_path / name, "w+") for name in ("scheduler", "a", "b", "second")}
+    procs = {}
 
     def start(name, **variables):
-        procs.append(subprocess.Popen(server, env=dict(env, **variables), stdout=logs[name],
-                                      stderr=subprocess.STDOUT))
-        return procs[-1]
+        procs[name] = subprocess.Popen(server, env=dict(env, **variables), stdout=logs[name],
+                                       stderr=subprocess.STDOUT)
 
     try:
         start("scheduler", DMLC_ROLE="scheduler")
-        start("first", DMLC_ROLE="server", RDMAKV_SERVER_ID="1")
-        start("duplicate", DMLC_ROLE="server", RDMAKV_SERVER_ID="1")
+        start("a", DMLC_ROLE="server", RDMAKV_SERVER_ID="1")
+        start("b", DMLC_ROLE="server", RDMAKV_SERVER_ID="1")
         deadline = time.monotonic() + 30
-        while "already taken" not in (tmp_path / "duplicate").read_text():
-            assert time.monotonic() < deadline, (tmp_path / "duplicate").read_text()
+        while procs["a"].poll() is None and procs["b"].poll() is None:
+            assert time.monotonic() < deadline, "neither server asking for id 1 was refused"
             time.sleep(0.1)
-        assert "refused this server: server id 1 is already taken" in (tmp_path / "duplicate").read_text()
+        first, refused = ("b", "a") if procs["a"].poll() is not None else ("a", "b")
+        assert procs[refused].returncode == 1
+        assert "refused this server: server id 1 is already taken" in (tmp_path / refused).read_text()
         start("second", DMLC_ROLE="server", RDMAKV_SERVER_ID="0")
         worker = subprocess.run([sys.executable, "-c", "import rdmakv\nrdmakv.KVStore().close()\n"],
                                 env=dict(env, DMLC_ROLE="worker"), capture_output=True, text=True, timeout=60)
         assert worker.returncode == 0, worker.stderr
-        for proc in procs[:2] + procs[3:]:
-            assert proc.wait(30) == 0
-        assert "server 1: joined" in (tmp_path / "first").read_text()
+        for name in ("scheduler", first, "second"):
+            assert procs[name].wait(30) == 0
+        assert "server 1: joined" in (tmp_path / first).read_text()
         assert "server 0: joined" in (tmp_path / "second").read_text()
     finally:
-        for proc in procs:
+        for proc in procs.values():
             proc.kill()
             proc.wait()
         for log in logs.values():
