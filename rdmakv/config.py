@@ -148,3 +148,14 @@ class Config:
         shown = [(f.name, getattr(self, f.name), self.sources.get(f.name, "default"))
                  for f in fields(self) if f.name != "sources"]
         return [(name, "(set)" if name == "secret" and value else value, source) for name, value, source in shown]
+
+
+def set_in_environ(environ, **settings):
+    """Set each setting in environ through its DMLC_* name where it has one (what MXNet and
+    BytePS scripts read), dropping its other names, which would take precedence."""
+    for name, value in settings.items():
+        variables = SETTINGS[name][0]
+        for variable in variables:
+            environ.pop(variable, None)
+        environ[variables[-1]] = str(value)
+    return environ

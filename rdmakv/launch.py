@@ -25,7 +25,7 @@ import threading
 import time
 
 from rdmakv import lifeline, netif
-from rdmakv.config import SETTINGS
+from rdmakv.config import set_in_environ
 
 FORWARDED_PREFIXES = ("RDMAKV_", "DMLC_", "BYTEPS_", "PS_", "MXNET_", "OMP_", "PYTHON")
 FORWARDED_NAMES = ("PATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
@@ -38,17 +38,6 @@ def free_port(host):
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind(sockaddr)
         return probe.getsockname()[1]
-
-
-def set_settings(env, **settings):
-    """Set each rdmakv setting in env through its DMLC_* name where it has one (what MXNet
-    and BytePS scripts read), dropping its other names, which would take precedence."""
-    for name, value in settings.items():
-        variables = SETTINGS[name][0]
-        for variable in variables:
-            env.pop(variable, None)
-        env[variables[-1]] = str(value)
-    return env
 
 
 def parse_hosts(text):
@@ -204,12 +193,12 @@ def plan(args, command):
         workers, servers = args.num_workers or 2, args.num_servers or 1
         scheduler = args.host or "127.0.0.1"
         base = dict(os.environ, PYTHONUNBUFFERED="1")
-        set_settings(base, scheduler_host=scheduler, scheduler_port=args.port or free_port(scheduler),
+        set_in_environ(base, scheduler_host=scheduler, scheduler_port=args.port or free_port(scheduler),
                      num_workers=workers, num_servers=servers)
-        return ([("scheduler", server_argv, set_settings(dict(base), role="scheduler"), None)]
-                + [(f"server {rank}", server_argv, set_settings(dict(base), role="server", server_id=rank), None)
+        return ([("scheduler", server_argv, set_in_environ(dict(base), role="scheduler"), None)]
+                + [(f"server {rank}", server_argv, set_in_environ(dict(base), role="server", server_id=rank), None)
                    for rank in range(servers)]
-                + [(f"worker {rank}", command, set_settings(dict(base), role="worker", worker_id=rank), None)
+                + [(f"worker {rank}", command, set_in_environ(dict(base), role="worker", worker_id=rank), None)
                    for rank in range(workers)])
     hosts = parse_hosts(args.hosts)
     slots = [host for host, count in hosts for _ in range(count)]
@@ -227,15 +216,15 @@ def plan(args, command):
         base[name] = value if equals else os.environ.get(name, "")
     base["PYTHONUNBUFFERED"] = "1"
     scheduler = args.host or hosts[0][0]
-    set_settings(base, scheduler_host=scheduler, scheduler_port=args.port or 9091,
+    set_in_environ(base, scheduler_host=scheduler, scheduler_port=args.port or 9091,
                  num_workers=workers, num_servers=servers)
     first = hosts[0][0]
-    return ([(f"{first} scheduler", server_argv, set_settings(dict(base), role="scheduler"), first)]
+    return ([(f"{first} scheduler", server_argv, set_in_environ(dict(base), role="scheduler"), first)]
             + [(f"{server_hosts[rank % len(server_hosts)]} server {rank}", server_argv,
-                set_settings(dict(base), role="server", server_id=rank), server_hosts[rank % len(server_hosts)])
+                set_in_environ(dict(base), role="server", server_id=rank), server_hosts[rank % len(server_hosts)])
                for rank in range(servers)]
             + [(f"{slots[rank]} worker {rank}", command,
-                set_settings(dict(base), role="worker", worker_id=rank), slots[rank])
+                set_in_environ(dict(base), role="worker", worker_id=rank), slots[rank])
                for rank in range(workers)])
 
 

@@ -12,32 +12,7 @@ import pytest
 
 from cluster import REPO, free_port, tagged
 
-USER_SCRIPT = textwrap.dedent("""
-    import sys
-    import numpy as np
-    import rdmakv
-
-    with rdmakv.KVStore() as kv:
-        n = kv.num_workers
-        rng = np.random.default_rng(0)
-        specs = [((), "int64"), ((0,), "float32"), ((5, 7), "float16"), ((300_001,), "int32"),
-                 ((64, 3, 3, 3), "float64"), ((2, 1_000_000), "float32"), ((999,), "uint8")]
-        handles = []
-        for index, (shape, dtype) in enumerate(specs):
-            base = rng.integers(0, 3, size=shape).astype(dtype)
-            value = np.array(base * (kv.rank + 1))   # an array even when 0-d
-            handles.append((base, kv.pushpull_async(f"t{index}", value, priority=int(rng.integers(-5, 5)))))
-        for base, handle in handles:
-            result = handle.wait()
-            expected = (base * sum(range(1, n + 1))).astype(base.dtype)
-            assert result.dtype == base.dtype and result.shape == base.shape
-            np.testing.assert_array_equal(result, expected)
-        try:
-            kv.pushpull("t1", np.zeros((3,), np.float32))
-        except ValueError as exc:
-            print("clear error:", exc)
-        print(f"OK rank {kv.rank} of {n}")
-""")
+SUM_CHECK = os.path.join(REPO, "tests", "sum_check.py")
 
 
 def run_launch(tmp_path, script, *args, timeout=120):
@@ -49,7 +24,7 @@ def run_launch(tmp_path, script, *args, timeout=120):
 
 
 def test_user_script_gets_exact_sums_on_3_workers_and_2_servers(tmp_path):
-    done = run_launch(tmp_path, USER_SCRIPT, "-n", "3", "-s", "2")
+    done = run_launch(tmp_path, open(SUM_CHECK).read(), "-n", "3", "-s", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     for rank in range(3):
         assert f"[worker {rank}] OK rank {rank} of 3" in done.stdout
