@@ -93,7 +93,9 @@ def run_remote(stream):
         stop_groups([child.pid], still_running=lambda: child.poll() is None)
 
     def hang_up():
-        while stream.read1(4096):
+        # The raw descriptor, not `stream`: a daemon thread blocked inside a buffered reader
+        # makes the interpreter abort at exit.  Only the spec line came before the hang-up.
+        while os.read(stream.fileno(), 4096):
             pass
         stop()
 
