@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from cluster import REPO, free_port, tagged
+from rdmakv.launch import parse_hosts
 
 SUM_CHECK = os.path.join(REPO, "tests", "sum_check.py")
 
@@ -158,3 +159,13 @@ def test_a_server_gets_the_rank_it_asks_for_whatever_its_arrival(tmp_path):
             proc.wait()
         for log in logs.values():
             log.close()
+
+
+def test_hosts_are_read_like_horovodrun_and_bad_ones_named():
+    assert parse_hosts("h1:4, h2 ,[fd00::2]:2,[fd00::3]") == [("h1", 4), ("h2", 1), ("fd00::2", 2), ("fd00::3", 1)]
+    for bad in ("h1:0", "h1:x", ":3", "", "[fd00::2]:"):
+        with pytest.raises(ValueError, match="bad host|no host"):
+            parse_hosts(bad)
+    done = subprocess.run([sys.executable, "-m", "rdmakv.launch", "-H", "h1:2", "-n", "3", "--", "true"],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=30)
+    assert done.returncode == 2 and "-n 3 workers, but the hosts have 2 slots" in done.stderr
