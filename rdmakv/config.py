@@ -135,6 +135,8 @@ SETTINGS = {
     "num_servers": (("RDMAKV_NUM_SERVERS", "DMLC_NUM_SERVER"), _int, 1, "number of servers"),
     "worker_id": (("RDMAKV_WORKER_ID", "DMLC_WORKER_ID"), _int, None,
                   "this worker's rank (default: assigned by the scheduler in arrival order)"),
+    "server_id": (("RDMAKV_SERVER_ID",), _int, None,
+                  "this server's rank (default: assigned by the scheduler in arrival order)"),
     "interface": (("RDMAKV_INTERFACE", "DMLC_INTERFACE"), _str, None,
                   "network interface whose address this node advertises and listens on"),
     "node_host": (("RDMAKV_NODE_HOST", "DMLC_NODE_HOST"), _str, None,
@@ -174,6 +176,7 @@ class Config:
     num_workers: int = 1
     num_servers: int = 1
     worker_id: Optional[int] = None
+    server_id: Optional[int] = None
     interface: Optional[str] = None
     node_host: Optional[str] = None
     port: int = 0
@@ -229,6 +232,8 @@ class Config:
             raise ConfigError(f"num_servers must be >= 1, got {self.num_servers}")
         if self.worker_id is not None and not 0 <= self.worker_id < self.num_workers:
             raise ConfigError(f"worker_id {self.worker_id} is outside 0..{self.num_workers - 1}")
+        if self.server_id is not None and not 0 <= self.server_id < self.num_servers:
+            raise ConfigError(f"server_id {self.server_id} is outside 0..{self.num_servers - 1}")
         if not 0 < self.scheduler_port < 65536:
             raise ConfigError(f"scheduler_port {self.scheduler_port} is not a TCP port")
         if self.partition_bytes < 8:
@@ -248,3 +253,14 @@ class Config:
         shown = [(f.name, getattr(self, f.name), self.sources.get(f.name, "default"))
                  for f in fields(self) if f.name != "sources"]
         return [(name, "(set)" if name == "secret" and value else value, source) for name, value, source in shown]
+
+
+def set_in_environ(environ, **settings):
+    """Set each setting in environ through its DMLC_* name where it has one (what MXNet and
+    BytePS scripts read), dropping its other names, which would take precedence."""
+    for name, value in settings.items():
+        variables = SETTINGS[name][0]
+        for variable in variables:
+            environ.pop(variable, None)
+        environ[variables[-1]] = str(value)
+    return environ

@@ -224,8 +224,9 @@ class ControlLink(Handler):
         self._refusal = None
         self.peer = None
 
-    def join(self, host, port, worker_id=None):
-        """Register with the scheduler and return the WELCOME it answers."""
+    def join(self, host, port, node_id=None):
+        """Register with the scheduler and return the WELCOME it answers; node_id is the
+        rank this node asks for among its role (None: the scheduler assigns one)."""
         config = self.config
         where = netif.format_address(config.scheduler_host, config.scheduler_port)
         deadline = time.monotonic() + config.timeout
@@ -233,7 +234,7 @@ class ControlLink(Handler):
                                           auth.load_secret(config), config.timeout, retry_until=deadline)
         self.peer = Peer(connection, self, "scheduler").start()
         self.peer.send_json(Op.HELLO, {
-            "role": self.role, "host": host, "port": port, "worker_id": worker_id,
+            "role": self.role, "host": host, "port": port, "node_id": node_id,
             "hostname": socket.gethostname(), "version": protocol.VERSION,
         })
         if not self._welcomed.wait(max(0.0, deadline - time.monotonic())):

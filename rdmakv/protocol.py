@@ -26,7 +26,7 @@ Header = namedtuple("Header", "op dtype flags key chunk priority round length se
 
 class Op:
     # node <-> scheduler
-    HELLO = 1          # json {role, host, port, worker_id, hostname}
+    HELLO = 1          # json {role, host, port, node_id (the rank asked for, or null), hostname}
     WELCOME = 2        # json {rank, num_workers, num_servers, servers, ...}
     BARRIER = 3
     BARRIER_DONE = 4

@@ -101,21 +101,17 @@ class Scheduler(Handler):
         log.info("rendezvous complete")
 
     def _assign_ranks(self):
-        workers = [p for p in self._pending if p.info["role"] == "worker"]
-        servers = [p for p in self._pending if p.info["role"] == "server"]
-        chosen = {p.info["worker_id"] for p in workers if p.info["worker_id"] is not None}
-        free = iter(r for r in range(self.config.num_workers) if r not in chosen)
-        for peer in workers:
-            rank = peer.info["worker_id"]
-            self._workers[next(free) if rank is None else rank] = peer
-        for rank, peer in enumerate(servers):
-            self._servers[rank] = peer
-        for rank, peer in self._workers.items():
-            peer.info["rank"] = rank
-            peer.name = f"worker {rank}"
-        for rank, peer in self._servers.items():
-            peer.info["rank"] = rank
-            peer.name = f"server {rank}"
+        for role, ranks, count in (("worker", self._workers, self.config.num_workers),
+                                   ("server", self._servers, self.config.num_servers)):
+            peers = [p for p in self._pending if p.info["role"] == role]
+            chosen = {p.info["node_id"] for p in peers if p.info["node_id"] is not None}
+            free = iter(r for r in range(count) if r not in chosen)
+            for peer in peers:
+                rank = peer.info["node_id"]
+                ranks[next(free) if rank is None else rank] = peer
+            for rank, peer in ranks.items():
+                peer.info["rank"] = rank
+                peer.name = f"{role} {rank}"
 
     def _accept_loop(self):
         accept_peers(self.listener, self, self.secret, self.config.timeout, lambda: not self._closing, "node")
@@ -177,11 +173,12 @@ class Scheduler(Handler):
 
     def _hello(self, peer, obj):
         role = obj.get("role")
-        worker_id = obj.get("worker_id")
+        node_id = obj.get("node_id")
         refusal = None
         with self._lock:
             roles = [p.info["role"] for p in self._pending]
-            ids = [p.info["worker_id"] for p in self._pending if p.info["role"] == "worker"]
+            ids = [p.info["node_id"] for p in self._pending if p.info["role"] == role]
+            count = self.config.num_workers if role == "worker" else self.config.num_servers
             if "role" in peer.info:
                 refusal = "HELLO sent twice"
             elif obj.get("version") != protocol.VERSION:
@@ -196,13 +193,13 @@ class Scheduler(Handler):
                 refusal = f"the cluster already has its {self.config.num_workers} workers (DMLC_NUM_WORKER)"
             elif role == "server" and roles.count("server") >= self.config.num_servers:
                 refusal = f"the cluster already has its {self.config.num_servers} servers (DMLC_NUM_SERVER)"
-            elif worker_id is not None and (not isinstance(worker_id, int)
-                                            or not 0 <= worker_id < self.config.num_workers):
-                refusal = f"worker id {worker_id!r} is outside 0..{self.config.num_workers - 1}"
-            elif worker_id is not None and worker_id in ids:
-                refusal = f"worker id {worker_id} is already taken"
+            elif node_id is not None and (not isinstance(node_id, int) or isinstance(node_id, bool)
+                                          or not 0 <= node_id < count):
+                refusal = f"{role} id {node_id!r} is outside 0..{count - 1}"
+            elif node_id is not None and node_id in ids:
+                refusal = f"{role} id {node_id} is already taken"
             if refusal is None:
-                peer.info.update(role=role, host=obj["host"], port=obj["port"], worker_id=worker_id,
+                peer.info.update(role=role, host=obj["host"], port=obj["port"], node_id=node_id,
                                  hostname=str(obj.get("hostname", "")))
                 peer.name = f"{role} at {peer.connection.peer}"
                 self._pending.append(peer)

@@ -239,9 +239,10 @@ class ParameterServer(Handler):
 
     def run(self):
         """Serve until the scheduler says SHUTDOWN (returns 0) or the job fails (returns 1)."""
-        welcome = self.control.join(*self.listener.address)
+        welcome = self.control.join(*self.listener.address, node_id=self.config.server_id)
         self.rank, self.num_workers = welcome["rank"], welcome["num_workers"]
         self.tracer = trace.make(self.config, "server", self.rank)
+        log.info("server %d: joined the job of %d workers", self.rank, self.num_workers)
         acceptor = threading.Thread(target=self._accept_loop, daemon=True, name="rdmakv-accept")
         acceptor.start()
         try:
