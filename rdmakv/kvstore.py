@@ -510,6 +510,7 @@ class KVStore:
     num_workers        number of workers; 1
     num_servers        number of servers; 1
     worker_id          this worker's rank; default: assigned in arrival order
+    server_id          a server's rank (servers only); default: assigned in arrival order
     interface          network interface whose address this node advertises
     node_host          address this node advertises
     port               port a server listens on (servers only)
