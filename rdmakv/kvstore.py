@@ -87,6 +87,11 @@ def as_array(obj, what, writable=False, key=None):
     if isinstance(obj, np.ndarray):
         array = obj
     elif hasattr(obj, "__dlpack__"):
+        if hasattr(obj, "__dlpack_device__"):
+            kind, index = obj.__dlpack_device__()
+            if kind not in HOST_DLPACK_DEVICES:
+                raise TypeError(f"{what} is in {DLPACK_DEVICES.get(kind, f'DLPack device type {kind}')} memory "
+                                f"(device {index}); rdmakv sums host memory: copy it to the CPU first")
         array = np.from_dlpack(obj)
         if writable and not array.flags.writeable:
             array = _writable_dlpack_view(array)
@@ -104,6 +109,12 @@ def as_array(obj, what, writable=False, key=None):
     if writable and not array.flags.writeable:
         raise ValueError(f"{what} is read-only, so the result cannot be written into it; pass a writable out=")
     return array
+
+
+# DLPack's DLDeviceType values (dlpack.h): those numpy can view are host memory.
+HOST_DLPACK_DEVICES = (1, 3, 11)      # CPU, CUDA pinned host, ROCm pinned host
+DLPACK_DEVICES = {2: "CUDA", 4: "OpenCL", 7: "Vulkan", 8: "Metal", 9: "VPI", 10: "ROCm", 12: "extension-device",
+                  13: "CUDA managed", 14: "oneAPI", 15: "WebGPU", 16: "Hexagon"}
 
 
 def _writable_dlpack_view(array):
@@ -591,7 +602,7 @@ class KVStore:
     def init(self, key: Key, value: Any) -> None:
         """Declare key with value's shape and dtype; from rank 0, also store value on the servers
         (the starting weights when the servers run an optimizer)."""
-        array = as_array(value, "value")
+        array = as_array(value, "value", key=key)
         info = self._declare(key, array.dtype, array.shape)
         if self.rank == 0:
             flat = array.reshape(-1).view(np.uint8)
@@ -833,13 +844,13 @@ class KVStore:
         if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)) \
                 or not -2**31 <= priority < 2**31:
             raise ValueError(f"priority must be a 32-bit integer, got {priority!r}")
-        source = as_array(value, "value", writable=out is None and not flags & FLAG_NO_DATA)
+        source = as_array(value, "value", writable=out is None and not flags & FLAG_NO_DATA, key=key)
         if out is None:
             target, result_obj = source, value
             if flags & FLAG_NO_DATA and not source.flags.writeable:
                 raise ValueError("value is read-only and no out= was given for the broadcast result")
         else:
-            target, result_obj = as_array(out, "out", writable=True), out
+            target, result_obj = as_array(out, "out", writable=True, key=key), out
             if target.dtype != source.dtype or target.shape != source.shape:
                 raise ValueError(f"out is {target.dtype}{list(target.shape)} but value is "
                                  f"{source.dtype}{list(source.shape)}")

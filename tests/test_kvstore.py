@@ -130,6 +130,16 @@ def test_bad_input_is_refused_before_sending(cluster_factory):
         kv.pushpull("x", np.zeros(3, bool))
     with pytest.raises(TypeError, match="buffer protocol"):
         kv.pushpull("x", [1.0, 2.0])
+
+    class OnGPU:
+        """What torch.cuda and CuPy arrays say through DLPack."""
+        def __dlpack__(self, stream=None):
+            raise AssertionError("a GPU array must be refused before its memory is touched")
+
+        def __dlpack_device__(self):
+            return 2, 1
+    with pytest.raises(TypeError, match=r"value of key 'x' is in CUDA memory \(device 1\); .* copy it to the CPU"):
+        kv.pushpull("x", OnGPU())
     with pytest.raises(TypeError, match="keys are str or int"):
         kv.pushpull(1.5, good)
     with pytest.raises(ValueError, match="priority"):
