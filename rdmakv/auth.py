@@ -34,7 +34,7 @@ def _receive(connection, expected, timeout):
     if header.op == Op.ERROR and header.length <= 4096:
         payload = bytearray(header.length)
         connection.recv_payload(header, payload)
-        reason = protocol.decode_json(payload).get("message", "no reason given")
+        reason = protocol.peer_text(protocol.decode_json(payload))
         raise AuthenticationError(f"{connection.peer} refused this connection: {reason}")
     if header.op != expected:
         raise ProtocolError(f"expected {protocol.op_name(expected)} during the handshake, "

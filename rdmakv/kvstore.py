@@ -124,6 +124,7 @@ class Handle:
         self._pending.acquire()
         self._settled = False         # the outcome is known; done-callbacks may still be running
         self._is_done = False         # callbacks ran too: waiters may look at the result
+        self._expired = None          # the PeerTimeout of a wait() that gave up after RDMAKV_TIMEOUT
         self._error = None
         self._callbacks = []
 
@@ -143,14 +144,20 @@ class Handle:
         timeout=None waits up to RDMAKV_TIMEOUT."""
         limit = self._store.config.timeout if timeout is None else timeout
         if not self._wait_done(limit):
-            owing = self._store._owing(self)
-            who = (f"still waiting for {'; '.join(owing)}" if owing
-                   else "its chunks wait behind an earlier round of the same key")
-            raise PeerTimeout(f"pushpull of key {self._info.name!r} (round {self.round}) did not complete "
-                              f"within {limit:g} s: {who}; a worker or server is slow or gone")
+            error = self._timed_out(limit)
+            if timeout is None:
+                self._expired = error  # close() then leaves at once, telling the others why
+            raise error
         if self._error is not None:
             raise self._error
         return self._result
+
+    def _timed_out(self, limit):
+        owing = self._store._owing(self)
+        who = (f"still waiting for {'; '.join(owing)}" if owing
+               else "its chunks wait behind an earlier round of the same key")
+        return PeerTimeout(f"pushpull of key {self._info.name!r} (round {self.round}) did not complete "
+                           f"within {limit:g} s: {who}; a worker or server is slow or gone")
 
     def exception(self):
         """What failed the operation, or None; meant for done-callbacks."""
@@ -287,7 +294,8 @@ class ServerLink(Handler):
             if self.error is not None:
                 raise self.error
             slot = (handle._info.wire, chunk.index, handle.round)
-            self.expected[slot] = [handle, destination, chunk.nbytes, False]
+            # handle, destination, bytes, holds credit, the workers the server said it still waits for
+            self.expected[slot] = [handle, destination, chunk.nbytes, False, None]
             # Credit counts bytes sent and not yet in the server's hands (it answers
             # RECEIVED), never bytes waiting for the round's sum: that needs the
             # other workers' chunks, and workers whose credit went to different
@@ -385,7 +393,7 @@ class ServerLink(Handler):
                     self._return_credit(entry)
         elif header.op == Op.ERROR:
             obj = protocol.decode_json(payload or b"")
-            message = str(obj.get("message", "no reason given"))
+            message = protocol.peer_text(obj)
             if obj.get("fatal") is True:
                 self.store._on_lost(RemoteError(message))
             elif isinstance(obj.get("key"), int):
@@ -394,6 +402,15 @@ class ServerLink(Handler):
                 with self.replied:
                     self.replies.append(RemoteError(message))
                     self.replied.notify_all()
+        elif header.op == Op.WAITING:
+            # The server still waits for these workers' pushes: named if this round times out.
+            missing = protocol.decode_json(payload or b"").get("missing")
+            missing = [rank for rank in missing if type(rank) is int and 0 <= rank < self.store.num_workers] \
+                if isinstance(missing, list) else []
+            with self.ready:
+                entry = self.expected.get((header.key, header.chunk, header.round))
+                if entry is not None:
+                    entry[4] = missing
         elif header.op in (Op.ACK, Op.STATES):
             with self.replied:
                 self.replies.append(bytes(payload or b""))
@@ -606,23 +623,34 @@ class KVStore:
         if os.getpid() != self._pid:
             self._closed = True      # a forked child must not tear down the parent's connections
             return
-        deadline = time.monotonic() + (self.config.timeout if timeout is None else timeout)
+        limit = self.config.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         with self._lock:
             handles = list(self._handles)
+        unfinished = None             # an operation that never completed: this worker leaves a failed job
         for handle in handles:
-            handle._wait_done(deadline - time.monotonic())
-        if self._failure is None:
+            if handle._expired is not None:   # its wait already gave up after RDMAKV_TIMEOUT
+                unfinished = unfinished or handle._expired
+            elif not handle._wait_done(deadline - time.monotonic()):
+                unfinished = unfinished or handle._timed_out(limit)
+        if self._failure is None and unfinished is None:
             try:
                 self._control.send(Op.GOODBYE)
             except RdmaKVError as exc:
                 log.warning("could not say goodbye to the scheduler: %s", exc)
-        self._teardown()
+        self._teardown(unfinished)
 
-    def _teardown(self):
+    def _teardown(self, unfinished=None):
         self._closed = True
-        # Leaving because the job failed: say why to the servers still there, or the
-        # other workers would only hear that this worker left.
-        reason = self._failure or next((link.error for link in self._links if link.error is not None), None)
+        # Leaving because the job failed: say why to the servers and the scheduler, or
+        # the other workers would only hear that this worker left.
+        reason = self._failure or unfinished or next(
+            (link.error for link in self._links if link.error is not None), None)
+        if reason is not None and self._control.peer is not None:
+            try:
+                self._control.send(Op.ERROR, {"message": str(reason)})
+            except RdmaKVError:
+                pass
         for link in self._links:
             if reason is not None and link.error is None and link.peer is not None:
                 try:
@@ -767,10 +795,16 @@ class KVStore:
         owing = []
         for link in self._links:
             with link.ready:
-                chunks = sorted(slot[1] for slot, entry in link.expected.items() if entry[0] is handle)
-            if chunks:
+                entries = [(slot[1], entry[4]) for slot, entry in link.expected.items() if entry[0] is handle]
+            if entries:
+                chunks = sorted(index for index, _ in entries)
                 shown = ", ".join(map(str, chunks[:8])) + (", ..." if len(chunks) > 8 else "")
-                owing.append(f"{link.describe()} (chunks {shown})")
+                missing = sorted({rank for _, ranks in entries for rank in ranks or ()})
+                blame = ""
+                if missing:
+                    who = ", ".join(f"worker {rank}" for rank in missing)
+                    blame = f"; it has not received the push of {who} for this round"
+                owing.append(f"{link.describe()} (chunks {shown}{blame})")
         return owing
 
     def _fail_key(self, wire, error):
@@ -795,7 +829,7 @@ class KVStore:
                 self._barrier_done[header.round] = True
                 self._barrier_cond.notify_all()
         elif header.op == Op.ERROR:
-            self._on_lost(RemoteError(f"the scheduler reports: {obj.get('message', 'job failed')}"))
+            self._on_lost(RemoteError(f"the scheduler reports: {protocol.peer_text(obj, default='job failed')}"))
 
     def _on_lost(self, error):
         if self._closed:

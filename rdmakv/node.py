@@ -11,9 +11,10 @@ from rdmakv.protocol import Op
 from rdmakv.transport.base import Handler, Peer
 
 
-def accept_peers(listener, handler, secret, timeout, running, label):
+def accept_peers(listener, handler, secret, timeout, running, label, silence_limit=None):
     """Accept connections while running() is true; each becomes a Peer whose reader
-    thread authenticates it before anything else is read."""
+    thread authenticates it before anything else is read (and, with silence_limit,
+    drops it once it has been silent that long: see Peer)."""
     handshake = functools.partial(auth.accept, secret=secret, timeout=timeout)
     while running():
         try:
@@ -21,7 +22,7 @@ def accept_peers(listener, handler, secret, timeout, running, label):
         except OSError:
             return
         if connection is not None:
-            Peer(connection, handler, f"{label} at {connection.peer}", handshake).start()
+            Peer(connection, handler, f"{label} at {connection.peer}", handshake, silence_limit).start()
 
 
 class ControlLink(Handler):
@@ -47,7 +48,8 @@ class ControlLink(Handler):
         deadline = time.monotonic() + config.timeout
         connection = auth.open_connection(self.transport, config.scheduler_host, config.scheduler_port,
                                           auth.load_secret(config), config.timeout, retry_until=deadline)
-        self.peer = Peer(connection, self, "scheduler").start()
+        # Heartbeats both ways: a stopped or hung scheduler is noticed within RDMAKV_TIMEOUT.
+        self.peer = Peer(connection, self, f"the scheduler at {where}", silence_limit=config.timeout).start()
         self.peer.send_json(Op.HELLO, {
             "role": self.role, "host": host, "port": port, "worker_id": worker_id,
             "hostname": socket.gethostname(), "version": protocol.VERSION,
@@ -72,7 +74,7 @@ class ControlLink(Handler):
             if header.op == Op.WELCOME:
                 self.welcome = obj
             elif header.op == Op.ERROR:
-                self._refusal = obj.get("message", "no reason given")
+                self._refusal = protocol.peer_text(obj)
             else:
                 raise ProtocolError(f"expected WELCOME from the scheduler, got {protocol.op_name(header.op)}")
             self._welcomed.set()

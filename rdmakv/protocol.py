@@ -41,8 +41,10 @@ class Op:
     SET_STATES = 18    # payload: optimizer state bytes
     ACK = 19
     RECEIVED = 20      # the server has a push that asked for FLAG_ACK: its credit may come back
+    WAITING = 21       # json {missing}: a round open for RDMAKV_TIMEOUT/2 still lacks these workers' pushes
     # any direction
     ERROR = 30         # json {message, key?}
+    HEARTBEAT = 31     # no payload: the sender is alive (transport.base.Peer)
     # connection handshake (rdmakv.auth)
     CHALLENGE = 40     # json {nonce, auth}
     AUTH = 41          # json {nonce, mac}
@@ -108,6 +110,22 @@ def decode_json(payload):
     if not isinstance(obj, dict):
         raise ProtocolError("control payload is not a JSON object")
     return obj
+
+
+MAX_PEER_TEXT = 1000       # characters of a peer's free text (an ERROR's message) that we repeat
+
+
+def peer_text(obj, field="message", default="no reason given"):
+    """obj[field], a free text a peer sent, made safe to log and to pass on:
+    control and other unprintable characters (escape sequences, bidi overrides)
+    written as escapes, cut to MAX_PEER_TEXT characters."""
+    value = obj.get(field, default)
+    text = value if isinstance(value, str) else str(value)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    if len(text) > MAX_PEER_TEXT:
+        text = f"{text[:MAX_PEER_TEXT]}... ({len(text) - MAX_PEER_TEXT} more characters)"
+    return text
 
 
 def op_name(op):

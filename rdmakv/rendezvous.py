@@ -118,7 +118,9 @@ class Scheduler(Handler):
             peer.name = f"server {rank}"
 
     def _accept_loop(self):
-        accept_peers(self.listener, self, self.secret, self.config.timeout, lambda: not self._closing, "node")
+        # Heartbeats both ways: a stopped or hung node is noticed within RDMAKV_TIMEOUT.
+        accept_peers(self.listener, self, self.secret, self.config.timeout, lambda: not self._closing, "node",
+                     silence_limit=self.config.timeout)
 
     def _wait_for_disconnects(self, peers, timeout=5.0):
         deadline = time.monotonic() + timeout
@@ -149,6 +151,9 @@ class Scheduler(Handler):
             raise ProtocolError(f"{protocol.op_name(header.op)} before HELLO")
         elif header.op == Op.BARRIER and peer.info["role"] == "worker":
             self._barrier(peer, header.round)
+        elif header.op == Op.ERROR:       # the node is leaving because something failed: why
+            with self._lock:
+                peer.info["leaving_because"] = protocol.peer_text(obj)
         elif header.op == Op.GOODBYE and peer.info["role"] == "worker":
             with self._lock:
                 self._goodbyes.add(peer.info["rank"])
@@ -211,8 +216,13 @@ class Scheduler(Handler):
             orderly = peer.info.get("said_goodbye") or self._closing or (
                 role == "server" and len(self._goodbyes) == self.config.num_workers)
             if role is not None and not orderly and self._failure is None:
-                # run() wakes up and tells every other node which peer died.
-                self._failure = f"{peer.name} disconnected unexpectedly ({error or 'connection closed'})"
+                # run() wakes up and tells every other node which peer died, or why it left.
+                if peer.info.get("leaving_because"):
+                    self._failure = f"{peer.name} left the job: {peer.info['leaving_because']}"
+                elif isinstance(error, PeerTimeout):
+                    self._failure = str(error)        # it names the silent peer
+                else:
+                    self._failure = f"{peer.name} disconnected unexpectedly ({error or 'connection closed'})"
             if peer in self._pending and not self._started:
                 self._pending.remove(peer)
             self._changed.notify_all()

@@ -13,6 +13,7 @@ import itertools
 import logging
 import math
 import threading
+import time
 
 import numpy as np
 
@@ -63,6 +64,7 @@ class ChunkState:
         self.filling = None           # rank of the worker whose push lands straight in this round's buffer
         self.round = 0
         self.pushed = set()
+        self.opened = 0.0             # when the current round's first push arrived
         self.has_data = False
         self.flags = 0
         self.buffers = [None, None]
@@ -185,6 +187,7 @@ class ParameterServer(Handler):
         self._chunks = {}
         self._links = {}              # worker rank -> WorkerLink
         self._departed = {}           # worker rank -> why it left; no round can complete after that
+        self._open_rounds = {}        # ChunkState -> round: rounds with some pushes but not all (see _watch)
         self._failure = None          # why the job failed, once it has
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -198,6 +201,7 @@ class ParameterServer(Handler):
         self.tracer = trace.make(self.config, "server", self.rank)
         acceptor = threading.Thread(target=self._accept_loop, daemon=True, name="rdmakv-accept")
         acceptor.start()
+        threading.Thread(target=self._watch, daemon=True, name="rdmakv-watch").start()
         try:
             self._stopped.wait()
         finally:
@@ -219,13 +223,36 @@ class ParameterServer(Handler):
         accept_peers(self.listener, self, self.secret, self.config.timeout,
                      lambda: not self._stopped.is_set(), "worker")
 
+    def _watch(self):
+        """Tell the workers waiting on a round that has been open for half of
+        RDMAKV_TIMEOUT whose pushes it still lacks, so that their timeout, if it
+        comes, names the culprit and not only this server."""
+        patience = self.config.timeout / 2
+        while not self._stopped.wait(min(1.0, patience / 4)):
+            now = time.monotonic()
+            for chunk, rnd in list(self._open_rounds.items()):
+                with chunk.lock:
+                    if chunk.round != rnd or not chunk.pushed:
+                        self._open_rounds.pop(chunk, None)
+                        continue
+                    if now - chunk.opened < patience:
+                        continue
+                    self._open_rounds.pop(chunk, None)   # told once per round
+                    pushed = set(chunk.pushed)
+                missing = [rank for rank in range(self.num_workers) if rank not in pushed]
+                with self._lock:
+                    links = [self._links[rank] for rank in pushed if rank in self._links]
+                notice = protocol.encode_json({"missing": missing})
+                for link in links:
+                    link.reply(1 << 30, Op.WAITING, notice, key=chunk.key_state.key, chunk=chunk.index, round=rnd)
+
     # ---- scheduler messages ----------------------------------------------
     def _on_control(self, header, obj):
         if header.op == Op.SHUTDOWN:
             log.info("server %d: shutdown", self.rank)
             self._stopped.set()
         elif header.op == Op.ERROR:
-            self._job_failed(f"the scheduler reports: {obj.get('message', 'the job failed')}")
+            self._job_failed(f"the scheduler reports: {protocol.peer_text(obj, default='the job failed')}")
 
     def _on_lost(self, error):
         self._job_failed(f"server {self.rank} lost the scheduler ({error})")
@@ -295,7 +322,7 @@ class ParameterServer(Handler):
             elif header.op in (Op.SET_OPTIMIZER, Op.GET_STATES, Op.SET_STATES):
                 self._optimizer_op(link, header, payload)
             elif header.op == Op.ERROR:      # the worker is leaving because the job failed: why
-                link.leaving_because = str(protocol.decode_json(payload or b"").get("message", ""))[:1000]
+                link.leaving_because = protocol.peer_text(protocol.decode_json(payload or b""), default="")
             else:
                 raise ProtocolError(f"unexpected {protocol.op_name(header.op)} from {peer.name}")
         except KeyRefused as exc:
@@ -473,7 +500,10 @@ class ParameterServer(Handler):
                 raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} chunk {chunk.index} "
                                             f"twice in round {chunk.round}")
             broadcast = header.flags & FLAG_BROADCAST
-            if chunk.pushed and broadcast != chunk.flags & FLAG_BROADCAST:
+            if not chunk.pushed:
+                chunk.opened = time.monotonic()
+                self._open_rounds[chunk] = chunk.round
+            elif broadcast != chunk.flags & FLAG_BROADCAST:
                 raise KeyRefused(header.key, f"workers mix broadcast and pushpull on key {name!r} "
                                             f"in round {chunk.round}")
             target = chunk.buffer(chunk.round)
@@ -509,6 +539,7 @@ class ParameterServer(Handler):
                     self.tracer.instant("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
                 chunk.round += 1
                 chunk.pushed = set()
+                self._open_rounds.pop(chunk, None)
                 chunk.has_data = False
                 with self._lock:
                     links = list(self._links.values())
