@@ -503,7 +503,6 @@ class KVStore:
             self.local_rank = (self.config.local_rank if self.config.local_rank is not None
                                else welcome["local_rank"])
             self.local_size = welcome["local_size"]
-            self._placement = partition.Placement(self.num_servers)
             self.tracer = trace.make(self.config, "worker", self.rank)
             for rank, (server_host, port) in enumerate(welcome["servers"]):
                 link = ServerLink(self, rank, (server_host, port))
@@ -529,8 +528,7 @@ class KVStore:
                     dtype=info.dtype_code, key=info.wire, chunk=chunk.index)
 
     def declare(self, key, shape, dtype):
-        """Declare key's shape and dtype without data.  Keys are placed on servers in
-        declaration order, which must be the same on every worker."""
+        """Declare key's shape and dtype without data (any thread, in any order)."""
         dtype = np.dtype(dtype)
         if dtype.name not in protocol.DTYPE_CODES:
             raise TypeError(f"dtype {dtype} is not summed by rdmakv; use one of {', '.join(protocol.DTYPE_CODES)}")
@@ -716,7 +714,8 @@ class KVStore:
                 raise ValueError(f"keys {self._wire_keys[wire]!r} and {name!r} collide; rename one")
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             pieces = partition.split(nbytes, dtype.itemsize, self.config.partition_bytes)
-            info = KeyInfo(key, wire, len(self._keys), dtype, shape, nbytes, self._placement.place(pieces))
+            info = KeyInfo(key, wire, len(self._keys), dtype, shape, nbytes,
+                           partition.place(wire, pieces, self.num_servers))
             layout = protocol.encode_json({
                 "key": wire, "name": name, "dtype": dtype.name, "shape": list(shape),
                 "chunks": [[c.offset, c.nbytes, c.server] for c in info.chunks]})

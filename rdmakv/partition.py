@@ -2,10 +2,12 @@
 
 Chunks are near-equal slices of at most `partition_bytes`, aligned to the page
 size when they are at least a page (so the verbs path registers whole pages),
-else to the item size.  Placement puts each chunk on the least-loaded server
-so far (ties to the lowest index): a pure function of the declaration order, so
-every worker that declares keys in the same order computes the same placement,
-and the servers check that they did."""
+else to the item size.  Placement is a pure function of the key and the chunk
+index: a key's chunks go round-robin over the servers, starting at a server
+chosen by the key's wire hash.  Every worker computes the same placement
+whatever order its threads declare keys in, and the servers check that they
+did.  A key's bytes are balanced within one chunk; across keys the balance is
+that of the hash (as with BytePS' default key hashing)."""
 import math
 from collections import namedtuple
 
@@ -30,19 +32,9 @@ def split(nbytes, itemsize, partition_bytes):
     return [(start, end - start) for start, end in zip(bounds, bounds[1:])]
 
 
-class Placement:
-    """Assigns chunks to servers, balancing bytes, in declaration order."""
-
-    def __init__(self, num_servers):
-        if num_servers < 1:
-            raise ValueError("at least one server is needed")
-        self.load = [0] * num_servers
-
-    def place(self, pieces):
-        """Chunks for the [(offset, nbytes)] of one key, each on the least-loaded server."""
-        chunks = []
-        for index, (offset, nbytes) in enumerate(pieces):
-            server = min(range(len(self.load)), key=lambda s: (self.load[s], s))
-            self.load[server] += max(nbytes, 1)  # an empty chunk still costs a message
-            chunks.append(Chunk(index, offset, nbytes, server))
-        return chunks
+def place(wire, pieces, num_servers):
+    """Chunks for the [(offset, nbytes)] of the key whose wire hash is `wire`."""
+    if num_servers < 1:
+        raise ValueError("at least one server is needed")
+    return [Chunk(index, offset, nbytes, (wire + index) % num_servers)
+            for index, (offset, nbytes) in enumerate(pieces)]

@@ -48,6 +48,7 @@ class KeyState:
         self.layout = layout          # the declaration every worker must match
         self.name = layout["name"]
         self.declared_by = {first_rank}
+        self.disagreeing = {}         # rank -> a layout that differs from the first: its pushes are refused
         self.chunks = []              # the ChunkStates this server holds
         self.error = None             # set once workers disagree: the key is then refused
 
@@ -276,14 +277,19 @@ class ParameterServer(Handler):
     # ---- worker messages -------------------------------------------------
     def destination(self, peer, header):
         if header.op == Op.PUSH or header.op == Op.INIT:
+            link = peer.info.get("link")
             chunk = self._chunks.get((header.key, header.chunk))
-            if chunk is None:
-                raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
-                                    f"chunk {header.chunk}")
-            if header.length != chunk.nbytes:
+            if chunk is None or header.length != chunk.nbytes:
+                # A worker whose layout of the key differs from the first one's: its
+                # pushes are taken in (within what it declared) and refused, the key
+                # failed, and the connection kept for its other keys.
+                if self._disagreeing_chunk_bytes(link, header) is not None:
+                    return link.scratch_for(header.length)
+                if chunk is None:
+                    raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
+                                        f"chunk {header.chunk}")
                 raise ProtocolError(f"{protocol.op_name(header.op)} of {header.length} bytes for key "
                                     f"{chunk.key_state.name!r} chunk {chunk.index}, declared {chunk.nbytes}")
-            link = peer.info.get("link")
             if link is None:
                 raise ProtocolError(f"{protocol.op_name(header.op)} before CONNECT")
             if header.op == Op.PUSH and link.places:
@@ -305,6 +311,17 @@ class ParameterServer(Handler):
             return bytearray(header.length)
         return None
 
+    def _disagreeing_chunk_bytes(self, link, header):
+        """header.length if `link`'s own layout of a key whose layouts disagree has
+        that chunk, of that size, on this server (so the push is refused, not the
+        connection), else None."""
+        state = self._keys.get(header.key)
+        layout = state.disagreeing.get(link.rank) if state is not None and link is not None else None
+        if layout is None or not header.chunk < len(layout["chunks"]):
+            return None
+        _, nbytes, server = layout["chunks"][header.chunk]
+        return nbytes if server == self.rank and nbytes == header.length else None
+
     def on_message(self, peer, header, payload):
         link = peer.info.get("link")
         if link is None:
@@ -318,7 +335,7 @@ class ParameterServer(Handler):
             elif header.op == Op.DECLARE:
                 self._declare(link, protocol.decode_json(payload or b""))
             elif header.op == Op.INIT:
-                self._init_value(header, payload)
+                self._init_value(link, header, payload)
             elif header.op in (Op.SET_OPTIMIZER, Op.GET_STATES, Op.SET_STATES):
                 self._optimizer_op(link, header, payload)
             elif header.op == Op.ERROR:      # the worker is leaving because the job failed: why
@@ -388,8 +405,10 @@ class ParameterServer(Handler):
                         state.chunks.append(chunk)
             else:
                 state.declared_by.add(link.rank)
-                if state.error is None and state.layout != layout:
-                    state.error = self._describe_mismatch(state, layout, link.rank)
+                if state.layout != layout:
+                    state.disagreeing[link.rank] = layout
+                    if state.error is None:
+                        state.error = self._describe_mismatch(state, layout, link.rank)
         if state.error is not None:
             self._fail_key(key, state.error)
             return
@@ -442,8 +461,9 @@ class ParameterServer(Handler):
             if first[field] != layout[field]:
                 return (f"workers disagree on key {first['name']!r}: {field} {first[field]} "
                         f"(first declaration) vs {layout[field]} (worker {rank})")
-        return (f"workers placed key {first['name']!r} on different servers: declare keys in the same "
-                f"order on every worker (worker {rank} differs from the first declaration)")
+        return (f"workers split key {first['name']!r} into different chunks or servers: every worker needs "
+                f"the same RDMAKV_PARTITION_BYTES and rdmakv version (worker {rank} differs from the first "
+                f"declaration)")
 
     def _fail_key(self, key, message):
         with self._lock:
@@ -457,9 +477,11 @@ class ParameterServer(Handler):
             link.reply(1 << 30, Op.ERROR, protocol.encode_json({"message": message, "key": key}), key=key)
 
     # ---- tensor data -----------------------------------------------------
-    def _chunk(self, header):
+    def _chunk(self, link, header):
         chunk = self._chunks.get((header.key, header.chunk))
         if chunk is None:
+            if self._disagreeing_chunk_bytes(link, header) is not None:
+                raise KeyRefused(header.key, self._keys[header.key].error)
             raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
                                 f"chunk {header.chunk}")
         if chunk.key_state.error is not None:
@@ -469,6 +491,8 @@ class ParameterServer(Handler):
     def _push(self, link, header, payload):
         chunk = self._chunks.get((header.key, header.chunk))
         if chunk is None:
+            if self._disagreeing_chunk_bytes(link, header) is not None:
+                raise KeyRefused(header.key, self._keys[header.key].error)
             raise ProtocolError(f"PUSH for undeclared key {header.key} chunk {header.chunk}")
         name = chunk.key_state.name
         no_data = header.flags & FLAG_NO_DATA
@@ -573,8 +597,8 @@ class ParameterServer(Handler):
             chunk.filling = None
             chunk.filled.notify_all()
 
-    def _init_value(self, header, payload):
-        chunk = self._chunk(header)
+    def _init_value(self, link, header, payload):
+        chunk = self._chunk(link, header)
         with chunk.lock:
             if chunk.weight is None:
                 chunk.weight = np.empty(chunk.nbytes, np.uint8)

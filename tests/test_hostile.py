@@ -49,7 +49,7 @@ header_fields = st.tuples(
 
 def layout(key_wire, name, dtype, shape, servers, partition_bytes):
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    chunks = partition.Placement(servers).place(partition.split(nbytes, np.dtype(dtype).itemsize, partition_bytes))
+    chunks = partition.place(key_wire, partition.split(nbytes, np.dtype(dtype).itemsize, partition_bytes), servers)
     return {"key": key_wire, "name": name, "dtype": dtype, "shape": list(shape),
             "chunks": [[c.offset, c.nbytes, c.server] for c in chunks]}
 
