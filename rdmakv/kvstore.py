@@ -650,7 +650,9 @@ class KVStore:
             except RdmaKVError:
                 pass
         for link in self._links:
-            if reason is not None and link.error is None and link.peer is not None:
+            # Even to a server whose link already failed because of news from elsewhere
+            # (the scheduler's report): it may not have heard that news yet.
+            if reason is not None and link.peer is not None:
                 try:
                     link.peer.send_json(Op.ERROR, {"message": str(reason)})
                 except RdmaKVError:
