@@ -39,6 +39,15 @@ def _str(text):
     return text
 
 
+def _switch(text):
+    text = text.strip().lower()
+    if text in ("1", "on", "true", "yes"):
+        return True
+    if text in ("0", "off", "false", "no"):
+        return False
+    raise ValueError("must be 1 or 0 (on or off)")
+
+
 # name: (environment variables, highest precedence first; parser; default; meaning)
 SETTINGS = {
     "role": (("RDMAKV_ROLE", "DMLC_ROLE"), _role, "worker",
@@ -69,6 +78,8 @@ SETTINGS = {
     "secret": (("RDMAKV_SECRET",), _str, None,
                "cluster secret: every connection must prove it (HMAC challenge-response)"),
     "secret_file": (("RDMAKV_SECRET_FILE",), _str, None, "file holding the cluster secret"),
+    "integrity": (("RDMAKV_INTEGRITY",), _switch, False,
+                  "MAC every TCP frame with a per-connection key derived from the secret (needs a secret)"),
     "local_rank": (("RDMAKV_LOCAL_RANK", "BYTEPS_LOCAL_RANK"), _int, None,
                    "rank among the workers on this host (default: computed by the scheduler)"),
 }
@@ -93,6 +104,7 @@ class Config:
     local_rank: int = None
     secret: str = field(default=None, repr=False)
     secret_file: str = None
+    integrity: bool = False
     sources: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -137,6 +149,9 @@ class Config:
             raise ConfigError(f"partition_bytes must be >= 8, got {self.partition_bytes}")
         if self.scheduling_credit < 0:
             raise ConfigError("scheduling_credit must be >= 0")
+        if self.integrity and not (self.secret or self.secret_file):
+            raise ConfigError("RDMAKV_INTEGRITY needs a cluster secret (RDMAKV_SECRET or RDMAKV_SECRET_FILE): "
+                              "the frames' MAC keys are derived from it")
 
     def describe(self):
         """[(setting, value, where it came from)] for `python -m rdmakv.info`."""

@@ -279,7 +279,8 @@ class ServerLink(Handler):
         self.sender = threading.Thread(target=self._send_loop, daemon=True, name=f"rdmakv-send-{rank}")
 
     def open(self, transport, secret, timeout):
-        connection = auth.open_connection(transport, *self.address, secret, timeout)
+        connection = auth.open_connection(transport, *self.address, secret, timeout,
+                                          integrity=self.store.config.integrity)
         self.peer = Peer(connection, self, f"server {self.rank}").start()
         self.peer.send_json(Op.CONNECT, {"rank": self.store.rank})
         self.sender.start()

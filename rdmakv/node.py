@@ -11,11 +11,11 @@ from rdmakv.protocol import Op
 from rdmakv.transport.base import Handler, Peer
 
 
-def accept_peers(listener, handler, secret, timeout, running, label, silence_limit=None):
+def accept_peers(listener, handler, secret, timeout, running, label, silence_limit=None, integrity=False):
     """Accept connections while running() is true; each becomes a Peer whose reader
     thread authenticates it before anything else is read (and, with silence_limit,
     drops it once it has been silent that long: see Peer)."""
-    handshake = functools.partial(auth.accept, secret=secret, timeout=timeout)
+    handshake = functools.partial(auth.accept, secret=secret, timeout=timeout, integrity=integrity)
     while running():
         try:
             connection = listener.accept(1.0)
@@ -47,7 +47,8 @@ class ControlLink(Handler):
         where = netif.format_address(config.scheduler_host, config.scheduler_port)
         deadline = time.monotonic() + config.timeout
         connection = auth.open_connection(self.transport, config.scheduler_host, config.scheduler_port,
-                                          auth.load_secret(config), config.timeout, retry_until=deadline)
+                                          auth.load_secret(config), config.timeout, retry_until=deadline,
+                                          integrity=config.integrity)
         # Heartbeats both ways: a stopped or hung scheduler is noticed within RDMAKV_TIMEOUT.
         self.peer = Peer(connection, self, f"the scheduler at {where}", silence_limit=config.timeout).start()
         self.peer.send_json(Op.HELLO, {

@@ -120,7 +120,7 @@ class Scheduler(Handler):
     def _accept_loop(self):
         # Heartbeats both ways: a stopped or hung node is noticed within RDMAKV_TIMEOUT.
         accept_peers(self.listener, self, self.secret, self.config.timeout, lambda: not self._closing, "node",
-                     silence_limit=self.config.timeout)
+                     silence_limit=self.config.timeout, integrity=self.config.integrity)
 
     def _wait_for_disconnects(self, peers, timeout=5.0):
         deadline = time.monotonic() + timeout

@@ -222,7 +222,7 @@ class ParameterServer(Handler):
 
     def _accept_loop(self):
         accept_peers(self.listener, self, self.secret, self.config.timeout,
-                     lambda: not self._stopped.is_set(), "worker")
+                     lambda: not self._stopped.is_set(), "worker", integrity=self.config.integrity)
 
     def _watch(self):
         """Tell the workers waiting on a round that has been open for half of
