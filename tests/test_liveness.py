@@ -58,6 +58,7 @@ def test_stopped_scheduler_ends_the_servers(cluster_factory, stopped):
     scheduler, servers = cluster.procs[0], cluster.procs[1:]
     stopped.append(scheduler)
     os.kill(scheduler.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
     for kv in cluster.stores:
         kv.close(timeout=5)             # GOODBYE lands in the stopped scheduler's socket buffer
     cluster.stores = []
@@ -69,9 +70,12 @@ def test_stopped_scheduler_ends_the_servers(cluster_factory, stopped):
             codes.append("still running")
     logs = "\n".join(line for tail in cluster.logs[1:] for line in tail)
     assert codes == [1, 1], f"servers: {codes}\n{logs}"
+    took = time.monotonic() - stopped_at
     for tail in cluster.logs[1:]:
         assert any("lost the scheduler" in line and f"scheduler at 127.0.0.1:{cluster.port} sent nothing"
                    in line for line in tail), "\n".join(tail)
+    verdict = next(line for line in cluster.logs[1] if "lost the scheduler" in line)
+    print(f"\nFIGURE stopped scheduler: both servers exited 1 within {took:.1f} s of SIGSTOP: {verdict}")
 
 
 @pytest.mark.timeout(90)
@@ -93,6 +97,8 @@ def test_stopped_scheduler_fails_the_workers(cluster_factory, stopped):
             error = exc
     assert error is not None, "the worker never noticed that the scheduler stopped"
     assert f"the scheduler at 127.0.0.1:{cluster.port} sent nothing for" in str(error), error
+    print(f"\nFIGURE stopped scheduler: the worker's call failed {time.monotonic() - began:.1f} s after "
+          f"SIGSTOP: {error}")
     with pytest.raises(rdmakv.RdmaKVError, match="scheduler"):
         kv.barrier()
 
@@ -167,7 +173,7 @@ def test_worker_that_never_pushes_is_named(cluster_factory):
     wait_until(lambda: any("job failed" in line for line in cluster.logs[0]), "the scheduler's verdict")
     verdict = next(line for line in cluster.logs[0] if "job failed" in line)
     assert "worker 0 left the job" in verdict and "push of worker 1" in verdict, verdict
-    print(f"\nFIGURE never-pushing worker: {error}\nscheduler: {verdict}")
+    print(f"\nFIGURE never-pushing worker: {error}\nFIGURE scheduler: {verdict}")
 
 
 @pytest.mark.timeout(90)
@@ -190,6 +196,7 @@ def test_relayed_error_text_is_sanitized(cluster_factory):
     assert "worker 1" in text and "FAKE" in text, text
     assert not unprintable(text), repr(text[:300])
     assert len(text) < 2500, len(text)
+    print(f"\nFIGURE hostile ERROR text as relayed ({len(text)} characters): {text[:160]}...")
     with pytest.raises(rdmakv.RdmaKVError) as later:
         survivor.pushpull("x", np.ones(1000, np.int32))
     assert not unprintable(str(later.value)) and len(str(later.value)) < 2500
