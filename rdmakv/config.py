@@ -1,5 +1,6 @@
 """rdmakv's settings: keyword arguments override RDMAKV_* variables, which
 override the DMLC_* / BYTEPS_* names that BytePS and ps-lite launchers set."""
+import importlib.util
 import os
 from dataclasses import dataclass, field, fields
 
@@ -152,6 +153,9 @@ class Config:
         if self.integrity and not (self.secret or self.secret_file):
             raise ConfigError("RDMAKV_INTEGRITY needs a cluster secret (RDMAKV_SECRET or RDMAKV_SECRET_FILE): "
                               "the frames' MAC keys are derived from it")
+        if self.integrity and importlib.util.find_spec("blake3") is None:
+            raise ConfigError("RDMAKV_INTEGRITY needs the blake3 package for its MACs: "
+                              "pip install blake3 (or rdmakv[integrity])")
 
     def describe(self):
         """[(setting, value, where it came from)] for `python -m rdmakv.info`."""

@@ -5,7 +5,6 @@ the mode the sum is silently wrong: the control case shows the attack is real),
 as is a replayed, reordered or dropped record."""
 import os
 import socket
-import struct
 import threading
 
 import numpy as np
@@ -13,6 +12,9 @@ import pytest
 
 import rdmakv
 from rdmakv import auth, protocol
+
+pytest.importorskip("blake3", reason="RDMAKV_INTEGRITY needs the blake3 package (ci/setup.sh installs it)")
+
 from rdmakv.config import Config
 from rdmakv.errors import ConfigError, IntegrityError
 from rdmakv.kvstore import ServerLink

@@ -10,15 +10,7 @@ from rdmakv._native import transport as _t
 from rdmakv.errors import ConnectionClosed, EndOfStream, IntegrityError, PeerTimeout, TransportError
 from rdmakv.transport.base import Connection, Listener
 
-TAG_BYTES = 16          # HMAC-SHA256 truncated to 128 bits (RFC 2104 section 5 allows truncation)
-
-
-def _tag(key, sequence, data):
-    """The MAC of one record: HMAC-SHA256(key, sequence number, data), the data
-    read in place by OpenSSL (hashlib lets the GIL go for buffers of 2 KiB and more)."""
-    mac = hmac.new(key, sequence.to_bytes(8, "little"), "sha256")
-    mac.update(data)
-    return mac.digest()[:TAG_BYTES]
+TAG_BYTES = 16          # a record's MAC: keyed BLAKE3, 128 bits
 
 
 def _tune(sock, timeout):
@@ -74,9 +66,14 @@ class TcpConnection(Connection):
         records each way, so a record altered, dropped, replayed or reordered
         fails the check.  Called by rdmakv.auth once the handshake is done,
         before anything else is sent or read."""
+        # Keyed BLAKE3: 4-5 GB/s on one core here, against 1.2 for HMAC-SHA256 and 0.6
+        # for keyed BLAKE2b (docs/reliability.md); it reads the arrays in place with
+        # the GIL released.  Imported only in this mode (Config checks it is installed).
+        from blake3 import blake3
+        self._blake3 = blake3
         self._send_key, self._recv_key = send_key, recv_key
         self._header = bytearray(protocol.HEADER_SIZE + TAG_BYTES)
-        self._tag = bytearray(TAG_BYTES)
+        self._received_tag = bytearray(TAG_BYTES)
 
     def send(self, header, payload=None):
         with self._send_lock:
@@ -84,11 +81,11 @@ class TcpConnection(Connection):
                 self._io("send to", _t.send_frame, header, payload, self._timeout)
                 return
             sequence = self._send_sequence
-            sealed = header + _tag(self._send_key, sequence, header)
+            sealed = header + self._tag(self._send_key, sequence, header)
             trailer = None
             if payload is not None and memoryview(payload).nbytes:
                 sequence += 1
-                trailer = _tag(self._send_key, sequence, payload)
+                trailer = self._tag(self._send_key, sequence, payload)
             self._send_sequence = sequence + 1
             self._io("send to", _t.send_frame, sealed, payload, self._timeout, trailer)
 
@@ -107,14 +104,21 @@ class TcpConnection(Connection):
         with self._recv_lock:
             self._io("receive from", _t.recv_into, destination, self._timeout)
             if self._recv_key is not None:
-                self._io("receive from", _t.recv_into, self._tag, self._timeout)
-                self._check(destination, self._tag, "payload")
+                self._io("receive from", _t.recv_into, self._received_tag, self._timeout)
+                self._check(destination, self._received_tag, "payload")
+
+    def _tag(self, key, sequence, data):
+        """The MAC of one record: keyed BLAKE3 of its sequence number and its bytes."""
+        mac = self._blake3(sequence.to_bytes(8, "little"), key=key)
+        view = memoryview(data)
+        mac.update(view if view.format == "B" else view.cast("B"))   # blake3 takes bytes, not items
+        return mac.digest(TAG_BYTES)
 
     def _check(self, data, tag, what):
         """The caller holds the receive lock."""
         sequence = self._recv_sequence
         self._recv_sequence += 1
-        if not hmac.compare_digest(_tag(self._recv_key, sequence, data), tag):
+        if not hmac.compare_digest(self._tag(self._recv_key, sequence, data), tag):
             raise IntegrityError(f"a {what} from {self.peer} failed its integrity check (record {sequence}): "
                                  f"altered, replayed or dropped on the way, or not sent by the authenticated "
                                  f"peer (RDMAKV_INTEGRITY)")
