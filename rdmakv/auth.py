@@ -16,6 +16,7 @@ Both sides must agree on the setting; it is bound into the handshake's MACs,
 so a man in the middle cannot switch it off."""
 import hashlib
 import hmac
+import logging
 import os
 
 from rdmakv import protocol
@@ -23,6 +24,8 @@ from rdmakv.errors import ConfigError, ProtocolError, RdmaKVError
 from rdmakv.protocol import Op
 
 NONCE_BYTES = 32
+log = logging.getLogger("rdmakv.auth")
+_unprotected_kinds = set()     # connection classes already reported as carrying no MAC
 
 
 class AuthenticationError(RdmaKVError):
@@ -45,6 +48,11 @@ def _protect(connection, secret, challenge, nonce, acceptor):
     """Per-frame MACs from now on, where the transport offers them (TCP)."""
     protect = getattr(connection, "protect", None)
     if protect is None:
+        kind = type(connection).__name__
+        if kind not in _unprotected_kinds:
+            _unprotected_kinds.add(kind)
+            log.info("RDMAKV_INTEGRITY covers TCP only: %s connections carry no MAC (shared memory stays on "
+                     "this host, verbs relies on the fabric; see README, Security)", kind)
         return
     session = hmac.digest(secret, b"rdmakv-integrity-v1|" + challenge + nonce, "sha256")
     to_acceptor = hmac.digest(session, b"to the acceptor", "sha256")

@@ -194,3 +194,19 @@ def test_integrity_needs_the_same_setting_and_a_secret(cluster_factory):
     cluster = cluster_factory(num_workers=1, num_servers=1, RDMAKV_TRANSPORT="tcp", RDMAKV_SECRET=SECRET)
     with pytest.raises(auth.AuthenticationError, match="does not use RDMAKV_INTEGRITY but this node does"):
         rdmakv.KVStore(**cluster.settings(integrity=True))
+
+
+@pytest.mark.timeout(60)
+def test_shared_memory_links_under_integrity(cluster_factory, caplog, monkeypatch):
+    """Co-located workers keep shared memory (no MAC: it never leaves the host); their
+    scheduler links are TCP and protected; sums stay exact."""
+    monkeypatch.setattr(auth, "_unprotected_kinds", set())     # said once per process
+    cluster = cluster_factory(num_workers=2, num_servers=1, RDMAKV_TRANSPORT="shm", RDMAKV_SECRET=SECRET,
+                              RDMAKV_INTEGRITY=1)
+    with caplog.at_level("INFO", logger="rdmakv.auth"):
+        results = cluster.run(lambda kv: kv.pushpull("s", np.full(100_000, kv.rank + 1, np.int32)).copy())
+    assert all(np.array_equal(r, np.full(100_000, 3, np.int32)) for r in results)
+    for kv in cluster.stores:
+        assert type(kv._links[0].peer.connection).__name__ == "ShmConnection"
+        assert kv._control.peer.connection._send_key is not None
+    assert "RDMAKV_INTEGRITY covers TCP only: ShmConnection connections carry no MAC" in caplog.text
