@@ -628,7 +628,7 @@ class KVStore:
             handles = list(self._handles)
         unfinished = None             # an operation that never completed: this worker leaves a failed job
         for handle in handles:
-            if handle._expired is not None:   # its wait already gave up after RDMAKV_TIMEOUT
+            if handle._expired is not None and not handle.done():   # a wait already gave up on it
                 unfinished = unfinished or handle._expired
             elif not handle._wait_done(deadline - time.monotonic()):
                 unfinished = unfinished or handle._timed_out(limit)
