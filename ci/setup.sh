@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(gcc python3-dev python3-venv libibverbs-dev rdma-core ibverbs-providers iperf3 iproute2 util-linux)
+packages=(gcc python3-dev python3-venv libibverbs-dev rdma-core ibverbs-providers iperf3 iproute2 util-linux
+          openssh-server openmpi-bin slurmctld slurmd slurm-client)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}\n' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -18,7 +19,7 @@ fi
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
-"${pip[@]}" "setuptools>=68" wheel "Cython>=3" "numpy<1.24" pytest pytest-timeout hypothesis
+"${pip[@]}" "setuptools>=77" wheel "Cython>=3" "numpy<1.24" pytest pytest-timeout hypothesis pyyaml
 "${pip[@]}" "blake3>=1.0" || echo "ci/setup.sh: blake3 could not be installed; RDMAKV_INTEGRITY and its tests will not work"
 # MXNet 1.9.1 (its last release) needs numpy<1.24; the core works without it.
 "${pip[@]}" "mxnet==1.9.1" || echo "ci/setup.sh: MXNet 1.9.1 could not be installed; its tests will skip"

@@ -1,5 +1,5 @@
 """Data-parallel training of a Gluon MLP on scikit-learn's bundled digits
-(8x8 images, 1797 samples, no download) through the 'rdmakv' MXNet KVStore.
+(8x8 images, 1797 samples, no download) through the 'dist_sync_rdmakv' MXNet KVStore.
 
     python -m rdmakv.launch -n 2 -s 1 -- python examples/mxnet_train.py
 
@@ -29,7 +29,7 @@ from mxnet import autograd, gluon
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-import rdmakv.mxnet  # noqa: F401 - registers mx.kv.create('rdmakv')
+import rdmakv.mxnet  # noqa: F401 - registers mx.kv.create('dist_sync_rdmakv')
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--epochs", type=int, default=15)
@@ -41,7 +41,7 @@ parser.add_argument("--update-on-kvstore", action=argparse.BooleanOptionalAction
                     help="run the optimizer on the servers (default) or on every worker")
 args = parser.parse_args()
 
-kv = mx.kv.create("rdmakv")
+kv = mx.kv.create("dist_sync_rdmakv")
 rank, n = kv.rank, kv.num_workers
 if args.batch_size % n:
     raise SystemExit("--batch-size %d does not split over %d workers" % (args.batch_size, n))
@@ -125,5 +125,3 @@ print("comm throughput %.1f MB/s pushed+pulled by this worker (%.1f MB in %.2fs 
       % (total_bytes / total_comm / 1e6, total_bytes / 1e6, total_comm, args.epochs * steps - 1,
          len(net.collect_params().keys()), param_bytes, first_step))
 print("weights sha256 %s" % weights.hexdigest())
-kv.barrier()
-kv.close()

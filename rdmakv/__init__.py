@@ -4,6 +4,9 @@
     with rdmakv.KVStore() as kv:        # configured from DMLC_* / RDMAKV_* variables
         kv.pushpull("grad", array)       # array becomes the sum over all workers
 """
+import os
+import sys
+
 from rdmakv.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
                            RdmaKVError, RemoteError, TransportError)
 
@@ -23,7 +26,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'rdmakv' has no attribute {name!r}")
 
 
-def has(feature):
+def has(feature: str) -> bool:
     """Whether this installation can use a feature: "tcp", "verbs" or "mxnet"."""
     if feature == "tcp":
         from rdmakv._native import transport  # noqa: F401
@@ -38,3 +41,24 @@ def has(feature):
             return False
         return True
     raise ValueError(f"unknown feature {feature!r} (tcp, verbs, mxnet)")
+
+
+def _refuse_a_script_in_a_node_role():
+    """A launcher that starts the same script in every role (dmlc-tracker, an MXJob) makes
+    that script's `import mxnet` turn a server or scheduler into MXNet's own ps-lite node,
+    which waits for peers that never come.  Where rdmakv is imported first, say what to run.
+    rdmakv's own programs import it too: `python -m rdmakv.X` (argv[0] is "-m" while the
+    package is imported) and the rdmakv-* commands; `python -c` is left alone as well."""
+    role = (os.environ.get("RDMAKV_ROLE") or os.environ.get("DMLC_ROLE") or "").strip().lower()
+    script = sys.argv[0] if sys.argv else ""
+    if role not in ("server", "scheduler") or script in ("", "-c", "-m"):
+        return
+    name = os.path.basename(script)
+    if name.startswith("rdmakv-") and "." not in name:
+        return
+    raise SystemExit(f"rdmakv: {name} was started as the {role} (DMLC_ROLE={role}), which is rdmakv's own "
+                     f"process: start every role with `rdmakv-run python {name} ...`, or run `rdmakv-server` "
+                     f"in this role")
+
+
+_refuse_a_script_in_a_node_role()

@@ -22,9 +22,28 @@ def _load_libibverbs():
 libibverbs_error = _load_libibverbs()
 """None when libibverbs.so.1 was loaded, else the loader's reason."""
 
+
+
+def _unbuilt_source_tree():
+    """The explanation when this rdmakv is a source checkout whose extension was never built."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.exists(os.path.join(here, "_transport.pyx")):
+        return None
+    if any(name.startswith("_transport.") and name.endswith(".so") for name in os.listdir(here)):
+        return None
+    return (f"{os.path.dirname(here)} is a source tree without its built extension (rdmakv._transport), "
+            f"and Python found rdmakv there first: `pip install -e .` builds it in place, or run from another "
+            f"directory to use the installed rdmakv")
+
+
 _flags = sys.getdlopenflags()
 sys.setdlopenflags(os.RTLD_LAZY | (_flags & ~os.RTLD_NOW))
 try:
     from rdmakv import _transport as transport  # noqa: E402
+except ImportError as exc:
+    explanation = _unbuilt_source_tree()
+    if explanation is None:
+        raise
+    raise ImportError(explanation, name="rdmakv._transport") from exc
 finally:
     sys.setdlopenflags(_flags)

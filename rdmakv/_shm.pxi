@@ -166,6 +166,15 @@ cdef class ShmChannel:
         finally:
             PyBuffer_Release(&view)
 
+    def available(self):
+        """Bytes that recv_into can take now without waiting."""
+        cdef int rc
+        self._check("receive")
+        rc = rdmakv_ring_avail(&self.in_ring)
+        if rc < 0:
+            _raise_shm(rc, "receive")
+        return rc
+
     def wait_readable(self, double timeout):
         """True once the ring holds data, False after timeout; EOFError once the
         peer left and everything it sent was read."""

@@ -63,24 +63,35 @@ def _protect(connection, secret, challenge, nonce, acceptor):
         protect(send_key=to_acceptor, recv_key=to_connector)
 
 
+MAX_HANDSHAKE_BYTES = 4096
+
+
+def _check_header(header, expected):
+    """header, if it may start the handshake message `expected` (or the peer's ERROR)."""
+    if header.op not in (expected, Op.ERROR):
+        raise ProtocolError(f"expected {protocol.op_name(expected)} during the handshake, "
+                            f"got {protocol.op_name(header.op)}")
+    if header.length > MAX_HANDSHAKE_BYTES:
+        raise ProtocolError(f"handshake message of {header.length} bytes")
+    return header
+
+
+def _read_message(connection, header):
+    """The JSON payload of a checked handshake header; the peer's ERROR is raised."""
+    payload = bytearray(header.length)
+    if header.length:
+        connection.recv_payload(header, payload)
+    obj = protocol.decode_json(payload)
+    if header.op == Op.ERROR:
+        raise AuthenticationError(f"{connection.peer} refused this connection: {protocol.peer_text(obj)}")
+    return obj
+
+
 def _receive(connection, expected, timeout):
     header = connection.recv_header(timeout)
     if header is None:
         raise AuthenticationError(f"{connection.peer} sent nothing during the authentication handshake")
-    if header.op == Op.ERROR and header.length <= 4096:
-        payload = bytearray(header.length)
-        connection.recv_payload(header, payload)
-        reason = protocol.peer_text(protocol.decode_json(payload))
-        raise AuthenticationError(f"{connection.peer} refused this connection: {reason}")
-    if header.op != expected:
-        raise ProtocolError(f"expected {protocol.op_name(expected)} during the handshake, "
-                            f"got {protocol.op_name(header.op)}")
-    if header.length > 4096:
-        raise ProtocolError(f"handshake message of {header.length} bytes")
-    payload = bytearray(header.length)
-    if header.length:
-        connection.recv_payload(header, payload)
-    return protocol.decode_json(payload)
+    return _read_message(connection, _check_header(header, expected))
 
 
 def _send(connection, op, obj):
@@ -100,34 +111,80 @@ def _nonce(obj, field):
 
 def accept(connection, secret, timeout, integrity=False):
     """Run the acceptor's side; raises AuthenticationError if the peer fails it, after telling it why."""
+    challenge = Challenge(connection, secret, integrity)
     try:
-        _accept(connection, secret, timeout, integrity)
+        answer = _receive(connection, Op.AUTH, timeout)
     except (AuthenticationError, ProtocolError) as exc:
+        challenge.refuse(exc)
+        raise
+    challenge.verify(answer)
+
+
+class Challenge:
+    """The acceptor's side in steps, for a caller that waits on many connections
+    at once and must never block on one (node.Gate): the constructor sends
+    CHALLENGE, step() goes on only with bytes already there."""
+
+    def __init__(self, connection, secret, integrity=False):
+        self.connection = connection
+        self.secret = secret
+        self.integrity = integrity
+        self._challenge = os.urandom(NONCE_BYTES)
+        self._header = None
+        _send(connection, Op.CHALLENGE, {"nonce": self._challenge.hex(), "auth": secret is not None,
+                                         "integrity": integrity})
+
+    def step(self):
+        """True once the peer is authenticated (AUTH_OK sent), False while its
+        answer is incomplete; raises to refuse it, after telling it why."""
         try:
-            _send(connection, Op.ERROR, {"message": "authentication failed" if secret else str(exc)})
+            available = self.connection.readable_bytes()
+            if self._header is None:
+                if available < protocol.HEADER_SIZE:
+                    return False
+                self._header = _check_header(self.connection.recv_header(0), Op.AUTH)
+                available -= protocol.HEADER_SIZE
+            if available < self._header.length:
+                return False
+            answer = _read_message(self.connection, self._header)
+        except (AuthenticationError, ProtocolError) as exc:
+            self.refuse(exc)
+            raise
+        self.verify(answer)
+        return True
+
+    def verify(self, answer):
+        """Check the peer's AUTH and answer AUTH_OK (then, with RDMAKV_INTEGRITY,
+        MAC every frame), or refuse it."""
+        try:
+            self._verify(answer)
+        except (AuthenticationError, ProtocolError) as exc:
+            self.refuse(exc)
+            raise
+
+    def _verify(self, answer):
+        connection, secret, integrity = self.connection, self.secret, self.integrity
+        _check_integrity_setting(connection, answer.get("integrity", False), integrity)
+        if secret is None:
+            if answer.get("mac") is not None:
+                raise AuthenticationError(f"{connection.peer} uses a cluster secret but this node has none")
+            _send(connection, Op.AUTH_OK, {})
+            return
+        nonce = _nonce(answer, "nonce")
+        given = answer.get("mac")
+        if not isinstance(given, str) or not hmac.compare_digest(
+                given.encode(), _mac(secret, b"client", self._challenge, nonce, integrity).encode()):
+            raise AuthenticationError(f"{connection.peer} failed authentication (wrong or missing RDMAKV_SECRET)")
+        _send(connection, Op.AUTH_OK, {"mac": _mac(secret, b"server", nonce, self._challenge, integrity)})
+        if integrity:
+            _protect(connection, secret, self._challenge, nonce, acceptor=True)
+
+    def refuse(self, error):
+        """Tell the peer why it is refused (with a secret, only that it failed)."""
+        try:
+            _send(self.connection, Op.ERROR, {"message": "authentication failed" if self.secret else str(error)})
         except RdmaKVError:
             pass
-        raise
-
-
-def _accept(connection, secret, timeout, integrity):
-    challenge = os.urandom(NONCE_BYTES)
-    _send(connection, Op.CHALLENGE, {"nonce": challenge.hex(), "auth": secret is not None, "integrity": integrity})
-    answer = _receive(connection, Op.AUTH, timeout)
-    _check_integrity_setting(connection, answer.get("integrity", False), integrity)
-    if secret is None:
-        if answer.get("mac") is not None:
-            raise AuthenticationError(f"{connection.peer} uses a cluster secret but this node has none")
-        _send(connection, Op.AUTH_OK, {})
-        return
-    nonce = _nonce(answer, "nonce")
-    given = answer.get("mac")
-    if not isinstance(given, str) or not hmac.compare_digest(
-            given.encode(), _mac(secret, b"client", challenge, nonce, integrity).encode()):
-        raise AuthenticationError(f"{connection.peer} failed authentication (wrong or missing RDMAKV_SECRET)")
-    _send(connection, Op.AUTH_OK, {"mac": _mac(secret, b"server", nonce, challenge, integrity)})
-    if integrity:
-        _protect(connection, secret, challenge, nonce, acceptor=True)
 
 
 def connect(connection, secret, timeout, integrity=False):

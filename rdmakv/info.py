@@ -68,7 +68,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m rdmakv.info", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
-    info = gather()
+    try:
+        info = gather()
+    except ImportError as exc:
+        if exc.name != "rdmakv._transport":
+            raise
+        print(f"rdmakv: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         json.dump(info, sys.stdout, indent=2, default=str)
         print()

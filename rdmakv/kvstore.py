@@ -5,17 +5,25 @@ each server, no round trip), splits the tensor into chunks and queues them by
 priority; per-server sender threads send chunks straight from the caller's
 array under a byte credit, and per-server reader threads receive each result
 straight into the caller's output array."""
+from __future__ import annotations
+
+import atexit
 import hashlib
 import logging
+import math
 import os
+import sys
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
+from typing import Any, Callable, Generic, Iterable, Optional, Sequence, TypeVar, Union
 
 import numpy as np
+import numpy.typing as npt
 
-from rdmakv import auth, netif, partition, protocol, trace
+from rdmakv import auth, netif, partition, protocol, standalone, trace
 from rdmakv._native import transport as _t
 from rdmakv.config import Config
 from rdmakv.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
@@ -28,9 +36,44 @@ from rdmakv.transport.base import Handler, Peer
 
 log = logging.getLogger("rdmakv.worker")
 
+Key = Union[str, int]
+"""A key: 3 and "3" are different keys."""
+T = TypeVar("T")
+"""A tensor: a numpy array, or any object with the buffer protocol or __dlpack__."""
+
 DIRECT_SEND_BYTES = 64 * 1024
 FUSE_BYTES = 64 * 1024        # fused groups pack tensors this small into one per dtype
 DTYPE_CODE_OF = {np.dtype(name): code for name, code in protocol.DTYPE_CODES.items()}
+
+# Scripts written for MXNet or BytePS never close their store: one still open
+# when the interpreter exits is closed then (as Horovod and BytePS shut down at
+# exit), unless an unhandled exception ends the program, which fails the job.
+_open_stores = weakref.WeakSet()
+_exit_hooks_installed = False
+_unhandled_exit = None          # the exception that ended the main thread, if one did
+
+
+def _install_exit_hooks():
+    """Once per process, at the first KVStore: atexit hooks run last-registered
+    first, so a framework imported before the store (MXNet) shuts down after it."""
+    global _exit_hooks_installed
+    if _exit_hooks_installed:
+        return
+    _exit_hooks_installed = True
+    previous = sys.excepthook
+
+    def remember_unhandled(kind, value, traceback):
+        global _unhandled_exit
+        _unhandled_exit = value
+        previous(kind, value, traceback)
+
+    sys.excepthook = remember_unhandled
+    atexit.register(_close_open_stores)
+
+
+def _close_open_stores():
+    for store in list(_open_stores):
+        store.close_at_exit()
 
 
 def as_array(obj, what, writable=False, key=None):
@@ -103,7 +146,7 @@ class KeyInfo:
         self.error = None
 
 
-class Handle:
+class Handle(Generic[T]):
     """An operation in flight: wait() for its result, or poll done()."""
 
     def __init__(self, store, info, value, out, result_obj, priority, flags):
@@ -128,7 +171,7 @@ class Handle:
         self._error = None
         self._callbacks = []
 
-    def done(self):
+    def done(self) -> bool:
         return self._is_done
 
     def _wait_done(self, timeout):
@@ -139,7 +182,7 @@ class Handle:
         self._pending.release()       # let any other waiter through too
         return True
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: Optional[float] = None) -> T:
         """The result (the `out` given, else `value`); raises what failed the operation.
         timeout=None waits up to RDMAKV_TIMEOUT."""
         limit = self._store.config.timeout if timeout is None else timeout
@@ -159,11 +202,11 @@ class Handle:
         return PeerTimeout(f"pushpull of key {self._info.name!r} (round {self.round}) did not complete "
                            f"within {limit:g} s: {who}; a worker or server is slow or gone")
 
-    def exception(self):
+    def exception(self) -> Optional[BaseException]:
         """What failed the operation, or None; meant for done-callbacks."""
         return self._error
 
-    def add_done_callback(self, fn):
+    def add_done_callback(self, fn: Callable[[Handle[T]], object]) -> None:
         """Call fn(handle) once the outcome is known (at once if it is), from a transport
         thread, before wait() returns."""
         with self._lock:
@@ -205,10 +248,10 @@ class GroupHandle:
         self._parts = parts
         self._results = results
 
-    def done(self):
+    def done(self) -> bool:
         return all(part.done() for part in self._parts)
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: Optional[float] = None) -> list[Any]:
         """The list of results, in the order of the keys."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for part in self._parts:
@@ -221,7 +264,8 @@ class FusedGroup:
     was given: each call sums their current contents into the outputs, with
     one copy in and one copy out for all the small tensors of a dtype."""
 
-    def __init__(self, store, keys, values, outs=None):
+    def __init__(self, store: KVStore, keys: Iterable[Key], values: Iterable[Any],
+                 outs: Optional[Iterable[Any]] = None) -> None:
         keys, values = list(keys), list(values)
         outs = [None] * len(keys) if outs is None else list(outs)
         if not len(keys) == len(values) == len(outs):
@@ -230,7 +274,7 @@ class FusedGroup:
             raise ValueError("a fused group got the same key twice")
         self._store = store
         self._large = []              # (key, value, out) pushpulled one by one
-        small = {}
+        small: dict = {}
         for key, value, out in zip(keys, values, outs):
             source = as_array(value, "value", writable=out is None, key=key)
             target = source if out is None else as_array(out, "out", writable=True, key=key)
@@ -247,7 +291,7 @@ class FusedGroup:
                        for dtype, members in small.items()]
         self.results = [value if out is None else out for value, out in zip(values, outs)]
 
-    def pushpull_async(self, priority=0):
+    def pushpull_async(self, priority: int = 0) -> GroupHandle:
         """Start this step's sums; a GroupHandle whose wait() gives the results."""
         store = self._store
         parts = [store.pushpull_async(key, value, out, priority) for key, value, out in self._large]
@@ -255,7 +299,7 @@ class FusedGroup:
                   for group, dtype, sources, targets, size in self._fused]
         return GroupHandle(parts, self.results)
 
-    def pushpull(self, priority=0):
+    def pushpull(self, priority: int = 0) -> list[Any]:
         """This step's sums, in the order of the keys."""
         return self.pushpull_async(priority).wait()
 
@@ -346,7 +390,7 @@ class ServerLink(Handler):
                 if self.queue:        # waking an idle sender thread would only cost a GIL hand-off
                     self.ready.notify()
         if self.store.tracer:
-            self.store.tracer.instant("sent", key=info.name, chunk=chunk.index, round=handle.round,
+            self.store.tracer.stage("sent", key=info.name, chunk=chunk.index, round=handle.round,
                                       priority=handle.priority)
 
     def _send_loop(self):
@@ -384,8 +428,8 @@ class ServerLink(Handler):
                     self._return_credit(entry)
             if entry is not None:
                 if self.store.tracer:
-                    self.store.tracer.instant("received", key=entry[0]._info.name, chunk=header.chunk,
-                                              round=header.round)
+                    self.store.tracer.stage("received", key=entry[0]._info.name, chunk=header.chunk,
+                                            round=header.round)
                 entry[0]._chunk_done()
         elif header.op == Op.RECEIVED:
             with self.ready:
@@ -473,25 +517,70 @@ class ServerLink(Handler):
 
 
 class KVStore:
-    """A worker's handle on the cluster.  See the README for the settings."""
+    """A worker's handle on the cluster: KVStore(**settings).
 
-    def __init__(self, **settings):
+    Each setting may be given as a keyword, which wins over its RDMAKV_*
+    variable, which wins over the DMLC_*/BYTEPS_* name (README, Settings):
+
+    role               worker (a KVStore runs only on workers)
+    scheduler_host     address of the scheduler (IPv4, IPv6 or host name); 127.0.0.1
+    scheduler_port     TCP port of the scheduler; 9091
+    num_workers        number of workers; 1
+    num_servers        number of servers; 1
+    worker_id          this worker's rank; default: assigned in arrival order
+    server_id          a server's rank (servers only); default: assigned in arrival order
+    interface          network interface whose address this node advertises
+    node_host          address this node advertises
+    port               port a server listens on (servers only)
+    server_memory      bytes a server may commit to declared keys (servers only); its memory
+    transport          auto, verbs, tcp or shm; auto
+    partition_bytes    tensors larger than this are split into chunks; 4 MiB
+    scheduling_credit  partitions in flight per server (0: no limit); 4
+    timeout            seconds any blocking step may take; 120
+    trace_dir          write a Chrome-trace timeline per rank into this directory
+    trace_on           True traces (into trace_dir, else ./traces), False does not
+    trace_start_step   first step traced (a round of the first key declared); 0
+    trace_end_step     last step traced; default: to the end
+    secret             cluster secret (HMAC challenge-response on every connection)
+    secret_file        file holding the cluster secret
+    integrity          True: a MAC on every TCP frame, keyed from the secret; False
+    local_rank         rank among the workers on this host; default: from the scheduler
+
+    With no job setting at all (no role, scheduler, worker-count or rank
+    variable or keyword), as in `python train.py` without a launcher, the
+    store is the only worker of a job whose scheduler and one server run in
+    this process (rdmakv/standalone.py).  An unknown keyword raises
+    ConfigError."""
+
+    config: Config
+    rank: int
+    num_workers: int
+    num_servers: int
+    local_rank: int
+    local_size: int
+
+    def __init__(self, **settings: Any) -> None:
         self.config = Config.load(**{"role": "worker", **settings})
         if self.config.role != "worker":
             raise ConfigError(f"KVStore runs on workers; DMLC_ROLE is {self.config.role!r}")
         self.transport, self.transport_reason = select(self.config.transport)
+        self._local_job = None
+        if standalone.wanted(settings, os.environ):
+            self._local_job = standalone.LocalJob(self.config)
+            self.config = self._local_job.worker_config
         self._pid = os.getpid()
         self._closed = False
         self._failure = None
+        self._said_goodbye = False    # then leaving is orderly, whatever a link saw afterwards
         self._lock = threading.Lock()
-        self._keys = {}
-        self._wire_keys = {}
-        self._handles = set()
-        self._fused_buffers = {}      # (group, dtype) -> staging arrays free for the next round
-        self._fused_layouts = {}      # (dtype, ((key, shape), ...)) -> fused key name
-        self._failed_wires = set()    # wire keys a server refused
+        self._keys: dict[Key, KeyInfo] = {}
+        self._wire_keys: dict[int, KeyInfo] = {}
+        self._handles: set[Handle[Any]] = set()
+        self._fused_buffers: dict = {}      # (group, dtype) -> staging arrays free for the next round
+        self._fused_layouts: dict = {}      # (dtype, ((key, shape), ...)) -> fused key name
+        self._failed_wires: set[int] = set()    # wire keys a server refused
         self._barrier_number = 0
-        self._barrier_done = {}
+        self._barrier_done: dict[int, bool] = {}
         self._barrier_cond = threading.Condition()
         self._control = ControlLink(self.config, self.transport, "worker", self._on_control, self._on_lost)
         self._links = []
@@ -514,9 +603,11 @@ class KVStore:
             raise
         log.info("worker %d of %d connected to %d servers (%s)", self.rank, self.num_workers,
                  self.num_servers, self.transport_reason)
+        _install_exit_hooks()
+        _open_stores.add(self)
 
     # ---- public API --------------------------------------------------------
-    def init(self, key, value):
+    def init(self, key: Key, value: Any) -> None:
         """Declare key with value's shape and dtype; from rank 0, also store value on the servers
         (the starting weights when the servers run an optimizer)."""
         array = as_array(value, "value")
@@ -528,7 +619,7 @@ class KVStore:
                     Op.INIT, flat[chunk.offset:chunk.offset + chunk.nbytes],
                     dtype=info.dtype_code, key=info.wire, chunk=chunk.index)
 
-    def declare(self, key, shape, dtype):
+    def declare(self, key: Key, shape: Sequence[int], dtype: npt.DTypeLike) -> None:
         """Declare key's shape and dtype without data (any thread, in any order)."""
         dtype = np.dtype(dtype)
         if dtype.name not in protocol.DTYPE_CODES:
@@ -538,16 +629,16 @@ class KVStore:
             raise ValueError(f"shape {shape} has a negative dimension")
         self._declare(key, dtype, shape)
 
-    def pushpull_async(self, key, value, out=None, priority=0):
+    def pushpull_async(self, key: Key, value: T, out: Optional[T] = None, priority: int = 0) -> Handle[T]:
         """Start summing value over all workers into out (default: into value); returns a Handle.
         value must not change until the handle is done."""
         return self._submit(key, value, out, priority, 0)
 
-    def pushpull(self, key, value, out=None, priority=0):
+    def pushpull(self, key: Key, value: T, out: Optional[T] = None, priority: int = 0) -> T:
         """The elementwise sum over all workers of this round's value for key."""
         return self.pushpull_async(key, value, out, priority).wait()
 
-    def fuse(self, keys, values, outs=None):
+    def fuse(self, keys: Sequence[Key], values: Sequence[Any], outs: Optional[Sequence[Any]] = None) -> FusedGroup:
         """A FusedGroup: these keys, checked and laid out once, to pushpull
         together every step with `group.pushpull()`.  Tensors of FUSE_BYTES or
         less are packed per dtype into one fused tensor, summed as one key
@@ -555,12 +646,14 @@ class KVStore:
         pushpulls.  Every worker must fuse the same keys in the same order."""
         return FusedGroup(self, keys, values, outs)
 
-    def pushpull_many_async(self, keys, values, outs=None, priority=0):
+    def pushpull_many_async(self, keys: Sequence[Key], values: Sequence[Any], outs: Optional[Sequence[Any]] = None,
+                            priority: int = 0) -> GroupHandle:
         """pushpull for many keys at once (a one-off fuse()); returns a
         GroupHandle whose wait() gives the results."""
         return FusedGroup(self, keys, values, outs).pushpull_async(priority)
 
-    def pushpull_many(self, keys, values, outs=None, priority=0):
+    def pushpull_many(self, keys: Sequence[Key], values: Sequence[Any], outs: Optional[Sequence[Any]] = None,
+                      priority: int = 0) -> list[Any]:
         """The sums of many keys at once (see pushpull_many_async)."""
         return self.pushpull_many_async(keys, values, outs, priority).wait()
 
@@ -590,17 +683,19 @@ class KVStore:
         handle.add_done_callback(unpack)
         return handle
 
-    def broadcast_async(self, key, value, out=None, root=0, priority=0):
+    def broadcast_async(self, key: Key, value: T, out: Optional[T] = None, root: int = 0,
+                        priority: int = 0) -> Handle[T]:
+        """Start sending the root's value to every worker; returns a Handle."""
         if not isinstance(root, int) or not 0 <= root < self.num_workers:
             raise ValueError(f"root {root!r} is not a worker rank (0..{self.num_workers - 1})")
         flags = FLAG_BROADCAST | (0 if self.rank == root else FLAG_NO_DATA)
         return self._submit(key, value, out, priority, flags)
 
-    def broadcast(self, key, value, out=None, root=0, priority=0):
+    def broadcast(self, key: Key, value: T, out: Optional[T] = None, root: int = 0, priority: int = 0) -> T:
         """Every worker receives the root's value."""
         return self.broadcast_async(key, value, out, root, priority).wait()
 
-    def barrier(self, timeout=None):
+    def barrier(self, timeout: Optional[float] = None) -> None:
         """Return once every worker has called barrier()."""
         self._check_open()
         limit = self.config.timeout if timeout is None else timeout
@@ -615,7 +710,7 @@ class KVStore:
                 raise self._failure
             del self._barrier_done[number]
 
-    def close(self, timeout=None):
+    def close(self, timeout: Optional[float] = None) -> None:
         """Finish outstanding operations, tell the scheduler we are done, release everything. Idempotent."""
         if self._closed:
             return
@@ -635,21 +730,42 @@ class KVStore:
         if self._failure is None and unfinished is None:
             try:
                 self._control.send(Op.GOODBYE)
+                self._said_goodbye = True
             except RdmaKVError as exc:
                 log.warning("could not say goodbye to the scheduler: %s", exc)
         self._teardown(unfinished)
 
-    def _teardown(self, unfinished=None):
+    def close_at_exit(self):
+        """What interpreter exit does with a store still open: after a normal exit, close()
+        (outstanding operations finish, the scheduler hears GOODBYE); after an unhandled
+        exception, leave the job failed, telling the scheduler and the servers which."""
+        if self._closed or os.getpid() != self._pid:
+            return
+        if _unhandled_exit is None:
+            try:
+                self.close()
+            except RdmaKVError as exc:
+                log.error("worker %d: closing at exit: %s", self.rank, exc)
+            return
+        self._teardown(RdmaKVError(f"exited with an unhandled {type(_unhandled_exit).__name__}: "
+                                   f"{_unhandled_exit}"))
+
+    def _teardown(self, leaving_because=None):
+        """Release everything.  The one place a worker leaving a failed job says why:
+        to the scheduler (which fails the job naming this worker and the reason,
+        unless it already failed) and to every server, or the other workers would
+        only hear that this worker left.  The reason is the job's failure as this
+        worker heard it, else leaving_because (an operation that never completed,
+        an unhandled exception), else a server link's error."""
         self._closed = True
-        # Leaving because the job failed: say why to the servers and the scheduler, or
-        # the other workers would only hear that this worker left.
-        reason = self._failure or unfinished or next(
+        _open_stores.discard(self)
+        reason = self._failure or leaving_because or next(
             (link.error for link in self._links if link.error is not None), None)
-        if reason is not None and self._control.peer is not None:
+        if reason is not None and not self._said_goodbye and self._control.peer is not None:
             try:
                 self._control.send(Op.ERROR, {"message": str(reason)})
             except RdmaKVError:
-                pass
+                pass                  # the scheduler is gone already; the servers still hear it
         for link in self._links:
             # Even to a server whose link already failed because of news from elsewhere
             # (the scheduler's report): it may not have heard that news yet.
@@ -662,11 +778,13 @@ class KVStore:
         self._control.close()
         if getattr(self, "tracer", None):
             self.tracer.write()
+        if self._local_job is not None:
+            self._local_job.close()
 
-    def __enter__(self):
+    def __enter__(self) -> KVStore:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __del__(self):
@@ -685,6 +803,15 @@ class KVStore:
     def _load_optimizer_states(self, states):
         if len(states) != len(self._links):
             raise ValueError(f"the saved states are for {len(states)} servers, this cluster has {len(self._links)}")
+        with self._lock:
+            held = [chunk for info in self._keys.values() for chunk in info.chunks]
+        for link, data in zip(self._links, states):
+            mine = [chunk for chunk in held if chunk.server == link.rank]
+            limit = protocol.state_limit(sum(chunk.nbytes for chunk in mine), len(mine))
+            if len(data) > limit:
+                raise ValueError(f"the saved optimizer state for server {link.rank} has {len(data)} bytes, more "
+                                 f"than the {limit} its {len(mine)} declared chunks allow: init() the keys "
+                                 f"before loading their states")
         for link, data in zip(self._links, states):
             link.request(Op.SET_STATES, data, self.config.timeout)
 
@@ -714,18 +841,22 @@ class KVStore:
                 return info
             wire = wire_key(key)
             if wire in self._wire_keys:
-                raise ValueError(f"keys {self._wire_keys[wire]!r} and {name!r} collide; rename one")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            pieces = partition.split(nbytes, dtype.itemsize, self.config.partition_bytes)
-            info = KeyInfo(key, wire, len(self._keys), dtype, shape, nbytes,
-                           partition.place(wire, pieces, self.num_servers))
-            layout = protocol.encode_json({
-                "key": wire, "name": name, "dtype": dtype.name, "shape": list(shape),
-                "chunks": [[c.offset, c.nbytes, c.server] for c in info.chunks]})
+                raise ValueError(f"keys {self._wire_keys[wire].name!r} and {name!r} collide; rename one")
+            nbytes = math.prod(shape) * dtype.itemsize
+            partition_bytes = min(self.config.partition_bytes, protocol.MAX_CHUNK_BYTES)
+            size = partition.chunk_size(nbytes, dtype.itemsize, partition_bytes)
+            count = partition.chunk_count(nbytes, size)
+            if count > protocol.MAX_KEY_CHUNKS:
+                raise ValueError(f"key {name!r} ({nbytes} bytes) would be split into {count} chunks of at most "
+                                 f"{partition_bytes} bytes; a key may have at most {protocol.MAX_KEY_CHUNKS} "
+                                 f"(raise RDMAKV_PARTITION_BYTES)")
+            layout = protocol.declaration(wire, name, dtype.name, shape, size)
+            chunks = partition.place(wire, partition.pieces(nbytes, size), self.num_servers)
+            info = KeyInfo(key, wire, len(self._keys), dtype, shape, nbytes, chunks)
             # Every server sees every declaration, so they can check that all workers agree.
             for link in self._links:
                 link.peer.send(Op.DECLARE, layout)
-            self._wire_keys[wire] = name
+            self._wire_keys[wire] = info
             self._keys[key] = info
         return info
 
@@ -765,10 +896,12 @@ class KVStore:
         source = handle._value.reshape(-1).view(np.uint8)
         target = handle._out.reshape(-1).view(np.uint8)
         tracer = self.tracer
+        if tracer and info.order == 0:
+            tracer.begin_step(handle.round)
         try:
             for chunk in info.chunks:
                 if tracer:
-                    tracer.instant("queued", key=info.name, chunk=chunk.index, round=handle.round,
+                    tracer.stage("queued", key=info.name, chunk=chunk.index, round=handle.round,
                                    priority=handle.priority)
                 end = chunk.offset + chunk.nbytes
                 self._links[chunk.server].enqueue(handle, chunk, source[chunk.offset:end],
@@ -811,15 +944,14 @@ class KVStore:
 
     def _fail_key(self, wire, error):
         with self._lock:
-            name = self._wire_keys.get(wire)
-            info = next((i for i in self._keys.values() if i.wire == wire), None)
+            info = self._wire_keys.get(wire)
             if info is None:
                 return
             if info.error is None:
                 info.error = error
             self._failed_wires.add(wire)
             pending = [h for h in self._handles if h._info is info]
-        log.error("key %r failed: %s", name, error)
+        log.error("key %r failed: %s", info.name, error)
         for link in self._links:
             link.drop_key(wire)
         for handle in pending:

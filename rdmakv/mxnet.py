@@ -1,4 +1,5 @@
-"""MXNet KVStore backed by rdmakv: ``import rdmakv.mxnet; kv = mx.kv.create('rdmakv')``.
+"""MXNet KVStore backed by rdmakv: ``import rdmakv.mxnet``, then
+``mx.kv.create('dist_sync_rdmakv')`` or ``gluon.Trainer(..., kvstore='dist_sync_rdmakv')``.
 
 Implements ``mxnet.kvstore.KVStoreBase`` (the interface BytePS implements, see
 ``python/mxnet/kvstore/base.py`` of MXNet 1.9.1).  ``pushpull`` and
@@ -14,12 +15,20 @@ declarative description (:mod:`rdmakv.optimizer`), never pickled.
 
 Importing this module without MXNet works; nothing is registered then.
 """
+from __future__ import annotations
+
+import atexit
+import functools
 import json
+import logging
+import os
 import struct
+from typing import TYPE_CHECKING, Any, List, Optional, Union
 
 import numpy as np
 
 from rdmakv import optimizer as _optimizer
+from rdmakv.errors import ClosedError
 
 try:
     import mxnet as _mx
@@ -28,7 +37,22 @@ except ImportError:     # MXNet is optional: the module imports, nothing registe
     _mx = None
     _Base = object
 
-__all__ = ["RdmaKV"]
+if TYPE_CHECKING:
+    from mxnet.ndarray import NDArray
+    from mxnet.optimizer import Optimizer
+
+    from rdmakv.kvstore import Key
+
+    Values = Union[NDArray, List[NDArray]]     # a list is summed locally first, as for several devices
+
+__all__ = ["RdmaKV", "NAMES"]
+log = logging.getLogger("rdmakv.mxnet")
+
+# The names mx.kv.create() and the `kvstore=` argument of gluon.Trainer and
+# Module.fit take.  MXNet creates no store at all for a name without "dist"
+# when a worker has one device, so the name to use is the second one; the
+# first works too because this module makes those APIs create it (see below).
+NAMES = ("rdmakv", "dist_sync_rdmakv")
 
 STATES_MAGIC = b"RDMAKVMX"
 _STATES_PREFIX = struct.Struct("<8sIQ")     # magic, version, header length
@@ -42,8 +66,55 @@ class _UpdaterInfo:
         self.optimizer = optimizer
 
 
+class _ProcessWorker:
+    """A worker connection and the MXNet-side state that every RdmaKV on it
+    shares.  mx.kv.create() is often called more than once in a process (a
+    script creates one store to learn its rank, then Trainer or Module.fit
+    create another from the name): all get the process's one worker, which
+    closes when the last of them is closed, or at interpreter exit."""
+
+    _process_wide = None
+
+    def __init__(self, kvstore, settings):
+        if kvstore is None:
+            from rdmakv.kvstore import KVStore
+            kvstore = KVStore(**settings)
+        self.kv = kvstore
+        self.users = 0
+        self.declared = {}          # key -> (shape, dtype)
+        self.sequence = {}          # key -> 1-element NDArray ordering its operations
+        self.initialized = set()    # keys whose servers hold a starting weight
+        self.optimizer = None
+        self.updater = None
+        # Registered after the core store's own hook, so it runs first: the
+        # engine operations still queued must reach the store before it closes.
+        atexit.register(self.close_at_exit)
+
+    @classmethod
+    def shared(cls):
+        worker = cls._process_wide
+        if worker is None or worker.kv._closed or worker.kv._pid != os.getpid():
+            worker = cls._process_wide = cls(None, {})
+        return worker
+
+    def release(self):
+        self.users -= 1
+        if self.users == 0:
+            _mx.nd.waitall()
+            self.kv.close()
+
+    def close_at_exit(self):
+        if self.kv._closed or self.kv._pid != os.getpid():
+            return
+        try:
+            _mx.nd.waitall()
+        except _mx.base.MXNetError as exc:     # a result nobody read failed: say so
+            log.error("at exit: %s", exc)
+        self.kv.close_at_exit()
+
+
 class RdmaKV(_Base):
-    """MXNet KVStore over rdmakv.  Registered as ``'rdmakv'``.
+    """MXNet KVStore over rdmakv.  Registered as ``'dist_sync_rdmakv'`` and ``'rdmakv'``.
 
     Keys are ints or strs, as in MXNet.  Every worker must use its keys in the
     same order the first time (as with BytePS); values are dense NDArrays.
@@ -56,36 +127,42 @@ class RdmaKV(_Base):
     def __init__(self, kvstore=None, **settings):
         if _mx is None:
             raise ImportError("rdmakv.mxnet needs MXNet (pip install mxnet==1.9.1)")
-        if kvstore is None:
-            from rdmakv.kvstore import KVStore
-            kvstore = KVStore(**settings)
-        self._kv = kvstore
-        self._declared = {}         # key -> (shape, dtype)
-        self._sequence = {}         # key -> 1-element NDArray ordering its operations
-        self._initialized = set()   # keys whose servers hold a starting weight
-        self._optimizer = None
-        self._description = None
-        self._updater = None
+        if kvstore is None and not settings:
+            self._worker = _ProcessWorker.shared()
+        else:
+            self._worker = _ProcessWorker(kvstore, settings)
+        self._worker.users += 1
+        self._closed = False
+
+    @property
+    def _kv(self):
+        if self._closed:
+            raise ClosedError("this rdmakv MXNet KVStore is closed")
+        return self._worker.kv
+
+    @property
+    def _updater(self):
+        return self._worker.updater
 
     # -- properties -----------------------------------------------------------
     @property
-    def type(self):
+    def type(self) -> str:
         return "dist_sync_rdmakv"
 
     @property
-    def rank(self):
-        return self._kv.rank
+    def rank(self) -> int:
+        return self._worker.kv.rank       # facts, still readable after close()
 
     @property
-    def local_rank(self):
-        return self._kv.local_rank
+    def local_rank(self) -> int:
+        return self._worker.kv.local_rank
 
     @property
-    def num_workers(self):
-        return self._kv.num_workers
+    def num_workers(self) -> int:
+        return self._worker.kv.num_workers
 
     @staticmethod
-    def is_capable(capability):
+    def is_capable(capability: str) -> bool:
         if not isinstance(capability, str):
             raise TypeError("capability must be a str")
         if capability.lower() == _Base.OPTIMIZER:
@@ -93,22 +170,22 @@ class RdmaKV(_Base):
         raise ValueError("Unknown capability: %s" % capability)
 
     # -- data ---------------------------------------------------------------
-    def init(self, key, value):
+    def init(self, key: Key, value: Values) -> None:
         """Declare ``key``; from rank 0 also store ``value`` on the servers as
         the starting weight for a server-side optimizer.  Blocks until
         ``value`` is computed."""
         value = _single(value, "value")
         self._declare(key, value)
         self._kv.init(key, value.asnumpy())
-        self._initialized.add(key)
+        self._worker.initialized.add(key)
 
-    def broadcast(self, key, value, out, priority=0):
+    def broadcast(self, key: Key, value: Values, out: Optional[Values], priority: int = 0) -> None:
         """Copy rank 0's ``value`` into ``out`` (NDArray or list) on every
         worker; ``out=None`` writes into ``value``.  Also makes ``value`` the
         starting weight on the servers (what Gluon's Trainer relies on)."""
         value = _single(value, "value")
         outs = _outputs(out, value)
-        if key not in self._initialized:
+        if key not in self._worker.initialized:
             self.init(key, value)
         target = _staging(outs[0], value)
         src = value if target is not value else None
@@ -116,7 +193,7 @@ class RdmaKV(_Base):
                       key, src, target, priority, "broadcast")
         _fan_out(target, outs)
 
-    def pushpull(self, key, value, out=None, priority=0):
+    def pushpull(self, key: Key, value: Values, out: Optional[Values] = None, priority: int = 0) -> None:
         """Sum ``value`` (NDArray, or a list summed locally first) over all
         workers into ``out`` (NDArray or list; default: every ``value``).
         With an optimizer set, ``out`` receives the updated weight instead."""
@@ -133,7 +210,7 @@ class RdmaKV(_Base):
         for o in outs:
             if o.shape != first.shape:
                 raise ValueError("out has shape %s, value %s" % (o.shape, first.shape))
-        if self._optimizer is not None and key not in self._initialized:
+        if self._worker.optimizer is not None and key not in self._worker.initialized:
             raise ValueError("key %r has no weight on the servers: call init() or broadcast() "
                              "on it before pushpull() when an optimizer is set" % (key,))
         self._declare(key, first)
@@ -150,12 +227,12 @@ class RdmaKV(_Base):
 
     def _declare(self, key, value):
         layout = (tuple(value.shape), np.dtype(value.dtype))
-        known = self._declared.get(key)
+        known = self._worker.declared.get(key)
         if known is None:
             # Declared here, on the calling thread, so every worker declares in
             # program order; engine operations may run in another order.
             self._kv.declare(key, *layout)
-            self._declared[key] = layout
+            self._worker.declared[key] = layout
         elif known != layout:
             raise ValueError("key %r was used as %s%s, now %s%s"
                              % (key, known[1], list(known[0]), layout[1], list(layout[0])))
@@ -169,9 +246,9 @@ class RdmaKV(_Base):
         # may run in any order in the engine, so each key's operations also
         # write one per-key array, which makes the engine run them in program
         # order.
-        sequence = self._sequence.get(key)
+        sequence = self._worker.sequence.get(key)
         if sequence is None:
-            sequence = self._sequence[key] = _mx.nd.zeros((1,), ctx=_mx.cpu())
+            sequence = self._worker.sequence[key] = _mx.nd.zeros((1,), ctx=_mx.cpu())
 
         def run(done):
             dst = _mxengine.numpy_view(target)
@@ -183,24 +260,23 @@ class RdmaKV(_Base):
                              priority=priority, name="rdmakv_%s" % what)
 
     # -- optimizer ------------------------------------------------------------
-    def set_optimizer(self, optimizer):
+    def set_optimizer(self, optimizer: Optimizer) -> None:
         """Run ``optimizer`` on the servers (see rdmakv.optimizer.describe for
         what can run there).  Returns when every server has it."""
         description = _optimizer.describe(optimizer)
         self._kv._set_optimizer(description)
-        self._optimizer = optimizer
-        self._description = description
-        self._updater = _UpdaterInfo(optimizer)
+        self._worker.optimizer = optimizer
+        self._worker.updater = _UpdaterInfo(optimizer)
 
-    def save_optimizer_states(self, fname, dump_optimizer=False):
+    def save_optimizer_states(self, fname: str, dump_optimizer: bool = False) -> None:
         """Save the servers' optimizer states (and with ``dump_optimizer``
         the optimizer's description) to ``fname``, in rdmakv's own format."""
-        if self._optimizer is None:
+        if self._worker.optimizer is None:
             raise RuntimeError("no optimizer is set on this KVStore")
         _mx.nd.waitall()            # every update this worker started has landed
         blobs = self._kv._dump_optimizer_states()
         header = {"servers": [len(b) for b in blobs],
-                  "optimizer": _optimizer.describe(self._optimizer) if dump_optimizer else None}
+                  "optimizer": _optimizer.describe(self._worker.optimizer) if dump_optimizer else None}
         raw = json.dumps(header, allow_nan=False).encode()
         with open(fname, "wb") as f:
             f.write(_STATES_PREFIX.pack(STATES_MAGIC, STATES_VERSION, len(raw)))
@@ -208,7 +284,7 @@ class RdmaKV(_Base):
             for blob in blobs:
                 f.write(blob)
 
-    def load_optimizer_states(self, fname):
+    def load_optimizer_states(self, fname: str) -> None:
         """Load states saved by save_optimizer_states into the servers; if the
         file holds an optimizer, it replaces the current one."""
         with open(fname, "rb") as f:
@@ -216,31 +292,34 @@ class RdmaKV(_Base):
         description, blobs = _parse_states_file(data, fname)
         if description is not None:
             optimizer = _optimizer.make_optimizer(description)
-            if self._optimizer is not None:
-                optimizer.param_dict = self._optimizer.param_dict
+            if self._worker.optimizer is not None:
+                optimizer.param_dict = self._worker.optimizer.param_dict
             self.set_optimizer(optimizer)
-        elif self._optimizer is None:
+        elif self._worker.optimizer is None:
             raise RuntimeError("%s holds no optimizer and none is set on this KVStore" % fname)
         _mx.nd.waitall()
         self._kv._load_optimizer_states(blobs)
 
-    def set_gradient_compression(self, compression_params):
+    def set_gradient_compression(self, compression_params: Any) -> None:
         raise NotImplementedError("rdmakv does not compress gradients")
 
     # -- lifetime -------------------------------------------------------------
-    def barrier(self):
+    def barrier(self) -> None:
         _mx.nd.waitall()
         self._kv.barrier()
 
-    def close(self):
-        if _mx is not None:
-            _mx.nd.waitall()
-        self._kv.close()
+    def close(self) -> None:
+        """Release this store; the process's worker connection closes with the last
+        one (or at exit, for stores never closed, as MXNet and BytePS scripts do)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._worker.release()
 
-    def __enter__(self):
+    def __enter__(self) -> RdmaKV:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
@@ -323,5 +402,25 @@ def _parse_states_file(data, fname):
     return header["optimizer"], blobs
 
 
+def _creating_named_stores(create_kvstore):
+    """Wrap MXNet's private model._create_kvstore, which gluon.Trainer and
+    Module.fit call with their `kvstore` argument, so that our names always
+    create a store (MXNet skips any name without "dist" on one device)."""
+    @functools.wraps(create_kvstore)
+    def create(kvstore, num_device, arg_params):
+        if isinstance(kvstore, str) and kvstore.lower() in NAMES:
+            kvstore = _mx.kv.create(kvstore)
+        return create_kvstore(kvstore, num_device, arg_params)
+    create.rdmakv_wrapped = create_kvstore
+    return create
+
+
 if _mx is not None:
-    _Base.register(RdmaKV)
+    for _name in NAMES:
+        _Base.kv_registry[_name] = RdmaKV
+    from mxnet import model as _model
+    from mxnet.gluon import trainer as _trainer
+    from mxnet.module import module as _module_api
+    for _module in (_model, _trainer, _module_api):
+        if not hasattr(_module._create_kvstore, "rdmakv_wrapped"):
+            _module._create_kvstore = _creating_named_stores(_module._create_kvstore)

@@ -12,6 +12,9 @@ from rdmakv.errors import ProtocolError
 MAGIC = 0x564B4452           # b"RDKV" read as little-endian u32
 VERSION = 1
 MAX_CONTROL_BYTES = 1 << 20  # a JSON control payload is never larger
+MAX_CONNECT_BYTES = 4096     # a CONNECT: the only payload taken from a peer that has not connected
+MAX_CHUNK_BYTES = 1 << 30    # a key's chunks are never larger (so partition_bytes above is cut to it)
+MAX_KEY_CHUNKS = 1 << 18     # a key is never split into more chunks (declaring one costs O(chunks))
 
 # magic, version, op, dtype, flags, key, chunk, priority, round, length, sender
 HEADER = struct.Struct("<IHBBIQIiQQI")
@@ -23,7 +26,7 @@ Header = namedtuple("Header", "op dtype flags key chunk priority round length se
 
 class Op:
     # node <-> scheduler
-    HELLO = 1          # json {role, host, port, worker_id, hostname}
+    HELLO = 1          # json {role, host, port, node_id (the rank asked for, or null), hostname}
     WELCOME = 2        # json {rank, num_workers, num_servers, servers, ...}
     BARRIER = 3
     BARRIER_DONE = 4
@@ -31,7 +34,7 @@ class Op:
     SHUTDOWN = 6       # scheduler tells a server to stop
     # worker <-> server
     CONNECT = 10       # json {rank}
-    DECLARE = 11       # json key layout
+    DECLARE = 11       # json {key, name, dtype, shape, chunk_bytes}: see declaration()
     PUSH = 12          # payload: one chunk of the worker's tensor
     RESULT = 13        # payload: one chunk of the sum (or updated weight)
     INIT = 14          # payload: one chunk of the initial value (rank 0)
@@ -46,8 +49,8 @@ class Op:
     ERROR = 30         # json {message, key?}
     HEARTBEAT = 31     # no payload: the sender is alive (transport.base.Peer)
     # connection handshake (rdmakv.auth)
-    CHALLENGE = 40     # json {nonce, auth}
-    AUTH = 41          # json {nonce, mac}
+    CHALLENGE = 40     # json {nonce, auth, integrity}
+    AUTH = 41          # json {nonce, mac, integrity}
     AUTH_OK = 42       # json {mac}
 
     NAMES = {}
@@ -110,6 +113,24 @@ def decode_json(payload):
     if not isinstance(obj, dict):
         raise ProtocolError("control payload is not a JSON object")
     return obj
+
+
+def declaration(key, name, dtype, shape, chunk_bytes):
+    """A DECLARE payload.  It carries what the chunks follow from, not the
+    chunks: chunk_bytes (the size of every chunk but the last, from
+    rdmakv.partition.chunk_size).  Servers recompute the chunks and their
+    placement (rdmakv.partition.place: a pure function of the key), so the
+    payload's size never grows with the chunk count."""
+    return encode_json({"key": key, "name": name, "dtype": dtype, "shape": list(shape),
+                        "chunk_bytes": chunk_bytes})
+
+
+def state_limit(declared_bytes, declared_chunks):
+    """The largest SET_STATES a server takes for this much declared data: a
+    supported optimizer keeps at most 8 bytes of state per weight byte (FTML or
+    centered RMSProp on float16 weights: a float32 master copy and three float32
+    states), plus a JSON entry per chunk."""
+    return 8 * declared_bytes + 1024 * declared_chunks + MAX_CONTROL_BYTES
 
 
 MAX_PEER_TEXT = 1000       # characters of a peer's free text (an ERROR's message) that we repeat

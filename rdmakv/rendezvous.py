@@ -101,21 +101,17 @@ class Scheduler(Handler):
         log.info("rendezvous complete")
 
     def _assign_ranks(self):
-        workers = [p for p in self._pending if p.info["role"] == "worker"]
-        servers = [p for p in self._pending if p.info["role"] == "server"]
-        chosen = {p.info["worker_id"] for p in workers if p.info["worker_id"] is not None}
-        free = iter(r for r in range(self.config.num_workers) if r not in chosen)
-        for peer in workers:
-            rank = peer.info["worker_id"]
-            self._workers[next(free) if rank is None else rank] = peer
-        for rank, peer in enumerate(servers):
-            self._servers[rank] = peer
-        for rank, peer in self._workers.items():
-            peer.info["rank"] = rank
-            peer.name = f"worker {rank}"
-        for rank, peer in self._servers.items():
-            peer.info["rank"] = rank
-            peer.name = f"server {rank}"
+        for role, ranks, count in (("worker", self._workers, self.config.num_workers),
+                                   ("server", self._servers, self.config.num_servers)):
+            peers = [p for p in self._pending if p.info["role"] == role]
+            chosen = {p.info["node_id"] for p in peers if p.info["node_id"] is not None}
+            free = iter(r for r in range(count) if r not in chosen)
+            for peer in peers:
+                rank = peer.info["node_id"]
+                ranks[next(free) if rank is None else rank] = peer
+            for rank, peer in ranks.items():
+                peer.info["rank"] = rank
+                peer.name = f"{role} {rank}"
 
     def _accept_loop(self):
         # Heartbeats both ways: a stopped or hung node is noticed within RDMAKV_TIMEOUT.
@@ -143,6 +139,18 @@ class Scheduler(Handler):
         except Exception as exc:  # the peer's own reader reports the failure
             log.warning("could not send %s to %s: %s", protocol.op_name(op), peer.name, exc)
 
+    def destination(self, peer, header):
+        # Nothing is allocated for a peer that has not said HELLO but its small HELLO.
+        if "role" not in peer.info and (header.op != Op.HELLO or header.length > protocol.MAX_CONNECT_BYTES):
+            raise ProtocolError(f"expected a HELLO of at most {protocol.MAX_CONNECT_BYTES} bytes, got "
+                                f"{protocol.op_name(header.op)} of {header.length} bytes")
+        return None
+
+    introduction = "accepted HELLO"
+
+    def introduced(self, peer):
+        return "role" in peer.info
+
     def on_message(self, peer, header, payload):
         obj = protocol.decode_json(payload or b"{}")
         if header.op == Op.HELLO:
@@ -151,24 +159,28 @@ class Scheduler(Handler):
             raise ProtocolError(f"{protocol.op_name(header.op)} before HELLO")
         elif header.op == Op.BARRIER and peer.info["role"] == "worker":
             self._barrier(peer, header.round)
-        elif header.op == Op.ERROR:       # the node is leaving because something failed: why
-            with self._lock:
-                peer.info["leaving_because"] = protocol.peer_text(obj)
         elif header.op == Op.GOODBYE and peer.info["role"] == "worker":
             with self._lock:
                 self._goodbyes.add(peer.info["rank"])
                 peer.info["said_goodbye"] = True
+                self._changed.notify_all()
+        elif header.op == Op.ERROR and peer.info["role"] == "worker":
+            # A worker leaving a failed job says why, so the others hear the cause.
+            with self._lock:
+                if self._failure is None:
+                    self._failure = f"{peer.name} failed: {protocol.peer_text(obj)}"
                 self._changed.notify_all()
         else:
             raise ProtocolError(f"unexpected {protocol.op_name(header.op)} from {peer.name}")
 
     def _hello(self, peer, obj):
         role = obj.get("role")
-        worker_id = obj.get("worker_id")
+        node_id = obj.get("node_id")
         refusal = None
         with self._lock:
             roles = [p.info["role"] for p in self._pending]
-            ids = [p.info["worker_id"] for p in self._pending if p.info["role"] == "worker"]
+            ids = [p.info["node_id"] for p in self._pending if p.info["role"] == role]
+            count = self.config.num_workers if role == "worker" else self.config.num_servers
             if "role" in peer.info:
                 refusal = "HELLO sent twice"
             elif obj.get("version") != protocol.VERSION:
@@ -183,13 +195,13 @@ class Scheduler(Handler):
                 refusal = f"the cluster already has its {self.config.num_workers} workers (DMLC_NUM_WORKER)"
             elif role == "server" and roles.count("server") >= self.config.num_servers:
                 refusal = f"the cluster already has its {self.config.num_servers} servers (DMLC_NUM_SERVER)"
-            elif worker_id is not None and (not isinstance(worker_id, int)
-                                            or not 0 <= worker_id < self.config.num_workers):
-                refusal = f"worker id {worker_id!r} is outside 0..{self.config.num_workers - 1}"
-            elif worker_id is not None and worker_id in ids:
-                refusal = f"worker id {worker_id} is already taken"
+            elif node_id is not None and (not isinstance(node_id, int) or isinstance(node_id, bool)
+                                          or not 0 <= node_id < count):
+                refusal = f"{role} id {node_id!r} is outside 0..{count - 1}"
+            elif node_id is not None and node_id in ids:
+                refusal = f"{role} id {node_id} is already taken"
             if refusal is None:
-                peer.info.update(role=role, host=obj["host"], port=obj["port"], worker_id=worker_id,
+                peer.info.update(role=role, host=obj["host"], port=obj["port"], node_id=node_id,
                                  hostname=str(obj.get("hostname", "")))
                 peer.name = f"{role} at {peer.connection.peer}"
                 self._pending.append(peer)
@@ -216,10 +228,8 @@ class Scheduler(Handler):
             orderly = peer.info.get("said_goodbye") or self._closing or (
                 role == "server" and len(self._goodbyes) == self.config.num_workers)
             if role is not None and not orderly and self._failure is None:
-                # run() wakes up and tells every other node which peer died, or why it left.
-                if peer.info.get("leaving_because"):
-                    self._failure = f"{peer.name} left the job: {peer.info['leaving_because']}"
-                elif isinstance(error, PeerTimeout):
+                # run() wakes up and tells every other node which peer died.
+                if isinstance(error, PeerTimeout):
                     self._failure = str(error)        # it names the silent peer
                 else:
                     self._failure = f"{peer.name} disconnected unexpectedly ({error or 'connection closed'})"

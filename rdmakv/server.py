@@ -7,7 +7,13 @@ push round r+1 as soon as it has round r's result, while round r's result may
 still be going out to slower workers) plus, with an optimizer, the weights:
 bounded, whatever the number of rounds.  A worker whose connection places data
 remotely (verbs) also gets a slot per chunk that its pushes are written
-straight into: the slot for round r+1 is offered once round r's push is summed."""
+straight into: the slot for round r+1 is offered once round r's push is summed.
+
+Everything a worker's declaration makes the server keep is charged to a
+memory budget (RDMAKV_SERVER_MEMORY, default this machine's memory) before it
+is allocated: a declaration that does not fit is refused, naming the budget,
+and keeps only the refusal.  A peer that has not connected makes us allocate nothing
+beyond its small CONNECT; optimizer state is bounded by the keys declared."""
 import heapq
 import itertools
 import logging
@@ -17,9 +23,9 @@ import time
 
 import numpy as np
 
-from rdmakv import auth, netif, protocol, trace
+from rdmakv import auth, netif, partition, protocol, trace
 from rdmakv._native import transport as _t
-from rdmakv.config import Config
+from rdmakv.config import Config, machine_memory
 from rdmakv.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
 from rdmakv.node import ControlLink, accept_peers
 from rdmakv.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
@@ -28,10 +34,41 @@ from rdmakv.transport.base import Handler
 
 log = logging.getLogger("rdmakv.server")
 
-MAX_CHUNK_BYTES = 1 << 30       # a declaration asking for more is refused
 MAX_DIMS = 32
 DIRECT_REPLY_BYTES = 64 * 1024   # smaller replies go out from the summing thread when nothing waits
-MAX_STATE_BYTES = 1 << 34      # optimizer state sent by SET_STATES
+# Bookkeeping charged to the memory budget besides the buffers: what a key and
+# each chunk held here cost in Python objects (about 0.9 and 1.7 KiB, measured
+# by tests/test_allocation.py, which keeps these above the measurement).
+KEY_COST = 2048
+CHUNK_COST = 2048
+
+
+def _human_bytes(nbytes):
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+class MemoryBudget:
+    """The bytes this server has committed for declared keys, against its limit."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def charge(self, nbytes):
+        """Take nbytes; False (taking nothing) if they do not fit."""
+        with self._lock:
+            if self.used + nbytes > self.limit:
+                return False
+            self.used += nbytes
+            return True
+
+    def release(self, nbytes):
+        with self._lock:
+            self.used -= nbytes
 
 
 class KeyRefused(ProtocolError):
@@ -43,17 +80,22 @@ class KeyRefused(ProtocolError):
 
 
 class KeyState:
-    def __init__(self, key, layout, first_rank):
+    __slots__ = ("key", "layout", "name", "declared_by", "disagreeing", "chunks", "error")
+
+    def __init__(self, key, layout):
         self.key = key
         self.layout = layout          # the declaration every worker must match
         self.name = layout["name"]
-        self.declared_by = {first_rank}
-        self.disagreeing = {}         # rank -> a layout that differs from the first: its pushes are refused
+        self.declared_by = set()      # ranks of the workers that declared it
+        self.disagreeing = {}         # rank -> its declaration, where it differs from the first
         self.chunks = []              # the ChunkStates this server holds
         self.error = None             # set once workers disagree: the key is then refused
 
 
 class ChunkState:
+    __slots__ = ("key_state", "index", "nbytes", "dtype_code", "dtype", "lock", "filled", "filling", "round",
+                 "pushed", "opened", "has_data", "flags", "buffers", "_allocate", "shared", "weight")
+
     def __init__(self, key_state, index, nbytes, dtype_code, allocate):
         self.key_state = key_state
         self.index = index
@@ -179,12 +221,15 @@ class ParameterServer(Handler):
         if self.secret is None:
             log.warning("no RDMAKV_SECRET: this cluster is unauthenticated; anyone who can reach %s can push",
                         self.address)
+        self.budget = MemoryBudget(self.config.server_memory or machine_memory())
         self.control = ControlLink(self.config, self.transport, "server", self._on_control, self._on_lost)
         self.rank = None
         self.num_workers = None
+        self.num_servers = self.config.num_servers    # the scheduler's count, once joined
         self.tracer = None
         self.updater = None
         self._keys = {}
+        self._first_key = None        # the first key declared with chunks here: its rounds number the traced steps
         self._chunks = {}
         self._links = {}              # worker rank -> WorkerLink
         self._departed = {}           # worker rank -> why it left; no round can complete after that
@@ -197,9 +242,11 @@ class ParameterServer(Handler):
 
     def run(self):
         """Serve until the scheduler says SHUTDOWN (returns 0) or the job fails (returns 1)."""
-        welcome = self.control.join(*self.listener.address)
+        welcome = self.control.join(*self.listener.address, node_id=self.config.server_id)
         self.rank, self.num_workers = welcome["rank"], welcome["num_workers"]
+        self.num_servers = welcome["num_servers"]
         self.tracer = trace.make(self.config, "server", self.rank)
+        log.info("server %d: joined the job of %d workers", self.rank, self.num_workers)
         acceptor = threading.Thread(target=self._accept_loop, daemon=True, name="rdmakv-accept")
         acceptor.start()
         threading.Thread(target=self._watch, daemon=True, name="rdmakv-watch").start()
@@ -275,9 +322,22 @@ class ParameterServer(Handler):
         self._stopped.set()
 
     # ---- worker messages -------------------------------------------------
+    introduction = "CONNECT"
+
+    def introduced(self, peer):
+        return "link" in peer.info
+
     def destination(self, peer, header):
+        link = peer.info.get("link")
+        if link is None:
+            # Nothing is allocated for a peer that has not connected but its small CONNECT.
+            if header.op != Op.CONNECT:
+                raise ProtocolError(f"expected CONNECT, got {protocol.op_name(header.op)} "
+                                    f"of {header.length} bytes")
+            if header.length > protocol.MAX_CONNECT_BYTES:
+                raise ProtocolError(f"CONNECT of {header.length} bytes exceeds {protocol.MAX_CONNECT_BYTES}")
+            return None
         if header.op == Op.PUSH or header.op == Op.INIT:
-            link = peer.info.get("link")
             chunk = self._chunks.get((header.key, header.chunk))
             if chunk is None or header.length != chunk.nbytes:
                 # A worker whose layout of the key differs from the first one's: its
@@ -290,8 +350,6 @@ class ParameterServer(Handler):
                                         f"chunk {header.chunk}")
                 raise ProtocolError(f"{protocol.op_name(header.op)} of {header.length} bytes for key "
                                     f"{chunk.key_state.name!r} chunk {chunk.index}, declared {chunk.nbytes}")
-            if link is None:
-                raise ProtocolError(f"{protocol.op_name(header.op)} before CONNECT")
             if header.op == Op.PUSH and link.places:
                 return link.slot_for(chunk)
             if header.op == Op.PUSH and not chunk.shared:
@@ -306,21 +364,30 @@ class ParameterServer(Handler):
                         return chunk.buffer(chunk.round)
             return link.scratch_for(header.length)
         if header.op == Op.SET_STATES:
-            if header.length > MAX_STATE_BYTES:
-                raise ProtocolError(f"optimizer state of {header.length} bytes exceeds {MAX_STATE_BYTES}")
+            with self._lock:
+                chunks = list(self._chunks.values())
+            limit = protocol.state_limit(sum(c.nbytes for c in chunks), len(chunks))
+            if header.length > limit:
+                raise ProtocolError(f"optimizer state of {header.length} bytes exceeds {limit}, the most the "
+                                    f"{len(chunks)} chunks declared on server {self.rank} can have")
             return bytearray(header.length)
         return None
 
     def _disagreeing_chunk_bytes(self, link, header):
-        """header.length if `link`'s own layout of a key whose layouts disagree has
-        that chunk, of that size, on this server (so the push is refused, not the
-        connection), else None."""
+        """header.length if `link`'s own declaration of a key whose declarations
+        disagree has that chunk, of that size, on this server (so the push is
+        refused, not the connection), else None."""
         state = self._keys.get(header.key)
-        layout = state.disagreeing.get(link.rank) if state is not None and link is not None else None
-        if layout is None or not header.chunk < len(layout["chunks"]):
+        declared = state.disagreeing.get(link.rank) if state is not None and link is not None else None
+        if declared is None:
             return None
-        _, nbytes, server = layout["chunks"][header.chunk]
-        return nbytes if server == self.rank and nbytes == header.length else None
+        nbytes = math.prod(declared["shape"]) * np.dtype(declared["dtype"]).itemsize
+        size = declared["chunk_bytes"]
+        if (header.chunk >= partition.chunk_count(nbytes, size)
+                or partition.server_of(header.key, header.chunk, self.num_servers) != self.rank):
+            return None
+        _, chunk_bytes = partition.piece(nbytes, size, header.chunk)
+        return chunk_bytes if chunk_bytes == header.length else None
 
     def on_message(self, peer, header, payload):
         link = peer.info.get("link")
@@ -392,23 +459,25 @@ class ParameterServer(Handler):
         if not isinstance(key, int):
             raise ProtocolError("DECLARE without an integer key")
         self._validate_layout(key, layout)
+        declared, here = self._resolve(layout)
         with self._lock:
             state = self._keys.get(key)
-            if state is None:
-                state = self._keys[key] = KeyState(key, layout, link.rank)
-                code = protocol.DTYPE_CODES[layout["dtype"]]
-                for index, (_, nbytes, server) in enumerate(layout["chunks"]):
-                    if server == self.rank:
-                        chunk = self._chunks[(key, index)] = ChunkState(state, index, nbytes, code, self._allocate)
-                        chunk.shared = self._shares_sums is not None and all(
-                            self._shares_sums(chunk.buffer(rnd)) for rnd in (0, 1))
-                        state.chunks.append(chunk)
-            else:
-                state.declared_by.add(link.rank)
-                if state.layout != layout:
-                    state.disagreeing[link.rank] = layout
-                    if state.error is None:
-                        state.error = self._describe_mismatch(state, layout, link.rank)
+        if state is None:
+            state = self._add_key(key, declared, here)
+        with self._lock:
+            if self._keys.get(key) is not state:    # refused, and not even the refusal fits the budget
+                link.reply(1 << 30, Op.ERROR, protocol.encode_json({"message": state.error, "key": key}), key=key)
+                return
+            state.declared_by.add(link.rank)
+            if state.layout != declared:
+                # Only this key is refused; the worker's pushes of it are still read off its
+                # connection (within what it declared), which stays up for its other keys.
+                state.disagreeing[link.rank] = declared
+                if state.error is None:
+                    state.error = self._describe_mismatch(state, declared, link.rank)
+        if state.error is None and link.places and not self.budget.charge(sum(c.nbytes for c in state.chunks)):
+            self._fail_key(key, self._over_budget(f"worker {link.rank}'s landing slots for key {state.name!r} "
+                                                  f"need {_human_bytes(sum(c.nbytes for c in state.chunks))}"))
         if state.error is not None:
             self._fail_key(key, state.error)
             return
@@ -418,36 +487,89 @@ class ParameterServer(Handler):
             link.offer_slot(chunk, rnd)
             link.offer_sum(chunk)
 
+    def _resolve(self, layout):
+        """(what workers must agree on, the chunks this server holds) for a valid DECLARE:
+        the chunks and their placement follow from it (rdmakv.partition, the
+        same functions the workers use), so two workers agree when their
+        declarations do, however they were configured."""
+        itemsize = np.dtype(layout["dtype"]).itemsize
+        pieces = partition.pieces(math.prod(layout["shape"]) * itemsize, layout["chunk_bytes"])
+        placed = partition.place(layout["key"], pieces, self.num_servers)
+        declared = {"name": layout["name"], "dtype": layout["dtype"], "shape": layout["shape"],
+                    "chunk_bytes": layout["chunk_bytes"]}
+        return declared, [chunk for chunk in placed if chunk.server == self.rank]
+
+    def _add_key(self, key, declared, here):
+        """Record a new key, its chunks here allocated within the memory budget
+        (or, if they do not fit, its refusal); returns the key's KeyState, which
+        another worker's declaration may have recorded meanwhile."""
+        cost = KEY_COST + sum(CHUNK_COST + 2 * chunk.nbytes for chunk in here)   # two round buffers each
+        state = KeyState(key, declared)
+        if self.budget.charge(cost):
+            try:
+                self._allocate_chunks(state, here)
+            except OSError as exc:        # out of memory or descriptors: keep only the refusal
+                state.chunks = []
+                state.error = f"server {self.rank} could not allocate key {state.name!r} ({_human_bytes(cost)}): {exc}"
+                self.budget.release(cost - KEY_COST)
+                cost = KEY_COST
+        else:
+            state.error = self._over_budget(f"key {state.name!r} needs {_human_bytes(cost)} ({len(here)} chunks there, "
+                                            f"two round buffers each)")
+            cost = KEY_COST if self.budget.charge(KEY_COST) else 0
+            if not cost:
+                return state              # not recorded: the caller tells this worker only
+        with self._lock:
+            existing = self._keys.get(key)
+            if existing is None:
+                self._keys[key] = state
+                for chunk in state.chunks:
+                    self._chunks[(key, chunk.index)] = chunk
+                if self._first_key is None and state.chunks:
+                    self._first_key = key
+                return state
+        self.budget.release(cost)    # another worker's declaration won the race
+        return existing
+
+    def _over_budget(self, need):
+        return (f"{need} of server {self.rank}'s memory, but {_human_bytes(self.budget.used)} of its "
+                f"{_human_bytes(self.budget.limit)} budget (RDMAKV_SERVER_MEMORY) is already committed: "
+                f"set RDMAKV_SERVER_MEMORY higher on the servers, or add servers")
+
+    def _allocate_chunks(self, state, here):
+        code = protocol.DTYPE_CODES[state.layout["dtype"]]
+        for piece in here:
+            chunk = ChunkState(state, piece.index, piece.nbytes, code, self._allocate)
+            chunk.shared = self._shares_sums is not None and all(
+                self._shares_sums(chunk.buffer(rnd)) for rnd in (0, 1))
+            state.chunks.append(chunk)
+
     def _validate_layout(self, key, layout):
-        name, dtype, shape, chunks = (layout.get(f) for f in ("name", "dtype", "shape", "chunks"))
+        """Check a declaration's fields, before anything is computed from them."""
+        name, dtype, shape, chunk_bytes = (layout.get(f) for f in ("name", "dtype", "shape", "chunk_bytes"))
         problem = None
-        if not isinstance(name, str) or len(name) > 1024:
+        if set(layout) != {"key", "name", "dtype", "shape", "chunk_bytes"}:
+            problem = f"fields {sorted(map(str, layout))}"
+        elif layout["key"] != key or not isinstance(key, int) or isinstance(key, bool) or not 0 <= key < 1 << 64:
+            problem = f"a key that is not {key!r}, or not a wire key"
+        elif not isinstance(name, str) or len(name) > 1024:
             problem = "a missing or over-long name"
         elif not isinstance(dtype, str) or dtype not in protocol.DTYPE_CODES:   # a list is unhashable
             problem = f"unsupported dtype {dtype!r}"
         elif (not isinstance(shape, list) or len(shape) > MAX_DIMS
               or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-              or math.prod(shape) > MAX_CHUNK_BYTES << 20):       # Python ints: no int64 wrap-around
+              or math.prod(shape) > protocol.MAX_CHUNK_BYTES * protocol.MAX_KEY_CHUNKS):  # Python ints: exact
             problem = f"invalid shape {shape!r}"
-        elif not isinstance(chunks, list) or not chunks or len(chunks) > (1 << 20):
-            problem = "an invalid chunk list"
         else:
             itemsize = np.dtype(dtype).itemsize
-            expected_offset = 0
-            for chunk in chunks:
-                if (not isinstance(chunk, list) or len(chunk) != 3
-                        or not all(isinstance(v, int) and not isinstance(v, bool) for v in chunk)):
-                    problem = "a malformed chunk entry"
-                    break
-                offset, nbytes, server = chunk
-                if (offset != expected_offset or not 0 <= nbytes <= MAX_CHUNK_BYTES
-                        or nbytes % itemsize or not 0 <= server < self.config.num_servers):
-                    problem = f"an invalid chunk {chunk}"
-                    break
-                expected_offset += nbytes
-            else:
-                if expected_offset != math.prod(shape) * itemsize:
-                    problem = "chunks that do not cover the tensor exactly"
+            nbytes = math.prod(shape) * itemsize
+            if (not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool)
+                    or (chunk_bytes != 0 if nbytes == 0 else
+                        not 0 < chunk_bytes <= protocol.MAX_CHUNK_BYTES or chunk_bytes % itemsize)):
+                problem = f"chunks of {chunk_bytes!r} bytes"
+            elif partition.chunk_count(nbytes, chunk_bytes) > protocol.MAX_KEY_CHUNKS:
+                problem = (f"{partition.chunk_count(nbytes, chunk_bytes)} chunks (a key may have at most "
+                           f"{protocol.MAX_KEY_CHUNKS})")
         if problem:
             raise ProtocolError(f"DECLARE of key {name!r} ({key}) has {problem}")
 
@@ -461,9 +583,10 @@ class ParameterServer(Handler):
             if first[field] != layout[field]:
                 return (f"workers disagree on key {first['name']!r}: {field} {first[field]} "
                         f"(first declaration) vs {layout[field]} (worker {rank})")
-        return (f"workers split key {first['name']!r} into different chunks or servers: every worker needs "
-                f"the same RDMAKV_PARTITION_BYTES and rdmakv version (worker {rank} differs from the first "
-                f"declaration)")
+        # The rest follows from chunk_bytes: placement is a function of the key (partition.place).
+        return (f"workers cut key {first['name']!r} into chunks of {first['chunk_bytes']} bytes (first "
+                f"declaration) and {layout['chunk_bytes']} (worker {rank}): set RDMAKV_PARTITION_BYTES "
+                f"alike on every worker")
 
     def _fail_key(self, key, message):
         with self._lock:
@@ -498,7 +621,9 @@ class ParameterServer(Handler):
         no_data = header.flags & FLAG_NO_DATA
         summed = header.flags & protocol.FLAG_SUMMED_IN_PLACE   # the worker added it into target itself
         if self.tracer:
-            self.tracer.instant("push", key=name, chunk=chunk.index, priority=header.priority,
+            if chunk.key_state.key == self._first_key:    # a round of the first key held here: a new step
+                self.tracer.begin_step(header.round)
+            self.tracer.stage("push", key=name, chunk=chunk.index, priority=header.priority,
                                 round=header.round, worker=link.rank)
         with chunk.lock:
             # Held from here until the contribution is counted, so that an adder
@@ -560,7 +685,7 @@ class ParameterServer(Handler):
                     result = chunk.weight
                 rnd = chunk.round
                 if self.tracer:
-                    self.tracer.instant("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
+                    self.tracer.stage("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
                 chunk.round += 1
                 chunk.pushed = set()
                 self._open_rounds.pop(chunk, None)
@@ -601,6 +726,10 @@ class ParameterServer(Handler):
         chunk = self._chunk(link, header)
         with chunk.lock:
             if chunk.weight is None:
+                if not self.budget.charge(chunk.nbytes):
+                    raise KeyRefused(header.key, self._over_budget(
+                        f"the starting weight of key {chunk.key_state.name!r} chunk {chunk.index} needs "
+                        f"{_human_bytes(chunk.nbytes)}"))
                 chunk.weight = np.empty(chunk.nbytes, np.uint8)
             if chunk.nbytes:
                 chunk.weight[:] = payload

@@ -20,6 +20,24 @@ def free_port(host="127.0.0.1"):
         return probe.getsockname()[1]
 
 
+def tagged(marker):
+    """pids of live processes whose environment carries marker."""
+    found = []
+    needle = f"RDKV_TEST_MARKER={marker}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as environ:
+                if needle in environ.read().split(b"\0"):
+                    with open(f"/proc/{entry}/stat") as stat:
+                        if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
+                            found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
 def run_threads(fns, timeout=60):
     """Run each fn in its own thread; return results, re-raising the first exception."""
     results = [None] * len(fns)

@@ -12,10 +12,32 @@ settings.register_profile("thorough", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def _transports():
+    """What cluster tests run on here: TCP and shared memory everywhere, verbs
+    where a usable RDMA device exists (inside the soft-RoCE VM)."""
+    from rdmakv.transport import verbs_devices
+    return ["tcp", "shm"] + (["verbs"] if verbs_devices.probe()[0] else [])
+
+
+@pytest.fixture(params=_transports())
+def transport(request, monkeypatch):
+    """The transport a test's clusters and in-process workers use, named in the
+    test id.  A module opts in with pytestmark = pytest.mark.usefixtures("transport");
+    others run on the default (auto: shared memory between co-located processes)."""
+    monkeypatch.setenv("RDMAKV_TRANSPORT", request.param)
+    monkeypatch.delenv("RDMAKV_SHM", raising=False)
+    return request.param
+
+
+CONNECTION_CLASS = {"tcp": "TcpConnection", "shm": "ShmConnection", "verbs": "VerbsConnection"}
+
+
 @pytest.fixture
-def cluster_factory():
-    """Start LocalClusters and guarantee they are torn down."""
+def cluster_factory(request):
+    """Start LocalClusters and guarantee they are torn down.  Under the
+    transport fixture, every in-process worker's server links must have used it."""
     from cluster import LocalCluster
+    transport = request.getfixturevalue("transport") if "transport" in request.fixturenames else None
     made = []
 
     def make(num_workers=2, num_servers=1, **env):
@@ -24,5 +46,10 @@ def cluster_factory():
         return cluster.start()
 
     yield make
+    used = {type(link.peer.connection).__name__ for cluster in made for kv in cluster.stores
+            for link in kv._links if link.peer is not None
+            and cluster.env.get("RDMAKV_TRANSPORT") == transport}
     for cluster in made:
         cluster.close()
+    if transport is not None:
+        assert used <= {CONNECTION_CLASS[transport]}, f"asked for {transport}, the workers used {used}"

@@ -7,6 +7,7 @@ from rdmakv import protocol
 from rdmakv.auth import AuthenticationError
 from rdmakv.protocol import Op
 
+pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 SECRET = "correct horse battery staple"
 
 

@@ -27,10 +27,18 @@ def test_precedence_keyword_then_rdmakv_then_dmlc():
     ({"DMLC_NUM_WORKER": "2", "DMLC_WORKER_ID": "2"}, "worker_id 2 is outside 0..1"),
     ({"RDMAKV_TIMEOUT": "-1"}, "RDMAKV_TIMEOUT"),
     ({"DMLC_PS_ROOT_PORT": "70000"}, "not a TCP port"),
+    ({"RDMAKV_SERVER_MEMORY": "lots"}, "RDMAKV_SERVER_MEMORY='lots'"),
+    ({"RDMAKV_SERVER_MEMORY": "0"}, "must be > 0"),
 ])
 def test_bad_settings_name_the_variable(env, message):
     with pytest.raises(ConfigError, match=message):
         Config.load(env)
+
+
+def test_server_memory_takes_binary_suffixes():
+    for text, expected in (("64G", 64 << 30), ("512MiB", 512 << 20), ("1.5T", 3 << 39), ("4096", 4096)):
+        assert Config.load({"RDMAKV_SERVER_MEMORY": text}).server_memory == expected
+    assert Config.load({}).server_memory is None       # the server then uses this machine's memory
 
 
 def test_unknown_keyword_is_refused():
@@ -44,3 +52,41 @@ def test_every_setting_is_documented_in_the_readme():
     for name, (variables, *_rest) in SETTINGS.items():
         for variable in variables:
             assert f"`{variable}`" in readme, f"{variable} ({name}) is not in the README"
+
+
+@pytest.mark.parametrize("variable,closest", [("RDMAKV_NUM_WORKER", "RDMAKV_NUM_WORKERS"),
+                                              ("RDMAKV_TIMEOUTT", "RDMAKV_TIMEOUT"),
+                                              ("RDMAKV_SHM_RING", "RDMAKV_SHM_RING_BYTES")])
+def test_a_misspelt_variable_warns_with_the_closest_name(variable, closest):
+    with pytest.warns(UserWarning, match=f"{variable} is not an rdmakv setting and is ignored; did you mean {closest}"):
+        Config.load({variable: "2"})
+
+
+def test_an_unknown_variable_far_from_any_name_still_warns():
+    with pytest.warns(UserWarning, match="RDMAKV_BANANA is not an rdmakv setting .*python -m rdmakv.info --json. lists the variables"):
+        Config.load({"RDMAKV_BANANA": "1"})
+
+
+def test_known_variables_do_not_warn(recwarn):
+    Config.load({"RDMAKV_NUM_WORKERS": "2", "RDMAKV_SHM": "0", "RDMAKV_IB_PORT": "1", "DMLC_NUM_WORKER": "2",
+                 "RDMAKV_TRACE_END_STEP": "3"})
+    assert not [w for w in recwarn if "rdmakv setting" in str(w.message)]
+
+
+@pytest.mark.parametrize("value,transport", [("1", "verbs"), ("ibverbs", "verbs"), ("0", "auto")])
+def test_dmlc_enable_rdma_takes_ps_lite_values(value, transport):
+    assert Config.load({"DMLC_ENABLE_RDMA": value}).transport == transport
+
+
+def test_dmlc_enable_rdma_names_its_own_values():
+    with pytest.raises(ConfigError) as error:
+        Config.load({"DMLC_ENABLE_RDMA": "fabric"})
+    assert str(error.value).startswith("DMLC_ENABLE_RDMA='fabric': must be 1 or ibverbs (verbs) or 0 (auto)")
+    with pytest.raises(ConfigError, match="RDMAKV_TRANSPORT='fabric': must be auto, verbs, tcp or shm"):
+        Config.load({"RDMAKV_TRANSPORT": "fabric"})
+
+
+def test_every_setting_is_listed_in_the_kvstore_docstring():
+    from rdmakv.kvstore import KVStore
+    listed = {line.split()[0] for line in KVStore.__doc__.splitlines()[4:] if line.startswith("    ") and line.split()}
+    assert set(SETTINGS) <= listed, set(SETTINGS) - listed

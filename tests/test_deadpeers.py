@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from cluster import REPO, free_port
+from cluster import REPO, free_port, tagged
 
 TIMEOUT = 8
 SLACK = 7
@@ -26,24 +26,6 @@ NAMED = {"worker": re.compile(r"worker \d+"), "server": re.compile(r"server \d+"
 # a worker may still see its server connection close before that notice: a named peer, though not
 # the root cause.  Allowed here.
 CONSEQUENCE = re.compile(r"server \d+ at ")
-
-
-def tagged(marker):
-    """pids of live processes whose environment carries marker."""
-    found = []
-    needle = f"RDKV_TEST_MARKER={marker}".encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as environ:
-                if needle in environ.read().split(b"\0"):
-                    with open(f"/proc/{entry}/stat") as stat:
-                        if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
-                            found.append(int(entry))
-        except OSError:
-            pass
-    return found
 
 
 def role_of(pid):

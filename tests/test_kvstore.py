@@ -12,6 +12,7 @@ import rdmakv
 from kvstore_helpers import expected_sum, pushpull_keys_at_once, worker_values
 from rdmakv.errors import PeerTimeout, RemoteError
 
+pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"]
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (1000,), (33, 17, 3), (2500, 9)]
 

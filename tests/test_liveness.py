@@ -172,7 +172,7 @@ def test_worker_that_never_pushes_is_named(cluster_factory):
     survivor.close(timeout=5)              # leaves at once: its round was already given up
     wait_until(lambda: any("job failed" in line for line in cluster.logs[0]), "the scheduler's verdict")
     verdict = next(line for line in cluster.logs[0] if "job failed" in line)
-    assert "worker 0 left the job" in verdict and "push of worker 1" in verdict, verdict
+    assert "worker 0 failed: pushpull of key 'x'" in verdict and "push of worker 1" in verdict, verdict
     print(f"\nFIGURE never-pushing worker: {error}\nFIGURE scheduler: {verdict}")
 
 

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"]
 ROUNDS = int(os.environ.get("RDMAKV_LOAD_ROUNDS", "12"))
 KEYS = 40

@@ -12,6 +12,7 @@ import rdmakv.mxnet as rmx  # noqa: E402
 pytestmark = pytest.mark.mxnet
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "mxnet_worker.py")
+USER_SCRIPT = os.path.join(REPO, "tests", "mxnet_user_script.py")
 
 
 def launch(scenario, outdir, workers=2, servers=1, timeout=240, stdout=None):
@@ -65,10 +66,43 @@ def test_trainer_save_and_load_states_resume_bit_identically(tmp_path):
     assert_same_on_every_worker(launch("states", tmp_path, servers=2))
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("api,name", [("trainer", "rdmakv"), ("trainer", "dist_sync_rdmakv"),
+                                      ("module", "rdmakv"), ("module", "dist_sync_rdmakv")])
+def test_script_naming_the_store_trains_distributed_and_exits_0_without_close(tmp_path, api, name):
+    # MXNet itself creates no store for a name without "dist" on one device: the
+    # workers would each train alone, silently.  The script also creates the store
+    # three times and never closes it.
+    traces = tmp_path / "traces"
+    env = dict(os.environ, PYTHONPATH=REPO, RDMAKV_TIMEOUT="60", RDMAKV_TRACE_DIR=str(traces))
+    proc = subprocess.run([sys.executable, "-m", "rdmakv.launch", "-n", "2", "-s", "1", "--",
+                           sys.executable, USER_SCRIPT, api, name, str(tmp_path)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert "disconnected unexpectedly" not in proc.stdout
+    assert sorted(os.listdir(traces)) == ["rdmakv-server-0.json", "rdmakv-worker-0.json",
+                                          "rdmakv-worker-1.json"]
+    results = [dict(np.load(os.path.join(tmp_path, "%d.npz" % r))) for r in range(2)]
+    assert_same_on_every_worker(results)
+    # ... and what every worker holds is what one process learns from both shards.
+    got = sorted(k for k in results[0] if k.startswith("got"))
+    assert got
+    for name in got:
+        np.testing.assert_allclose(results[0][name], results[0]["ref" + name[3:]],
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 # -- without a cluster ------------------------------------------------------
 
-def test_registered_under_rdmakv():
-    assert mx.kvstore.KVStoreBase.kv_registry["rdmakv"] is rmx.RdmaKV
+def test_registered_under_both_names_and_named_by_trainer_and_module():
+    for name in rmx.NAMES:
+        assert mx.kvstore.KVStoreBase.kv_registry[name] is rmx.RdmaKV
+    from mxnet.gluon import trainer
+    from mxnet.module import module
+    for api in (mx.model, trainer, module):
+        assert api._create_kvstore.rdmakv_wrapped is not None
+    # Other names are MXNet's business, untouched.
+    assert mx.model._create_kvstore("local", 1, {}) == (None, False)
     assert rmx.RdmaKV.is_capable("optimizer") and rmx.RdmaKV.is_capable("OPTIMIZER")
     with pytest.raises(ValueError, match="Unknown capability"):
         rmx.RdmaKV.is_capable("sparse")

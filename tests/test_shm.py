@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import rdmakv
-import test_kvstore
 from kvstore_helpers import expected_sum, worker_values
 from cluster import REPO
 from rdmakv import protocol
@@ -385,31 +384,6 @@ def shm_cluster_factory(cluster_factory, monkeypatch):
 
     yield make
     assert kinds and set(kinds) == {"ShmConnection"}, kinds
-
-
-@pytest.mark.parametrize("workers,servers", [(2, 1), (3, 2)])
-def test_kvstore_every_dtype_and_shape_over_shm(shm_cluster_factory, workers, servers):
-    test_kvstore.test_pushpull_every_dtype_and_shape(shm_cluster_factory, workers, servers)
-
-
-def test_kvstore_many_keys_priorities_over_shm(shm_cluster_factory):
-    test_kvstore.test_many_keys_in_flight_with_out_and_priorities(shm_cluster_factory)
-
-
-def test_kvstore_async_rounds_over_shm(shm_cluster_factory):
-    test_kvstore.test_repeated_async_rounds_of_one_key_are_ordered(shm_cluster_factory)
-
-
-def test_kvstore_broadcast_and_barrier_over_shm(shm_cluster_factory):
-    test_kvstore.test_broadcast_and_barrier(shm_cluster_factory)
-
-
-def test_kvstore_priority_order_over_shm(shm_cluster_factory, tmp_path):
-    test_kvstore.test_priority_order_is_observed_at_the_server(shm_cluster_factory, tmp_path)
-
-
-def test_kvstore_ipv6_over_shm(shm_cluster_factory):
-    test_kvstore.test_ipv6_cluster(shm_cluster_factory)
 
 
 def test_kvstore_large_multi_chunk_tensors_and_auth_over_shm(shm_cluster_factory, monkeypatch):

@@ -111,6 +111,21 @@ def test_bench_transport_quick(tmp_path):
     assert png.exists() or not _plot_args(png)
 
 
+def test_bench_overlap_quick(tmp_path):
+    out = tmp_path / "overlap.json"
+    systems = "rdmakv,mxnet" if importlib.util.find_spec("mxnet") else "rdmakv"
+    proc = _run("bench_overlap.py", "--quick", "--systems", systems, "--json", str(out), timeout=180)
+    report = json.loads(out.read_text())
+    assert list(report["workloads"]) == ["16x4MiB", "256x4KiB"]
+    for results in report["workloads"].values():
+        assert list(results) == systems.split(",")
+        for r in results.values():
+            assert r["status"] == "ok" and r["exact"], r
+            assert all(len(r["times"][kind]) == 3 for kind in ("transfer", "compute", "both"))
+            assert r["overlap"] > 0
+    assert "overlap = both / max(transfer, compute)" in proc.stdout
+
+
 def test_bench_transport_unknown_transport_is_an_error():
     proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_transport.py"), "--transport", "carrier-pigeon"],
                           capture_output=True, text=True, timeout=60)

@@ -738,7 +738,7 @@ def parse_args(argv):
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            p.error("--plot needs matplotlib: .venv/bin/pip install matplotlib")
+            p.error("--plot needs matplotlib: pip install 'rdmakv[bench]' (or pip install matplotlib)")
     args.systems = [s for s in args.systems.split(",") if s]
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.skip_baseline = [w for w in args.skip_baseline.split(",") if w]
@@ -768,6 +768,9 @@ def main(argv=None):
             json.dump(report, f, indent=1)
     if args.plot:
         plot(report, args.plot)
+    if "rdmakv" in report["skipped"]:     # the system under test: a baseline may be missing, rdmakv may not
+        print(f"bench_kvstore: rdmakv could not start: {report['skipped']['rdmakv']}", file=sys.stderr)
+        return 1
     ours_failed = any(w["systems"].get("rdmakv", {}).get("status") == "failed" for w in report["workloads"].values())
     return 1 if ours_failed or not report["exact"] else 0
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """pushpull step time over TCP and over shared memory, same invocation:
 a scheduler, 1 server and 2 workers on this host (python -m rdmakv.launch),
 once per transport, and a numpy memcpy of 64 MiB for the floor.

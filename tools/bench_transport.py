@@ -57,6 +57,11 @@ class Transport:
             module = importlib.import_module(TRANSPORTS[name])
         except ImportError as exc:
             raise SystemExit(f"transport {name!r} is not available in this build: {exc}") from None
+        if name == "verbs":
+            from rdmakv.transport import verbs_devices
+            usable, reason = verbs_devices.probe()
+            if not usable:
+                raise SystemExit(f"bench_transport: cannot use verbs: {reason}")
         self.name = name
         self.listen = module.Listener
         self.connect = module.connect
@@ -283,7 +288,7 @@ def main(argv=None):
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            p.error("--plot needs matplotlib: .venv/bin/pip install matplotlib")
+            p.error("--plot needs matplotlib: pip install 'rdmakv[bench]' (or pip install matplotlib)")
     transport = Transport(args.transport)
     if args.serve:
         serve(transport, args.host, args.port, once=args.port == 0)

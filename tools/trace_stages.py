@@ -21,13 +21,24 @@ from collections import defaultdict
 STAGES = ("sent", "push", "summed", "received")
 
 
+def read_events(path):
+    """A trace file's events; one whose process died before finishing it lacks its closing "]}"."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)["traceEvents"]
+    except json.JSONDecodeError:
+        # One event a line: keep the whole lines and close the list.
+        whole = text[:text.rfind("\n")] if not text.endswith("\n") else text
+        return json.loads(whole + "\n]}")["traceEvents"]
+
+
 def load(directory):
     """{(key, chunk, round): {stage name (with the worker for per-worker ones): time in us}}."""
     events = defaultdict(dict)
     for path in glob.glob(os.path.join(directory, "rdmakv-*.json")):
         role, rank = re.match(r"rdmakv-(\w+)-(\d+)\.json$", os.path.basename(path)).groups()
-        with open(path) as f:
-            trace = json.load(f)["traceEvents"]
+        trace = read_events(path)
         for event in trace:
             args = event.get("args", {})
             if event.get("ph") != "i" or "round" not in args:

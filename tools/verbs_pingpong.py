@@ -97,6 +97,9 @@ def main():
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--count", type=int, default=200)
     args = p.parse_args()
+    usable, reason = verbs_devices.probe()
+    if not usable:
+        raise SystemExit(f"verbs_pingpong: cannot use verbs: {reason}")
     ctx, port = verbs_devices.open_device()
     a, b = Side(ctx, port, args.size), Side(ctx, port, args.size)
     try:

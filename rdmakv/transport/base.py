@@ -18,7 +18,7 @@ from rdmakv.protocol import Op
 log = logging.getLogger("rdmakv.transport")
 
 
-class _Throttle:
+class Throttle:
     """Lets at most `burst` messages through per `period` seconds, then reports how
     many it held back, so a flood of hostile connections cannot flood the log."""
 
@@ -41,8 +41,16 @@ class _Throttle:
                 return False, held
             return True, held
 
+    def warn(self, logger, kind, message, *args):
+        """logger.warning(message, *args) within the budget; first, how many of `kind` were held back."""
+        allowed, held = self.allow()
+        if held:
+            logger.warning("%d more %s (not shown)", held, kind)
+        if allowed:
+            logger.warning(message, *args)
 
-_closed_warnings = _Throttle()
+
+_closed_warnings = Throttle()
 _HEARTBEAT = protocol.pack(Op.HEARTBEAT)
 
 IDLE_POLL_SECONDS = 1.0
@@ -51,6 +59,7 @@ HEARTBEATS_PER_TIMEOUT = 4     # a live peer is heard from this many times per s
 
 class Connection(abc.ABC):
     peer = "?"           # printable address of the other side
+    source = "?"         # who is at the other side, for per-source limits: an address, or a local uid
 
     @abc.abstractmethod
     def send(self, header, payload=None):
@@ -73,6 +82,17 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def close(self):
         """Release everything; idempotent; wakes a blocked receiver."""
+
+    def readable_bytes(self):
+        """How many bytes recv_header/recv_payload can take now without waiting;
+        EndOfStream once the peer left and nothing is left; None where the
+        transport cannot tell (a handshake then runs in a thread of its own)."""
+        return None
+
+    def fileno(self):
+        """A descriptor that polls readable when bytes arrive, or -1 when arrivals
+        wake no descriptor (readable_bytes must then be asked again later)."""
+        return -1
 
     places_remotely = False   # whether offer() lets the peer write payloads straight into our buffers
 
@@ -100,7 +120,14 @@ class Listener(abc.ABC):
 
     @abc.abstractmethod
     def accept(self, timeout):
-        """A new Connection, or None after timeout seconds."""
+        """A new Connection, or None after timeout seconds.  accept(0) never waits:
+        a connection whose set-up is not complete yet stays with the listener.
+        OSError when accepting fails (EMFILE: out of descriptors)."""
+
+    @abc.abstractmethod
+    def watch(self):
+        """(descriptors that poll readable when accept(0) may return a connection,
+        a time.monotonic() by which accept(0) must be called again, or None)."""
 
     @abc.abstractmethod
     def close(self):
@@ -120,6 +147,12 @@ class Handler:
     def on_closed(self, peer, error):
         """The connection ended: error is None after a local close, else why."""
 
+    introduction = "first message"     # what an accepted peer must send before anything else
+
+    def introduced(self, peer):
+        """Whether an accepted peer has introduced itself (see Peer's introduce_by)."""
+        return True
+
 
 class Peer:
     """A connection and the thread that reads from it.
@@ -137,9 +170,12 @@ class Peer:
     send large payloads it could wait behind a send that waits for this very
     reader."""
 
-    def __init__(self, connection, handler, name, handshake=None, silence_limit=None):
+    def __init__(self, connection, handler, name, handshake=None, introduce_within=None, silence_limit=None):
         self.connection = connection
         self.handshake = handshake  # run first, in the reader thread; it raises to refuse the peer
+        # An accepted peer that has not introduced itself (handler.introduced) this many
+        # seconds after authenticating is closed: it would hold a thread for nothing.
+        self._introduce_within = introduce_within
         self.handler = handler
         self.name = name
         self.silence_limit = silence_limit
@@ -166,11 +202,18 @@ class Peer:
         try:
             if self.handshake is not None:
                 self.handshake(self.connection)
+            introduce_by = None if self._introduce_within is None else time.monotonic() + self._introduce_within
             limit = self.silence_limit
             interval = None if limit is None else limit / HEARTBEATS_PER_TIMEOUT
             poll = IDLE_POLL_SECONDS if limit is None else min(IDLE_POLL_SECONDS, interval)
             heard = beat = time.monotonic()
             while not self._closing:
+                if introduce_by is not None:
+                    if self.handler.introduced(self):
+                        introduce_by = None
+                    elif time.monotonic() > introduce_by:
+                        raise PeerTimeout(f"{self.name} sent no {self.handler.introduction} within "
+                                          f"{self._introduce_within:g} s of authenticating (RDMAKV_TIMEOUT)")
                 header = self.connection.recv_header(poll)
                 if limit is not None:
                     now = time.monotonic()
@@ -214,11 +257,8 @@ class Peer:
             elif isinstance(error, EndOfStream):
                 log.debug("%s closed the connection", self.name)
             elif error is not None:
-                allowed, held = _closed_warnings.allow()
-                if held:
-                    log.warning("%d more connections closed with errors (not shown)", held)
-                if allowed:
-                    log.warning("connection to %s (%s) closed: %s", self.name, self.connection.peer, error)
+                _closed_warnings.warn(log, "connections closed with errors",
+                                      "connection to %s (%s) closed: %s", self.name, self.connection.peer, error)
             self.connection.close()
             self.handler.on_closed(self, error)
 

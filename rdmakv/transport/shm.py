@@ -3,6 +3,14 @@
 map whenever the two ends run on the same host, and hands every other
 connection to the transport underneath.
 
+Who may use it.  Any local user can reach an abstract socket, so both sides
+ask the kernel who is at the other end (SO_PEERCRED) before any memory
+changes hands, and refuse a process of another uid unless
+RDMAKV_SHM_ALLOW_UIDS names it.  The listener runs every set-up alongside
+its other work, each with its own short deadline (SETUP_SECONDS) and within
+caps per uid and in total, so a silent or slow local process costs others
+nothing; refusals are logged within a budget.
+
 Set-up.  A listener also listens on an abstract Unix socket named after its
 own address ("rdmakv-shm/<numeric host>/<port>").  Abstract names live in the
 kernel's network namespace and vanish with the socket, so reaching one proves
@@ -56,6 +64,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import mmap
 import os
 import select
@@ -70,7 +79,7 @@ from rdmakv import netif, protocol
 from rdmakv.protocol import Op
 from rdmakv._native import transport as _t
 from rdmakv.errors import ConfigError, ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, TransportError
-from rdmakv.transport.base import Connection, Listener
+from rdmakv.transport.base import Connection, Listener, Throttle
 
 log = logging.getLogger("rdmakv.transport.shm")
 
@@ -78,13 +87,16 @@ MiB = 1 << 20
 DEFAULT_RING_BYTES = 16 * MiB
 MIN_RING_BYTES = 64 * 1024
 MAX_RING_BYTES = 1 << 30
-SETUP_SECONDS = 5.0            # bound on the set-up exchange (a local peer that stalls it is refused)
+SETUP_SECONDS = 3.0            # a connector sends its set-up at once: one that has not by then is refused
+ANSWER_SECONDS = 2 * SETUP_SECONDS  # how long a connector waits for the answer (the listener may be busy)
+MAX_SETUPS = 64                # set-ups in progress at a listener (beyond: refused at once) ...
+MAX_SETUPS_PER_UID = 32        # ... and from one uid
 SETUP_VERSION = 1
 _OFF = ("0", "false", "no", "off")
 
 SHARED_MIN_BYTES = 64 * 1024   # smaller payloads are cheaper to copy through the ring
 SUM_CONTROL_BYTES = _t.SUM_CONTROL_BYTES
-ARENA_SEGMENT_BYTES = 64 * MiB  # the arena grows by memory files of this size (or one buffer's)
+ARENA_SEGMENT_BYTES = 64 * MiB  # the arena's first memory file; each next one is as large as all before
 ARENA_ALIGN = 4096
 MAX_SHARED_SEGMENTS = 4096     # a peer sharing more is refused (each costs us a mapping)
 # Header flag bits private to this layer (stripped on receipt):
@@ -114,6 +126,20 @@ def ring_bytes(environ=None):
     return value
 
 
+def allowed_uids(environ=None):
+    """The uids whose processes may share memory with this one: its own, and
+    those listed in RDMAKV_SHM_ALLOW_UIDS (comma-separated numbers)."""
+    environ = os.environ if environ is None else environ
+    text = environ.get("RDMAKV_SHM_ALLOW_UIDS", "")
+    try:
+        listed = {int(part) for part in text.replace(",", " ").split()}
+    except ValueError:
+        raise ConfigError(f"RDMAKV_SHM_ALLOW_UIDS={text!r}: list numeric uids, separated by commas") from None
+    if any(uid < 0 for uid in listed):
+        raise ConfigError(f"RDMAKV_SHM_ALLOW_UIDS={text!r}: uids are >= 0")
+    return frozenset(listed | {os.getuid()})
+
+
 def unavailable():
     """Why shared memory cannot work in this process, or None."""
     if not hasattr(os, "memfd_create") or not hasattr(socket, "send_fds") or not hasattr(fcntl, "F_ADD_SEALS"):
@@ -135,6 +161,7 @@ def wanted(transport, environ=None):
         if missing:
             raise ConfigError(f"RDMAKV_TRANSPORT=shm: {missing}")
         ring_bytes(environ)
+        allowed_uids(environ)
         return True, "RDMAKV_TRANSPORT=shm: shared memory with co-located peers"
     if transport != "auto":
         return False, f"RDMAKV_TRANSPORT={transport}"
@@ -144,6 +171,7 @@ def wanted(transport, environ=None):
     if missing:
         return False, f"no shared memory: {missing}"
     ring_bytes(environ)
+    allowed_uids(environ)
     return True, "auto: shared memory with co-located peers"
 
 
@@ -187,7 +215,11 @@ class _Segment:
 class SharedArena:
     """Memory files the listener's owner allocates buffers from, so that
     connections can hand co-located peers a buffer's place instead of its
-    bytes.  Buffers live as long as the process; segments only grow."""
+    bytes.  Buffers live as long as the process; segments only grow.  Each
+    memory file is at least as large as all earlier ones together, so n bytes
+    of buffers take O(log n) files (two descriptors each, ours and the
+    mapping's) and at most about 2n of address space; the kernel commits a
+    page only when it is first touched."""
 
     def __init__(self):
         self._segments = []
@@ -201,7 +233,9 @@ class SharedArena:
         span = -(-(SUM_CONTROL_BYTES + nbytes) // ARENA_ALIGN) * ARENA_ALIGN
         with self._lock:
             if not self._segments or self._used + span > self._segments[-1].size:
-                self._segments.append(self._new_segment(len(self._segments), max(ARENA_SEGMENT_BYTES, span)))
+                reserved = sum(segment.size for segment in self._segments)
+                self._segments.append(self._new_segment(len(self._segments),
+                                                        max(ARENA_SEGMENT_BYTES, span, reserved)))
                 self._used = 0
             segment, offset = self._segments[-1], self._used + SUM_CONTROL_BYTES
             self._used += span
@@ -269,10 +303,11 @@ def _flagged(header, bit):
 
 
 class ShmConnection(Connection):
-    def __init__(self, sock, channel, peer, timeout, arena=None):
+    def __init__(self, sock, channel, peer, timeout, arena=None, source="?"):
         self._sock = sock
         self._channel = channel
         self.peer = peer
+        self.source = source
         self._timeout = timeout
         self._arena = arena
         self._shared_with_peer = set()    # numbers of our segments the peer has
@@ -379,6 +414,12 @@ class ShmConnection(Connection):
                     raise ProtocolError(f"receive from {self.peer}: private flags 0x{private:x} together")
                 return header
 
+    def readable_bytes(self):
+        # Arrivals in the ring wake no descriptor: fileno() stays -1.
+        if not self._io("receive from", self._channel.wait_readable, 0):
+            return 0
+        return self._io("receive from", self._channel.available)
+
     def _take_sum_offer(self, header):
         """Record a sum the peer lets us add our pushes into (the caller holds the receive lock)."""
         if self._arena is not None or header.op != Op.PUSH or header.length != SUM_PLACES.size:
@@ -476,6 +517,16 @@ class ShmConnection(Connection):
             self._sock.close()
 
 
+class _SetUp:
+    """A co-located connector's set-up in progress: its socket, who it is, and until when it may take."""
+
+    def __init__(self, sock, pid, uid, deadline):
+        self.sock = sock
+        self.uid = uid
+        self.name = f"local pid {pid} (shm)"
+        self.deadline = deadline
+
+
 class ShmListener(Listener):
     """The transport underneath's listener, plus the abstract Unix socket
     co-located connectors find it by."""
@@ -486,7 +537,10 @@ class ShmListener(Listener):
         self._timeout = timeout
         self._forced = forced
         self._ring_bytes = ring_bytes()
+        self._allowed_uids = allowed_uids()
         self._arena = SharedArena()
+        self._setups = []             # _SetUps in progress, oldest first
+        self._refusals = Throttle()
         self._unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             name = _endpoint(*self.address)
@@ -504,56 +558,98 @@ class ShmListener(Listener):
         else:
             self._unix.setblocking(False)
 
-    def accept(self, timeout):
+    def watch(self):
+        fds, wake = self._inner.watch()
         if self._unix is None:
-            return self._inner.accept(timeout)
-        inner_fd = self._inner.fileno() if hasattr(self._inner, "fileno") else None
+            return fds, wake
+        fds = fds + [self._unix.fileno()] + [setup.sock.fileno() for setup in self._setups]
+        if self._setups:
+            wake = min(self._setups[0].deadline, wake or math.inf)
+        return fds, wake
+
+    def accept(self, timeout):
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                sock, _ = self._unix.accept()
-            except (BlockingIOError, InterruptedError):
-                pass
-            else:
-                connection = self._setup(sock)
-                if connection is not None:
-                    return connection
+            connection = self._accept_ready()
             left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            if inner_fd is None:           # cannot watch both: take turns in short slices
-                connection = self._inner.accept(min(left, 0.05))
-                if connection is not None:
-                    return connection
-                continue
+            if connection is not None or left <= 0:
+                return connection
+            fds, wake = self.watch()
+            if wake is not None:
+                left = min(left, max(0.0, wake - time.monotonic()))
             poller = select.poll()
-            try:
-                poller.register(self._unix.fileno(), select.POLLIN)
-                poller.register(inner_fd, select.POLLIN)
-            except ValueError:                 # closed meanwhile (fileno() is -1)
-                raise OSError(errno.EBADF, "listener closed") from None
-            ready = {fd for fd, _ in poller.poll(max(1, int(left * 1000)))}
-            if inner_fd in ready:
-                connection = self._inner.accept(0)
-                if connection is not None:
-                    return connection
+            for fd in fds:
+                if fd < 0:
+                    raise OSError(errno.EBADF, "listener closed")
+                poller.register(fd, select.POLLIN)
+            poller.poll(max(0, math.ceil(left * 1000)))
 
-    def _setup(self, sock):
-        """The acceptor's side of the set-up; None (after logging why) if it fails."""
+    def _accept_ready(self):
+        """A connection that is ready now, or None; never waits.  New co-located
+        connectors join the set-ups in progress, which advance as their bytes come."""
+        if self._unix is not None:
+            for _ in range(MAX_SETUPS):            # then give the others a turn
+                try:
+                    sock, _ = self._unix.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    break
+                self._admit(sock)
+            now = time.monotonic()
+            while self._setups and self._setups[0].deadline <= now:
+                setup = self._setups.pop(0)
+                self._refuse(setup.sock, setup.name, f"no set-up within {SETUP_SECONDS:g} s")
+            for setup in list(self._setups):
+                connection = self._advance(setup)
+                if connection is not False:
+                    self._setups.remove(setup)
+                    if connection is not None:
+                        return connection
+        return self._inner.accept(0)
+
+    def _admit(self, sock):
+        """Start the set-up of a new co-located connector, or refuse it at once."""
+        try:
+            sock.setblocking(False)
+            pid, uid = _peer_credentials(sock)
+        except OSError as exc:
+            self._refuse(sock, "a local process (shm)", f"no credentials: {exc}")
+            return
+        name = f"local pid {pid} uid {uid} (shm)"
+        if uid not in self._allowed_uids:
+            self._refuse(sock, name, f"uid {uid} may not share memory with this process (uid {os.getuid()}); "
+                                     f"RDMAKV_SHM_ALLOW_UIDS lists the uids that may")
+        elif len(self._setups) >= MAX_SETUPS:
+            self._refuse(sock, name, f"{MAX_SETUPS} shared-memory set-ups are already in progress")
+        elif sum(setup.uid == uid for setup in self._setups) >= MAX_SETUPS_PER_UID:
+            self._refuse(sock, name, f"{MAX_SETUPS_PER_UID} shared-memory set-ups of uid {uid} are already "
+                                     f"in progress")
+        else:
+            self._setups.append(_SetUp(sock, pid, uid, time.monotonic() + min(SETUP_SECONDS, self._timeout)))
+
+    def _refuse(self, sock, name, reason):
+        self._refusals.warn(log, "shared-memory connections refused",
+                            "refused a shared-memory connection from %s: %s", name, reason)
+        try:
+            sock.send(json.dumps({"ok": False, "error": reason}).encode() + b"\n", socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        sock.close()
+
+    def _advance(self, setup):
+        """The acceptor's side of one set-up: a ShmConnection once its message is
+        in, False while it is not, None (after refusing it) if it fails."""
         memfd = -1
         try:
-            pid, _ = _peer_credentials(sock)
-            peer = f"local pid {pid} (shm)"
-        except OSError:
-            peer = "a local process (shm)"
-        try:
-            deadline = time.monotonic() + min(SETUP_SECONDS, self._timeout)
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            data, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+            try:
+                data, fds, flags, _ = socket.recv_fds(setup.sock, 4096, 1, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
             if fds:
                 memfd = fds[0]
             for extra in fds[1:]:
                 os.close(extra)
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("its memory fd could not be received (out of descriptors?)")
             hello = json.loads(data) if data else None
             if not isinstance(hello, dict) or hello.get("rdmakv_shm") != SETUP_VERSION or memfd < 0:
                 raise ProtocolError("not an rdmakv shared-memory set-up")
@@ -565,19 +661,14 @@ class ShmListener(Listener):
             seals = fcntl.fcntl(memfd, fcntl.F_GET_SEALS)
             if not seals & fcntl.F_SEAL_SHRINK:
                 raise ProtocolError("the segment is not sealed against shrinking")
-            channel = _t.ShmChannel(memfd, sock.fileno(), size, False)
+            channel = _t.ShmChannel(memfd, setup.sock.fileno(), size, False)
             os.close(memfd)
             memfd = -1
-            sock.sendall(b'{"ok": true}\n')
-            sock.setblocking(False)
-            return ShmConnection(sock, channel, peer, self._timeout, self._arena)
+            setup.sock.send(b'{"ok": true}\n', socket.MSG_DONTWAIT)     # an empty socket takes a line
+            return ShmConnection(setup.sock, channel, setup.name, self._timeout, self._arena,
+                                 source=f"local uid {setup.uid}")
         except (OSError, ValueError, ProtocolError) as exc:
-            log.warning("refused a shared-memory connection from %s: %s", peer, exc)
-            try:
-                sock.sendall(json.dumps({"ok": False, "error": str(exc)}).encode() + b"\n")
-            except OSError:
-                pass
-            sock.close()
+            self._refuse(setup.sock, setup.name, str(exc))
             return None
         finally:
             if memfd >= 0:
@@ -602,12 +693,12 @@ class ShmListener(Listener):
         segment, offset = self._arena.find(buffer)
         _t.sum_into_shared(segment.memory, offset, source, dtype_code, round, self._timeout)
 
-    def fileno(self):
-        return self._inner.fileno() if hasattr(self._inner, "fileno") else -1
-
     def close(self):
         if self._unix is not None:
             self._unix.close()
+        for setup in self._setups:
+            setup.sock.close()
+        self._setups = []
         self._arena.close()
         self._inner.close()
 
@@ -631,15 +722,16 @@ def _connect_shm(host, port, timeout, forced):
         # another user is never handed our memory; one of ours (or anyone,
         # without a cluster secret) still meets the authentication on top.
         _, uid = _peer_credentials(sock)
-        if uid != os.getuid():
-            raise TransportError(f"the process at its shared-memory socket runs as uid {uid}, not {os.getuid()}")
+        if uid not in allowed_uids():
+            raise TransportError(f"the process at its shared-memory socket runs as uid {uid}, not {os.getuid()} "
+                                 f"(RDMAKV_SHM_ALLOW_UIDS lists the other uids that may)")
         size = ring_bytes()
         memfd = os.memfd_create("rdmakv-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(memfd, _t.shm_segment_bytes(size))
         fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         channel = _t.ShmChannel(memfd, sock.fileno(), size, True)
-        deadline = time.monotonic() + min(SETUP_SECONDS, timeout)
-        sock.settimeout(SETUP_SECONDS)
+        deadline = time.monotonic() + min(ANSWER_SECONDS, timeout)
+        sock.settimeout(ANSWER_SECONDS)
         hello = {"rdmakv_shm": SETUP_VERSION, "ring_bytes": size, "pid": os.getpid()}
         socket.send_fds(sock, [json.dumps(hello).encode()], [memfd])
         os.close(memfd)
@@ -651,7 +743,7 @@ def _connect_shm(host, port, timeout, forced):
                                  f"{reply.get('error') if isinstance(reply, dict) else reply!r}")
         sock.setblocking(False)
         return ShmConnection(sock, channel, f"{where} (shm)", timeout)
-    except (OSError, ValueError, TransportError, ProtocolError) as exc:
+    except (OSError, EOFError, ValueError, TransportError, ProtocolError) as exc:
         sock.close()
         if forced:
             raise TransportError(f"shared memory with {where} failed: {exc}") from None

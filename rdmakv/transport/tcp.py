@@ -1,7 +1,10 @@
 """The TCP transport: a policy wrapper over the GIL-free send/receive loops in
 rdmakv._transport.  IPv4 and IPv6."""
+import fcntl
 import hmac
 import socket
+import struct
+import termios
 import threading
 import time
 
@@ -40,7 +43,8 @@ class TcpConnection(Connection):
         self._send_key = self._recv_key = None    # set by protect()
         self._send_sequence = self._recv_sequence = 0
         try:
-            self.peer = netif.format_address(*sock.getpeername()[:2])
+            address = sock.getpeername()
+            self.peer, self.source = netif.format_address(*address[:2]), address[0]
         except OSError:
             self.peer = "?"
 
@@ -123,6 +127,21 @@ class TcpConnection(Connection):
                                  f"altered, replayed or dropped on the way, or not sent by the authenticated "
                                  f"peer (RDMAKV_INTEGRITY)")
 
+    def readable_bytes(self):
+        if self._closed:
+            raise ConnectionClosed(f"receive from {self.peer}: connection already closed")
+        try:
+            if not self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                raise EndOfStream(f"{self.peer} closed the connection")
+            return struct.unpack("i", fcntl.ioctl(self._fd, termios.FIONREAD, bytes(4)))[0]
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise ConnectionClosed(f"receive from {self.peer}: {exc}") from None
+
+    def fileno(self):
+        return -1 if self._closed else self._fd
+
     def close(self):
         if self._closed:
             return
@@ -155,9 +174,16 @@ class TcpListener(Listener):
             return None
         try:
             sock, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return None
-        return TcpConnection(sock, self._timeout)
+        try:
+            return TcpConnection(sock, self._timeout)
+        except OSError:             # reset before we could set it up
+            sock.close()
+            return None
+
+    def watch(self):
+        return [self._sock.fileno()], None
 
     def fileno(self):
         """The listening socket, for callers that wait on several listeners."""

@@ -799,6 +799,9 @@ class VerbsListener(_ListenerBase):
             sock.close()
             return None
 
+    def watch(self):
+        return [self._tcp.fileno()], None
+
     def close(self):
         self._tcp.close()
 
