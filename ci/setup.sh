@@ -20,6 +20,7 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "setuptools>=77" wheel "Cython>=3" "numpy<1.24" pytest pytest-timeout hypothesis pyyaml
+"${pip[@]}" "blake3>=1.0" || echo "ci/setup.sh: blake3 could not be installed; RDMAKV_INTEGRITY and its tests will not work"
 # MXNet 1.9.1 (its last release) needs numpy<1.24; the core works without it.
 "${pip[@]}" "mxnet==1.9.1" || echo "ci/setup.sh: MXNet 1.9.1 could not be installed; its tests will skip"
 # atheris (coverage-guided fuzzing of the decoder, tools/fuzz_decoder.py) is optional.

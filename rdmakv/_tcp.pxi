@@ -118,29 +118,41 @@ cdef int _raise_io(int rc, str what) except -1:
     raise OSError(errno, f"{what}: {__import__('os').strerror(errno)}")
 
 
-def send_frame(int fd, header, payload, double timeout):
-    """Send header then payload (None or any contiguous buffer) as one gather write.
+def send_frame(int fd, header, payload, double timeout, trailer=None):
+    """Send header, then payload (None or any contiguous buffer), then trailer
+    (None or bytes: a payload's MAC) as one gather write.
 
     The caller's buffers are read in place, with the GIL released; they must not
     change until this returns."""
     cdef Py_buffer hview
     cdef Py_buffer pview
-    cdef s.iovec iov[2]
+    cdef const unsigned char[::1] tail
+    cdef s.iovec iov[3]
     cdef s.iovec *left = iov
     cdef int iovcnt = 1
     cdef int rc = 0
+    cdef size_t total
+    cdef int i
     PyObject_GetBuffer(header, &hview, PyBUF_SIMPLE)
     try:
         iov[0].iov_base = hview.buf
         iov[0].iov_len = hview.len
         if payload is not None:
             PyObject_GetBuffer(payload, &pview, PyBUF_ANY_CONTIGUOUS)
-            iov[1].iov_base = pview.buf
-            iov[1].iov_len = pview.len
             if pview.len > 0:
-                iovcnt = 2
+                iov[iovcnt].iov_base = pview.buf
+                iov[iovcnt].iov_len = pview.len
+                iovcnt += 1
         try:
-            if iov[0].iov_len + (iov[1].iov_len if iovcnt == 2 else 0) <= GIL_HELD_BYTES:
+            if trailer is not None and len(trailer) > 0:
+                tail = trailer
+                iov[iovcnt].iov_base = <void *>&tail[0]
+                iov[iovcnt].iov_len = tail.shape[0]
+                iovcnt += 1
+            total = 0
+            for i in range(iovcnt):
+                total += iov[i].iov_len
+            if total <= GIL_HELD_BYTES:
                 if _send_some(fd, &left, &iovcnt) < 0 and errno != EAGAIN and errno != EINTR:
                     rc = -1
             if iovcnt > 0 and rc == 0:

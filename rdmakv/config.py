@@ -1,6 +1,7 @@
 """rdmakv's settings: keyword arguments override RDMAKV_* variables, which
 override the DMLC_* / BYTEPS_* names that BytePS and ps-lite launchers set."""
 import difflib
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass, field, fields
@@ -161,6 +162,8 @@ SETTINGS = {
     "secret": (("RDMAKV_SECRET",), _str, None,
                "cluster secret: every connection must prove it (HMAC challenge-response)"),
     "secret_file": (("RDMAKV_SECRET_FILE",), _str, None, "file holding the cluster secret"),
+    "integrity": (("RDMAKV_INTEGRITY",), _switch, False,
+                  "MAC every TCP frame with a per-connection key derived from the secret (needs a secret)"),
     "local_rank": (("RDMAKV_LOCAL_RANK", "BYTEPS_LOCAL_RANK"), _int, None,
                    "rank among the workers on this host (default: computed by the scheduler)"),
     "server_memory": (("RDMAKV_SERVER_MEMORY",), _byte_count, None,
@@ -192,6 +195,7 @@ class Config:
     server_memory: Optional[int] = None
     secret: Optional[str] = field(default=None, repr=False)
     secret_file: Optional[str] = None
+    integrity: bool = False
     sources: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -240,6 +244,12 @@ class Config:
             raise ConfigError(f"partition_bytes must be >= 8, got {self.partition_bytes}")
         if self.scheduling_credit < 0:
             raise ConfigError("scheduling_credit must be >= 0")
+        if self.integrity and not (self.secret or self.secret_file):
+            raise ConfigError("RDMAKV_INTEGRITY needs a cluster secret (RDMAKV_SECRET or RDMAKV_SECRET_FILE): "
+                              "the frames' MAC keys are derived from it")
+        if self.integrity and importlib.util.find_spec("blake3") is None:
+            raise ConfigError("RDMAKV_INTEGRITY needs the blake3 package for its MACs: "
+                              "pip install blake3 (or rdmakv[integrity])")
         if self.server_memory is not None and self.server_memory <= 0:
             raise ConfigError(f"server_memory must be > 0, got {self.server_memory}")
         if self.trace_start_step < 0:

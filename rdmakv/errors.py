@@ -3,6 +3,7 @@
 RdmaKVError
  ├─ ConfigError           a setting is missing or invalid (also a ValueError)
  ├─ ProtocolError         a peer sent bytes that are not a valid rdmakv message
+ │   └─ IntegrityError    a frame failed its MAC check (RDMAKV_INTEGRITY)
  ├─ RemoteError           a server or the scheduler refused an operation
  ├─ ClosedError           the KVStore or server was already closed
  └─ TransportError
@@ -25,6 +26,11 @@ class ConfigError(RdmaKVError, ValueError):
 
 class ProtocolError(RdmaKVError):
     """A peer sent bytes that are not a valid rdmakv message."""
+
+
+class IntegrityError(ProtocolError):
+    """A frame failed its MAC check: altered or replayed on the way, or not sent
+    by the authenticated peer (RDMAKV_INTEGRITY)."""
 
 
 class TransportError(RdmaKVError):

@@ -178,6 +178,7 @@ class Handle(Generic[T]):
         self._pending.acquire()
         self._settled = False         # the outcome is known; done-callbacks may still be running
         self._is_done = False         # callbacks ran too: waiters may look at the result
+        self._expired = None          # the PeerTimeout of a wait() that gave up after RDMAKV_TIMEOUT
         self._error = None
         self._callbacks = []
 
@@ -197,14 +198,20 @@ class Handle(Generic[T]):
         timeout=None waits up to RDMAKV_TIMEOUT."""
         limit = self._store.config.timeout if timeout is None else timeout
         if not self._wait_done(limit):
-            owing = self._store._owing(self)
-            who = (f"still waiting for {'; '.join(owing)}" if owing
-                   else "its chunks wait behind an earlier round of the same key")
-            raise PeerTimeout(f"pushpull of key {self._info.name!r} (round {self.round}) did not complete "
-                              f"within {limit:g} s: {who}; a worker or server is slow or gone")
+            error = self._timed_out(limit)
+            if timeout is None:
+                self._expired = error  # close() then leaves at once, telling the others why
+            raise error
         if self._error is not None:
             raise self._error
         return self._result
+
+    def _timed_out(self, limit):
+        owing = self._store._owing(self)
+        who = (f"still waiting for {'; '.join(owing)}" if owing
+               else "its chunks wait behind an earlier round of the same key")
+        return PeerTimeout(f"pushpull of key {self._info.name!r} (round {self.round}) did not complete "
+                           f"within {limit:g} s: {who}; a worker or server is slow or gone")
 
     def exception(self) -> Optional[BaseException]:
         """What failed the operation, or None; meant for done-callbacks."""
@@ -327,7 +334,8 @@ class ServerLink(Handler):
         self.sender = threading.Thread(target=self._send_loop, daemon=True, name=f"rdmakv-send-{rank}")
 
     def open(self, transport, secret, timeout):
-        connection = auth.open_connection(transport, *self.address, secret, timeout)
+        connection = auth.open_connection(transport, *self.address, secret, timeout,
+                                          integrity=self.store.config.integrity)
         self.peer = Peer(connection, self, f"server {self.rank}").start()
         self.peer.send_json(Op.CONNECT, {"rank": self.store.rank})
         self.sender.start()
@@ -342,7 +350,8 @@ class ServerLink(Handler):
             if self.error is not None:
                 raise self.error
             slot = (handle._info.wire, chunk.index, handle.round)
-            self.expected[slot] = [handle, destination, chunk.nbytes, False]
+            # handle, destination, bytes, holds credit, the workers the server said it still waits for
+            self.expected[slot] = [handle, destination, chunk.nbytes, False, None]
             # Credit counts bytes sent and not yet in the server's hands (it answers
             # RECEIVED), never bytes waiting for the round's sum: that needs the
             # other workers' chunks, and workers whose credit went to different
@@ -440,7 +449,7 @@ class ServerLink(Handler):
                     self._return_credit(entry)
         elif header.op == Op.ERROR:
             obj = protocol.decode_json(payload or b"")
-            message = str(obj.get("message", "no reason given"))
+            message = protocol.peer_text(obj)
             if obj.get("fatal") is True:
                 self.store._on_lost(RemoteError(message))
             elif isinstance(obj.get("key"), int):
@@ -449,6 +458,15 @@ class ServerLink(Handler):
                 with self.replied:
                     self.replies.append(RemoteError(message))
                     self.replied.notify_all()
+        elif header.op == Op.WAITING:
+            # The server still waits for these workers' pushes: named if this round times out.
+            missing = protocol.decode_json(payload or b"").get("missing")
+            missing = [rank for rank in missing if type(rank) is int and 0 <= rank < self.store.num_workers] \
+                if isinstance(missing, list) else []
+            with self.ready:
+                entry = self.expected.get((header.key, header.chunk, header.round))
+                if entry is not None:
+                    entry[4] = missing
         elif header.op in (Op.ACK, Op.STATES):
             with self.replied:
                 self.replies.append(bytes(payload or b""))
@@ -536,6 +554,7 @@ class KVStore:
     trace_end_step     last step traced; default: to the end
     secret             cluster secret (HMAC challenge-response on every connection)
     secret_file        file holding the cluster secret
+    integrity          True: a MAC on every TCP frame, keyed from the secret; False
     local_rank         rank among the workers on this host; default: from the scheduler
 
     With no job setting at all (no role, scheduler, worker-count or rank
@@ -563,6 +582,7 @@ class KVStore:
         self._pid = os.getpid()
         self._closed = False
         self._failure = None
+        self._said_goodbye = False    # then leaving is orderly, whatever a link saw afterwards
         self._lock = threading.Lock()
         self._keys: dict[Key, KeyInfo] = {}
         self._wire_keys: dict[int, KeyInfo] = {}
@@ -584,7 +604,6 @@ class KVStore:
             self.local_rank = (self.config.local_rank if self.config.local_rank is not None
                                else welcome["local_rank"])
             self.local_size = welcome["local_size"]
-            self._placement = partition.Placement(self.num_servers)
             self.tracer = trace.make(self.config, "worker", self.rank)
             for rank, (server_host, port) in enumerate(welcome["servers"]):
                 link = ServerLink(self, rank, (server_host, port))
@@ -612,8 +631,7 @@ class KVStore:
                     dtype=info.dtype_code, key=info.wire, chunk=chunk.index)
 
     def declare(self, key: Key, shape: Sequence[int], dtype: npt.DTypeLike) -> None:
-        """Declare key's shape and dtype without data.  Keys are placed on servers in
-        declaration order, which must be the same on every worker."""
+        """Declare key's shape and dtype without data (any thread, in any order)."""
         dtype = np.dtype(dtype)
         if dtype.name not in protocol.DTYPE_CODES:
             raise TypeError(f"dtype {dtype} is not summed by rdmakv; use one of {', '.join(protocol.DTYPE_CODES)}")
@@ -710,17 +728,23 @@ class KVStore:
         if os.getpid() != self._pid:
             self._closed = True      # a forked child must not tear down the parent's connections
             return
-        deadline = time.monotonic() + (self.config.timeout if timeout is None else timeout)
+        limit = self.config.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         with self._lock:
             handles = list(self._handles)
+        unfinished = None             # an operation that never completed: this worker leaves a failed job
         for handle in handles:
-            handle._wait_done(deadline - time.monotonic())
-        if self._failure is None:
+            if handle._expired is not None and not handle.done():   # a wait already gave up on it
+                unfinished = unfinished or handle._expired
+            elif not handle._wait_done(deadline - time.monotonic()):
+                unfinished = unfinished or handle._timed_out(limit)
+        if self._failure is None and unfinished is None:
             try:
                 self._control.send(Op.GOODBYE)
+                self._said_goodbye = True
             except RdmaKVError as exc:
                 log.warning("could not say goodbye to the scheduler: %s", exc)
-        self._teardown()
+        self._teardown(unfinished)
 
     def close_at_exit(self):
         """What interpreter exit does with a store still open: after a normal exit, close()
@@ -734,22 +758,29 @@ class KVStore:
             except RdmaKVError as exc:
                 log.error("worker %d: closing at exit: %s", self.rank, exc)
             return
-        why = f"exited with an unhandled {type(_unhandled_exit).__name__}: {_unhandled_exit}"
-        self._failure = RdmaKVError(f"worker {self.rank} {why}")
-        try:
-            self._control.send(Op.ERROR, {"message": why})
-        except RdmaKVError:
-            pass                      # the scheduler is gone already; the servers still hear it
-        self._teardown()
+        self._teardown(RdmaKVError(f"exited with an unhandled {type(_unhandled_exit).__name__}: "
+                                   f"{_unhandled_exit}"))
 
-    def _teardown(self):
+    def _teardown(self, leaving_because=None):
+        """Release everything.  The one place a worker leaving a failed job says why:
+        to the scheduler (which fails the job naming this worker and the reason,
+        unless it already failed) and to every server, or the other workers would
+        only hear that this worker left.  The reason is the job's failure as this
+        worker heard it, else leaving_because (an operation that never completed,
+        an unhandled exception), else a server link's error."""
         self._closed = True
         _open_stores.discard(self)
-        # Leaving because the job failed: say why to the servers still there, or the
-        # other workers would only hear that this worker left.
-        reason = self._failure or next((link.error for link in self._links if link.error is not None), None)
+        reason = self._failure or leaving_because or next(
+            (link.error for link in self._links if link.error is not None), None)
+        if reason is not None and not self._said_goodbye and self._control.peer is not None:
+            try:
+                self._control.send(Op.ERROR, {"message": str(reason)})
+            except RdmaKVError:
+                pass                  # the scheduler is gone already; the servers still hear it
         for link in self._links:
-            if reason is not None and link.error is None and link.peer is not None:
+            # Even to a server whose link already failed because of news from elsewhere
+            # (the scheduler's report): it may not have heard that news yet.
+            if reason is not None and link.peer is not None:
                 try:
                     link.peer.send_json(Op.ERROR, {"message": str(reason)})
                 except RdmaKVError:
@@ -830,8 +861,8 @@ class KVStore:
                 raise ValueError(f"key {name!r} ({nbytes} bytes) would be split into {count} chunks of at most "
                                  f"{partition_bytes} bytes; a key may have at most {protocol.MAX_KEY_CHUNKS} "
                                  f"(raise RDMAKV_PARTITION_BYTES)")
-            layout = protocol.declaration(wire, name, dtype.name, shape, size, self._placement.load)
-            chunks = self._placement.place(partition.pieces(nbytes, size))
+            layout = protocol.declaration(wire, name, dtype.name, shape, size)
+            chunks = partition.place(wire, partition.pieces(nbytes, size), self.num_servers)
             info = KeyInfo(key, wire, len(self._keys), dtype, shape, nbytes, chunks)
             # Every server sees every declaration, so they can check that all workers agree.
             for link in self._links:
@@ -910,10 +941,16 @@ class KVStore:
         owing = []
         for link in self._links:
             with link.ready:
-                chunks = sorted(slot[1] for slot, entry in link.expected.items() if entry[0] is handle)
-            if chunks:
+                entries = [(slot[1], entry[4]) for slot, entry in link.expected.items() if entry[0] is handle]
+            if entries:
+                chunks = sorted(index for index, _ in entries)
                 shown = ", ".join(map(str, chunks[:8])) + (", ..." if len(chunks) > 8 else "")
-                owing.append(f"{link.describe()} (chunks {shown})")
+                missing = sorted({rank for _, ranks in entries for rank in ranks or ()})
+                blame = ""
+                if missing:
+                    who = ", ".join(f"worker {rank}" for rank in missing)
+                    blame = f"; it has not received the push of {who} for this round"
+                owing.append(f"{link.describe()} (chunks {shown}{blame})")
         return owing
 
     def _fail_key(self, wire, error):
@@ -937,7 +974,7 @@ class KVStore:
                 self._barrier_done[header.round] = True
                 self._barrier_cond.notify_all()
         elif header.op == Op.ERROR:
-            self._on_lost(RemoteError(f"the scheduler reports: {obj.get('message', 'job failed')}"))
+            self._on_lost(RemoteError(f"the scheduler reports: {protocol.peer_text(obj, default='job failed')}"))
 
     def _on_lost(self, error):
         if self._closed:

@@ -27,10 +27,11 @@ HANG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 ACCEPT_BACKOFF = (0.01, 1.0)      # after a failed accept (EMFILE...): first and longest pause
 
 
-def accept_peers(listener, handler, secret, timeout, running, label):
+def accept_peers(listener, handler, secret, timeout, running, label, silence_limit=None, integrity=False):
     """Accept connections while running() is true; each becomes a Peer once it has
-    authenticated and sent its first message (see Gate)."""
-    Gate(listener, handler, secret, timeout, label).run(running)
+    authenticated and sent its first message (see Gate); with silence_limit, a Peer
+    that heartbeats and is dropped once it has been silent that long (see Peer)."""
+    Gate(listener, handler, secret, timeout, label, silence_limit, integrity).run(running)
 
 
 class _Admission:
@@ -52,12 +53,14 @@ class Gate:
     source and in total, refusals are logged within a budget, and a failing
     accept() (out of descriptors) pauses and retries instead of ending the loop."""
 
-    def __init__(self, listener, handler, secret, timeout, label):
+    def __init__(self, listener, handler, secret, timeout, label, silence_limit=None, integrity=False):
         self.listener = listener
         self.handler = handler
         self.secret = secret
         self.timeout = timeout
         self.label = label
+        self.silence_limit = silence_limit
+        self.integrity = integrity
         self._admissions = []
         self._per_source = {}
         self._backoff = 0.0
@@ -138,9 +141,9 @@ class Gate:
         try:
             if connection.readable_bytes() is None:   # a transport that cannot say: the handshake in a thread
                 self._start_peer(connection, functools.partial(auth.accept, secret=self.secret,
-                                                               timeout=self.timeout))
+                                                               timeout=self.timeout, integrity=self.integrity))
                 return
-            challenge = auth.Challenge(connection, self.secret)
+            challenge = auth.Challenge(connection, self.secret, self.integrity)
         except RdmaKVError as exc:
             log.debug("connection from %s failed before the handshake: %s", connection.peer, exc)
             connection.close()
@@ -181,7 +184,7 @@ class Gate:
 
     def _start_peer(self, connection, handshake):
         peer = Peer(connection, self.handler, f"{self.label} at {connection.peer}", handshake,
-                    introduce_within=self.timeout)
+                    introduce_within=self.timeout, silence_limit=self.silence_limit)
         try:
             peer.start()
         except RuntimeError as exc:             # no thread to be had
@@ -231,8 +234,10 @@ class ControlLink(Handler):
         where = netif.format_address(config.scheduler_host, config.scheduler_port)
         deadline = time.monotonic() + config.timeout
         connection = auth.open_connection(self.transport, config.scheduler_host, config.scheduler_port,
-                                          auth.load_secret(config), config.timeout, retry_until=deadline)
-        self.peer = Peer(connection, self, "scheduler").start()
+                                          auth.load_secret(config), config.timeout, retry_until=deadline,
+                                          integrity=config.integrity)
+        # Heartbeats both ways: a stopped or hung scheduler is noticed within RDMAKV_TIMEOUT.
+        self.peer = Peer(connection, self, f"the scheduler at {where}", silence_limit=config.timeout).start()
         self.peer.send_json(Op.HELLO, {
             "role": self.role, "host": host, "port": port, "node_id": node_id,
             "hostname": socket.gethostname(), "version": protocol.VERSION,
@@ -257,7 +262,7 @@ class ControlLink(Handler):
             if header.op == Op.WELCOME:
                 self.welcome = obj
             elif header.op == Op.ERROR:
-                self._refusal = obj.get("message", "no reason given")
+                self._refusal = protocol.peer_text(obj)
             else:
                 raise ProtocolError(f"expected WELCOME from the scheduler, got {protocol.op_name(header.op)}")
             self._welcomed.set()

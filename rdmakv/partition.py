@@ -2,11 +2,13 @@
 
 Chunks are near-equal slices of at most `partition_bytes`, aligned to the page
 size when they are at least a page (so the verbs path registers whole pages),
-else to the item size.  Placement puts each chunk on the least-loaded server
-so far (ties to the lowest index): a pure function of the declaration order, so
-every worker that declares keys in the same order computes the same placement,
-and the servers check that they did."""
-import heapq
+else to the item size.  Placement is a pure function of the key and the chunk
+index (server_of): a key's chunks go round-robin over the servers, starting at
+a server chosen by the key's wire hash.  Every worker computes the same
+placement whatever order its threads declare keys in; the servers recompute it
+from the DECLARE with the same function and check that workers agree.  A key's
+bytes are balanced within one chunk; across keys the balance is that of the
+hash (as with BytePS' default key hashing)."""
 import math
 from collections import namedtuple
 
@@ -42,32 +44,26 @@ def split(nbytes, itemsize, partition_bytes):
 
 def pieces(nbytes, size):
     """[(offset, nbytes), ...]: [0, nbytes) cut into chunks of size bytes, the last one shorter."""
-    if size == 0:
-        return [(0, 0)]
-    bounds = list(range(0, nbytes, size)) + [nbytes]
-    return [(start, end - start) for start, end in zip(bounds, bounds[1:])]
+    return [piece(nbytes, size, index) for index in range(chunk_count(nbytes, size))]
 
 
-class Placement:
-    """Assigns chunks to servers, balancing bytes, in declaration order.
-    `load` (bytes already placed on each server) resumes a placement: a server
-    recomputes a key's chunks from the load its worker had before that key."""
+def piece(nbytes, size, index):
+    """pieces(nbytes, size)[index], without making the list; index < chunk_count(nbytes, size)."""
+    offset = index * size
+    return offset, min(size, nbytes - offset)
 
-    def __init__(self, num_servers, load=None):
-        if num_servers < 1:
-            raise ValueError("at least one server is needed")
-        self.load = [0] * num_servers if load is None else list(load)
 
-    def place(self, pieces):
-        """Chunks for the [(offset, nbytes)] of one key, each on the least-loaded server."""
-        # A heap of (load, server) pops the least-loaded server, ties to the lowest index.
-        heap = [(load, server) for server, load in enumerate(self.load)]
-        heapq.heapify(heap)
-        chunks = []
-        for index, (offset, nbytes) in enumerate(pieces):
-            load, server = heap[0]
-            heapq.heapreplace(heap, (load + max(nbytes, 1), server))  # an empty chunk still costs a message
-            chunks.append(Chunk(index, offset, nbytes, server))
-        for load, server in heap:
-            self.load[server] = load
-        return chunks
+def server_of(wire, index, num_servers):
+    """The server of chunk `index` of the key whose wire hash is `wire`: the
+    placement rule, for workers and servers alike."""
+    if num_servers < 1:
+        raise ValueError("at least one server is needed")
+    return (wire + index) % num_servers
+
+
+def place(wire, pieces, num_servers):
+    """Chunks for the [(offset, nbytes)] of the key whose wire hash is `wire`."""
+    return [Chunk(index, offset, nbytes, server_of(wire, index, num_servers))
+            for index, (offset, nbytes) in enumerate(pieces)]
+
+

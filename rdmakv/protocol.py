@@ -34,7 +34,7 @@ class Op:
     SHUTDOWN = 6       # scheduler tells a server to stop
     # worker <-> server
     CONNECT = 10       # json {rank}
-    DECLARE = 11       # json {key, name, dtype, shape, partition_bytes, load}: see declaration()
+    DECLARE = 11       # json {key, name, dtype, shape, chunk_bytes}: see declaration()
     PUSH = 12          # payload: one chunk of the worker's tensor
     RESULT = 13        # payload: one chunk of the sum (or updated weight)
     INIT = 14          # payload: one chunk of the initial value (rank 0)
@@ -44,11 +44,13 @@ class Op:
     SET_STATES = 18    # payload: optimizer state bytes
     ACK = 19
     RECEIVED = 20      # the server has a push that asked for FLAG_ACK: its credit may come back
+    WAITING = 21       # json {missing}: a round open for RDMAKV_TIMEOUT/2 still lacks these workers' pushes
     # any direction
     ERROR = 30         # json {message, key?}
+    HEARTBEAT = 31     # no payload: the sender is alive (transport.base.Peer)
     # connection handshake (rdmakv.auth)
-    CHALLENGE = 40     # json {nonce, auth}
-    AUTH = 41          # json {nonce, mac}
+    CHALLENGE = 40     # json {nonce, auth, integrity}
+    AUTH = 41          # json {nonce, mac, integrity}
     AUTH_OK = 42       # json {mac}
 
     NAMES = {}
@@ -113,15 +115,14 @@ def decode_json(payload):
     return obj
 
 
-def declaration(key, name, dtype, shape, chunk_bytes, load):
+def declaration(key, name, dtype, shape, chunk_bytes):
     """A DECLARE payload.  It carries what the chunks follow from, not the
     chunks: chunk_bytes (the size of every chunk but the last, from
-    rdmakv.partition.chunk_size) and `load`, the bytes this worker had placed
-    on each server before this key.  Servers recompute the chunks and their
-    placement (rdmakv.partition is pure), so the payload's size never grows
-    with the chunk count."""
+    rdmakv.partition.chunk_size).  Servers recompute the chunks and their
+    placement (rdmakv.partition.place: a pure function of the key), so the
+    payload's size never grows with the chunk count."""
     return encode_json({"key": key, "name": name, "dtype": dtype, "shape": list(shape),
-                        "chunk_bytes": chunk_bytes, "load": list(load)})
+                        "chunk_bytes": chunk_bytes})
 
 
 def state_limit(declared_bytes, declared_chunks):
@@ -130,6 +131,22 @@ def state_limit(declared_bytes, declared_chunks):
     centered RMSProp on float16 weights: a float32 master copy and three float32
     states), plus a JSON entry per chunk."""
     return 8 * declared_bytes + 1024 * declared_chunks + MAX_CONTROL_BYTES
+
+
+MAX_PEER_TEXT = 1000       # characters of a peer's free text (an ERROR's message) that we repeat
+
+
+def peer_text(obj, field="message", default="no reason given"):
+    """obj[field], a free text a peer sent, made safe to log and to pass on:
+    control and other unprintable characters (escape sequences, bidi overrides)
+    written as escapes, cut to MAX_PEER_TEXT characters."""
+    value = obj.get(field, default)
+    text = value if isinstance(value, str) else str(value)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    if len(text) > MAX_PEER_TEXT:
+        text = f"{text[:MAX_PEER_TEXT]}... ({len(text) - MAX_PEER_TEXT} more characters)"
+    return text
 
 
 def op_name(op):

@@ -114,7 +114,9 @@ class Scheduler(Handler):
                 peer.name = f"{role} {rank}"
 
     def _accept_loop(self):
-        accept_peers(self.listener, self, self.secret, self.config.timeout, lambda: not self._closing, "node")
+        # Heartbeats both ways: a stopped or hung node is noticed within RDMAKV_TIMEOUT.
+        accept_peers(self.listener, self, self.secret, self.config.timeout, lambda: not self._closing, "node",
+                     silence_limit=self.config.timeout, integrity=self.config.integrity)
 
     def _wait_for_disconnects(self, peers, timeout=5.0):
         deadline = time.monotonic() + timeout
@@ -166,7 +168,7 @@ class Scheduler(Handler):
             # A worker leaving a failed job says why, so the others hear the cause.
             with self._lock:
                 if self._failure is None:
-                    self._failure = f"{peer.name} failed: {str(obj.get('message', ''))[:1000]}"
+                    self._failure = f"{peer.name} failed: {protocol.peer_text(obj)}"
                 self._changed.notify_all()
         else:
             raise ProtocolError(f"unexpected {protocol.op_name(header.op)} from {peer.name}")
@@ -227,7 +229,10 @@ class Scheduler(Handler):
                 role == "server" and len(self._goodbyes) == self.config.num_workers)
             if role is not None and not orderly and self._failure is None:
                 # run() wakes up and tells every other node which peer died.
-                self._failure = f"{peer.name} disconnected unexpectedly ({error or 'connection closed'})"
+                if isinstance(error, PeerTimeout):
+                    self._failure = str(error)        # it names the silent peer
+                else:
+                    self._failure = f"{peer.name} disconnected unexpectedly ({error or 'connection closed'})"
             if peer in self._pending and not self._started:
                 self._pending.remove(peer)
             self._changed.notify_all()

@@ -14,12 +14,12 @@ memory budget (RDMAKV_SERVER_MEMORY, default this machine's memory) before it
 is allocated: a declaration that does not fit is refused, naming the budget,
 and keeps only the refusal.  A peer that has not connected makes us allocate nothing
 beyond its small CONNECT; optimizer state is bounded by the keys declared."""
-import hashlib
 import heapq
 import itertools
 import logging
 import math
 import threading
+import time
 
 import numpy as np
 
@@ -35,7 +35,6 @@ from rdmakv.transport.base import Handler
 log = logging.getLogger("rdmakv.server")
 
 MAX_DIMS = 32
-MAX_LOAD = 1 << 62             # a declaration's per-server load beyond this is refused
 DIRECT_REPLY_BYTES = 64 * 1024   # smaller replies go out from the summing thread when nothing waits
 # Bookkeeping charged to the memory budget besides the buffers: what a key and
 # each chunk held here cost in Python objects (about 0.9 and 1.7 KiB, measured
@@ -81,20 +80,21 @@ class KeyRefused(ProtocolError):
 
 
 class KeyState:
-    __slots__ = ("key", "layout", "name", "declared_by", "chunks", "error")
+    __slots__ = ("key", "layout", "name", "declared_by", "disagreeing", "chunks", "error")
 
     def __init__(self, key, layout):
         self.key = key
         self.layout = layout          # the declaration every worker must match
         self.name = layout["name"]
         self.declared_by = set()      # ranks of the workers that declared it
+        self.disagreeing = {}         # rank -> its declaration, where it differs from the first
         self.chunks = []              # the ChunkStates this server holds
         self.error = None             # set once workers disagree: the key is then refused
 
 
 class ChunkState:
     __slots__ = ("key_state", "index", "nbytes", "dtype_code", "dtype", "lock", "filled", "filling", "round",
-                 "pushed", "has_data", "flags", "buffers", "_allocate", "shared", "weight")
+                 "pushed", "opened", "has_data", "flags", "buffers", "_allocate", "shared", "weight")
 
     def __init__(self, key_state, index, nbytes, dtype_code, allocate):
         self.key_state = key_state
@@ -107,6 +107,7 @@ class ChunkState:
         self.filling = None           # rank of the worker whose push lands straight in this round's buffer
         self.round = 0
         self.pushed = set()
+        self.opened = 0.0             # when the current round's first push arrived
         self.has_data = False
         self.flags = 0
         self.buffers = [None, None]
@@ -224,6 +225,7 @@ class ParameterServer(Handler):
         self.control = ControlLink(self.config, self.transport, "server", self._on_control, self._on_lost)
         self.rank = None
         self.num_workers = None
+        self.num_servers = self.config.num_servers    # the scheduler's count, once joined
         self.tracer = None
         self.updater = None
         self._keys = {}
@@ -231,6 +233,7 @@ class ParameterServer(Handler):
         self._chunks = {}
         self._links = {}              # worker rank -> WorkerLink
         self._departed = {}           # worker rank -> why it left; no round can complete after that
+        self._open_rounds = {}        # ChunkState -> round: rounds with some pushes but not all (see _watch)
         self._failure = None          # why the job failed, once it has
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -241,10 +244,12 @@ class ParameterServer(Handler):
         """Serve until the scheduler says SHUTDOWN (returns 0) or the job fails (returns 1)."""
         welcome = self.control.join(*self.listener.address, node_id=self.config.server_id)
         self.rank, self.num_workers = welcome["rank"], welcome["num_workers"]
+        self.num_servers = welcome["num_servers"]
         self.tracer = trace.make(self.config, "server", self.rank)
         log.info("server %d: joined the job of %d workers", self.rank, self.num_workers)
         acceptor = threading.Thread(target=self._accept_loop, daemon=True, name="rdmakv-accept")
         acceptor.start()
+        threading.Thread(target=self._watch, daemon=True, name="rdmakv-watch").start()
         try:
             self._stopped.wait()
         finally:
@@ -264,7 +269,30 @@ class ParameterServer(Handler):
 
     def _accept_loop(self):
         accept_peers(self.listener, self, self.secret, self.config.timeout,
-                     lambda: not self._stopped.is_set(), "worker")
+                     lambda: not self._stopped.is_set(), "worker", integrity=self.config.integrity)
+
+    def _watch(self):
+        """Tell the workers waiting on a round that has been open for half of
+        RDMAKV_TIMEOUT whose pushes it still lacks, so that their timeout, if it
+        comes, names the culprit and not only this server."""
+        patience = self.config.timeout / 2
+        while not self._stopped.wait(min(1.0, patience / 4)):
+            now = time.monotonic()
+            for chunk, rnd in list(self._open_rounds.items()):
+                with chunk.lock:
+                    if chunk.round != rnd or not chunk.pushed:
+                        self._open_rounds.pop(chunk, None)
+                        continue
+                    if now - chunk.opened < patience:
+                        continue
+                    self._open_rounds.pop(chunk, None)   # told once per round
+                    pushed = set(chunk.pushed)
+                missing = [rank for rank in range(self.num_workers) if rank not in pushed]
+                with self._lock:
+                    links = [self._links[rank] for rank in pushed if rank in self._links]
+                notice = protocol.encode_json({"missing": missing})
+                for link in links:
+                    link.reply(1 << 30, Op.WAITING, notice, key=chunk.key_state.key, chunk=chunk.index, round=rnd)
 
     # ---- scheduler messages ----------------------------------------------
     def _on_control(self, header, obj):
@@ -272,7 +300,7 @@ class ParameterServer(Handler):
             log.info("server %d: shutdown", self.rank)
             self._stopped.set()
         elif header.op == Op.ERROR:
-            self._job_failed(f"the scheduler reports: {obj.get('message', 'the job failed')}")
+            self._job_failed(f"the scheduler reports: {protocol.peer_text(obj, default='the job failed')}")
 
     def _on_lost(self, error):
         self._job_failed(f"server {self.rank} lost the scheduler ({error})")
@@ -311,10 +339,15 @@ class ParameterServer(Handler):
             return None
         if header.op == Op.PUSH or header.op == Op.INIT:
             chunk = self._chunks.get((header.key, header.chunk))
-            if chunk is None:
-                raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
-                                    f"chunk {header.chunk}")
-            if header.length != chunk.nbytes:
+            if chunk is None or header.length != chunk.nbytes:
+                # A worker whose layout of the key differs from the first one's: its
+                # pushes are taken in (within what it declared) and refused, the key
+                # failed, and the connection kept for its other keys.
+                if self._disagreeing_chunk_bytes(link, header) is not None:
+                    return link.scratch_for(header.length)
+                if chunk is None:
+                    raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
+                                        f"chunk {header.chunk}")
                 raise ProtocolError(f"{protocol.op_name(header.op)} of {header.length} bytes for key "
                                     f"{chunk.key_state.name!r} chunk {chunk.index}, declared {chunk.nbytes}")
             if header.op == Op.PUSH and link.places:
@@ -340,6 +373,22 @@ class ParameterServer(Handler):
             return bytearray(header.length)
         return None
 
+    def _disagreeing_chunk_bytes(self, link, header):
+        """header.length if `link`'s own declaration of a key whose declarations
+        disagree has that chunk, of that size, on this server (so the push is
+        refused, not the connection), else None."""
+        state = self._keys.get(header.key)
+        declared = state.disagreeing.get(link.rank) if state is not None and link is not None else None
+        if declared is None:
+            return None
+        nbytes = math.prod(declared["shape"]) * np.dtype(declared["dtype"]).itemsize
+        size = declared["chunk_bytes"]
+        if (header.chunk >= partition.chunk_count(nbytes, size)
+                or partition.server_of(header.key, header.chunk, self.num_servers) != self.rank):
+            return None
+        _, chunk_bytes = partition.piece(nbytes, size, header.chunk)
+        return chunk_bytes if chunk_bytes == header.length else None
+
     def on_message(self, peer, header, payload):
         link = peer.info.get("link")
         if link is None:
@@ -353,11 +402,11 @@ class ParameterServer(Handler):
             elif header.op == Op.DECLARE:
                 self._declare(link, protocol.decode_json(payload or b""))
             elif header.op == Op.INIT:
-                self._init_value(header, payload)
+                self._init_value(link, header, payload)
             elif header.op in (Op.SET_OPTIMIZER, Op.GET_STATES, Op.SET_STATES):
                 self._optimizer_op(link, header, payload)
             elif header.op == Op.ERROR:      # the worker is leaving because the job failed: why
-                link.leaving_because = str(protocol.decode_json(payload or b"").get("message", ""))[:1000]
+                link.leaving_because = protocol.peer_text(protocol.decode_json(payload or b""), default="")
             else:
                 raise ProtocolError(f"unexpected {protocol.op_name(header.op)} from {peer.name}")
         except KeyRefused as exc:
@@ -420,8 +469,12 @@ class ParameterServer(Handler):
                 link.reply(1 << 30, Op.ERROR, protocol.encode_json({"message": state.error, "key": key}), key=key)
                 return
             state.declared_by.add(link.rank)
-            if state.error is None and state.layout != declared:
-                state.error = self._describe_mismatch(state, declared, link.rank)
+            if state.layout != declared:
+                # Only this key is refused; the worker's pushes of it are still read off its
+                # connection (within what it declared), which stays up for its other keys.
+                state.disagreeing[link.rank] = declared
+                if state.error is None:
+                    state.error = self._describe_mismatch(state, declared, link.rank)
         if state.error is None and link.places and not self.budget.charge(sum(c.nbytes for c in state.chunks)):
             self._fail_key(key, self._over_budget(f"worker {link.rank}'s landing slots for key {state.name!r} "
                                                   f"need {_human_bytes(sum(c.nbytes for c in state.chunks))}"))
@@ -436,16 +489,14 @@ class ParameterServer(Handler):
 
     def _resolve(self, layout):
         """(what workers must agree on, the chunks this server holds) for a valid DECLARE:
-        the chunks and their placement follow from it (rdmakv.partition), so
-        two workers agree when their chunks and placement do, however they
-        were configured."""
+        the chunks and their placement follow from it (rdmakv.partition, the
+        same functions the workers use), so two workers agree when their
+        declarations do, however they were configured."""
         itemsize = np.dtype(layout["dtype"]).itemsize
         pieces = partition.pieces(math.prod(layout["shape"]) * itemsize, layout["chunk_bytes"])
-        placed = partition.Placement(len(layout["load"]), layout["load"]).place(pieces)
-        servers = np.fromiter((chunk.server for chunk in placed), np.uint32, len(placed))
+        placed = partition.place(layout["key"], pieces, self.num_servers)
         declared = {"name": layout["name"], "dtype": layout["dtype"], "shape": layout["shape"],
-                    "chunk_bytes": layout["chunk_bytes"],
-                    "placement": hashlib.blake2b(servers.tobytes(), digest_size=16).digest()}
+                    "chunk_bytes": layout["chunk_bytes"]}
         return declared, [chunk for chunk in placed if chunk.server == self.rank]
 
     def _add_key(self, key, declared, here):
@@ -495,11 +546,12 @@ class ParameterServer(Handler):
 
     def _validate_layout(self, key, layout):
         """Check a declaration's fields, before anything is computed from them."""
-        name, dtype, shape, chunk_bytes, load = (
-            layout.get(f) for f in ("name", "dtype", "shape", "chunk_bytes", "load"))
+        name, dtype, shape, chunk_bytes = (layout.get(f) for f in ("name", "dtype", "shape", "chunk_bytes"))
         problem = None
-        if set(layout) != {"key", "name", "dtype", "shape", "chunk_bytes", "load"}:
+        if set(layout) != {"key", "name", "dtype", "shape", "chunk_bytes"}:
             problem = f"fields {sorted(map(str, layout))}"
+        elif layout["key"] != key or not isinstance(key, int) or isinstance(key, bool) or not 0 <= key < 1 << 64:
+            problem = f"a key that is not {key!r}, or not a wire key"
         elif not isinstance(name, str) or len(name) > 1024:
             problem = "a missing or over-long name"
         elif not isinstance(dtype, str) or dtype not in protocol.DTYPE_CODES:   # a list is unhashable
@@ -508,9 +560,6 @@ class ParameterServer(Handler):
               or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
               or math.prod(shape) > protocol.MAX_CHUNK_BYTES * protocol.MAX_KEY_CHUNKS):  # Python ints: exact
             problem = f"invalid shape {shape!r}"
-        elif (not isinstance(load, list) or len(load) != self.config.num_servers
-              or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOAD for v in load)):
-            problem = f"a load that is not {self.config.num_servers} byte counts"
         else:
             itemsize = np.dtype(dtype).itemsize
             nbytes = math.prod(shape) * itemsize
@@ -534,12 +583,10 @@ class ParameterServer(Handler):
             if first[field] != layout[field]:
                 return (f"workers disagree on key {first['name']!r}: {field} {first[field]} "
                         f"(first declaration) vs {layout[field]} (worker {rank})")
-        if first["chunk_bytes"] != layout["chunk_bytes"]:
-            return (f"workers cut key {first['name']!r} into chunks of {first['chunk_bytes']} bytes (first "
-                    f"declaration) and {layout['chunk_bytes']} (worker {rank}): set RDMAKV_PARTITION_BYTES "
-                    f"alike on every worker")
-        return (f"workers placed key {first['name']!r} on different servers: declare keys in the same "
-                f"order on every worker (worker {rank} differs from the first declaration)")
+        # The rest follows from chunk_bytes: placement is a function of the key (partition.place).
+        return (f"workers cut key {first['name']!r} into chunks of {first['chunk_bytes']} bytes (first "
+                f"declaration) and {layout['chunk_bytes']} (worker {rank}): set RDMAKV_PARTITION_BYTES "
+                f"alike on every worker")
 
     def _fail_key(self, key, message):
         with self._lock:
@@ -553,9 +600,11 @@ class ParameterServer(Handler):
             link.reply(1 << 30, Op.ERROR, protocol.encode_json({"message": message, "key": key}), key=key)
 
     # ---- tensor data -----------------------------------------------------
-    def _chunk(self, header):
+    def _chunk(self, link, header):
         chunk = self._chunks.get((header.key, header.chunk))
         if chunk is None:
+            if self._disagreeing_chunk_bytes(link, header) is not None:
+                raise KeyRefused(header.key, self._keys[header.key].error)
             raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
                                 f"chunk {header.chunk}")
         if chunk.key_state.error is not None:
@@ -565,6 +614,8 @@ class ParameterServer(Handler):
     def _push(self, link, header, payload):
         chunk = self._chunks.get((header.key, header.chunk))
         if chunk is None:
+            if self._disagreeing_chunk_bytes(link, header) is not None:
+                raise KeyRefused(header.key, self._keys[header.key].error)
             raise ProtocolError(f"PUSH for undeclared key {header.key} chunk {header.chunk}")
         name = chunk.key_state.name
         no_data = header.flags & FLAG_NO_DATA
@@ -598,7 +649,10 @@ class ParameterServer(Handler):
                 raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} chunk {chunk.index} "
                                             f"twice in round {chunk.round}")
             broadcast = header.flags & FLAG_BROADCAST
-            if chunk.pushed and broadcast != chunk.flags & FLAG_BROADCAST:
+            if not chunk.pushed:
+                chunk.opened = time.monotonic()
+                self._open_rounds[chunk] = chunk.round
+            elif broadcast != chunk.flags & FLAG_BROADCAST:
                 raise KeyRefused(header.key, f"workers mix broadcast and pushpull on key {name!r} "
                                             f"in round {chunk.round}")
             target = chunk.buffer(chunk.round)
@@ -634,6 +688,7 @@ class ParameterServer(Handler):
                     self.tracer.stage("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
                 chunk.round += 1
                 chunk.pushed = set()
+                self._open_rounds.pop(chunk, None)
                 chunk.has_data = False
                 with self._lock:
                     links = list(self._links.values())
@@ -667,8 +722,8 @@ class ParameterServer(Handler):
             chunk.filling = None
             chunk.filled.notify_all()
 
-    def _init_value(self, header, payload):
-        chunk = self._chunk(header)
+    def _init_value(self, link, header, payload):
+        chunk = self._chunk(link, header)
         with chunk.lock:
             if chunk.weight is None:
                 if not self.budget.charge(chunk.nbytes):

@@ -109,7 +109,8 @@ class LocalCluster:
                                       ("trace_dir", "RDMAKV_TRACE_DIR", str),
                                       ("transport", "RDMAKV_TRANSPORT", str),
                                       ("secret", "RDMAKV_SECRET", str),
-                                      ("secret_file", "RDMAKV_SECRET_FILE", str)):
+                                      ("secret_file", "RDMAKV_SECRET_FILE", str),
+                                      ("integrity", "RDMAKV_INTEGRITY", str)):
             if variable in self.env:
                 base[name] = parse(self.env[variable])
         base.update(overrides)

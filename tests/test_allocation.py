@@ -218,7 +218,7 @@ def test_the_budget_charges_at_least_what_declarations_cost():
             tracemalloc.start()
             try:
                 for key in range(first, first + count):
-                    layout = json.loads(protocol.declaration(key, f"k{key}", "float32", shape, 4, [0]))
+                    layout = json.loads(protocol.declaration(key, f"k{key}", "float32", shape, 4))
                     server._validate_layout(key, layout)
                     server._add_key(key, *server._resolve(layout))
                 return tracemalloc.get_traced_memory()[0] / count

@@ -47,10 +47,10 @@ header_fields = st.tuples(
     st.integers(0, U["I"]))
 
 
-def layout(key_wire, name, dtype, shape, servers, partition_bytes):
+def layout(key_wire, name, dtype, shape, partition_bytes):
     itemsize = np.dtype(dtype).itemsize
     size = partition.chunk_size(math.prod(shape) * itemsize, itemsize, partition_bytes)
-    return json.loads(protocol.declaration(key_wire, name, dtype, shape, size, [0] * servers))
+    return json.loads(protocol.declaration(key_wire, name, dtype, shape, size))
 
 
 def mutations(rng, valid):
@@ -68,7 +68,7 @@ def mutations(rng, valid):
         return kind, bytes(data)
     if kind == "json":
         garbage = rng.choice([b"{", b"[]", b"null", b"\xff\xfe", b'{"key": "x"}', b'{"rank": -1}',
-                              b'{"rank": 1e309}', b'{"key": 1, "chunk_bytes": -5, "load": [0]}',
+                              b'{"rank": 1e309}', b'{"key": 1, "chunk_bytes": -5}',
                               b'{"a":' * 5000, bytes(rng.randrange(256) for _ in range(64))])
         fields[9] = len(garbage)
         return kind, protocol.HEADER.pack(*fields) + garbage
@@ -140,7 +140,7 @@ def test_live_server_survives_hostile_connections_while_workers_sum(cluster_fact
     time.sleep(0.5)
     baseline = proc_counts(server_pid)
 
-    lay = layout(wire_key("h0"), "h0", "int32", (3000,), 1, 4096)
+    lay = layout(wire_key("h0"), "h0", "int32", (3000,), 4096)
     valid = [frame(Op.CONNECT, protocol.encode_json({"rank": 0})),
              frame(Op.CONNECT, protocol.encode_json({"rank": 7})),
              frame(Op.DECLARE, protocol.encode_json(lay)),
@@ -232,11 +232,9 @@ def lone_server():
 
 def mutate_layout(data, base):
     lay = json.loads(json.dumps(base))
-    field = data.draw(st.sampled_from(["name", "dtype", "shape", "chunk_bytes", "load", "drop"]))
+    field = data.draw(st.sampled_from(["key", "name", "dtype", "shape", "chunk_bytes", "drop"]))
     if field == "drop":
         del lay[data.draw(st.sampled_from(sorted(lay)))]
-    elif field == "load" and data.draw(st.booleans()):
-        lay["load"][data.draw(st.integers(0, len(lay["load"]) - 1))] = data.draw(json_values)
     else:
         lay[field] = data.draw(json_values)
     return lay
@@ -247,10 +245,10 @@ def mutate_layout(data, base):
 def test_validate_layout_refuses_or_accepts_consistently(lone_server, data):
     shape = data.draw(st.lists(st.integers(0, 40), max_size=3))
     dtype = data.draw(st.sampled_from(sorted(protocol.DTYPE_CODES)))
-    base = layout(5, "k", dtype, shape, 2, data.draw(st.sampled_from([8, 64, 4096])))
+    base = layout(5, "k", dtype, shape, data.draw(st.sampled_from([8, 64, 4096])))
     lone_server._validate_layout(5, base)            # what a real worker declares is accepted
     lay = mutate_layout(data, base) if data.draw(st.booleans()) else data.draw(
-        st.dictionaries(st.sampled_from(["key", "name", "dtype", "shape", "chunk_bytes", "load"]), json_values))
+        st.dictionaries(st.sampled_from(["key", "name", "dtype", "shape", "chunk_bytes"]), json_values))
     try:
         lone_server._validate_layout(5, lay)
     except ProtocolError:
@@ -260,8 +258,7 @@ def test_validate_layout_refuses_or_accepts_consistently(lone_server, data):
     itemsize = np.dtype(lay["dtype"]).itemsize
     nbytes = math.prod(lay["shape"]) * itemsize
     assert partition.chunk_count(nbytes, lay["chunk_bytes"]) <= protocol.MAX_KEY_CHUNKS
-    assert len(lay["load"]) == 2
     _, here = lone_server._resolve(lay)
-    chunks = partition.Placement(2, lay["load"]).place(partition.pieces(nbytes, lay["chunk_bytes"]))
+    chunks = partition.place(5, partition.pieces(nbytes, lay["chunk_bytes"]), 2)
     assert sum(c.nbytes for c in chunks) == nbytes and all(0 <= c.server < 2 for c in chunks)
     assert all(c.nbytes % itemsize == 0 and c.nbytes <= protocol.MAX_CHUNK_BYTES for c in chunks)

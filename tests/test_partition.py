@@ -29,19 +29,21 @@ def test_large_chunks_start_on_page_boundaries(nbytes, partition_bytes):
         assert offset % partition.PAGE == 0
 
 
-@given(st.lists(st.integers(0, 1 << 20), min_size=1, max_size=50), st.integers(1, 6), st.integers(64, 1 << 16))
-def test_placement_is_balanced_and_identical_on_every_worker(sizes, servers, partition_bytes):
-    placements = []
-    for _ in range(3):                      # three workers declaring the same keys in the same order
-        placement = partition.Placement(servers)
-        chunks = [placement.place(partition.split(size, 1, partition_bytes)) for size in sizes]
-        placements.append((chunks, placement.load))
-    assert placements[0] == placements[1] == placements[2]
-    chunks, load = placements[0]
-    largest = max(max(c.nbytes, 1) for key in chunks for c in key)
-    assert max(load) - min(load) <= largest
-    assert sum(load) == sum(max(c.nbytes, 1) for key in chunks for c in key)
-    assert all(0 <= c.server < servers for key in chunks for c in key)
+@given(st.dictionaries(st.integers(0, 2**64 - 1), st.integers(0, 1 << 20), min_size=1, max_size=50),
+       st.integers(1, 6), st.integers(64, 1 << 16), st.randoms())
+def test_placement_depends_only_on_the_key(keys, servers, partition_bytes, rng):
+    """Workers whose threads declare the same keys in different orders agree on every chunk's
+    server, and each key's bytes are balanced over the servers within one chunk."""
+    first = {wire: partition.place(wire, partition.split(size, 1, partition_bytes), servers)
+             for wire, size in keys.items()}
+    shuffled = list(keys.items())
+    rng.shuffle(shuffled)
+    assert {wire: partition.place(wire, partition.split(size, 1, partition_bytes), servers)
+            for wire, size in shuffled} == first
+    for chunks in first.values():
+        assert all(0 <= c.server < servers for c in chunks)
+        load = [sum(c.nbytes for c in chunks if c.server == s) for s in range(servers)]
+        assert max(load) - min(load) <= max(c.nbytes for c in chunks)
 
 
 def test_split_rejects_nonsense():

@@ -13,6 +13,7 @@ import time
 
 from rdmakv import protocol
 from rdmakv.errors import EndOfStream, PeerTimeout, ProtocolError, RdmaKVError
+from rdmakv.protocol import Op
 
 log = logging.getLogger("rdmakv.transport")
 
@@ -50,8 +51,10 @@ class Throttle:
 
 
 _closed_warnings = Throttle()
+_HEARTBEAT = protocol.pack(Op.HEARTBEAT)
 
 IDLE_POLL_SECONDS = 1.0
+HEARTBEATS_PER_TIMEOUT = 4     # a live peer is heard from this many times per silence limit
 
 
 class Connection(abc.ABC):
@@ -155,9 +158,19 @@ class Peer:
     """A connection and the thread that reads from it.
 
     The reader validates lengths before receiving, so a hostile header can
-    never make us allocate an unchecked amount of memory."""
+    never make us allocate an unchecked amount of memory.
 
-    def __init__(self, connection, handler, name, handshake=None, introduce_within=None):
+    Liveness, for control links (silence_limit set): once the handshake is
+    done, the reader sends a HEARTBEAT every `silence_limit /
+    HEARTBEATS_PER_TIMEOUT` seconds and fails the connection with PeerTimeout
+    when nothing at all arrived for `silence_limit` seconds.  TCP keepalive
+    cannot see a peer that is stopped (SIGSTOP) or hung: its kernel still
+    acknowledges every probe.  Only links that carry small messages may have
+    it: the reader thread sends the heartbeat, and on a link where both sides
+    send large payloads it could wait behind a send that waits for this very
+    reader."""
+
+    def __init__(self, connection, handler, name, handshake=None, introduce_within=None, silence_limit=None):
         self.connection = connection
         self.handshake = handshake  # run first, in the reader thread; it raises to refuse the peer
         # An accepted peer that has not introduced itself (handler.introduced) this many
@@ -165,6 +178,7 @@ class Peer:
         self._introduce_within = introduce_within
         self.handler = handler
         self.name = name
+        self.silence_limit = silence_limit
         self.info = {}          # what the upper layer learned about this peer
         self._closing = False
         self._thread = threading.Thread(target=self._read_loop, name=f"rdmakv-read-{name}", daemon=True)
@@ -189,6 +203,10 @@ class Peer:
             if self.handshake is not None:
                 self.handshake(self.connection)
             introduce_by = None if self._introduce_within is None else time.monotonic() + self._introduce_within
+            limit = self.silence_limit
+            interval = None if limit is None else limit / HEARTBEATS_PER_TIMEOUT
+            poll = IDLE_POLL_SECONDS if limit is None else min(IDLE_POLL_SECONDS, interval)
+            heard = beat = time.monotonic()
             while not self._closing:
                 if introduce_by is not None:
                     if self.handler.introduced(self):
@@ -196,8 +214,22 @@ class Peer:
                     elif time.monotonic() > introduce_by:
                         raise PeerTimeout(f"{self.name} sent no {self.handler.introduction} within "
                                           f"{self._introduce_within:g} s of authenticating (RDMAKV_TIMEOUT)")
-                header = self.connection.recv_header(IDLE_POLL_SECONDS)
+                header = self.connection.recv_header(poll)
+                if limit is not None:
+                    now = time.monotonic()
+                    if now - beat >= interval:
+                        beat = now
+                        self.connection.send(_HEARTBEAT)
+                    if header is not None:
+                        heard = now
+                    elif now - heard > limit:
+                        raise PeerTimeout(f"{self.name} sent nothing for {now - heard:.1f} s (RDMAKV_TIMEOUT "
+                                          f"{limit:g} s): it is stopped, hung or cut off")
                 if header is None:
+                    continue
+                if header.op == Op.HEARTBEAT:
+                    if header.length:
+                        raise ProtocolError(f"HEARTBEAT with a payload of {header.length} bytes")
                     continue
                 payload = None
                 if header.length and not header.flags & protocol.FLAG_SUMMED_IN_PLACE:

@@ -1,6 +1,7 @@
 """The TCP transport: a policy wrapper over the GIL-free send/receive loops in
 rdmakv._transport.  IPv4 and IPv6."""
 import fcntl
+import hmac
 import socket
 import struct
 import termios
@@ -9,8 +10,10 @@ import time
 
 from rdmakv import netif, protocol
 from rdmakv._native import transport as _t
-from rdmakv.errors import ConnectionClosed, EndOfStream, PeerTimeout, TransportError
+from rdmakv.errors import ConnectionClosed, EndOfStream, IntegrityError, PeerTimeout, TransportError
 from rdmakv.transport.base import Connection, Listener
+
+TAG_BYTES = 16          # a record's MAC: keyed BLAKE3, 128 bits
 
 
 def _tune(sock, timeout):
@@ -37,6 +40,8 @@ class TcpConnection(Connection):
         self._recv_lock = threading.Lock()
         self._header = bytearray(protocol.HEADER_SIZE)
         self._closed = False
+        self._send_key = self._recv_key = None    # set by protect()
+        self._send_sequence = self._recv_sequence = 0
         try:
             address = sock.getpeername()
             self.peer, self.source = netif.format_address(*address[:2]), address[0]
@@ -59,20 +64,68 @@ class TcpConnection(Connection):
                 raise ConnectionClosed(f"{what} {self.peer}: connection closed") from None
             raise TransportError(f"{what} {self.peer}: {exc}") from None
 
+    def protect(self, send_key, recv_key):
+        """From now on each record (a header; a payload) is followed by its MAC
+        under the key of its direction, over a sequence number that counts the
+        records each way, so a record altered, dropped, replayed or reordered
+        fails the check.  Called by rdmakv.auth once the handshake is done,
+        before anything else is sent or read."""
+        # Keyed BLAKE3: 4-5 GB/s on one core here, against 1.2 for HMAC-SHA256 and 0.6
+        # for keyed BLAKE2b (docs/reliability.md); it reads the arrays in place with
+        # the GIL released.  Imported only in this mode (Config checks it is installed).
+        from blake3 import blake3
+        self._blake3 = blake3
+        self._send_key, self._recv_key = send_key, recv_key
+        self._header = bytearray(protocol.HEADER_SIZE + TAG_BYTES)
+        self._received_tag = bytearray(TAG_BYTES)
+
     def send(self, header, payload=None):
         with self._send_lock:
-            self._io("send to", _t.send_frame, header, payload, self._timeout)
+            if self._send_key is None:
+                self._io("send to", _t.send_frame, header, payload, self._timeout)
+                return
+            sequence = self._send_sequence
+            sealed = header + self._tag(self._send_key, sequence, header)
+            trailer = None
+            if payload is not None and memoryview(payload).nbytes:
+                sequence += 1
+                trailer = self._tag(self._send_key, sequence, payload)
+            self._send_sequence = sequence + 1
+            self._io("send to", _t.send_frame, sealed, payload, self._timeout, trailer)
 
     def recv_header(self, idle_timeout):
         with self._recv_lock:
             if not self._io("receive from", _t.wait_readable, idle_timeout):
                 return None
             self._io("receive from", _t.recv_into, self._header, self._timeout)
-        return protocol.unpack(self._header)
+            if self._recv_key is None:
+                return protocol.unpack(self._header)
+            view = memoryview(self._header)
+            self._check(view[:protocol.HEADER_SIZE], view[protocol.HEADER_SIZE:], "header")
+            return protocol.unpack(view[:protocol.HEADER_SIZE])
 
     def recv_payload(self, header, destination):
         with self._recv_lock:
             self._io("receive from", _t.recv_into, destination, self._timeout)
+            if self._recv_key is not None:
+                self._io("receive from", _t.recv_into, self._received_tag, self._timeout)
+                self._check(destination, self._received_tag, "payload")
+
+    def _tag(self, key, sequence, data):
+        """The MAC of one record: keyed BLAKE3 of its sequence number and its bytes."""
+        mac = self._blake3(sequence.to_bytes(8, "little"), key=key)
+        view = memoryview(data)
+        mac.update(view if view.format == "B" else view.cast("B"))   # blake3 takes bytes, not items
+        return mac.digest(TAG_BYTES)
+
+    def _check(self, data, tag, what):
+        """The caller holds the receive lock."""
+        sequence = self._recv_sequence
+        self._recv_sequence += 1
+        if not hmac.compare_digest(self._tag(self._recv_key, sequence, data), tag):
+            raise IntegrityError(f"a {what} from {self.peer} failed its integrity check (record {sequence}): "
+                                 f"altered, replayed or dropped on the way, or not sent by the authenticated "
+                                 f"peer (RDMAKV_INTEGRITY)")
 
     def readable_bytes(self):
         if self._closed:
