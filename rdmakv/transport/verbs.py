@@ -4,12 +4,17 @@ Connection set-up.  A TCP socket carries the set-up: each side sends a JSON
 description of its QP (verbs_qp.local_endpoint plus its receive-slot
 geometry), both walk their QP to RTS, then trade a ready byte.  The socket
 then stays open for liveness only: its end of file means the peer is gone,
-and a clean close() says so first with a goodbye byte.
+and a clean close() says so first with a goodbye byte.  The listener never
+waits on a peer (see VerbsListener): it allocates nothing for a connection
+before that connection's endpoint is in.
 
 Every connection has its own protection domain, completion channel, CQ and
 RC QP on a process-wide device Context, and a progress thread that waits on
 the CQ (CQ.wait: spin briefly, then sleep on the channel, GIL released) and
-hands completions to the threads waiting for them.
+hands completions to the threads waiting for them.  An accepted connection
+starts that thread only when someone first waits on it; until then
+readable_bytes() reaps completions itself, so the authentication handshake
+(node.Gate) costs no thread.
 
 Messages.  Each SEND carries a 24-byte frame prefix (kind, returned credits,
 message id, rkey, address) before the rdmakv header:

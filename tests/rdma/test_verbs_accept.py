@@ -21,6 +21,8 @@ from rdmakv.protocol import Op
 from rdmakv.transport import verbs_devices
 from rdmakv.transport.base import Handler
 
+from cluster import free_port
+
 USABLE, REASON = verbs_devices.probe()
 pytestmark = [pytest.mark.rdma, pytest.mark.skipif(not USABLE, reason=f"no usable RDMA device: {REASON}")]
 
@@ -95,6 +97,7 @@ class Pump:
 
 def test_silent_connections_cost_nothing_and_do_not_stall_accept(verbs):
     listener = verbs.Listener("127.0.0.1", 0, TIMEOUT)
+    verbs._Device.acquire()              # the device's own event fd is counted from here on
     before = channels_open()
     silent = silent_sockets(listener.address[1], 12)
     box = {}
@@ -140,6 +143,7 @@ def test_silent_connections_cost_nothing_and_do_not_stall_accept(verbs):
         if "c" in box:
             box["c"].close()
         listener.close()
+        verbs._Device.release()
 
 
 def test_setups_beyond_the_caps_are_refused_naming_the_cap(verbs, caplog):
@@ -230,3 +234,36 @@ def test_unauthenticated_verbs_connections_hold_no_thread(verbs):
         if client is not None:
             client.close()
         listener.close()
+
+
+def test_silent_connections_to_a_verbs_server_do_not_stop_workers(cluster_factory, monkeypatch):
+    """Issue 11's attack 1 on a verbs server: 12 silent connections to its port,
+    then 2 verbs workers join and sum exactly (before: each silent connection
+    held the accept loop for 10 s, and the workers timed out)."""
+    monkeypatch.setenv("RDMAKV_TRANSPORT", "verbs")
+    port = free_port()
+    cluster = cluster_factory(2, 1, RDMAKV_SECRET=SECRET, RDMAKV_PORT=port, RDMAKV_TIMEOUT=60)
+    silent = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(silent) < 12:
+            try:
+                silent.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "the server never listened"
+                time.sleep(0.1)
+        start = time.monotonic()
+
+        def exact_round(kv):
+            value = np.arange(1000, dtype=np.int64) * (kv.rank + 1)
+            out = kv.pushpull("k", value, out=np.empty_like(value))
+            return bool(np.array_equal(out, np.arange(1000, dtype=np.int64) * 3))
+
+        assert cluster.run(exact_round, timeout=120) == [True, True]
+        assert all(type(link.peer.connection).__name__ == "VerbsConnection"
+                   for kv in cluster.stores for link in kv._links)
+        print(f"\nFIGURE silent connections at a verbs server: 2 verbs workers joined and summed exactly in "
+              f"{time.monotonic() - start:.1f} s with 12 silent connections open")
+    finally:
+        for sock in silent:
+            sock.close()
