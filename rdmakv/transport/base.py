@@ -7,7 +7,10 @@ The sender hands over the header and a buffer; the receiver learns the header
 first and then names the buffer the payload must land in, so payloads go from
 the sender's array to the receiver's array with no intermediate copy."""
 import abc
+import errno
 import logging
+import math
+import select
 import threading
 import time
 
@@ -132,6 +135,26 @@ class Listener(abc.ABC):
     @abc.abstractmethod
     def close(self):
         """Stop listening; idempotent."""
+
+    def wait_ready(self, timeout, take):
+        """accept() for a listener that advances set-ups without waiting on any:
+        take() (a connection or None, never waits) until it gives one or timeout
+        seconds pass, sleeping on watch() in between."""
+        deadline = time.monotonic() + timeout
+        while True:
+            connection = take()
+            left = deadline - time.monotonic()
+            if connection is not None or left <= 0:
+                return connection
+            fds, wake = self.watch()
+            if wake is not None:
+                left = min(left, max(0.0, wake - time.monotonic()))
+            poller = select.poll()
+            for fd in fds:
+                if fd < 0:
+                    raise OSError(errno.EBADF, "listener closed")
+                poller.register(fd, select.POLLIN)
+            poller.poll(max(0, math.ceil(left * 1000)))
 
 
 class Handler:

@@ -568,21 +568,7 @@ class ShmListener(Listener):
         return fds, wake
 
     def accept(self, timeout):
-        deadline = time.monotonic() + timeout
-        while True:
-            connection = self._accept_ready()
-            left = deadline - time.monotonic()
-            if connection is not None or left <= 0:
-                return connection
-            fds, wake = self.watch()
-            if wake is not None:
-                left = min(left, max(0.0, wake - time.monotonic()))
-            poller = select.poll()
-            for fd in fds:
-                if fd < 0:
-                    raise OSError(errno.EBADF, "listener closed")
-                poller.register(fd, select.POLLIN)
-            poller.poll(max(0, math.ceil(left * 1000)))
+        return self.wait_ready(timeout, self._accept_ready)
 
     def _accept_ready(self):
         """A connection that is ready now, or None; never waits.  New co-located

@@ -4,12 +4,17 @@ Connection set-up.  A TCP socket carries the set-up: each side sends a JSON
 description of its QP (verbs_qp.local_endpoint plus its receive-slot
 geometry), both walk their QP to RTS, then trade a ready byte.  The socket
 then stays open for liveness only: its end of file means the peer is gone,
-and a clean close() says so first with a goodbye byte.
+and a clean close() says so first with a goodbye byte.  The listener never
+waits on a peer (see VerbsListener): it allocates nothing for a connection
+before that connection's endpoint is in.
 
 Every connection has its own protection domain, completion channel, CQ and
 RC QP on a process-wide device Context, and a progress thread that waits on
 the CQ (CQ.wait: spin briefly, then sleep on the channel, GIL released) and
-hands completions to the threads waiting for them.
+hands completions to the threads waiting for them.  An accepted connection
+starts that thread only when someone first waits on it; until then
+readable_bytes() reaps completions itself, so the authentication handshake
+(node.Gate) costs no thread.
 
 Messages.  Each SEND carries a 24-byte frame prefix (kind, returned credits,
 message id, rkey, address) before the rdmakv header:
@@ -59,7 +64,6 @@ import json
 import logging
 import mmap
 import os
-import select
 import socket
 import struct
 import threading
@@ -71,7 +75,7 @@ from rdmakv.errors import (ConnectionClosed, EndOfStream, PeerTimeout, ProtocolE
                            TransportError, VerbsError)
 from rdmakv.transport import tcp as _tcp
 from rdmakv.transport import verbs_devices, verbs_qp
-from rdmakv.transport.base import Connection, Listener as _ListenerBase
+from rdmakv.transport.base import Connection, Listener as _ListenerBase, Throttle
 from rdmakv.transport.mrcache import MRCache, buffer_span
 
 log = logging.getLogger("rdmakv.transport.verbs")
@@ -154,9 +158,13 @@ def _slab(nbytes):
 
 # --- the TCP side channel -------------------------------------------------------------
 
-def _send_blob(sock, obj):
+BLOB_HEAD = len(HANDSHAKE_MAGIC) + 4    # magic, then the length of the JSON that follows
+MAX_BLOB_BYTES = 4096
+
+
+def _frame_blob(obj):
     data = json.dumps(obj).encode()
-    sock.sendall(HANDSHAKE_MAGIC + struct.pack("<I", len(data)) + data)
+    return HANDSHAKE_MAGIC + struct.pack("<I", len(data)) + data
 
 
 def _recv_exact(sock, n, deadline, what):
@@ -176,18 +184,25 @@ def _recv_exact(sock, n, deadline, what):
     return bytes(out)
 
 
-def _recv_blob(sock, deadline, what):
-    head = _recv_exact(sock, len(HANDSHAKE_MAGIC) + 4, deadline, what)
+def _blob_length(head, what):
+    """The length of the JSON a set-up message's head announces (ProtocolError if it is not one)."""
     if head[:len(HANDSHAKE_MAGIC)] != HANDSHAKE_MAGIC:
         raise ProtocolError(f"{what}: the peer does not speak the rdmakv verbs transport "
                             f"(is it using RDMAKV_TRANSPORT=tcp?)")
-    (length,) = struct.unpack("<I", head[len(HANDSHAKE_MAGIC):])
-    if length > 4096:
+    (length,) = struct.unpack("<I", head[len(HANDSHAKE_MAGIC):BLOB_HEAD])
+    if length > MAX_BLOB_BYTES:
         raise ProtocolError(f"{what}: set-up message of {length} bytes")
+    return length
+
+
+def _decode_blob(body, what):
+    """The peer's endpoint from a set-up message's JSON; TransportError if it refused us."""
     try:
-        obj = json.loads(_recv_exact(sock, length, deadline, what))
+        obj = json.loads(body)
     except ValueError as exc:
         raise ProtocolError(f"{what}: set-up message is not JSON: {exc}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+        raise TransportError(f"{what}: refused by the peer: {obj['error'][:200]}")
     if not isinstance(obj, dict) or any(not isinstance(obj.get(k), int) for k in _WIRE_FIELDS):
         raise ProtocolError(f"{what}: set-up message lacks {', '.join(_WIRE_FIELDS)}")
     if obj.get("gid") is not None and not isinstance(obj["gid"], str):
@@ -198,6 +213,11 @@ def _recv_blob(sock, deadline, what):
     return obj
 
 
+def _recv_blob(sock, deadline, what):
+    length = _blob_length(_recv_exact(sock, BLOB_HEAD, deadline, what), what)
+    return _decode_blob(_recv_exact(sock, length, deadline, what), what)
+
+
 # --- the connection -------------------------------------------------------------------
 
 class VerbsConnection(Connection):
@@ -205,12 +225,15 @@ class VerbsConnection(Connection):
 
     places_remotely = True
 
-    def __init__(self, sock, timeout, initiator, setup_timeout=None):
+    def __init__(self, sock, timeout):
+        """Allocate everything for one peer (PD, CQ, QP, registered slots) and
+        post the receives; connect(), or the listener once the peer's endpoint
+        is in, then walks the QP to RTS (_connect) and declares it ready (_ready)."""
         self._sock = sock
         self._timeout = timeout
-        self._setup_timeout = timeout if setup_timeout is None else setup_timeout
         try:
-            self.peer = netif.format_address(*sock.getpeername()[:2])
+            address = sock.getpeername()
+            self.peer, self.source = netif.format_address(*address[:2]), address[0]
         except OSError:
             self.peer = "?"
         self.copied_bytes = 0          # payload bytes copied through bounce slots (both ways)
@@ -219,12 +242,14 @@ class VerbsConnection(Connection):
         self._cv = threading.Condition()
         self._post_lock = threading.Lock()
         self._recv_lock = threading.Lock()
+        self._reap_lock = threading.Lock()   # whoever reaps the CQ before the progress thread runs
         self._closed = False           # close() was called here
         self._error = None             # why the connection is unusable (ConnectionClosed, ...)
         self._peer_said_bye = False
         self._released = False
         self._inbox = deque()          # (slot, byte_len) of received eager/rendezvous frames
         self._current = None           # (slot, kind, id) of the frame whose header recv_header returned
+        self._current_here = 0         # bytes of that frame's payload already here
         self._cts = {}                 # message id -> (addr, rkey) from the peer
         self._writes_in = set()        # ids whose write-with-imm arrived here
         self._writes_done = {}         # id -> None or error, our writes' completions
@@ -236,19 +261,20 @@ class VerbsConnection(Connection):
         self._offer_ids = {}           # (op, key, chunk) -> our newest offer id for it
         self._free_offer_ids = deque(range(OFFER_SLOTS))   # FIFO, so a retired id is reused last
         self._offers_in = {}           # (op, key, chunk) -> _PeerOffer
-        self._thread = None
+        self._ready_now = False        # the set-up is complete
+        self._thread = None            # the progress thread: started by the first wait (see _ensure_progress)
         self._have_device = False
         self._qp = self._cq = self._channel = self._pd = None
         self._rx_mr = self._tx_mr = self._offer_mr = None
         self._mrs = None
         try:
-            self._setup(initiator)
+            self._allocate()
         except BaseException:
             self._release()
             raise
 
     # ---- set-up --------------------------------------------------------------------
-    def _setup(self, initiator):
+    def _allocate(self):
         t = _t()
         ctx, port = _Device.acquire()
         self._have_device = True
@@ -266,33 +292,51 @@ class VerbsConnection(Connection):
         self._rx_mr = t.MR(self._pd, self._rx, t.IBV_ACCESS_LOCAL_WRITE)
         self._tx_mr = t.MR(self._pd, self._tx, 0)
         self._mrs = MRCache(self._pd, MR_CACHE_BYTES)
-        access = t.IBV_ACCESS_LOCAL_WRITE | t.IBV_ACCESS_REMOTE_WRITE
+        self._access = t.IBV_ACCESS_LOCAL_WRITE | t.IBV_ACCESS_REMOTE_WRITE
         self._offer_headers = _slab(OFFER_SLOTS * OFFER_HEADER_BYTES)
-        self._offer_mr = t.MR(self._pd, self._offer_headers, access)
+        self._offer_mr = t.MR(self._pd, self._offer_headers, self._access)
         # Receives can be posted from INIT on, so they are there before the peer may send.
-        self._qp.modify(t.IBV_QPS_INIT, pkey_index=0, port_num=port.port, qp_access_flags=access)
+        self._qp.modify(t.IBV_QPS_INIT, pkey_index=0, port_num=port.port, qp_access_flags=self._access)
         for slot in range(rx_slots):
             self._post_rx(slot)
-        psn = verbs_qp.new_psn()
-        mine = dict(verbs_qp.local_endpoint(self._qp, port, psn), slots=DATA_SLOTS, slot_bytes=SLOT_BYTES)
-        what = f"verbs set-up with {self.peer}"
-        deadline = time.monotonic() + self._setup_timeout
-        if initiator:
-            _send_blob(self._sock, mine)
-            theirs = _recv_blob(self._sock, deadline, what)
-        else:
-            theirs = _recv_blob(self._sock, deadline, what)
-            _send_blob(self._sock, mine)
-        if theirs.get("gid") is None and port.gid_index is not None:
+        self._psn = verbs_qp.new_psn()
+        self.endpoint = dict(verbs_qp.local_endpoint(self._qp, port, self._psn), slots=DATA_SLOTS,
+                             slot_bytes=SLOT_BYTES)
+
+    def _connect(self, theirs, what):
+        """Walk the QP to RTS, connected to the peer's endpoint (a checked set-up message)."""
+        if theirs.get("gid") is None and self._port.gid_index is not None:
             raise ProtocolError(f"{what}: this port is RoCE but the peer sent no GID")
-        verbs_qp.connect_rc(self._qp, port, theirs, psn, access=access)
+        verbs_qp.connect_rc(self._qp, self._port, theirs, self._psn, access=self._access)
         self._credits = theirs["slots"]
-        self._sock.sendall(b"R")
-        if _recv_exact(self._sock, 1, deadline, what) != b"R":
-            raise ProtocolError(f"{what}: bad ready byte")
+
+    def _ready(self):
+        """Both QPs are connected (the ready bytes were traded): the side channel
+        now only tells of the peer's goodbye or death."""
         self._sock.setblocking(False)
-        self._thread = threading.Thread(target=self._progress, name=f"rdmakv-verbs-{self.peer}", daemon=True)
-        self._thread.start()
+        self._ready_now = True
+
+    def _ensure_progress(self):
+        """Start the progress thread, once, when someone has to wait.  Until then
+        (an accepted connection still in the handshake, node.Gate) readable_bytes()
+        reaps completions itself, so such a connection costs no thread."""
+        with self._cv:
+            if self._thread is None and self._ready_now and not self._released:
+                self._thread = threading.Thread(target=self._progress, name=f"rdmakv-verbs-{self.peer}",
+                                                daemon=True)
+                self._thread.start()
+
+    def _reap_now(self):
+        """Without a progress thread: take in what completed and look at the side
+        channel, without waiting."""
+        with self._reap_lock:
+            if self._thread is not None or self._released or not self._ready_now:
+                return
+            self._drain_cq()
+            with self._cv:
+                alive = self._error is None
+            if alive:
+                self._check_liveness()
 
     def _post_rx(self, slot):
         self._qp.post_recv(self._rx_mr, slot * SLOT_BYTES, SLOT_BYTES, wr_id=_RX | slot)
@@ -322,6 +366,7 @@ class VerbsConnection(Connection):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerTimeout(f"{what} {self.peer}: no progress for {self._timeout:g} s (RDMAKV_TIMEOUT)")
+            self._ensure_progress()
             self._cv.wait(left)
 
     def _wc_error(self, wc, operation):
@@ -332,6 +377,8 @@ class VerbsConnection(Connection):
 
     # ---- the progress thread ----------------------------------------------------------
     def _progress(self):
+        with self._reap_lock:
+            pass                        # a reap begun before this thread existed ends first
         try:
             while not self._closed:
                 wcs = self._cq.wait(PROGRESS_SLICE, max_entries=32, spin_us=30.0, check=False)
@@ -346,10 +393,7 @@ class VerbsConnection(Connection):
 
     def _check_liveness(self):
         try:
-            readable, _, _ = select.select([self._sock], [], [], 0)
-            if not readable:
-                return
-            data = self._sock.recv(16)
+            data = self._sock.recv(16, socket.MSG_DONTWAIT)   # (select() fails past descriptor 1023)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -627,6 +671,7 @@ class VerbsConnection(Connection):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return None
+                    self._ensure_progress()
                     self._cv.wait(left)
                 kind, index, byte_len = self._inbox.popleft()
             if kind == K_PLACED:
@@ -649,8 +694,10 @@ class VerbsConnection(Connection):
             self._consumed(slot)
             if header.length:
                 self._current = (None, kind, ident)
+                self._current_here = 0
         else:
             self._current = (slot, kind, ident)
+            self._current_here = header.length
         return header
 
     def _placed_header(self, ident):
@@ -670,6 +717,7 @@ class VerbsConnection(Connection):
                 f"round {header.round} ({header.length} bytes) into the buffer offered for "
                 f"{protocol.op_name(op)} key {key} chunk {chunk} round {offer.round} ({offer.view.nbytes} bytes)")
         self._current = (None, K_PLACED, ident)
+        self._current_here = header.length
         return header
 
     def _consumed(self, slot):
@@ -717,16 +765,41 @@ class VerbsConnection(Connection):
                     self._writes_in.discard(ident)
                     self.rendezvous_bytes += header.length
 
+    def readable_bytes(self):
+        """Bytes here now: each waiting message's header and the payload that came
+        with it in its receive slot (eager) or was written in place (placed); a
+        rendezvous payload is not here until asked for."""
+        self._reap_now()
+        with self._cv:
+            if self._closed:
+                raise ConnectionClosed(f"receive from {self.peer}: connection closed")
+            n = self._current_here if self._current is not None else 0
+            for kind, index, byte_len in self._inbox:
+                n += protocol.HEADER_SIZE
+                if kind == K_EAGER:
+                    n += byte_len - PREFIX.size - protocol.HEADER_SIZE
+                elif kind == K_PLACED and index in self._offers_out:
+                    n += self._offers_out[index].view.nbytes
+            if not n and self._error is not None:
+                raise self._error
+            return n
+
     # ---- teardown ---------------------------------------------------------------------------
     def close(self):
         with self._cv:
             if self._closed:
                 return
-            drain_until = time.monotonic() + min(self._timeout, 2.0)
-            # Let SENDs already posted reach the peer before the QP goes.
-            while (len(self._free_tx) < SEND_SLOTS and self._error is None and self._thread is not None
-                   and time.monotonic() < drain_until):
-                self._cv.wait(0.05)
+        # Let SENDs already posted reach the peer before the QP goes.
+        drain_until = time.monotonic() + min(self._timeout, 2.0)
+        while time.monotonic() < drain_until:
+            self._reap_now()             # where no progress thread does it
+            with self._cv:
+                if len(self._free_tx) == SEND_SLOTS or self._error is not None or not self._ready_now:
+                    break
+                self._cv.wait(0.05 if self._thread is not None else 0.005)
+        with self._cv:
+            if self._closed:
+                return
             self._closed = True
             self._cv.notify_all()
         try:
@@ -754,14 +827,15 @@ class VerbsConnection(Connection):
             self._cv.notify_all()
         if self._thread is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
             return  # the progress thread is stuck in a wait; leave the handles to the process' end
-        for obj in (self._qp, self._cq):
-            if obj is not None:
-                obj.close()
-        if self._mrs is not None:
-            self._mrs.close()
-        for obj in (self._rx_mr, self._tx_mr, self._offer_mr, self._pd, self._channel):
-            if obj is not None:
-                obj.close()
+        with self._reap_lock:           # not while readable_bytes() reaps
+            for obj in (self._qp, self._cq):
+                if obj is not None:
+                    obj.close()
+            if self._mrs is not None:
+                self._mrs.close()
+            for obj in (self._rx_mr, self._tx_mr, self._offer_mr, self._pd, self._channel):
+                if obj is not None:
+                    obj.close()
         self._sock.close()
         if self._have_device:
             self._have_device = False
@@ -773,44 +847,146 @@ class VerbsConnection(Connection):
 
 # --- listening and connecting -------------------------------------------------------------
 
+SETUP_SECONDS = 5.0            # a connector sends its endpoint at once: one that has not by then is refused
+MAX_SETUPS = 64                # set-ups in progress at a listener (beyond: refused at once) ...
+MAX_SETUPS_PER_SOURCE = 32     # ... and from one address
+
+
+class _SetUp:
+    """An accepted socket whose verbs set-up is in progress: first the peer's
+    endpoint is read (nothing is allocated before it is whole and well formed),
+    then, with our QP connected and our endpoint and ready byte sent, its ready byte."""
+
+    def __init__(self, sock, source, name, deadline):
+        self.sock = sock
+        self.source = source
+        self.name = name
+        self.deadline = deadline
+        self.received = bytearray()    # of the peer's set-up message
+        self.connection = None         # once that message is in: ours, waiting for the peer's ready byte
+
+
 class VerbsListener(_ListenerBase):
-    """A TCP listener whose accepted sockets become verbs connections."""
+    """A TCP listener whose accepted sockets become verbs connections.  accept()
+    never waits on a peer: set-ups advance as their bytes arrive, each within
+    SETUP_SECONDS and within caps per source address and in total; refusals are
+    logged within a budget."""
 
     def __init__(self, host, port, timeout, backlog=128):
         verbs_devices.select_port()      # fail now, with the reason, where verbs can't work
         self._tcp = _tcp.TcpListener(host, port, timeout, backlog)
+        self._tcp._sock.setblocking(False)
         self._timeout = timeout
         self.address = self._tcp.address
-
-    def accept(self, timeout):
-        if not _tcp._t.wait_readable(self._tcp._sock.fileno(), timeout):
-            return None
-        try:
-            sock, _ = self._tcp._sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return None
-        sock.setblocking(True)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            # A stalled client must not hold up the accept loop for long.
-            return VerbsConnection(sock, self._timeout, initiator=False, setup_timeout=min(self._timeout, 10.0))
-        except (TransportError, ProtocolError, OSError) as exc:
-            log.warning("verbs connection from %s refused: %s", _name(sock), exc)
-            sock.close()
-            return None
+        self._setups = []                # _SetUps in progress, oldest first
+        self._refusals = Throttle()
 
     def watch(self):
-        return [self._tcp.fileno()], None
+        fds = [self._tcp.fileno()] + [setup.sock.fileno() for setup in self._setups]
+        return fds, self._setups[0].deadline if self._setups else None
+
+    def accept(self, timeout):
+        return self.wait_ready(timeout, self._accept_ready)
+
+    def _accept_ready(self):
+        """A connection whose set-up is complete, or None; never waits."""
+        for _ in range(MAX_SETUPS):          # then give the set-ups in progress a turn
+            try:
+                sock, address = self._tcp._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                break
+            self._admit(sock, address)
+        now = time.monotonic()
+        while self._setups and self._setups[0].deadline <= now:
+            setup = self._setups.pop(0)
+            step = "ready byte" if setup.connection is not None else "verbs set-up message"
+            self._refuse(setup, f"sent no {step} within {min(SETUP_SECONDS, self._timeout):g} s")
+        for setup in list(self._setups):
+            connection = self._advance(setup)
+            if connection is not False:
+                self._setups.remove(setup)
+                if connection is not None:
+                    return connection
+        return None
+
+    def _admit(self, sock, address):
+        """Start the set-up of a new connection, or refuse it at once."""
+        setup = _SetUp(sock, address[0], netif.format_address(*address[:2]),
+                       time.monotonic() + min(SETUP_SECONDS, self._timeout))
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            self._refuse(setup, str(exc))
+            return
+        if len(self._setups) >= MAX_SETUPS:
+            self._refuse(setup, f"{MAX_SETUPS} verbs set-ups are already in progress")
+        elif sum(other.source == setup.source for other in self._setups) >= MAX_SETUPS_PER_SOURCE:
+            self._refuse(setup, f"{MAX_SETUPS_PER_SOURCE} verbs set-ups from {setup.source} are already "
+                                f"in progress")
+        else:
+            self._setups.append(setup)
+
+    def _refuse(self, setup, reason):
+        self._refusals.warn(log, "verbs connections refused", "refused a verbs connection from %s: %s",
+                            setup.name, reason)
+        if setup.connection is not None:
+            setup.connection._release()     # closes the socket too
+            return
+        try:                                # tell a real connector why, if its socket takes it now
+            setup.sock.send(_frame_blob({"error": reason}), socket.MSG_DONTWAIT)
+            # Unread bytes would make close() reset the connection, and the connector lose the reason.
+            setup.sock.recv(BLOB_HEAD + MAX_BLOB_BYTES, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        setup.sock.close()
+
+    def _advance(self, setup):
+        """The acceptor's side of one set-up: a VerbsConnection once it is complete,
+        False while it is not, None (after refusing it) if it fails."""
+        what = f"verbs set-up with {setup.name}"
+        try:
+            if setup.connection is None:
+                theirs = self._take_endpoint(setup, what)
+                if theirs is None:
+                    return False
+                setup.connection = VerbsConnection(setup.sock, self._timeout)
+                setup.connection._connect(theirs, what)
+                mine = _frame_blob(setup.connection.endpoint) + b"R"
+                if setup.sock.send(mine, socket.MSG_DONTWAIT) != len(mine):   # a fresh socket takes it whole
+                    raise ConnectionClosed(f"{what}: the peer does not read")
+            ready = setup.sock.recv(1, socket.MSG_DONTWAIT)
+            if not ready:
+                raise ConnectionClosed(f"{what}: the peer closed the connection")
+            if ready != b"R":
+                raise ProtocolError(f"{what}: bad ready byte")
+            setup.connection._ready()
+            return setup.connection
+        except (BlockingIOError, InterruptedError):
+            return False
+        except (TransportError, ProtocolError, OSError, ValueError) as exc:
+            self._refuse(setup, str(exc))
+            return None
+
+    @staticmethod
+    def _take_endpoint(setup, what):
+        """The peer's endpoint once its set-up message is whole, None until then."""
+        while True:
+            want = BLOB_HEAD
+            if len(setup.received) >= BLOB_HEAD:
+                want += _blob_length(setup.received, what)
+            if len(setup.received) == want:
+                return _decode_blob(setup.received[BLOB_HEAD:], what)
+            chunk = setup.sock.recv(want - len(setup.received), socket.MSG_DONTWAIT)  # BlockingIOError: later
+            if not chunk:
+                raise ConnectionClosed(f"{what}: the peer closed the connection")
+            setup.received += chunk
 
     def close(self):
+        for setup in self._setups:
+            setup.sock.close()
+        self._setups = []
         self._tcp.close()
-
-
-def _name(sock):
-    try:
-        return netif.format_address(*sock.getpeername()[:2])
-    except OSError:
-        return "?"
 
 
 def connect(host, port, timeout, retry_until=None):
@@ -818,10 +994,24 @@ def connect(host, port, timeout, retry_until=None):
     sock = _tcp.connect_socket(host, port, timeout, retry_until)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        return VerbsConnection(sock, timeout, initiator=True)
+        connection = VerbsConnection(sock, timeout)
     except BaseException:
         sock.close()
         raise
+    what = f"verbs set-up with {connection.peer}"
+    deadline = time.monotonic() + timeout
+    try:
+        sock.sendall(_frame_blob(connection.endpoint))
+        connection._connect(_recv_blob(sock, deadline, what), what)
+        sock.sendall(b"R")
+        if _recv_exact(sock, 1, deadline, what) != b"R":
+            raise ProtocolError(f"{what}: bad ready byte")
+        connection._ready()
+        connection._ensure_progress()
+    except BaseException:
+        connection._release()
+        raise
+    return connection
 
 
 Listener = VerbsListener      # the name every transport module exports
