@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import logging
 import os
+import time
 
 from rdmakv import protocol
 from rdmakv.errors import ConfigError, ProtocolError, RdmaKVError
@@ -30,6 +31,10 @@ _unprotected_kinds = set()     # connection classes already reported as carrying
 
 class AuthenticationError(RdmaKVError):
     """A peer could not prove it holds the cluster secret (or we could not)."""
+
+
+class Busy(AuthenticationError):
+    """The acceptor had too many connections authenticating to take this one."""
 
 
 def _mac(secret, label, first, second, integrity):
@@ -64,6 +69,8 @@ def _protect(connection, secret, challenge, nonce, acceptor):
 
 
 MAX_HANDSHAKE_BYTES = 4096
+BUSY = "busy"           # set in a refusal that says: the acceptor was full, try again
+BUSY_RETRY_SECONDS = (0.01, 0.5)
 
 
 def _check_header(header, expected):
@@ -83,7 +90,8 @@ def _read_message(connection, header):
         connection.recv_payload(header, payload)
     obj = protocol.decode_json(payload)
     if header.op == Op.ERROR:
-        raise AuthenticationError(f"{connection.peer} refused this connection: {protocol.peer_text(obj)}")
+        kind = Busy if obj.get(BUSY) is True else AuthenticationError
+        raise kind(f"{connection.peer} refused this connection: {protocol.peer_text(obj)}")
     return obj
 
 
@@ -216,14 +224,24 @@ def connect(connection, secret, timeout, integrity=False):
 
 
 def open_connection(transport, host, port, secret, timeout, retry_until=None, integrity=False):
-    """Connect and authenticate; the connection is closed again if the handshake fails."""
-    connection = transport.connect(host, port, timeout, retry_until=retry_until)
-    try:
-        connect(connection, secret, timeout, integrity)
-    except BaseException:
-        connection.close()
-        raise
-    return connection
+    """Connect and authenticate; the connection is closed again if the handshake fails.
+    An acceptor too busy to take us is tried again until retry_until (else timeout)."""
+    deadline = time.monotonic() + timeout if retry_until is None else retry_until
+    pause = BUSY_RETRY_SECONDS[0]
+    while True:
+        connection = transport.connect(host, port, timeout, retry_until=retry_until)
+        try:
+            connect(connection, secret, timeout, integrity)
+            return connection
+        except Busy:
+            connection.close()
+            if time.monotonic() + pause >= deadline:
+                raise
+        except BaseException:
+            connection.close()
+            raise
+        time.sleep(pause)
+        pause = min(BUSY_RETRY_SECONDS[1], 2 * pause)
 
 
 def load_secret(config):

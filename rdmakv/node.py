@@ -130,14 +130,17 @@ class Gate:
         return True
 
     def _admit(self, connection):
+        # At a cap, the oldest waiting connection gives way rather than the newcomer: a real
+        # node's handshake takes milliseconds, so idle squatters (even from the same address
+        # as the real nodes, e.g. 127.0.0.1 on one host) are what gets dropped, and a node
+        # that is dropped anyway is told it may retry (auth.BUSY).
         source = connection.source
-        if len(self._admissions) >= UNAUTHENTICATED_MAX:
-            self._refuse(connection, f"{UNAUTHENTICATED_MAX} connections are already authenticating")
-            return
         if self._per_source.get(source, 0) >= UNAUTHENTICATED_PER_SOURCE:
-            self._refuse(connection, f"too many connections authenticating from {source} "
-                                     f"({UNAUTHENTICATED_PER_SOURCE})")
-            return
+            self._evict(source, f"too many connections authenticating from {source} "
+                                f"({UNAUTHENTICATED_PER_SOURCE})")
+        elif len(self._admissions) >= UNAUTHENTICATED_MAX:
+            busiest = max(self._per_source, key=self._per_source.get)
+            self._evict(busiest, f"{UNAUTHENTICATED_MAX} connections are authenticating")
         try:
             if connection.readable_bytes() is None:   # a transport that cannot say: the handshake in a thread
                 self._start_peer(connection, functools.partial(auth.accept, secret=self.secret,
@@ -192,9 +195,16 @@ class Gate:
                                 connection.peer, exc)
             connection.close()
 
-    def _refuse(self, connection, reason):
+    def _evict(self, source, reason):
+        """Drop the longest-waiting connection from source, telling it it may retry."""
+        oldest = next(admission for admission in self._admissions if admission.connection.source == source)
+        self._refuse(oldest.connection, reason, busy=True, dropped=oldest)
+
+    def _refuse(self, connection, reason, busy=False, dropped=None):
         self._refusals.warn(log, "connections refused", "refused %s at %s: %s", self.label, connection.peer, reason)
-        body = protocol.encode_json({"message": reason})
+        if dropped is not None:
+            self._drop(dropped, close=False)
+        body = protocol.encode_json({"message": reason, auth.BUSY: busy})
         try:
             connection.send(protocol.pack(Op.ERROR, length=len(body)), body)
         except RdmaKVError:

@@ -211,6 +211,52 @@ def test_a_flood_of_unauthenticated_connections_costs_descriptors_not_threads(cl
           f"scheduler threads/fds {threads}/{fds} -> {during[0]}/{during[1]}; workers exact meanwhile")
 
 
+def test_squatters_from_the_nodes_own_address_cannot_keep_them_out(cluster_factory):
+    # A stranger on the same host connects from 127.0.0.1, as the real nodes do, and keeps
+    # every slot of that source (and reopens what is closed): the waiting squatters give way.
+    from rdmakv.node import UNAUTHENTICATED_PER_SOURCE
+    cluster = cluster_factory(2, 1, RDMAKV_SECRET=SECRET, RDMAKV_TIMEOUT=20)
+    cluster.raw_connection().close()
+    stop = threading.Event()
+    squatters = []
+
+    def squat():
+        while not stop.is_set():
+            squatters[:] = [s for s in squatters if s.fileno() >= 0]
+            while len(squatters) < 2 * UNAUTHENTICATED_PER_SOURCE and not stop.is_set():
+                try:
+                    squatters.append(socket.create_connection((cluster.host, cluster.port), timeout=2))
+                except OSError:
+                    break
+            for sock in list(squatters):      # keep the challenge unanswered; reopen what was let go
+                sock.setblocking(False)
+                try:
+                    if sock.recv(4096) != b"":
+                        continue
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    pass
+                sock.close()
+            time.sleep(0.05)
+
+    squatter = threading.Thread(target=squat, daemon=True)
+    squatter.start()
+    try:
+        time.sleep(1.0)
+        assert len(squatters) >= UNAUTHENTICATED_PER_SOURCE
+        started = time.monotonic()
+        assert cluster.run(exact_round, timeout=60) == [True, True]
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        squatter.join(10)
+        for sock in squatters:
+            sock.close()
+    print(f"\nFIGURE squatters: {2 * UNAUTHENTICATED_PER_SOURCE} idle connections from 127.0.0.1 kept open; "
+          f"2 workers joined and summed exactly in {took:.2f} s")
+
+
 @pytest.mark.timeout(60)
 def test_an_authenticated_connection_that_never_introduces_itself_is_closed(cluster_factory):
     cluster = cluster_factory(2, 1, RDMAKV_TIMEOUT=3)     # no secret: anyone authenticates
