@@ -78,7 +78,7 @@ def main(argv=None):
     if args.json:
         json.dump(info, sys.stdout, indent=2, default=str)
         print()
-        return 0
+        return 1 if info["config_error"] else 0
     print(f"rdmakv {info['rdmakv']}  (python {info['python']}, numpy {info['numpy']}, "
           f"mxnet {'yes' if info['mxnet'] else 'not installed'})")
     print("transports:")
@@ -110,7 +110,7 @@ def main(argv=None):
         print("configuration:")
         for row in info["settings"]:
             print(f"  {row['setting']:18} {row['value']!s:24} ({row['from']})")
-    return 0
+    return 1 if info["config_error"] else 0     # a launcher script can check the environment with it
 
 
 if __name__ == "__main__":

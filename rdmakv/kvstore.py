@@ -879,12 +879,13 @@ class KVStore:
         if out is None:
             target, result_obj = source, value
             if flags & FLAG_NO_DATA and not source.flags.writeable:
-                raise ValueError("value is read-only and no out= was given for the broadcast result")
+                raise ValueError(f"value of key {key_name(key)!r} is read-only and no out= was given for the "
+                                 f"broadcast result")
         else:
             target, result_obj = as_array(out, "out", writable=True, key=key), out
             if target.dtype != source.dtype or target.shape != source.shape:
-                raise ValueError(f"out is {target.dtype}{list(target.shape)} but value is "
-                                 f"{source.dtype}{list(source.shape)}")
+                raise ValueError(f"out of key {key_name(key)!r} is {target.dtype}{list(target.shape)} but value "
+                                 f"is {source.dtype}{list(source.shape)}")
         info = self._declare(key, source.dtype, source.shape)
         if info.error is not None:
             raise info.error

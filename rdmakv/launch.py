@@ -25,7 +25,7 @@ import threading
 import time
 
 from rdmakv import lifeline, netif
-from rdmakv.config import set_in_environ
+from rdmakv.config import SETTINGS, set_in_environ
 
 FORWARDED_PREFIXES = ("RDMAKV_", "DMLC_", "BYTEPS_", "PS_", "MXNET_", "OMP_", "PYTHON")
 FORWARDED_NAMES = ("PATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
@@ -67,6 +67,7 @@ class Job:
         self.ssh = ssh
         self.remote_python = remote_python
         self.procs = []             # (label, Popen, remote)
+        self.exited_at = {}         # label -> when this launcher saw it exit
         self.pumps = []
         self.out_lock = threading.Lock()
         self.stop_signal = None     # set by a signal handler; run() stops on it
@@ -156,6 +157,7 @@ class Job:
             if self.stop_signal is not None:
                 self.say(f"[launch] {signal.Signals(self.stop_signal).name}: stopping the job")
                 return 128 + self.stop_signal
+            self._note_exits()
             if any(proc.poll() not in (None, 0) for _, proc, _ in self.procs):
                 label, code, remote = self.root_failure()
                 why = " (ssh could not reach the host or run the command there)" if (
@@ -176,14 +178,26 @@ class Job:
         """(label, status, remote) of the failure that most likely caused the others.
 
         One failure makes its peers fail within milliseconds (a worker's script exits 3, the
-        scheduler then exits 1), and which of them this loop sees first is a race. So wait
-        briefly for the cascade, then blame a process killed by a signal (never a consequence),
-        else a worker (the user's own code), else whichever failed."""
-        time.sleep(settle)
+        scheduler and the other workers then exit 1), and which of them this loop sees first
+        is a race. So watch the cascade briefly, then blame a process killed by a signal (never
+        a consequence), else a worker (the user's own code), else any; among those, a status
+        the script chose over 1 (what an uncaught error, such as a peer's failure, gives),
+        then the first to exit."""
+        end = time.monotonic() + settle
+        while time.monotonic() < end:
+            time.sleep(0.01)
+            self._note_exits()
         failed = [(label, proc.poll(), remote) for label, proc, remote in self.procs
                   if proc.poll() not in (None, 0)]
-        failed.sort(key=lambda failure: (failure[1] > 0, " worker " not in f" {failure[0]} "))
+        failed.sort(key=lambda failure: (failure[1] > 0, " worker " not in f" {failure[0]} ",
+                                         failure[1] == 1, self.exited_at[failure[0]]))
         return failed[0]
+
+    def _note_exits(self):
+        now = time.monotonic()
+        for label, proc, _ in self.procs:
+            if label not in self.exited_at and proc.poll() is not None:
+                self.exited_at[label] = now
 
 
 def plan(args, command):
@@ -239,7 +253,8 @@ def main(argv=None):
     parser.add_argument("--server-hosts", help="HOST,... hosts the servers go to, in turn (default: the -H hosts)")
     parser.add_argument("--host", help="scheduler address (default: 127.0.0.1, or the first -H host)")
     parser.add_argument("--port", type=int, default=0,
-                        help="scheduler port (default: a free one here; 9091 with -H)")
+                        help="scheduler port (default: RDMAKV_SCHEDULER_PORT or DMLC_PS_ROOT_PORT if set, "
+                             "else a free one here; 9091 with -H)")
     parser.add_argument("-x", "--export", action="append", default=[], metavar="NAME[=VALUE]",
                         help="with -H, also pass this variable to every process (mpirun's -x)")
     parser.add_argument("--ssh", default="ssh", help="ssh command line, e.g. 'ssh -p 2222 -i key' (default: ssh)")
@@ -254,6 +269,12 @@ def main(argv=None):
     if (args.num_workers is not None and args.num_workers < 1) or (
             args.num_servers is not None and args.num_servers < 1):
         parser.error("need at least one worker and one server")
+    for variable in SETTINGS["scheduler_port"][0]:    # the port the user's environment names, if any
+        if not args.port and os.environ.get(variable, "").strip():
+            try:
+                args.port = int(os.environ[variable], 0)
+            except ValueError:
+                parser.error(f"{variable}={os.environ[variable]!r} is not a port")
     try:
         processes = plan(args, command)
     except ValueError as exc:

@@ -94,6 +94,37 @@ def test_an_unhandled_exception_still_fails_the_job_naming_it(tmp_path):
             in done.stdout), done.stdout
 
 
+def test_the_worker_whose_script_failed_is_blamed_not_the_one_it_took_down(tmp_path):
+    # Worker 1 exits 3 mid-job; worker 0's next pushpull then fails (exit 1), often first.
+    script = textwrap.dedent("""
+        import sys
+        import numpy as np
+        import rdmakv
+        kv = rdmakv.KVStore()
+        a = np.ones(10)
+        kv.pushpull("a", a)
+        if kv.rank == 1:
+            sys.exit(3)
+        kv.pushpull("a", a)
+    """)
+    for _ in range(3):
+        done = run_launch(tmp_path, script, "-n", "2", "-s", "1")
+        assert done.returncode == 3, done.stdout
+        assert "[launch] worker 1 exited with status 3" in done.stdout
+
+
+def test_the_scheduler_port_from_the_environment_is_used(tmp_path):
+    from cluster import free_port
+    port = free_port()
+    path = tmp_path / "script.py"
+    path.write_text("import rdmakv\nprint('scheduler port', rdmakv.KVStore().config.scheduler_port)\n")
+    done = subprocess.run([sys.executable, "-m", "rdmakv.launch", "-n", "1", "-s", "1", "--", sys.executable,
+                           str(path)], env=dict(os.environ, PYTHONPATH=REPO, DMLC_PS_ROOT_PORT=str(port)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"[worker 0] scheduler port {port}" in done.stdout
+
+
 def test_launch_requires_a_command():
     done = subprocess.run([sys.executable, "-m", "rdmakv.launch", "-n", "1"], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=REPO), timeout=30)

@@ -54,3 +54,11 @@ def test_info_reports_transports_and_configuration():
     assert done.returncode == 0, done.stderr
     assert "tcp    available" in done.stdout
     assert "num_workers        3" in done.stdout and "DMLC_NUM_WORKER" in done.stdout
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_info_fails_on_a_bad_configuration(json_output):
+    # A launcher script can check the environment with it before starting anything.
+    done = subprocess.run([sys.executable, "-m", "rdmakv.info", *(["--json"] if json_output else [])],
+                          env=dict(ENV, DMLC_ENABLE_RDMA="yes"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "DMLC_ENABLE_RDMA='yes'" in done.stdout, (done.stdout, done.stderr)
