@@ -424,8 +424,12 @@ class ServerLink(Handler):
             return None
         with self.ready:
             entry = self.expected.get((header.key, header.chunk, header.round))
-        if entry is None and header.key in self.store._failed_wires:
-            return bytearray(header.length)   # a result that crossed its key's failure: dropped
+        if entry is None and (header.key in self.store._failed_wires or self.error is not None):
+            # A result that crossed its key's failure, or this link's (the job failed and
+            # what was owed was let go): taken in and dropped, no more than a chunk of the key.
+            info = self.store._wire_keys.get(header.key)
+            if info is not None and header.length <= max((c.nbytes for c in info.chunks), default=0):
+                return bytearray(header.length)
         if entry is None:
             raise ProtocolError(f"{self.describe()} sent an unexpected result for key {header.key} "
                                 f"chunk {header.chunk} round {header.round}")
