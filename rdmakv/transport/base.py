@@ -156,6 +156,22 @@ class Listener(abc.ABC):
                 poller.register(fd, select.POLLIN)
             poller.poll(max(0, math.ceil(left * 1000)))
 
+    @staticmethod
+    def advance_setups(setups, expire, advance):
+        """One pass over set-ups in progress (oldest first, each with a deadline):
+        expire(setup) those past it, advance(setup) the others (a connection, False
+        while unfinished, None once refused); returns the first finished connection."""
+        now = time.monotonic()
+        while setups and setups[0].deadline <= now:
+            expire(setups.pop(0))
+        for setup in list(setups):
+            connection = advance(setup)
+            if connection is not False:
+                setups.remove(setup)
+                if connection is not None:
+                    return connection
+        return None
+
 
 class Handler:
     """What a Peer's reader thread calls; subclasses override what they need."""

@@ -580,16 +580,11 @@ class ShmListener(Listener):
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                     break
                 self._admit(sock)
-            now = time.monotonic()
-            while self._setups and self._setups[0].deadline <= now:
-                setup = self._setups.pop(0)
-                self._refuse(setup.sock, setup.name, f"no set-up within {SETUP_SECONDS:g} s")
-            for setup in list(self._setups):
-                connection = self._advance(setup)
-                if connection is not False:
-                    self._setups.remove(setup)
-                    if connection is not None:
-                        return connection
+            connection = self.advance_setups(
+                self._setups, lambda setup: self._refuse(setup.sock, setup.name,
+                                                         f"no set-up within {SETUP_SECONDS:g} s"), self._advance)
+            if connection is not None:
+                return connection
         return self._inner.accept(0)
 
     def _admit(self, sock):

@@ -896,18 +896,11 @@ class VerbsListener(_ListenerBase):
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 break
             self._admit(sock, address)
-        now = time.monotonic()
-        while self._setups and self._setups[0].deadline <= now:
-            setup = self._setups.pop(0)
-            step = "ready byte" if setup.connection is not None else "verbs set-up message"
-            self._refuse(setup, f"sent no {step} within {min(SETUP_SECONDS, self._timeout):g} s")
-        for setup in list(self._setups):
-            connection = self._advance(setup)
-            if connection is not False:
-                self._setups.remove(setup)
-                if connection is not None:
-                    return connection
-        return None
+        return self.advance_setups(self._setups, self._expire, self._advance)
+
+    def _expire(self, setup):
+        step = "ready byte" if setup.connection is not None else "verbs set-up message"
+        self._refuse(setup, f"sent no {step} within {min(SETUP_SECONDS, self._timeout):g} s")
 
     def _admit(self, sock, address):
         """Start the set-up of a new connection, or refuse it at once."""
