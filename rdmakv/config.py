@@ -211,12 +211,11 @@ class Config:
             if name in overrides and overrides[name] is not None:
                 raw, source = overrides[name], f"keyword {name}"
             else:
-                raw, source = default, "default"
-                for variable in variables:
-                    if environ.get(variable, "") != "":
-                        raw, source = environ[variable], variable
-                        parse = VARIABLE_PARSERS.get(variable, parse)
-                        break
+                raw, source = environ_value(name, environ)
+                if raw is None:
+                    raw, source = default, "default"
+                else:
+                    parse = VARIABLE_PARSERS.get(source, parse)
             if isinstance(raw, str) and parse is not _str:
                 try:
                     raw = parse(raw)
@@ -263,6 +262,16 @@ class Config:
         shown = [(f.name, getattr(self, f.name), self.sources.get(f.name, "default"))
                  for f in fields(self) if f.name != "sources"]
         return [(name, "(set)" if name == "secret" and value else value, source) for name, value, source in shown]
+
+
+def environ_value(name, environ=None):
+    """(text, variable) of a setting from the first of its variables set (non-empty) in
+    environ, highest precedence first; (None, None) where none is."""
+    environ = os.environ if environ is None else environ
+    for variable in SETTINGS[name][0]:
+        if environ.get(variable, "") != "":
+            return environ[variable], variable
+    return None, None
 
 
 def set_in_environ(environ, **settings):

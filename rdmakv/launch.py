@@ -25,7 +25,7 @@ import threading
 import time
 
 from rdmakv import lifeline, netif
-from rdmakv.config import SETTINGS, set_in_environ
+from rdmakv.config import environ_value, set_in_environ
 
 FORWARDED_PREFIXES = ("RDMAKV_", "DMLC_", "BYTEPS_", "PS_", "MXNET_", "OMP_", "PYTHON")
 FORWARDED_NAMES = ("PATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
@@ -269,12 +269,12 @@ def main(argv=None):
     if (args.num_workers is not None and args.num_workers < 1) or (
             args.num_servers is not None and args.num_servers < 1):
         parser.error("need at least one worker and one server")
-    for variable in SETTINGS["scheduler_port"][0]:    # the port the user's environment names, if any
-        if not args.port and os.environ.get(variable, "").strip():
-            try:
-                args.port = int(os.environ[variable], 0)
-            except ValueError:
-                parser.error(f"{variable}={os.environ[variable]!r} is not a port")
+    port, variable = environ_value("scheduler_port")    # the port the user's environment names, if any
+    if not args.port and port is not None:
+        try:
+            args.port = int(port, 0)
+        except ValueError:
+            parser.error(f"{variable}={port!r} is not a port")
     try:
         processes = plan(args, command)
     except ValueError as exc:

@@ -27,7 +27,7 @@ import sys
 import zlib
 
 from rdmakv import netif
-from rdmakv.config import SETTINGS, set_in_environ
+from rdmakv.config import environ_value, set_in_environ
 from rdmakv.errors import ConfigError
 
 PORT_BASE, PORT_SPAN = 10000, 20000     # derived ports stay below Linux's ephemeral range (32768-60999)
@@ -41,7 +41,7 @@ def _first(environ, *names):
 
 
 def _setting(environ, name):
-    return _first(environ, *SETTINGS[name][0])
+    return environ_value(name, environ)[0]
 
 
 def first_slurm_host(nodelist):

@@ -11,13 +11,12 @@ import logging
 import secrets
 import threading
 
-from rdmakv.config import SETTINGS
+from rdmakv.config import environ_value
 from rdmakv.errors import ConfigError
 
 log = logging.getLogger("rdmakv.standalone")
 
 JOB_SETTINGS = ("role", "scheduler_host", "scheduler_port", "num_workers", "num_servers", "worker_id")
-JOB_VARIABLES = tuple(variable for name in JOB_SETTINGS for variable in SETTINGS[name][0])
 MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")   # Open MPI; MPICH and Intel MPI
 
 
@@ -25,7 +24,7 @@ def wanted(settings, environ):
     """Whether a KVStore(**settings) runs as a single-process job."""
     if any(settings.get(name) is not None for name in JOB_SETTINGS):
         return False
-    if any(environ.get(variable, "") != "" for variable in JOB_VARIABLES):
+    if any(environ_value(name, environ)[0] is not None for name in JOB_SETTINGS):
         return False
     for variable in MPI_SIZE_VARIABLES:
         if environ.get(variable, "1") not in ("", "0", "1"):
