@@ -16,12 +16,12 @@ checks = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-fram
 # compat ABI).  `nm -D` on the built module lists no ibv_* symbol.
 transport = Extension(
     "rdmakv._transport",
-    ["rdmakv/_transport.pyx"],
+    ["rdmakv/_transport.pyx", "rdmakv/engine.c"],
     include_dirs=["rdmakv"],
     # -g0 after Python's own -g: no debug info in the wheel (the module is ~10x smaller);
     # a sanitizer build keeps it, for its reports.
-    extra_compile_args=["-O1" if sanitize else "-O3", "-fno-strict-aliasing", *(checks or ["-g0"])],
-    extra_link_args=["-Wl,-z,lazy", *checks],
+    extra_compile_args=["-O1" if sanitize else "-O3", "-fno-strict-aliasing", "-pthread", *(checks or ["-g0"])],
+    extra_link_args=["-Wl,-z,lazy", "-pthread", *checks],
 )
 
 setup(

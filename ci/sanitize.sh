@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Native code checked like native code.
-#   1. Our C (rdmakv/*.h) compiles with strict warnings, and a warning is an error.
+#   1. Our C (rdmakv/*.h, rdmakv/engine.c) compiles with strict warnings, and a warning is an error.
 #   2. The extension built with AddressSanitizer + UndefinedBehaviorSanitizer runs
 #      the native, shared-memory and KVStore tests.
-#   3. The extension built with ThreadSanitizer runs the native and shared-memory tests.
+#   3. The extension built with ThreadSanitizer runs the native, engine and shared-memory tests.
 # Python itself is not instrumented: each sanitizer's runtime is preloaded, and
 # leak detection is off (the interpreter keeps memory until exit by design).
 #
@@ -17,11 +17,11 @@ python=$repo/.venv/bin/python
 long=0
 [ "${1:-}" = "--long" ] && long=1
 
-for header in rdmakv/*.h; do
+for source in rdmakv/*.h rdmakv/engine.c; do
     gcc -std=gnu11 -D_GNU_SOURCE -fsyntax-only -Wall -Wextra -Wshadow -Wstrict-prototypes -Wpointer-arith \
-        -Wcast-align -Wvla -Wformat=2 -Werror -x c "$header"
+        -Wcast-align -Wvla -Wformat=2 -Werror -Irdmakv -x c "$source"
 done
-echo "ci/sanitize.sh: rdmakv/*.h compile without a warning"
+echo "ci/sanitize.sh: rdmakv/*.h and rdmakv/engine.c compile without a warning"
 
 # Not for a sanitizer run: it mounts over libibverbs and runs sh and mount, which
 # crash with a sanitizer runtime preloaded; it checks loading, not our C.
@@ -56,6 +56,7 @@ if ((long)); then
     run_build address,undefined libasan.so libubsan.so -- tests
     run_build thread libtsan.so -- tests
 else
-    run_build address,undefined libasan.so libubsan.so -- tests/test_native.py tests/test_shm.py tests/test_kvstore.py
-    run_build thread libtsan.so -- tests/test_native.py tests/test_shm.py
+    run_build address,undefined libasan.so libubsan.so -- tests/test_native.py tests/test_engine.py tests/test_shm.py \
+        tests/test_kvstore.py
+    run_build thread libtsan.so -- tests/test_native.py tests/test_engine.py tests/test_shm.py
 fi

@@ -50,6 +50,13 @@ def _enable_rdma(text):
                      "RDMAKV_TRANSPORT chooses among auto, verbs, tcp and shm")
 
 
+def _engine(text):
+    text = text.strip().lower()
+    if text not in ("native", "python"):
+        raise ValueError("must be native or python")
+    return text
+
+
 def _switch(text):
     text = text.strip().lower()
     if text in ("1", "on", "true", "yes"):
@@ -166,6 +173,9 @@ SETTINGS = {
                   "MAC every TCP frame with a per-connection key derived from the secret (needs a secret)"),
     "local_rank": (("RDMAKV_LOCAL_RANK", "BYTEPS_LOCAL_RANK"), _int, None,
                    "rank among the workers on this host (default: computed by the scheduler)"),
+    "engine": (("RDMAKV_ENGINE",), _engine, "native",
+               "native: a worker's pushpulls run in native threads where its links allow (TCP without "
+               "RDMAKV_INTEGRITY, no trace); python: always on the Python data path"),
     "server_memory": (("RDMAKV_SERVER_MEMORY",), _byte_count, None,
                       "bytes a server may commit for the keys workers declare (default: this machine's memory)"),
 }
@@ -193,6 +203,7 @@ class Config:
     trace_end_step: Optional[int] = None
     local_rank: Optional[int] = None
     server_memory: Optional[int] = None
+    engine: str = "native"
     secret: Optional[str] = field(default=None, repr=False)
     secret_file: Optional[str] = None
     integrity: bool = False

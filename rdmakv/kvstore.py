@@ -8,6 +8,7 @@ straight into the caller's output array."""
 from __future__ import annotations
 
 import atexit
+import errno
 import hashlib
 import logging
 import math
@@ -26,13 +27,14 @@ import numpy.typing as npt
 from rdmakv import auth, netif, partition, protocol, standalone, trace
 from rdmakv._native import transport as _t
 from rdmakv.config import Config
-from rdmakv.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
-                           RdmaKVError, RemoteError)
+from rdmakv.errors import (ClosedError, ConfigError, ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError,
+                           RdmaKVError, RemoteError, TransportError)
 from rdmakv.node import ControlLink
 from rdmakv.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.scheduling import ChunkQueue
 from rdmakv.transport import select
-from rdmakv.transport.base import Handler, Peer
+from rdmakv.transport.base import Handler, Peer, closed_connection_warnings
+from rdmakv.transport.tcp import TcpConnection
 
 log = logging.getLogger("rdmakv.worker")
 
@@ -155,6 +157,7 @@ class KeyInfo:
         self.active = None            # the operation whose chunks are out
         self.waiting = deque()        # later rounds, started in turn
         self.error = None
+        self.engine_key = None        # the key as the native engine knows it, where it runs
 
 
 class Handle(Generic[T]):
@@ -252,6 +255,55 @@ class Handle(Generic[T]):
         return True
 
 
+class NativeHandle(Handle[T]):
+    """A Handle whose operation runs in the native engine (EngineLink)."""
+
+    def __init__(self, store, info, operation, result_obj, priority, flags):
+        self._store = store
+        self.key = info.key
+        self._info = info
+        self._op = operation
+        self._result = result_obj
+        self.priority = priority
+        self.flags = flags
+        self.round = operation.round
+        self._expired = None
+        self._error = None
+
+    def done(self) -> bool:
+        return self._op.done()
+
+    def _wait_done(self, timeout):
+        return self._op.wait(max(0.0, timeout))
+
+    def wait(self, timeout: Optional[float] = None) -> T:
+        limit = self._store.config.timeout if timeout is None else timeout
+        if not self._op.wait(limit):
+            error = self._timed_out(limit)
+            if timeout is None:
+                self._expired = error
+            raise error
+        self._store._engine.reap()
+        error = self.exception()
+        if error is not None:
+            raise error
+        return self._result
+
+    def exception(self) -> Optional[BaseException]:
+        if self._error is None:
+            outcome, link = self._op.outcome
+            if outcome == _t.OUTCOME_LINK_FAILED:
+                self._error = self._store._links[link].error
+            elif outcome == _t.OUTCOME_KEY_FAILED:
+                self._error = self._info.error
+            elif outcome == _t.OUTCOME_CANCELLED:
+                self._error = self._store._failure or ClosedError("the KVStore is closed")
+        return self._error
+
+    def add_done_callback(self, fn: Callable[[Handle[T]], object]) -> None:
+        self._op.add_done_callback(fn, self)
+
+
 class GroupHandle:
     """Several operations waited on as one."""
 
@@ -315,33 +367,104 @@ class FusedGroup:
         return self.pushpull_async(priority).wait()
 
 
-class ServerLink(Handler):
-    """One server: its connection, its send queue and sender thread, and the
-    results it owes us, keyed by (wire key, chunk, round)."""
+class _ServerLinkBase:
+    """What both data paths do with one server: its control requests and answers."""
 
     def __init__(self, store, rank, address):
         self.store = store
         self.rank = rank
         self.address = address
+        self.replies = deque()        # control answers (ACK/STATES/ERROR) to a waiting request
+        self.replied = threading.Condition()
+        self.error = None
+
+    def describe(self):
+        return f"server {self.rank} at {netif.format_address(*self.address)}"
+
+    def send_json(self, op, obj, **fields):
+        self.send(op, protocol.encode_json(obj), **fields)
+
+    def on_control(self, header, payload):
+        """A message from the server other than a result or a credit return."""
+        if header.op == Op.ERROR:
+            obj = protocol.decode_json(payload or b"")
+            message = protocol.peer_text(obj)
+            if obj.get("fatal") is True:
+                self.store._on_lost(RemoteError(message))
+            elif isinstance(obj.get("key"), int):
+                self.store._fail_key(obj["key"], RemoteError(message))
+            else:
+                with self.replied:
+                    self.replies.append(RemoteError(message))
+                    self.replied.notify_all()
+        elif header.op == Op.WAITING:
+            # The server still waits for these workers' pushes: named if this round times out.
+            missing = protocol.decode_json(payload or b"").get("missing")
+            missing = [rank for rank in missing if type(rank) is int and 0 <= rank < self.store.num_workers] \
+                if isinstance(missing, list) else []
+            self.note_missing(header, missing)
+        elif header.op in (Op.ACK, Op.STATES):
+            with self.replied:
+                self.replies.append(bytes(payload or b""))
+                self.replied.notify_all()
+        else:
+            raise ProtocolError(f"unexpected {protocol.op_name(header.op)} from {self.describe()}")
+
+    def request(self, op, payload, timeout):
+        """Send a control request and wait for its ACK/STATES answer."""
+        with self.replied:
+            self.replies.clear()
+        self.send(op, payload)
+        with self.replied:
+            if not self.replied.wait_for(lambda: self.replies or self.error, timeout):
+                raise PeerTimeout(f"{self.describe()} did not answer {protocol.op_name(op)} within {timeout:g} s")
+            if self.error is not None:
+                raise self.error
+            answer = self.replies.popleft()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+class ServerLink(_ServerLinkBase, Handler):
+    """One server on the Python data path: its connection, its send queue and
+    sender thread, and the results it owes us, keyed by (wire key, chunk, round)."""
+
+    def __init__(self, store, rank, address):
+        super().__init__(store, rank, address)
         self.peer = None
         self.queue = ChunkQueue(store.config.scheduling_credit * store.config.partition_bytes)
         self.ready = threading.Condition()
         self.expected = {}
-        self.replies = deque()        # control answers (ACK/STATES/ERROR) to a waiting request
-        self.replied = threading.Condition()
-        self.error = None
         self.sending = False          # a thread is sending: only one takes from the queue at a time
         self.sender = threading.Thread(target=self._send_loop, daemon=True, name=f"rdmakv-send-{rank}")
 
-    def open(self, transport, secret, timeout):
-        connection = auth.open_connection(transport, *self.address, secret, timeout,
-                                          integrity=self.store.config.integrity)
+    def start(self, connection):
         self.peer = Peer(connection, self, f"server {self.rank}").start()
         self.peer.send_json(Op.CONNECT, {"rank": self.store.rank})
         self.sender.start()
 
-    def describe(self):
-        return f"server {self.rank} at {netif.format_address(*self.address)}"
+    @property
+    def connected(self):
+        return self.peer is not None
+
+    @property
+    def connection(self):
+        return self.peer.connection
+
+    def send(self, op, payload=None, **fields):
+        self.peer.send(op, payload, **fields)
+
+    def owed(self, handle):
+        """[(chunk index, the workers the server said it waits for, or None)] still owed for handle."""
+        with self.ready:
+            return [(slot[1], entry[4]) for slot, entry in self.expected.items() if entry[0] is handle]
+
+    def note_missing(self, header, missing):
+        with self.ready:
+            entry = self.expected.get((header.key, header.chunk, header.round))
+            if entry is not None:
+                entry[4] = missing
 
     def enqueue(self, handle, chunk, source, destination):
         # Before the push: the result can then be written straight into destination (verbs).
@@ -451,50 +574,11 @@ class ServerLink(Handler):
                 entry = self.expected.get((header.key, header.chunk, header.round))
                 if entry is not None:
                     self._return_credit(entry)
-        elif header.op == Op.ERROR:
-            obj = protocol.decode_json(payload or b"")
-            message = protocol.peer_text(obj)
-            if obj.get("fatal") is True:
-                self.store._on_lost(RemoteError(message))
-            elif isinstance(obj.get("key"), int):
-                self.store._fail_key(obj["key"], RemoteError(message))
-            else:
-                with self.replied:
-                    self.replies.append(RemoteError(message))
-                    self.replied.notify_all()
-        elif header.op == Op.WAITING:
-            # The server still waits for these workers' pushes: named if this round times out.
-            missing = protocol.decode_json(payload or b"").get("missing")
-            missing = [rank for rank in missing if type(rank) is int and 0 <= rank < self.store.num_workers] \
-                if isinstance(missing, list) else []
-            with self.ready:
-                entry = self.expected.get((header.key, header.chunk, header.round))
-                if entry is not None:
-                    entry[4] = missing
-        elif header.op in (Op.ACK, Op.STATES):
-            with self.replied:
-                self.replies.append(bytes(payload or b""))
-                self.replied.notify_all()
         else:
-            raise ProtocolError(f"unexpected {protocol.op_name(header.op)} from {self.describe()}")
+            self.on_control(header, payload)
 
     def on_closed(self, peer, error):
         self.fail(ConnectionClosed(f"connection to {self.describe()} lost: {error or 'closed'}"))
-
-    def request(self, op, payload, timeout):
-        """Send a control request and wait for its ACK/STATES answer."""
-        with self.replied:
-            self.replies.clear()
-        self.peer.send(op, payload)
-        with self.replied:
-            if not self.replied.wait_for(lambda: self.replies or self.error, timeout):
-                raise PeerTimeout(f"{self.describe()} did not answer {protocol.op_name(op)} within {timeout:g} s")
-            if self.error is not None:
-                raise self.error
-            answer = self.replies.popleft()
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
 
     def fail(self, error):
         """Fail every operation that waits on this server; later calls fail at once."""
@@ -531,6 +615,124 @@ class ServerLink(Handler):
             self.sender.join(5)
 
 
+class EngineLink(_ServerLinkBase):
+    """One server on the native data path (rdmakv/engine.c): the engine's
+    threads send our pushes and take the results in; this side hears the rest
+    (the engine's events) and decides what a failure means."""
+
+    def __init__(self, store, rank, address):
+        super().__init__(store, rank, address)
+        self.connection = None
+        self.missing = {}             # (wire key, chunk) -> (round, workers the server said it waits for)
+        self._lock = threading.Lock()
+
+    def start(self, connection):
+        self.connection = connection
+        self.store._engine.start_link(self.rank, connection.fileno())
+        self.send_json(Op.CONNECT, {"rank": self.store.rank})
+
+    @property
+    def connected(self):
+        return self.connection is not None
+
+    def send(self, op, payload=None, **fields):
+        if isinstance(self.error, ClosedError):
+            raise ConnectionClosed(f"send to {self.connection.peer}: connection already closed")
+        length = 0 if payload is None else memoryview(payload).nbytes
+        code, err = self.store._engine.send(self.rank, protocol.pack(op, length=length, **fields), payload)
+        if code:
+            raise self._io_error(code, err, "send to")
+
+    def _io_error(self, code, err, what):
+        peer = self.connection.peer
+        if code == _t.ERR_TIMEOUT:
+            return PeerTimeout(f"{what} {peer}: no progress for {self.store.config.timeout:g} s (RDMAKV_TIMEOUT)")
+        if code == _t.ERR_EOF:
+            return EndOfStream(f"{peer} closed the connection")
+        if code == _t.ERR_MIDSTREAM:
+            return ConnectionClosed(f"{what} {peer}: the peer closed the connection mid-message")
+        if code == _t.ERR_NO_MEMORY:
+            return RdmaKVError(f"{what} {peer}: out of memory")
+        kind = ConnectionClosed if err in _CONNECTION_ERRNOS else TransportError
+        return kind(f"{what} {peer}: {os.strerror(err)}")
+
+    def note_missing(self, header, missing):
+        with self._lock:
+            self.missing[(header.key, header.chunk)] = (header.round, missing)
+
+    def owed(self, handle):
+        """[(chunk index, the workers the server said it waits for, or None)] still owed for handle."""
+        indices, _ = handle._op.owed(self.rank)
+        wire = handle._info.wire
+        with self._lock:
+            told = [self.missing.get((wire, index)) for index in indices]
+        return [(index, entry[1] if entry is not None and entry[0] == handle.round else None)
+                for index, entry in zip(indices, told)]
+
+    def on_event(self, event):
+        """An event of this link's engine threads (the engine's event thread)."""
+        _, kind, code, err, limit, fields, payload = event
+        header = protocol.Header(*fields[2:])
+        if kind == _t.EVENT_MESSAGE:
+            try:
+                self.on_control(header, payload)
+            except ProtocolError as exc:
+                self._broken(exc)
+        elif kind == _t.EVENT_SEND_FAILED:
+            self.fail(ConnectionClosed(f"sending to {self.describe()} failed: {self._io_error(code, err, 'send to')}"))
+        else:
+            self._broken(self._read_error(code, err, limit, fields, header))
+
+    def _read_error(self, code, err, limit, fields, header):
+        if _t.ERR_BAD_MAGIC <= code <= _t.ERR_BAD_DTYPE:
+            try:
+                protocol.unpack(protocol.HEADER.pack(*fields))
+            except ProtocolError as exc:
+                return exc
+        name = protocol.op_name(header.op)
+        if code == _t.ERR_TOO_LARGE:
+            if header.op in (Op.HEARTBEAT, Op.RECEIVED):
+                return ProtocolError(f"{name} with a payload of {header.length} bytes")
+            if header.op == Op.STATES:
+                return ProtocolError(f"STATES of {header.length} bytes from {self.describe()}, more than the "
+                                     f"{limit} its declared keys' optimizer state can take")
+            return ProtocolError(f"{name} payload of {header.length} bytes exceeds the {limit}-byte control limit")
+        if code == _t.ERR_UNEXPECTED_RESULT:
+            return ProtocolError(f"{self.describe()} sent an unexpected result for key {header.key} "
+                                 f"chunk {header.chunk} round {header.round}")
+        if code == _t.ERR_RESULT_LENGTH:
+            return ProtocolError(f"RESULT for key {header.key} chunk {header.chunk} carries {header.length} "
+                                 f"bytes, expected {limit}")
+        return self._io_error(code, err, "receive from")
+
+    def _broken(self, error):
+        """The connection cannot go on: say why (as a Peer's reader does) and fail what waits on it."""
+        if isinstance(error, EndOfStream):
+            log.debug("%s closed the connection", self.describe())
+        elif self.error is None:
+            closed_connection_warnings.warn(log, "connections closed with errors",
+                                            "connection to server %d (%s) closed: %s",
+                                            self.rank, self.connection.peer, error)
+        self.fail(ConnectionClosed(f"connection to {self.describe()} lost: {error}"))
+        self.connection.close()       # stops the engine's reader, if the error was not its own
+
+    def fail(self, error):
+        """Fail every operation that waits on this server; later calls fail at once."""
+        with self._lock:
+            if self.error is None:
+                self.error = error
+        self.store._engine.fail_link(self.rank, _t.OUTCOME_LINK_FAILED)
+        with self.replied:
+            self.replied.notify_all()
+
+    def close(self):
+        self.fail(ClosedError("the KVStore is closed"))
+
+
+_CONNECTION_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN, errno.ESHUTDOWN,
+                      errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
 class KVStore:
     """A worker's handle on the cluster: KVStore(**settings).
 
@@ -560,6 +762,7 @@ class KVStore:
     secret_file        file holding the cluster secret
     integrity          True: a MAC on every TCP frame, keyed from the secret; False
     local_rank         rank among the workers on this host; default: from the scheduler
+    engine             native (pushpulls in native threads where the links allow) or python; native
 
     With no job setting at all (no role, scheduler, worker-count or rank
     variable or keyword), as in `python train.py` without a launcher, the
@@ -591,6 +794,7 @@ class KVStore:
         self._keys: dict[Key, KeyInfo] = {}
         self._wire_keys: dict[int, KeyInfo] = {}
         self._handles: set[Handle[Any]] = set()
+        self._handles_pruned_at = 64
         self._fused_buffers: dict = {}      # (group, dtype) -> staging arrays free for the next round
         self._fused_layouts: dict = {}      # (dtype, ((key, shape), ...)) -> fused key name
         self._failed_wires: set[int] = set()    # wire keys a server refused
@@ -599,6 +803,8 @@ class KVStore:
         self._barrier_cond = threading.Condition()
         self._control = ControlLink(self.config, self.transport, "worker", self._on_control, self._on_lost)
         self._links = []
+        self._engine = None           # the native data plane, where every link can use it
+        self._engine_events = None    # the thread that hears what the engine's threads leave to Python
         try:
             host = netif.advertised_host(self.config)
             welcome = self._control.join(host, 0, self.config.worker_id)
@@ -609,17 +815,54 @@ class KVStore:
                                else welcome["local_rank"])
             self.local_size = welcome["local_size"]
             self.tracer = trace.make(self.config, "worker", self.rank)
-            for rank, (server_host, port) in enumerate(welcome["servers"]):
-                link = ServerLink(self, rank, (server_host, port))
-                self._links.append(link)
-                link.open(self.transport, auth.load_secret(self.config), self.config.timeout)
+            self._connect_servers(welcome["servers"])
         except BaseException:
             self._teardown()
             raise
-        log.info("worker %d of %d connected to %d servers (%s)", self.rank, self.num_workers,
-                 self.num_servers, self.transport_reason)
+        log.info("worker %d of %d connected to %d servers (%s; %s data path)", self.rank, self.num_workers,
+                 self.num_servers, self.transport_reason, "native" if self._engine else "Python")
         _install_exit_hooks()
         _open_stores.add(self)
+
+    def _connect_servers(self, servers):
+        """Connect to every server, then run the data path on the native engine if
+        every connection is one it speaks (TCP frames without a MAC) and nothing
+        needs a per-chunk Python hook (a trace), else on Python threads."""
+        connections = []
+        secret = auth.load_secret(self.config)
+        try:
+            for server_host, port in servers:
+                connections.append(auth.open_connection(self.transport, server_host, port, secret,
+                                                        self.config.timeout, integrity=self.config.integrity))
+            native = (self.config.engine == "native" and self.tracer is None
+                      and all(type(c) is TcpConnection and c.frames_are_plain for c in connections))
+            if native:
+                credit = self.config.scheduling_credit * self.config.partition_bytes
+                self._engine = _t.Engine(len(connections), credit, DIRECT_SEND_BYTES, self.config.timeout, self.rank)
+                self._engine_events = threading.Thread(target=self._hear_engine, daemon=True,
+                                                       name="rdmakv-engine-events")
+                self._engine_events.start()
+            while connections:
+                rank = len(self._links)
+                link = (EngineLink if native else ServerLink)(self, rank, servers[rank])
+                self._links.append(link)
+                link.start(connections.pop(0))
+        finally:
+            for connection in connections:
+                connection.close()
+
+    def _hear_engine(self):
+        engine = self._engine
+        while True:
+            event = engine.next_event(1.0)
+            if event is None:
+                if self._closed:
+                    return
+                continue
+            try:
+                self._links[event[0]].on_event(event)
+            except Exception:     # a bug here must not leave the store deaf
+                log.exception("handling an event of the native engine failed")
 
     # ---- public API --------------------------------------------------------
     def init(self, key: Key, value: Any) -> None:
@@ -630,7 +873,7 @@ class KVStore:
         if self.rank == 0:
             flat = array.reshape(-1).view(np.uint8)
             for chunk in info.chunks:
-                self._links[chunk.server].peer.send(
+                self._links[chunk.server].send(
                     Op.INIT, flat[chunk.offset:chunk.offset + chunk.nbytes],
                     dtype=info.dtype_code, key=info.wire, chunk=chunk.index)
 
@@ -784,12 +1027,20 @@ class KVStore:
         for link in self._links:
             # Even to a server whose link already failed because of news from elsewhere
             # (the scheduler's report): it may not have heard that news yet.
-            if reason is not None and link.peer is not None:
+            if reason is not None and link.connected:
                 try:
-                    link.peer.send_json(Op.ERROR, {"message": str(reason)})
+                    link.send_json(Op.ERROR, {"message": str(reason)})
                 except RdmaKVError:
                     pass
             link.close()
+        if self._engine is not None:
+            self._engine.close()      # joins its threads: nothing touches a connection or a buffer after
+            for link in self._links:
+                if link.connected:
+                    link.connection.close()
+            if self._engine_events is not None and self._engine_events is not threading.current_thread():
+                self._engine_events.join(5)
+            self._engine.reap()
         self._control.close()
         if getattr(self, "tracer", None):
             self.tracer.write()
@@ -813,19 +1064,29 @@ class KVStore:
             link.request(Op.SET_OPTIMIZER, payload, self.config.timeout)
 
     def _dump_optimizer_states(self):
+        if self._engine is not None:
+            for link, (nbytes, count) in zip(self._links, self._declared_per_server()):
+                self._engine.allow_states(link.rank, protocol.state_limit(nbytes, count))
         return [link.request(Op.GET_STATES, None, self.config.timeout) for link in self._links]
+
+    def _declared_per_server(self):
+        """(bytes, chunks) of the keys declared, per server."""
+        totals = [[0, 0] for _ in self._links]
+        with self._lock:
+            for info in self._keys.values():
+                for chunk in info.chunks:
+                    totals[chunk.server][0] += chunk.nbytes
+                    totals[chunk.server][1] += 1
+        return totals
 
     def _load_optimizer_states(self, states):
         if len(states) != len(self._links):
             raise ValueError(f"the saved states are for {len(states)} servers, this cluster has {len(self._links)}")
-        with self._lock:
-            held = [chunk for info in self._keys.values() for chunk in info.chunks]
-        for link, data in zip(self._links, states):
-            mine = [chunk for chunk in held if chunk.server == link.rank]
-            limit = protocol.state_limit(sum(chunk.nbytes for chunk in mine), len(mine))
+        for link, data, (nbytes, count) in zip(self._links, states, self._declared_per_server()):
+            limit = protocol.state_limit(nbytes, count)
             if len(data) > limit:
                 raise ValueError(f"the saved optimizer state for server {link.rank} has {len(data)} bytes, more "
-                                 f"than the {limit} its {len(mine)} declared chunks allow: init() the keys "
+                                 f"than the {limit} its {count} declared chunks allow: init() the keys "
                                  f"before loading their states")
         for link, data in zip(self._links, states):
             link.request(Op.SET_STATES, data, self.config.timeout)
@@ -869,8 +1130,12 @@ class KVStore:
             chunks = partition.place(wire, partition.pieces(nbytes, size), self.num_servers)
             info = KeyInfo(key, wire, len(self._keys), dtype, shape, nbytes, chunks)
             # Every server sees every declaration, so they can check that all workers agree.
+            if self._engine is not None:
+                info.engine_key = self._engine.add_key(wire, info.order, info.dtype_code,
+                                                       [c.offset for c in chunks], [c.nbytes for c in chunks],
+                                                       [c.server for c in chunks])
             for link in self._links:
-                link.peer.send(Op.DECLARE, layout)
+                link.send(Op.DECLARE, layout)
             self._wire_keys[wire] = info
             self._keys[key] = info
         return info
@@ -893,6 +1158,8 @@ class KVStore:
         info = self._declare(key, source.dtype, source.shape)
         if info.error is not None:
             raise info.error
+        if self._engine is not None:
+            return self._submit_native(info, source, target, result_obj, int(priority), flags)
         handle = Handle(self, info, source, target, result_obj, int(priority), flags)
         with self._lock:
             handle.round = info.next_round
@@ -905,6 +1172,19 @@ class KVStore:
                 info.waiting.append(handle)
         if start:
             self._start(handle)
+        return handle
+
+    def _submit_native(self, info, source, target, result_obj, priority, flags):
+        engine = self._engine
+        engine.reap()
+        operation = engine.submit(info.engine_key, None if flags & FLAG_NO_DATA else source, target, priority, flags)
+        handle = NativeHandle(self, info, operation, result_obj, priority, flags)
+        with self._lock:
+            self._handles.add(handle)
+            if len(self._handles) >= self._handles_pruned_at:
+                # Handles nobody waits for (done-callbacks only) leave here, in batches.
+                self._handles = {h for h in self._handles if not h.done()}
+                self._handles_pruned_at = max(64, 2 * len(self._handles))
         return handle
 
     def _start(self, handle):
@@ -945,8 +1225,7 @@ class KVStore:
         """Which servers still owe results for handle, and for which chunks."""
         owing = []
         for link in self._links:
-            with link.ready:
-                entries = [(slot[1], entry[4]) for slot, entry in link.expected.items() if entry[0] is handle]
+            entries = link.owed(handle)
             if entries:
                 chunks = sorted(index for index, _ in entries)
                 shown = ", ".join(map(str, chunks[:8])) + (", ..." if len(chunks) > 8 else "")
@@ -968,6 +1247,9 @@ class KVStore:
             self._failed_wires.add(wire)
             pending = [h for h in self._handles if h._info is info]
         log.error("key %r failed: %s", info.name, error)
+        if self._engine is not None:
+            self._engine.fail_key(info.engine_key)
+            return
         for link in self._links:
             link.drop_key(wire)
         for handle in pending:

@@ -46,8 +46,8 @@ def cluster_factory(request):
         return cluster.start()
 
     yield make
-    used = {type(link.peer.connection).__name__ for cluster in made for kv in cluster.stores
-            for link in kv._links if link.peer is not None
+    used = {type(link.connection).__name__ for cluster in made for kv in cluster.stores
+            for link in kv._links if link.connected
             and cluster.env.get("RDMAKV_TRANSPORT") == transport}
     for cluster in made:
         cluster.close()

@@ -17,7 +17,7 @@ pytest.importorskip("blake3", reason="RDMAKV_INTEGRITY needs the blake3 package 
 
 from rdmakv.config import Config
 from rdmakv.errors import ConfigError, IntegrityError
-from rdmakv.kvstore import ServerLink
+from rdmakv.kvstore import KVStore
 from rdmakv.protocol import Op
 from rdmakv.transport import tcp
 
@@ -140,15 +140,17 @@ class ResultTamperer:
 def tampered_server_links(monkeypatch):
     """Route every worker's server connection of this process through a ResultTamperer."""
     proxies = []
-    opened = ServerLink.open
+    opened = KVStore._connect_servers
 
-    def through_proxy(link, transport, secret, timeout):
-        proxy = ResultTamperer(link.address, link.store.config.integrity)
-        proxies.append(proxy)
-        link.address = proxy.address
-        return opened(link, transport, secret, timeout)
+    def through_proxy(store, servers):
+        routed = []
+        for address in servers:
+            proxy = ResultTamperer(tuple(address), store.config.integrity)
+            proxies.append(proxy)
+            routed.append(proxy.address)
+        return opened(store, routed)
 
-    monkeypatch.setattr(ServerLink, "open", through_proxy)
+    monkeypatch.setattr(KVStore, "_connect_servers", through_proxy)
     yield proxies
     for proxy in proxies:
         proxy.close()

@@ -187,7 +187,7 @@ def test_relayed_error_text_is_sanitized(cluster_factory):
     survivor = next(kv for kv in stores if kv.rank == 0)
     evil = "\x1b[2J\x1b[31mFAKE: worker 0 is to blame\r\n\u202egnp.exe\x00" + "A" * 200_000
     handle = survivor.pushpull_async("x", np.ones(1000, np.int32))
-    hostile._links[0].peer.send_json(Op.ERROR, {"message": evil})
+    hostile._links[0].send_json(Op.ERROR, {"message": evil})
     hostile._control.send(Op.ERROR, {"message": evil})
     hostile._teardown()
     with pytest.raises(rdmakv.RdmaKVError) as caught:

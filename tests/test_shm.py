@@ -643,7 +643,7 @@ def test_shared_sums_with_a_tcp_worker_and_co_located_workers_on_one_server(clus
         for round_ in range(6):
             value = worker_values(kv.rank, (shape,), "int64", round_)
             np.testing.assert_array_equal(kv.pushpull("mixed", value), expected_sum(3, (shape,), "int64", round_))
-        connection = kv._links[0].peer.connection
+        connection = kv._links[0].connection
         return type(connection).__name__, getattr(connection, "summed_bytes", 0)
 
     kinds = cluster.run(work, timeout=120)

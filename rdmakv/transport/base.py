@@ -53,7 +53,7 @@ class Throttle:
             logger.warning(message, *args)
 
 
-_closed_warnings = Throttle()
+closed_connection_warnings = Throttle()
 _HEARTBEAT = protocol.pack(Op.HEARTBEAT)
 
 IDLE_POLL_SECONDS = 1.0
@@ -296,7 +296,7 @@ class Peer:
             elif isinstance(error, EndOfStream):
                 log.debug("%s closed the connection", self.name)
             elif error is not None:
-                _closed_warnings.warn(log, "connections closed with errors",
+                closed_connection_warnings.warn(log, "connections closed with errors",
                                       "connection to %s (%s) closed: %s", self.name, self.connection.peer, error)
             self.connection.close()
             self.handler.on_closed(self, error)

@@ -79,6 +79,12 @@ class TcpConnection(Connection):
         self._header = bytearray(protocol.HEADER_SIZE + TAG_BYTES)
         self._received_tag = bytearray(TAG_BYTES)
 
+    @property
+    def frames_are_plain(self):
+        """Whether frames are a header and its payload only (no MAC: see protect()),
+        which the worker's native engine speaks."""
+        return self._send_key is None
+
     def send(self, header, payload=None):
         with self._send_lock:
             if self._send_key is None:

@@ -1,0 +1,296 @@
+# The worker's native engine (engine.h, engine.c): ownership and the GIL.
+# Engine owns the rk_engine; Operation owns an rk_op and the buffer exports it
+# points at, and the engine holds a reference to it from submit() until the op
+# comes back from rk_engine_take_finished() (reap()), so no native thread ever
+# touches memory Python has let go.  Policy (names, messages, errors) stays in
+# rdmakv/kvstore.py.
+
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t
+from libc.stdlib cimport malloc, free
+
+cdef extern from "engine.h" nogil:
+    enum: RK_HEADER_SIZE
+    ctypedef struct rk_header:
+        uint32_t magic
+        unsigned short version
+        uint8_t op
+        uint8_t dtype
+        uint32_t flags
+        uint64_t key
+        uint32_t chunk
+        int32_t priority
+        uint64_t round
+        uint64_t length
+        uint32_t sender
+    ctypedef struct rk_event:
+        uint32_t link
+        uint32_t kind
+        int32_t error
+        int32_t sys_errno
+        uint64_t limit
+        rk_header header
+        char *payload
+    ctypedef struct rk_engine:
+        pass
+    ctypedef struct rk_key:
+        pass
+    ctypedef struct rk_op:
+        uint64_t round
+        int32_t outcome
+        uint32_t failed_link
+        void *owner
+        rk_op *next
+    ctypedef void (*rk_done_fn)(rk_op *op) noexcept nogil
+
+    rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t direct_bytes, double timeout,
+                             uint32_t sender_rank)
+    int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd)
+    void rk_engine_close(rk_engine *engine)
+    void rk_engine_free(rk_engine *engine)
+    rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint8_t dtype, uint32_t nchunks,
+                              const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links)
+    void rk_engine_fail_key(rk_engine *engine, rk_key *key)
+    void rk_op_init(rk_op *op, rk_engine *engine, rk_key *key, const char *source, char *target, int32_t priority,
+                    uint32_t flags, void *owner)
+    uint64_t rk_engine_submit(rk_engine *engine, rk_op *op)
+    int rk_op_wait(rk_op *op, double timeout)
+    void rk_engine_fail_link(rk_engine *engine, uint32_t link, int32_t outcome)
+    int rk_op_want_callback(rk_op *op, rk_done_fn on_done)
+    rk_op *rk_engine_take_finished(rk_engine *engine)
+    uint32_t rk_op_owed(rk_op *op, uint32_t link, uint32_t *indices, uint32_t max)
+    int rk_link_send(rk_engine *engine, uint32_t link, const char *header, const char *payload, size_t length,
+                     int *err)
+    void rk_link_allow_states(rk_engine *engine, uint32_t link, uint64_t limit)
+    rk_event *rk_engine_next_event(rk_engine *engine, double timeout)
+    void rk_event_free(rk_event *event)
+    void rk_header_pack(char *out, const rk_header *h)
+    void rk_header_unpack(const char *inp, rk_header *h)
+    int rk_header_check(const rk_header *h)
+
+
+ENGINE_ALL_LINKS = 0xFFFFFFFF
+# enum rk_outcome and enum rk_error, for rdmakv/kvstore.py's messages
+OUTCOME_OK, OUTCOME_LINK_FAILED, OUTCOME_KEY_FAILED, OUTCOME_CANCELLED = 0, 1, 2, 3
+EVENT_MESSAGE, EVENT_CLOSED, EVENT_SEND_FAILED = 1, 2, 3
+(ERR_EOF, ERR_MIDSTREAM, ERR_TIMEOUT, ERR_IO, ERR_BAD_MAGIC, ERR_BAD_VERSION, ERR_BAD_OP, ERR_BAD_FLAGS,
+ ERR_BAD_DTYPE, ERR_TOO_LARGE, ERR_UNEXPECTED_RESULT, ERR_RESULT_LENGTH, ERR_NO_MEMORY) = range(1, 14)
+
+
+cdef void _run_callbacks(rk_op *op) noexcept nogil:
+    with gil:
+        (<Operation>op.owner)._callbacks_due()
+
+
+cdef class EngineKey:
+    """A key declared to the engine (its chunks and their links); lives as long as the engine."""
+    cdef rk_key *key
+    cdef readonly Engine engine
+
+
+cdef class Operation:
+    """One pushpull in the engine: the rk_op and the buffer exports it reads and writes."""
+    cdef rk_op op
+    cdef Py_buffer source_view
+    cdef Py_buffer target_view
+    cdef bint has_source
+    cdef bint has_target
+    cdef readonly Engine engine
+    cdef object _callback_target      # what callbacks are called with (the Handle), while some wait
+    cdef list _callbacks
+
+    @property
+    def round(self):
+        return self.op.round
+
+    def wait(self, double timeout):
+        """True once done (callbacks run), False after timeout seconds; the GIL is released."""
+        cdef int done
+        with nogil:
+            done = rk_op_wait(&self.op, timeout)
+        return bool(done)
+
+    def done(self):
+        return bool(rk_op_wait(&self.op, 0.0))
+
+    @property
+    def outcome(self):
+        """(enum rk_outcome, the failed link); meaningful once callbacks are due or done() is True."""
+        return self.op.outcome, self.op.failed_link
+
+    def owed(self, uint32_t link):
+        """Indices of this op's chunks whose result link still owes."""
+        cdef uint32_t indices[64]
+        cdef uint32_t count = rk_op_owed(&self.op, link, indices, 64)
+        return [indices[i] for i in range(min(count, 64))], count
+
+    def add_done_callback(self, fn, target):
+        """Call fn(target) once the outcome is known: from the engine thread that
+        finishes the op, before waiters are released, or here if it already finished."""
+        cdef int state = rk_op_want_callback(&self.op, _run_callbacks)
+        if state == 0 or (state == 1 and self._callbacks is not None):
+            if self._callbacks is None:
+                self._callbacks = []
+            self._callbacks.append(fn)
+            self._callback_target = target
+            return
+        fn(target)
+
+    def _callbacks_due(self):
+        callbacks, self._callbacks = self._callbacks or [], None
+        target, self._callback_target = self._callback_target, None
+        for fn in callbacks:
+            try:
+                fn(target)
+            except Exception:
+                __import__("logging").getLogger("rdmakv.worker").exception("a done-callback failed")
+
+    def __dealloc__(self):
+        if self.has_source:
+            PyBuffer_Release(&self.source_view)
+        if self.has_target:
+            PyBuffer_Release(&self.target_view)
+
+
+cdef class Engine:
+    """The worker's native data plane over TCP links (engine.h)."""
+    cdef rk_engine *engine
+    cdef bint closed
+
+    def __cinit__(self, uint32_t num_links, uint64_t credit_bytes, uint64_t direct_bytes, double timeout,
+                  uint32_t sender_rank):
+        self.engine = rk_engine_new(num_links, credit_bytes, direct_bytes, timeout, sender_rank)
+        if self.engine == NULL:
+            raise MemoryError("the native engine could not be allocated")
+
+    def start_link(self, uint32_t index, int fd):
+        cdef int rc = rk_engine_start_link(self.engine, index, fd)
+        if rc:
+            raise OSError(rc, f"starting the engine's threads for link {index}: {__import__('os').strerror(rc)}")
+
+    def add_key(self, uint64_t wire, uint32_t order, uint8_t dtype_code, offsets, sizes, links):
+        cdef uint32_t n = len(offsets)
+        cdef uint64_t *o = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
+        cdef uint64_t *z = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
+        cdef uint32_t *l = <uint32_t *>malloc(max(n, 1) * sizeof(uint32_t))
+        cdef EngineKey key = EngineKey.__new__(EngineKey)
+        try:
+            if o == NULL or z == NULL or l == NULL:
+                raise MemoryError("declaring a key to the native engine")
+            for i in range(n):
+                o[i], z[i], l[i] = offsets[i], sizes[i], links[i]
+            key.key = rk_engine_add_key(self.engine, wire, order, dtype_code, n, o, z, l)
+            if key.key == NULL:
+                raise MemoryError("declaring a key to the native engine")
+        finally:
+            free(o)
+            free(z)
+            free(l)
+        key.engine = self
+        return key
+
+    def submit(self, EngineKey key, source, target, int32_t priority, uint32_t flags):
+        """Start a pushpull of key from source into target (None source: a
+        broadcast contribution without data); an Operation.  Both buffers are
+        held until the engine is done with them."""
+        cdef Operation op = Operation.__new__(Operation)
+        op.engine = self
+        if source is not None:
+            PyObject_GetBuffer(source, &op.source_view, PyBUF_ANY_CONTIGUOUS)
+            op.has_source = True
+        PyObject_GetBuffer(target, &op.target_view, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
+        op.has_target = True
+        rk_op_init(&op.op, self.engine, key.key, <const char *>op.source_view.buf if source is not None else NULL,
+                   <char *>op.target_view.buf, priority, flags, <void *>op)
+        Py_INCREF(op)                 # the engine's reference, dropped by reap()
+        with nogil:
+            rk_engine_submit(self.engine, &op.op)
+        return op
+
+    def reap(self):
+        """Drop the engine's references to the ops that finished."""
+        cdef rk_op *op = rk_engine_take_finished(self.engine)
+        cdef rk_op *following
+        while op != NULL:
+            following = op.next
+            Py_DECREF(<object>op.owner)
+            op = following
+
+    def fail_key(self, EngineKey key):
+        with nogil:
+            rk_engine_fail_key(self.engine, key.key)
+
+    def fail_link(self, uint32_t link, int32_t outcome):
+        """Fail what waits on link (ENGINE_ALL_LINKS: on any) with outcome; nothing new starts there."""
+        with nogil:
+            rk_engine_fail_link(self.engine, link, outcome)
+
+    def allow_states(self, uint32_t link, uint64_t limit):
+        rk_link_allow_states(self.engine, link, limit)
+
+    def send(self, uint32_t link, header, payload=None):
+        """Send header and payload on link (serialized with its sender thread);
+        (enum rk_error, errno): (0, 0) when sent."""
+        cdef Py_buffer hview
+        cdef Py_buffer pview
+        cdef int rc
+        cdef int err = 0
+        cdef size_t length = 0
+        cdef const char *data = NULL
+        PyObject_GetBuffer(header, &hview, PyBUF_SIMPLE)
+        try:
+            if hview.len != RK_HEADER_SIZE:
+                raise ValueError(f"a header is {RK_HEADER_SIZE} bytes, not {hview.len}")
+            if payload is not None:
+                PyObject_GetBuffer(payload, &pview, PyBUF_ANY_CONTIGUOUS)
+                length, data = pview.len, <const char *>pview.buf
+            try:
+                with nogil:
+                    rc = rk_link_send(self.engine, link, <const char *>hview.buf, data, length, &err)
+            finally:
+                if payload is not None:
+                    PyBuffer_Release(&pview)
+        finally:
+            PyBuffer_Release(&hview)
+        return rc, err
+
+    def next_event(self, double timeout):
+        """(link, kind, error, errno, limit, the header's fields in rdmakv.protocol.HEADER's
+        order, payload) of the next event, or None after timeout seconds or once closed."""
+        cdef rk_event *event
+        with nogil:
+            event = rk_engine_next_event(self.engine, timeout)
+        if event == NULL:
+            return None
+        try:
+            h = event.header
+            payload = None if event.payload == NULL else event.payload[:h.length]
+            return (event.link, event.kind, event.error, event.sys_errno, event.limit,
+                    (h.magic, h.version, h.op, h.dtype, h.flags, h.key, h.chunk, h.priority, h.round, h.length,
+                     h.sender), payload)
+        finally:
+            rk_event_free(event)
+
+    def close(self):
+        """Stop the engine's threads (idempotent); ops still pending stay pending."""
+        if self.closed:
+            return
+        self.closed = True
+        with nogil:
+            rk_engine_close(self.engine)
+
+    def __dealloc__(self):
+        if self.engine != NULL:
+            with nogil:
+                rk_engine_free(self.engine)
+            self.engine = NULL
+
+
+def header_check(data):
+    """rk_header_check of a packed header (for tests: the engine agrees with rdmakv.protocol)."""
+    cdef const unsigned char[::1] view = data
+    cdef rk_header h
+    if view.shape[0] != RK_HEADER_SIZE:
+        raise ValueError(f"a header is {RK_HEADER_SIZE} bytes")
+    rk_header_unpack(<const char *>&view[0], &h)
+    return rk_header_check(&h)

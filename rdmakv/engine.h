@@ -1,0 +1,173 @@
+/* The worker's native data plane: once a key is declared, its pushpulls are
+ * queued, sent, received and completed by native threads that never take the
+ * GIL (docs/design.md, "The native engine").
+ *
+ * Objects and their owners:
+ *   rk_engine  one per KVStore: the key table, the links, the control mailbox
+ *              and the list of finished operations.  Owned by the Cython
+ *              Engine; rk_engine_close() joins every thread, then
+ *              rk_engine_free() releases it.
+ *   rk_link    one per server connection (a connected TCP socket the engine
+ *              borrows: the caller closes the descriptor after
+ *              rk_engine_close()).  Its reader thread takes RESULT and
+ *              RECEIVED in, and hands every other message to the mailbox; its
+ *              sender thread sends queued chunks highest priority first under
+ *              a byte credit.
+ *   rk_key     a declared key: its chunks (offset, size, link) and the order of
+ *              its rounds.  Lives as long as the engine.
+ *   rk_op      one pushpull or broadcast.  Its memory belongs to the caller
+ *              (the Cython Operation), which must keep it, and the buffers it
+ *              points at, until the op comes out of rk_engine_take_finished().
+ *
+ * Errors are codes and numbers (rk_event); the words are the control plane's
+ * (rdmakv/kvstore.py), which knows the peers' names. */
+#ifndef RDMAKV_ENGINE_H
+#define RDMAKV_ENGINE_H
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define RK_HEADER_SIZE 48
+
+/* The wire header (rdmakv/protocol.py HEADER), unpacked. */
+typedef struct {
+    uint32_t magic;
+    uint16_t version;
+    uint8_t op;
+    uint8_t dtype;
+    uint32_t flags;
+    uint64_t key;
+    uint32_t chunk;
+    int32_t priority;
+    uint64_t round;
+    uint64_t length;
+    uint32_t sender;
+} rk_header;
+
+enum rk_event_kind {
+    RK_EVENT_MESSAGE = 1,     /* a control message for the control plane */
+    RK_EVENT_CLOSED = 2,      /* the link's reader stopped: error says why */
+    RK_EVENT_SEND_FAILED = 3, /* a send on the link failed: error says why */
+};
+
+enum rk_error {
+    RK_OK = 0,
+    RK_ERR_EOF,               /* the peer closed the connection between messages */
+    RK_ERR_MIDSTREAM,         /* the peer closed the connection inside a message */
+    RK_ERR_TIMEOUT,           /* no progress inside a message for the link's timeout */
+    RK_ERR_IO,                /* a system call failed: sys_errno */
+    RK_ERR_BAD_MAGIC,         /* header.magic */
+    RK_ERR_BAD_VERSION,       /* header.version */
+    RK_ERR_BAD_OP,            /* header.op */
+    RK_ERR_BAD_FLAGS,         /* header.flags */
+    RK_ERR_BAD_DTYPE,         /* header.dtype */
+    RK_ERR_TOO_LARGE,         /* header.length above what this op may carry: limit */
+    RK_ERR_UNEXPECTED_RESULT, /* a RESULT nothing waits for */
+    RK_ERR_RESULT_LENGTH,     /* a RESULT of the wrong size: limit is the chunk's */
+    RK_ERR_NO_MEMORY,
+};
+
+typedef struct rk_event {
+    struct rk_event *next;
+    uint32_t link;
+    uint32_t kind;
+    int32_t error;            /* enum rk_error */
+    int32_t sys_errno;
+    uint64_t limit;
+    rk_header header;         /* the message, or the one that broke the link */
+    char *payload;            /* header.length bytes, malloc'd: rk_event_free() */
+} rk_event;
+
+typedef struct rk_engine rk_engine;
+typedef struct rk_link rk_link;
+typedef struct rk_key rk_key;
+typedef struct rk_op rk_op;
+
+/* Called by the thread that finishes an op, before waiters are released. */
+typedef void (*rk_done_fn)(rk_op *op);
+
+/* How an op ended: RK_DONE_OK, or the reason the control plane failed it with. */
+enum rk_outcome {
+    RK_DONE_OK = 0,
+    RK_DONE_LINK_FAILED = 1,  /* failed_link names the link */
+    RK_DONE_KEY_FAILED = 2,
+    RK_DONE_CANCELLED = 3,    /* the control plane failed it (a closed store, a failed job) */
+};
+
+struct rk_op {
+    rk_engine *engine;
+    rk_key *key;
+    const char *source;       /* NULL for a broadcast contribution without data */
+    char *target;
+    uint64_t round;
+    int32_t priority;
+    uint32_t flags;
+    /* Settled bit and busy count in one word, so exactly one thread sees the
+     * moment the outcome is known and no thread is touching the buffers. */
+    _Atomic uint32_t life;
+    _Atomic uint32_t remaining;   /* chunks whose result has not arrived */
+    _Atomic uint32_t done;        /* futex word: 1 once waiters may go */
+    _Atomic uint32_t waiters;
+    int32_t outcome;          /* enum rk_outcome, written once by the settling thread */
+    uint32_t failed_link;
+    pthread_mutex_t callback_lock;  /* orders add-a-callback against finishing */
+    int finishing;
+    int has_callbacks;
+    rk_done_fn on_done;
+    void *owner;              /* the caller's object, handed back by rk_engine_take_finished */
+    rk_op *next;              /* in its key's waiting list, then in the finished list */
+};
+
+/* ---- engine --------------------------------------------------------------- */
+rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t direct_bytes, double timeout,
+                         uint32_t sender_rank);
+/* Start a link over a connected socket (non-blocking); 0, or an errno. */
+int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd);
+/* Stop every thread (reader, sender) and wake every mailbox waiter; idempotent.
+ * Afterwards the engine never touches the links' descriptors again. */
+void rk_engine_close(rk_engine *engine);
+void rk_engine_free(rk_engine *engine);
+
+/* ---- keys (declaration: the control plane, once per key) ------------------ */
+/* A key with nchunks chunks; chunk i is bytes offsets[i]..+sizes[i] sent to links[i]. */
+rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint8_t dtype, uint32_t nchunks,
+                          const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links);
+/* The key is refused: fail its pending ops with RK_DONE_KEY_FAILED, drop late results. */
+void rk_engine_fail_key(rk_engine *engine, rk_key *key);
+
+/* ---- operations (the caller's thread, no GIL) ------------------------------ */
+void rk_op_init(rk_op *op, rk_engine *engine, rk_key *key, const char *source, char *target, int32_t priority,
+                uint32_t flags, void *owner);
+/* Queue op behind the key's earlier rounds; returns its round. */
+uint64_t rk_engine_submit(rk_engine *engine, rk_op *op);
+/* 1 once done, 0 after timeout seconds. */
+int rk_op_wait(rk_op *op, double timeout);
+/* Fail every op with a chunk on the link (or, for link == UINT32_MAX, every
+ * op) and every later one that needs it. */
+void rk_engine_fail_link(rk_engine *engine, uint32_t link, int32_t outcome);
+/* Register on_done; 0 if it will be called, 1 if the op already finishes
+ * (the caller then runs its callbacks itself). */
+int rk_op_want_callback(rk_op *op, rk_done_fn on_done);
+/* Ops that finished since the last call, linked through next. */
+rk_op *rk_engine_take_finished(rk_engine *engine);
+/* The indices of op's chunks still owed by link, up to max; how many there are. */
+uint32_t rk_op_owed(rk_op *op, uint32_t link, uint32_t *indices, uint32_t max);
+
+/* ---- control messages ------------------------------------------------------- */
+/* Send a header and payload on a link, serialized with its sender; 0 or enum rk_error (sys_errno in *err). */
+int rk_link_send(rk_engine *engine, uint32_t link, const char *header, const char *payload, size_t length,
+                 int *err);
+/* The largest STATES payload the link's reader takes (set before asking for one). */
+void rk_link_allow_states(rk_engine *engine, uint32_t link, uint64_t limit);
+/* The next event, or NULL after timeout seconds or once the engine closes. */
+rk_event *rk_engine_next_event(rk_engine *engine, double timeout);
+void rk_event_free(rk_event *event);
+
+/* ---- the wire header (shared with the tests) --------------------------------- */
+void rk_header_pack(char *out, const rk_header *h);
+void rk_header_unpack(const char *in, rk_header *h);
+/* RK_OK, or the enum rk_error naming the first bad field (protocol.unpack's checks). */
+int rk_header_check(const rk_header *h);
+
+#endif

@@ -1,0 +1,285 @@
+"""The worker's native engine (rdmakv/engine.c) against a server played by
+the test over a real socket pair: what goes on the wire, in what order, what
+comes back, and what a hostile or failing server makes of it."""
+import gc
+import socket
+import struct
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from rdmakv import protocol
+from rdmakv._native import transport as _t
+from rdmakv.errors import ProtocolError
+from rdmakv.protocol import FLAG_ACK, FLAG_NO_DATA, Op
+
+TIMEOUT = 10.0
+
+
+def read_message(sock):
+    header = protocol.unpack(recv_exactly(sock, protocol.HEADER_SIZE))
+    return header, recv_exactly(sock, header.length)
+
+
+def recv_exactly(sock, n):
+    data = bytearray()
+    while len(data) < n:
+        part = sock.recv(n - len(data))
+        assert part, "the engine closed the connection"
+        data += part
+    return bytes(data)
+
+
+def reply(sock, op, payload=b"", **fields):
+    sock.sendall(protocol.pack(op, length=len(payload), **fields) + payload)
+
+
+class Rig:
+    """An engine with one link whose far end is `server`, a plain socket."""
+
+    def __init__(self, credit=0, direct=64 * 1024, links=1):
+        self.engine = _t.Engine(links, credit, direct, TIMEOUT, 7)
+        self.pairs = [socket.socketpair() for _ in range(links)]
+        for index, (ours, theirs) in enumerate(self.pairs):
+            ours.setblocking(False)
+            theirs.settimeout(TIMEOUT)
+            self.engine.start_link(index, ours.fileno())
+        self.server = self.pairs[0][1]
+
+    def key(self, wire, sizes, dtype=protocol.DTYPE_CODES["uint8"], links=None, order=0):
+        offsets = np.cumsum([0] + list(sizes[:-1])).tolist()
+        return self.engine.add_key(wire, order, dtype, offsets, list(sizes), links or [0] * len(sizes))
+
+    def close(self):
+        self.engine.fail_link(_t.ENGINE_ALL_LINKS, _t.OUTCOME_CANCELLED)
+        self.engine.close()
+        self.engine.reap()
+        for ours, theirs in self.pairs:
+            ours.close()
+            theirs.close()
+
+
+@pytest.fixture
+def rig():
+    made = []
+
+    def make(**kwargs):
+        made.append(Rig(**kwargs))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def test_a_pushpull_goes_out_from_the_source_and_its_result_lands_in_the_target(rig):
+    r = rig()
+    key = r.key(0xABC, [5, 3])
+    source = np.arange(8, dtype=np.uint8)
+    target = np.zeros(8, np.uint8)
+    op = r.engine.submit(key, source, target, 3, 0)
+    assert op.round == 0
+    pushes = [read_message(r.server) for _ in range(2)]
+    assert [(h.op, h.key, h.chunk, h.round, h.priority, h.sender, p) for h, p in pushes] == [
+        (Op.PUSH, 0xABC, 0, 0, 3, 7, bytes(range(5))), (Op.PUSH, 0xABC, 1, 0, 3, 7, bytes(range(5, 8)))]
+    reply(r.server, Op.RESULT, b"\x10" * 5, key=0xABC, chunk=0, round=0)
+    assert not op.wait(0.2)                 # one chunk is still owed
+    assert op.owed(0) == ([1], 1)
+    reply(r.server, Op.RESULT, b"\x20" * 3, key=0xABC, chunk=1, round=0)
+    assert op.wait(TIMEOUT)
+    assert op.outcome == (_t.OUTCOME_OK, 0)
+    assert target.tolist() == [0x10] * 5 + [0x20] * 3
+    # The next round of the key is numbered on.
+    assert r.engine.submit(key, source, target, 0, 0).round == 1
+
+
+def test_rounds_of_a_key_go_out_in_order_one_at_a_time(rig):
+    r = rig()
+    key = r.key(1, [4])
+    value = np.ones(4, np.uint8)
+    ops = [r.engine.submit(key, value, value, 0, 0) for _ in range(3)]
+    for rnd in range(3):
+        header, _ = read_message(r.server)
+        assert (header.round, header.chunk) == (rnd, 0)
+        r.server.settimeout(0.2)
+        with pytest.raises(socket.timeout):          # the next round waits for this one's result
+            r.server.recv(1, socket.MSG_PEEK)
+        r.server.settimeout(TIMEOUT)
+        reply(r.server, Op.RESULT, bytes(4), key=1, chunk=0, round=rnd)
+        assert ops[rnd].wait(TIMEOUT)
+
+
+def test_credit_holds_large_chunks_back_and_priority_chooses_the_next(rig):
+    r = rig(credit=100, direct=10)
+    low = r.key(1, [100, 100], order=0)
+    high = r.key(2, [100], order=1)
+    a = np.zeros(200, np.uint8)
+    b = np.zeros(100, np.uint8)
+    r.engine.submit(low, a, a, 0, 0)
+    first, _ = read_message(r.server)
+    assert (first.key, first.chunk, first.flags & FLAG_ACK) == (1, 0, FLAG_ACK)
+    r.engine.submit(high, b, b, 5, 0)       # queued behind the credit, ahead of low's chunk 1
+    r.server.settimeout(0.2)
+    with pytest.raises(socket.timeout):
+        r.server.recv(1, socket.MSG_PEEK)
+    r.server.settimeout(TIMEOUT)
+    reply(r.server, Op.RECEIVED, key=1, chunk=0, round=0)
+    second, _ = read_message(r.server)
+    assert (second.key, second.priority) == (2, 5)
+    reply(r.server, Op.RECEIVED, key=2, chunk=0, round=0)
+    third, _ = read_message(r.server)
+    assert (third.key, third.chunk) == (1, 1)
+
+
+def test_the_source_stays_exported_until_the_engine_is_done_with_it(rig):
+    r = rig(credit=1, direct=0)
+    key = r.key(5, [1 << 16, 1 << 16])
+    op = r.engine.submit(key, np.full(1 << 17, 9, np.uint8), np.zeros(1 << 17, np.uint8), 0, 0)
+    gc.collect()                             # the caller let go of both arrays
+    for chunk in range(2):
+        header, payload = read_message(r.server)
+        assert payload == b"\x09" * (1 << 16)
+        reply(r.server, Op.RESULT, payload, key=5, chunk=header.chunk, round=0)
+    assert op.wait(TIMEOUT)
+
+
+def test_a_broadcast_contribution_without_data_sends_a_bare_header(rig):
+    r = rig()
+    key = r.key(6, [8])
+    target = np.zeros(8, np.uint8)
+    op = r.engine.submit(key, None, target, 0, protocol.FLAG_BROADCAST | FLAG_NO_DATA)
+    header, payload = read_message(r.server)
+    assert (header.length, payload, header.flags & FLAG_NO_DATA) == (0, b"", FLAG_NO_DATA)
+    reply(r.server, Op.RESULT, b"\x05" * 8, key=6, chunk=0, round=0)
+    assert op.wait(TIMEOUT) and target.tolist() == [5] * 8
+
+
+def test_done_callbacks_run_before_wait_returns_and_at_once_when_done(rig):
+    r = rig()
+    key = r.key(7, [2])
+    value = np.zeros(2, np.uint8)
+    op = r.engine.submit(key, value, value, 0, 0)
+    seen = []
+    op.add_done_callback(lambda target: seen.append((target, threading.current_thread().name)), "first")
+    read_message(r.server)
+    reply(r.server, Op.RESULT, b"\x01\x02", key=7, chunk=0, round=0)
+    assert op.wait(TIMEOUT)
+    assert seen and seen[0][0] == "first" and seen[0][1] != threading.current_thread().name
+    op.add_done_callback(lambda target: seen.append((target, threading.current_thread().name)), "late")
+    assert seen[1] == ("late", threading.current_thread().name)
+
+
+def test_control_messages_reach_the_control_plane_with_their_payload(rig):
+    r = rig()
+    reply(r.server, Op.ERROR, protocol.encode_json({"message": "no"}), key=3)
+    link, kind, code, _, _, fields, payload = r.engine.next_event(TIMEOUT)
+    assert (link, kind, code, fields[2], fields[5]) == (0, _t.EVENT_MESSAGE, 0, Op.ERROR, 3)
+    assert protocol.decode_json(payload) == {"message": "no"}
+    # Heartbeats are taken in silently; a RECEIVED nothing waits for is ignored.
+    reply(r.server, Op.HEARTBEAT)
+    reply(r.server, Op.RECEIVED, key=99, chunk=0, round=0)
+    assert r.engine.next_event(0.3) is None
+
+
+@pytest.mark.parametrize("message, error", [
+    (lambda: protocol.pack(Op.RESULT, key=0xDEAD, chunk=0, round=0, length=4) + bytes(4), "ERR_UNEXPECTED_RESULT"),
+    (lambda: protocol.pack(Op.RESULT, key=1, chunk=0, round=0, length=5) + bytes(5), "ERR_RESULT_LENGTH"),
+    (lambda: protocol.pack(Op.ERROR, length=protocol.MAX_CONTROL_BYTES + 1), "ERR_TOO_LARGE"),
+    (lambda: protocol.pack(Op.STATES, length=10), "ERR_TOO_LARGE"),           # nobody asked for any
+    (lambda: protocol.pack(Op.HEARTBEAT, length=1) + b"x", "ERR_TOO_LARGE"),
+    (lambda: b"\x00" * protocol.HEADER_SIZE, "ERR_BAD_MAGIC"),
+    (lambda: protocol.pack(Op.RESULT)[:20], "ERR_MIDSTREAM"),
+])
+def test_a_hostile_server_breaks_only_its_link_and_is_named(rig, message, error):
+    r = rig()
+    key = r.key(1, [4])
+    value = np.zeros(4, np.uint8)
+    op = r.engine.submit(key, value, value, 0, 0)
+    read_message(r.server)
+    data = message()
+    r.server.sendall(data)
+    if error == "ERR_MIDSTREAM":
+        r.server.shutdown(socket.SHUT_WR)
+    link, kind, code, _, limit, fields, _ = r.engine.next_event(TIMEOUT)
+    assert (link, kind, code) == (0, _t.EVENT_CLOSED, getattr(_t, error))
+    if error == "ERR_RESULT_LENGTH":
+        assert (limit, fields[9]) == (4, 5)
+    assert not op.done()                    # failing the ops is the control plane's decision
+    r.engine.fail_link(0, _t.OUTCOME_LINK_FAILED)
+    assert op.wait(TIMEOUT) and op.outcome == (_t.OUTCOME_LINK_FAILED, 0)
+
+
+def test_a_failed_key_fails_its_rounds_and_its_late_results_are_dropped(rig):
+    r = rig()
+    key = r.key(1, [4])
+    other = r.key(2, [4])
+    value = np.zeros(4, np.uint8)
+    first = r.engine.submit(key, value, value, 0, 0)
+    queued = r.engine.submit(key, value, value, 0, 0)
+    read_message(r.server)
+    r.engine.fail_key(key)
+    assert first.wait(TIMEOUT) and queued.wait(TIMEOUT)
+    assert first.outcome[0] == queued.outcome[0] == _t.OUTCOME_KEY_FAILED
+    reply(r.server, Op.RESULT, bytes(4), key=1, chunk=0, round=0)      # it crossed the failure
+    # The link goes on: another key still works.
+    op = r.engine.submit(other, value, value, 0, 0)
+    header, _ = read_message(r.server)
+    reply(r.server, Op.RESULT, b"\x03" * 4, key=2, chunk=0, round=0)
+    assert op.wait(TIMEOUT) and op.outcome[0] == _t.OUTCOME_OK and value.tolist() == [3] * 4
+    assert r.engine.next_event(0.2) is None
+    # A key's later rounds fail at once.
+    later = r.engine.submit(key, value, value, 0, 0)
+    assert later.wait(TIMEOUT) and later.outcome[0] == _t.OUTCOME_KEY_FAILED
+
+
+def test_a_dead_server_is_reported_and_closing_cancels_what_waits(rig):
+    r = rig(links=2)
+    key = r.key(1, [4, 4], links=[0, 1])
+    value = np.zeros(8, np.uint8)
+    op = r.engine.submit(key, value, value, 0, 0)
+    r.pairs[1][1].close()
+    link, kind, code, *_ = r.engine.next_event(TIMEOUT)
+    assert (link, kind) == (1, _t.EVENT_CLOSED) and code in (_t.ERR_EOF, _t.ERR_IO)
+    r.engine.fail_link(_t.ENGINE_ALL_LINKS, _t.OUTCOME_CANCELLED)
+    assert op.wait(TIMEOUT) and op.outcome[0] == _t.OUTCOME_CANCELLED
+
+
+def test_a_send_to_a_closed_server_is_reported_once(rig):
+    r = rig()
+    r.server.close()
+    code, err = r.engine.send(0, protocol.pack(Op.ERROR, length=2), b"{}")
+    events = []
+    while (event := r.engine.next_event(0.5)) is not None:
+        events.append(event[1])
+    assert code == _t.ERR_IO or events
+    assert events.count(_t.EVENT_CLOSED) <= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(magic=st.sampled_from([protocol.MAGIC, 0, 0x564B4453]), version=st.integers(0, 3),
+       op=st.integers(0, 255), dtype=st.integers(0, 255), flags=st.integers(0, 2**32 - 1) | st.integers(0, 8))
+def test_the_engine_checks_headers_as_rdmakv_protocol_does(magic, version, op, dtype, flags):
+    packed = protocol.HEADER.pack(magic, version, op, dtype, flags, 1, 2, 3, 4, 5, 6)
+    try:
+        protocol.unpack(packed)
+        expected = 0
+    except ProtocolError:
+        expected = None
+    code = _t.header_check(packed)
+    assert (code == 0) if expected == 0 else (code != 0)
+
+
+def test_the_engine_knows_the_wire_constants_of_rdmakv_protocol():
+    source = open(__import__("rdmakv").__path__[0] + "/engine.c").read()
+
+    def defined(name):
+        return int(source.split(f"#define {name} ")[1].split()[0].rstrip("u"), 0)
+
+    assert defined("RK_MAGIC") == protocol.MAGIC and defined("RK_VERSION") == protocol.VERSION
+    for name in ("PUSH", "RESULT", "STATES", "RECEIVED", "HEARTBEAT"):
+        assert defined(f"RK_OP_{name}") == getattr(Op, name)
+    assert defined("RK_KNOWN_FLAGS") == protocol.KNOWN_FLAGS
+    assert defined("RK_MAX_DTYPE") == max(protocol.DTYPE_CODES.values())
+    assert struct.calcsize("<IHBBIQIiQQI") == protocol.HEADER_SIZE == 48
