@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Native code checked like native code.
-#   1. Our C (rdmakv/*.h, rdmakv/engine.c) compiles with strict warnings, and a warning is an error.
+#   1. Our C (rdmakv/*.h, wire.c, *_engine.c) compiles with strict warnings; a warning is an error.
 #   2. The extension built with AddressSanitizer + UndefinedBehaviorSanitizer runs
 #      the native, shared-memory and KVStore tests.
 #   3. The extension built with ThreadSanitizer runs the native, engine and shared-memory tests.
@@ -17,11 +17,11 @@ python=$repo/.venv/bin/python
 long=0
 [ "${1:-}" = "--long" ] && long=1
 
-for source in rdmakv/*.h rdmakv/engine.c; do
+for source in rdmakv/*.h rdmakv/wire.c rdmakv/*_engine.c; do
     gcc -std=gnu11 -D_GNU_SOURCE -fsyntax-only -Wall -Wextra -Wshadow -Wstrict-prototypes -Wpointer-arith \
         -Wcast-align -Wvla -Wformat=2 -Werror -Irdmakv -x c "$source"
 done
-echo "ci/sanitize.sh: rdmakv/*.h and rdmakv/engine.c compile without a warning"
+echo "ci/sanitize.sh: our C compiles without a warning"
 
 # Not for a sanitizer run: it mounts over libibverbs and runs sh and mount, which
 # crash with a sanitizer runtime preloaded; it checks loading, not our C.

@@ -616,7 +616,7 @@ class ServerLink(_ServerLinkBase, Handler):
 
 
 class EngineLink(_ServerLinkBase):
-    """One server on the native data path (rdmakv/engine.c): the engine's
+    """One server on the native data path (rdmakv/worker_engine.c): the engine's
     threads send our pushes and take the results in; this side hears the rest
     (the engine's events) and decides what a failure means."""
 

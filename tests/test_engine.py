@@ -1,4 +1,4 @@
-"""The worker's native engine (rdmakv/engine.c) against a server played by
+"""The worker's native engine (rdmakv/worker_engine.c) against a server played by
 the test over a real socket pair: what goes on the wire, in what order, what
 comes back, and what a hostile or failing server makes of it."""
 import gc
@@ -272,7 +272,7 @@ def test_the_engine_checks_headers_as_rdmakv_protocol_does(magic, version, op, d
 
 
 def test_the_engine_knows_the_wire_constants_of_rdmakv_protocol():
-    source = open(__import__("rdmakv").__path__[0] + "/engine.c").read()
+    source = open(__import__("rdmakv").__path__[0] + "/wire.h").read()
 
     def defined(name):
         return int(source.split(f"#define {name} ")[1].split()[0].rstrip("u"), 0)

@@ -21,63 +21,9 @@
  *
  * Errors are codes and numbers (rk_event); the words are the control plane's
  * (rdmakv/kvstore.py), which knows the peers' names. */
-#ifndef RDMAKV_ENGINE_H
-#define RDMAKV_ENGINE_H
-#include <pthread.h>
-#include <stdatomic.h>
-#include <stddef.h>
-#include <stdint.h>
-
-#define RK_HEADER_SIZE 48
-
-/* The wire header (rdmakv/protocol.py HEADER), unpacked. */
-typedef struct {
-    uint32_t magic;
-    uint16_t version;
-    uint8_t op;
-    uint8_t dtype;
-    uint32_t flags;
-    uint64_t key;
-    uint32_t chunk;
-    int32_t priority;
-    uint64_t round;
-    uint64_t length;
-    uint32_t sender;
-} rk_header;
-
-enum rk_event_kind {
-    RK_EVENT_MESSAGE = 1,     /* a control message for the control plane */
-    RK_EVENT_CLOSED = 2,      /* the link's reader stopped: error says why */
-    RK_EVENT_SEND_FAILED = 3, /* a send on the link failed: error says why */
-};
-
-enum rk_error {
-    RK_OK = 0,
-    RK_ERR_EOF,               /* the peer closed the connection between messages */
-    RK_ERR_MIDSTREAM,         /* the peer closed the connection inside a message */
-    RK_ERR_TIMEOUT,           /* no progress inside a message for the link's timeout */
-    RK_ERR_IO,                /* a system call failed: sys_errno */
-    RK_ERR_BAD_MAGIC,         /* header.magic */
-    RK_ERR_BAD_VERSION,       /* header.version */
-    RK_ERR_BAD_OP,            /* header.op */
-    RK_ERR_BAD_FLAGS,         /* header.flags */
-    RK_ERR_BAD_DTYPE,         /* header.dtype */
-    RK_ERR_TOO_LARGE,         /* header.length above what this op may carry: limit */
-    RK_ERR_UNEXPECTED_RESULT, /* a RESULT nothing waits for */
-    RK_ERR_RESULT_LENGTH,     /* a RESULT of the wrong size: limit is the chunk's */
-    RK_ERR_NO_MEMORY,
-};
-
-typedef struct rk_event {
-    struct rk_event *next;
-    uint32_t link;
-    uint32_t kind;
-    int32_t error;            /* enum rk_error */
-    int32_t sys_errno;
-    uint64_t limit;
-    rk_header header;         /* the message, or the one that broke the link */
-    char *payload;            /* header.length bytes, malloc'd: rk_event_free() */
-} rk_event;
+#ifndef RDMAKV_WORKER_ENGINE_H
+#define RDMAKV_WORKER_ENGINE_H
+#include "wire.h"
 
 typedef struct rk_engine rk_engine;
 typedef struct rk_link rk_link;
@@ -162,12 +108,5 @@ int rk_link_send(rk_engine *engine, uint32_t link, const char *header, const cha
 void rk_link_allow_states(rk_engine *engine, uint32_t link, uint64_t limit);
 /* The next event, or NULL after timeout seconds or once the engine closes. */
 rk_event *rk_engine_next_event(rk_engine *engine, double timeout);
-void rk_event_free(rk_event *event);
-
-/* ---- the wire header (shared with the tests) --------------------------------- */
-void rk_header_pack(char *out, const rk_header *h);
-void rk_header_unpack(const char *in, rk_header *h);
-/* RK_OK, or the enum rk_error naming the first bad field (protocol.unpack's checks). */
-int rk_header_check(const rk_header *h);
 
 #endif

@@ -1,36 +1,11 @@
-# The worker's native engine (engine.h, engine.c): ownership and the GIL.
+# The worker's native engine (worker_engine.h, worker_engine.c): ownership and the GIL.
 # Engine owns the rk_engine; Operation owns an rk_op and the buffer exports it
 # points at, and the engine holds a reference to it from submit() until the op
 # comes back from rk_engine_take_finished() (reap()), so no native thread ever
 # touches memory Python has let go.  Policy (names, messages, errors) stays in
 # rdmakv/kvstore.py.
 
-from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
-from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t
-from libc.stdlib cimport malloc, free
-
-cdef extern from "engine.h" nogil:
-    enum: RK_HEADER_SIZE
-    ctypedef struct rk_header:
-        uint32_t magic
-        unsigned short version
-        uint8_t op
-        uint8_t dtype
-        uint32_t flags
-        uint64_t key
-        uint32_t chunk
-        int32_t priority
-        uint64_t round
-        uint64_t length
-        uint32_t sender
-    ctypedef struct rk_event:
-        uint32_t link
-        uint32_t kind
-        int32_t error
-        int32_t sys_errno
-        uint64_t limit
-        rk_header header
-        char *payload
+cdef extern from "worker_engine.h" nogil:
     ctypedef struct rk_engine:
         pass
     ctypedef struct rk_key:
@@ -63,18 +38,11 @@ cdef extern from "engine.h" nogil:
                      int *err)
     void rk_link_allow_states(rk_engine *engine, uint32_t link, uint64_t limit)
     rk_event *rk_engine_next_event(rk_engine *engine, double timeout)
-    void rk_event_free(rk_event *event)
-    void rk_header_pack(char *out, const rk_header *h)
-    void rk_header_unpack(const char *inp, rk_header *h)
-    int rk_header_check(const rk_header *h)
 
 
 ENGINE_ALL_LINKS = 0xFFFFFFFF
-# enum rk_outcome and enum rk_error, for rdmakv/kvstore.py's messages
+# enum rk_outcome, for rdmakv/kvstore.py's messages
 OUTCOME_OK, OUTCOME_LINK_FAILED, OUTCOME_KEY_FAILED, OUTCOME_CANCELLED = 0, 1, 2, 3
-EVENT_MESSAGE, EVENT_CLOSED, EVENT_SEND_FAILED = 1, 2, 3
-(ERR_EOF, ERR_MIDSTREAM, ERR_TIMEOUT, ERR_IO, ERR_BAD_MAGIC, ERR_BAD_VERSION, ERR_BAD_OP, ERR_BAD_FLAGS,
- ERR_BAD_DTYPE, ERR_TOO_LARGE, ERR_UNEXPECTED_RESULT, ERR_RESULT_LENGTH, ERR_NO_MEMORY) = range(1, 14)
 
 
 cdef void _run_callbacks(rk_op *op) noexcept nogil:
@@ -153,7 +121,7 @@ cdef class Operation:
 
 
 cdef class Engine:
-    """The worker's native data plane over TCP links (engine.h)."""
+    """The worker's native data plane over TCP links (worker_engine.h)."""
     cdef rk_engine *engine
     cdef bint closed
 
@@ -260,16 +228,7 @@ cdef class Engine:
         cdef rk_event *event
         with nogil:
             event = rk_engine_next_event(self.engine, timeout)
-        if event == NULL:
-            return None
-        try:
-            h = event.header
-            payload = None if event.payload == NULL else event.payload[:h.length]
-            return (event.link, event.kind, event.error, event.sys_errno, event.limit,
-                    (h.magic, h.version, h.op, h.dtype, h.flags, h.key, h.chunk, h.priority, h.round, h.length,
-                     h.sender), payload)
-        finally:
-            rk_event_free(event)
+        return _event_tuple(event)
 
     def close(self):
         """Stop the engine's threads (idempotent); ops still pending stay pending."""
@@ -285,12 +244,3 @@ cdef class Engine:
                 rk_engine_free(self.engine)
             self.engine = NULL
 
-
-def header_check(data):
-    """rk_header_check of a packed header (for tests: the engine agrees with rdmakv.protocol)."""
-    cdef const unsigned char[::1] view = data
-    cdef rk_header h
-    if view.shape[0] != RK_HEADER_SIZE:
-        raise ValueError(f"a header is {RK_HEADER_SIZE} bytes")
-    rk_header_unpack(<const char *>&view[0], &h)
-    return rk_header_check(&h)

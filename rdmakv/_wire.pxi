@@ -1,0 +1,63 @@
+# Declarations both native engines share (wire.h), and how an event reaches Python.
+
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t
+from libc.stdlib cimport malloc, free
+
+cdef extern from "wire.h" nogil:
+    enum: RK_HEADER_SIZE
+    ctypedef struct rk_header:
+        uint32_t magic
+        unsigned short version
+        uint8_t op
+        uint8_t dtype
+        uint32_t flags
+        uint64_t key
+        uint32_t chunk
+        int32_t priority
+        uint64_t round
+        uint64_t length
+        uint32_t sender
+    ctypedef struct rk_event:
+        uint32_t link
+        uint32_t kind
+        int32_t error
+        int32_t sys_errno
+        uint64_t limit
+        rk_header header
+        char *payload
+    void rk_event_free(rk_event *event)
+    void rk_header_pack(char *out, const rk_header *h)
+    void rk_header_unpack(const char *inp, rk_header *h)
+    int rk_header_check(const rk_header *h)
+
+
+# enum rk_event_kind and enum rk_error, for the control plane's messages
+EVENT_MESSAGE, EVENT_CLOSED, EVENT_SEND_FAILED, EVENT_REFUSED, EVENT_SUMMED = 1, 2, 3, 4, 5
+(ERR_EOF, ERR_MIDSTREAM, ERR_TIMEOUT, ERR_IO, ERR_BAD_MAGIC, ERR_BAD_VERSION, ERR_BAD_OP, ERR_BAD_FLAGS,
+ ERR_BAD_DTYPE, ERR_TOO_LARGE, ERR_UNEXPECTED_RESULT, ERR_RESULT_LENGTH, ERR_NO_MEMORY, ERR_REFUSED) = range(1, 15)
+
+
+cdef object _event_tuple(rk_event *event):
+    """(link, kind, error, errno, limit, the header's fields in rdmakv.protocol.HEADER's
+    order, payload) of an event, which is freed; None for NULL."""
+    if event == NULL:
+        return None
+    try:
+        h = event.header
+        payload = None if event.payload == NULL else event.payload[:h.length]
+        return (event.link, event.kind, event.error, event.sys_errno, event.limit,
+                (h.magic, h.version, h.op, h.dtype, h.flags, h.key, h.chunk, h.priority, h.round, h.length,
+                 h.sender), payload)
+    finally:
+        rk_event_free(event)
+
+
+def header_check(data):
+    """rk_header_check of a packed header (for tests: the engine agrees with rdmakv.protocol)."""
+    cdef const unsigned char[::1] view = data
+    cdef rk_header h
+    if view.shape[0] != RK_HEADER_SIZE:
+        raise ValueError(f"a header is {RK_HEADER_SIZE} bytes")
+    rk_header_unpack(<const char *>&view[0], &h)
+    return rk_header_check(&h)
