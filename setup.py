@@ -16,7 +16,7 @@ checks = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-fram
 # compat ABI).  `nm -D` on the built module lists no ibv_* symbol.
 transport = Extension(
     "rdmakv._transport",
-    ["rdmakv/_transport.pyx", "rdmakv/wire.c", "rdmakv/worker_engine.c"],
+    ["rdmakv/_transport.pyx", "rdmakv/wire.c", "rdmakv/worker_engine.c", "rdmakv/server_engine.c"],
     include_dirs=["rdmakv"],
     # -g0 after Python's own -g: no debug info in the wheel (the module is ~10x smaller);
     # a sanitizer build keeps it, for its reports.

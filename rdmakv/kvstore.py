@@ -8,7 +8,6 @@ straight into the caller's output array."""
 from __future__ import annotations
 
 import atexit
-import errno
 import hashlib
 import logging
 import math
@@ -28,13 +27,13 @@ from rdmakv import auth, netif, partition, protocol, standalone, trace
 from rdmakv._native import transport as _t
 from rdmakv.config import Config
 from rdmakv.errors import (ClosedError, ConfigError, ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError,
-                           RdmaKVError, RemoteError, TransportError)
+                           RdmaKVError, RemoteError)
 from rdmakv.node import ControlLink
 from rdmakv.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.scheduling import ChunkQueue
 from rdmakv.transport import select
 from rdmakv.transport.base import Handler, Peer, closed_connection_warnings
-from rdmakv.transport.tcp import TcpConnection
+from rdmakv.transport.tcp import TcpConnection, engine_read_error, engine_stream_error
 
 log = logging.getLogger("rdmakv.worker")
 
@@ -641,20 +640,7 @@ class EngineLink(_ServerLinkBase):
         length = 0 if payload is None else memoryview(payload).nbytes
         code, err = self.store._engine.send(self.rank, protocol.pack(op, length=length, **fields), payload)
         if code:
-            raise self._io_error(code, err, "send to")
-
-    def _io_error(self, code, err, what):
-        peer = self.connection.peer
-        if code == _t.ERR_TIMEOUT:
-            return PeerTimeout(f"{what} {peer}: no progress for {self.store.config.timeout:g} s (RDMAKV_TIMEOUT)")
-        if code == _t.ERR_EOF:
-            return EndOfStream(f"{peer} closed the connection")
-        if code == _t.ERR_MIDSTREAM:
-            return ConnectionClosed(f"{what} {peer}: the peer closed the connection mid-message")
-        if code == _t.ERR_NO_MEMORY:
-            return RdmaKVError(f"{what} {peer}: out of memory")
-        kind = ConnectionClosed if err in _CONNECTION_ERRNOS else TransportError
-        return kind(f"{what} {peer}: {os.strerror(err)}")
+            raise engine_stream_error(code, err, "send to", self.connection.peer, self.store.config.timeout)
 
     def note_missing(self, header, missing):
         with self._lock:
@@ -672,38 +658,17 @@ class EngineLink(_ServerLinkBase):
     def on_event(self, event):
         """An event of this link's engine threads (the engine's event thread)."""
         _, kind, code, err, limit, fields, payload = event
-        header = protocol.Header(*fields[2:])
+        peer, timeout = self.connection.peer, self.store.config.timeout
         if kind == _t.EVENT_MESSAGE:
             try:
-                self.on_control(header, payload)
+                self.on_control(protocol.Header(*fields[2:]), payload)
             except ProtocolError as exc:
                 self._broken(exc)
         elif kind == _t.EVENT_SEND_FAILED:
-            self.fail(ConnectionClosed(f"sending to {self.describe()} failed: {self._io_error(code, err, 'send to')}"))
+            error = engine_stream_error(code, err, "send to", peer, timeout)
+            self.fail(ConnectionClosed(f"sending to {self.describe()} failed: {error}"))
         else:
-            self._broken(self._read_error(code, err, limit, fields, header))
-
-    def _read_error(self, code, err, limit, fields, header):
-        if _t.ERR_BAD_MAGIC <= code <= _t.ERR_BAD_DTYPE:
-            try:
-                protocol.unpack(protocol.HEADER.pack(*fields))
-            except ProtocolError as exc:
-                return exc
-        name = protocol.op_name(header.op)
-        if code == _t.ERR_TOO_LARGE:
-            if header.op in (Op.HEARTBEAT, Op.RECEIVED):
-                return ProtocolError(f"{name} with a payload of {header.length} bytes")
-            if header.op == Op.STATES:
-                return ProtocolError(f"STATES of {header.length} bytes from {self.describe()}, more than the "
-                                     f"{limit} its declared keys' optimizer state can take")
-            return ProtocolError(f"{name} payload of {header.length} bytes exceeds the {limit}-byte control limit")
-        if code == _t.ERR_UNEXPECTED_RESULT:
-            return ProtocolError(f"{self.describe()} sent an unexpected result for key {header.key} "
-                                 f"chunk {header.chunk} round {header.round}")
-        if code == _t.ERR_RESULT_LENGTH:
-            return ProtocolError(f"RESULT for key {header.key} chunk {header.chunk} carries {header.length} "
-                                 f"bytes, expected {limit}")
-        return self._io_error(code, err, "receive from")
+            self._broken(engine_read_error(code, err, limit, fields, self.describe(), peer, timeout))
 
     def _broken(self, error):
         """The connection cannot go on: say why (as a Peer's reader does) and fail what waits on it."""
@@ -714,7 +679,7 @@ class EngineLink(_ServerLinkBase):
                                             "connection to server %d (%s) closed: %s",
                                             self.rank, self.connection.peer, error)
         self.fail(ConnectionClosed(f"connection to {self.describe()} lost: {error}"))
-        self.connection.close()       # stops the engine's reader, if the error was not its own
+        self.connection.shut()        # stops the engine's reader, if the error was not its own
 
     def fail(self, error):
         """Fail every operation that waits on this server; later calls fail at once."""
@@ -728,9 +693,6 @@ class EngineLink(_ServerLinkBase):
     def close(self):
         self.fail(ClosedError("the KVStore is closed"))
 
-
-_CONNECTION_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN, errno.ESHUTDOWN,
-                      errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
 
 
 class KVStore:

@@ -29,8 +29,9 @@ from rdmakv.config import Config, machine_memory
 from rdmakv.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
 from rdmakv.node import ControlLink, accept_peers
 from rdmakv.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
-from rdmakv.transport import select
+from rdmakv.transport import select, tcp
 from rdmakv.transport.base import Handler
+from rdmakv.transport.tcp import engine_read_error, engine_stream_error
 
 log = logging.getLogger("rdmakv.server")
 
@@ -80,7 +81,7 @@ class KeyRefused(ProtocolError):
 
 
 class KeyState:
-    __slots__ = ("key", "layout", "name", "declared_by", "disagreeing", "chunks", "error")
+    __slots__ = ("key", "layout", "name", "declared_by", "disagreeing", "chunks", "error", "native")
 
     def __init__(self, key, layout):
         self.key = key
@@ -90,11 +91,12 @@ class KeyState:
         self.disagreeing = {}         # rank -> its declaration, where it differs from the first
         self.chunks = []              # the ChunkStates this server holds
         self.error = None             # set once workers disagree: the key is then refused
+        self.native = None            # the key as the server's native engine knows it
 
 
 class ChunkState:
     __slots__ = ("key_state", "index", "nbytes", "dtype_code", "dtype", "lock", "filled", "filling", "round",
-                 "pushed", "opened", "has_data", "flags", "buffers", "_allocate", "shared", "weight")
+                 "pushed", "opened", "has_data", "flags", "buffers", "_allocate", "shared", "weight", "native")
 
     def __init__(self, key_state, index, nbytes, dtype_code, allocate):
         self.key_state = key_state
@@ -114,6 +116,7 @@ class ChunkState:
         self._allocate = allocate     # nbytes -> uint8 array, shared with co-located workers where possible
         self.shared = False           # the buffers are sums co-located workers add into (offer_sum)
         self.weight = None            # optimizer mode: the stored value
+        self.native = None            # the chunk as the server's native engine knows it
 
     def buffer(self, rnd):
         slot = rnd % 2
@@ -165,6 +168,9 @@ class WorkerLink:
             self.peer.offer(Op.PUSH, chunk.key_state.key, chunk.index, rnd, self.slot_for(chunk))
 
     def reply(self, priority, op, payload, **fields):
+        if self.server._native is not None:     # the engine's reply thread owns the stream's order
+            self._send_through_engine(priority, op, payload, fields)
+            return
         with self._ready:
             small = (payload is None or memoryview(payload).nbytes <= DIRECT_REPLY_BYTES
                      or self.peer.connection.shares(payload))
@@ -174,6 +180,16 @@ class WorkerLink:
                 return
             self._sending = True      # nothing waits: answer from this thread, skipping a hand-off
         self._transmit(priority, op, payload, fields)
+
+    def _send_through_engine(self, priority, op, payload, fields):
+        length = 0 if payload is None else memoryview(payload).nbytes
+        code, err = self.server._native.send(self.rank, protocol.pack(op, length=length, priority=priority, **fields),
+                                             payload)
+        if code:
+            connection = self.peer.connection
+            log.warning("reply to %s failed: %s", self.peer.name,
+                        engine_stream_error(code, err, "send to", connection.peer, self.server.config.timeout))
+            connection.shut()
 
     def _transmit(self, priority, op, payload, fields):
         try:
@@ -228,11 +244,13 @@ class ParameterServer(Handler):
         self.num_servers = self.config.num_servers    # the scheduler's count, once joined
         self.tracer = None
         self.updater = None
+        self._native = None           # the native data plane (server_engine.c), where the links allow it
         self._keys = {}
         self._first_key = None        # the first key declared with chunks here: its rounds number the traced steps
         self._chunks = {}
         self._links = {}              # worker rank -> WorkerLink
         self._departed = {}           # worker rank -> why it left; no round can complete after that
+        self._native_departed = []    # links of departed workers whose descriptors the engine may still hold
         self._open_rounds = {}        # ChunkState -> round: rounds with some pushes but not all (see _watch)
         self._failure = None          # why the job failed, once it has
         self._lock = threading.Lock()
@@ -246,7 +264,12 @@ class ParameterServer(Handler):
         self.rank, self.num_workers = welcome["rank"], welcome["num_workers"]
         self.num_servers = welcome["num_servers"]
         self.tracer = trace.make(self.config, "server", self.rank)
-        log.info("server %d: joined the job of %d workers", self.rank, self.num_workers)
+        if (self.config.engine == "native" and self.transport is tcp and not self.config.integrity
+                and self.tracer is None):
+            self._native = _t.ServerEngine(self.num_workers, self.config.timeout, DIRECT_REPLY_BYTES)
+            threading.Thread(target=self._hear_engine, daemon=True, name="rdmakv-engine-events").start()
+        log.info("server %d: joined the job of %d workers (%s data path)", self.rank, self.num_workers,
+                 "native" if self._native is not None else "Python")
         acceptor = threading.Thread(target=self._accept_loop, daemon=True, name="rdmakv-accept")
         acceptor.start()
         threading.Thread(target=self._watch, daemon=True, name="rdmakv-watch").start()
@@ -260,10 +283,14 @@ class ParameterServer(Handler):
         self._stopped.set()
         self.listener.close()
         self.control.close()
+        if self._native is not None:
+            self._native.close()      # joins its threads: the links' descriptors may be closed after
         with self._lock:
-            links = list(self._links.values())
+            links = list(self._links.values()) + self._native_departed
         for link in links:
             link.close()
+            if self._native is not None:
+                link.peer.connection.close()
         if self.tracer:
             self.tracer.write()
 
@@ -277,6 +304,10 @@ class ParameterServer(Handler):
         comes, names the culprit and not only this server."""
         patience = self.config.timeout / 2
         while not self._stopped.wait(min(1.0, patience / 4)):
+            if self._native is not None:
+                for key, index, rnd, pushed in self._native.stale_rounds(patience):
+                    self._tell_waiting(key, index, rnd, set(pushed))
+                continue
             now = time.monotonic()
             for chunk, rnd in list(self._open_rounds.items()):
                 with chunk.lock:
@@ -287,12 +318,100 @@ class ParameterServer(Handler):
                         continue
                     self._open_rounds.pop(chunk, None)   # told once per round
                     pushed = set(chunk.pushed)
-                missing = [rank for rank in range(self.num_workers) if rank not in pushed]
-                with self._lock:
-                    links = [self._links[rank] for rank in pushed if rank in self._links]
-                notice = protocol.encode_json({"missing": missing})
-                for link in links:
-                    link.reply(1 << 30, Op.WAITING, notice, key=chunk.key_state.key, chunk=chunk.index, round=rnd)
+                self._tell_waiting(chunk.key_state.key, chunk.index, rnd, pushed)
+
+    def _tell_waiting(self, key, index, rnd, pushed):
+        missing = [rank for rank in range(self.num_workers) if rank not in pushed]
+        with self._lock:
+            links = [self._links[rank] for rank in pushed if rank in self._links]
+        notice = protocol.encode_json({"missing": missing})
+        for link in links:
+            link.reply(1 << 30, Op.WAITING, notice, key=key, chunk=index, round=rnd)
+
+    # ---- the native engine's events --------------------------------------
+    def _hear_engine(self):
+        engine = self._native
+        while True:
+            event = engine.next_event(1.0)
+            if event is None:
+                if self._stopped.is_set():
+                    return
+                continue
+            try:
+                self._on_engine_event(*event)
+            except Exception:     # a bug here must not leave the server deaf
+                log.exception("server %s: handling an event of the native engine failed", self.rank)
+
+    def _on_engine_event(self, rank, kind, code, err, limit, fields, payload):
+        header = protocol.Header(*fields[2:])
+        with self._lock:
+            link = self._links.get(rank)
+        if link is None:              # it left meanwhile
+            if kind == _t.EVENT_MESSAGE:
+                self._native.answer(rank, _t.VERDICT_STOP)
+            return
+        peer = link.peer
+        if kind == _t.EVENT_MESSAGE:
+            self._take_handed_message(rank, peer, header)
+        elif kind == _t.EVENT_REFUSED:
+            state = self._keys.get(header.key)
+            name = state.name if state is not None else header.key
+            if code == _t.REFUSE_UNDECLARED:
+                peer.ended(ProtocolError(f"worker {rank} pushed key {name!r} without declaring it"))
+            else:
+                self._fail_key(header.key, self._refusal(code, limit, header, rank, name))
+        elif kind == _t.EVENT_SUMMED:
+            self._update_summed(header)
+        elif kind == _t.EVENT_SEND_FAILED:
+            log.warning("reply to %s failed: %s", peer.name,
+                        engine_stream_error(code, err, "send to", peer.connection.peer, self.config.timeout))
+            peer.connection.shut()
+        else:
+            peer.ended(engine_read_error(code, err, limit, fields, peer.name, peer.connection.peer,
+                                         self.config.timeout))
+
+    def _take_handed_message(self, rank, peer, header):
+        """A message the engine leaves to us (control, or a push it cannot place):
+        read and handled here while the engine's reader waits for the verdict."""
+        try:
+            peer.receive(header)
+        except Exception as exc:      # noqa: BLE001 - whatever it was, this worker's link is over
+            if not isinstance(exc, RdmaKVError):
+                log.exception("server %s: handling a message from %s failed", self.rank, peer.name)
+            self._native.answer(rank, _t.VERDICT_STOP)
+            peer.ended(exc)
+            return
+        self._native.answer(rank, _t.VERDICT_CONTINUE)
+
+    def _refusal(self, code, limit, header, rank, name):
+        """What a push the engine refused is told (server_engine.h, enum rk_refusal)."""
+        if code == _t.REFUSE_KEY_FAILED:
+            return self._keys[header.key].error
+        if code == _t.REFUSE_DEPARTED:
+            return self._departure_message(next(iter(self._departed)), header.key)
+        if code == _t.REFUSE_DTYPE:
+            return (f"worker {rank} pushed key {name!r} as {protocol.DTYPE_NAMES.get(header.dtype)}, "
+                    f"declared {protocol.DTYPE_NAMES.get(limit)}")
+        if code == _t.REFUSE_ROUND:
+            return f"worker {rank} pushed round {header.round} of key {name!r}, the server is at round {limit}"
+        if code == _t.REFUSE_TWICE:
+            return f"worker {rank} pushed key {name!r} chunk {header.chunk} twice in round {header.round}"
+        if code == _t.REFUSE_MIXED:
+            return f"workers mix broadcast and pushpull on key {name!r} in round {header.round}"
+        if code == _t.REFUSE_TWO_ROOTS:
+            return (f"more than one worker sent the root value for the broadcast of key {name!r}: the workers "
+                    f"disagree on the root")
+        return f"no worker sent the root value for the broadcast of key {name!r}: the root rank is not a worker"
+
+    def _update_summed(self, header):
+        """A round the engine summed, with an optimizer set: update the weight, answer with it."""
+        chunk = self._chunks[(header.key, header.chunk)]
+        result = chunk.buffer(header.round)
+        if self.updater is not None and chunk.weight is not None:
+            self.updater.update(chunk.key_state.name, chunk.index, chunk.weight.view(chunk.dtype),
+                                result.view(chunk.dtype))
+            result = chunk.weight
+        self._native.reply_all(chunk.native, header.round, header.priority, result)
 
     # ---- scheduler messages ----------------------------------------------
     def _on_control(self, header, obj):
@@ -352,7 +471,7 @@ class ParameterServer(Handler):
                                     f"{chunk.key_state.name!r} chunk {chunk.index}, declared {chunk.nbytes}")
             if header.op == Op.PUSH and link.places:
                 return link.slot_for(chunk)
-            if header.op == Op.PUSH and not chunk.shared:
+            if header.op == Op.PUSH and not chunk.shared and self._native is None:
                 # The round's first contribution lands straight in its result buffer;
                 # later ones land in the connection's scratch buffer and are added.
                 # (Shared sums take pushes from co-located workers ready-summed.)
@@ -423,6 +542,9 @@ class ParameterServer(Handler):
             link.rank = rank
             self._links[rank] = link
         peer.name = f"worker {rank}"
+        if self._native is not None:
+            peer.hand_off()           # from its next message on, the engine reads this worker
+            self._native.start_link(rank, peer.connection.fileno())
 
     def on_closed(self, peer, error):
         link = peer.info.get("link")
@@ -439,7 +561,13 @@ class ParameterServer(Handler):
             del self._links[link.rank]
             self._departed.setdefault(link.rank, link.leaving_because or (
                 "closed its connection" if error is None or isinstance(error, EndOfStream) else str(error)))
-            broken = {key for (key, _), chunk in self._chunks.items() if chunk.pushed}
+            if self._native is not None:
+                self._native.departed()
+                self._native_departed.append(link)
+                broken = {key for key, state in self._keys.items()
+                          if state.native is not None and self._native.key_has_pushes(state.native)}
+            else:
+                broken = {key for (key, _), chunk in self._chunks.items() if chunk.pushed}
         if error is not None and not self._stopped.is_set() and not isinstance(error, EndOfStream):
             log.warning("server %s: %s left: %s", self.rank, peer.name, error)
         # Rounds that were waiting for it can never complete: fail them now, not after a timeout.
@@ -469,6 +597,8 @@ class ParameterServer(Handler):
                 link.reply(1 << 30, Op.ERROR, protocol.encode_json({"message": state.error, "key": key}), key=key)
                 return
             state.declared_by.add(link.rank)
+            if state.native is not None:
+                self._native.declared_by(state.native, link.rank)
             if state.layout != declared:
                 # Only this key is refused; the worker's pushes of it are still read off its
                 # connection (within what it declared), which stays up for its other keys.
@@ -522,6 +652,8 @@ class ParameterServer(Handler):
         with self._lock:
             existing = self._keys.get(key)
             if existing is None:
+                if self._native is not None:
+                    self._declare_natively(state)
                 self._keys[key] = state
                 for chunk in state.chunks:
                     self._chunks[(key, chunk.index)] = chunk
@@ -530,6 +662,15 @@ class ParameterServer(Handler):
                 return state
         self.budget.release(cost)    # another worker's declaration won the race
         return existing
+
+    def _declare_natively(self, state):
+        """Let the engine sum the key's chunks held here (in their round buffers)."""
+        state.native = self._native.add_key(state.key)
+        if state.error is not None:
+            self._native.refuse_key(state.native)
+        for chunk in state.chunks:
+            chunk.native = self._native.add_chunk(state.native, chunk.index, chunk.dtype_code, chunk.buffer(0),
+                                                  chunk.buffer(1))
 
     def _over_budget(self, need):
         return (f"{need} of server {self.rank}'s memory, but {_human_bytes(self.budget.used)} of its "
@@ -593,6 +734,8 @@ class ParameterServer(Handler):
             state = self._keys.get(key)
             if state is not None and state.error is None:
                 state.error = message
+            if state is not None and state.native is not None:
+                self._native.refuse_key(state.native)
             ranks = sorted(state.declared_by) if state else []
             links = [self._links[r] for r in ranks if r in self._links]
         log.warning("server %s: key %s refused: %s", self.rank, key, message)
@@ -739,6 +882,8 @@ class ParameterServer(Handler):
         try:
             if header.op == Op.SET_OPTIMIZER:
                 self.updater = optimizer.make_updater(protocol.decode_json(payload or b""))
+                if self._native is not None:
+                    self._native.set_optimizer(True)
             elif header.op == Op.GET_STATES:
                 states = self.updater.dump_states() if self.updater else b""
                 link.reply(1 << 30, Op.STATES, states)

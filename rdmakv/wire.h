@@ -132,6 +132,8 @@ typedef struct {
     uint64_t credit;          /* bytes of credit it holds once sent */
     void *ref;                /* what the owner queued */
     uint64_t tag;             /* the owner's */
+    const char *data;         /* (server replies) the payload, */
+    uint8_t op;               /* and the op */
 } rk_item;
 
 typedef struct {

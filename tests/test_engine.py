@@ -283,3 +283,153 @@ def test_the_engine_knows_the_wire_constants_of_rdmakv_protocol():
     assert defined("RK_KNOWN_FLAGS") == protocol.KNOWN_FLAGS
     assert defined("RK_MAX_DTYPE") == max(protocol.DTYPE_CODES.values())
     assert struct.calcsize("<IHBBIQIiQQI") == protocol.HEADER_SIZE == 48
+
+
+# ---- the server's engine (rdmakv/server_engine.c), workers played by the test ----
+
+class ServerRig:
+    """A server engine with `workers` links whose far ends are plain sockets."""
+
+    def __init__(self, workers=2, direct=64 * 1024):
+        self.engine = _t.ServerEngine(workers, TIMEOUT, direct)
+        self.pairs = [socket.socketpair() for _ in range(workers)]
+        self.workers = [theirs for _, theirs in self.pairs]
+        for rank, (ours, theirs) in enumerate(self.pairs):
+            ours.setblocking(False)
+            theirs.settimeout(TIMEOUT)
+            self.engine.start_link(rank, ours.fileno())
+        self.buffers = []
+
+    def chunk(self, wire, nbytes, dtype="int32", index=0, declared_by=None):
+        key = self.engine.add_key(wire)
+        buffers = (np.zeros(nbytes, np.uint8), np.zeros(nbytes, np.uint8))
+        self.buffers.append(buffers)
+        chunk = self.engine.add_chunk(key, index, protocol.DTYPE_CODES[dtype], *buffers)
+        for rank in range(len(self.workers)) if declared_by is None else declared_by:
+            self.engine.declared_by(key, rank)
+        return key, chunk
+
+    def push(self, rank, wire, values, round=0, flags=0, index=0, dtype=None):
+        payload = b"" if flags & FLAG_NO_DATA else values.tobytes()
+        reply(self.workers[rank], Op.PUSH, payload, key=wire, chunk=index, round=round, flags=flags,
+              dtype=protocol.DTYPE_CODES[dtype or values.dtype.name], sender=rank)
+
+    def close(self):
+        self.engine.close()
+        for ours, theirs in self.pairs:
+            ours.close()
+            theirs.close()
+
+
+@pytest.fixture
+def server_rig():
+    made = []
+
+    def make(**kwargs):
+        made.append(ServerRig(**kwargs))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"])
+def test_the_server_engine_sums_every_dtype_exactly_and_answers_every_worker(server_rig, dtype):
+    r = server_rig(workers=3)
+    rng = np.random.default_rng(1)
+    values = [rng.integers(-50, 50, 101).astype(dtype) for _ in range(3)]
+    r.chunk(9, values[0].nbytes, dtype)
+    for rnd in range(3):                      # alternate round buffers
+        for rank in (2, 0, 1):
+            r.push(rank, 9, values[rank] + rnd, round=rnd)
+        expected = sum((v + rnd).astype(dtype) for v in values).astype(dtype)
+        for rank in range(3):
+            header, payload = read_message(r.workers[rank])
+            assert (header.op, header.key, header.round) == (Op.RESULT, 9, rnd)
+            np.testing.assert_array_equal(np.frombuffer(payload, dtype), expected)
+
+
+def test_a_push_holding_credit_is_acknowledged_before_the_round_completes(server_rig):
+    r = server_rig()
+    r.chunk(1, 16)
+    r.push(0, 1, np.arange(4, dtype=np.int32), flags=FLAG_ACK)
+    header, _ = read_message(r.workers[0])
+    assert (header.op, header.key, header.round) == (Op.RECEIVED, 1, 0)
+
+
+@pytest.mark.parametrize("second, code, limit", [
+    (dict(round=1), "REFUSE_ROUND", 0),
+    (dict(rank=0), "REFUSE_TWICE", None),
+    (dict(dtype="float32"), "REFUSE_DTYPE", protocol.DTYPE_CODES["int32"]),
+    (dict(flags=protocol.FLAG_BROADCAST), "REFUSE_MIXED", None),
+])
+def test_a_push_out_of_turn_is_refused_with_its_reason_and_the_link_goes_on(server_rig, second, code, limit):
+    r = server_rig()
+    r.chunk(1, 16)
+    value = np.arange(4, dtype=np.int32)
+    r.push(0, 1, value)
+    rank = second.pop("rank", 1)
+    r.push(rank, 1, value.view(np.float32) if second.get("dtype") else value, **second)
+    link, kind, refusal, _, got_limit, fields, _ = r.engine.next_event(TIMEOUT)
+    assert (link, kind, refusal) == (rank, _t.EVENT_REFUSED, getattr(_t, code))
+    if limit is not None:
+        assert got_limit == limit
+    # The stream is still in step: the refused push was read whole, and another key is summed.
+    r.chunk(2, 4)
+    for worker in range(2):
+        r.push(worker, 2, np.array([worker + 1], np.int32))
+    for worker in range(2):
+        header, payload = read_message(r.workers[worker])
+        assert (header.op, header.key, np.frombuffer(payload, np.int32).tolist()) == (Op.RESULT, 2, [3])
+    assert r.engine.next_event(0.2) is None
+
+
+def test_a_push_of_a_key_the_worker_never_declared_stops_its_link(server_rig):
+    r = server_rig()
+    r.chunk(1, 16, declared_by=[1])
+    r.push(0, 1, np.arange(4, dtype=np.int32))
+    assert r.engine.next_event(TIMEOUT)[:3] == (0, _t.EVENT_REFUSED, _t.REFUSE_UNDECLARED)
+
+
+def test_a_message_the_engine_cannot_place_is_read_by_the_control_plane_meanwhile(server_rig):
+    r = server_rig()
+    reply(r.workers[1], Op.DECLARE, b'{"key": 5}')
+    reply(r.workers[1], Op.PUSH, bytes(8), key=77, chunk=0, dtype=6)      # an undeclared key
+    link, kind, _, _, _, fields, payload = r.engine.next_event(TIMEOUT)
+    assert (link, kind, fields[2], payload) == (1, _t.EVENT_MESSAGE, Op.DECLARE, None)
+    ours = r.pairs[1][0]
+    assert recv_exactly(ours, fields[9]) == b'{"key": 5}'            # the engine left the payload to us
+    assert r.engine.next_event(0.2) is None                          # and waits for the verdict
+    r.engine.answer(1, _t.VERDICT_CONTINUE)
+    link, kind, _, _, _, fields, _ = r.engine.next_event(TIMEOUT)
+    assert (kind, fields[2], fields[5]) == (_t.EVENT_MESSAGE, Op.PUSH, 77)
+    r.engine.answer(1, _t.VERDICT_STOP)
+    assert r.engine.next_event(0.3) is None                          # a stop is the control plane's to report
+
+
+def test_with_an_optimizer_a_summed_round_waits_for_the_control_plane(server_rig):
+    r = server_rig()
+    _, chunk = r.chunk(4, 8)
+    r.engine.set_optimizer(True)
+    for rank in range(2):
+        r.push(rank, 4, np.array([1, 2], np.int32), round=0)
+    link, kind, _, _, _, fields, _ = r.engine.next_event(TIMEOUT)
+    assert (kind, fields[5], fields[8]) == (_t.EVENT_SUMMED, 4, 0)
+    np.testing.assert_array_equal(r.buffers[0][0].view(np.int32), [2, 4])
+    weight = np.array([7, 7], np.int32)
+    r.engine.reply_all(chunk, 0, 0, weight.view(np.uint8))
+    for worker in r.workers:
+        header, payload = read_message(worker)
+        assert header.op == Op.RESULT and np.frombuffer(payload, np.int32).tolist() == [7, 7]
+
+
+def test_rounds_left_open_are_reported_once_with_who_pushed(server_rig):
+    r = server_rig(workers=3)
+    r.chunk(6, 4)
+    r.push(2, 6, np.array([1], np.int32))
+    deadline = __import__("time").monotonic() + TIMEOUT
+    while not (stale := r.engine.stale_rounds(0.0)):
+        assert __import__("time").monotonic() < deadline
+    assert stale == [(6, 0, 0, [2])]
+    assert r.engine.stale_rounds(0.0) == []

@@ -113,7 +113,7 @@ def test_bench_transport_quick(tmp_path):
 
 def test_bench_overlap_quick(tmp_path):
     out = tmp_path / "overlap.json"
-    systems = "rdmakv,mxnet" if importlib.util.find_spec("mxnet") else "rdmakv"
+    systems = "rdmakv,rdmakv-python" + (",mxnet" if importlib.util.find_spec("mxnet") else "")
     proc = _run("bench_overlap.py", "--quick", "--systems", systems, "--json", str(out), timeout=180)
     report = json.loads(out.read_text())
     assert list(report["workloads"]) == ["16x4MiB", "256x4KiB"]

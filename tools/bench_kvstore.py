@@ -40,7 +40,10 @@ if REPO not in sys.path:          # runnable as a plain script from a checkout
 
 KiB, MiB = 1 << 10, 1 << 20
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-SYSTEMS = ("rdmakv", "mxnet", "gloo")
+SYSTEMS = ("rdmakv", "rdmakv-python", "mxnet", "gloo")
+DEFAULT_SYSTEMS = ("rdmakv", "mxnet", "gloo")
+# rdmakv-python: rdmakv on its Python data path (RDMAKV_ENGINE=python), the baseline of the native engine
+RDMAKV_SYSTEMS = {"rdmakv": {}, "rdmakv-python": {"RDMAKV_ENGINE": "python"}}
 WORKLOADS = ("4KiB", "256KiB", "4MiB", "64MiB", "resnet50")
 # Not run by default: per-key overhead, many small keys against one key of the same total size.
 EXTRA_WORKLOADS = ("1MiB", "1024x1KiB")
@@ -265,7 +268,7 @@ class GlooWorker:
         self.dist.destroy_process_group()
 
 
-WORKER_CLASSES = {"rdmakv": RdmakvWorker, "mxnet": MxnetWorker, "gloo": GlooWorker}
+WORKER_CLASSES = {"rdmakv": RdmakvWorker, "rdmakv-python": RdmakvWorker, "mxnet": MxnetWorker, "gloo": GlooWorker}
 
 
 def _say(event, **fields):
@@ -349,8 +352,8 @@ class ClusterRun:
                    DMLC_PS_ROOT_URI="127.0.0.1", DMLC_PS_ROOT_PORT=str(port),
                    DMLC_NUM_WORKER=str(self.args.workers), DMLC_NUM_SERVER=str(self.args.servers),
                    DMLC_NODE_HOST="127.0.0.1", RDMAKV_TIMEOUT="120", PYTHONUNBUFFERED="1")
-        if self.system == "rdmakv":
-            env.update(self.args.rdmakv_env)
+        if self.system in RDMAKV_SYSTEMS:
+            env.update(self.args.rdmakv_env, **RDMAKV_SYSTEMS[self.system])
         if self.system == "mxnet":
             env.update(DMLC_INTERFACE="lo", PS_VERBOSE="0")
         if self.system == "gloo":
@@ -367,8 +370,8 @@ class ClusterRun:
 
     def start(self):
         env = self._env()
-        helper = {"rdmakv": [self.python, "-m", "rdmakv.server"],
-                  "mxnet": [self.python, "-c", "import mxnet"]}.get(self.system)
+        helper = {"mxnet": [self.python, "-c", "import mxnet"],
+                  **{name: [self.python, "-m", "rdmakv.server"] for name in RDMAKV_SYSTEMS}}.get(self.system)
         if helper:
             self.helpers.append(("scheduler", self._spawn("scheduler", helper, dict(env, DMLC_ROLE="scheduler"))))
             for s in range(self.args.servers):
@@ -489,7 +492,8 @@ def _percentile(values, q):
 
 def available(system, python):
     """None when the system can run, else why not."""
-    probe = {"rdmakv": "import rdmakv._native", "mxnet": "import mxnet; assert mxnet.__version__",
+    probe = {"rdmakv": "import rdmakv._native", "rdmakv-python": "import rdmakv._native",
+             "mxnet": "import mxnet; assert mxnet.__version__",
              "gloo": "import torch.distributed as d; assert d.is_gloo_available(), 'gloo not built'"}[system]
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         return f"interpreter {python} not found"
@@ -551,7 +555,8 @@ def loadavg():
 
 def run_all(args):
     python = sys.executable
-    pythons = {"rdmakv": python, "mxnet": args.mxnet_python or python, "gloo": args.torch_python or python}
+    pythons = {"rdmakv": python, "rdmakv-python": python, "mxnet": args.mxnet_python or python,
+               "gloo": args.torch_python or python}
     report = {"config": {"workers": args.workers, "servers": args.servers, "quick": args.quick,
                          "host": "127.0.0.1", "cpus": os.cpu_count(), "python": python,
                          "rdmakv_env": args.rdmakv_env,
@@ -714,7 +719,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="a CI-sized run: few steps, 1 s of iperf3")
     p.add_argument("--json", metavar="FILE", help="write the full results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the step times")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help="comma-separated subset of " + ",".join(SYSTEMS) + " (rdmakv-python: RDMAKV_ENGINE=python)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help="comma-separated, from " + ",".join(WORKLOADS + EXTRA_WORKLOADS))
     p.add_argument("--skip-baseline", default="", metavar="WORKLOADS",

@@ -31,7 +31,8 @@ if REPO not in sys.path:          # runnable as a plain script from a checkout
 sys.path.insert(0, TOOLS)         # beside bench_kvstore.py, in a checkout and once installed
 import bench_kvstore  # noqa: E402
 
-SYSTEMS = ("rdmakv", "mxnet")
+SYSTEMS = ("rdmakv", "rdmakv-python", "mxnet")
+DEFAULT_SYSTEMS = ("rdmakv", "mxnet")
 WORKLOADS = {"16x4MiB": (16, 1 << 20), "256x4KiB": (256, 1 << 10)}   # (tensors, float32 values each)
 
 
@@ -102,7 +103,7 @@ class MxnetTensors:
 
 def worker_main(system, workload, repeats):
     count, size = WORKLOADS[workload]
-    tensors = {"rdmakv": RdmakvTensors, "mxnet": MxnetTensors}[system](count, size)
+    tensors = (MxnetTensors if system == "mxnet" else RdmakvTensors)(count, size)
 
     def transfer():
         t0 = time.perf_counter()
@@ -133,10 +134,13 @@ def run_one(args, system, workload):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                DMLC_PS_ROOT_URI="127.0.0.1", DMLC_PS_ROOT_PORT=str(port), DMLC_NUM_WORKER="1",
                DMLC_NUM_SERVER="1", DMLC_NODE_HOST="127.0.0.1", RDMAKV_TIMEOUT="120", PYTHONUNBUFFERED="1")
-    env.update(args.rdmakv_env if system == "rdmakv" else {"DMLC_INTERFACE": "lo", "PS_VERBOSE": "0"})
+    if system == "mxnet":
+        env.update(DMLC_INTERFACE="lo", PS_VERBOSE="0")
+    else:
+        env.update(args.rdmakv_env, **bench_kvstore.RDMAKV_SYSTEMS[system])
     worker = [sys.executable, os.path.abspath(__file__), "--worker", system, "--workload", workload,
               "--repeats", str(args.repeats)]
-    if system == "rdmakv":
+    if system != "mxnet":
         argv = [sys.executable, "-m", "rdmakv.launch", "-n", "1", "-s", "1", "--"] + worker
         helpers = []
     else:
@@ -184,7 +188,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a CI-sized run: 3 repeats")
     p.add_argument("--repeats", type=int, default=0, help="measurements of each kind (default 15)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help="comma-separated subset of " + ",".join(SYSTEMS) + " (rdmakv-python: RDMAKV_ENGINE=python)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, from " + ",".join(WORKLOADS))
     p.add_argument("--rdmakv-env", action="append", default=[], metavar="NAME=VALUE",
                    help="an RDMAKV_* setting for the rdmakv processes (repeatable)")

@@ -220,6 +220,7 @@ class Peer:
         self.silence_limit = silence_limit
         self.info = {}          # what the upper layer learned about this peer
         self._closing = False
+        self._handed_off = False
         self._thread = threading.Thread(target=self._read_loop, name=f"rdmakv-read-{name}", daemon=True)
 
     def start(self):
@@ -264,45 +265,73 @@ class Peer:
                     elif now - heard > limit:
                         raise PeerTimeout(f"{self.name} sent nothing for {now - heard:.1f} s (RDMAKV_TIMEOUT "
                                           f"{limit:g} s): it is stopped, hung or cut off")
-                if header is None:
-                    continue
-                if header.op == Op.HEARTBEAT:
-                    if header.length:
-                        raise ProtocolError(f"HEARTBEAT with a payload of {header.length} bytes")
-                    continue
-                payload = None
-                if header.length and not header.flags & protocol.FLAG_SUMMED_IN_PLACE:
-                    payload = self.handler.destination(self, header)
-                    if payload is None:
-                        if header.length > protocol.MAX_CONTROL_BYTES:
-                            raise ProtocolError(
-                                f"{protocol.op_name(header.op)} payload of {header.length} bytes "
-                                f"exceeds the {protocol.MAX_CONTROL_BYTES}-byte control limit")
-                        payload = bytearray(header.length)
-                    elif memoryview(payload).nbytes != header.length:
-                        raise ProtocolError(
-                            f"{protocol.op_name(header.op)} for key {header.key} chunk {header.chunk} "
-                            f"carries {header.length} bytes, expected {memoryview(payload).nbytes}")
-                    self.connection.recv_payload(header, payload)
-                self.handler.on_message(self, header, payload)
+                if header is not None:
+                    self.receive(header)
+                if self._handed_off:
+                    return
         except RdmaKVError as exc:
             error = exc
         except Exception as exc:  # a bug in a handler must not kill the process silently
             log.exception("reader for %s failed", self.name)
             error = exc
         finally:
+            if not self._handed_off:
+                self.ended(error)
+
+    def receive(self, header):
+        """Take in the rest of a message whose header was read: its payload, into
+        the handler's destination (checked against the header first), then
+        handler.on_message.  Raises what makes the connection unusable."""
+        if header.op == Op.HEARTBEAT:
+            if header.length:
+                raise ProtocolError(f"HEARTBEAT with a payload of {header.length} bytes")
+            return
+        payload = None
+        if header.length and not header.flags & protocol.FLAG_SUMMED_IN_PLACE:
+            payload = self.handler.destination(self, header)
+            if payload is None:
+                if header.length > protocol.MAX_CONTROL_BYTES:
+                    raise ProtocolError(
+                        f"{protocol.op_name(header.op)} payload of {header.length} bytes "
+                        f"exceeds the {protocol.MAX_CONTROL_BYTES}-byte control limit")
+                payload = bytearray(header.length)
+            elif memoryview(payload).nbytes != header.length:
+                raise ProtocolError(
+                    f"{protocol.op_name(header.op)} for key {header.key} chunk {header.chunk} "
+                    f"carries {header.length} bytes, expected {memoryview(payload).nbytes}")
+            self.connection.recv_payload(header, payload)
+        self.handler.on_message(self, header, payload)
+
+    def hand_off(self):
+        """From the message being handled on, a native engine reads this
+        connection: the reader thread returns without closing it."""
+        self._handed_off = True
+
+    def ended(self, error):
+        """The connection is over: end it and tell the handler (error None after a
+        local close).  A handed-off connection is only shut: the engine's threads
+        may still hold its descriptor, which is closed after them."""
+        try:
             if self._closing:
                 error = None
             elif isinstance(error, EndOfStream):
                 log.debug("%s closed the connection", self.name)
             elif error is not None:
                 closed_connection_warnings.warn(log, "connections closed with errors",
-                                      "connection to %s (%s) closed: %s", self.name, self.connection.peer, error)
-            self.connection.close()
+                                                "connection to %s (%s) closed: %s", self.name, self.connection.peer,
+                                                error)
+            self._release()
+        finally:
             self.handler.on_closed(self, error)
+
+    def _release(self):
+        if self._handed_off:
+            self.connection.shut()
+        else:
+            self.connection.close()
 
     def close(self, timeout=5.0):
         self._closing = True
-        self.connection.close()
+        self._release()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
