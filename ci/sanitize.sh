@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Native code checked like native code.
-#   1. Our C (rdmakv/*.h) compiles with strict warnings, and a warning is an error.
+#   1. Our C (rdmakv/native/*.h) compiles with strict warnings, and a warning is an error.
 #   2. The extension built with AddressSanitizer + UndefinedBehaviorSanitizer runs
 #      the native, shared-memory and KVStore tests.
 #   3. The extension built with ThreadSanitizer runs the native and shared-memory tests.
@@ -17,11 +17,11 @@ python=$repo/.venv/bin/python
 long=0
 [ "${1:-}" = "--long" ] && long=1
 
-for header in rdmakv/*.h; do
+for header in rdmakv/native/*.h; do
     gcc -std=gnu11 -D_GNU_SOURCE -fsyntax-only -Wall -Wextra -Wshadow -Wstrict-prototypes -Wpointer-arith \
         -Wcast-align -Wvla -Wformat=2 -Werror -x c "$header"
 done
-echo "ci/sanitize.sh: rdmakv/*.h compile without a warning"
+echo "ci/sanitize.sh: rdmakv/native/*.h compile without a warning"
 
 # Not for a sanitizer run: it mounts over libibverbs and runs sh and mount, which
 # crash with a sanitizer runtime preloaded; it checks loading, not our C.
@@ -38,7 +38,7 @@ run_build() {    # run_build SANITIZERS RUNTIMES... -- PYTEST ARGS...
     git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$tree"
     (cd "$tree" && RDMAKV_SANITIZE=$sanitizers "$python" setup.py -q build_ext --inplace >build.log 2>&1) \
         || { tail -20 "$tree/build.log"; return 1; }
-    local module=("$tree"/rdmakv/_transport*.so)
+    local module=("$tree"/rdmakv/native/_transport*.so)
     # An uninstrumented build would pass everything: make sure the checks are in.
     local symbols
     symbols=$(nm -D "${module[0]}")     # whole, then searched: grep -q would cut nm's pipe (pipefail)

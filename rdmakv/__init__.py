@@ -7,8 +7,8 @@
 import os
 import sys
 
-from rdmakv.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
-                           RdmaKVError, RemoteError, TransportError)
+from rdmakv.core.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
+                                RdmaKVError, RemoteError, TransportError)
 
 __version__ = "0.1.0"
 __all__ = ["KVStore", "ParameterServer", "has", "RdmaKVError", "ConfigError", "ProtocolError",
@@ -18,10 +18,10 @@ __all__ = ["KVStore", "ParameterServer", "has", "RdmaKVError", "ConfigError", "P
 def __getattr__(name):
     # Lazy, so `import rdmakv` stays cheap and loads the compiled core only when used.
     if name == "KVStore":
-        from rdmakv.kvstore import KVStore
+        from rdmakv.worker.kvstore import KVStore
         return KVStore
     if name == "ParameterServer":
-        from rdmakv.server import ParameterServer
+        from rdmakv.server.server import ParameterServer
         return ParameterServer
     raise AttributeError(f"module 'rdmakv' has no attribute {name!r}")
 
@@ -29,10 +29,10 @@ def __getattr__(name):
 def has(feature: str) -> bool:
     """Whether this installation can use a feature: "tcp", "verbs" or "mxnet"."""
     if feature == "tcp":
-        from rdmakv._native import transport  # noqa: F401
+        from rdmakv.native import transport  # noqa: F401
         return True
     if feature == "verbs":
-        from rdmakv.transport import verbs_devices
+        from rdmakv.transport.verbs import devices as verbs_devices
         return verbs_devices.probe()[0]
     if feature == "mxnet":
         try:

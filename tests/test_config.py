@@ -1,7 +1,7 @@
 import pytest
 
-from rdmakv.config import Config, SETTINGS
-from rdmakv.errors import ConfigError
+from rdmakv.core.config import Config, SETTINGS
+from rdmakv.core.errors import ConfigError
 
 
 def test_defaults():
@@ -87,6 +87,6 @@ def test_dmlc_enable_rdma_names_its_own_values():
 
 
 def test_every_setting_is_listed_in_the_kvstore_docstring():
-    from rdmakv.kvstore import KVStore
+    from rdmakv.worker.kvstore import KVStore
     listed = {line.split()[0] for line in KVStore.__doc__.splitlines()[4:] if line.startswith("    ") and line.split()}
     assert set(SETTINGS) <= listed, set(SETTINGS) - listed

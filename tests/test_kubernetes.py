@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from cluster import REPO, free_port
-from rdmakv.config import Config
+from rdmakv.core.config import Config
 
 yaml = pytest.importorskip("yaml", reason="PyYAML reads the manifest (pip install pyyaml; in the [test] extra)")
 

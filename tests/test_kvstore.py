@@ -10,7 +10,7 @@ import pytest
 
 import rdmakv
 from kvstore_helpers import expected_sum, pushpull_keys_at_once, worker_values
-from rdmakv.errors import PeerTimeout, RemoteError
+from rdmakv.core.errors import PeerTimeout, RemoteError
 
 pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"]

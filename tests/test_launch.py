@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from cluster import REPO, free_port, tagged
-from rdmakv.launch import parse_hosts
+from rdmakv.control.launch import parse_hosts
 
 SUM_CHECK = os.path.join(REPO, "tests", "sum_check.py")
 

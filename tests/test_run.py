@@ -12,8 +12,8 @@ import pytest
 
 import slurm
 from cluster import REPO, free_port
-from rdmakv.errors import ConfigError
-from rdmakv.run import check_scheduler_is_here, first_slurm_host, job_settings
+from rdmakv.control.run import check_scheduler_is_here, first_slurm_host, job_settings
+from rdmakv.core.errors import ConfigError
 
 BIN = os.path.dirname(sys.executable)
 RDMAKV_RUN = os.path.join(BIN, "rdmakv-run")

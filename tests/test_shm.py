@@ -16,9 +16,9 @@ import pytest
 import rdmakv
 from kvstore_helpers import expected_sum, worker_values
 from cluster import REPO
-from rdmakv import protocol
-from rdmakv.errors import ConfigError, ConnectionClosed, TransportError
-from rdmakv.protocol import Op
+from rdmakv.core import protocol
+from rdmakv.core.errors import ConfigError, ConnectionClosed, TransportError
+from rdmakv.core.protocol import Op
 from rdmakv.transport import select, shm, tcp
 
 pytestmark = pytest.mark.skipif(shm.unavailable() is not None, reason=f"no shared memory: {shm.unavailable()}")
@@ -259,7 +259,7 @@ def test_a_local_stranger_at_the_shm_socket_is_refused_and_the_listener_keeps_se
         stranger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stranger.connect(name)
         fd = os.memfd_create("rdmakv-shm-unsealed")
-        os.ftruncate(fd, rdmakv._native.transport.shm_segment_bytes(65536))
+        os.ftruncate(fd, rdmakv.native.transport.shm_segment_bytes(65536))
         socket.send_fds(stranger, [b'{"rdmakv_shm": 1, "ring_bytes": 65536}'], [fd])
         os.close(fd)
         assert listener.accept(2) is None
@@ -329,7 +329,7 @@ def test_selection(monkeypatch):
     monkeypatch.setenv("RDMAKV_SHM_RING_BYTES", "1000")
     with pytest.raises(ConfigError, match="power of two"):
         select("auto")
-    from rdmakv.config import Config
+    from rdmakv.core.config import Config
     assert Config.load(environ={"RDMAKV_TRANSPORT": "shm"}).transport == "shm"
 
 
@@ -505,7 +505,7 @@ def test_a_sum_left_locked_times_out_naming_it_and_a_local_close_ends_the_wait()
         began = time.monotonic()
         with pytest.raises(TimeoutError, match="sum"):
             listener.sum_into(buffers[0], np.zeros(1 << 18, np.int32), protocol.DTYPE_CODES["int32"], 0)
-        with pytest.raises(rdmakv.errors.PeerTimeout, match="shared sum"):
+        with pytest.raises(rdmakv.core.errors.PeerTimeout, match="shared sum"):
             mine.send(push_header(0, "int32"), np.zeros(1 << 18, np.int32))
         assert time.monotonic() - began < 5
     finally:
@@ -521,7 +521,7 @@ def test_a_sum_left_locked_times_out_naming_it_and_a_local_close_ends_the_wait()
         def push():
             try:
                 mine.send(push_header(0, "int32"), np.zeros(1 << 18, np.int32))
-            except rdmakv.errors.RdmaKVError as exc:
+            except rdmakv.core.errors.RdmaKVError as exc:
                 outcome["error"] = exc
         pusher = threading.Thread(target=push)
         pusher.start()
@@ -529,7 +529,7 @@ def test_a_sum_left_locked_times_out_naming_it_and_a_local_close_ends_the_wait()
         closed_at = time.monotonic()
         mine.close()
         pusher.join(10)
-        assert isinstance(outcome.get("error"), rdmakv.errors.ConnectionClosed)
+        assert isinstance(outcome.get("error"), rdmakv.core.errors.ConnectionClosed)
         assert time.monotonic() - closed_at < 2
     finally:
         mine.close()
@@ -555,7 +555,7 @@ def test_hostile_shared_sum_frames_are_refused(case):
             mine._channel.send_frame(shm._flagged(protocol.pack(Op.PUSH, key=8, length=len(places)),
                                                   shm.SUM_OFFER), places, 1.0)
             receiver, match = theirs, "malformed shared-sum offer"
-        with pytest.raises(rdmakv.errors.ProtocolError, match=match):
+        with pytest.raises(rdmakv.core.errors.ProtocolError, match=match):
             receiver.recv_header(5)
     finally:
         mine.close()
@@ -585,7 +585,7 @@ def test_a_shared_payload_at_a_bad_place_is_refused(case):
             length = 0
         theirs._channel.send_frame(shm._flagged(protocol.pack(Op.RESULT, length=length), shm.SHARED_PAYLOAD),
                                    place, 1.0)
-        with pytest.raises(rdmakv.errors.ProtocolError, match={"never sent": "never sent", "outside": "outside",
+        with pytest.raises(rdmakv.core.errors.ProtocolError, match={"never sent": "never sent", "outside": "outside",
                                                                 "not sealed": "not sealed", "empty": "0 bytes"}[case]):
             header = mine.recv_header(5)
             mine.recv_payload(header, np.empty(length, np.uint8))

@@ -9,8 +9,8 @@ import pytest
 
 import rdmakv
 from cluster import REPO, free_port
-from rdmakv import standalone
-from rdmakv.errors import ConfigError
+from rdmakv.control import standalone
+from rdmakv.core.errors import ConfigError
 
 
 def bare_env(**extra):

@@ -489,7 +489,7 @@ def _percentile(values, q):
 
 def available(system, python):
     """None when the system can run, else why not."""
-    probe = {"rdmakv": "import rdmakv._native", "mxnet": "import mxnet; assert mxnet.__version__",
+    probe = {"rdmakv": "import rdmakv.native", "mxnet": "import mxnet; assert mxnet.__version__",
              "gloo": "import torch.distributed as d; assert d.is_gloo_available(), 'gloo not built'"}[system]
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         return f"interpreter {python} not found"

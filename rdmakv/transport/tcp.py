@@ -1,5 +1,5 @@
 """The TCP transport: a policy wrapper over the GIL-free send/receive loops in
-rdmakv._transport.  IPv4 and IPv6."""
+rdmakv.native._transport.  IPv4 and IPv6."""
 import fcntl
 import hmac
 import socket
@@ -8,9 +8,9 @@ import termios
 import threading
 import time
 
-from rdmakv import netif, protocol
-from rdmakv._native import transport as _t
-from rdmakv.errors import ConnectionClosed, EndOfStream, IntegrityError, PeerTimeout, TransportError
+from rdmakv.core import netif, protocol
+from rdmakv.core.errors import ConnectionClosed, EndOfStream, IntegrityError, PeerTimeout, TransportError
+from rdmakv.native import transport as _t
 from rdmakv.transport.base import Connection, Listener
 
 TAG_BYTES = 16          # a record's MAC: keyed BLAKE3, 128 bits
@@ -68,7 +68,7 @@ class TcpConnection(Connection):
         """From now on each record (a header; a payload) is followed by its MAC
         under the key of its direction, over a sequence number that counts the
         records each way, so a record altered, dropped, replayed or reordered
-        fails the check.  Called by rdmakv.auth once the handshake is done,
+        fails the check.  Called by rdmakv.control.auth once the handshake is done,
         before anything else is sent or read."""
         # Keyed BLAKE3: 4-5 GB/s on one core here, against 1.2 for HMAC-SHA256 and 0.6
         # for keyed BLAKE2b (docs/reliability.md); it reads the arrays in place with

@@ -15,11 +15,12 @@ import time
 import numpy as np
 import pytest
 
-from rdmakv import auth, protocol
-from rdmakv.errors import TransportError
-from rdmakv.protocol import Op
-from rdmakv.transport import verbs_devices
+from rdmakv.control import auth
+from rdmakv.core import protocol
+from rdmakv.core.errors import TransportError
+from rdmakv.core.protocol import Op
 from rdmakv.transport.base import Handler
+from rdmakv.transport.verbs import devices as verbs_devices
 
 from cluster import free_port
 
@@ -200,7 +201,7 @@ def test_unauthenticated_verbs_connections_hold_no_thread(verbs):
     connections that finished the verbs set-up but never answer the challenge,
     and 12 silent ones, start no thread in the server; a real peer still
     authenticates and is served."""
-    from rdmakv.node import Gate
+    from rdmakv.control.node import Gate
     listener = verbs.Listener("127.0.0.1", 0, TIMEOUT)
     running = threading.Event()
     running.set()

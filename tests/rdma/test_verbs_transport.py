@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 import rdmakv
-from rdmakv import protocol
-from rdmakv.errors import (ConnectionClosed, DeviceUnavailable, EndOfStream, PeerTimeout, ProtocolError,
-                           TransportError, WorkCompletionError)
-from rdmakv.protocol import Op
-from rdmakv.transport import select, verbs_devices
+from rdmakv.core import protocol
+from rdmakv.core.errors import (ConnectionClosed, DeviceUnavailable, EndOfStream, PeerTimeout, ProtocolError,
+                                TransportError, WorkCompletionError)
+from rdmakv.core.protocol import Op
+from rdmakv.transport import select
+from rdmakv.transport.verbs import devices as verbs_devices
 
 USABLE, REASON = verbs_devices.probe()
 pytestmark = [pytest.mark.rdma, pytest.mark.skipif(not USABLE, reason=f"no usable RDMA device: {REASON}")]
@@ -321,8 +322,8 @@ def test_peer_close_is_end_of_stream_after_its_messages(pair):
 
 CHILD = """
 import sys, time
-from rdmakv import protocol
-from rdmakv.protocol import Op
+from rdmakv.core import protocol
+from rdmakv.core.protocol import Op
 from rdmakv.transport import verbs
 conn = verbs.connect("127.0.0.1", int(sys.argv[1]), 20)
 conn.send(protocol.pack(Op.PUSH, length=5), b"hello")

@@ -9,10 +9,11 @@ import socket
 import threading
 import time
 
-from rdmakv import auth, netif, protocol
-from rdmakv.auth import AuthenticationError
-from rdmakv.errors import EndOfStream, PeerTimeout, ProtocolError, RdmaKVError, RemoteError
-from rdmakv.protocol import Op
+from rdmakv.control import auth
+from rdmakv.control.auth import AuthenticationError
+from rdmakv.core import netif, protocol
+from rdmakv.core.errors import EndOfStream, PeerTimeout, ProtocolError, RdmaKVError, RemoteError
+from rdmakv.core.protocol import Op
 from rdmakv.transport.base import Handler, Peer, Throttle
 
 log = logging.getLogger("rdmakv.node")

@@ -55,7 +55,7 @@ class MRCache:
         if budget_bytes <= 0:
             raise ValueError("budget_bytes must be positive")
         if not callable(register):
-            from rdmakv._native import transport
+            from rdmakv.native import transport
             pd = register
             register = lambda buf, access: transport.MR(pd, buf, access)  # noqa: E731
         self._register = register

@@ -11,8 +11,8 @@ import logging
 import secrets
 import threading
 
-from rdmakv.config import environ_value
-from rdmakv.errors import ConfigError
+from rdmakv.core.config import environ_value
+from rdmakv.core.errors import ConfigError
 
 log = logging.getLogger("rdmakv.standalone")
 
@@ -38,8 +38,8 @@ class LocalJob:
     """The scheduler and one server of a single-process job, each on a thread."""
 
     def __init__(self, config):
-        from rdmakv.rendezvous import Scheduler
-        from rdmakv.server import ParameterServer
+        from rdmakv.control.scheduler import Scheduler
+        from rdmakv.server.server import ParameterServer
         # Nobody else may join: loopback only, and a secret that never leaves this process.
         job = dataclasses.replace(config, scheduler_host="127.0.0.1", num_workers=1, num_servers=1,
                                   worker_id=None, secret=secrets.token_hex(32), secret_file=None)

@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import Optional
 
-from rdmakv.errors import DeviceUnavailable, VerbsError
+from rdmakv.core.errors import DeviceUnavailable, VerbsError
 
 __all__ = ["PortInfo", "probe", "describe_devices", "select_port", "open_device", "ensure_fork_init",
            "MTU_BYTES", "mtu_enum"]
@@ -48,7 +48,7 @@ def mtu_enum(nbytes):
 
 def _transport():
     """The compiled module, or DeviceUnavailable saying why verbs can't load."""
-    from rdmakv import _native
+    from rdmakv import native as _native
     if _native.libibverbs_error is not None:
         raise DeviceUnavailable(f"libibverbs.so.1 could not be loaded: {_native.libibverbs_error}")
     return _native.transport

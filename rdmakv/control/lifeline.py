@@ -1,12 +1,12 @@
 """Ties every process of a job to the launcher that started it, however the launcher ends.
 
-    python -m rdmakv.lifeline           on a remote host, started over ssh by rdmakv.launch
+    python -m rdmakv.control.lifeline           on a remote host, started over ssh by rdmakv.launch
 reads one JSON line {"argv", "env", "cwd"} from stdin (so the environment, the secret
 included, never appears on a command line), runs argv in its own process group and exits
 with its status.  When stdin closes first (the launcher stopped the job, or died, or the
 ssh connection dropped) it stops that group.
 
-    python -m rdmakv.lifeline --guard   next to the launcher, in a session of its own
+    python -m rdmakv.control.lifeline --guard   next to the launcher, in a session of its own
 reads process-group ids, one a line.  When stdin closes without a "done" line (the launcher
 was killed, even by SIGKILL), it stops those groups.
 

@@ -23,12 +23,13 @@ import time
 
 import numpy as np
 
-from rdmakv import auth, netif, partition, protocol, trace
-from rdmakv._native import transport as _t
-from rdmakv.config import Config, machine_memory
-from rdmakv.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
-from rdmakv.node import ControlLink, accept_peers
-from rdmakv.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
+from rdmakv.control import auth, trace
+from rdmakv.control.node import ControlLink, accept_peers
+from rdmakv.core import netif, partition, protocol
+from rdmakv.core.config import Config, machine_memory
+from rdmakv.core.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
+from rdmakv.core.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
+from rdmakv.native import transport as _t
 from rdmakv.transport import select
 from rdmakv.transport.base import Handler
 
@@ -735,7 +736,7 @@ class ParameterServer(Handler):
                 chunk.weight[:] = payload
 
     def _optimizer_op(self, link, header, payload):
-        from rdmakv import optimizer   # MXNet is needed only once an optimizer is set
+        from rdmakv.mxnet import optimizer   # MXNet is needed only once an optimizer is set
         try:
             if header.op == Op.SET_OPTIMIZER:
                 self.updater = optimizer.make_updater(protocol.decode_json(payload or b""))
@@ -755,7 +756,7 @@ class ParameterServer(Handler):
 
 def main(argv=None):
     import sys
-    from rdmakv.rendezvous import Scheduler
+    from rdmakv.control.scheduler import Scheduler
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = Config.load()

@@ -8,7 +8,7 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, 
 from libc.errno cimport errno, EINTR, EAGAIN
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
-cimport rdmakv._sys as s
+cimport rdmakv.native._sys as s
 
 include "_tcp.pxi"
 include "_reduce.pxi"

@@ -5,10 +5,11 @@ import logging
 import threading
 import time
 
-from rdmakv import auth, netif, protocol
-from rdmakv.errors import PeerTimeout, ProtocolError
-from rdmakv.node import accept_peers
-from rdmakv.protocol import Op
+from rdmakv.control import auth
+from rdmakv.control.node import accept_peers
+from rdmakv.core import netif, protocol
+from rdmakv.core.errors import PeerTimeout, ProtocolError
+from rdmakv.core.protocol import Op
 from rdmakv.transport import select
 from rdmakv.transport.base import Handler
 

@@ -1,5 +1,5 @@
 # The server's reduction: dst += src in place, GIL released.  The codes are
-# rdmakv.protocol.DTYPE_CODES; tests check each against numpy.
+# rdmakv.core.protocol.DTYPE_CODES; tests check each against numpy.
 
 ctypedef void (*add_fn)(void *, const void *, size_t) noexcept nogil
 

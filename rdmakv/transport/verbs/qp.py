@@ -6,7 +6,7 @@ path MTU is the smaller of the two ports' active MTUs.
 """
 import random
 
-from rdmakv._native import transport as _t
+from rdmakv.native import transport as _t
 
 __all__ = ["local_endpoint", "connect_rc", "DEFAULT_ACCESS", "new_psn"]
 

@@ -23,14 +23,15 @@ from typing import Any, Callable, Generic, Iterable, Optional, Sequence, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from rdmakv import auth, netif, partition, protocol, standalone, trace
-from rdmakv._native import transport as _t
-from rdmakv.config import Config
-from rdmakv.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
-                           RdmaKVError, RemoteError)
-from rdmakv.node import ControlLink
-from rdmakv.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
-from rdmakv.scheduling import ChunkQueue
+from rdmakv.control import auth, standalone, trace
+from rdmakv.control.node import ControlLink
+from rdmakv.core import netif, partition, protocol
+from rdmakv.core.chunk_queue import ChunkQueue
+from rdmakv.core.config import Config
+from rdmakv.core.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
+                                RdmaKVError, RemoteError)
+from rdmakv.core.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
+from rdmakv.native import transport as _t
 from rdmakv.transport import select
 from rdmakv.transport.base import Handler, Peer
 

@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from rdmakv.scheduling import ChunkQueue
+from rdmakv.core.chunk_queue import ChunkQueue
 
 items = st.lists(st.tuples(st.integers(-5, 5), st.integers(0, 9), st.integers(0, 3), st.integers(0, 5000)),
                  max_size=60)

@@ -26,11 +26,11 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.errno cimport errno, EAGAIN, EINTR, EIO, ENODATA, ENOMEM, EPERM
 from posix.unistd cimport getpid, pid_t
 from posix.fcntl cimport fcntl, F_GETFL, F_SETFL, O_NONBLOCK
-cimport rdmakv._verbs as v
+cimport rdmakv.native._verbs as v
 
 import os as _os
 import weakref as _weakref
-from rdmakv.errors import VerbsError, WorkCompletionError, DeviceUnavailable
+from rdmakv.core.errors import VerbsError, WorkCompletionError, DeviceUnavailable
 
 # Constants, under their verbs names, for the policy modules and tests.
 IBV_ACCESS_LOCAL_WRITE = v.IBV_ACCESS_LOCAL_WRITE
@@ -115,7 +115,7 @@ cdef inline int _check_n(int n, int err, op) except -1:
 
 
 # --- is libibverbs there at all? ---------------------------------------------
-# The extension is not linked against libibverbs (rdmakv/_native.py loads it
+# The extension is not linked against libibverbs (rdmakv/native/__init__.py loads it
 # with RTLD_GLOBAL).  At import, _verbs_bind.h looks up every function at
 # its current symbol version; if that fails, every entry point that can
 # reach libibverbs raises DeviceUnavailable through _need_libibverbs().
@@ -129,7 +129,7 @@ _BIND_ERROR = None if _missing == NULL else _missing.decode()
 cdef int _need_libibverbs() except -1:
     if not HAVE_LIBIBVERBS:
         raise DeviceUnavailable(f"libibverbs is not usable: {_BIND_ERROR} was not found "
-                                "(is rdma-core's libibverbs1 installed? see rdmakv._native.libibverbs_error)")
+                                "(is rdma-core's libibverbs1 installed? see rdmakv.native.libibverbs_error)")
     return 0
 
 

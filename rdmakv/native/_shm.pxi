@@ -1,11 +1,11 @@
 # Shared-memory data path: one mapped segment per connection holding two byte
-# rings (rdmakv/_shm.h), one per direction.  A frame is copied into the ring by
+# rings (rdmakv/native/_shm.h), one per direction.  A frame is copied into the ring by
 # the sender and out of it by the receiver straight into the destination, or,
 # for a payload that already lies in memory the sender shared, read from there
 # in place (copy_region).  A push can also be added straight into a sum that
 # several processes build in shared memory (sum_into_shared).  The loops run
 # with the GIL released, and every wait is bounded.  Policy (set-up, peer
-# names, errors) lives in rdmakv/transport/shm.py.
+# names, errors) lives in rdmakv/transport/shm/.
 
 from libc.string cimport memcpy
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED, MAP_POPULATE

@@ -20,9 +20,9 @@ import logging
 import os
 import time
 
-from rdmakv import protocol
-from rdmakv.errors import ConfigError, ProtocolError, RdmaKVError
-from rdmakv.protocol import Op
+from rdmakv.core import protocol
+from rdmakv.core.errors import ConfigError, ProtocolError, RdmaKVError
+from rdmakv.core.protocol import Op
 
 NONCE_BYTES = 32
 log = logging.getLogger("rdmakv.auth")

@@ -27,7 +27,7 @@ not.  The Unix socket stays open and silent: any event on it means the peer's
 process is gone.
 
 Data path.  Two single-producer/single-consumer byte rings, one per
-direction (rdmakv/_shm.h): the sender copies header and payload in, the
+direction (rdmakv/native/_shm.h): the sender copies header and payload in, the
 receiver copies straight out into the destination buffer, in pieces, so a
 large payload streams through a ring of any size.  Acquire/release counters,
 futex sleeps only when a side has nothing to do, every wait bounded.
@@ -75,10 +75,10 @@ import time
 
 import numpy as np
 
-from rdmakv import netif, protocol
-from rdmakv.protocol import Op
-from rdmakv._native import transport as _t
-from rdmakv.errors import ConfigError, ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, TransportError
+from rdmakv.core import netif, protocol
+from rdmakv.core.errors import ConfigError, ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, TransportError
+from rdmakv.core.protocol import Op
+from rdmakv.native import transport as _t
 from rdmakv.transport.base import Connection, Listener, Throttle
 
 log = logging.getLogger("rdmakv.transport.shm")

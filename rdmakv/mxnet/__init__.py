@@ -4,14 +4,14 @@
 Implements ``mxnet.kvstore.KVStoreBase`` (the interface BytePS implements, see
 ``python/mxnet/kvstore/base.py`` of MXNet 1.9.1).  ``pushpull`` and
 ``broadcast`` return at once: each is one operation in MXNet's dependency
-engine (see :mod:`rdmakv._mxengine`) that reads ``value`` and writes ``out``,
+engine (see :mod:`rdmakv.mxnet.engine`) that reads ``value`` and writes ``out``,
 so reading ``out`` - or running the next operator on it - waits for the
 network, and a failure is raised there as ``MXNetError``.
 
 Unlike BytePS, the servers can run the optimizer (``set_optimizer``;
 ``is_capable('optimizer')`` is True): Gluon's ``Trainer(update_on_kvstore=True)``
 then pushes gradients and pulls updated weights.  The optimizer travels as a
-declarative description (:mod:`rdmakv.optimizer`), never pickled.
+declarative description (:mod:`rdmakv.mxnet.optimizer`), never pickled.
 
 Importing this module without MXNet works; nothing is registered then.
 """
@@ -27,11 +27,13 @@ from typing import TYPE_CHECKING, Any, List, Optional, Union
 
 import numpy as np
 
-from rdmakv import optimizer as _optimizer
-from rdmakv.errors import ClosedError
+from rdmakv.core.errors import ClosedError
+from rdmakv.mxnet import optimizer as _optimizer
 
 try:
-    import mxnet as _mx
+    # Through the optimizer's import: a server imports this package for its optimizer,
+    # and a plain `import mxnet` there would start MXNet's own parameter server.
+    _mx = _optimizer._mxnet()
     from mxnet.kvstore import KVStoreBase as _Base
 except ImportError:     # MXNet is optional: the module imports, nothing registers
     _mx = None
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from mxnet.ndarray import NDArray
     from mxnet.optimizer import Optimizer
 
-    from rdmakv.kvstore import Key
+    from rdmakv.worker.kvstore import Key
 
     Values = Union[NDArray, List[NDArray]]     # a list is summed locally first, as for several devices
 
@@ -77,7 +79,7 @@ class _ProcessWorker:
 
     def __init__(self, kvstore, settings):
         if kvstore is None:
-            from rdmakv.kvstore import KVStore
+            from rdmakv.worker.kvstore import KVStore
             kvstore = KVStore(**settings)
         self.kv = kvstore
         self.users = 0
@@ -239,7 +241,7 @@ class RdmaKV(_Base):
 
     def _enqueue(self, start, key, src, target, priority, what):
         """One engine operation: read src (None: in place), write target."""
-        from rdmakv import _mxengine
+        from rdmakv.mxnet import engine as _mxengine
 
         # The core numbers a key's rounds in the order operations reach it, and
         # every worker must number them alike; operations on different arrays
@@ -261,7 +263,7 @@ class RdmaKV(_Base):
 
     # -- optimizer ------------------------------------------------------------
     def set_optimizer(self, optimizer: Optimizer) -> None:
-        """Run ``optimizer`` on the servers (see rdmakv.optimizer.describe for
+        """Run ``optimizer`` on the servers (see rdmakv.mxnet.optimizer.describe for
         what can run there).  Returns when every server has it."""
         description = _optimizer.describe(optimizer)
         self._kv._set_optimizer(description)

@@ -5,7 +5,7 @@ import ipaddress
 import socket
 import struct
 
-from rdmakv.errors import ConfigError
+from rdmakv.core.errors import ConfigError
 
 SIOCGIFADDR = 0x8915
 

@@ -7,7 +7,7 @@ import json
 import struct
 from collections import namedtuple
 
-from rdmakv.errors import ProtocolError
+from rdmakv.core.errors import ProtocolError
 
 MAGIC = 0x564B4452           # b"RDKV" read as little-endian u32
 VERSION = 1
@@ -48,7 +48,7 @@ class Op:
     # any direction
     ERROR = 30         # json {message, key?}
     HEARTBEAT = 31     # no payload: the sender is alive (transport.base.Peer)
-    # connection handshake (rdmakv.auth)
+    # connection handshake (rdmakv.control.auth)
     CHALLENGE = 40     # json {nonce, auth, integrity}
     AUTH = 41          # json {nonce, mac, integrity}
     AUTH_OK = 42       # json {mac}
@@ -118,8 +118,8 @@ def decode_json(payload):
 def declaration(key, name, dtype, shape, chunk_bytes):
     """A DECLARE payload.  It carries what the chunks follow from, not the
     chunks: chunk_bytes (the size of every chunk but the last, from
-    rdmakv.partition.chunk_size).  Servers recompute the chunks and their
-    placement (rdmakv.partition.place: a pure function of the key), so the
+    rdmakv.core.partition.chunk_size).  Servers recompute the chunks and their
+    placement (rdmakv.core.partition.place: a pure function of the key), so the
     payload's size never grows with the chunk count."""
     return encode_json({"key": key, "name": name, "dtype": dtype, "shape": list(shape),
                         "chunk_bytes": chunk_bytes})

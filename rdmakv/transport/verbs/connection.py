@@ -70,13 +70,13 @@ import threading
 import time
 from collections import deque, namedtuple
 
-from rdmakv import netif, protocol
-from rdmakv.errors import (ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, RdmaKVError,
-                           TransportError, VerbsError)
+from rdmakv.core import netif, protocol
+from rdmakv.core.errors import (ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, RdmaKVError,
+                                TransportError, VerbsError)
 from rdmakv.transport import tcp as _tcp
-from rdmakv.transport import verbs_devices, verbs_qp
 from rdmakv.transport.base import Connection, Listener as _ListenerBase, Throttle
-from rdmakv.transport.mrcache import MRCache, buffer_span
+from rdmakv.transport.verbs import devices as verbs_devices, qp as verbs_qp
+from rdmakv.transport.verbs.mrcache import MRCache, buffer_span
 
 log = logging.getLogger("rdmakv.transport.verbs")
 
@@ -116,7 +116,7 @@ _PeerOffer = namedtuple("_PeerOffer", "round ident length addr rkey header_addr 
 
 
 def _t():
-    from rdmakv._native import transport
+    from rdmakv.native import transport
     return transport
 
 

@@ -26,9 +26,9 @@ import socket
 import sys
 import zlib
 
-from rdmakv import netif
-from rdmakv.config import environ_value, set_in_environ
-from rdmakv.errors import ConfigError
+from rdmakv.core import netif
+from rdmakv.core.config import environ_value, set_in_environ
+from rdmakv.core.errors import ConfigError
 
 PORT_BASE, PORT_SPAN = 10000, 20000     # derived ports stay below Linux's ephemeral range (32768-60999)
 
@@ -153,7 +153,7 @@ def main(argv=None):
         if settings.get("role") == "scheduler" and _setting(os.environ, "scheduler_host") is None:
             check_scheduler_is_here(settings["scheduler_host"])
         set_in_environ(os.environ, **settings)
-        from rdmakv.config import Config
+        from rdmakv.core.config import Config
         role = Config.load().role
     except (ConfigError, ValueError) as exc:
         print(f"rdmakv-run: {exc}", file=sys.stderr)
@@ -161,7 +161,7 @@ def main(argv=None):
     if origin:
         print(origin, file=sys.stderr, flush=True)
     if role != "worker":
-        from rdmakv import server
+        from rdmakv.server import server
         return server.main()
     if not command:
         parser.error("give the command the workers run")

@@ -1,4 +1,6 @@
-"""Import the compiled core, with libibverbs when this machine has it.
+"""The native mechanism: the extension's sources (_transport.pyx includes the
+.pxi files; .pxd declarations, .h C) compiled into rdmakv.native._transport.
+This module imports it, with libibverbs when this machine has it.
 
 The extension is built without a hard dependency on libibverbs.so.1 (see
 setup.py): the library is loaded here with RTLD_GLOBAL, and the extension is
@@ -31,7 +33,8 @@ def _unbuilt_source_tree():
         return None
     if any(name.startswith("_transport.") and name.endswith(".so") for name in os.listdir(here)):
         return None
-    return (f"{os.path.dirname(here)} is a source tree without its built extension (rdmakv._transport), "
+    tree = os.path.dirname(os.path.dirname(here))
+    return (f"{tree} is a source tree without its built extension (rdmakv.native._transport), "
             f"and Python found rdmakv there first: `pip install -e .` builds it in place, or run from another "
             f"directory to use the installed rdmakv")
 
@@ -39,11 +42,11 @@ def _unbuilt_source_tree():
 _flags = sys.getdlopenflags()
 sys.setdlopenflags(os.RTLD_LAZY | (_flags & ~os.RTLD_NOW))
 try:
-    from rdmakv import _transport as transport  # noqa: E402
+    from rdmakv.native import _transport as transport  # noqa: E402
 except ImportError as exc:
     explanation = _unbuilt_source_tree()
     if explanation is None:
         raise
-    raise ImportError(explanation, name="rdmakv._transport") from exc
+    raise ImportError(explanation, name="rdmakv.native._transport") from exc
 finally:
     sys.setdlopenflags(_flags)

@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from rdmakv.errors import ConfigError
+from rdmakv.core.errors import ConfigError
 
 MiB = 1 << 20
 
