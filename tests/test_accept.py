@@ -116,7 +116,7 @@ def test_silent_local_connections_do_not_stop_workers_from_joining(cluster_facto
     port = free_port()
     cluster = cluster_factory(2, 1, RDMAKV_SECRET=SECRET, RDMAKV_PORT=port, RDMAKV_TIMEOUT=10,
                               RDMAKV_TRANSPORT="auto")
-    name = shm._endpoint("127.0.0.1", port)
+    name = shm.listener._endpoint("127.0.0.1", port)
     deadline = time.monotonic() + 20
     while not abstract_name_bound(name):
         assert time.monotonic() < deadline, "the server never offered shared memory"
@@ -283,7 +283,7 @@ def test_another_uid_gets_no_mapping_without_the_setting(monkeypatch):
     monkeypatch.delenv("RDMAKV_SHM_ALLOW_UIDS", raising=False)
     listener = shm.over(tcp).Listener("127.0.0.1", 0, 5)
     try:
-        name = shm._endpoint(*listener.address)
+        name = shm.listener._endpoint(*listener.address)
         thread, got = accept_in_thread(listener, 3)
         answer = as_nobody(lambda: raw_shm_setup(name))
         thread.join(10)
@@ -299,7 +299,7 @@ def test_a_uid_named_in_the_setting_is_served(monkeypatch):
     monkeypatch.setenv("RDMAKV_SHM_ALLOW_UIDS", str(NOBODY))
     listener = shm.over(tcp).Listener("127.0.0.1", 0, 5)
     try:
-        name = shm._endpoint(*listener.address)
+        name = shm.listener._endpoint(*listener.address)
         thread, got = accept_in_thread(listener, 5)
         answer = as_nobody(lambda: raw_shm_setup(name))
         thread.join(10)
@@ -373,7 +373,7 @@ def test_refused_shared_memory_connections_are_logged_within_a_budget(caplog):
     thread = threading.Thread(target=serve, daemon=True)
     sent = 0
     try:
-        name = shm._endpoint(*listener.address)
+        name = shm.listener._endpoint(*listener.address)
         with caplog.at_level(logging.WARNING, logger="rdmakv.transport"):
             thread.start()
             start = time.monotonic()
