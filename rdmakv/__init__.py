@@ -49,7 +49,8 @@ def _refuse_a_script_in_a_node_role():
     which waits for peers that never come.  Where rdmakv is imported first, say what to run.
     rdmakv's own programs import it too: `python -m rdmakv.X` (argv[0] is "-m" while the
     package is imported) and the rdmakv-* commands; `python -c` is left alone as well."""
-    role = (os.environ.get("RDMAKV_ROLE") or os.environ.get("DMLC_ROLE") or "").strip().lower()
+    from rdmakv.core.config import environ_value
+    role = (environ_value("role")[0] or "").strip().lower()
     script = sys.argv[0] if sys.argv else ""
     if role not in ("server", "scheduler") or script in ("", "-c", "-m"):
         return

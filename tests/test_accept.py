@@ -17,9 +17,9 @@ import pytest
 
 import rdmakv
 from rdmakv.control import auth
+from rdmakv.core.netif import free_port
 from rdmakv.native import transport as _t
 from rdmakv.transport import shm, tcp
-from cluster import free_port
 
 NOBODY = 65534
 SECRET = "issue 11"

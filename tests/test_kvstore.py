@@ -215,7 +215,7 @@ def test_ipv6_cluster(cluster_factory):
 
 
 def test_unreachable_scheduler_fails_fast_with_its_address():
-    from cluster import free_port
+    from rdmakv.core.netif import free_port
     port = free_port()
     with pytest.raises(PeerTimeout, match=f"127.0.0.1:{port}"):
         rdmakv.KVStore(scheduler_host="127.0.0.1", scheduler_port=port, timeout=1)

@@ -19,7 +19,7 @@ from cluster import REPO
 from rdmakv.core import protocol
 from rdmakv.core.errors import ConfigError, ConnectionClosed, TransportError
 from rdmakv.core.protocol import Op
-from rdmakv.transport import select, shm, tcp
+from rdmakv.transport import choose_transport, shm, tcp
 
 pytestmark = pytest.mark.skipif(shm.unavailable() is not None, reason=f"no shared memory: {shm.unavailable()}")
 
@@ -315,20 +315,20 @@ def test_a_squatter_of_another_user_never_gets_our_memory():
 def test_selection(monkeypatch):
     monkeypatch.delenv("RDMAKV_SHM", raising=False)
     monkeypatch.delenv("RDMAKV_SHM_RING_BYTES", raising=False)
-    module, why = select("auto")
+    module, why = choose_transport("auto")
     assert isinstance(module, shm.Layer) and not module.forced and "shared memory" in why
-    module, why = select("shm")
+    module, why = choose_transport("shm")
     assert isinstance(module, shm.Layer) and module.forced
-    assert select("tcp")[0] is tcp
+    assert choose_transport("tcp")[0] is tcp
     monkeypatch.setenv("RDMAKV_SHM", "0")
-    module, why = select("auto")
+    module, why = choose_transport("auto")
     assert module is tcp and "RDMAKV_SHM=0" in why
     with pytest.raises(ConfigError, match="contradicts"):
-        select("shm")
+        choose_transport("shm")
     monkeypatch.setenv("RDMAKV_SHM", "1")
     monkeypatch.setenv("RDMAKV_SHM_RING_BYTES", "1000")
     with pytest.raises(ConfigError, match="power of two"):
-        select("auto")
+        choose_transport("auto")
     from rdmakv.core.config import Config
     assert Config.load(environ={"RDMAKV_TRANSPORT": "shm"}).transport == "shm"
 

@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,13 +31,6 @@ FORWARDED_PREFIXES = ("RDMAKV_", "DMLC_", "BYTEPS_", "PS_", "MXNET_", "OMP_", "P
 FORWARDED_NAMES = ("PATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
 SSH_UNREACHABLE = 255           # ssh's own exit status when it cannot connect or run the command
 STOP_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
-
-
-def free_port(host):
-    family, sockaddr = netif.resolve(host, 0)
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind(sockaddr)
-        return probe.getsockname()[1]
 
 
 def parse_hosts(text):
@@ -208,7 +200,7 @@ def plan(args, command):
         workers, servers = args.num_workers or 2, args.num_servers or 1
         scheduler = args.host or "127.0.0.1"
         base = dict(os.environ, PYTHONUNBUFFERED="1")
-        set_in_environ(base, scheduler_host=scheduler, scheduler_port=args.port or free_port(scheduler),
+        set_in_environ(base, scheduler_host=scheduler, scheduler_port=args.port or netif.free_port(scheduler),
                      num_workers=workers, num_servers=servers)
         return ([("scheduler", server_argv, set_in_environ(dict(base), role="scheduler"), None)]
                 + [(f"server {rank}", server_argv, set_in_environ(dict(base), role="server", server_id=rank), None)

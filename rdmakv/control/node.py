@@ -256,7 +256,7 @@ class ControlLink(Handler):
         if not self._welcomed.wait(max(0.0, deadline - time.monotonic())):
             self.close()
             raise PeerTimeout(
-                f"the scheduler at {where} did not complete the rendezvous within {config.timeout:g} s "
+                f"the scheduler at {where} did not complete the join (every node registered) within {config.timeout:g} s "
                 f"(RDMAKV_TIMEOUT): are all {config.num_workers} workers and {config.num_servers} servers started "
                 f"with the same DMLC_PS_ROOT_URI/PORT?")
         if self._refusal:
@@ -282,7 +282,7 @@ class ControlLink(Handler):
 
     def on_closed(self, peer, error):
         if not self._welcomed.is_set():
-            self._refusal = f"the connection closed during the rendezvous ({error})"
+            self._refusal = f"the connection closed while joining ({error})"
             self._welcomed.set()
         elif error is not None:
             self.on_lost(error)

@@ -1,6 +1,7 @@
-"""The scheduler: rendezvous, barriers and orderly shutdown.  It moves no
-tensor data.  A node that disconnects before saying GOODBYE fails the job:
-every other node is told which one died, so nobody waits forever."""
+"""The scheduler: joining (every node registers, then learns the others),
+barriers and orderly shutdown.  It moves no tensor data.  A node that
+disconnects before saying GOODBYE fails the job: every other node is told
+which one died, so nobody waits forever."""
 import logging
 import threading
 import time
@@ -10,7 +11,7 @@ from rdmakv.control.node import accept_peers
 from rdmakv.core import netif, protocol
 from rdmakv.core.errors import PeerTimeout, ProtocolError
 from rdmakv.core.protocol import Op
-from rdmakv.transport import select
+from rdmakv.transport import choose_transport
 from rdmakv.transport.base import Handler
 
 log = logging.getLogger("rdmakv.scheduler")
@@ -19,7 +20,7 @@ log = logging.getLogger("rdmakv.scheduler")
 class Scheduler(Handler):
     def __init__(self, config):
         self.config = config
-        self.transport, _ = select("tcp")       # control traffic always uses TCP
+        self.transport, _ = choose_transport("tcp")       # control traffic always uses TCP
         self.listener = self.transport.Listener(config.scheduler_host, config.scheduler_port, config.timeout)
         self.address = netif.format_address(*self.listener.address)
         self.secret = auth.load_secret(config)
@@ -45,7 +46,7 @@ class Scheduler(Handler):
         log.info("scheduler listening on %s for %d workers and %d servers",
                  self.address, self.config.num_workers, self.config.num_servers)
         try:
-            self._rendezvous()
+            self._join()
             with self._lock:
                 while self._failure is None and len(self._goodbyes) < self.config.num_workers:
                     self._changed.wait(1.0)
@@ -68,7 +69,7 @@ class Scheduler(Handler):
         finally:
             self.close()
 
-    def _rendezvous(self):
+    def _join(self):
         deadline = time.monotonic() + self.config.timeout
         total = self.config.num_workers + self.config.num_servers
         with self._lock:
@@ -76,7 +77,7 @@ class Scheduler(Handler):
                 if not self._changed.wait(max(0.0, min(1.0, deadline - time.monotonic()))):
                     if time.monotonic() >= deadline:
                         roles = [p.info["role"] for p in self._pending]
-                        message = (f"rendezvous timed out after {self.config.timeout:g} s: "
+                        message = (f"joining timed out after {self.config.timeout:g} s: "
                                    f"{roles.count('worker')}/{self.config.num_workers} workers and "
                                    f"{roles.count('server')}/{self.config.num_servers} servers registered")
                         self._failure = message
@@ -99,7 +100,7 @@ class Scheduler(Handler):
                     "rank": rank, "num_workers": self.config.num_workers,
                     "num_servers": self.config.num_servers, "servers": servers,
                     "local_rank": same_host.index(rank), "local_size": len(same_host)})
-        log.info("rendezvous complete")
+        log.info("all nodes joined")
 
     def _assign_ranks(self):
         for role, ranks, count in (("worker", self._workers, self.config.num_workers),

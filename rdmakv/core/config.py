@@ -95,7 +95,8 @@ def machine_memory():
 # A variable with values of its own, read instead of the setting's parser.
 VARIABLE_PARSERS = {"DMLC_ENABLE_RDMA": _enable_rdma}
 
-# RDMAKV_* variables read outside Config: by the transports, and by the tools, tests and CI scripts.
+# RDMAKV_* variables read outside Config: by the transports (through other_variable), and by the tools,
+# tests and CI scripts.
 OTHER_VARIABLES = {
     "RDMAKV_SHM": "0 forbids shared memory",
     "RDMAKV_SHM_RING_BYTES": "bytes of each shared-memory ring",
@@ -150,7 +151,7 @@ SETTINGS = {
     "scheduling_credit": (("RDMAKV_SCHEDULING_CREDIT", "BYTEPS_SCHEDULING_CREDIT"), _int, 4,
                           "partitions in flight per server; 0 turns the credit off"),
     "timeout": (("RDMAKV_TIMEOUT",), _positive_float, 120.0,
-                "seconds any blocking step (connect, rendezvous, barrier, pushpull, a peer's silence) may take"),
+                "seconds any blocking step (connect, joining, barrier, pushpull, a peer's silence) may take"),
     "trace_dir": (("RDMAKV_TRACE_DIR", "BYTEPS_TRACE_DIR"), _str, None,
                   "write a Chrome-trace JSON per rank into this directory"),
     "trace_on": (("RDMAKV_TRACE_ON", "BYTEPS_TRACE_ON"), _switch, None,
@@ -272,6 +273,16 @@ def environ_value(name, environ=None):
         if environ.get(variable, "") != "":
             return environ[variable], variable
     return None, None
+
+
+def other_variable(variable, environ=None):
+    """The text of one of OTHER_VARIABLES (settings of the transports, read outside Config),
+    or None where it is unset; a variable not declared there is a KeyError, so what
+    rdmakv reads and what `python -m rdmakv.info` and the unknown-variable warning know agree."""
+    if variable not in OTHER_VARIABLES:
+        raise KeyError(f"{variable} is not declared in rdmakv.core.config.OTHER_VARIABLES")
+    environ = os.environ if environ is None else environ
+    return environ.get(variable)
 
 
 def set_in_environ(environ, **settings):

@@ -58,5 +58,13 @@ def advertised_host(config):
         return probe.getsockname()[0]
 
 
+def free_port(host="127.0.0.1"):
+    """A TCP port free on host now (the kernel's pick), for a listener started soon after."""
+    family, sockaddr = resolve(host, 0)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind(sockaddr)
+        return probe.getsockname()[1]
+
+
 def format_address(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -605,11 +605,11 @@ class Updater:
                     "key": _key, "chunk": _nonneg_int, "size": _nonneg_int,
                     "dtype": _state_dtype, "count": _nonneg_int,
                     "state": lambda w, v: v})
-                slot = (entry["key"], entry["chunk"])
-                if slot in index_map:
-                    raise ValueError("%s: duplicate key %r chunk %d" % ((ew,) + slot))
+                chunk_id = (entry["key"], entry["chunk"])
+                if chunk_id in index_map:
+                    raise ValueError("%s: duplicate key %r chunk %d" % ((ew,) + chunk_id))
                 index = len(index_map)
-                index_map[slot] = index
+                index_map[chunk_id] = index
                 # The state must have exactly the structure this optimizer
                 # would create for such a weight.
                 template = opt.create_state_multi_precision(

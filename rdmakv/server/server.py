@@ -30,7 +30,7 @@ from rdmakv.core.config import Config, machine_memory
 from rdmakv.core.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
 from rdmakv.core.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.native import transport as _t
-from rdmakv.transport import select
+from rdmakv.transport import choose_transport
 from rdmakv.transport.base import Handler
 
 log = logging.getLogger("rdmakv.server")
@@ -209,7 +209,7 @@ class WorkerLink:
 class ParameterServer(Handler):
     def __init__(self, config=None, **overrides):
         self.config = config or Config.load(role="server", **overrides)
-        self.transport, why = select(self.config.transport)
+        self.transport, why = choose_transport(self.config.transport)
         host = netif.advertised_host(self.config)
         self.listener = self.transport.Listener(host, self.config.port, self.config.timeout)
         # Round buffers in memory the transport can share, so a result is written once for

@@ -15,7 +15,7 @@ def _verbs_or_none():
     return verbs, reason
 
 
-def select(name):
+def choose_transport(name):
     """The transport module for a configured name, and why it was chosen."""
     from rdmakv.transport import tcp
     if name == "tcp":

@@ -32,7 +32,7 @@ from rdmakv.core.errors import (ClosedError, ConfigError, ConnectionClosed, Peer
                                 RdmaKVError, RemoteError)
 from rdmakv.core.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.native import transport as _t
-from rdmakv.transport import select
+from rdmakv.transport import choose_transport
 from rdmakv.transport.base import Handler, Peer
 
 log = logging.getLogger("rdmakv.worker")
@@ -579,7 +579,7 @@ class KVStore:
         self.config = Config.load(**{"role": "worker", **settings})
         if self.config.role != "worker":
             raise ConfigError(f"KVStore runs on workers; DMLC_ROLE is {self.config.role!r}")
-        self.transport, self.transport_reason = select(self.config.transport)
+        self.transport, self.transport_reason = choose_transport(self.config.transport)
         self._local_job = None
         if standalone.wanted(settings, os.environ):
             self._local_job = standalone.LocalJob(self.config)

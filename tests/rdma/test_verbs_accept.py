@@ -22,7 +22,7 @@ from rdmakv.core.protocol import Op
 from rdmakv.transport.base import Handler
 from rdmakv.transport.verbs import devices as verbs_devices
 
-from cluster import free_port
+from rdmakv.core.netif import free_port
 
 USABLE, REASON = verbs_devices.probe()
 pytestmark = [pytest.mark.rdma, pytest.mark.skipif(not USABLE, reason=f"no usable RDMA device: {REASON}")]

@@ -429,18 +429,18 @@ def test_tcp_peer_is_refused_clearly(verbs):
 def test_selection(monkeypatch):
     from rdmakv.transport import tcp, verbs
     assert rdmakv.has("verbs")
-    assert select("verbs")[0] is verbs
-    module, why = select("auto")            # shared memory for co-located peers, over verbs
+    assert choose_transport("verbs")[0] is verbs
+    module, why = choose_transport("auto")            # shared memory for co-located peers, over verbs
     assert module.inner is verbs and verbs_devices.select_port().device in why
     monkeypatch.setenv("RDMAKV_SHM", "0")
-    module, why = select("auto")
+    module, why = choose_transport("auto")
     assert module is verbs and "auto" in why and verbs_devices.select_port().device in why
     monkeypatch.delenv("RDMAKV_SHM")
-    assert select("tcp")[0] is tcp
+    assert choose_transport("tcp")[0] is tcp
     monkeypatch.setenv("RDMAKV_IB_DEVICE", "no_such_dev")
     with pytest.raises(DeviceUnavailable, match="no_such_dev"):
-        select("verbs")
-    module, why = select("auto")
+        choose_transport("verbs")
+    module, why = choose_transport("auto")
     assert module.inner is tcp and "no_such_dev" in why
 
 

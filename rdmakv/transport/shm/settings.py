@@ -5,6 +5,7 @@ import fcntl
 import os
 import socket
 
+from rdmakv.core.config import other_variable
 from rdmakv.core.errors import ConfigError
 
 MiB = 1 << 20
@@ -16,8 +17,7 @@ _OFF = ("0", "false", "no", "off")
 
 def ring_bytes(environ=None):
     """The per-direction ring size from RDMAKV_SHM_RING_BYTES (a power of two)."""
-    environ = os.environ if environ is None else environ
-    text = environ.get("RDMAKV_SHM_RING_BYTES", "")
+    text = other_variable("RDMAKV_SHM_RING_BYTES", environ) or ""
     if text == "":
         return DEFAULT_RING_BYTES
     try:
@@ -33,8 +33,7 @@ def ring_bytes(environ=None):
 def allowed_uids(environ=None):
     """The uids whose processes may share memory with this one: its own, and
     those listed in RDMAKV_SHM_ALLOW_UIDS (comma-separated numbers)."""
-    environ = os.environ if environ is None else environ
-    text = environ.get("RDMAKV_SHM_ALLOW_UIDS", "")
+    text = other_variable("RDMAKV_SHM_ALLOW_UIDS", environ) or ""
     try:
         listed = {int(part) for part in text.replace(",", " ").split()}
     except ValueError:
@@ -56,8 +55,7 @@ def wanted(transport, environ=None):
     configured transport name.  RDMAKV_SHM=0 forbids it; RDMAKV_TRANSPORT=shm
     demands it (set-up failures with a co-located peer are then errors, not
     a quiet fall-back)."""
-    environ = os.environ if environ is None else environ
-    off = environ.get("RDMAKV_SHM", "").strip().lower() in _OFF
+    off = (other_variable("RDMAKV_SHM", environ) or "").strip().lower() in _OFF
     if transport == "shm":
         if off:
             raise ConfigError("RDMAKV_TRANSPORT=shm contradicts RDMAKV_SHM=0")

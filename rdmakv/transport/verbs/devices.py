@@ -15,11 +15,11 @@ GID.
 """
 import errno as _errno
 import ipaddress
-import os
 import threading
 from dataclasses import dataclass
 from typing import Optional
 
+from rdmakv.core.config import other_variable
 from rdmakv.core.errors import DeviceUnavailable, VerbsError
 
 __all__ = ["PortInfo", "probe", "describe_devices", "select_port", "open_device", "ensure_fork_init",
@@ -146,7 +146,7 @@ def _rank_gid(gid, gid_type):
 
 
 def _env_int(name):
-    raw = os.environ.get(name)
+    raw = other_variable(name)
     if raw is None or raw == "":
         return None
     try:
@@ -188,7 +188,7 @@ def _port_info(ctx, port, gid_index=None):
 
 def _candidates(t, device=None, port=None, gid_index=None):
     """Yield (PortInfo or None, reason) for each port considered, in order."""
-    device = device if device is not None else os.environ.get("RDMAKV_IB_DEVICE") or None
+    device = device if device is not None else other_variable("RDMAKV_IB_DEVICE") or None
     port = port if port is not None else _env_int("RDMAKV_IB_PORT")
     gid_index = gid_index if gid_index is not None else _env_int("RDMAKV_GID_INDEX")
     names = t.get_device_names()
