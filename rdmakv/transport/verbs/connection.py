@@ -1,66 +1,6 @@
-"""The RDMA verbs transport: the same contract as tcp.py over RC queue pairs.
-
-Connection set-up.  A TCP socket carries the set-up: each side sends a JSON
-description of its QP (verbs_qp.local_endpoint plus its receive-slot
-geometry), both walk their QP to RTS, then trade a ready byte.  The socket
-then stays open for liveness only: its end of file means the peer is gone,
-and a clean close() says so first with a goodbye byte.  The listener never
-waits on a peer (see VerbsListener): it allocates nothing for a connection
-before that connection's endpoint is in.
-
-Every connection has its own protection domain, completion channel, CQ and
-RC QP on a process-wide device Context, and a progress thread that waits on
-the CQ (CQ.wait: spin briefly, then sleep on the channel, GIL released) and
-hands completions to the threads waiting for them.  An accepted connection
-starts that thread only when someone first waits on it; until then
-readable_bytes() reaps completions itself, so the authentication handshake
-(node.Gate) costs no thread.
-
-Messages.  Each SEND carries a 24-byte frame prefix (kind, returned credits,
-message id, rkey, address) before the rdmakv header:
-
-- eager: header and a payload of at most `eager_limit` bytes, copied into a
-  registered send slot; the receiver copies the payload from its receive slot
-  into the destination on recv_payload().  Such copies are counted in
-  `copied_bytes`.
-- placed (larger payloads the receiver offered a buffer for, zero copy, one
-  way): offer(op, key, chunk, round, buffer) registers the buffer (remote
-  write) and sends an OFFER frame {offer id, addr, rkey, and where the
-  header goes}.  When the sender later sends that message, it RDMA-writes the
-  48-byte header into the receiver's offer-header table entry, then the
-  payload straight from the caller's array into the offered buffer with
-  WRITE_WITH_IMM, immediate = PLACED_BIT | offer id (RC places both writes
-  before the immediate completes).  The receiver checks the header against
-  its offer.  The KVStore offers each result's destination before pushing,
-  and the server offers each worker a slot per chunk for its next push, so
-  both directions skip the round trip below.
-- rendezvous (larger payloads without an offer, zero copy): the header goes
-  alone.  On recv_payload(header, dest) the receiver registers `dest`
-  (remote write) through its MR cache and answers clear-to-send {id, addr,
-  rkey}; the sender RDMA-writes straight from the caller's array with the
-  immediate = id, which completes the receiver's wait.
-
-In both, the sender registers its own buffer with local access only (the
-peer never reads worker memory), and send() returns once its write completed.
-
-The progress thread takes offers in as they arrive, so a sender sees an offer
-whatever its own reader is doing; their credits go back in a CREDIT frame it
-sends only from a free send slot (it must never wait).  A new offer for the
-same (op, key, chunk) replaces the last; at most OFFER_SLOTS are open per
-connection, and with none free a message simply goes by rendezvous.
-
-Flow control: the sender holds one credit per receive slot the peer keeps
-for messages (eager, rendezvous, offer and placed messages each take one);
-the receiver returns credits as it consumes messages,
-piggybacked on its own frames or in a CREDIT frame.  Clear-to-send, credit
-frames and write-with-immediate land in extra slots that the progress thread
-reposts at once, so they can never be starved by unread messages.
-
-rkeys are only ever sent to the peer of their connection, whose PD they
-belong to, and die with it: close() destroys QP -> CQ -> MRs -> PD -> channel
-and drops the device Context when its last user goes.
-"""
-import json
+"""One verbs connection: an RC queue pair to one peer, with its receive and
+send slots, credits, the eager, placed and rendezvous protocols and the
+progress thread (see the package's documentation)."""
 import logging
 import mmap
 import os
@@ -73,8 +13,7 @@ from collections import deque, namedtuple
 from rdmakv.core import netif, protocol
 from rdmakv.core.errors import (ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, RdmaKVError,
                                 TransportError, VerbsError)
-from rdmakv.transport import tcp as _tcp
-from rdmakv.transport.base import Connection, Listener as _ListenerBase, Throttle
+from rdmakv.transport.base import Connection
 from rdmakv.transport.verbs import devices as verbs_devices, qp as verbs_qp
 from rdmakv.transport.verbs.mrcache import MRCache, buffer_span
 
@@ -87,7 +26,6 @@ SEND_SLOTS = 64              # registered send slots
 MR_CACHE_BYTES = 512 << 20   # per connection
 WRITE_PIECE = 1 << 30        # one RDMA write moves at most this much
 PROGRESS_SLICE = 0.1         # seconds the progress thread sleeps before checking liveness
-HANDSHAKE_MAGIC = b"RDKVVRB1"
 
 OFFER_SLOTS = 4096           # buffers this side may have offered to the peer at once
 OFFER_HEADER_BYTES = 64      # one entry of the table the peer writes a placed message's header into
@@ -106,8 +44,6 @@ PLACED_BIT = 1 << 31
 # wr_id tags (top bits) for the three kinds of work request
 _RX, _TX, _WRITE = 1 << 40, 2 << 40, 3 << 40
 _TAG_MASK = 0xFF << 40
-
-_WIRE_FIELDS = ("qpn", "psn", "lid", "mtu", "slots", "slot_bytes")
 
 # A buffer of ours the peer may write one message into: `match` is (op, key, chunk).
 _Offer = namedtuple("_Offer", "match round view pin")
@@ -154,68 +90,6 @@ def _slab(nbytes):
     """Dedicated page-aligned anonymous memory (safe to register even where
     ibv_fork_init marks registered pages MADV_DONTFORK)."""
     return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-
-
-# --- the TCP side channel -------------------------------------------------------------
-
-BLOB_HEAD = len(HANDSHAKE_MAGIC) + 4    # magic, then the length of the JSON that follows
-MAX_BLOB_BYTES = 4096
-
-
-def _frame_blob(obj):
-    data = json.dumps(obj).encode()
-    return HANDSHAKE_MAGIC + struct.pack("<I", len(data)) + data
-
-
-def _recv_exact(sock, n, deadline, what):
-    out = bytearray()
-    while len(out) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise PeerTimeout(f"{what}: no answer within the time limit")
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(n - len(out))
-        except socket.timeout:
-            continue
-        if not chunk:
-            raise ConnectionClosed(f"{what}: the peer closed the connection during the verbs set-up")
-        out += chunk
-    return bytes(out)
-
-
-def _blob_length(head, what):
-    """The length of the JSON a set-up message's head announces (ProtocolError if it is not one)."""
-    if head[:len(HANDSHAKE_MAGIC)] != HANDSHAKE_MAGIC:
-        raise ProtocolError(f"{what}: the peer does not speak the rdmakv verbs transport "
-                            f"(is it using RDMAKV_TRANSPORT=tcp?)")
-    (length,) = struct.unpack("<I", head[len(HANDSHAKE_MAGIC):BLOB_HEAD])
-    if length > MAX_BLOB_BYTES:
-        raise ProtocolError(f"{what}: set-up message of {length} bytes")
-    return length
-
-
-def _decode_blob(body, what):
-    """The peer's endpoint from a set-up message's JSON; TransportError if it refused us."""
-    try:
-        obj = json.loads(body)
-    except ValueError as exc:
-        raise ProtocolError(f"{what}: set-up message is not JSON: {exc}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("error"), str):
-        raise TransportError(f"{what}: refused by the peer: {obj['error'][:200]}")
-    if not isinstance(obj, dict) or any(not isinstance(obj.get(k), int) for k in _WIRE_FIELDS):
-        raise ProtocolError(f"{what}: set-up message lacks {', '.join(_WIRE_FIELDS)}")
-    if obj.get("gid") is not None and not isinstance(obj["gid"], str):
-        raise ProtocolError(f"{what}: bad GID in the set-up message")
-    if obj["slot_bytes"] != SLOT_BYTES or not 1 <= obj["slots"] <= 4096:
-        raise ProtocolError(f"{what}: the peer uses {obj['slots']} slots of {obj['slot_bytes']} bytes, "
-                            f"this side {SLOT_BYTES}-byte slots")
-    return obj
-
-
-def _recv_blob(sock, deadline, what):
-    length = _blob_length(_recv_exact(sock, BLOB_HEAD, deadline, what), what)
-    return _decode_blob(_recv_exact(sock, length, deadline, what), what)
 
 
 # --- the connection -------------------------------------------------------------------
@@ -843,170 +717,3 @@ class VerbsConnection(Connection):
 
     def __repr__(self):
         return f"<VerbsConnection to {self.peer}{' closed' if self._closed else ''}>"
-
-
-# --- listening and connecting -------------------------------------------------------------
-
-SETUP_SECONDS = 5.0            # a connector sends its endpoint at once: one that has not by then is refused
-MAX_SETUPS = 64                # set-ups in progress at a listener (beyond: refused at once) ...
-MAX_SETUPS_PER_SOURCE = 32     # ... and from one address
-
-
-class _SetUp:
-    """An accepted socket whose verbs set-up is in progress: first the peer's
-    endpoint is read (nothing is allocated before it is whole and well formed),
-    then, with our QP connected and our endpoint and ready byte sent, its ready byte."""
-
-    def __init__(self, sock, source, name, deadline):
-        self.sock = sock
-        self.source = source
-        self.name = name
-        self.deadline = deadline
-        self.received = bytearray()    # of the peer's set-up message
-        self.connection = None         # once that message is in: ours, waiting for the peer's ready byte
-
-
-class VerbsListener(_ListenerBase):
-    """A TCP listener whose accepted sockets become verbs connections.  accept()
-    never waits on a peer: set-ups advance as their bytes arrive, each within
-    SETUP_SECONDS and within caps per source address and in total; refusals are
-    logged within a budget."""
-
-    def __init__(self, host, port, timeout, backlog=128):
-        verbs_devices.select_port()      # fail now, with the reason, where verbs can't work
-        self._tcp = _tcp.TcpListener(host, port, timeout, backlog)
-        self._tcp._sock.setblocking(False)
-        self._timeout = timeout
-        self.address = self._tcp.address
-        self._setups = []                # _SetUps in progress, oldest first
-        self._refusals = Throttle()
-
-    def watch(self):
-        fds = [self._tcp.fileno()] + [setup.sock.fileno() for setup in self._setups]
-        return fds, self._setups[0].deadline if self._setups else None
-
-    def accept(self, timeout):
-        return self.wait_ready(timeout, self._accept_ready)
-
-    def _accept_ready(self):
-        """A connection whose set-up is complete, or None; never waits."""
-        for _ in range(MAX_SETUPS):          # then give the set-ups in progress a turn
-            try:
-                sock, address = self._tcp._sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                break
-            self._admit(sock, address)
-        return self.advance_setups(self._setups, self._expire, self._advance)
-
-    def _expire(self, setup):
-        step = "ready byte" if setup.connection is not None else "verbs set-up message"
-        self._refuse(setup, f"sent no {step} within {min(SETUP_SECONDS, self._timeout):g} s")
-
-    def _admit(self, sock, address):
-        """Start the set-up of a new connection, or refuse it at once."""
-        setup = _SetUp(sock, address[0], netif.format_address(*address[:2]),
-                       time.monotonic() + min(SETUP_SECONDS, self._timeout))
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:
-            self._refuse(setup, str(exc))
-            return
-        if len(self._setups) >= MAX_SETUPS:
-            self._refuse(setup, f"{MAX_SETUPS} verbs set-ups are already in progress")
-        elif sum(other.source == setup.source for other in self._setups) >= MAX_SETUPS_PER_SOURCE:
-            self._refuse(setup, f"{MAX_SETUPS_PER_SOURCE} verbs set-ups from {setup.source} are already "
-                                f"in progress")
-        else:
-            self._setups.append(setup)
-
-    def _refuse(self, setup, reason):
-        self._refusals.warn(log, "verbs connections refused", "refused a verbs connection from %s: %s",
-                            setup.name, reason)
-        if setup.connection is not None:
-            setup.connection._release()     # closes the socket too
-            return
-        try:                                # tell a real connector why, if its socket takes it now
-            setup.sock.send(_frame_blob({"error": reason}), socket.MSG_DONTWAIT)
-            # Unread bytes would make close() reset the connection, and the connector lose the reason.
-            setup.sock.recv(BLOB_HEAD + MAX_BLOB_BYTES, socket.MSG_DONTWAIT)
-        except OSError:
-            pass
-        setup.sock.close()
-
-    def _advance(self, setup):
-        """The acceptor's side of one set-up: a VerbsConnection once it is complete,
-        False while it is not, None (after refusing it) if it fails."""
-        what = f"verbs set-up with {setup.name}"
-        try:
-            if setup.connection is None:
-                theirs = self._take_endpoint(setup, what)
-                if theirs is None:
-                    return False
-                setup.connection = VerbsConnection(setup.sock, self._timeout)
-                setup.connection._connect(theirs, what)
-                mine = _frame_blob(setup.connection.endpoint) + b"R"
-                if setup.sock.send(mine, socket.MSG_DONTWAIT) != len(mine):   # a fresh socket takes it whole
-                    raise ConnectionClosed(f"{what}: the peer does not read")
-            ready = setup.sock.recv(1, socket.MSG_DONTWAIT)
-            if not ready:
-                raise ConnectionClosed(f"{what}: the peer closed the connection")
-            if ready != b"R":
-                raise ProtocolError(f"{what}: bad ready byte")
-            setup.connection._ready()
-            return setup.connection
-        except (BlockingIOError, InterruptedError):
-            return False
-        except (TransportError, ProtocolError, OSError, ValueError) as exc:
-            self._refuse(setup, str(exc))
-            return None
-
-    @staticmethod
-    def _take_endpoint(setup, what):
-        """The peer's endpoint once its set-up message is whole, None until then."""
-        while True:
-            want = BLOB_HEAD
-            if len(setup.received) >= BLOB_HEAD:
-                want += _blob_length(setup.received, what)
-            if len(setup.received) == want:
-                return _decode_blob(setup.received[BLOB_HEAD:], what)
-            chunk = setup.sock.recv(want - len(setup.received), socket.MSG_DONTWAIT)  # BlockingIOError: later
-            if not chunk:
-                raise ConnectionClosed(f"{what}: the peer closed the connection")
-            setup.received += chunk
-
-    def close(self):
-        for setup in self._setups:
-            setup.sock.close()
-        self._setups = []
-        self._tcp.close()
-
-
-def connect(host, port, timeout, retry_until=None):
-    """Connect (retrying refused attempts until `retry_until`) and set up the QP."""
-    sock = _tcp.connect_socket(host, port, timeout, retry_until)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        connection = VerbsConnection(sock, timeout)
-    except BaseException:
-        sock.close()
-        raise
-    what = f"verbs set-up with {connection.peer}"
-    deadline = time.monotonic() + timeout
-    try:
-        sock.sendall(_frame_blob(connection.endpoint))
-        connection._connect(_recv_blob(sock, deadline, what), what)
-        sock.sendall(b"R")
-        if _recv_exact(sock, 1, deadline, what) != b"R":
-            raise ProtocolError(f"{what}: bad ready byte")
-        connection._ready()
-        connection._ensure_progress()
-    except BaseException:
-        connection._release()
-        raise
-    return connection
-
-
-Listener = VerbsListener      # the name every transport module exports
-
-__all__ = ["Listener", "connect", "VerbsConnection", "EAGER_LIMIT"]
