@@ -10,14 +10,15 @@ sanitize = os.environ.get("RDMAKV_SANITIZE", "")
 checks = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"] if sanitize else []
 
 # libibverbs is not linked, so the TCP path imports where libibverbs.so.1 is
-# absent: rdmakv/_native.py loads it with RTLD_GLOBAL before importing the
-# extension, and rdmakv/_verbs_bind.h binds each verbs function at its symbol
+# absent: rdmakv/native/__init__.py loads it with RTLD_GLOBAL before importing the
+# extension, and rdmakv/native/_verbs_bind.h binds each verbs function at its symbol
 # version with dlvsym() (an unversioned reference would get the IBVERBS_1.0
 # compat ABI).  `nm -D` on the built module lists no ibv_* symbol.
 transport = Extension(
-    "rdmakv._transport",
-    ["rdmakv/_transport.pyx", "rdmakv/wire.c", "rdmakv/worker_engine.c", "rdmakv/server_engine.c"],
-    include_dirs=["rdmakv"],
+    "rdmakv.native._transport",
+    ["rdmakv/native/_transport.pyx", "rdmakv/native/wire.c", "rdmakv/native/worker_engine.c",
+     "rdmakv/native/server_engine.c"],
+    include_dirs=["rdmakv/native"],
     # -g0 after Python's own -g: no debug info in the wheel (the module is ~10x smaller);
     # a sanitizer build keeps it, for its reports.
     extra_compile_args=["-O1" if sanitize else "-O3", "-fno-strict-aliasing", "-pthread", *(checks or ["-g0"])],

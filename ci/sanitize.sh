@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Native code checked like native code.
-#   1. Our C (rdmakv/*.h, wire.c, *_engine.c) compiles with strict warnings; a warning is an error.
+#   1. Our C (rdmakv/native: *.h, wire.c, *_engine.c) compiles with strict warnings; a warning is an error.
 #   2. The extension built with AddressSanitizer + UndefinedBehaviorSanitizer runs
 #      the native, shared-memory and KVStore tests.
 #   3. The extension built with ThreadSanitizer runs the native, engine and shared-memory tests.
@@ -17,9 +17,9 @@ python=$repo/.venv/bin/python
 long=0
 [ "${1:-}" = "--long" ] && long=1
 
-for source in rdmakv/*.h rdmakv/wire.c rdmakv/*_engine.c; do
+for source in rdmakv/native/*.h rdmakv/native/wire.c rdmakv/native/*_engine.c; do
     gcc -std=gnu11 -D_GNU_SOURCE -fsyntax-only -Wall -Wextra -Wshadow -Wstrict-prototypes -Wpointer-arith \
-        -Wcast-align -Wvla -Wformat=2 -Werror -Irdmakv -x c "$source"
+        -Wcast-align -Wvla -Wformat=2 -Werror -Irdmakv/native -x c "$source"
 done
 echo "ci/sanitize.sh: our C compiles without a warning"
 
@@ -38,7 +38,7 @@ run_build() {    # run_build SANITIZERS RUNTIMES... -- PYTEST ARGS...
     git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$tree"
     (cd "$tree" && RDMAKV_SANITIZE=$sanitizers "$python" setup.py -q build_ext --inplace >build.log 2>&1) \
         || { tail -20 "$tree/build.log"; return 1; }
-    local module=("$tree"/rdmakv/_transport*.so)
+    local module=("$tree"/rdmakv/native/_transport*.so)
     # An uninstrumented build would pass everything: make sure the checks are in.
     local symbols
     symbols=$(nm -D "${module[0]}")     # whole, then searched: grep -q would cut nm's pipe (pipefail)

@@ -7,8 +7,8 @@
 import os
 import sys
 
-from rdmakv.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
-                           RdmaKVError, RemoteError, TransportError)
+from rdmakv.core.errors import (ClosedError, ConfigError, ConnectionClosed, PeerTimeout, ProtocolError,
+                                RdmaKVError, RemoteError, TransportError)
 
 __version__ = "0.1.0"
 __all__ = ["KVStore", "ParameterServer", "has", "RdmaKVError", "ConfigError", "ProtocolError",
@@ -18,10 +18,10 @@ __all__ = ["KVStore", "ParameterServer", "has", "RdmaKVError", "ConfigError", "P
 def __getattr__(name):
     # Lazy, so `import rdmakv` stays cheap and loads the compiled core only when used.
     if name == "KVStore":
-        from rdmakv.kvstore import KVStore
+        from rdmakv.worker.kvstore import KVStore
         return KVStore
     if name == "ParameterServer":
-        from rdmakv.server import ParameterServer
+        from rdmakv.server.server import ParameterServer
         return ParameterServer
     raise AttributeError(f"module 'rdmakv' has no attribute {name!r}")
 
@@ -29,10 +29,10 @@ def __getattr__(name):
 def has(feature: str) -> bool:
     """Whether this installation can use a feature: "tcp", "verbs" or "mxnet"."""
     if feature == "tcp":
-        from rdmakv._native import transport  # noqa: F401
+        from rdmakv.native import transport  # noqa: F401
         return True
     if feature == "verbs":
-        from rdmakv.transport import verbs_devices
+        from rdmakv.transport.verbs import devices as verbs_devices
         return verbs_devices.probe()[0]
     if feature == "mxnet":
         try:
@@ -49,7 +49,8 @@ def _refuse_a_script_in_a_node_role():
     which waits for peers that never come.  Where rdmakv is imported first, say what to run.
     rdmakv's own programs import it too: `python -m rdmakv.X` (argv[0] is "-m" while the
     package is imported) and the rdmakv-* commands; `python -c` is left alone as well."""
-    role = (os.environ.get("RDMAKV_ROLE") or os.environ.get("DMLC_ROLE") or "").strip().lower()
+    from rdmakv.core.config import environ_value
+    role = (environ_value("role")[0] or "").strip().lower()
     script = sys.argv[0] if sys.argv else ""
     if role not in ("server", "scheduler") or script in ("", "-c", "-m"):
         return

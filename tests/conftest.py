@@ -15,7 +15,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def _transports():
     """What cluster tests run on here: TCP and shared memory everywhere, verbs
     where a usable RDMA device exists (inside the soft-RoCE VM)."""
-    from rdmakv.transport import verbs_devices
+    from rdmakv.transport.verbs import devices as verbs_devices
     return ["tcp", "shm"] + (["verbs"] if verbs_devices.probe()[0] else [])
 
 

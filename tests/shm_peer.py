@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from rdmakv.errors import ConnectionClosed
+from rdmakv.core.errors import ConnectionClosed
 from rdmakv.transport import shm, tcp
 
 

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import time
 
+from rdmakv.core.netif import free_port
+
 CONFIG = """\
 ClusterName=rdmakvtest
 SlurmctldHost={host}(127.0.0.1)
@@ -45,12 +47,6 @@ def probe():
     return None
 
 
-def _free_port():
-    with socket.socket() as probe_socket:
-        probe_socket.bind(("127.0.0.1", 0))
-        return probe_socket.getsockname()[1]
-
-
 class SlurmCluster:
     """slurmctld + slurmd on this machine; `env` points Slurm's commands at it."""
 
@@ -65,7 +61,7 @@ class SlurmCluster:
         node = " ".join(field for field in shape.split() if not field.startswith("RealMemory="))
         self.config = f"{self.dir}/slurm.conf"
         with open(self.config, "w") as config:
-            config.write(CONFIG.format(host=host, dir=self.dir, ctld_port=_free_port(), d_port=_free_port(),
+            config.write(CONFIG.format(host=host, dir=self.dir, ctld_port=free_port(), d_port=free_port(),
                                        node=node))
         self.env = dict(os.environ, SLURM_CONF=self.config)
         self.daemons = []

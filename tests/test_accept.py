@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import rdmakv
-from rdmakv import auth
-from rdmakv._native import transport as _t
+from rdmakv.control import auth
+from rdmakv.core.netif import free_port
+from rdmakv.native import transport as _t
 from rdmakv.transport import shm, tcp
-from cluster import free_port
 
 NOBODY = 65534
 SECRET = "issue 11"
@@ -116,7 +116,7 @@ def test_silent_local_connections_do_not_stop_workers_from_joining(cluster_facto
     port = free_port()
     cluster = cluster_factory(2, 1, RDMAKV_SECRET=SECRET, RDMAKV_PORT=port, RDMAKV_TIMEOUT=10,
                               RDMAKV_TRANSPORT="auto")
-    name = shm._endpoint("127.0.0.1", port)
+    name = shm.listener._endpoint("127.0.0.1", port)
     deadline = time.monotonic() + 20
     while not abstract_name_bound(name):
         assert time.monotonic() < deadline, "the server never offered shared memory"
@@ -169,7 +169,7 @@ def test_the_accept_loop_survives_the_descriptor_limit(cluster_factory):
 
 @pytest.mark.timeout(120)
 def test_a_flood_of_unauthenticated_connections_costs_descriptors_not_threads(cluster_factory):
-    from rdmakv.node import UNAUTHENTICATED_PER_SOURCE
+    from rdmakv.control.node import UNAUTHENTICATED_PER_SOURCE
     cluster = cluster_factory(2, 1, RDMAKV_SECRET=SECRET, RDMAKV_TIMEOUT=20)
     cluster.raw_connection().close()
     scheduler = cluster.procs[0].pid
@@ -214,7 +214,7 @@ def test_a_flood_of_unauthenticated_connections_costs_descriptors_not_threads(cl
 def test_squatters_from_the_nodes_own_address_cannot_keep_them_out(cluster_factory):
     # A stranger on the same host connects from 127.0.0.1, as the real nodes do, and keeps
     # every slot of that source (and reopens what is closed): the waiting squatters give way.
-    from rdmakv.node import UNAUTHENTICATED_PER_SOURCE
+    from rdmakv.control.node import UNAUTHENTICATED_PER_SOURCE
     cluster = cluster_factory(2, 1, RDMAKV_SECRET=SECRET, RDMAKV_TIMEOUT=20)
     cluster.raw_connection().close()
     stop = threading.Event()
@@ -265,7 +265,7 @@ def test_an_authenticated_connection_that_never_introduces_itself_is_closed(clus
             auth.open_connection(tcp, *stores[0]._links[0].address, None, 3)]
     try:
         for connection in idle:
-            with pytest.raises(rdmakv.errors.EndOfStream):
+            with pytest.raises(rdmakv.core.errors.EndOfStream):
                 deadline = time.monotonic() + 15
                 while time.monotonic() < deadline:
                     connection.recv_header(1.0)
@@ -283,7 +283,7 @@ def test_another_uid_gets_no_mapping_without_the_setting(monkeypatch):
     monkeypatch.delenv("RDMAKV_SHM_ALLOW_UIDS", raising=False)
     listener = shm.over(tcp).Listener("127.0.0.1", 0, 5)
     try:
-        name = shm._endpoint(*listener.address)
+        name = shm.listener._endpoint(*listener.address)
         thread, got = accept_in_thread(listener, 3)
         answer = as_nobody(lambda: raw_shm_setup(name))
         thread.join(10)
@@ -299,7 +299,7 @@ def test_a_uid_named_in_the_setting_is_served(monkeypatch):
     monkeypatch.setenv("RDMAKV_SHM_ALLOW_UIDS", str(NOBODY))
     listener = shm.over(tcp).Listener("127.0.0.1", 0, 5)
     try:
-        name = shm._endpoint(*listener.address)
+        name = shm.listener._endpoint(*listener.address)
         thread, got = accept_in_thread(listener, 5)
         answer = as_nobody(lambda: raw_shm_setup(name))
         thread.join(10)
@@ -339,7 +339,7 @@ def test_the_connector_refuses_a_listener_of_another_uid_unless_allowed(monkeypa
     try:
         port = int(os.read(ready[0], 8))
         monkeypatch.delenv("RDMAKV_SHM_ALLOW_UIDS")
-        with pytest.raises(rdmakv.errors.TransportError, match="runs as uid 65534"):
+        with pytest.raises(rdmakv.core.errors.TransportError, match="runs as uid 65534"):
             shm.over(tcp, forced=True).connect("127.0.0.1", port, 5)
         monkeypatch.setenv("RDMAKV_SHM_ALLOW_UIDS", str(NOBODY))
         connection = shm.over(tcp, forced=True).connect("127.0.0.1", port, 5)
@@ -352,7 +352,7 @@ def test_the_connector_refuses_a_listener_of_another_uid_unless_allowed(monkeypa
 
 def test_a_bad_allow_uids_setting_is_an_error(monkeypatch):
     monkeypatch.setenv("RDMAKV_SHM_ALLOW_UIDS", "nobody")
-    with pytest.raises(rdmakv.errors.ConfigError, match="RDMAKV_SHM_ALLOW_UIDS"):
+    with pytest.raises(rdmakv.core.errors.ConfigError, match="RDMAKV_SHM_ALLOW_UIDS"):
         shm.wanted("shm")
 
 
@@ -373,7 +373,7 @@ def test_refused_shared_memory_connections_are_logged_within_a_budget(caplog):
     thread = threading.Thread(target=serve, daemon=True)
     sent = 0
     try:
-        name = shm._endpoint(*listener.address)
+        name = shm.listener._endpoint(*listener.address)
         with caplog.at_level(logging.WARNING, logger="rdmakv.transport"):
             thread.start()
             start = time.monotonic()

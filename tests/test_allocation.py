@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import rdmakv
-from rdmakv import auth, protocol
-from rdmakv.errors import ConnectionClosed, EndOfStream, RemoteError
-from rdmakv.protocol import Op
-from rdmakv.server import CHUNK_COST, KEY_COST, ParameterServer
+from rdmakv.control import auth
+from rdmakv.core import protocol
+from rdmakv.core.errors import ConnectionClosed, EndOfStream, RemoteError
+from rdmakv.core.protocol import Op
+from rdmakv.server.server import CHUNK_COST, KEY_COST, ParameterServer
 from rdmakv.transport import tcp
 
 from cluster import run_threads

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 import rdmakv
-from rdmakv import protocol
-from rdmakv.auth import AuthenticationError
-from rdmakv.protocol import Op
+from rdmakv.control.auth import AuthenticationError
+from rdmakv.core import protocol
+from rdmakv.core.protocol import Op
 
 pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 SECRET = "correct horse battery staple"

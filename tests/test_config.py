@@ -1,7 +1,10 @@
+import os
+import re
+
 import pytest
 
-from rdmakv.config import Config, SETTINGS
-from rdmakv.errors import ConfigError
+from rdmakv.core.config import OTHER_VARIABLES, SETTINGS, Config, other_variable
+from rdmakv.core.errors import ConfigError
 
 
 def test_defaults():
@@ -87,6 +90,22 @@ def test_dmlc_enable_rdma_names_its_own_values():
 
 
 def test_every_setting_is_listed_in_the_kvstore_docstring():
-    from rdmakv.kvstore import KVStore
+    from rdmakv.worker.kvstore import KVStore
     listed = {line.split()[0] for line in KVStore.__doc__.splitlines()[4:] if line.startswith("    ") and line.split()}
     assert set(SETTINGS) <= listed, set(SETTINGS) - listed
+
+
+def test_the_transports_read_their_variables_through_config():
+    assert other_variable("RDMAKV_SHM", {"RDMAKV_SHM": "0"}) == "0"
+    assert other_variable("RDMAKV_IB_PORT", {}) is None
+    with pytest.raises(KeyError, match="RDMAKV_SHM_RINGS"):
+        other_variable("RDMAKV_SHM_RINGS", {})
+    # Nothing else in the package looks an RDMAKV_* variable up itself.
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rdmakv")
+    direct = re.compile(r"""environ(\.get\(|\[)["']RDMAKV_""")
+    readers = [os.path.relpath(os.path.join(folder, name), package)
+               for folder, _, names in os.walk(package) for name in names if name.endswith(".py")
+               if direct.search(open(os.path.join(folder, name)).read())]
+    assert readers == [], readers
+    assert {"RDMAKV_SHM", "RDMAKV_SHM_RING_BYTES", "RDMAKV_SHM_ALLOW_UIDS", "RDMAKV_IB_DEVICE", "RDMAKV_IB_PORT",
+            "RDMAKV_GID_INDEX"} <= set(OTHER_VARIABLES)

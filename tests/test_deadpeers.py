@@ -15,7 +15,8 @@ import uuid
 
 import pytest
 
-from cluster import REPO, free_port, tagged
+from cluster import REPO, tagged
+from rdmakv.core.netif import free_port
 
 TIMEOUT = 8
 SLACK = 7

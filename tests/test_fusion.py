@@ -61,7 +61,7 @@ def test_a_fused_group_is_reused_across_steps(cluster_factory):
 
 
 def test_pack_and_unpack_check_their_buffers():
-    from rdmakv._native import transport as t
+    from rdmakv.native import transport as t
     parts = [np.arange(3, dtype=np.int64), np.arange(4, dtype=np.int64) + 100, np.empty(0, np.int64)]
     packed = np.empty(7, np.int64)
     t.pack(parts, packed)

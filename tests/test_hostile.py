@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from rdmakv import partition, protocol
-from rdmakv.errors import ProtocolError
-from rdmakv.kvstore import wire_key
-from rdmakv.protocol import Op
-from rdmakv.server import ParameterServer
+from rdmakv.core import partition, protocol
+from rdmakv.core.errors import ProtocolError
+from rdmakv.core.protocol import Op
+from rdmakv.server.server import ParameterServer
+from rdmakv.worker.kvstore import wire_key
 
 FUZZ_SECONDS = float(os.environ.get("RDMAKV_FUZZ_SECONDS", "10"))          # mutated frames and random bytes
 HYPOTHESIS_FRAMES = int(os.environ.get("RDMAKV_FUZZ_HYPOTHESIS", "300"))  # generated headers

@@ -44,7 +44,7 @@ def test_the_wheel_has_the_module_without_its_c_file_or_debug_info_and_the_licen
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         metadata = archive.read("rdmakv-0.1.0.dist-info/METADATA").decode()
-        module = next(n for n in names if n.startswith("rdmakv/_transport.") and n.endswith(".so"))
+        module = next(n for n in names if n.startswith("rdmakv/native/_transport.") and n.endswith(".so"))
         archive.extract(module, tmp_path)
     assert not [n for n in names if n.endswith(".c")]
     assert "rdmakv/py.typed" in names and "rdmakv-0.1.0.dist-info/licenses/LICENSE" in names
@@ -59,10 +59,10 @@ def test_the_sdist_has_what_its_tests_need_and_no_generated_c(built):
     sdist, _ = built
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    assert {"LICENSE", "MANIFEST.in", "setup.py", "pyproject.toml", "rdmakv/_transport.pyx", "rdmakv/_shm.h",
+    assert {"LICENSE", "MANIFEST.in", "setup.py", "pyproject.toml", "rdmakv/native/_transport.pyx", "rdmakv/native/_shm.h",
             "tests/conftest.py", "tests/cluster.py", "tests/kvstore_helpers.py", "tests/rdma/conftest.py",
             "tools/bench_kvstore.py", "examples/pushpull_demo.py", "ci/setup.sh"} <= names
-    assert "rdmakv/_transport.c" not in names
+    assert "rdmakv/native/_transport.c" not in names
 
 
 def test_every_installed_tool_has_a_python_shebang():
@@ -122,7 +122,7 @@ def test_verbs_tools_without_a_device_say_why_in_one_line(argv):
                           text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
-    from rdmakv.transport import verbs_devices
+    from rdmakv.transport.verbs import devices as verbs_devices
     assert proc.stderr.strip().endswith(f"cannot use verbs: {verbs_devices.probe()[1]}")
 
 

@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 
 import rdmakv
-from rdmakv import auth, protocol
+from rdmakv.control import auth
+from rdmakv.core import protocol
 
 pytest.importorskip("blake3", reason="RDMAKV_INTEGRITY needs the blake3 package (ci/setup.sh installs it)")
 
-from rdmakv.config import Config
-from rdmakv.errors import ConfigError, IntegrityError
-from rdmakv.kvstore import KVStore
-from rdmakv.protocol import Op
+from rdmakv.core.config import Config
+from rdmakv.core.errors import ConfigError, IntegrityError
+from rdmakv.core.protocol import Op
 from rdmakv.transport import tcp
+from rdmakv.worker.kvstore import KVStore
 
 SECRET = "integrity-test-secret"
 

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from cluster import REPO, free_port
-from rdmakv.config import Config
+from cluster import REPO
+from rdmakv.core.config import Config
+from rdmakv.core.netif import free_port
 
 yaml = pytest.importorskip("yaml", reason="PyYAML reads the manifest (pip install pyyaml; in the [test] extra)")
 

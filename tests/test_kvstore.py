@@ -10,7 +10,7 @@ import pytest
 
 import rdmakv
 from kvstore_helpers import expected_sum, pushpull_keys_at_once, worker_values
-from rdmakv.errors import PeerTimeout, RemoteError
+from rdmakv.core.errors import PeerTimeout, RemoteError
 
 pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"]
@@ -215,7 +215,7 @@ def test_ipv6_cluster(cluster_factory):
 
 
 def test_unreachable_scheduler_fails_fast_with_its_address():
-    from cluster import free_port
+    from rdmakv.core.netif import free_port
     port = free_port()
     with pytest.raises(PeerTimeout, match=f"127.0.0.1:{port}"):
         rdmakv.KVStore(scheduler_host="127.0.0.1", scheduler_port=port, timeout=1)

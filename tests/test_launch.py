@@ -11,8 +11,9 @@ import uuid
 
 import pytest
 
-from cluster import REPO, free_port, tagged
-from rdmakv.launch import parse_hosts
+from cluster import REPO, tagged
+from rdmakv.control.launch import parse_hosts
+from rdmakv.core.netif import free_port
 
 SUM_CHECK = os.path.join(REPO, "tests", "sum_check.py")
 
@@ -114,7 +115,7 @@ def test_the_worker_whose_script_failed_is_blamed_not_the_one_it_took_down(tmp_p
 
 
 def test_the_scheduler_port_from_the_environment_is_used(tmp_path):
-    from cluster import free_port
+    from rdmakv.core.netif import free_port
     port = free_port()
     path = tmp_path / "script.py"
     path.write_text("import rdmakv\nprint('scheduler port', rdmakv.KVStore().config.scheduler_port)\n")

@@ -16,7 +16,7 @@ import pytest
 
 import rdmakv
 from cluster import REPO
-from rdmakv.protocol import Op
+from rdmakv.core.protocol import Op
 
 TIMEOUT = 5           # short, but with room for heartbeats on a loaded 2-core machine
 SLACK = 20           # generous: the machine is shared; we check that things end, not how fast

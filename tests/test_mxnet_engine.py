@@ -1,4 +1,4 @@
-"""rdmakv._mxengine against MXNet's real threaded engine."""
+"""rdmakv.mxnet.engine against MXNet's real threaded engine."""
 import gc
 import os
 import subprocess
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 mx = pytest.importorskip("mxnet")
-from rdmakv import _mxengine as eng  # noqa: E402
+from rdmakv.mxnet import engine as eng  # noqa: E402
 
 pytestmark = [pytest.mark.mxnet, pytest.mark.timeout(60)]
 
@@ -156,7 +156,7 @@ def test_numpy_view_rejects_sparse():
 def test_naive_engine_completes_synchronously():
     script = textwrap.dedent("""
         import threading, time, numpy as np, mxnet as mx
-        from rdmakv import _mxengine as eng
+        from rdmakv.mxnet import engine as eng
         out = mx.nd.zeros((3,))
         def fn(done):
             d = eng.numpy_view(out)

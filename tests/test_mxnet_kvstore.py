@@ -110,7 +110,7 @@ def test_registered_under_both_names_and_named_by_trainer_and_module():
 
 def test_importable_without_mxnet():
     script = ("import sys; sys.modules['mxnet'] = None\n"
-              "import rdmakv.mxnet as m, rdmakv.optimizer\n"
+              "import rdmakv.mxnet as m, rdmakv.mxnet.optimizer\n"
               "assert m._mx is None and m.RdmaKV.__bases__ == (object,)\n"
               "try:\n    m.RdmaKV()\nexcept ImportError as e:\n    print('ok', e)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
@@ -121,7 +121,7 @@ def test_importable_without_mxnet():
 @pytest.mark.timeout(120)
 def test_optimizer_imports_mxnet_inside_a_server_process():
     # import mxnet with DMLC_ROLE=server would start MXNet's own server and hang.
-    script = ("import rdmakv.optimizer as o, os\n"
+    script = ("import rdmakv.mxnet.optimizer as o, os\n"
               "u = o.make_updater({'format': o.FORMAT, 'name': 'sgd', 'params': {"
               "'learning_rate': 0.1, 'wd': 0.0, 'rescale_grad': 1.0, 'clip_gradient': None, "
               "'begin_num_update': 0, 'multi_precision': False, 'momentum': 0.0, "

@@ -1,4 +1,4 @@
-"""rdmakv.optimizer against real MXNet: descriptions, updates, saved states."""
+"""rdmakv.mxnet.optimizer against real MXNet: descriptions, updates, saved states."""
 import copy
 import json
 import struct
@@ -9,7 +9,7 @@ import pytest
 mx = pytest.importorskip("mxnet")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from rdmakv import optimizer as ro  # noqa: E402
+from rdmakv.mxnet import optimizer as ro  # noqa: E402
 
 pytestmark = pytest.mark.mxnet
 

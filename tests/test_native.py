@@ -20,7 +20,7 @@ def libibverbs_path():
 
 
 def test_extension_does_not_link_libibverbs():
-    from rdmakv._native import transport
+    from rdmakv.native import transport
     needed = subprocess.run(["readelf", "-d", transport.__file__], capture_output=True, text=True).stdout
     assert "libibverbs" not in needed
 
@@ -28,17 +28,17 @@ def test_extension_does_not_link_libibverbs():
 def test_tcp_works_where_libibverbs_is_absent():
     library = libibverbs_path()
     if library is None:
-        code = "import rdmakv; from rdmakv import _native; assert _native.libibverbs_error; print('tcp ok')"
+        code = "import rdmakv; from rdmakv import native; assert native.libibverbs_error; print('tcp ok')"
         done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "tcp ok" in done.stdout, done.stderr
         return
     if shutil.which("unshare") is None or os.geteuid() != 0:
         pytest.skip("needs root and unshare(1) to hide libibverbs in a private mount namespace")
     # Hide the real library from this one process tree by mounting /dev/null over it.
-    code = ("import numpy as np, rdmakv; from rdmakv import _native; "
-            "assert _native.libibverbs_error, 'libibverbs still loaded'; "
-            "from rdmakv._native import transport as t; a = np.ones(4, np.float32); "
-            "t.add_into(a, a, 2); assert (a == 2).all(); print('tcp ok:', _native.libibverbs_error)")
+    code = ("import numpy as np, rdmakv; from rdmakv import native; "
+            "assert native.libibverbs_error, 'libibverbs still loaded'; "
+            "from rdmakv.native import transport as t; a = np.ones(4, np.float32); "
+            "t.add_into(a, a, 2); assert (a == 2).all(); print('tcp ok:', native.libibverbs_error)")
     script = f"mount --bind /dev/null {library} && exec {sys.executable} -c \"{code}\""
     done = subprocess.run(["unshare", "-m", "sh", "-c", script], env=ENV, capture_output=True, text=True,
                           timeout=60)

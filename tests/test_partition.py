@@ -1,6 +1,6 @@
 from hypothesis import given, strategies as st
 
-from rdmakv import partition
+from rdmakv.core import partition
 
 itemsizes = st.sampled_from([1, 2, 4, 8])
 

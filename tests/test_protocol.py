@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from rdmakv import protocol
-from rdmakv._native import transport
-from rdmakv.errors import ProtocolError
-from rdmakv.protocol import Op
+from rdmakv.core import protocol
+from rdmakv.core.errors import ProtocolError
+from rdmakv.core.protocol import Op
+from rdmakv.native import transport
 
 
 def test_header_round_trip():

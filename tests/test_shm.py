@@ -16,10 +16,10 @@ import pytest
 import rdmakv
 from kvstore_helpers import expected_sum, worker_values
 from cluster import REPO
-from rdmakv import protocol
-from rdmakv.errors import ConfigError, ConnectionClosed, TransportError
-from rdmakv.protocol import Op
-from rdmakv.transport import select, shm, tcp
+from rdmakv.core import protocol
+from rdmakv.core.errors import ConfigError, ConnectionClosed, TransportError
+from rdmakv.core.protocol import Op
+from rdmakv.transport import choose_transport, shm, tcp
 
 pytestmark = pytest.mark.skipif(shm.unavailable() is not None, reason=f"no shared memory: {shm.unavailable()}")
 
@@ -247,7 +247,7 @@ def test_peers_that_cannot_share_memory_use_tcp():
 def test_a_local_stranger_at_the_shm_socket_is_refused_and_the_listener_keeps_serving():
     listener = LAYER.Listener("127.0.0.1", 0, 5)
     try:
-        name = shm._endpoint(*listener.address)
+        name = shm.listener._endpoint(*listener.address)
         for garbage in [b"", b"hello\n", b'{"rdmakv_shm": 1, "ring_bytes": 65536}']:   # no fd passed
             stranger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             stranger.connect(name)
@@ -259,7 +259,7 @@ def test_a_local_stranger_at_the_shm_socket_is_refused_and_the_listener_keeps_se
         stranger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stranger.connect(name)
         fd = os.memfd_create("rdmakv-shm-unsealed")
-        os.ftruncate(fd, rdmakv._native.transport.shm_segment_bytes(65536))
+        os.ftruncate(fd, rdmakv.native.transport.shm_segment_bytes(65536))
         socket.send_fds(stranger, [b'{"rdmakv_shm": 1, "ring_bytes": 65536}'], [fd])
         os.close(fd)
         assert listener.accept(2) is None
@@ -280,7 +280,7 @@ def test_a_local_stranger_at_the_shm_socket_is_refused_and_the_listener_keeps_se
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
 def test_a_squatter_of_another_user_never_gets_our_memory():
     plain = tcp.Listener("127.0.0.1", 0, 5)
-    name = shm._endpoint(*plain.address)
+    name = shm.listener._endpoint(*plain.address)
     ready, done = os.pipe(), os.pipe()
     pid = os.fork()
     if pid == 0:                                 # binds the name as nobody, then waits
@@ -315,21 +315,21 @@ def test_a_squatter_of_another_user_never_gets_our_memory():
 def test_selection(monkeypatch):
     monkeypatch.delenv("RDMAKV_SHM", raising=False)
     monkeypatch.delenv("RDMAKV_SHM_RING_BYTES", raising=False)
-    module, why = select("auto")
+    module, why = choose_transport("auto")
     assert isinstance(module, shm.Layer) and not module.forced and "shared memory" in why
-    module, why = select("shm")
+    module, why = choose_transport("shm")
     assert isinstance(module, shm.Layer) and module.forced
-    assert select("tcp")[0] is tcp
+    assert choose_transport("tcp")[0] is tcp
     monkeypatch.setenv("RDMAKV_SHM", "0")
-    module, why = select("auto")
+    module, why = choose_transport("auto")
     assert module is tcp and "RDMAKV_SHM=0" in why
     with pytest.raises(ConfigError, match="contradicts"):
-        select("shm")
+        choose_transport("shm")
     monkeypatch.setenv("RDMAKV_SHM", "1")
     monkeypatch.setenv("RDMAKV_SHM_RING_BYTES", "1000")
     with pytest.raises(ConfigError, match="power of two"):
-        select("auto")
-    from rdmakv.config import Config
+        choose_transport("auto")
+    from rdmakv.core.config import Config
     assert Config.load(environ={"RDMAKV_TRANSPORT": "shm"}).transport == "shm"
 
 
@@ -353,7 +353,7 @@ def test_forced_shm_fails_loudly_when_the_listener_refuses(monkeypatch):
 
             def fcntl(self, fd, op, arg=0):
                 return 0 if op == fcntl.F_ADD_SEALS else fcntl.fcntl(fd, op, arg)
-        monkeypatch.setattr(shm, "fcntl", Unsealing())
+        monkeypatch.setattr(shm.listener, "fcntl", Unsealing())
         with pytest.raises(TransportError, match=f"127.0.0.1:{listener.address[1]}.*refused shared memory.*sealed"):
             LAYER.connect("127.0.0.1", listener.address[1], 5)
         thread.join(10)
@@ -501,11 +501,11 @@ def test_a_sum_left_locked_times_out_naming_it_and_a_local_close_ends_the_wait()
     listener, theirs, mine, buffers = offered_sum_pair(timeout=1)
     try:
         segment, offset = listener._arena.find(buffers[0])
-        np.frombuffer(segment.memory, np.uint32, 1, offset - shm.SUM_CONTROL_BYTES)[0] = 1  # held by a dead process
+        np.frombuffer(segment.memory, np.uint32, 1, offset - shm.arena.SUM_CONTROL_BYTES)[0] = 1  # held by a dead process
         began = time.monotonic()
         with pytest.raises(TimeoutError, match="sum"):
             listener.sum_into(buffers[0], np.zeros(1 << 18, np.int32), protocol.DTYPE_CODES["int32"], 0)
-        with pytest.raises(rdmakv.errors.PeerTimeout, match="shared sum"):
+        with pytest.raises(rdmakv.core.errors.PeerTimeout, match="shared sum"):
             mine.send(push_header(0, "int32"), np.zeros(1 << 18, np.int32))
         assert time.monotonic() - began < 5
     finally:
@@ -515,13 +515,13 @@ def test_a_sum_left_locked_times_out_naming_it_and_a_local_close_ends_the_wait()
     listener, theirs, mine, buffers = offered_sum_pair(timeout=60)
     try:
         segment, offset = listener._arena.find(buffers[0])
-        np.frombuffer(segment.memory, np.uint32, 1, offset - shm.SUM_CONTROL_BYTES)[0] = 1
+        np.frombuffer(segment.memory, np.uint32, 1, offset - shm.arena.SUM_CONTROL_BYTES)[0] = 1
         outcome = {}
 
         def push():
             try:
                 mine.send(push_header(0, "int32"), np.zeros(1 << 18, np.int32))
-            except rdmakv.errors.RdmaKVError as exc:
+            except rdmakv.core.errors.RdmaKVError as exc:
                 outcome["error"] = exc
         pusher = threading.Thread(target=push)
         pusher.start()
@@ -529,7 +529,7 @@ def test_a_sum_left_locked_times_out_naming_it_and_a_local_close_ends_the_wait()
         closed_at = time.monotonic()
         mine.close()
         pusher.join(10)
-        assert isinstance(outcome.get("error"), rdmakv.errors.ConnectionClosed)
+        assert isinstance(outcome.get("error"), rdmakv.core.errors.ConnectionClosed)
         assert time.monotonic() - closed_at < 2
     finally:
         mine.close()
@@ -542,20 +542,20 @@ def test_hostile_shared_sum_frames_are_refused(case):
     listener, theirs, mine, buffers = offered_sum_pair(timeout=1)
     try:
         if case == "summed without an offer":
-            mine._channel.send_frame(shm._flagged(push_header(0, "int8", key=9), shm.SUMMED), None, 1.0)
+            mine._channel.send_frame(shm.connection._flagged(push_header(0, "int8", key=9), shm.connection.SUMMED), None, 1.0)
             receiver, match = theirs, "without an offer"
         elif case == "offer outside its segment":
             segment, offset = listener._arena.find(buffers[1])
-            places = shm.SUM_PLACES.pack(segment.number, offset, segment.number, segment.size - 4096, 1 << 20)
-            theirs._channel.send_frame(shm._flagged(protocol.pack(Op.PUSH, key=8, length=len(places)),
-                                                    shm.SUM_OFFER), places, 1.0)
+            places = shm.connection.SUM_PLACES.pack(segment.number, offset, segment.number, segment.size - 4096, 1 << 20)
+            theirs._channel.send_frame(shm.connection._flagged(protocol.pack(Op.PUSH, key=8, length=len(places)),
+                                                    shm.connection.SUM_OFFER), places, 1.0)
             receiver, match = mine, "does not fit"
         else:
-            places = shm.SUM_PLACES.pack(0, 4096, 0, 8192, 1 << 20)
-            mine._channel.send_frame(shm._flagged(protocol.pack(Op.PUSH, key=8, length=len(places)),
-                                                  shm.SUM_OFFER), places, 1.0)
+            places = shm.connection.SUM_PLACES.pack(0, 4096, 0, 8192, 1 << 20)
+            mine._channel.send_frame(shm.connection._flagged(protocol.pack(Op.PUSH, key=8, length=len(places)),
+                                                  shm.connection.SUM_OFFER), places, 1.0)
             receiver, match = theirs, "malformed shared-sum offer"
-        with pytest.raises(rdmakv.errors.ProtocolError, match=match):
+        with pytest.raises(rdmakv.core.errors.ProtocolError, match=match):
             receiver.recv_header(5)
     finally:
         mine.close()
@@ -572,20 +572,20 @@ def test_a_shared_payload_at_a_bad_place_is_refused(case):
             segment = listener._arena._new_segment(0, 1 << 20)
             theirs._share(segment)
             os.close(segment.fd)
-            place = shm.PLACE.pack(0, 4096)                  # 4 KiB short of a whole payload
+            place = shm.connection.PLACE.pack(0, 4096)                  # 4 KiB short of a whole payload
         elif case == "not sealed":
             fd = os.memfd_create("rdmakv-shm-results-unsealed")
             os.ftruncate(fd, 1 << 20)
-            socket.send_fds(theirs._sock, [shm.SEGMENT.pack(0, 1 << 20)], [fd])
+            socket.send_fds(theirs._sock, [shm.arena.SEGMENT.pack(0, 1 << 20)], [fd])
             os.close(fd)
-            place = shm.PLACE.pack(0, 0)
+            place = shm.connection.PLACE.pack(0, 0)
         else:
-            place = shm.PLACE.pack(7, 0)
+            place = shm.connection.PLACE.pack(7, 0)
         if case == "empty":
             length = 0
-        theirs._channel.send_frame(shm._flagged(protocol.pack(Op.RESULT, length=length), shm.SHARED_PAYLOAD),
+        theirs._channel.send_frame(shm.connection._flagged(protocol.pack(Op.RESULT, length=length), shm.connection.SHARED_PAYLOAD),
                                    place, 1.0)
-        with pytest.raises(rdmakv.errors.ProtocolError, match={"never sent": "never sent", "outside": "outside",
+        with pytest.raises(rdmakv.core.errors.ProtocolError, match={"never sent": "never sent", "outside": "outside",
                                                                 "not sealed": "not sealed", "empty": "0 bytes"}[case]):
             header = mine.recv_header(5)
             mine.recv_payload(header, np.empty(length, np.uint8))

@@ -8,9 +8,10 @@ import threading
 import pytest
 
 import rdmakv
-from cluster import REPO, free_port
-from rdmakv import standalone
-from rdmakv.errors import ConfigError
+from cluster import REPO
+from rdmakv.control import standalone
+from rdmakv.core.errors import ConfigError
+from rdmakv.core.netif import free_port
 
 
 def bare_env(**extra):

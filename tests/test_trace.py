@@ -6,8 +6,8 @@ import os
 import numpy as np
 
 from cluster import REPO
-from rdmakv import trace
-from rdmakv.config import Config
+from rdmakv.control import trace
+from rdmakv.core.config import Config
 
 
 def _trace_stages():

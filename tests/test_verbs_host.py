@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rdmakv.errors import DeviceUnavailable, RdmaKVError, TransportError, VerbsError, WorkCompletionError
-from rdmakv.transport import verbs_devices
-from rdmakv.transport.mrcache import MRCache, buffer_span
+from rdmakv.core.errors import DeviceUnavailable, RdmaKVError, TransportError, VerbsError, WorkCompletionError
+from rdmakv.transport.verbs import devices as verbs_devices
+from rdmakv.transport.verbs.mrcache import MRCache, buffer_span
 
 
 def test_extension_imports_and_probe_explains():
-    from rdmakv import _native
-    from rdmakv._native import transport
+    from rdmakv import native as _native
+    from rdmakv.native import transport
     assert _native.libibverbs_error is None, "rdma-core's libibverbs1 is installed on the dev/CI images"
     assert transport.HAVE_LIBIBVERBS
     usable, reason = verbs_devices.probe()
@@ -27,7 +27,7 @@ def test_extension_imports_and_probe_explains():
 
 
 def test_no_rdma_kernel_is_reported_not_raised():
-    from rdmakv._native import transport
+    from rdmakv.native import transport
     try:
         names = transport.get_device_names()
     except VerbsError as exc:
@@ -53,10 +53,10 @@ def fake(name, *a, **k):
     return real(name, *a, **k)
 ctypes.CDLL = fake
 import numpy as np
-from rdmakv import _native
-from rdmakv._native import transport as t
-from rdmakv.errors import DeviceUnavailable
-from rdmakv.transport import verbs_devices
+from rdmakv import native as _native
+from rdmakv.core.errors import DeviceUnavailable
+from rdmakv.native import transport as t
+from rdmakv.transport.verbs import devices as verbs_devices
 assert _native.libibverbs_error and "No such file" in _native.libibverbs_error
 assert not t.HAVE_LIBIBVERBS
 a = np.ones(8, np.float32); t.add_into(a, np.ones(8, np.float32), 2); assert a.sum() == 16

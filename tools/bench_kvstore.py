@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:          # runnable as a plain script from a checkout
     sys.path.insert(0, REPO)
+
+from rdmakv.core.netif import free_port  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -312,12 +313,6 @@ def worker_main(system, workload, rank, num_workers, steps, warmup):
 
 
 # ---- driver side -------------------------------------------------------------
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def proc_cpu(pid):
     """user + system CPU seconds of a live process, from /proc."""
     with open(f"/proc/{pid}/stat") as f:
@@ -492,7 +487,7 @@ def _percentile(values, q):
 
 def available(system, python):
     """None when the system can run, else why not."""
-    probe = {"rdmakv": "import rdmakv._native", "rdmakv-python": "import rdmakv._native",
+    probe = {"rdmakv": "import rdmakv.native", "rdmakv-python": "import rdmakv.native",
              "mxnet": "import mxnet; assert mxnet.__version__",
              "gloo": "import torch.distributed as d; assert d.is_gloo_available(), 'gloo not built'"}[system]
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):

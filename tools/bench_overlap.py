@@ -31,6 +31,8 @@ if REPO not in sys.path:          # runnable as a plain script from a checkout
 sys.path.insert(0, TOOLS)         # beside bench_kvstore.py, in a checkout and once installed
 import bench_kvstore  # noqa: E402
 
+from rdmakv.core.netif import free_port  # noqa: E402
+
 SYSTEMS = ("rdmakv", "rdmakv-python", "mxnet")
 DEFAULT_SYSTEMS = ("rdmakv", "mxnet")
 WORKLOADS = {"16x4MiB": (16, 1 << 20), "256x4KiB": (256, 1 << 10)}   # (tensors, float32 values each)
@@ -130,7 +132,7 @@ def worker_main(system, workload, repeats):
 
 
 def run_one(args, system, workload):
-    port = bench_kvstore.free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                DMLC_PS_ROOT_URI="127.0.0.1", DMLC_PS_ROOT_PORT=str(port), DMLC_NUM_WORKER="1",
                DMLC_NUM_SERVER="1", DMLC_NODE_HOST="127.0.0.1", RDMAKV_TIMEOUT="120", PYTHONUNBUFFERED="1")

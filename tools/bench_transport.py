@@ -36,8 +36,8 @@ if REPO not in sys.path:          # runnable as a plain script from a checkout
 
 import numpy as np  # noqa: E402
 
-from rdmakv import protocol  # noqa: E402
-from rdmakv.protocol import Op  # noqa: E402
+from rdmakv.core import protocol  # noqa: E402
+from rdmakv.core.protocol import Op  # noqa: E402
 
 MAX_SIZE = 64 << 20
 ECHO, SINK = 1, 0                 # carried in the header's sender field
@@ -58,7 +58,7 @@ class Transport:
         except ImportError as exc:
             raise SystemExit(f"transport {name!r} is not available in this build: {exc}") from None
         if name == "verbs":
-            from rdmakv.transport import verbs_devices
+            from rdmakv.transport.verbs import devices as verbs_devices
             usable, reason = verbs_devices.probe()
             if not usable:
                 raise SystemExit(f"bench_transport: cannot use verbs: {reason}")

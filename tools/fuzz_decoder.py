@@ -12,9 +12,9 @@ import sys
 import atheris
 
 with atheris.instrument_imports(include=["rdmakv"]):
-    from rdmakv import protocol
-    from rdmakv.errors import ProtocolError
-    from rdmakv.server import ParameterServer
+    from rdmakv.core import protocol
+    from rdmakv.core.errors import ProtocolError
+    from rdmakv.server.server import ParameterServer
 
 SERVER = None
 

@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from rdmakv._native import transport as t
-from rdmakv.transport import verbs_devices, verbs_qp
+from rdmakv.native import transport as t
+from rdmakv.transport.verbs import devices as verbs_devices, qp as verbs_qp
 
 RECV_ID, SEND_ID = 1, 2
 WAIT_SECONDS = 10.0

@@ -2,12 +2,12 @@
 
 auto: verbs when a usable active RDMA port exists, else TCP; shared memory on
 top of either for workers and servers on the same host."""
-from rdmakv.errors import ConfigError, DeviceUnavailable
+from rdmakv.core.errors import ConfigError, DeviceUnavailable
 
 
 def _verbs_or_none():
     """(verbs module or None, why)."""
-    from rdmakv.transport import verbs_devices
+    from rdmakv.transport.verbs import devices as verbs_devices
     usable, reason = verbs_devices.probe()
     if not usable:
         return None, reason
@@ -15,7 +15,7 @@ def _verbs_or_none():
     return verbs, reason
 
 
-def select(name):
+def choose_transport(name):
     """The transport module for a configured name, and why it was chosen."""
     from rdmakv.transport import tcp
     if name == "tcp":

@@ -2,7 +2,7 @@
 that drives a connection.  Nothing above this module knows which transport a
 connection uses.
 
-A message is a 48-byte header (rdmakv.protocol) plus `length` payload bytes.
+A message is a 48-byte header (rdmakv.core.protocol) plus `length` payload bytes.
 The sender hands over the header and a buffer; the receiver learns the header
 first and then names the buffer the payload must land in, so payloads go from
 the sender's array to the receiver's array with no intermediate copy."""
@@ -14,9 +14,9 @@ import select
 import threading
 import time
 
-from rdmakv import protocol
-from rdmakv.errors import EndOfStream, PeerTimeout, ProtocolError, RdmaKVError
-from rdmakv.protocol import Op
+from rdmakv.core import protocol
+from rdmakv.core.errors import EndOfStream, PeerTimeout, ProtocolError, RdmaKVError
+from rdmakv.core.protocol import Op
 
 log = logging.getLogger("rdmakv.transport")
 

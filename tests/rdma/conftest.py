@@ -4,7 +4,7 @@ test in tests/rdma is skipped with probe()'s reason."""
 import numpy as np
 import pytest
 
-from rdmakv.transport import verbs_devices
+from rdmakv.transport.verbs import devices as verbs_devices
 
 
 
@@ -30,7 +30,7 @@ class Side:
     """One end of a connection: PD, channel, CQ and RC QP on the shared Context."""
 
     def __init__(self, ctx, port, t):
-        from rdmakv.transport import verbs_qp
+        from rdmakv.transport.verbs import qp as verbs_qp
         self.pd = t.PD(ctx)
         self.channel = t.CompChannel(ctx)
         self.cq = t.CQ(ctx, 64, self.channel)
@@ -49,8 +49,8 @@ class Side:
 def connect_pair(ctx, port):
     """A factory: two RC QPs in this process, connected to each other over the
     port (through loopback on rxe).  Everything is closed at teardown."""
-    from rdmakv._native import transport as t
-    from rdmakv.transport import verbs_qp
+    from rdmakv.native import transport as t
+    from rdmakv.transport.verbs import qp as verbs_qp
     made = []
 
     def make():

@@ -2,15 +2,15 @@
 import numpy as np
 import pytest
 
-from rdmakv.errors import WorkCompletionError
-from rdmakv.transport import verbs_devices
-from rdmakv.transport.mrcache import MRCache
+from rdmakv.core.errors import WorkCompletionError
+from rdmakv.transport.verbs import devices as verbs_devices
+from rdmakv.transport.verbs.mrcache import MRCache
 
 USABLE, REASON = verbs_devices.probe()
 pytestmark = [pytest.mark.rdma, pytest.mark.skipif(not USABLE, reason=f"no usable RDMA device: {REASON}")]
 
 if USABLE:
-    from rdmakv._native import transport as t
+    from rdmakv.native import transport as t
     REMOTE_W = t.IBV_ACCESS_LOCAL_WRITE | t.IBV_ACCESS_REMOTE_WRITE
 
 KIB64 = 64 * 1024

@@ -8,14 +8,14 @@ import time
 import numpy as np
 import pytest
 
-from rdmakv.errors import DeviceUnavailable, VerbsError, WorkCompletionError
-from rdmakv.transport import verbs_devices, verbs_qp
+from rdmakv.core.errors import DeviceUnavailable, VerbsError, WorkCompletionError
+from rdmakv.transport.verbs import devices as verbs_devices
 
 USABLE, REASON = verbs_devices.probe()
 pytestmark = [pytest.mark.rdma, pytest.mark.skipif(not USABLE, reason=f"no usable RDMA device: {REASON}")]
 
 if USABLE:
-    from rdmakv._native import transport as t
+    from rdmakv.native import transport as t
 
 REMOTE = 0
 LOCAL = 0
@@ -265,9 +265,9 @@ def test_memlock_hint(tmp_path):
     if os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("prlimit"):
         pytest.skip("needs root, setpriv and prlimit")
     code = (
-        "from rdmakv.transport import verbs_devices as vd\n"
-        "from rdmakv._native import transport as t\n"
-        "from rdmakv.errors import VerbsError\n"
+        "from rdmakv.transport.verbs import devices as vd\n"
+        "from rdmakv.native import transport as t\n"
+        "from rdmakv.core.errors import VerbsError\n"
         "ctx, port = vd.open_device(); pd = t.PD(ctx)\n"
         "try:\n"
         "    t.MR(pd, bytearray(8 << 20))\n"

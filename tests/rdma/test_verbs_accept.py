@@ -15,13 +15,14 @@ import time
 import numpy as np
 import pytest
 
-from rdmakv import auth, protocol
-from rdmakv.errors import TransportError
-from rdmakv.protocol import Op
-from rdmakv.transport import verbs_devices
+from rdmakv.control import auth
+from rdmakv.core import protocol
+from rdmakv.core.errors import TransportError
+from rdmakv.core.protocol import Op
 from rdmakv.transport.base import Handler
+from rdmakv.transport.verbs import devices as verbs_devices
 
-from cluster import free_port
+from rdmakv.core.netif import free_port
 
 USABLE, REASON = verbs_devices.probe()
 pytestmark = [pytest.mark.rdma, pytest.mark.skipif(not USABLE, reason=f"no usable RDMA device: {REASON}")]
@@ -97,7 +98,7 @@ class Pump:
 
 def test_silent_connections_cost_nothing_and_do_not_stall_accept(verbs):
     listener = verbs.Listener("127.0.0.1", 0, TIMEOUT)
-    verbs._Device.acquire()              # the device's own event fd is counted from here on
+    verbs.connection._Device.acquire()              # the device's own event fd is counted from here on
     before = channels_open()
     silent = silent_sockets(listener.address[1], 12)
     box = {}
@@ -129,10 +130,10 @@ def test_silent_connections_cost_nothing_and_do_not_stall_accept(verbs):
         # Past their deadline the silent ones are refused, with the reason.
         pump = Pump(listener)
         try:
-            reason = refusal(silent[0], verbs.SETUP_SECONDS + 10)
+            reason = refusal(silent[0], verbs.listener.SETUP_SECONDS + 10)
         finally:
             pump.stop()
-        assert f"sent no verbs set-up message within {verbs.SETUP_SECONDS:g} s" in reason
+        assert f"sent no verbs set-up message within {verbs.listener.SETUP_SECONDS:g} s" in reason
         print(f"\nFIGURE silent verbs connections: a real verbs peer was accepted in {elapsed:.2f} s with 12 "
               f"silent connections open, which held no completion channel; they were refused with "
               f"{reason!r}")
@@ -143,7 +144,7 @@ def test_silent_connections_cost_nothing_and_do_not_stall_accept(verbs):
         if "c" in box:
             box["c"].close()
         listener.close()
-        verbs._Device.release()
+        verbs.connection._Device.release()
 
 
 def test_setups_beyond_the_caps_are_refused_naming_the_cap(verbs, caplog):
@@ -152,17 +153,17 @@ def test_setups_beyond_the_caps_are_refused_naming_the_cap(verbs, caplog):
     pump = Pump(listener)
     silent = []
     try:
-        silent += silent_sockets(port, verbs.MAX_SETUPS_PER_SOURCE)
+        silent += silent_sockets(port, verbs.listener.MAX_SETUPS_PER_SOURCE)
         time.sleep(0.5)
-        with pytest.raises(TransportError, match=f"refused by the peer: {verbs.MAX_SETUPS_PER_SOURCE} verbs "
+        with pytest.raises(TransportError, match=f"refused by the peer: {verbs.listener.MAX_SETUPS_PER_SOURCE} verbs "
                                                  f"set-ups from 127.0.0.1 are already in progress"):
             verbs.connect("127.0.0.1", port, TIMEOUT)
         # Another source still gets in, up to the total.
-        silent += silent_sockets(port, verbs.MAX_SETUPS - verbs.MAX_SETUPS_PER_SOURCE, source="127.0.0.2")
+        silent += silent_sockets(port, verbs.listener.MAX_SETUPS - verbs.listener.MAX_SETUPS_PER_SOURCE, source="127.0.0.2")
         time.sleep(0.5)
         late = silent_sockets(port, 1, source="127.0.0.3")[0]
         silent.append(late)
-        assert refusal(late, 10) == f"{verbs.MAX_SETUPS} verbs set-ups are already in progress"
+        assert refusal(late, 10) == f"{verbs.listener.MAX_SETUPS} verbs set-ups are already in progress"
         # A flood of refusals is logged within a budget.
         with caplog.at_level(logging.WARNING, logger="rdmakv.transport.verbs"):
             for sock in silent_sockets(port, 100, source="127.0.0.4"):
@@ -170,8 +171,8 @@ def test_setups_beyond_the_caps_are_refused_naming_the_cap(verbs, caplog):
                 sock.close()
         lines = [r for r in caplog.records if "refused a verbs connection" in r.getMessage()]
         assert 1 <= len(lines) <= 20
-        print(f"\nFIGURE verbs set-up caps: beyond {verbs.MAX_SETUPS_PER_SOURCE} from one address and "
-              f"{verbs.MAX_SETUPS} in all, refused naming the cap; 100 refusals made {len(lines)} log lines")
+        print(f"\nFIGURE verbs set-up caps: beyond {verbs.listener.MAX_SETUPS_PER_SOURCE} from one address and "
+              f"{verbs.listener.MAX_SETUPS} in all, refused naming the cap; 100 refusals made {len(lines)} log lines")
     finally:
         pump.stop()
         for sock in silent:
@@ -200,7 +201,7 @@ def test_unauthenticated_verbs_connections_hold_no_thread(verbs):
     connections that finished the verbs set-up but never answer the challenge,
     and 12 silent ones, start no thread in the server; a real peer still
     authenticates and is served."""
-    from rdmakv.node import Gate
+    from rdmakv.control.node import Gate
     listener = verbs.Listener("127.0.0.1", 0, TIMEOUT)
     running = threading.Event()
     running.set()

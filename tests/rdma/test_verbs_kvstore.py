@@ -12,7 +12,7 @@ import pytest
 import rdmakv
 
 from kvstore_helpers import expected_sum, pushpull_keys_at_once, worker_values
-from rdmakv.transport import verbs_devices
+from rdmakv.transport.verbs import devices as verbs_devices
 
 USABLE, REASON = verbs_devices.probe()
 pytestmark = [pytest.mark.rdma, pytest.mark.skipif(not USABLE, reason=f"no usable RDMA device: {REASON}")]

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 import rdmakv
-from rdmakv import protocol
-from rdmakv.errors import (ConnectionClosed, DeviceUnavailable, EndOfStream, PeerTimeout, ProtocolError,
-                           TransportError, WorkCompletionError)
-from rdmakv.protocol import Op
-from rdmakv.transport import select, verbs_devices
+from rdmakv.core import protocol
+from rdmakv.core.errors import (ConnectionClosed, DeviceUnavailable, EndOfStream, PeerTimeout, ProtocolError,
+                                TransportError, WorkCompletionError)
+from rdmakv.core.protocol import Op
+from rdmakv.transport import choose_transport
+from rdmakv.transport.verbs import devices as verbs_devices
 
 USABLE, REASON = verbs_devices.probe()
 pytestmark = [pytest.mark.rdma, pytest.mark.skipif(not USABLE, reason=f"no usable RDMA device: {REASON}")]
@@ -266,7 +267,7 @@ def test_offers_beyond_the_credits_come_back_without_a_reader(pair, verbs):
     """Each offer takes a credit; the peer's progress thread returns them, so an
     offering side never stalls on a peer whose reader is busy elsewhere."""
     client, server = pair
-    n, keys = verbs.EAGER_LIMIT + 1, 3 * verbs.DATA_SLOTS
+    n, keys = verbs.EAGER_LIMIT + 1, 3 * verbs.connection.DATA_SLOTS
     dests = [np.zeros(n, np.uint8) for _ in range(keys)]
     for key, dest in enumerate(dests):
         server.offer(Op.PUSH, key, 0, 0, dest)        # would block for credit if none came back
@@ -321,8 +322,8 @@ def test_peer_close_is_end_of_stream_after_its_messages(pair):
 
 CHILD = """
 import sys, time
-from rdmakv import protocol
-from rdmakv.protocol import Op
+from rdmakv.core import protocol
+from rdmakv.core.protocol import Op
 from rdmakv.transport import verbs
 conn = verbs.connect("127.0.0.1", int(sys.argv[1]), 20)
 conn.send(protocol.pack(Op.PUSH, length=5), b"hello")
@@ -377,7 +378,7 @@ def test_failed_work_completion_fails_only_that_connection(pair_factory, verbs):
     original = s1._post_frame
 
     def corrupt(kind, ident, *args, rkey=0, **kwargs):
-        if kind == verbs.K_CTS:
+        if kind == verbs.connection.K_CTS:
             rkey ^= 0x5A5A00
         return original(kind, ident, *args, rkey=rkey, **kwargs)
 
@@ -428,18 +429,18 @@ def test_tcp_peer_is_refused_clearly(verbs):
 def test_selection(monkeypatch):
     from rdmakv.transport import tcp, verbs
     assert rdmakv.has("verbs")
-    assert select("verbs")[0] is verbs
-    module, why = select("auto")            # shared memory for co-located peers, over verbs
+    assert choose_transport("verbs")[0] is verbs
+    module, why = choose_transport("auto")            # shared memory for co-located peers, over verbs
     assert module.inner is verbs and verbs_devices.select_port().device in why
     monkeypatch.setenv("RDMAKV_SHM", "0")
-    module, why = select("auto")
+    module, why = choose_transport("auto")
     assert module is verbs and "auto" in why and verbs_devices.select_port().device in why
     monkeypatch.delenv("RDMAKV_SHM")
-    assert select("tcp")[0] is tcp
+    assert choose_transport("tcp")[0] is tcp
     monkeypatch.setenv("RDMAKV_IB_DEVICE", "no_such_dev")
     with pytest.raises(DeviceUnavailable, match="no_such_dev"):
-        select("verbs")
-    module, why = select("auto")
+        choose_transport("verbs")
+    module, why = choose_transport("auto")
     assert module.inner is tcp and "no_such_dev" in why
 
 

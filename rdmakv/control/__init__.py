@@ -1,0 +1,2 @@
+"""The control plane: the scheduler, joining a job, authentication, the
+launchers and diagnostics.  It moves no tensor bytes."""

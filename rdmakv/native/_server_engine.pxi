@@ -1,0 +1,185 @@
+# The server's native engine (server_engine.h, server_engine.c): ownership and
+# the GIL.  ServerEngine owns the rk_server; a ServerChunk keeps the round
+# buffers it was given for as long as the engine lives.  Policy (what a
+# refusal says, what an odd message means) stays in rdmakv/server.py.
+
+cdef extern from "server_engine.h" nogil:
+    ctypedef struct rk_server:
+        pass
+    ctypedef struct rk_skey:
+        pass
+    ctypedef struct rk_schunk:
+        pass
+    rk_server *rk_server_new(uint32_t num_workers, double timeout, uint64_t direct_bytes)
+    int rk_server_start_link(rk_server *server, uint32_t rank, int fd)
+    void rk_server_close(rk_server *server)
+    void rk_server_free(rk_server *server)
+    rk_skey *rk_server_add_key(rk_server *server, uint64_t wire)
+    rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype, uint64_t nbytes,
+                                   char *buffer0, char *buffer1)
+    void rk_server_declared_by(rk_skey *key, uint32_t rank)
+    void rk_server_refuse_key(rk_skey *key)
+    void rk_server_departed(rk_server *server)
+    void rk_server_set_optimizer(rk_server *server, int on)
+    void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data)
+    int rk_server_send(rk_server *server, uint32_t rank, const char *header, const char *payload, size_t length,
+                       int *err)
+    size_t rk_server_take_buffered(rk_server *server, uint32_t rank, char *dst, size_t n)
+    void rk_server_answer(rk_server *server, uint32_t rank, int verdict)
+    rk_event *rk_server_next_event(rk_server *server, double timeout)
+    uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *triples, uint64_t *pushed,
+                                    uint32_t max)
+    int rk_server_key_has_pushes(rk_skey *key)
+    uint32_t rk_server_words_per_chunk(rk_server *server)
+
+
+VERDICT_CONTINUE, VERDICT_STOP = 1, 2
+# enum rk_refusal, for rdmakv/server.py's messages
+(REFUSE_KEY_FAILED, REFUSE_DEPARTED, REFUSE_DTYPE, REFUSE_ROUND, REFUSE_TWICE, REFUSE_MIXED, REFUSE_TWO_ROOTS,
+ REFUSE_NO_ROOT, REFUSE_UNDECLARED) = range(1, 10)
+
+
+cdef class ServerKey:
+    cdef rk_skey *key
+
+
+cdef class ServerChunk:
+    cdef rk_schunk *chunk
+    cdef object buffers               # the round buffers the engine sums into: held as long as it lives
+
+
+cdef class ServerEngine:
+    """The server's native data plane over TCP worker links (server_engine.h)."""
+    cdef rk_server *server
+    cdef bint closed
+    cdef list chunks                  # every ServerChunk: their buffers outlive the engine's threads
+
+    def __cinit__(self, uint32_t num_workers, double timeout, uint64_t direct_bytes):
+        self.server = rk_server_new(num_workers, timeout, direct_bytes)
+        if self.server == NULL:
+            raise MemoryError("the server's native engine could not be allocated")
+        self.chunks = []
+
+    def start_link(self, uint32_t rank, int fd):
+        cdef int rc = rk_server_start_link(self.server, rank, fd)
+        if rc:
+            raise OSError(rc, f"starting the engine's threads for worker {rank}: {__import__('os').strerror(rc)}")
+
+    def add_key(self, uint64_t wire):
+        cdef ServerKey key = ServerKey.__new__(ServerKey)
+        key.key = rk_server_add_key(self.server, wire)
+        if key.key == NULL:
+            raise MemoryError("declaring a key to the server's native engine")
+        return key
+
+    def add_chunk(self, ServerKey key, uint32_t index, uint8_t dtype_code, buffer0, buffer1):
+        """Sum the chunk's rounds into buffer0 (even rounds) and buffer1 (odd), writable and of one size."""
+        cdef unsigned char[::1] first = buffer0
+        cdef unsigned char[::1] second = buffer1
+        if first.shape[0] != second.shape[0]:
+            raise ValueError("the round buffers of a chunk differ in size")
+        cdef ServerChunk chunk = ServerChunk.__new__(ServerChunk)
+        chunk.buffers = (buffer0, buffer1)
+        chunk.chunk = rk_server_add_chunk(self.server, key.key, index, dtype_code, first.shape[0],
+                                          <char *>&first[0] if first.shape[0] else NULL,
+                                          <char *>&second[0] if second.shape[0] else NULL)
+        if chunk.chunk == NULL:
+            raise MemoryError("declaring a chunk to the server's native engine")
+        self.chunks.append(chunk)
+        return chunk
+
+    def declared_by(self, ServerKey key, uint32_t rank):
+        rk_server_declared_by(key.key, rank)
+
+    def refuse_key(self, ServerKey key):
+        rk_server_refuse_key(key.key)
+
+    def departed(self):
+        rk_server_departed(self.server)
+
+    def set_optimizer(self, bint on):
+        rk_server_set_optimizer(self.server, on)
+
+    def reply_all(self, ServerChunk chunk, uint64_t round, int32_t priority, data):
+        """RESULT of chunk's round to every worker, from data (which must stay as it is
+        until every worker has it: the chunk's weight, updated only in a later round)."""
+        cdef const unsigned char[::1] view = data
+        with nogil:
+            rk_server_reply_all(self.server, chunk.chunk, round, priority,
+                                <const char *>&view[0] if view.shape[0] else NULL)
+
+    def send(self, uint32_t rank, header, payload=None):
+        """(enum rk_error, errno) of sending header and payload to worker rank: (0, 0) when sent."""
+        cdef Py_buffer hview
+        cdef Py_buffer pview
+        cdef int rc
+        cdef int err = 0
+        cdef size_t length = 0
+        cdef const char *data = NULL
+        PyObject_GetBuffer(header, &hview, PyBUF_SIMPLE)
+        try:
+            if hview.len != RK_HEADER_SIZE:
+                raise ValueError(f"a header is {RK_HEADER_SIZE} bytes, not {hview.len}")
+            if payload is not None:
+                PyObject_GetBuffer(payload, &pview, PyBUF_ANY_CONTIGUOUS)
+                length, data = pview.len, <const char *>pview.buf
+            try:
+                with nogil:
+                    rc = rk_server_send(self.server, rank, <const char *>hview.buf, data, length, &err)
+            finally:
+                if payload is not None:
+                    PyBuffer_Release(&pview)
+        finally:
+            PyBuffer_Release(&hview)
+        return rc, err
+
+    def take_buffered(self, uint32_t rank, buffer):
+        """Bytes of the waiting message's payload the engine read ahead, moved into
+        the start of buffer (writable); how many.  Only while it waits for a verdict."""
+        cdef unsigned char[::1] view = buffer
+        if view.shape[0] == 0:
+            return 0
+        return rk_server_take_buffered(self.server, rank, <char *>&view[0], view.shape[0])
+
+    def answer(self, uint32_t rank, int verdict):
+        rk_server_answer(self.server, rank, verdict)
+
+    def next_event(self, double timeout):
+        cdef rk_event *event
+        with nogil:
+            event = rk_server_next_event(self.server, timeout)
+        return _event_tuple(event)
+
+    def stale_rounds(self, double patience, uint32_t max_rounds=256):
+        """[(wire, chunk, round, ranks that pushed)] of rounds open for patience seconds, each once."""
+        cdef uint32_t words = rk_server_words_per_chunk(self.server)
+        cdef uint64_t *triples = <uint64_t *>malloc(3 * max_rounds * sizeof(uint64_t))
+        cdef uint64_t *pushed = <uint64_t *>malloc(words * max_rounds * sizeof(uint64_t))
+        cdef uint32_t found
+        try:
+            if triples == NULL or pushed == NULL:
+                raise MemoryError("listing stale rounds")
+            found = rk_server_stale_rounds(self.server, patience, triples, pushed, max_rounds)
+            return [(triples[3 * i], triples[3 * i + 1], triples[3 * i + 2],
+                     [rank for rank in range(64 * words) if (pushed[i * words + rank // 64] >> (rank % 64)) & 1])
+                    for i in range(found)]
+        finally:
+            free(triples)
+            free(pushed)
+
+    def key_has_pushes(self, ServerKey key):
+        return bool(rk_server_key_has_pushes(key.key))
+
+    def close(self):
+        """Stop the engine's threads (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        with nogil:
+            rk_server_close(self.server)
+
+    def __dealloc__(self):
+        if self.server != NULL:
+            with nogil:
+                rk_server_free(self.server)
+            self.server = NULL

@@ -1,0 +1,594 @@
+/* The server's native data plane (server_engine.h).  Locks, from outer to
+ * inner: a chunk's lock (its round), then a link's lock (its reply queue),
+ * then its send_lock (the socket's byte stream).  table_lock (the chunk
+ * table) is never held with another. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "server_engine.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include "_reduce.h"
+
+struct rk_skey {
+    uint64_t wire;
+    _Atomic int refused;
+    _Atomic uint64_t *declared_by;   /* a bit per worker rank */
+    rk_schunk *chunks;
+    rk_skey *next;
+};
+
+struct rk_schunk {
+    rk_skey *key;
+    uint32_t index;
+    uint8_t dtype;
+    uint64_t nbytes;
+    char *buffers[2];             /* round r sums into buffers[r % 2] */
+    pthread_mutex_t lock;         /* what follows */
+    uint64_t round;
+    uint64_t *pushed;             /* a bit per worker that pushed this round */
+    uint32_t pushes;
+    int has_data;
+    uint32_t flags;               /* the last push's */
+    double opened;                /* when the round's first push arrived */
+    int reported;                 /* the round was reported stale */
+    rk_schunk *next_in_key;
+    rk_schunk *next_declared;
+};
+
+typedef struct {
+    rk_server *server;
+    uint32_t rank;
+    rk_stream stream;
+    int started;
+    _Atomic int active;           /* replies go to it */
+    pthread_t reader, replier;
+    pthread_mutex_t lock;
+    pthread_cond_t ready;
+    rk_queue queue;               /* replies: ref the chunk, tag the round */
+    int sending;
+    int send_failed;
+    pthread_mutex_t send_lock;
+    pthread_mutex_t verdict_lock;
+    pthread_cond_t verdict_ready;
+    int awaiting;                 /* the reader waits for the control plane's verdict */
+    int verdict;
+    char *scratch;                /* where a push lands before it is summed */
+    size_t scratch_size;
+} rk_slink;
+
+struct rk_server {
+    uint32_t num_workers;
+    uint32_t words;               /* 64-bit words of a worker bitmap */
+    uint64_t direct_bytes;
+    rk_slink *links;
+    pthread_rwlock_t table_lock;
+    rk_schunk **table;            /* open addressing on (wire, index) */
+    size_t table_capacity, table_count;
+    rk_skey *keys;
+    rk_schunk *declared;
+    _Atomic int departed;
+    _Atomic int optimizer;
+    rk_mailbox mailbox;
+    int closed;
+};
+
+/* ---- the sum ----------------------------------------------------------------------- */
+static void add_into(uint8_t dtype, char *target, const char *source, uint64_t nbytes) {
+    switch (dtype) {
+    case 1: rdmakv_add_f16(target, source, nbytes / 2); break;
+    case 2: rdmakv_add_f32(target, source, nbytes / 4); break;
+    case 3: rdmakv_add_f64(target, source, nbytes / 8); break;
+    case 4: rdmakv_add_i8(target, source, nbytes); break;
+    case 5: rdmakv_add_u8(target, source, nbytes); break;
+    case 6: rdmakv_add_i32(target, source, nbytes / 4); break;
+    case 7: rdmakv_add_i64(target, source, nbytes / 8); break;
+    default: break;               /* declarations carry only these (server.py checks) */
+    }
+}
+
+/* ---- the chunk table ----------------------------------------------------------------- */
+static size_t slot_of(uint64_t wire, uint32_t index, size_t capacity) {
+    return (size_t)((wire + index * 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull >> 17) & (capacity - 1);
+}
+
+static rk_schunk *find_chunk(rk_server *server, uint64_t wire, uint32_t index) {
+    rk_schunk *found = NULL;
+    pthread_rwlock_rdlock(&server->table_lock);
+    if (server->table_capacity) {
+        size_t mask = server->table_capacity - 1;
+        for (size_t i = slot_of(wire, index, server->table_capacity); server->table[i]; i = (i + 1) & mask) {
+            rk_schunk *c = server->table[i];
+            if (c->key->wire == wire && c->index == index) {
+                found = c;
+                break;
+            }
+        }
+    }
+    pthread_rwlock_unlock(&server->table_lock);
+    return found;
+}
+
+static int table_insert(rk_server *server, rk_schunk *chunk) {   /* table_lock held for writing */
+    if (2 * (server->table_count + 1) > server->table_capacity) {
+        size_t capacity = server->table_capacity ? 2 * server->table_capacity : 256;
+        rk_schunk **table = calloc(capacity, sizeof *table);
+        if (table == NULL) return -1;
+        for (size_t i = 0; i < server->table_capacity; i++) {
+            rk_schunk *c = server->table[i];
+            if (c == NULL) continue;
+            size_t j = slot_of(c->key->wire, c->index, capacity);
+            while (table[j]) j = (j + 1) & (capacity - 1);
+            table[j] = c;
+        }
+        free(server->table);
+        server->table = table;
+        server->table_capacity = capacity;
+    }
+    size_t j = slot_of(chunk->key->wire, chunk->index, server->table_capacity);
+    while (server->table[j]) j = (j + 1) & (server->table_capacity - 1);
+    server->table[j] = chunk;
+    server->table_count++;
+    return 0;
+}
+
+rk_skey *rk_server_add_key(rk_server *server, uint64_t wire) {
+    rk_skey *key = calloc(1, sizeof *key);
+    if (key == NULL) return NULL;
+    key->declared_by = calloc(server->words, sizeof *key->declared_by);
+    if (key->declared_by == NULL) {
+        free(key);
+        return NULL;
+    }
+    key->wire = wire;
+    pthread_rwlock_wrlock(&server->table_lock);
+    key->next = server->keys;
+    server->keys = key;
+    pthread_rwlock_unlock(&server->table_lock);
+    return key;
+}
+
+rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype, uint64_t nbytes,
+                               char *buffer0, char *buffer1) {
+    rk_schunk *chunk = calloc(1, sizeof *chunk);
+    if (chunk == NULL) return NULL;
+    chunk->pushed = calloc(server->words, sizeof *chunk->pushed);
+    if (chunk->pushed == NULL) {
+        free(chunk);
+        return NULL;
+    }
+    chunk->key = key;
+    chunk->index = index;
+    chunk->dtype = dtype;
+    chunk->nbytes = nbytes;
+    chunk->buffers[0] = buffer0;
+    chunk->buffers[1] = buffer1;
+    pthread_mutex_init(&chunk->lock, NULL);
+    pthread_rwlock_wrlock(&server->table_lock);
+    int rc = table_insert(server, chunk);
+    if (rc == 0) {
+        chunk->next_in_key = key->chunks;
+        key->chunks = chunk;
+        chunk->next_declared = server->declared;
+        server->declared = chunk;
+    }
+    pthread_rwlock_unlock(&server->table_lock);
+    if (rc) {
+        free(chunk->pushed);
+        free(chunk);
+        return NULL;
+    }
+    return chunk;
+}
+
+void rk_server_declared_by(rk_skey *key, uint32_t rank) {
+    atomic_fetch_or(&key->declared_by[rank / 64], 1ull << (rank % 64));
+}
+
+void rk_server_refuse_key(rk_skey *key) {
+    atomic_store(&key->refused, 1);
+}
+
+void rk_server_departed(rk_server *server) {
+    atomic_store(&server->departed, 1);
+}
+
+void rk_server_set_optimizer(rk_server *server, int on) {
+    atomic_store(&server->optimizer, on);
+}
+
+uint32_t rk_server_words_per_chunk(rk_server *server) {
+    return server->words;
+}
+
+/* ---- replies ----------------------------------------------------------------------- */
+static void post(rk_server *server, uint32_t rank, uint32_t kind, int error, int sys_errno, const rk_header *h,
+                 uint64_t limit) {
+    rk_event *event = rk_event_new(rank, kind, error, sys_errno, h, limit);
+    if (event) rk_mailbox_post(&server->mailbox, event);
+}
+
+static uint64_t reply_bytes(const rk_item *item) {
+    return item->op == RK_OP_RESULT ? ((rk_schunk *)item->ref)->nbytes : 0;
+}
+
+/* Send popped replies with one sendmsg, then let the next sender in (the caller set link->sending). */
+static void transmit(rk_slink *link, const rk_item *items, int count) {
+    char packed[RK_BATCH][RK_HEADER_SIZE];
+    struct iovec iov[2 * RK_BATCH];
+    rk_header h;
+    int parts = 0;
+    for (int i = 0; i < count; i++) {
+        rk_schunk *chunk = items[i].ref;
+        h = (rk_header){.magic = RK_MAGIC, .version = RK_VERSION, .op = items[i].op,
+                        .dtype = items[i].op == RK_OP_RESULT ? chunk->dtype : 0, .key = chunk->key->wire,
+                        .chunk = chunk->index, .priority = items[i].priority, .round = items[i].tag,
+                        .length = reply_bytes(&items[i])};
+        rk_header_pack(packed[i], &h);
+        iov[parts++] = (struct iovec){packed[i], RK_HEADER_SIZE};
+        if (h.length) iov[parts++] = (struct iovec){(char *)items[i].data, h.length};
+    }
+    int err = 0;
+    pthread_mutex_lock(&link->send_lock);
+    int rc = rk_send_all(&link->stream, iov, parts, &err);
+    pthread_mutex_unlock(&link->send_lock);
+    pthread_mutex_lock(&link->lock);
+    int report = rc != RK_OK && !link->send_failed;
+    if (rc != RK_OK) link->send_failed = 1;
+    link->sending = 0;
+    if (link->queue.count) pthread_cond_signal(&link->ready);
+    pthread_mutex_unlock(&link->lock);
+    if (report) post(link->server, link->rank, RK_EVENT_SEND_FAILED, rc, err, &h, 0);
+}
+
+/* Queue a reply; a small one with nothing ahead of it goes from this thread. */
+static void reply(rk_slink *link, rk_item item) {
+    int direct = 0;
+    pthread_mutex_lock(&link->lock);
+    if (link->send_failed || rk_queue_push(&link->queue, item)) {
+        pthread_mutex_unlock(&link->lock);
+        return;                   /* the control plane hears of the link's failure once */
+    }
+    if (!link->sending && link->queue.count == 1 && reply_bytes(&item) <= link->server->direct_bytes) {
+        item = rk_queue_pop(&link->queue);
+        link->sending = 1;
+        direct = 1;
+    } else {
+        pthread_cond_signal(&link->ready);
+    }
+    pthread_mutex_unlock(&link->lock);
+    if (direct) transmit(link, &item, 1);
+}
+
+static void *replier_main(void *arg) {
+    rk_slink *link = arg;
+    pthread_mutex_lock(&link->lock);
+    for (;;) {
+        while (!link->stream.stop && (link->sending || link->queue.count == 0))
+            pthread_cond_wait(&link->ready, &link->lock);
+        if (link->stream.stop) break;
+        /* What waits leaves in the same sendmsg: one system call, not one a reply. */
+        rk_item items[RK_BATCH];
+        int count = 0;
+        uint64_t bytes = 0;
+        while (count < RK_BATCH && bytes < RK_BATCH_BYTES && link->queue.count) {
+            items[count] = rk_queue_pop(&link->queue);
+            bytes += reply_bytes(&items[count++]);
+        }
+        link->sending = 1;
+        pthread_mutex_unlock(&link->lock);
+        transmit(link, items, count);
+        pthread_mutex_lock(&link->lock);
+    }
+    pthread_mutex_unlock(&link->lock);
+    return NULL;
+}
+
+void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data) {
+    rk_item item = {.priority = priority, .ref = chunk, .tag = round, .data = data, .op = RK_OP_RESULT};
+    for (uint32_t rank = 0; rank < server->num_workers; rank++)
+        if (atomic_load(&server->links[rank].active)) reply(&server->links[rank], item);
+}
+
+int rk_server_send(rk_server *server, uint32_t rank, const char *header, const char *payload, size_t length,
+                   int *err) {
+    rk_slink *link = &server->links[rank];
+    struct iovec iov[2] = {{(char *)header, RK_HEADER_SIZE}, {(char *)payload, length}};
+    pthread_mutex_lock(&link->send_lock);
+    int rc = rk_send_all(&link->stream, iov, length ? 2 : 1, err);
+    pthread_mutex_unlock(&link->send_lock);
+    return rc;
+}
+
+/* ---- a push ------------------------------------------------------------------------- */
+static int worker_bit(const uint64_t *bits, uint32_t rank) {
+    return (int)((bits[rank / 64] >> (rank % 64)) & 1);
+}
+
+/* Why chunk refuses this push now (its lock held), or 0; *limit gets what the refusal names. */
+static int refusal(rk_server *server, rk_schunk *chunk, const rk_header *h, uint32_t rank, uint64_t *limit) {
+    int no_data = (h->flags & RK_FLAG_NO_DATA) != 0;
+    int broadcast = (h->flags & RK_FLAG_BROADCAST) != 0;
+    if (atomic_load(&chunk->key->refused)) return RK_REFUSE_KEY_FAILED;
+    if (atomic_load(&server->departed)) return RK_REFUSE_DEPARTED;
+    if (!((atomic_load(&chunk->key->declared_by[rank / 64]) >> (rank % 64)) & 1)) return RK_REFUSE_UNDECLARED;
+    *limit = h->dtype == chunk->dtype ? chunk->round : chunk->dtype;
+    if (h->dtype != chunk->dtype) return RK_REFUSE_DTYPE;
+    if (h->round != chunk->round) return RK_REFUSE_ROUND;
+    if (worker_bit(chunk->pushed, rank)) return RK_REFUSE_TWICE;
+    if (chunk->pushes && broadcast != ((chunk->flags & RK_FLAG_BROADCAST) != 0)) return RK_REFUSE_MIXED;
+    if (!no_data && chunk->has_data && broadcast) return RK_REFUSE_TWO_ROOTS;
+    return 0;
+}
+
+/* A push of a declared chunk, of the declared size (the header is read). */
+static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int *err) {
+    rk_server *server = link->server;
+    if (h->length) {
+        if (link->scratch_size < h->length) {
+            char *grown = realloc(link->scratch, h->length);
+            if (grown == NULL) return RK_ERR_NO_MEMORY;
+            link->scratch = grown;
+            link->scratch_size = h->length;
+        }
+        int rc = rk_recv_all(&link->stream, link->scratch, h->length, 0, err);
+        if (rc) return rc;
+    }
+    uint64_t limit = 0;
+    uint64_t round = 0;
+    int complete = 0;
+    pthread_mutex_lock(&chunk->lock);
+    int refused = refusal(server, chunk, h, link->rank, &limit);
+    if (!refused) {
+        char *target = chunk->buffers[chunk->round % 2];
+        if (!(h->flags & RK_FLAG_NO_DATA)) {
+            if (chunk->has_data) add_into(chunk->dtype, target, link->scratch, h->length);
+            else if (h->length) memcpy(target, link->scratch, h->length);
+            chunk->has_data = 1;
+        }
+        if (chunk->pushes == 0) {
+            chunk->opened = rk_now();
+            chunk->reported = 0;
+        }
+        chunk->flags = h->flags;
+        chunk->pushed[link->rank / 64] |= 1ull << (link->rank % 64);
+        complete = ++chunk->pushes == server->num_workers;
+        if (complete && !chunk->has_data) {
+            refused = RK_REFUSE_NO_ROOT;
+        } else if (complete) {
+            round = chunk->round++;
+            memset(chunk->pushed, 0, server->words * sizeof *chunk->pushed);
+            chunk->pushes = 0;
+            chunk->has_data = 0;
+        }
+    }
+    pthread_mutex_unlock(&chunk->lock);
+    if (refused) {
+        post(server, link->rank, RK_EVENT_REFUSED, refused, 0, h, limit);
+        return refused == RK_REFUSE_UNDECLARED ? RK_ERR_REFUSED : RK_OK;
+    }
+    if (!complete) {
+        if (h->flags & RK_FLAG_ACK) {
+            rk_item received = {.priority = 1 << 30, .ref = chunk, .tag = h->round, .op = RK_OP_RECEIVED};
+            reply(link, received);
+        }
+        return RK_OK;
+    }
+    if (atomic_load(&server->optimizer) && !(h->flags & RK_FLAG_BROADCAST)) {
+        rk_header summed = *h;
+        summed.round = round;
+        post(server, link->rank, RK_EVENT_SUMMED, 0, 0, &summed, 0);
+    } else {
+        rk_server_reply_all(server, chunk, round, h->priority, chunk->buffers[round % 2]);
+    }
+    return RK_OK;
+}
+
+/* Hand the message whose header was read to the control plane, which reads the
+ * rest itself, and wait for its verdict. */
+static int ask(rk_slink *link, const rk_header *h) {
+    pthread_mutex_lock(&link->verdict_lock);
+    link->awaiting = 1;
+    pthread_mutex_unlock(&link->verdict_lock);
+    post(link->server, link->rank, RK_EVENT_MESSAGE, 0, 0, h, 0);
+    pthread_mutex_lock(&link->verdict_lock);
+    while (link->awaiting && !__atomic_load_n(&link->stream.stop, __ATOMIC_ACQUIRE)) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += 100 * 1000000L;          /* re-check the stop flag */
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&link->verdict_ready, &link->verdict_lock, &until);
+    }
+    int verdict = link->awaiting ? RK_VERDICT_STOP : link->verdict;
+    pthread_mutex_unlock(&link->verdict_lock);
+    return verdict == RK_VERDICT_CONTINUE ? RK_OK : RK_ERR_REFUSED;
+}
+
+size_t rk_server_take_buffered(rk_server *server, uint32_t rank, char *dst, size_t n) {
+    return rk_stream_take_buffered(&server->links[rank].stream, dst, n);
+}
+
+void rk_server_answer(rk_server *server, uint32_t rank, int verdict) {
+    rk_slink *link = &server->links[rank];
+    pthread_mutex_lock(&link->verdict_lock);
+    link->verdict = verdict;
+    link->awaiting = 0;
+    pthread_cond_signal(&link->verdict_ready);
+    pthread_mutex_unlock(&link->verdict_lock);
+}
+
+static void *reader_main(void *arg) {
+    rk_slink *link = arg;
+    rk_server *server = link->server;
+    rk_header h;
+    for (;;) {
+        int err = 0, have_header = 0;
+        int rc = rk_read_header(&link->stream, &h, &have_header, &err);
+        if (rc == RK_OK) {
+            rk_schunk *chunk = h.op == RK_OP_PUSH ? find_chunk(server, h.key, h.chunk) : NULL;
+            int sized = chunk && h.length == ((h.flags & RK_FLAG_NO_DATA) ? 0 : chunk->nbytes);
+            rc = sized ? take_push(link, chunk, &h, &err) : ask(link, &h);
+        }
+        if (rc == RK_STOPPED || __atomic_load_n(&link->stream.stop, __ATOMIC_ACQUIRE)) break;   /* closed here */
+        if (rc != RK_OK) {
+            if (rc != RK_ERR_REFUSED)     /* else the control plane knows why already */
+                post(server, link->rank, RK_EVENT_CLOSED, rc, err, have_header ? &h : NULL, 0);
+            break;
+        }
+    }
+    atomic_store(&link->active, 0);
+    return NULL;
+}
+
+/* ---- the control plane's queries ------------------------------------------------------- */
+uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *triples, uint64_t *pushed,
+                                uint32_t max) {
+    uint32_t found = 0;
+    double now = rk_now();
+    pthread_rwlock_rdlock(&server->table_lock);
+    rk_schunk *declared = server->declared;
+    pthread_rwlock_unlock(&server->table_lock);
+    for (rk_schunk *c = declared; c && found < max; c = c->next_declared) {
+        pthread_mutex_lock(&c->lock);
+        if (c->pushes && !c->reported && now - c->opened >= patience) {
+            c->reported = 1;
+            triples[3 * found] = c->key->wire;
+            triples[3 * found + 1] = c->index;
+            triples[3 * found + 2] = c->round;
+            memcpy(pushed + (size_t)found * server->words, c->pushed, server->words * sizeof *pushed);
+            found++;
+        }
+        pthread_mutex_unlock(&c->lock);
+    }
+    return found;
+}
+
+int rk_server_key_has_pushes(rk_skey *key) {
+    int any = 0;
+    for (rk_schunk *c = key->chunks; c && !any; c = c->next_in_key) {
+        pthread_mutex_lock(&c->lock);
+        any = c->pushes != 0;
+        pthread_mutex_unlock(&c->lock);
+    }
+    return any;
+}
+
+rk_event *rk_server_next_event(rk_server *server, double timeout) {
+    return rk_mailbox_next(&server->mailbox, timeout);
+}
+
+/* ---- lifetime ----------------------------------------------------------------------- */
+rk_server *rk_server_new(uint32_t num_workers, double timeout, uint64_t direct_bytes) {
+    rk_server *server = calloc(1, sizeof *server);
+    if (server == NULL) return NULL;
+    server->links = calloc(num_workers ? num_workers : 1, sizeof *server->links);
+    if (server->links == NULL) {
+        free(server);
+        return NULL;
+    }
+    server->num_workers = num_workers;
+    server->words = (num_workers + 63) / 64 ? (num_workers + 63) / 64 : 1;
+    server->direct_bytes = direct_bytes;
+    pthread_rwlock_init(&server->table_lock, NULL);
+    rk_mailbox_init(&server->mailbox);
+    for (uint32_t rank = 0; rank < num_workers; rank++) {
+        rk_slink *link = &server->links[rank];
+        link->server = server;
+        link->rank = rank;
+        link->stream.fd = -1;
+        link->stream.timeout = timeout;
+        pthread_mutex_init(&link->lock, NULL);
+        pthread_cond_init(&link->ready, NULL);
+        pthread_mutex_init(&link->send_lock, NULL);
+        pthread_mutex_init(&link->verdict_lock, NULL);
+        pthread_cond_init(&link->verdict_ready, NULL);
+    }
+    return server;
+}
+
+int rk_server_start_link(rk_server *server, uint32_t rank, int fd) {
+    rk_slink *link = &server->links[rank];
+    if (link->started) return EBUSY;
+    int rc = rk_stream_open(&link->stream, fd, link->stream.timeout);
+    if (rc) return rc;
+    atomic_store(&link->active, 1);
+    rc = pthread_create(&link->replier, NULL, replier_main, link);
+    if (rc) {
+        atomic_store(&link->active, 0);
+        return rc;
+    }
+    rc = pthread_create(&link->reader, NULL, reader_main, link);
+    if (rc) {
+        atomic_store(&link->active, 0);
+        pthread_mutex_lock(&link->lock);
+        __atomic_store_n(&link->stream.stop, 1, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&link->ready);
+        pthread_mutex_unlock(&link->lock);
+        pthread_join(link->replier, NULL);
+        return rc;
+    }
+    link->started = 1;
+    return 0;
+}
+
+void rk_server_close(rk_server *server) {
+    if (server->closed) return;   /* the descriptors may be another socket's by now */
+    server->closed = 1;
+    for (uint32_t rank = 0; rank < server->num_workers; rank++) {
+        rk_slink *link = &server->links[rank];
+        atomic_store(&link->active, 0);
+        pthread_mutex_lock(&link->lock);
+        __atomic_store_n(&link->stream.stop, 1, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&link->ready);
+        pthread_mutex_unlock(&link->lock);
+        pthread_mutex_lock(&link->verdict_lock);
+        pthread_cond_broadcast(&link->verdict_ready);
+        pthread_mutex_unlock(&link->verdict_lock);
+        if (link->started) shutdown(link->stream.fd, SHUT_RDWR);   /* wakes a reader or replier in poll */
+    }
+    for (uint32_t rank = 0; rank < server->num_workers; rank++) {
+        rk_slink *link = &server->links[rank];
+        if (link->started) {
+            pthread_join(link->reader, NULL);
+            pthread_join(link->replier, NULL);
+            link->started = 0;
+        }
+    }
+    rk_mailbox_close(&server->mailbox);
+}
+
+void rk_server_free(rk_server *server) {
+    if (server == NULL) return;
+    rk_server_close(server);
+    for (uint32_t rank = 0; rank < server->num_workers; rank++) {
+        rk_queue_free(&server->links[rank].queue);
+        rk_stream_free(&server->links[rank].stream);
+        free(server->links[rank].scratch);
+    }
+    rk_mailbox_free(&server->mailbox);
+    rk_schunk *chunk = server->declared;
+    while (chunk) {
+        rk_schunk *next = chunk->next_declared;
+        free(chunk->pushed);
+        free(chunk);
+        chunk = next;
+    }
+    rk_skey *key = server->keys;
+    while (key) {
+        rk_skey *next = key->next;
+        free(key->declared_by);
+        free(key);
+        key = next;
+    }
+    free(server->table);
+    free(server->links);
+    free(server);
+}

@@ -1,0 +1,83 @@
+/* The server's native data plane: a worker's push of a declared chunk is
+ * received, checked against the round it belongs to, summed and answered by
+ * native threads; everything else is handed to the control plane
+ * (rdmakv/server.py), which reads that message itself while the link's reader
+ * waits for its verdict.
+ *
+ * Objects and their owners:
+ *   rk_server  one per server process.  Owned by the Cython ServerEngine;
+ *              rk_server_close() joins every thread, rk_server_free() releases it.
+ *   link       one per worker, by rank: a connected TCP socket the server
+ *              borrows after the worker's CONNECT (the caller closes the
+ *              descriptor after rk_server_close()), a reader thread and a
+ *              reply thread that answers highest priority first.
+ *   rk_schunk  a chunk held here: its round, who pushed, and two round buffers
+ *              (alternate rounds) that belong to the caller and must live as
+ *              long as the server.
+ *
+ * The sum is made here and only here (sum_push): the round's first push is
+ * copied into the round buffer, later ones are added with _reduce.h's
+ * kernels; the last one completes the round. */
+#ifndef RDMAKV_SERVER_ENGINE_H
+#define RDMAKV_SERVER_ENGINE_H
+#include "wire.h"
+
+typedef struct rk_server rk_server;
+typedef struct rk_skey rk_skey;
+typedef struct rk_schunk rk_schunk;
+
+/* Why a push was refused (RK_EVENT_REFUSED's error; the control plane words it). */
+enum rk_refusal {
+    RK_REFUSE_KEY_FAILED = 1,  /* the key was refused before */
+    RK_REFUSE_DEPARTED,        /* a worker left: no round can complete */
+    RK_REFUSE_DTYPE,           /* limit: the declared dtype code */
+    RK_REFUSE_ROUND,           /* limit: the round the chunk is at */
+    RK_REFUSE_TWICE,           /* the worker pushed this round already */
+    RK_REFUSE_MIXED,           /* broadcast and pushpull in one round */
+    RK_REFUSE_TWO_ROOTS,       /* two workers sent the root value of a broadcast */
+    RK_REFUSE_NO_ROOT,         /* nobody sent the root value of a broadcast */
+    RK_REFUSE_UNDECLARED,      /* the worker never declared the key: its link stops */
+};
+
+/* Verdicts of the control plane on a message it read itself. */
+enum { RK_VERDICT_CONTINUE = 1, RK_VERDICT_STOP = 2 };
+
+rk_server *rk_server_new(uint32_t num_workers, double timeout, uint64_t direct_bytes);
+/* Take over a worker's connected socket (non-blocking); 0, or an errno. */
+int rk_server_start_link(rk_server *server, uint32_t rank, int fd);
+/* Stop every thread; idempotent.  The descriptors are the caller's again. */
+void rk_server_close(rk_server *server);
+void rk_server_free(rk_server *server);
+
+/* ---- the control plane's side ------------------------------------------------ */
+rk_skey *rk_server_add_key(rk_server *server, uint64_t wire);
+rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype, uint64_t nbytes,
+                               char *buffer0, char *buffer1);
+void rk_server_declared_by(rk_skey *key, uint32_t rank);
+void rk_server_refuse_key(rk_skey *key);
+/* A worker left: every push from now on is refused. */
+void rk_server_departed(rk_server *server);
+/* With an optimizer, a summed round goes to the control plane (RK_EVENT_SUMMED) instead of out. */
+void rk_server_set_optimizer(rk_server *server, int on);
+/* Send RESULT of (key, chunk, round) with data to every connected worker (after an update). */
+void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data);
+/* Send a message on a worker's link, serialized with its reply thread; 0 or enum rk_error. */
+int rk_server_send(rk_server *server, uint32_t rank, const char *header, const char *payload, size_t length,
+                   int *err);
+/* While the link's reader waits for a verdict: move up to n bytes it read ahead
+ * (the start of the message's payload) into dst; how many.  The rest is on the socket. */
+size_t rk_server_take_buffered(rk_server *server, uint32_t rank, char *dst, size_t n);
+/* The control plane handled the message the link's reader waits on. */
+void rk_server_answer(rk_server *server, uint32_t rank, int verdict);
+rk_event *rk_server_next_event(rk_server *server, double timeout);
+
+/* Rounds open longer than `patience` seconds and not reported yet: fills up to max
+ * (wire, chunk, round) triples and the pushed bitmaps (words_per_chunk words each);
+ * returns how many were found.  Each is reported once. */
+uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *triples, uint64_t *pushed,
+                                uint32_t max);
+/* Whether any chunk of the key has pushes in its open round. */
+int rk_server_key_has_pushes(rk_skey *key);
+uint32_t rk_server_words_per_chunk(rk_server *server);
+
+#endif

@@ -1,0 +1,366 @@
+/* wire.h: the header, bounded socket loops, the mailbox and the send queue. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "wire.h"
+
+#include <errno.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the wire header is little-endian and is copied as is"
+#endif
+
+#define SLICE_MS 100              /* how often a wait re-checks its deadline and the stop flag */
+
+double rk_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int slice_ms(double left) {
+    int ms = (int)(left * 1000.0) + 1;
+    return ms > SLICE_MS ? SLICE_MS : ms;
+}
+
+/* ---- header ------------------------------------------------------------------------ */
+void rk_header_pack(char *out, const rk_header *h) {
+    memcpy(out + 0, &h->magic, 4);
+    memcpy(out + 4, &h->version, 2);
+    memcpy(out + 6, &h->op, 1);
+    memcpy(out + 7, &h->dtype, 1);
+    memcpy(out + 8, &h->flags, 4);
+    memcpy(out + 12, &h->key, 8);
+    memcpy(out + 20, &h->chunk, 4);
+    memcpy(out + 24, &h->priority, 4);
+    memcpy(out + 28, &h->round, 8);
+    memcpy(out + 36, &h->length, 8);
+    memcpy(out + 44, &h->sender, 4);
+}
+
+void rk_header_unpack(const char *in, rk_header *h) {
+    memcpy(&h->magic, in + 0, 4);
+    memcpy(&h->version, in + 4, 2);
+    memcpy(&h->op, in + 6, 1);
+    memcpy(&h->dtype, in + 7, 1);
+    memcpy(&h->flags, in + 8, 4);
+    memcpy(&h->key, in + 12, 8);
+    memcpy(&h->chunk, in + 20, 4);
+    memcpy(&h->priority, in + 24, 4);
+    memcpy(&h->round, in + 28, 8);
+    memcpy(&h->length, in + 36, 8);
+    memcpy(&h->sender, in + 44, 4);
+}
+
+static int known_op(uint8_t op) {
+    return (op >= 1 && op <= 6) || (op >= 10 && op <= 21) || op == 30 || op == 31 || (op >= 40 && op <= 42);
+}
+
+int rk_header_check(const rk_header *h) {
+    if (h->magic != RK_MAGIC) return RK_ERR_BAD_MAGIC;
+    if (h->version != RK_VERSION) return RK_ERR_BAD_VERSION;
+    if (!known_op(h->op)) return RK_ERR_BAD_OP;
+    if (h->flags & ~RK_KNOWN_FLAGS) return RK_ERR_BAD_FLAGS;
+    if (h->dtype > RK_MAX_DTYPE) return RK_ERR_BAD_DTYPE;
+    return RK_OK;
+}
+
+/* ---- the stream ---------------------------------------------------------------------- */
+int rk_wait_fd(rk_stream *s, short events, double deadline, int *err) {
+    struct pollfd pfd = {.fd = s->fd, .events = events};
+    for (;;) {
+        if (__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE)) return RK_STOPPED;
+        double left = deadline > 0 ? deadline - rk_now() : 1.0;
+        if (left <= 0) return RK_ERR_TIMEOUT;
+        pfd.revents = 0;
+        int rc = poll(&pfd, 1, slice_ms(left));
+        if (rc > 0) return RK_OK;
+        if (rc < 0 && errno != EINTR) {
+            *err = errno;
+            return RK_ERR_IO;
+        }
+    }
+}
+
+int rk_stream_open(rk_stream *s, int fd, double timeout) {
+    s->in = malloc(RK_READ_BUFFER);
+    if (s->in == NULL) return ENOMEM;
+    s->fd = fd;
+    s->timeout = timeout;
+    s->in_start = s->in_end = 0;
+    return 0;
+}
+
+void rk_stream_free(rk_stream *s) {
+    free(s->in);
+    s->in = NULL;
+}
+
+size_t rk_stream_take_buffered(rk_stream *s, char *dst, size_t n) {
+    size_t have = s->in_end - s->in_start;
+    if (n > have) n = have;
+    memcpy(dst, s->in + s->in_start, n);
+    s->in_start += n;
+    return n;
+}
+
+/* One non-blocking recv into dst, or (dst NULL) into the read-ahead buffer:
+ * bytes read, 0 at end of stream, -1 with errno. */
+static ssize_t take_some(rk_stream *s, char *dst, size_t length) {
+    if (dst) return recv(s->fd, dst, length, MSG_DONTWAIT);
+    if (s->in_start == s->in_end) s->in_start = s->in_end = 0;
+    if (s->in_start && RK_READ_BUFFER - s->in_end < RK_HEADER_SIZE) {   /* room for a header at least */
+        memmove(s->in, s->in + s->in_start, s->in_end - s->in_start);
+        s->in_end -= s->in_start;
+        s->in_start = 0;
+    }
+    ssize_t n = recv(s->fd, s->in + s->in_end, RK_READ_BUFFER - s->in_end, MSG_DONTWAIT);
+    if (n > 0) s->in_end += (size_t)n;
+    return n;
+}
+
+int rk_recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *err) {
+    size_t taken = rk_stream_take_buffered(s, dst, length);
+    dst += taken;
+    length -= taken;
+    if (taken) at_start = 0;
+    double deadline = rk_now() + s->timeout;
+    while (length > 0) {
+        int direct = length >= RK_DIRECT_READ;
+        ssize_t n = take_some(s, direct ? dst : NULL, length);
+        if (n > 0) {
+            at_start = 0;
+            if (!direct) n = (ssize_t)rk_stream_take_buffered(s, dst, length);
+            dst += n;
+            length -= (size_t)n;
+            deadline = rk_now() + s->timeout;
+        } else if (n == 0) {
+            return at_start ? RK_ERR_EOF : RK_ERR_MIDSTREAM;
+        } else if (errno == EAGAIN) {
+            int rc = rk_wait_fd(s, POLLIN, deadline, err);
+            if (rc) return rc;
+        } else if (errno != EINTR) {
+            *err = errno;
+            return (errno == ECONNRESET && at_start) ? RK_ERR_EOF : RK_ERR_IO;
+        }
+    }
+    return RK_OK;
+}
+
+int rk_send_all(rk_stream *s, struct iovec *iov, int count, int *err) {
+    double deadline = rk_now() + s->timeout;
+    while (count > 0) {
+        struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)count};
+        ssize_t n = sendmsg(s->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n >= 0) {
+            size_t sent = (size_t)n;
+            while (count > 0 && sent >= iov->iov_len) {
+                sent -= iov->iov_len;
+                iov++;
+                count--;
+            }
+            if (count > 0) {
+                iov->iov_base = (char *)iov->iov_base + sent;
+                iov->iov_len -= sent;
+            }
+            deadline = rk_now() + s->timeout;
+        } else if (errno == EAGAIN) {
+            struct pollfd pfd = {.fd = s->fd, .events = POLLOUT};
+            double left = deadline - rk_now();
+            if (left <= 0) return RK_ERR_TIMEOUT;
+            if (poll(&pfd, 1, slice_ms(left)) < 0 && errno != EINTR) {
+                *err = errno;
+                return RK_ERR_IO;
+            }
+        } else if (errno != EINTR) {
+            *err = errno;
+            return RK_ERR_IO;
+        }
+    }
+    return RK_OK;
+}
+
+int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err) {
+    char packed[RK_HEADER_SIZE];
+    *have_header = 0;
+    /* Between messages a link may be idle for as long as it likes: wait (in
+     * slices that watch the stop flag) only for a header's first byte. */
+    while (s->in_start == s->in_end) {
+        ssize_t n = take_some(s, NULL, 0);
+        if (n > 0) break;
+        if (n == 0) return RK_ERR_EOF;
+        if (errno == EAGAIN) {
+            int rc = rk_wait_fd(s, POLLIN, 0, err);
+            if (rc) return rc;
+        } else if (errno != EINTR) {
+            *err = errno;
+            return errno == ECONNRESET ? RK_ERR_EOF : RK_ERR_IO;
+        }
+    }
+    int rc = rk_recv_all(s, packed, RK_HEADER_SIZE, 0, err);
+    if (rc != RK_OK) return rc;
+    rk_header_unpack(packed, h);
+    *have_header = 1;
+    return rk_header_check(h);
+}
+
+void rk_futex_wait(_Atomic uint32_t *word, uint32_t expected, double seconds) {
+    int ms = slice_ms(seconds);
+    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT_PRIVATE, expected, &ts, NULL, 0);
+}
+
+void rk_futex_wake(_Atomic uint32_t *word) {
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+}
+
+/* ---- mailbox ------------------------------------------------------------------------- */
+void rk_mailbox_init(rk_mailbox *m) {
+    memset(m, 0, sizeof *m);
+    pthread_mutex_init(&m->lock, NULL);
+    pthread_cond_init(&m->ready, NULL);
+}
+
+void rk_mailbox_post(rk_mailbox *m, rk_event *event) {
+    pthread_mutex_lock(&m->lock);
+    if (m->tail) m->tail->next = event;
+    else m->head = event;
+    m->tail = event;
+    pthread_cond_signal(&m->ready);
+    pthread_mutex_unlock(&m->lock);
+}
+
+rk_event *rk_mailbox_next(rk_mailbox *m, double timeout) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);   /* pthread_cond_timedwait's clock */
+    until.tv_sec += (time_t)timeout;
+    until.tv_nsec += (long)((timeout - (double)(time_t)timeout) * 1e9);
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&m->lock);
+    while (m->head == NULL && !m->closing)
+        if (pthread_cond_timedwait(&m->ready, &m->lock, &until) == ETIMEDOUT) break;
+    rk_event *event = m->head;
+    if (event) {
+        m->head = event->next;
+        if (m->head == NULL) m->tail = NULL;
+        event->next = NULL;
+    }
+    pthread_mutex_unlock(&m->lock);
+    return event;
+}
+
+void rk_mailbox_close(rk_mailbox *m) {
+    pthread_mutex_lock(&m->lock);
+    m->closing = 1;
+    pthread_cond_broadcast(&m->ready);
+    pthread_mutex_unlock(&m->lock);
+}
+
+void rk_mailbox_free(rk_mailbox *m) {
+    rk_event *event = m->head;
+    while (event) {
+        rk_event *next = event->next;
+        rk_event_free(event);
+        event = next;
+    }
+    m->head = m->tail = NULL;
+}
+
+rk_event *rk_event_new(uint32_t link, uint32_t kind, int error, int sys_errno, const rk_header *h, uint64_t limit) {
+    rk_event *event = calloc(1, sizeof *event);
+    if (event == NULL) return NULL;
+    event->link = link;
+    event->kind = kind;
+    event->error = error;
+    event->sys_errno = sys_errno;
+    event->limit = limit;
+    if (h) event->header = *h;
+    return event;
+}
+
+void rk_event_free(rk_event *event) {
+    if (event) {
+        free(event->payload);
+        free(event);
+    }
+}
+
+/* ---- the send queue: a binary heap --------------------------------------------------- */
+static int before(const rk_item *a, const rk_item *b) {
+    if (a->priority != b->priority) return a->priority > b->priority;
+    if (a->order != b->order) return a->order < b->order;
+    if (a->chunk != b->chunk) return a->chunk < b->chunk;
+    return a->arrival < b->arrival;
+}
+
+static void sift_down(rk_item *items, size_t count, size_t i) {
+    for (;;) {
+        size_t best = i, left = 2 * i + 1, right = left + 1;
+        if (left < count && before(&items[left], &items[best])) best = left;
+        if (right < count && before(&items[right], &items[best])) best = right;
+        if (best == i) return;
+        rk_item swap = items[i];
+        items[i] = items[best];
+        items[best] = swap;
+        i = best;
+    }
+}
+
+int rk_queue_push(rk_queue *q, rk_item item) {
+    if (q->count == q->capacity) {
+        size_t capacity = q->capacity ? 2 * q->capacity : 64;
+        rk_item *grown = realloc(q->items, capacity * sizeof *grown);
+        if (grown == NULL) return -1;
+        q->items = grown;
+        q->capacity = capacity;
+    }
+    item.arrival = q->arrivals++;
+    size_t i = q->count++;
+    q->items[i] = item;
+    while (i > 0) {
+        size_t parent = (i - 1) / 2;
+        if (!before(&q->items[i], &q->items[parent])) break;
+        rk_item swap = q->items[i];
+        q->items[i] = q->items[parent];
+        q->items[parent] = swap;
+        i = parent;
+    }
+    return 0;
+}
+
+const rk_item *rk_queue_top(const rk_queue *q) {
+    return q->count ? &q->items[0] : NULL;
+}
+
+rk_item rk_queue_pop(rk_queue *q) {
+    rk_item top = q->items[0];
+    q->items[0] = q->items[--q->count];
+    sift_down(q->items, q->count, 0);
+    return top;
+}
+
+void rk_queue_remove_ref(rk_queue *q, const void *ref) {
+    size_t kept = 0;
+    for (size_t i = 0; i < q->count; i++)
+        if (q->items[i].ref != ref) q->items[kept++] = q->items[i];
+    if (kept == q->count) return;
+    q->count = kept;
+    for (size_t i = kept / 2 + 1; i-- > 0;) sift_down(q->items, kept, i);
+}
+
+void rk_queue_free(rk_queue *q) {
+    free(q->items);
+    q->items = NULL;
+    q->count = q->capacity = 0;
+}

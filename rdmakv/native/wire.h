@@ -1,0 +1,169 @@
+/* What the worker's and the server's native engines share: the wire header,
+ * bounded socket loops, the mailbox that carries events to the control plane
+ * (Python), and the priority queue of chunks waiting to be sent. */
+#ifndef RDMAKV_WIRE_H
+#define RDMAKV_WIRE_H
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+/* rdmakv/protocol.py; tests/test_engine.py checks that these agree. */
+#define RK_HEADER_SIZE 48
+#define RK_MAGIC 0x564B4452u
+#define RK_VERSION 1
+#define RK_OP_PUSH 12
+#define RK_OP_RESULT 13
+#define RK_OP_STATES 17
+#define RK_OP_RECEIVED 20
+#define RK_OP_HEARTBEAT 31
+#define RK_FLAG_BROADCAST 1u
+#define RK_FLAG_NO_DATA 2u
+#define RK_FLAG_ACK 4u
+#define RK_KNOWN_FLAGS 7u
+#define RK_MAX_DTYPE 7
+#define RK_MAX_CONTROL_BYTES (1u << 20)
+
+#define RK_STOPPED (-1)           /* a wait ended because the stream is closing here */
+
+/* The wire header (rdmakv/protocol.py HEADER), unpacked. */
+typedef struct {
+    uint32_t magic;
+    uint16_t version;
+    uint8_t op;
+    uint8_t dtype;
+    uint32_t flags;
+    uint64_t key;
+    uint32_t chunk;
+    int32_t priority;
+    uint64_t round;
+    uint64_t length;
+    uint32_t sender;
+} rk_header;
+
+void rk_header_pack(char *out, const rk_header *h);
+void rk_header_unpack(const char *in, rk_header *h);
+/* RK_OK, or the enum rk_error naming the first bad field (protocol.unpack's checks). */
+int rk_header_check(const rk_header *h);
+
+enum rk_error {
+    RK_OK = 0,
+    RK_ERR_EOF,               /* the peer closed the connection between messages */
+    RK_ERR_MIDSTREAM,         /* the peer closed the connection inside a message */
+    RK_ERR_TIMEOUT,           /* no progress inside a message for the stream's timeout */
+    RK_ERR_IO,                /* a system call failed: sys_errno */
+    RK_ERR_BAD_MAGIC,         /* header.magic */
+    RK_ERR_BAD_VERSION,       /* header.version */
+    RK_ERR_BAD_OP,            /* header.op */
+    RK_ERR_BAD_FLAGS,         /* header.flags */
+    RK_ERR_BAD_DTYPE,         /* header.dtype */
+    RK_ERR_TOO_LARGE,         /* header.length above what this op may carry: limit */
+    RK_ERR_UNEXPECTED_RESULT, /* a RESULT nothing waits for */
+    RK_ERR_RESULT_LENGTH,     /* a RESULT of the wrong size: limit is the chunk's */
+    RK_ERR_NO_MEMORY,
+    RK_ERR_REFUSED,           /* the control plane refused the message: the stream stops */
+};
+
+/* ---- a socket's byte stream, every wait bounded ------------------------------ */
+/* Reads go through a small buffer, so that one recv takes in a header and a small
+ * payload, or several small messages; a payload of RK_DIRECT_READ bytes or more
+ * goes from the socket straight into its destination. */
+#define RK_READ_BUFFER (64 * 1024)
+#define RK_DIRECT_READ (16 * 1024)
+
+typedef struct {
+    int fd;
+    int stop;                 /* set (atomically) to end every wait on the stream */
+    double timeout;           /* seconds without progress inside a message */
+    char *in;                 /* RK_READ_BUFFER bytes read ahead: [in_start, in_end) are unread */
+    size_t in_start, in_end;
+} rk_stream;
+
+/* Open the stream on fd (allocates the read buffer); 0 or ENOMEM. */
+int rk_stream_open(rk_stream *s, int fd, double timeout);
+void rk_stream_free(rk_stream *s);
+/* Move up to n read-ahead bytes into dst (for a reader that hands the rest of a
+ * message to someone reading the socket itself); how many. */
+size_t rk_stream_take_buffered(rk_stream *s, char *dst, size_t n);
+
+double rk_now(void);
+/* 0 once ready for events, RK_STOPPED, RK_ERR_TIMEOUT after the deadline (0: none), RK_ERR_IO. */
+int rk_wait_fd(rk_stream *s, short events, double deadline, int *err);
+/* Fill dst; RK_OK, RK_ERR_EOF (closed before the first byte, when at_start),
+ * RK_ERR_MIDSTREAM, RK_ERR_TIMEOUT, RK_ERR_IO, RK_STOPPED. */
+int rk_recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *err);
+/* Write every byte of iov (callers serialize); RK_OK, RK_ERR_TIMEOUT, RK_ERR_IO. */
+int rk_send_all(rk_stream *s, struct iovec *iov, int count, int *err);
+/* The next header, checked; 0, an enum rk_error, or RK_STOPPED.  *have_header
+ * says whether h holds what arrived (for the error report). */
+int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err);
+
+void rk_futex_wait(_Atomic uint32_t *word, uint32_t expected, double seconds);
+void rk_futex_wake(_Atomic uint32_t *word);
+
+/* ---- events for the control plane ------------------------------------------------ */
+enum rk_event_kind {
+    RK_EVENT_MESSAGE = 1,     /* a control message */
+    RK_EVENT_CLOSED = 2,      /* a link's reader stopped: error says why */
+    RK_EVENT_SEND_FAILED = 3, /* a send on the link failed: error says why */
+    RK_EVENT_REFUSED = 4,     /* (server) a push the engine refused: error is an enum rk_refusal */
+    RK_EVENT_SUMMED = 5,      /* (server) a round is summed and waits for the control plane (an optimizer) */
+};
+
+typedef struct rk_event {
+    struct rk_event *next;
+    uint32_t link;
+    uint32_t kind;
+    int32_t error;
+    int32_t sys_errno;
+    uint64_t limit;
+    rk_header header;         /* the message, or the one that broke the link */
+    char *payload;            /* header.length bytes, malloc'd: rk_event_free() */
+} rk_event;
+
+typedef struct {
+    pthread_mutex_t lock;
+    pthread_cond_t ready;
+    rk_event *head, *tail;
+    int closing;
+} rk_mailbox;
+
+void rk_mailbox_init(rk_mailbox *m);
+void rk_mailbox_post(rk_mailbox *m, rk_event *event);
+/* The oldest event; NULL after timeout seconds or once closing. */
+rk_event *rk_mailbox_next(rk_mailbox *m, double timeout);
+void rk_mailbox_close(rk_mailbox *m);
+void rk_mailbox_free(rk_mailbox *m);
+rk_event *rk_event_new(uint32_t link, uint32_t kind, int error, int sys_errno, const rk_header *h, uint64_t limit);
+void rk_event_free(rk_event *event);
+
+/* ---- a priority queue of chunks to send --------------------------------------------- */
+typedef struct {
+    int32_t priority;         /* highest first, */
+    uint32_t order;           /* then key declaration order, */
+    uint32_t chunk;           /* then chunk index, */
+    uint64_t arrival;         /* then first come first served */
+    uint64_t credit;          /* bytes of credit it holds once sent */
+    void *ref;                /* what the owner queued */
+    uint64_t tag;             /* the owner's */
+    const char *data;         /* (server replies) the payload, */
+    uint8_t op;               /* and the op */
+} rk_item;
+
+#define RK_BATCH 32               /* queued messages one sendmsg may carry, */
+#define RK_BATCH_BYTES (256 * 1024)   /* up to about this many bytes */
+
+typedef struct {
+    rk_item *items;
+    size_t count, capacity;
+    uint64_t arrivals;
+} rk_queue;
+
+int rk_queue_push(rk_queue *q, rk_item item);   /* 0, or -1 out of memory */
+const rk_item *rk_queue_top(const rk_queue *q);
+rk_item rk_queue_pop(rk_queue *q);
+void rk_queue_remove_ref(rk_queue *q, const void *ref);
+void rk_queue_free(rk_queue *q);
+
+#endif

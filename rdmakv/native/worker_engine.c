@@ -1,0 +1,738 @@
+/* The worker's native data plane (worker_engine.h): the per-message path of a
+ * pushpull, with no Python object touched.  Locks, from outer to inner:
+ * order_lock (a key's rounds), then one link's lock (its queue, credit and the
+ * results it owes), then its send_lock (the socket's byte stream).  keys_lock
+ * (the wire -> key table) is never held with another.  No lock is held while
+ * an op finishes: finishing may call into Python (rk_done_fn takes the GIL). */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "worker_engine.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+
+#define RK_CLAIMED 0x80000000u    /* rk_op.life: one thread settles the outcome */
+#define RK_SETTLED 0x40000000u    /* rk_op.life: the outcome is written */
+#define RK_BUSY_MASK 0x3fffffffu  /* rk_op.life: threads touching the op's buffers */
+
+typedef struct {
+    uint64_t offset;
+    uint64_t nbytes;
+    uint32_t link;
+    rk_op *op;                    /* whose result the link owes for this chunk (link lock) */
+    int credited;                 /* that op's push holds credit until RECEIVED or RESULT */
+} rk_chunk;
+
+struct rk_key {
+    uint64_t wire;
+    uint32_t order;
+    uint8_t dtype;
+    uint32_t nchunks;
+    uint64_t max_chunk;
+    rk_chunk *chunks;
+    _Atomic int failed;
+    uint64_t next_round;          /* order_lock, like active and the waiting list */
+    rk_op *active;
+    rk_op *waiting_head, *waiting_tail;
+    rk_key *next_declared;
+};
+
+struct rk_link {
+    rk_engine *engine;
+    uint32_t index;
+    rk_stream stream;
+    int started;
+    pthread_t reader, sender;
+    pthread_mutex_t lock;
+    pthread_cond_t ready;
+    rk_queue queue;               /* chunks waiting to be sent: ref is the op, tag unused */
+    uint64_t in_flight;           /* credited bytes sent whose RECEIVED or RESULT is not back */
+    uint32_t credited_chunks;
+    int sending;                  /* a thread is sending a queued chunk */
+    int failed;                   /* set by the control plane: start nothing new here */
+    int send_failed;              /* reported once */
+    pthread_mutex_t send_lock;
+    _Atomic uint64_t states_limit;
+    char *scratch;                /* where dropped results land (the reader's) */
+    size_t scratch_size;
+};
+
+struct rk_engine {
+    uint32_t num_links;
+    rk_link *links;
+    uint64_t credit_bytes;
+    uint64_t direct_bytes;
+    double timeout;
+    uint32_t sender_rank;
+    pthread_rwlock_t keys_lock;
+    rk_key **table;               /* open addressing on the wire key */
+    size_t table_capacity, table_count;
+    rk_key *declared;
+    pthread_mutex_t order_lock;
+    pthread_mutex_t finished_lock;
+    rk_op *finished;
+    rk_mailbox mailbox;
+    int closed;                   /* rk_engine_close ran: the links' descriptors are the caller's again */
+};
+
+static void post_error(rk_link *link, uint32_t kind, int error, int sys_errno, const rk_header *h, uint64_t limit) {
+    rk_event *event = rk_event_new(link->index, kind, error, sys_errno, h, limit);
+    if (event) rk_mailbox_post(&link->engine->mailbox, event);   /* else the link still stops */
+}
+
+rk_event *rk_engine_next_event(rk_engine *engine, double timeout) {
+    return rk_mailbox_next(&engine->mailbox, timeout);
+}
+
+/* ---- operations: settling and finishing -------------------------------------------- */
+static void start(rk_op *op);
+
+static int busy_acquire(rk_op *op) {
+    uint32_t life = atomic_load(&op->life);
+    do {
+        if (life & RK_CLAIMED) return 0;
+    } while (!atomic_compare_exchange_weak(&op->life, &life, life + 1));
+    return 1;
+}
+
+static void finish(rk_op *op) {
+    rk_engine *engine = op->engine;
+    rk_key *key = op->key;
+    pthread_mutex_lock(&op->callback_lock);
+    op->finishing = 1;
+    int call = op->has_callbacks;
+    pthread_mutex_unlock(&op->callback_lock);
+    if (call && op->on_done) op->on_done(op);
+    /* Pairs with rk_op_wait: each side writes its word, then reads the other's (seq_cst). */
+    atomic_store(&op->done, 1);
+    if (atomic_load(&op->waiters)) rk_futex_wake(&op->done);
+    rk_op *following = NULL;
+    pthread_mutex_lock(&engine->order_lock);
+    if (key->active == op) {
+        following = key->waiting_head;
+        if (following) {
+            key->waiting_head = following->next;
+            if (key->waiting_head == NULL) key->waiting_tail = NULL;
+            following->next = NULL;
+        }
+        key->active = following;
+    }
+    pthread_mutex_unlock(&engine->order_lock);
+    pthread_mutex_lock(&engine->finished_lock);
+    op->next = engine->finished;
+    engine->finished = op;         /* from here on only the caller touches op */
+    pthread_mutex_unlock(&engine->finished_lock);
+    if (following) start(following);
+}
+
+static void busy_release(rk_op *op) {
+    if (atomic_fetch_sub(&op->life, 1) - 1 == (RK_CLAIMED | RK_SETTLED)) finish(op);
+}
+
+/* Claim op's outcome; 0 if another thread settled it first. */
+static int claim(rk_op *op) {
+    uint32_t life = atomic_load(&op->life);
+    do {
+        if (life & RK_CLAIMED) return 0;
+    } while (!atomic_compare_exchange_weak(&op->life, &life, life | RK_CLAIMED));
+    return 1;
+}
+
+/* The claimed outcome is written: finish now unless a thread still touches the buffers. */
+static void publish(rk_op *op) {
+    if (((atomic_fetch_or(&op->life, RK_SETTLED) | RK_SETTLED) & RK_BUSY_MASK) == 0) finish(op);
+}
+
+static void return_credit(rk_link *link, rk_chunk *chunk) {   /* the caller holds link->lock */
+    if (chunk->credited) {
+        chunk->credited = 0;
+        link->in_flight -= chunk->nbytes;
+        link->credited_chunks--;
+        pthread_cond_signal(&link->ready);
+    }
+}
+
+/* Fail op (not yet settled by anyone else): forget what the links owe it, then settle. */
+static void cancel(rk_op *op, int32_t outcome, uint32_t failed_link) {
+    if (!claim(op)) return;
+    op->outcome = outcome;
+    op->failed_link = failed_link;
+    rk_key *key = op->key;
+    for (uint32_t i = 0; i < key->nchunks; i++) {
+        rk_chunk *chunk = &key->chunks[i];
+        rk_link *link = &op->engine->links[chunk->link];
+        pthread_mutex_lock(&link->lock);
+        if (chunk->op == op) {
+            chunk->op = NULL;
+            return_credit(link, chunk);
+        }
+        rk_queue_remove_ref(&link->queue, op);
+        pthread_mutex_unlock(&link->lock);
+    }
+    publish(op);
+}
+
+/* The next chunk that may go (the caller holds link->lock): credit permitting; a
+ * chunk larger than the whole credit still goes when nothing else is in flight. */
+static int pop_ready(rk_link *link, rk_item *out) {
+    const rk_item *top = rk_queue_top(&link->queue);
+    if (top == NULL) return 0;
+    uint64_t limit = link->engine->credit_bytes;
+    if (limit && top->credit && link->credited_chunks && link->in_flight + top->credit > limit) return 0;
+    *out = rk_queue_pop(&link->queue);
+    if (out->credit) {
+        rk_op *op = out->ref;
+        op->key->chunks[out->chunk].credited = 1;
+        link->in_flight += out->credit;
+        link->credited_chunks++;
+    }
+    return 1;
+}
+
+/* ---- sending ---------------------------------------------------------------------- */
+static void report_send_failure(rk_link *link, int error, int sys_errno) {
+    pthread_mutex_lock(&link->lock);
+    int first = !link->send_failed;
+    link->send_failed = 1;
+    pthread_mutex_unlock(&link->lock);
+    if (first) post_error(link, RK_EVENT_SEND_FAILED, error, sys_errno, NULL, 0);
+}
+
+/* Send popped chunks with one sendmsg, then let the next sender in (the caller
+ * set link->sending).  A chunk whose op failed meanwhile is left out. */
+static void transmit(rk_link *link, const rk_item *items, int count) {
+    char packed[RK_BATCH][RK_HEADER_SIZE];
+    struct iovec iov[2 * RK_BATCH];
+    rk_op *held[RK_BATCH];
+    int parts = 0, holding = 0, rc = RK_OK, err = 0;
+    for (int i = 0; i < count; i++) {
+        rk_op *op = items[i].ref;
+        if (!busy_acquire(op)) continue;
+        held[holding++] = op;
+        rk_key *key = op->key;
+        rk_chunk *chunk = &key->chunks[items[i].chunk];
+        int no_data = (op->flags & RK_FLAG_NO_DATA) != 0;
+        rk_header h = {.magic = RK_MAGIC, .version = RK_VERSION, .op = RK_OP_PUSH, .dtype = key->dtype,
+                       .flags = op->flags | (items[i].credit ? RK_FLAG_ACK : 0), .key = key->wire,
+                       .chunk = items[i].chunk, .priority = op->priority, .round = op->round,
+                       .length = no_data ? 0 : chunk->nbytes, .sender = link->engine->sender_rank};
+        rk_header_pack(packed[i], &h);
+        iov[parts++] = (struct iovec){packed[i], RK_HEADER_SIZE};
+        if (h.length) iov[parts++] = (struct iovec){(char *)op->source + chunk->offset, h.length};
+    }
+    if (parts) {
+        pthread_mutex_lock(&link->send_lock);
+        rc = rk_send_all(&link->stream, iov, parts, &err);
+        pthread_mutex_unlock(&link->send_lock);
+    }
+    for (int i = 0; i < holding; i++) busy_release(held[i]);
+    if (rc) report_send_failure(link, rc, err);
+    pthread_mutex_lock(&link->lock);
+    link->sending = 0;
+    if (link->queue.count) pthread_cond_signal(&link->ready);
+    pthread_mutex_unlock(&link->lock);
+}
+
+static void *sender_main(void *arg) {
+    rk_link *link = arg;
+    rk_item items[RK_BATCH];
+    pthread_mutex_lock(&link->lock);
+    for (;;) {
+        while (!link->stream.stop && (link->sending || !pop_ready(link, &items[0])))
+            pthread_cond_wait(&link->ready, &link->lock);
+        if (link->stream.stop) break;
+        /* What else may go now leaves in the same sendmsg: one system call, not one a chunk. */
+        int count = 0;
+        uint64_t bytes = 0;
+        do {
+            bytes += ((rk_op *)items[count].ref)->key->chunks[items[count].chunk].nbytes;
+            count++;
+        } while (count < RK_BATCH && bytes < RK_BATCH_BYTES && pop_ready(link, &items[count]));
+        link->sending = 1;
+        pthread_mutex_unlock(&link->lock);
+        transmit(link, items, count);
+        pthread_mutex_lock(&link->lock);
+    }
+    pthread_mutex_unlock(&link->lock);
+    return NULL;
+}
+
+int rk_link_send(rk_engine *engine, uint32_t index, const char *header, const char *payload, size_t length,
+                 int *err) {
+    rk_link *link = &engine->links[index];
+    struct iovec iov[2] = {{(char *)header, RK_HEADER_SIZE}, {(char *)payload, length}};
+    pthread_mutex_lock(&link->send_lock);
+    int rc = rk_send_all(&link->stream, iov, length ? 2 : 1, err);
+    pthread_mutex_unlock(&link->send_lock);
+    return rc;
+}
+
+/* ---- starting an op: its chunks go to their links' queues -------------------------- */
+static void start(rk_op *op) {
+    rk_engine *engine = op->engine;
+    rk_key *key = op->key;
+    if (atomic_load(&key->failed)) {
+        cancel(op, RK_DONE_KEY_FAILED, 0);
+        return;
+    }
+    if (key->nchunks == 0) {
+        if (claim(op)) {
+            op->outcome = RK_DONE_OK;
+            publish(op);
+        }
+        return;
+    }
+    for (uint32_t i = 0; i < key->nchunks; i++) {
+        rk_chunk *chunk = &key->chunks[i];
+        rk_link *link = &engine->links[chunk->link];
+        rk_item item = {.priority = op->priority, .order = key->order, .chunk = i, .ref = op,
+                        .credit = (chunk->nbytes > engine->direct_bytes && engine->credit_bytes) ? chunk->nbytes : 0};
+        int direct = 0;
+        pthread_mutex_lock(&link->lock);
+        if (link->failed || atomic_load(&op->life) & RK_CLAIMED) {
+            uint32_t failed = link->index;
+            int link_failed = link->failed;
+            pthread_mutex_unlock(&link->lock);
+            if (link_failed) cancel(op, RK_DONE_LINK_FAILED, failed);
+            return;
+        }
+        chunk->op = op;
+        chunk->credited = 0;
+        if (rk_queue_push(&link->queue, item)) {
+            chunk->op = NULL;
+            pthread_mutex_unlock(&link->lock);
+            cancel(op, RK_DONE_CANCELLED, 0);
+            return;
+        }
+        /* A small chunk with nothing ahead of it goes from this thread: a hand-off
+         * to the sender thread costs more than the send. */
+        if (!link->sending && link->queue.count == 1 && chunk->nbytes <= engine->direct_bytes &&
+            pop_ready(link, &item)) {
+            link->sending = 1;
+            direct = 1;
+        } else {
+            pthread_cond_signal(&link->ready);
+        }
+        pthread_mutex_unlock(&link->lock);
+        if (direct) transmit(link, &item, 1);
+    }
+}
+
+void rk_op_init(rk_op *op, rk_engine *engine, rk_key *key, const char *source, char *target, int32_t priority,
+                uint32_t flags, void *owner) {
+    memset(op, 0, sizeof *op);
+    op->engine = engine;
+    op->key = key;
+    op->source = source;
+    op->target = target;
+    op->priority = priority;
+    op->flags = flags;
+    op->owner = owner;
+    atomic_init(&op->remaining, key->nchunks);
+    pthread_mutex_init(&op->callback_lock, NULL);
+}
+
+uint64_t rk_engine_submit(rk_engine *engine, rk_op *op) {
+    rk_key *key = op->key;
+    pthread_mutex_lock(&engine->order_lock);
+    op->round = key->next_round++;
+    int now = key->active == NULL;
+    if (now) {
+        key->active = op;
+    } else {
+        if (key->waiting_tail) key->waiting_tail->next = op;
+        else key->waiting_head = op;
+        key->waiting_tail = op;
+    }
+    pthread_mutex_unlock(&engine->order_lock);
+    if (now) start(op);
+    return op->round;
+}
+
+int rk_op_wait(rk_op *op, double timeout) {
+    if (atomic_load(&op->done)) return 1;
+    double deadline = rk_now() + timeout;
+    atomic_fetch_add(&op->waiters, 1);
+    while (!atomic_load(&op->done)) {
+        double left = deadline - rk_now();
+        if (left <= 0) break;
+        rk_futex_wait(&op->done, 0, left);
+    }
+    atomic_fetch_sub(&op->waiters, 1);
+    return (int)atomic_load(&op->done);
+}
+
+int rk_op_want_callback(rk_op *op, rk_done_fn on_done) {
+    pthread_mutex_lock(&op->callback_lock);
+    int state = 0;
+    if (op->finishing) {
+        state = op->has_callbacks ? 1 : 2;
+    } else {
+        op->has_callbacks = 1;
+        op->on_done = on_done;
+    }
+    pthread_mutex_unlock(&op->callback_lock);
+    return state;
+}
+
+rk_op *rk_engine_take_finished(rk_engine *engine) {
+    pthread_mutex_lock(&engine->finished_lock);
+    rk_op *list = engine->finished;
+    engine->finished = NULL;
+    pthread_mutex_unlock(&engine->finished_lock);
+    return list;
+}
+
+uint32_t rk_op_owed(rk_op *op, uint32_t index, uint32_t *indices, uint32_t max) {
+    rk_key *key = op->key;
+    rk_link *link = &op->engine->links[index];
+    uint32_t count = 0;
+    pthread_mutex_lock(&link->lock);
+    for (uint32_t i = 0; i < key->nchunks; i++) {
+        if (key->chunks[i].link == index && key->chunks[i].op == op) {
+            if (count < max) indices[count] = i;
+            count++;
+        }
+    }
+    pthread_mutex_unlock(&link->lock);
+    return count;
+}
+
+/* Take the key's active op and waiting list (order_lock), to fail them. */
+static rk_op *take_pending(rk_engine *engine, rk_key *key) {
+    pthread_mutex_lock(&engine->order_lock);
+    rk_op *list = key->waiting_head;
+    key->waiting_head = key->waiting_tail = NULL;
+    if (key->active) {
+        key->active->next = list;
+        list = key->active;
+    }
+    pthread_mutex_unlock(&engine->order_lock);
+    return list;
+}
+
+static void cancel_list(rk_op *list, int32_t outcome, uint32_t failed_link) {
+    while (list) {
+        rk_op *next = list->next;   /* finishing reuses next */
+        cancel(list, outcome, failed_link);
+        list = next;
+    }
+}
+
+void rk_engine_fail_key(rk_engine *engine, rk_key *key) {
+    atomic_store(&key->failed, 1);
+    cancel_list(take_pending(engine, key), RK_DONE_KEY_FAILED, 0);
+}
+
+void rk_engine_fail_link(rk_engine *engine, uint32_t index, int32_t outcome) {
+    for (uint32_t i = 0; i < engine->num_links; i++) {
+        if (index != UINT32_MAX && i != index) continue;
+        pthread_mutex_lock(&engine->links[i].lock);
+        engine->links[i].failed = 1;
+        pthread_mutex_unlock(&engine->links[i].lock);
+    }
+    pthread_rwlock_rdlock(&engine->keys_lock);
+    rk_key *declared = engine->declared;
+    pthread_rwlock_unlock(&engine->keys_lock);
+    for (rk_key *key = declared; key; key = key->next_declared) {
+        int uses = index == UINT32_MAX;
+        for (uint32_t i = 0; i < key->nchunks && !uses; i++) uses = key->chunks[i].link == index;
+        if (uses) cancel_list(take_pending(engine, key), outcome, index);
+    }
+}
+
+/* ---- receiving --------------------------------------------------------------------- */
+static rk_key *find_key(rk_engine *engine, uint64_t wire) {
+    pthread_rwlock_rdlock(&engine->keys_lock);
+    rk_key *found = NULL;
+    if (engine->table_capacity) {
+        size_t mask = engine->table_capacity - 1;
+        for (size_t i = (size_t)(wire * 0x9E3779B97F4A7C15ull) & mask; engine->table[i]; i = (i + 1) & mask)
+            if (engine->table[i]->wire == wire) {
+                found = engine->table[i];
+                break;
+            }
+    }
+    pthread_rwlock_unlock(&engine->keys_lock);
+    return found;
+}
+
+/* Read and discard length bytes (a result that crossed its op's failure). */
+static int drop_payload(rk_link *link, uint64_t length, int *err) {
+    if (link->scratch_size < length) {
+        char *grown = realloc(link->scratch, length);
+        if (grown == NULL) return RK_ERR_NO_MEMORY;
+        link->scratch = grown;
+        link->scratch_size = length;
+    }
+    return rk_recv_all(&link->stream, link->scratch, length, 0, err);
+}
+
+/* A RESULT: into the caller's target, straight from the socket. */
+static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *err) {
+    rk_key *key = find_key(link->engine, h->key);
+    rk_chunk *chunk = NULL;
+    rk_op *op = NULL;
+    int dropped = 0;
+    pthread_mutex_lock(&link->lock);
+    if (key && h->chunk < key->nchunks && key->chunks[h->chunk].link == link->index) {
+        chunk = &key->chunks[h->chunk];
+        if (chunk->op && chunk->op->round == h->round) {
+            if (h->length != chunk->nbytes) {
+                *limit = chunk->nbytes;
+                pthread_mutex_unlock(&link->lock);
+                return RK_ERR_RESULT_LENGTH;
+            }
+            op = chunk->op;
+            if (!busy_acquire(op)) op = NULL;
+        }
+    }
+    if (op == NULL) {
+        /* Taken in and dropped, no more than a chunk of the key: a result that
+         * crossed its key's failure, or this link's, or its op's. */
+        dropped = key && (atomic_load(&key->failed) || link->failed || (chunk && chunk->op)) &&
+                  h->length <= key->max_chunk;
+        pthread_mutex_unlock(&link->lock);
+        if (!dropped) return RK_ERR_UNEXPECTED_RESULT;
+        return drop_payload(link, h->length, err);
+    }
+    pthread_mutex_unlock(&link->lock);
+    int rc = rk_recv_all(&link->stream, op->target + chunk->offset, h->length, 0, err);
+    int cleared = 0;
+    if (rc == RK_OK) {
+        pthread_mutex_lock(&link->lock);
+        if (chunk->op == op) {
+            chunk->op = NULL;
+            return_credit(link, chunk);
+            cleared = 1;
+        }
+        pthread_mutex_unlock(&link->lock);
+    }
+    if (cleared && atomic_fetch_sub(&op->remaining, 1) == 1 && claim(op)) {
+        op->outcome = RK_DONE_OK;
+        atomic_fetch_or(&op->life, RK_SETTLED);   /* still busy here: busy_release finishes it */
+    }
+    busy_release(op);
+    return rc;
+}
+
+static void take_received(rk_link *link, const rk_header *h) {
+    rk_key *key = find_key(link->engine, h->key);
+    pthread_mutex_lock(&link->lock);
+    if (key && h->chunk < key->nchunks && key->chunks[h->chunk].link == link->index) {
+        rk_chunk *chunk = &key->chunks[h->chunk];
+        if (chunk->op && chunk->op->round == h->round) return_credit(link, chunk);
+    }
+    pthread_mutex_unlock(&link->lock);
+}
+
+/* Any other message: its payload (bounded) goes to the control plane. */
+static int take_control(rk_link *link, const rk_header *h, uint64_t *limit, int *err) {
+    uint64_t allowed = h->op == RK_OP_STATES ? atomic_load(&link->states_limit) : RK_MAX_CONTROL_BYTES;
+    if (h->length > allowed) {
+        *limit = allowed;
+        return RK_ERR_TOO_LARGE;
+    }
+    rk_event *event = rk_event_new(link->index, RK_EVENT_MESSAGE, RK_OK, 0, h, 0);
+    if (event == NULL) return RK_ERR_NO_MEMORY;
+    if (h->length) {
+        event->payload = malloc(h->length);
+        int rc = event->payload ? rk_recv_all(&link->stream, event->payload, h->length, 0, err) : RK_ERR_NO_MEMORY;
+        if (rc) {
+            rk_event_free(event);
+            return rc;
+        }
+    }
+    rk_mailbox_post(&link->engine->mailbox, event);
+    return RK_OK;
+}
+
+static void *reader_main(void *arg) {
+    rk_link *link = arg;
+    rk_header h;
+    for (;;) {
+        int err = 0, have_header = 0;
+        uint64_t limit = 0;
+        int rc = rk_read_header(&link->stream, &h, &have_header, &err);
+        if (rc == RK_OK) {
+            switch (h.op) {
+            case RK_OP_RESULT:
+                rc = take_result(link, &h, &limit, &err);
+                break;
+            case RK_OP_RECEIVED:
+            case RK_OP_HEARTBEAT:
+                if (h.length) {
+                    rc = RK_ERR_TOO_LARGE;
+                    break;
+                }
+                if (h.op == RK_OP_RECEIVED) take_received(link, &h);
+                break;
+            default:
+                rc = take_control(link, &h, &limit, &err);
+            }
+        }
+        if (rc == RK_STOPPED || __atomic_load_n(&link->stream.stop, __ATOMIC_ACQUIRE)) return NULL;  /* closed here */
+        if (rc != RK_OK) {
+            post_error(link, RK_EVENT_CLOSED, rc, err, have_header ? &h : NULL, limit);
+            return NULL;
+        }
+    }
+}
+
+/* ---- engine and keys ---------------------------------------------------------------- */
+rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t direct_bytes, double timeout,
+                         uint32_t sender_rank) {
+    rk_engine *engine = calloc(1, sizeof *engine);
+    if (engine == NULL) return NULL;
+    engine->links = calloc(num_links ? num_links : 1, sizeof *engine->links);
+    if (engine->links == NULL) {
+        free(engine);
+        return NULL;
+    }
+    engine->num_links = num_links;
+    engine->credit_bytes = credit_bytes;
+    engine->direct_bytes = direct_bytes;
+    engine->timeout = timeout;
+    engine->sender_rank = sender_rank;
+    pthread_rwlock_init(&engine->keys_lock, NULL);
+    pthread_mutex_init(&engine->order_lock, NULL);
+    pthread_mutex_init(&engine->finished_lock, NULL);
+    rk_mailbox_init(&engine->mailbox);
+    for (uint32_t i = 0; i < num_links; i++) {
+        rk_link *link = &engine->links[i];
+        link->engine = engine;
+        link->index = i;
+        link->stream.fd = -1;
+        link->stream.timeout = timeout;
+        pthread_mutex_init(&link->lock, NULL);
+        pthread_cond_init(&link->ready, NULL);
+        pthread_mutex_init(&link->send_lock, NULL);
+    }
+    return engine;
+}
+
+int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd) {
+    rk_link *link = &engine->links[index];
+    int rc = rk_stream_open(&link->stream, fd, engine->timeout);
+    if (rc) return rc;
+    rc = pthread_create(&link->reader, NULL, reader_main, link);
+    if (rc) return rc;
+    rc = pthread_create(&link->sender, NULL, sender_main, link);
+    if (rc) {
+        __atomic_store_n(&link->stream.stop, 1, __ATOMIC_RELEASE);
+        shutdown(fd, SHUT_RDWR);
+        pthread_join(link->reader, NULL);
+        return rc;
+    }
+    link->started = 1;
+    return 0;
+}
+
+void rk_engine_close(rk_engine *engine) {
+    if (engine->closed) return;   /* the descriptors may be another socket's by now */
+    engine->closed = 1;
+    for (uint32_t i = 0; i < engine->num_links; i++) {
+        rk_link *link = &engine->links[i];
+        pthread_mutex_lock(&link->lock);
+        __atomic_store_n(&link->stream.stop, 1, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&link->ready);
+        pthread_mutex_unlock(&link->lock);
+        if (link->stream.fd >= 0) shutdown(link->stream.fd, SHUT_RDWR);   /* wakes a reader or sender in poll */
+    }
+    for (uint32_t i = 0; i < engine->num_links; i++) {
+        rk_link *link = &engine->links[i];
+        if (link->started) {
+            pthread_join(link->sender, NULL);
+            pthread_join(link->reader, NULL);
+            link->started = 0;
+        }
+    }
+    rk_mailbox_close(&engine->mailbox);
+}
+
+void rk_engine_free(rk_engine *engine) {
+    if (engine == NULL) return;
+    rk_engine_close(engine);
+    for (uint32_t i = 0; i < engine->num_links; i++) {
+        rk_queue_free(&engine->links[i].queue);
+        rk_stream_free(&engine->links[i].stream);
+        free(engine->links[i].scratch);
+    }
+    rk_mailbox_free(&engine->mailbox);
+    rk_key *key = engine->declared;
+    while (key) {
+        rk_key *next = key->next_declared;
+        free(key->chunks);
+        free(key);
+        key = next;
+    }
+    free(engine->table);
+    free(engine->links);
+    free(engine);
+}
+
+void rk_link_allow_states(rk_engine *engine, uint32_t link, uint64_t limit) {
+    atomic_store(&engine->links[link].states_limit, limit);
+}
+
+static int table_insert(rk_engine *engine, rk_key *key) {   /* the caller holds keys_lock for writing */
+    if (2 * (engine->table_count + 1) > engine->table_capacity) {
+        size_t capacity = engine->table_capacity ? 2 * engine->table_capacity : 64;
+        rk_key **table = calloc(capacity, sizeof *table);
+        if (table == NULL) return -1;
+        for (size_t i = 0; i < engine->table_capacity; i++) {
+            rk_key *old = engine->table[i];
+            if (old == NULL) continue;
+            size_t j = (size_t)(old->wire * 0x9E3779B97F4A7C15ull) & (capacity - 1);
+            while (table[j]) j = (j + 1) & (capacity - 1);
+            table[j] = old;
+        }
+        free(engine->table);
+        engine->table = table;
+        engine->table_capacity = capacity;
+    }
+    size_t mask = engine->table_capacity - 1;
+    size_t j = (size_t)(key->wire * 0x9E3779B97F4A7C15ull) & mask;
+    while (engine->table[j]) j = (j + 1) & mask;
+    engine->table[j] = key;
+    engine->table_count++;
+    return 0;
+}
+
+rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint8_t dtype, uint32_t nchunks,
+                          const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links) {
+    rk_key *key = calloc(1, sizeof *key);
+    if (key == NULL) return NULL;
+    key->chunks = calloc(nchunks ? nchunks : 1, sizeof *key->chunks);
+    if (key->chunks == NULL) {
+        free(key);
+        return NULL;
+    }
+    key->wire = wire;
+    key->order = order;
+    key->dtype = dtype;
+    key->nchunks = nchunks;
+    for (uint32_t i = 0; i < nchunks; i++) {
+        key->chunks[i].offset = offsets[i];
+        key->chunks[i].nbytes = sizes[i];
+        key->chunks[i].link = links[i];
+        if (sizes[i] > key->max_chunk) key->max_chunk = sizes[i];
+    }
+    pthread_rwlock_wrlock(&engine->keys_lock);
+    int rc = table_insert(engine, key);
+    if (rc == 0) {
+        key->next_declared = engine->declared;
+        engine->declared = key;
+    }
+    pthread_rwlock_unlock(&engine->keys_lock);
+    if (rc) {
+        free(key->chunks);
+        free(key);
+        return NULL;
+    }
+    return key;
+}

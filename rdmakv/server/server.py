@@ -1,0 +1,920 @@
+"""The parameter server: sums each chunk over all workers and answers every
+worker once all have pushed.  `python -m rdmakv.server` runs a server or the
+scheduler according to DMLC_ROLE, as `import byteps.server` does.
+
+Memory per chunk is two result buffers used by alternate rounds (a worker can
+push round r+1 as soon as it has round r's result, while round r's result may
+still be going out to slower workers) plus, with an optimizer, the weights:
+bounded, whatever the number of rounds.  A worker whose connection places data
+remotely (verbs) also gets a slot per chunk that its pushes are written
+straight into: the slot for round r+1 is offered once round r's push is summed.
+
+Everything a worker's declaration makes the server keep is charged to a
+memory budget (RDMAKV_SERVER_MEMORY, default this machine's memory) before it
+is allocated: a declaration that does not fit is refused, naming the budget,
+and keeps only the refusal.  A peer that has not connected makes us allocate nothing
+beyond its small CONNECT; optimizer state is bounded by the keys declared."""
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+
+import numpy as np
+
+from rdmakv.control import auth, trace
+from rdmakv.control.node import ControlLink, accept_peers
+from rdmakv.core import netif, partition, protocol
+from rdmakv.core.config import Config, machine_memory
+from rdmakv.core.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
+from rdmakv.core.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
+from rdmakv.native import transport as _t
+from rdmakv.transport import choose_transport, tcp
+from rdmakv.transport.base import Handler
+from rdmakv.transport.tcp import engine_read_error, engine_stream_error
+
+log = logging.getLogger("rdmakv.server")
+
+MAX_DIMS = 32
+DIRECT_REPLY_BYTES = 64 * 1024   # smaller replies go out from the summing thread when nothing waits
+# Bookkeeping charged to the memory budget besides the buffers: what a key and
+# each chunk held here cost in Python objects (about 0.9 and 1.7 KiB, measured
+# by tests/test_allocation.py, which keeps these above the measurement).
+KEY_COST = 2048
+CHUNK_COST = 2048
+
+
+def _human_bytes(nbytes):
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+class MemoryBudget:
+    """The bytes this server has committed for declared keys, against its limit."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def charge(self, nbytes):
+        """Take nbytes; False (taking nothing) if they do not fit."""
+        with self._lock:
+            if self.used + nbytes > self.limit:
+                return False
+            self.used += nbytes
+            return True
+
+    def release(self, nbytes):
+        with self._lock:
+            self.used -= nbytes
+
+
+class KeyRefused(ProtocolError):
+    """A problem with one key: reported to the workers using it, the connection stays."""
+
+    def __init__(self, key, message):
+        super().__init__(message)
+        self.key = key
+
+
+class KeyState:
+    __slots__ = ("key", "layout", "name", "declared_by", "disagreeing", "chunks", "error", "native")
+
+    def __init__(self, key, layout):
+        self.key = key
+        self.layout = layout          # the declaration every worker must match
+        self.name = layout["name"]
+        self.declared_by = set()      # ranks of the workers that declared it
+        self.disagreeing = {}         # rank -> its declaration, where it differs from the first
+        self.chunks = []              # the ChunkStates this server holds
+        self.error = None             # set once workers disagree: the key is then refused
+        self.native = None            # the key as the server's native engine knows it
+
+
+class ChunkState:
+    __slots__ = ("key_state", "index", "nbytes", "dtype_code", "dtype", "lock", "filled", "filling", "round",
+                 "pushed", "opened", "has_data", "flags", "buffers", "_allocate", "shared", "weight", "native")
+
+    def __init__(self, key_state, index, nbytes, dtype_code, allocate):
+        self.key_state = key_state
+        self.index = index
+        self.nbytes = nbytes
+        self.dtype_code = dtype_code
+        self.dtype = np.dtype(protocol.DTYPE_NAMES[dtype_code])
+        self.lock = threading.Lock()
+        self.filled = threading.Condition(self.lock)
+        self.filling = None           # rank of the worker whose push lands straight in this round's buffer
+        self.round = 0
+        self.pushed = set()
+        self.opened = 0.0             # when the current round's first push arrived
+        self.has_data = False
+        self.flags = 0
+        self.buffers = [None, None]
+        self._allocate = allocate     # nbytes -> uint8 array, shared with co-located workers where possible
+        self.shared = False           # the buffers are sums co-located workers add into (offer_sum)
+        self.weight = None            # optimizer mode: the stored value
+        self.native = None            # the chunk as the server's native engine knows it
+
+    def buffer(self, rnd):
+        slot = rnd % 2
+        if self.buffers[slot] is None:
+            self.buffers[slot] = self._allocate(self.nbytes)
+        return self.buffers[slot]
+
+
+class WorkerLink:
+    """A worker connection: its receive scratch buffer and its reply queue,
+    served highest priority first by a sender thread."""
+
+    def __init__(self, peer, server):
+        self.peer = peer
+        self.server = server
+        self.rank = None
+        self.scratch = np.empty(0, np.uint8)
+        self.filling = None           # the chunk this worker's push is landing in directly
+        self.leaving_because = None   # what the worker said was wrong before it left
+        self.places = peer.connection.places_remotely
+        self.slots = {}               # ChunkState -> where this worker's pushes land (when places)
+        self._queue = []
+        self._order = itertools.count()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._sending = False
+        self._thread = threading.Thread(target=self._send_loop, daemon=True, name="rdmakv-reply")
+        self._thread.start()
+
+    def scratch_for(self, nbytes):
+        if self.scratch.nbytes < nbytes:
+            self.scratch = np.empty(nbytes, np.uint8)
+        return self.scratch[:nbytes]
+
+    def slot_for(self, chunk):
+        slot = self.slots.get(chunk)
+        if slot is None:
+            slot = self.slots[chunk] = np.empty(chunk.nbytes, np.uint8)
+        return slot
+
+    def offer_sum(self, chunk):
+        """Let a co-located worker add its pushes of chunk straight into the round buffers."""
+        if chunk.shared and self.peer.connection.sums_remotely:
+            self.peer.connection.offer_sum(chunk.key_state.key, chunk.index, chunk.buffers)
+
+    def offer_slot(self, chunk, rnd):
+        """Let the worker write its push of round rnd straight into its slot (verbs)."""
+        if self.places:
+            self.peer.offer(Op.PUSH, chunk.key_state.key, chunk.index, rnd, self.slot_for(chunk))
+
+    def reply(self, priority, op, payload, **fields):
+        if self.server._native is not None:     # the engine's reply thread owns the stream's order
+            self._send_through_engine(priority, op, payload, fields)
+            return
+        with self._ready:
+            small = (payload is None or memoryview(payload).nbytes <= DIRECT_REPLY_BYTES
+                     or self.peer.connection.shares(payload))
+            if self._queue or self._sending or not small:
+                heapq.heappush(self._queue, (-priority, next(self._order), op, payload, fields))
+                self._ready.notify()
+                return
+            self._sending = True      # nothing waits: answer from this thread, skipping a hand-off
+        self._transmit(priority, op, payload, fields)
+
+    def _send_through_engine(self, priority, op, payload, fields):
+        length = 0 if payload is None else memoryview(payload).nbytes
+        code, err = self.server._native.send(self.rank, protocol.pack(op, length=length, priority=priority, **fields),
+                                             payload)
+        if code:
+            connection = self.peer.connection
+            log.warning("reply to %s failed: %s", self.peer.name,
+                        engine_stream_error(code, err, "send to", connection.peer, self.server.config.timeout))
+            connection.shut()
+
+    def _transmit(self, priority, op, payload, fields):
+        try:
+            self.peer.send(op, payload, priority=priority, **fields)
+        except RdmaKVError as exc:
+            log.warning("reply to %s failed: %s", self.peer.name, exc)
+            self.peer.close()
+        finally:
+            with self._ready:
+                self._sending = False
+                if self._queue:       # waking an idle reply thread would only cost a GIL hand-off
+                    self._ready.notify()
+
+    def _send_loop(self):
+        while True:
+            with self._ready:
+                while (not self._queue or self._sending) and not self._closed:
+                    self._ready.wait()
+                if self._closed:
+                    return
+                neg_priority, _, op, payload, fields = heapq.heappop(self._queue)
+                self._sending = True
+            self._transmit(-neg_priority, op, payload, fields)
+
+    def close(self):
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self.peer.close()
+
+
+class ParameterServer(Handler):
+    def __init__(self, config=None, **overrides):
+        self.config = config or Config.load(role="server", **overrides)
+        self.transport, why = choose_transport(self.config.transport)
+        host = netif.advertised_host(self.config)
+        self.listener = self.transport.Listener(host, self.config.port, self.config.timeout)
+        # Round buffers in memory the transport can share, so a result is written once for
+        # all co-located workers (rdmakv/transport/shm.py) instead of once per connection,
+        # and co-located workers add their pushes into them themselves.
+        self._allocate = getattr(self.listener, "shared_buffer", None) or (lambda nbytes: np.empty(nbytes, np.uint8))
+        self._shares_sums = getattr(self.listener, "shares_sums", None)
+        self.address = netif.format_address(*self.listener.address)
+        self.secret = auth.load_secret(self.config)
+        if self.secret is None:
+            log.warning("no RDMAKV_SECRET: this cluster is unauthenticated; anyone who can reach %s can push",
+                        self.address)
+        self.budget = MemoryBudget(self.config.server_memory or machine_memory())
+        self.control = ControlLink(self.config, self.transport, "server", self._on_control, self._on_lost)
+        self.rank = None
+        self.num_workers = None
+        self.num_servers = self.config.num_servers    # the scheduler's count, once joined
+        self.tracer = None
+        self.updater = None
+        self._native = None           # the native data plane (server_engine.c), where the links allow it
+        self._keys = {}
+        self._first_key = None        # the first key declared with chunks here: its rounds number the traced steps
+        self._chunks = {}
+        self._links = {}              # worker rank -> WorkerLink
+        self._departed = {}           # worker rank -> why it left; no round can complete after that
+        self._native_departed = []    # links of departed workers whose descriptors the engine may still hold
+        self._open_rounds = {}        # ChunkState -> round: rounds with some pushes but not all (see _watch)
+        self._failure = None          # why the job failed, once it has
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._exit_code = 0
+        log.info("server listening on %s (%s)", self.address, why)
+
+    def run(self):
+        """Serve until the scheduler says SHUTDOWN (returns 0) or the job fails (returns 1)."""
+        welcome = self.control.join(*self.listener.address, node_id=self.config.server_id)
+        self.rank, self.num_workers = welcome["rank"], welcome["num_workers"]
+        self.num_servers = welcome["num_servers"]
+        self.tracer = trace.make(self.config, "server", self.rank)
+        if (self.config.engine == "native" and self.transport is tcp and not self.config.integrity
+                and self.tracer is None):
+            self._native = _t.ServerEngine(self.num_workers, self.config.timeout, DIRECT_REPLY_BYTES)
+            threading.Thread(target=self._hear_engine, daemon=True, name="rdmakv-engine-events").start()
+        log.info("server %d: joined the job of %d workers (%s data path)", self.rank, self.num_workers,
+                 "native" if self._native is not None else "Python")
+        acceptor = threading.Thread(target=self._accept_loop, daemon=True, name="rdmakv-accept")
+        acceptor.start()
+        threading.Thread(target=self._watch, daemon=True, name="rdmakv-watch").start()
+        try:
+            self._stopped.wait()
+        finally:
+            self.close()
+        return self._exit_code
+
+    def close(self):
+        self._stopped.set()
+        self.listener.close()
+        self.control.close()
+        if self._native is not None:
+            self._native.close()      # joins its threads: the links' descriptors may be closed after
+        with self._lock:
+            links = list(self._links.values()) + self._native_departed
+        for link in links:
+            link.close()
+            if self._native is not None:
+                link.peer.connection.close()
+        if self.tracer:
+            self.tracer.write()
+
+    def _accept_loop(self):
+        accept_peers(self.listener, self, self.secret, self.config.timeout,
+                     lambda: not self._stopped.is_set(), "worker", integrity=self.config.integrity)
+
+    def _watch(self):
+        """Tell the workers waiting on a round that has been open for half of
+        RDMAKV_TIMEOUT whose pushes it still lacks, so that their timeout, if it
+        comes, names the culprit and not only this server."""
+        patience = self.config.timeout / 2
+        while not self._stopped.wait(min(1.0, patience / 4)):
+            if self._native is not None:
+                for key, index, rnd, pushed in self._native.stale_rounds(patience):
+                    self._tell_waiting(key, index, rnd, set(pushed))
+                continue
+            now = time.monotonic()
+            for chunk, rnd in list(self._open_rounds.items()):
+                with chunk.lock:
+                    if chunk.round != rnd or not chunk.pushed:
+                        self._open_rounds.pop(chunk, None)
+                        continue
+                    if now - chunk.opened < patience:
+                        continue
+                    self._open_rounds.pop(chunk, None)   # told once per round
+                    pushed = set(chunk.pushed)
+                self._tell_waiting(chunk.key_state.key, chunk.index, rnd, pushed)
+
+    def _tell_waiting(self, key, index, rnd, pushed):
+        missing = [rank for rank in range(self.num_workers) if rank not in pushed]
+        with self._lock:
+            links = [self._links[rank] for rank in pushed if rank in self._links]
+        notice = protocol.encode_json({"missing": missing})
+        for link in links:
+            link.reply(1 << 30, Op.WAITING, notice, key=key, chunk=index, round=rnd)
+
+    # ---- the native engine's events --------------------------------------
+    def _hear_engine(self):
+        engine = self._native
+        while True:
+            event = engine.next_event(1.0)
+            if event is None:
+                if self._stopped.is_set():
+                    return
+                continue
+            try:
+                self._on_engine_event(*event)
+            except Exception:     # a bug here must not leave the server deaf
+                log.exception("server %s: handling an event of the native engine failed", self.rank)
+
+    def _on_engine_event(self, rank, kind, code, err, limit, fields, payload):
+        header = protocol.Header(*fields[2:])
+        with self._lock:
+            link = self._links.get(rank)
+        if link is None:              # it left meanwhile
+            if kind == _t.EVENT_MESSAGE:
+                self._native.answer(rank, _t.VERDICT_STOP)
+            return
+        peer = link.peer
+        if kind == _t.EVENT_MESSAGE:
+            self._take_handed_message(rank, peer, header)
+        elif kind == _t.EVENT_REFUSED:
+            state = self._keys.get(header.key)
+            name = state.name if state is not None else header.key
+            if code == _t.REFUSE_UNDECLARED:
+                peer.ended(ProtocolError(f"worker {rank} pushed key {name!r} without declaring it"))
+            else:
+                self._fail_key(header.key, self._refusal(code, limit, header, rank, name))
+        elif kind == _t.EVENT_SUMMED:
+            self._update_summed(header)
+        elif kind == _t.EVENT_SEND_FAILED:
+            log.warning("reply to %s failed: %s", peer.name,
+                        engine_stream_error(code, err, "send to", peer.connection.peer, self.config.timeout))
+            peer.connection.shut()
+        else:
+            peer.ended(engine_read_error(code, err, limit, fields, peer.name, peer.connection.peer,
+                                         self.config.timeout))
+
+    def _take_handed_message(self, rank, peer, header):
+        """A message the engine leaves to us (control, or a push it cannot place):
+        read and handled here while the engine's reader waits for the verdict."""
+        try:
+            peer.receive(header)
+        except Exception as exc:      # noqa: BLE001 - whatever it was, this worker's link is over
+            if not isinstance(exc, RdmaKVError):
+                log.exception("server %s: handling a message from %s failed", self.rank, peer.name)
+            self._native.answer(rank, _t.VERDICT_STOP)
+            peer.ended(exc)
+            return
+        self._native.answer(rank, _t.VERDICT_CONTINUE)
+
+    def _refusal(self, code, limit, header, rank, name):
+        """What a push the engine refused is told (server_engine.h, enum rk_refusal)."""
+        if code == _t.REFUSE_KEY_FAILED:
+            return self._keys[header.key].error
+        if code == _t.REFUSE_DEPARTED:
+            return self._departure_message(next(iter(self._departed)), header.key)
+        if code == _t.REFUSE_DTYPE:
+            return (f"worker {rank} pushed key {name!r} as {protocol.DTYPE_NAMES.get(header.dtype)}, "
+                    f"declared {protocol.DTYPE_NAMES.get(limit)}")
+        if code == _t.REFUSE_ROUND:
+            return f"worker {rank} pushed round {header.round} of key {name!r}, the server is at round {limit}"
+        if code == _t.REFUSE_TWICE:
+            return f"worker {rank} pushed key {name!r} chunk {header.chunk} twice in round {header.round}"
+        if code == _t.REFUSE_MIXED:
+            return f"workers mix broadcast and pushpull on key {name!r} in round {header.round}"
+        if code == _t.REFUSE_TWO_ROOTS:
+            return (f"more than one worker sent the root value for the broadcast of key {name!r}: the workers "
+                    f"disagree on the root")
+        return f"no worker sent the root value for the broadcast of key {name!r}: the root rank is not a worker"
+
+    def _update_summed(self, header):
+        """A round the engine summed, with an optimizer set: update the weight, answer with it."""
+        chunk = self._chunks[(header.key, header.chunk)]
+        result = chunk.buffer(header.round)
+        if self.updater is not None and chunk.weight is not None:
+            self.updater.update(chunk.key_state.name, chunk.index, chunk.weight.view(chunk.dtype),
+                                result.view(chunk.dtype))
+            result = chunk.weight
+        self._native.reply_all(chunk.native, header.round, header.priority, result)
+
+    # ---- scheduler messages ----------------------------------------------
+    def _on_control(self, header, obj):
+        if header.op == Op.SHUTDOWN:
+            log.info("server %d: shutdown", self.rank)
+            self._stopped.set()
+        elif header.op == Op.ERROR:
+            self._job_failed(f"the scheduler reports: {protocol.peer_text(obj, default='the job failed')}")
+
+    def _on_lost(self, error):
+        self._job_failed(f"server {self.rank} lost the scheduler ({error})")
+
+    def _job_failed(self, reason):
+        """Pass the real cause on to every worker before our connections close, or
+        they would only learn that this server went away (or that a worker left)."""
+        log.error("server %s: job failed: %s", self.rank, reason)
+        with self._lock:
+            self._failure = self._failure or reason
+            links = list(self._links.values())
+        notice = protocol.encode_json({"message": self._failure, "fatal": True})
+        for link in links:
+            try:
+                link.peer.send(Op.ERROR, notice)
+            except RdmaKVError:
+                pass
+        self._exit_code = 1
+        self._stopped.set()
+
+    # ---- worker messages -------------------------------------------------
+    introduction = "CONNECT"
+
+    def introduced(self, peer):
+        return "link" in peer.info
+
+    def destination(self, peer, header):
+        link = peer.info.get("link")
+        if link is None:
+            # Nothing is allocated for a peer that has not connected but its small CONNECT.
+            if header.op != Op.CONNECT:
+                raise ProtocolError(f"expected CONNECT, got {protocol.op_name(header.op)} "
+                                    f"of {header.length} bytes")
+            if header.length > protocol.MAX_CONNECT_BYTES:
+                raise ProtocolError(f"CONNECT of {header.length} bytes exceeds {protocol.MAX_CONNECT_BYTES}")
+            return None
+        if header.op == Op.PUSH or header.op == Op.INIT:
+            chunk = self._chunks.get((header.key, header.chunk))
+            if chunk is None or header.length != chunk.nbytes:
+                # A worker whose layout of the key differs from the first one's: its
+                # pushes are taken in (within what it declared) and refused, the key
+                # failed, and the connection kept for its other keys.
+                if self._disagreeing_chunk_bytes(link, header) is not None:
+                    return link.scratch_for(header.length)
+                if chunk is None:
+                    raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
+                                        f"chunk {header.chunk}")
+                raise ProtocolError(f"{protocol.op_name(header.op)} of {header.length} bytes for key "
+                                    f"{chunk.key_state.name!r} chunk {chunk.index}, declared {chunk.nbytes}")
+            if header.op == Op.PUSH and link.places:
+                return link.slot_for(chunk)
+            if header.op == Op.PUSH and not chunk.shared and self._native is None:
+                # The round's first contribution lands straight in its result buffer;
+                # later ones land in the connection's scratch buffer and are added.
+                # (Shared sums take pushes from co-located workers ready-summed.)
+                with chunk.lock:
+                    if (header.round == chunk.round and not chunk.has_data and chunk.filling is None
+                            and link.rank not in chunk.pushed and chunk.key_state.error is None):
+                        chunk.filling = link.rank
+                        link.filling = chunk
+                        return chunk.buffer(chunk.round)
+            return link.scratch_for(header.length)
+        if header.op == Op.SET_STATES:
+            with self._lock:
+                chunks = list(self._chunks.values())
+            limit = protocol.state_limit(sum(c.nbytes for c in chunks), len(chunks))
+            if header.length > limit:
+                raise ProtocolError(f"optimizer state of {header.length} bytes exceeds {limit}, the most the "
+                                    f"{len(chunks)} chunks declared on server {self.rank} can have")
+            return bytearray(header.length)
+        return None
+
+    def _disagreeing_chunk_bytes(self, link, header):
+        """header.length if `link`'s own declaration of a key whose declarations
+        disagree has that chunk, of that size, on this server (so the push is
+        refused, not the connection), else None."""
+        state = self._keys.get(header.key)
+        declared = state.disagreeing.get(link.rank) if state is not None and link is not None else None
+        if declared is None:
+            return None
+        nbytes = math.prod(declared["shape"]) * np.dtype(declared["dtype"]).itemsize
+        size = declared["chunk_bytes"]
+        if (header.chunk >= partition.chunk_count(nbytes, size)
+                or partition.server_of(header.key, header.chunk, self.num_servers) != self.rank):
+            return None
+        _, chunk_bytes = partition.piece(nbytes, size, header.chunk)
+        return chunk_bytes if chunk_bytes == header.length else None
+
+    def on_message(self, peer, header, payload):
+        link = peer.info.get("link")
+        if link is None:
+            if header.op != Op.CONNECT:
+                raise ProtocolError(f"expected CONNECT, got {protocol.op_name(header.op)}")
+            self._connect(peer, protocol.decode_json(payload or b""))
+            return
+        try:
+            if header.op == Op.PUSH:
+                self._push(link, header, payload)
+            elif header.op == Op.DECLARE:
+                self._declare(link, protocol.decode_json(payload or b""))
+            elif header.op == Op.INIT:
+                self._init_value(link, header, payload)
+            elif header.op in (Op.SET_OPTIMIZER, Op.GET_STATES, Op.SET_STATES):
+                self._optimizer_op(link, header, payload)
+            elif header.op == Op.ERROR:      # the worker is leaving because the job failed: why
+                link.leaving_because = protocol.peer_text(protocol.decode_json(payload or b""), default="")
+            else:
+                raise ProtocolError(f"unexpected {protocol.op_name(header.op)} from {peer.name}")
+        except KeyRefused as exc:
+            self._fail_key(exc.key, str(exc))
+
+    def _connect(self, peer, obj):
+        rank = obj.get("rank")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < self.num_workers:
+            raise ProtocolError(f"CONNECT with invalid worker rank {rank!r}")
+        with self._lock:
+            if rank in self._links:
+                raise ProtocolError(f"worker {rank} is already connected")
+            link = peer.info["link"] = WorkerLink(peer, self)
+            link.rank = rank
+            self._links[rank] = link
+        peer.name = f"worker {rank}"
+        if self._native is not None:
+            peer.hand_off()           # from its next message on, the engine reads this worker
+            peer.connection.read_ahead = lambda view: self._native.take_buffered(rank, view)
+            self._native.start_link(rank, peer.connection.fileno())
+
+    def on_closed(self, peer, error):
+        link = peer.info.get("link")
+        if link is None:
+            return
+        chunk = link.filling
+        if chunk is not None:
+            with chunk.lock:
+                self._end_fill(link)
+        link.close()
+        with self._lock:
+            if self._links.get(link.rank) is not link:
+                return
+            del self._links[link.rank]
+            self._departed.setdefault(link.rank, link.leaving_because or (
+                "closed its connection" if error is None or isinstance(error, EndOfStream) else str(error)))
+            if self._native is not None:
+                self._native.departed()
+                self._native_departed.append(link)
+                broken = {key for key, state in self._keys.items()
+                          if state.native is not None and self._native.key_has_pushes(state.native)}
+            else:
+                broken = {key for (key, _), chunk in self._chunks.items() if chunk.pushed}
+        if error is not None and not self._stopped.is_set() and not isinstance(error, EndOfStream):
+            log.warning("server %s: %s left: %s", self.rank, peer.name, error)
+        # Rounds that were waiting for it can never complete: fail them now, not after a timeout.
+        for key in broken:
+            self._fail_key(key, self._departure_message(link.rank, key))
+
+    def _departure_message(self, rank, key):
+        if self._failure:             # the worker left because the job failed: say why
+            return self._failure
+        state = self._keys.get(key)
+        name = state.name if state else key
+        return f"worker {rank} left the job ({self._departed[rank]}), so key {name!r} can no longer be summed"
+
+    # ---- declarations ----------------------------------------------------
+    def _declare(self, link, layout):
+        key = layout.get("key")
+        if not isinstance(key, int):
+            raise ProtocolError("DECLARE without an integer key")
+        self._validate_layout(key, layout)
+        declared, here = self._resolve(layout)
+        with self._lock:
+            state = self._keys.get(key)
+        if state is None:
+            state = self._add_key(key, declared, here)
+        with self._lock:
+            if self._keys.get(key) is not state:    # refused, and not even the refusal fits the budget
+                link.reply(1 << 30, Op.ERROR, protocol.encode_json({"message": state.error, "key": key}), key=key)
+                return
+            state.declared_by.add(link.rank)
+            if state.native is not None:
+                self._native.declared_by(state.native, link.rank)
+            if state.layout != declared:
+                # Only this key is refused; the worker's pushes of it are still read off its
+                # connection (within what it declared), which stays up for its other keys.
+                state.disagreeing[link.rank] = declared
+                if state.error is None:
+                    state.error = self._describe_mismatch(state, declared, link.rank)
+        if state.error is None and link.places and not self.budget.charge(sum(c.nbytes for c in state.chunks)):
+            self._fail_key(key, self._over_budget(f"worker {link.rank}'s landing slots for key {state.name!r} "
+                                                  f"need {_human_bytes(sum(c.nbytes for c in state.chunks))}"))
+        if state.error is not None:
+            self._fail_key(key, state.error)
+            return
+        for chunk in state.chunks:
+            with chunk.lock:
+                rnd = chunk.round     # 0: no round completes before this worker pushes
+            link.offer_slot(chunk, rnd)
+            link.offer_sum(chunk)
+
+    def _resolve(self, layout):
+        """(what workers must agree on, the chunks this server holds) for a valid DECLARE:
+        the chunks and their placement follow from it (rdmakv.partition, the
+        same functions the workers use), so two workers agree when their
+        declarations do, however they were configured."""
+        itemsize = np.dtype(layout["dtype"]).itemsize
+        pieces = partition.pieces(math.prod(layout["shape"]) * itemsize, layout["chunk_bytes"])
+        placed = partition.place(layout["key"], pieces, self.num_servers)
+        declared = {"name": layout["name"], "dtype": layout["dtype"], "shape": layout["shape"],
+                    "chunk_bytes": layout["chunk_bytes"]}
+        return declared, [chunk for chunk in placed if chunk.server == self.rank]
+
+    def _add_key(self, key, declared, here):
+        """Record a new key, its chunks here allocated within the memory budget
+        (or, if they do not fit, its refusal); returns the key's KeyState, which
+        another worker's declaration may have recorded meanwhile."""
+        cost = KEY_COST + sum(CHUNK_COST + 2 * chunk.nbytes for chunk in here)   # two round buffers each
+        state = KeyState(key, declared)
+        if self.budget.charge(cost):
+            try:
+                self._allocate_chunks(state, here)
+            except OSError as exc:        # out of memory or descriptors: keep only the refusal
+                state.chunks = []
+                state.error = f"server {self.rank} could not allocate key {state.name!r} ({_human_bytes(cost)}): {exc}"
+                self.budget.release(cost - KEY_COST)
+                cost = KEY_COST
+        else:
+            state.error = self._over_budget(f"key {state.name!r} needs {_human_bytes(cost)} ({len(here)} chunks there, "
+                                            f"two round buffers each)")
+            cost = KEY_COST if self.budget.charge(KEY_COST) else 0
+            if not cost:
+                return state              # not recorded: the caller tells this worker only
+        with self._lock:
+            existing = self._keys.get(key)
+            if existing is None:
+                if self._native is not None:
+                    self._declare_natively(state)
+                self._keys[key] = state
+                for chunk in state.chunks:
+                    self._chunks[(key, chunk.index)] = chunk
+                if self._first_key is None and state.chunks:
+                    self._first_key = key
+                return state
+        self.budget.release(cost)    # another worker's declaration won the race
+        return existing
+
+    def _declare_natively(self, state):
+        """Let the engine sum the key's chunks held here (in their round buffers)."""
+        state.native = self._native.add_key(state.key)
+        if state.error is not None:
+            self._native.refuse_key(state.native)
+        for chunk in state.chunks:
+            chunk.native = self._native.add_chunk(state.native, chunk.index, chunk.dtype_code, chunk.buffer(0),
+                                                  chunk.buffer(1))
+
+    def _over_budget(self, need):
+        return (f"{need} of server {self.rank}'s memory, but {_human_bytes(self.budget.used)} of its "
+                f"{_human_bytes(self.budget.limit)} budget (RDMAKV_SERVER_MEMORY) is already committed: "
+                f"set RDMAKV_SERVER_MEMORY higher on the servers, or add servers")
+
+    def _allocate_chunks(self, state, here):
+        code = protocol.DTYPE_CODES[state.layout["dtype"]]
+        for piece in here:
+            chunk = ChunkState(state, piece.index, piece.nbytes, code, self._allocate)
+            chunk.shared = self._shares_sums is not None and all(
+                self._shares_sums(chunk.buffer(rnd)) for rnd in (0, 1))
+            state.chunks.append(chunk)
+
+    def _validate_layout(self, key, layout):
+        """Check a declaration's fields, before anything is computed from them."""
+        name, dtype, shape, chunk_bytes = (layout.get(f) for f in ("name", "dtype", "shape", "chunk_bytes"))
+        problem = None
+        if set(layout) != {"key", "name", "dtype", "shape", "chunk_bytes"}:
+            problem = f"fields {sorted(map(str, layout))}"
+        elif layout["key"] != key or not isinstance(key, int) or isinstance(key, bool) or not 0 <= key < 1 << 64:
+            problem = f"a key that is not {key!r}, or not a wire key"
+        elif not isinstance(name, str) or len(name) > 1024:
+            problem = "a missing or over-long name"
+        elif not isinstance(dtype, str) or dtype not in protocol.DTYPE_CODES:   # a list is unhashable
+            problem = f"unsupported dtype {dtype!r}"
+        elif (not isinstance(shape, list) or len(shape) > MAX_DIMS
+              or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+              or math.prod(shape) > protocol.MAX_CHUNK_BYTES * protocol.MAX_KEY_CHUNKS):  # Python ints: exact
+            problem = f"invalid shape {shape!r}"
+        else:
+            itemsize = np.dtype(dtype).itemsize
+            nbytes = math.prod(shape) * itemsize
+            if (not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool)
+                    or (chunk_bytes != 0 if nbytes == 0 else
+                        not 0 < chunk_bytes <= protocol.MAX_CHUNK_BYTES or chunk_bytes % itemsize)):
+                problem = f"chunks of {chunk_bytes!r} bytes"
+            elif partition.chunk_count(nbytes, chunk_bytes) > protocol.MAX_KEY_CHUNKS:
+                problem = (f"{partition.chunk_count(nbytes, chunk_bytes)} chunks (a key may have at most "
+                           f"{protocol.MAX_KEY_CHUNKS})")
+        if problem:
+            raise ProtocolError(f"DECLARE of key {name!r} ({key}) has {problem}")
+
+    @staticmethod
+    def _describe_mismatch(state, layout, rank):
+        first = state.layout
+        if first["name"] != layout["name"]:
+            return (f"keys {first['name']!r} and {layout['name']!r} hash to the same wire key {state.key}; "
+                    f"rename one of them")
+        for field in ("dtype", "shape"):
+            if first[field] != layout[field]:
+                return (f"workers disagree on key {first['name']!r}: {field} {first[field]} "
+                        f"(first declaration) vs {layout[field]} (worker {rank})")
+        # The rest follows from chunk_bytes: placement is a function of the key (partition.place).
+        return (f"workers cut key {first['name']!r} into chunks of {first['chunk_bytes']} bytes (first "
+                f"declaration) and {layout['chunk_bytes']} (worker {rank}): set RDMAKV_PARTITION_BYTES "
+                f"alike on every worker")
+
+    def _fail_key(self, key, message):
+        with self._lock:
+            state = self._keys.get(key)
+            if state is not None and state.error is None:
+                state.error = message
+            if state is not None and state.native is not None:
+                self._native.refuse_key(state.native)
+            ranks = sorted(state.declared_by) if state else []
+            links = [self._links[r] for r in ranks if r in self._links]
+        log.warning("server %s: key %s refused: %s", self.rank, key, message)
+        for link in links:
+            link.reply(1 << 30, Op.ERROR, protocol.encode_json({"message": message, "key": key}), key=key)
+
+    # ---- tensor data -----------------------------------------------------
+    def _chunk(self, link, header):
+        chunk = self._chunks.get((header.key, header.chunk))
+        if chunk is None:
+            if self._disagreeing_chunk_bytes(link, header) is not None:
+                raise KeyRefused(header.key, self._keys[header.key].error)
+            raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
+                                f"chunk {header.chunk}")
+        if chunk.key_state.error is not None:
+            raise KeyRefused(header.key, chunk.key_state.error)
+        return chunk
+
+    def _push(self, link, header, payload):
+        chunk = self._chunks.get((header.key, header.chunk))
+        if chunk is None:
+            if self._disagreeing_chunk_bytes(link, header) is not None:
+                raise KeyRefused(header.key, self._keys[header.key].error)
+            raise ProtocolError(f"PUSH for undeclared key {header.key} chunk {header.chunk}")
+        name = chunk.key_state.name
+        no_data = header.flags & FLAG_NO_DATA
+        summed = header.flags & protocol.FLAG_SUMMED_IN_PLACE   # the worker added it into target itself
+        if self.tracer:
+            if chunk.key_state.key == self._first_key:    # a round of the first key held here: a new step
+                self.tracer.begin_step(header.round)
+            self.tracer.stage("push", key=name, chunk=chunk.index, priority=header.priority,
+                                round=header.round, worker=link.rank)
+        with chunk.lock:
+            # Held from here until the contribution is counted, so that an adder
+            # waiting for a direct fill never sees the buffer before it is marked full.
+            direct = link.filling is chunk
+            if direct:
+                self._end_fill(link)
+            if chunk.key_state.error is not None:
+                raise KeyRefused(header.key, chunk.key_state.error)
+            if self._departed:
+                raise KeyRefused(header.key, self._departure_message(next(iter(self._departed)), header.key))
+            if link.rank not in chunk.key_state.declared_by:
+                raise ProtocolError(f"worker {link.rank} pushed key {name!r} without declaring it")
+            if header.dtype != chunk.dtype_code:
+                raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} as "
+                                            f"{protocol.DTYPE_NAMES.get(header.dtype)}, declared {chunk.dtype}")
+            if (header.length != 0) if no_data else (header.length != chunk.nbytes):
+                raise ProtocolError(f"PUSH of key {name!r} chunk {chunk.index} has {header.length} bytes")
+            if header.round != chunk.round:
+                raise KeyRefused(header.key, f"worker {link.rank} pushed round {header.round} of key {name!r}, "
+                                            f"the server is at round {chunk.round}")
+            if link.rank in chunk.pushed:
+                raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} chunk {chunk.index} "
+                                            f"twice in round {chunk.round}")
+            broadcast = header.flags & FLAG_BROADCAST
+            if not chunk.pushed:
+                chunk.opened = time.monotonic()
+                self._open_rounds[chunk] = chunk.round
+            elif broadcast != chunk.flags & FLAG_BROADCAST:
+                raise KeyRefused(header.key, f"workers mix broadcast and pushpull on key {name!r} "
+                                            f"in round {chunk.round}")
+            target = chunk.buffer(chunk.round)
+            if not no_data:
+                if (not direct and chunk.filling is not None
+                        and not chunk.filled.wait_for(lambda: chunk.filling is None, self.config.timeout)):
+                    raise KeyRefused(header.key, f"worker {chunk.filling} stalled while pushing key {name!r}")
+                if chunk.has_data and broadcast:
+                    raise KeyRefused(header.key, f"more than one worker sent the root value for the "
+                                                f"broadcast of key {name!r}: the workers disagree on the root")
+                if chunk.shared:
+                    if not summed:
+                        self._sum_shared(chunk, target, payload, link, name)
+                elif chunk.nbytes and chunk.has_data:
+                    _t.add_into(target, payload, chunk.dtype_code)
+                elif chunk.nbytes and not direct:
+                    target[:] = payload
+                chunk.has_data = True
+            chunk.flags = header.flags
+            chunk.pushed.add(link.rank)
+            complete = len(chunk.pushed) == self.num_workers
+            if complete:
+                if not chunk.has_data:
+                    raise KeyRefused(header.key, f"no worker sent the root value for the broadcast of key "
+                                                f"{name!r}: the root rank is not a worker")
+                result = target
+                if self.updater is not None and chunk.weight is not None and not broadcast:
+                    self.updater.update(name, chunk.index, chunk.weight.view(chunk.dtype),
+                                        target.view(chunk.dtype))
+                    result = chunk.weight
+                rnd = chunk.round
+                if self.tracer:
+                    self.tracer.stage("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
+                chunk.round += 1
+                chunk.pushed = set()
+                self._open_rounds.pop(chunk, None)
+                chunk.has_data = False
+                with self._lock:
+                    links = list(self._links.values())
+        # Before the result goes out, so the worker has it when it pushes the next round.
+        link.offer_slot(chunk, header.round + 1)
+        if not complete:
+            if header.flags & FLAG_ACK:
+                link.reply(1 << 30, Op.RECEIVED, None, key=header.key, chunk=chunk.index, round=header.round)
+            return
+        for other in links:
+            other.reply(header.priority, Op.RESULT, result, key=header.key, chunk=chunk.index, round=rnd,
+                        dtype=chunk.dtype_code)
+
+    def _sum_shared(self, chunk, target, payload, link, name):
+        """Add a push that reached us through the connection into a sum that
+        co-located workers add into too (the caller holds chunk.lock)."""
+        try:
+            self.listener.sum_into(target, payload, chunk.dtype_code, chunk.round)
+        except TimeoutError:
+            raise KeyRefused(chunk.key_state.key, f"the sum of key {name!r} chunk {chunk.index} stayed locked "
+                                                  f"for {self.config.timeout:g} s while worker {link.rank}'s "
+                                                  f"push waited: a co-located worker stalled or died adding "
+                                                  f"into it") from None
+
+    @staticmethod
+    def _end_fill(link):
+        """link's direct fill is over (its push arrived, or it died): let waiting adders in.
+        The caller holds the chunk's lock."""
+        chunk, link.filling = link.filling, None
+        if chunk is not None and chunk.filling == link.rank:
+            chunk.filling = None
+            chunk.filled.notify_all()
+
+    def _init_value(self, link, header, payload):
+        chunk = self._chunk(link, header)
+        with chunk.lock:
+            if chunk.weight is None:
+                if not self.budget.charge(chunk.nbytes):
+                    raise KeyRefused(header.key, self._over_budget(
+                        f"the starting weight of key {chunk.key_state.name!r} chunk {chunk.index} needs "
+                        f"{_human_bytes(chunk.nbytes)}"))
+                chunk.weight = np.empty(chunk.nbytes, np.uint8)
+            if chunk.nbytes:
+                chunk.weight[:] = payload
+
+    def _optimizer_op(self, link, header, payload):
+        from rdmakv.mxnet import optimizer   # MXNet is needed only once an optimizer is set
+        try:
+            if header.op == Op.SET_OPTIMIZER:
+                self.updater = optimizer.make_updater(protocol.decode_json(payload or b""))
+                if self._native is not None:
+                    self._native.set_optimizer(True)
+            elif header.op == Op.GET_STATES:
+                states = self.updater.dump_states() if self.updater else b""
+                link.reply(1 << 30, Op.STATES, states)
+                return
+            else:
+                if self.updater is None:
+                    raise ValueError("no optimizer is set on this server")
+                self.updater.load_states(bytes(payload or b""))
+        except (ValueError, TypeError) as exc:
+            link.reply(1 << 30, Op.ERROR, protocol.encode_json({"message": f"server {self.rank}: {exc}"}))
+            return
+        link.reply(1 << 30, Op.ACK, None)
+
+
+def main(argv=None):
+    import sys
+    from rdmakv.control.scheduler import Scheduler
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = Config.load()
+        if config.role == "scheduler":
+            return Scheduler(config).run()
+        if config.role == "server":
+            return ParameterServer(config).run()
+        raise ConfigError("python -m rdmakv.server runs the scheduler or a server: set DMLC_ROLE")
+    except RdmaKVError as exc:
+        print(f"rdmakv: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

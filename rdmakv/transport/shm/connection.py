@@ -1,0 +1,250 @@
+"""One shared-memory connection: two byte rings in a memory file both
+processes map, a Unix socket beside them for segment fds and liveness, and the
+shared results and sums (see the package's documentation)."""
+import fcntl
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+import time
+
+from rdmakv.core import protocol
+from rdmakv.core.errors import ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, TransportError
+from rdmakv.core.protocol import Op
+from rdmakv.native import transport as _t
+from rdmakv.transport.base import Connection
+from rdmakv.transport.shm.arena import SEGMENT, SUM_CONTROL_BYTES
+
+MAX_SHARED_SEGMENTS = 4096     # a peer sharing more is refused (each costs us a mapping)
+# Header flag bits private to this layer (stripped on receipt):
+SHARED_PAYLOAD = 1 << 31       # a PLACE follows, not the bytes
+SUM_OFFER = 1 << 30            # not a message: a SUM_PLACES follows (offer_sum)
+SUMMED = 1 << 29               # a push already added into the offered sum: no bytes follow
+PRIVATE_FLAGS = SHARED_PAYLOAD | SUM_OFFER | SUMMED
+_FLAGS = struct.Struct("<I")
+PLACE = struct.Struct("<IQ")    # in the ring instead of the payload: segment number, offset
+SUM_PLACES = struct.Struct("<IQIQQ")  # a sum's two round buffers (segment, offset each) and its size
+
+
+def _flagged(header, bit):
+    """header (bytes) with a private flag bit set."""
+    header = bytearray(header)
+    _FLAGS.pack_into(header, protocol.FLAGS_OFFSET, _FLAGS.unpack_from(header, protocol.FLAGS_OFFSET)[0] | bit)
+    return header
+
+
+class ShmConnection(Connection):
+    def __init__(self, sock, channel, peer, timeout, arena=None, source="?"):
+        self._sock = sock
+        self._channel = channel
+        self.peer = peer
+        self.source = source
+        self._timeout = timeout
+        self._arena = arena
+        self._shared_with_peer = set()    # numbers of our segments the peer has
+        self._peer_segments = {}          # number -> mmap of the peer's segment
+        self._place_follows = False       # the header just read announced a PLACE, not bytes
+        self._sums = {}                   # (key, chunk) -> (place of even rounds, of odd rounds, nbytes)
+        self.summed_bytes = 0             # push bytes this side added straight into the peer's sums
+        self._offered_sums = {}           # (key, chunk) -> nbytes: our sums the peer adds into
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._header = bytearray(protocol.HEADER_SIZE)
+        self._closed = False
+        self._pid = os.getpid()
+
+    def _io(self, what, call, *args):
+        if self._closed:
+            raise ConnectionClosed(f"{what} {self.peer}: connection already closed")
+        try:
+            return call(*args)
+        except TimeoutError:
+            raise PeerTimeout(f"{what} {self.peer}: no progress for {self._timeout:g} s (RDMAKV_TIMEOUT)") from None
+        except EOFError:
+            raise EndOfStream(f"{self.peer} closed the connection") from None
+        except ConnectionAbortedError:
+            raise ConnectionClosed(f"{what} {self.peer}: connection closed") from None
+        except ConnectionResetError:
+            raise ConnectionClosed(f"{what} {self.peer}: the peer left mid-message") from None
+        except ValueError as exc:
+            raise ProtocolError(f"{what} {self.peer}: {exc}") from None
+        except OSError as exc:
+            raise TransportError(f"{what} {self.peer}: {exc}") from None
+
+    @property
+    def sums_remotely(self):
+        return self._arena is not None
+
+    def send(self, header, payload=None):
+        with self._send_lock:
+            if self._sums and payload is not None and self._sum_in_place(header, payload):
+                header, payload = _flagged(header, SUMMED), None
+            place = self._arena.locate(payload) if self._arena is not None and payload is not None else None
+            if place is not None:
+                segment, offset = place
+                self._share(segment)
+                header = _flagged(header, SHARED_PAYLOAD)
+                payload = PLACE.pack(segment.number, offset)
+            self._io("send to", self._channel.send_frame, header, payload, self._timeout)
+
+    def _sum_in_place(self, header, payload):
+        """Add a push the peer offered a sum for straight into it; False for any other message."""
+        _, _, op, dtype, flags, key, chunk, _, rnd, length, _ = protocol.HEADER.unpack_from(header)
+        offer = self._sums.get((key, chunk))
+        if offer is None or op != Op.PUSH or flags & ~protocol.FLAG_ACK or length != offer[2]:
+            return False
+        memory, offset = offer[rnd % 2]
+        self._io("add to the shared sum of", _t.sum_into_shared, memory, offset, payload, dtype, rnd,
+                 self._timeout, self._channel)
+        self.summed_bytes += length
+        return True
+
+    def offer_sum(self, key, chunk, buffers):
+        places = [self._arena.find(buffer) if self._arena is not None else None for buffer in buffers]
+        if len(places) != 2 or None in places:
+            raise ValueError("offer_sum takes the two round buffers from the listener's shared_buffer")
+        with self._send_lock:
+            for segment, _ in places:
+                self._share(segment)
+            self._offered_sums[(key, chunk)] = buffers[0].nbytes
+            (even, even_offset), (odd, odd_offset) = places
+            offer = SUM_PLACES.pack(even.number, even_offset, odd.number, odd_offset, buffers[0].nbytes)
+            header = _flagged(protocol.pack(Op.PUSH, key=key, chunk=chunk, length=SUM_PLACES.size), SUM_OFFER)
+            self._io("send to", self._channel.send_frame, header, offer, self._timeout)
+
+    def shares(self, payload):
+        return self._arena is not None and self._arena.locate(payload) is not None
+
+    def _share(self, segment):
+        """Pass a segment's fd to the peer, ahead of the first frame that names it
+        (the caller holds the send lock)."""
+        if segment.number not in self._shared_with_peer:
+            self._io("send to", self._arena.pass_segment, self._sock, segment)
+            self._shared_with_peer.add(segment.number)
+
+    def recv_header(self, idle_timeout):
+        with self._recv_lock:
+            while True:
+                if not self._io("receive from", self._channel.wait_readable, idle_timeout):
+                    return None
+                self._io("receive from", self._channel.recv_into, self._header, self._timeout)
+                flags = _FLAGS.unpack_from(self._header, protocol.FLAGS_OFFSET)[0]
+                private = flags & PRIVATE_FLAGS
+                if private:
+                    _FLAGS.pack_into(self._header, protocol.FLAGS_OFFSET, flags & ~PRIVATE_FLAGS)
+                header = protocol.unpack(self._header)
+                if private == SUM_OFFER:
+                    self._take_sum_offer(header)
+                    continue
+                self._place_follows = private == SHARED_PAYLOAD
+                if self._place_follows and header.length == 0:
+                    raise ProtocolError(f"receive from {self.peer}: a shared payload of 0 bytes")
+                if private == SUMMED:
+                    return self._summed(header)
+                if private and not self._place_follows:
+                    raise ProtocolError(f"receive from {self.peer}: private flags 0x{private:x} together")
+                return header
+
+    def readable_bytes(self):
+        # Arrivals in the ring wake no descriptor: fileno() stays -1.
+        if not self._io("receive from", self._channel.wait_readable, 0):
+            return 0
+        return self._io("receive from", self._channel.available)
+
+    def _take_sum_offer(self, header):
+        """Record a sum the peer lets us add our pushes into (the caller holds the receive lock)."""
+        if self._arena is not None or header.op != Op.PUSH or header.length != SUM_PLACES.size:
+            raise ProtocolError(f"receive from {self.peer}: a malformed shared-sum offer")
+        raw = bytearray(SUM_PLACES.size)
+        self._io("receive from", self._channel.recv_into, raw, self._timeout)
+        even, even_offset, odd, odd_offset, nbytes = SUM_PLACES.unpack(raw)
+        places = []
+        for number, offset in ((even, even_offset), (odd, odd_offset)):
+            memory = self._peer_segment(number)
+            if (not nbytes or offset < SUM_CONTROL_BYTES or offset % SUM_CONTROL_BYTES
+                    or offset + nbytes > len(memory)):
+                raise ProtocolError(f"receive from {self.peer}: a shared sum of {nbytes} bytes at offset "
+                                    f"{offset} does not fit segment {number}")
+            places.append((memory, offset))
+        self._sums[(header.key, header.chunk)] = (places[0], places[1], nbytes)
+
+    def _summed(self, header):
+        """A push the peer added into a sum we offered: checked, and flagged for the layer above."""
+        nbytes = self._offered_sums.get((header.key, header.chunk))
+        if nbytes is None or header.op != Op.PUSH or header.flags & ~protocol.FLAG_ACK or header.length != nbytes:
+            raise ProtocolError(f"receive from {self.peer}: a push of key {header.key} chunk {header.chunk} "
+                                f"summed in place without an offer for it")
+        return header._replace(flags=header.flags | protocol.FLAG_SUMMED_IN_PLACE)
+
+    def recv_payload(self, header, destination):
+        with self._recv_lock:
+            try:
+                if self._place_follows:
+                    self._place_follows = False
+                    place = bytearray(PLACE.size)
+                    self._io("receive from", self._channel.recv_into, place, self._timeout)
+                    number, offset = PLACE.unpack(place)
+                    memory = self._peer_segment(number)
+                    self._io("receive from", _t.copy_region, memory, offset, destination)
+                else:
+                    self._io("receive from", self._channel.recv_into, destination, self._timeout)
+            except EndOfStream:
+                raise ConnectionClosed(f"receive from {self.peer}: the peer left mid-message") from None
+
+    def _peer_segment(self, number):
+        """The peer's segment `number`, mapped (writable: shared sums are added into
+        it); its fd was sent ahead of the frame, so it waits on the socket (or
+        the peer is broken)."""
+        deadline = time.monotonic() + self._timeout
+        while number not in self._peer_segments:
+            if len(self._peer_segments) >= MAX_SHARED_SEGMENTS:
+                raise ProtocolError(f"receive from {self.peer}: more than {MAX_SHARED_SEGMENTS} shared segments")
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+                raise ProtocolError(f"receive from {self.peer}: shared segment {number} was never sent")
+            try:
+                data, fds, _, _ = socket.recv_fds(self._sock, SEGMENT.size, 1)
+            except OSError as exc:
+                raise TransportError(f"receive from {self.peer}: shared segment: {exc}") from None
+            try:
+                if not data:
+                    raise EndOfStream(f"{self.peer} closed the connection")
+                if len(data) != SEGMENT.size or len(fds) != 1:
+                    raise ProtocolError(f"receive from {self.peer}: a malformed shared-segment announcement")
+                got, size = SEGMENT.unpack(data)
+                if got in self._peer_segments:
+                    raise ProtocolError(f"receive from {self.peer}: shared segment {got} sent twice")
+                if os.fstat(fds[0]).st_size != size or not size:
+                    raise ProtocolError(f"receive from {self.peer}: shared segment {got} is not {size} bytes")
+                if not fcntl.fcntl(fds[0], fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+                    raise ProtocolError(f"receive from {self.peer}: shared segment {got} is not sealed "
+                                        f"against shrinking")
+                self._peer_segments[got] = mmap.mmap(fds[0], size, mmap.MAP_SHARED,
+                                                     mmap.PROT_READ | mmap.PROT_WRITE)
+            except (OSError, ValueError) as exc:
+                raise ProtocolError(f"receive from {self.peer}: shared segment: {exc}") from None
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        return self._peer_segments[number]
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        if os.getpid() != self._pid:
+            return              # a forked child must not end its parent's connection
+        self._channel.shutdown()             # the peer sees the end; our blocked threads wake
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        # The mapping and the fd must outlive every thread still inside a call.
+        with self._send_lock, self._recv_lock:
+            self._channel.unmap()
+            for memory in self._peer_segments.values():
+                memory.close()
+            self._peer_segments.clear()
+            self._sock.close()

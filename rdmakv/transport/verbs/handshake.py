@@ -1,0 +1,71 @@
+"""The verbs set-up's messages on the TCP side channel: each side's endpoint
+(its QP, and its receive-slot geometry) as a framed JSON blob, or a refusal."""
+import json
+import socket
+import struct
+import time
+
+from rdmakv.core.errors import ConnectionClosed, PeerTimeout, ProtocolError, TransportError
+from rdmakv.transport.verbs.connection import SLOT_BYTES
+
+HANDSHAKE_MAGIC = b"RDKVVRB1"
+_WIRE_FIELDS = ("qpn", "psn", "lid", "mtu", "slots", "slot_bytes")
+
+BLOB_HEAD = len(HANDSHAKE_MAGIC) + 4    # magic, then the length of the JSON that follows
+MAX_BLOB_BYTES = 4096
+
+
+def frame_blob(obj):
+    data = json.dumps(obj).encode()
+    return HANDSHAKE_MAGIC + struct.pack("<I", len(data)) + data
+
+
+def recv_exact(sock, n, deadline, what):
+    out = bytearray()
+    while len(out) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PeerTimeout(f"{what}: no answer within the time limit")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(n - len(out))
+        except socket.timeout:
+            continue
+        if not chunk:
+            raise ConnectionClosed(f"{what}: the peer closed the connection during the verbs set-up")
+        out += chunk
+    return bytes(out)
+
+
+def blob_length(head, what):
+    """The length of the JSON a set-up message's head announces (ProtocolError if it is not one)."""
+    if head[:len(HANDSHAKE_MAGIC)] != HANDSHAKE_MAGIC:
+        raise ProtocolError(f"{what}: the peer does not speak the rdmakv verbs transport "
+                            f"(is it using RDMAKV_TRANSPORT=tcp?)")
+    (length,) = struct.unpack("<I", head[len(HANDSHAKE_MAGIC):BLOB_HEAD])
+    if length > MAX_BLOB_BYTES:
+        raise ProtocolError(f"{what}: set-up message of {length} bytes")
+    return length
+
+
+def decode_blob(body, what):
+    """The peer's endpoint from a set-up message's JSON; TransportError if it refused us."""
+    try:
+        obj = json.loads(body)
+    except ValueError as exc:
+        raise ProtocolError(f"{what}: set-up message is not JSON: {exc}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+        raise TransportError(f"{what}: refused by the peer: {obj['error'][:200]}")
+    if not isinstance(obj, dict) or any(not isinstance(obj.get(k), int) for k in _WIRE_FIELDS):
+        raise ProtocolError(f"{what}: set-up message lacks {', '.join(_WIRE_FIELDS)}")
+    if obj.get("gid") is not None and not isinstance(obj["gid"], str):
+        raise ProtocolError(f"{what}: bad GID in the set-up message")
+    if obj["slot_bytes"] != SLOT_BYTES or not 1 <= obj["slots"] <= 4096:
+        raise ProtocolError(f"{what}: the peer uses {obj['slots']} slots of {obj['slot_bytes']} bytes, "
+                            f"this side {SLOT_BYTES}-byte slots")
+    return obj
+
+
+def recv_blob(sock, deadline, what):
+    length = blob_length(recv_exact(sock, BLOB_HEAD, deadline, what), what)
+    return decode_blob(recv_exact(sock, length, deadline, what), what)

@@ -1,0 +1,1 @@
+"""The worker: rdmakv.KVStore (kvstore.py)."""
