@@ -40,8 +40,8 @@ def reply(sock, op, payload=b"", **fields):
 class Rig:
     """An engine with one link whose far end is `server`, a plain socket."""
 
-    def __init__(self, credit=0, direct=64 * 1024, links=1):
-        self.engine = _t.Engine(links, credit, direct, TIMEOUT, 7)
+    def __init__(self, credit=0, small=64 * 1024, links=1):
+        self.engine = _t.Engine(links, credit, small, TIMEOUT, 7)
         self.pairs = [socket.socketpair() for _ in range(links)]
         for index, (ours, theirs) in enumerate(self.pairs):
             ours.setblocking(False)
@@ -113,7 +113,7 @@ def test_rounds_of_a_key_go_out_in_order_one_at_a_time(rig):
 
 
 def test_credit_holds_large_chunks_back_and_priority_chooses_the_next(rig):
-    r = rig(credit=100, direct=10)
+    r = rig(credit=100, small=10)
     low = r.key(1, [100, 100], order=0)
     high = r.key(2, [100], order=1)
     a = np.zeros(200, np.uint8)
@@ -135,7 +135,7 @@ def test_credit_holds_large_chunks_back_and_priority_chooses_the_next(rig):
 
 
 def test_the_source_stays_exported_until_the_engine_is_done_with_it(rig):
-    r = rig(credit=1, direct=0)
+    r = rig(credit=1, small=0)
     key = r.key(5, [1 << 16, 1 << 16])
     op = r.engine.submit(key, np.full(1 << 17, 9, np.uint8), np.zeros(1 << 17, np.uint8), 0, 0)
     gc.collect()                             # the caller let go of both arrays
@@ -241,8 +241,9 @@ def test_a_dead_server_is_reported_and_closing_cancels_what_waits(rig):
     value = np.zeros(8, np.uint8)
     op = r.engine.submit(key, value, value, 0, 0)
     r.pairs[1][1].close()
-    link, kind, code, *_ = r.engine.next_event(TIMEOUT)
-    assert (link, kind) == (1, _t.EVENT_CLOSED) and code in (_t.ERR_EOF, _t.ERR_IO)
+    link, kind, code, *_ = r.engine.next_event(TIMEOUT)       # its push may go out before the close, or not
+    assert link == 1 and (kind, code) in {(_t.EVENT_CLOSED, _t.ERR_EOF), (_t.EVENT_CLOSED, _t.ERR_IO),
+                                          (_t.EVENT_SEND_FAILED, _t.ERR_IO)}
     r.engine.fail_link(_t.ENGINE_ALL_LINKS, _t.OUTCOME_CANCELLED)
     assert op.wait(TIMEOUT) and op.outcome[0] == _t.OUTCOME_CANCELLED
 

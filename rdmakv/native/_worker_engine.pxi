@@ -18,7 +18,7 @@ cdef extern from "worker_engine.h" nogil:
         rk_op *next
     ctypedef void (*rk_done_fn)(rk_op *op) noexcept nogil
 
-    rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t direct_bytes, double timeout,
+    rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                              uint32_t sender_rank)
     int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd)
     void rk_engine_close(rk_engine *engine)
@@ -125,9 +125,9 @@ cdef class Engine:
     cdef rk_engine *engine
     cdef bint closed
 
-    def __cinit__(self, uint32_t num_links, uint64_t credit_bytes, uint64_t direct_bytes, double timeout,
+    def __cinit__(self, uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                   uint32_t sender_rank):
-        self.engine = rk_engine_new(num_links, credit_bytes, direct_bytes, timeout, sender_rank)
+        self.engine = rk_engine_new(num_links, credit_bytes, small_bytes, timeout, sender_rank)
         if self.engine == NULL:
             raise MemoryError("the native engine could not be allocated")
 

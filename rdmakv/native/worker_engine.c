@@ -65,7 +65,7 @@ struct rk_engine {
     uint32_t num_links;
     rk_link *links;
     uint64_t credit_bytes;
-    uint64_t direct_bytes;
+    uint64_t small_bytes;         /* chunks this small hold no credit */
     double timeout;
     uint32_t sender_rank;
     pthread_rwlock_t keys_lock;
@@ -290,8 +290,7 @@ static void start(rk_op *op) {
         rk_chunk *chunk = &key->chunks[i];
         rk_link *link = &engine->links[chunk->link];
         rk_item item = {.priority = op->priority, .order = key->order, .chunk = i, .ref = op,
-                        .credit = (chunk->nbytes > engine->direct_bytes && engine->credit_bytes) ? chunk->nbytes : 0};
-        int direct = 0;
+                        .credit = (chunk->nbytes > engine->small_bytes && engine->credit_bytes) ? chunk->nbytes : 0};
         pthread_mutex_lock(&link->lock);
         if (link->failed || atomic_load(&op->life) & RK_CLAIMED) {
             uint32_t failed = link->index;
@@ -308,17 +307,10 @@ static void start(rk_op *op) {
             cancel(op, RK_DONE_CANCELLED, 0);
             return;
         }
-        /* A small chunk with nothing ahead of it goes from this thread: a hand-off
-         * to the sender thread costs more than the send. */
-        if (!link->sending && link->queue.count == 1 && chunk->nbytes <= engine->direct_bytes &&
-            pop_ready(link, &item)) {
-            link->sending = 1;
-            direct = 1;
-        } else {
-            pthread_cond_signal(&link->ready);
-        }
+        /* The sender thread sends it: a caller that starts many small pushpulls in a
+         * row then pays no system call for each, and they leave in batches. */
+        pthread_cond_signal(&link->ready);
         pthread_mutex_unlock(&link->lock);
-        if (direct) transmit(link, &item, 1);
     }
 }
 
@@ -584,7 +576,7 @@ static void *reader_main(void *arg) {
 }
 
 /* ---- engine and keys ---------------------------------------------------------------- */
-rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t direct_bytes, double timeout,
+rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                          uint32_t sender_rank) {
     rk_engine *engine = calloc(1, sizeof *engine);
     if (engine == NULL) return NULL;
@@ -595,7 +587,7 @@ rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t dir
     }
     engine->num_links = num_links;
     engine->credit_bytes = credit_bytes;
-    engine->direct_bytes = direct_bytes;
+    engine->small_bytes = small_bytes;
     engine->timeout = timeout;
     engine->sender_rank = sender_rank;
     pthread_rwlock_init(&engine->keys_lock, NULL);

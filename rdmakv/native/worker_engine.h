@@ -66,7 +66,7 @@ struct rk_op {
 };
 
 /* ---- engine --------------------------------------------------------------- */
-rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t direct_bytes, double timeout,
+rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                          uint32_t sender_rank);
 /* Start a link over a connected socket (non-blocking); 0, or an errno. */
 int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd);
