@@ -1,6 +1,7 @@
 """The native engines (rdmakv/native/worker_engine.c, server_engine.c) against
 peers played by the test over real socket pairs: what goes on the wire, in what
 order, what comes back, and what a hostile or failing peer makes of it."""
+import errno
 import gc
 import os
 import socket
@@ -248,6 +249,39 @@ def test_a_dead_server_is_reported_and_closing_cancels_what_waits(rig):
     assert op.wait(TIMEOUT) and op.outcome[0] == _t.OUTCOME_CANCELLED
 
 
+def test_a_result_for_a_push_that_has_not_left_is_a_broken_server(rig):
+    r = rig(credit=100, small=10)
+    key = r.key(1, [100, 100])
+    value = np.zeros(200, np.uint8)
+    r.engine.submit(key, value, value, 0, 0)
+    first, _ = read_message(r.server)            # chunk 1 waits for credit
+    assert first.chunk == 0
+    reply(r.server, Op.RESULT, bytes(100), key=1, chunk=1, round=0)
+    link, kind, code, *_ = r.engine.next_event(TIMEOUT)
+    assert (link, kind, code) == (0, _t.EVENT_CLOSED, _t.ERR_UNEXPECTED_RESULT)
+
+
+def test_after_close_the_engine_sends_nothing_on_the_descriptor(rig):
+    r = rig()
+    r.engine.close()
+    assert r.engine.send(0, protocol.pack(Op.ERROR)) == (_t.ERR_IO, errno.EBADF)
+
+
+def test_a_forked_child_letting_go_of_the_engine_leaves_the_parents_links(rig):
+    r = rig()
+    key = r.key(1, [4])
+    pid = os.fork()
+    if pid == 0:                                 # the child: what exit or `del store` would do
+        r.engine.close()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    value = np.zeros(4, np.uint8)
+    op = r.engine.submit(key, value, value, 0, 0)
+    read_message(r.server)
+    reply(r.server, Op.RESULT, b"\x02" * 4, key=1, chunk=0, round=0)
+    assert op.wait(TIMEOUT) and op.outcome[0] == _t.OUTCOME_OK and value.tolist() == [2] * 4
+
+
 def test_a_send_to_a_closed_server_is_reported_once(rig):
     r = rig()
     r.server.close()
@@ -398,17 +432,20 @@ def test_a_push_of_a_key_the_worker_never_declared_stops_its_link(server_rig):
 def test_a_message_the_engine_cannot_place_is_read_by_the_control_plane_meanwhile(server_rig):
     r = server_rig()
     reply(r.workers[1], Op.DECLARE, b'{"key": 5}')
-    reply(r.workers[1], Op.PUSH, bytes(8), key=77, chunk=0, dtype=6)      # an undeclared key
+    reply(r.workers[1], Op.PUSH, bytes(range(8)), key=77, chunk=0, dtype=6)      # an undeclared key
+    # A control message comes whole (its payload is bounded), and the link waits for the verdict.
     link, kind, _, _, _, fields, payload = r.engine.next_event(TIMEOUT)
-    assert (link, kind, fields[2], payload) == (1, _t.EVENT_MESSAGE, Op.DECLARE, None)
-    payload = bytearray(fields[9])                                  # the engine left the payload to us:
-    taken = r.engine.take_buffered(1, payload)                      # what it read ahead,
-    payload[taken:] = recv_exactly(r.pairs[1][0], len(payload) - taken)   # then the socket
-    assert payload == b'{"key": 5}'
-    assert r.engine.next_event(0.2) is None                          # and waits for the verdict
+    assert (link, kind, fields[2], payload) == (1, _t.EVENT_MESSAGE, Op.DECLARE, b'{"key": 5}')
+    assert r.engine.next_event(0.2) is None
     r.engine.answer(1, _t.VERDICT_CONTINUE)
-    link, kind, _, _, _, fields, _ = r.engine.next_event(TIMEOUT)
-    assert (kind, fields[2], fields[5]) == (_t.EVENT_MESSAGE, Op.PUSH, 77)
+    # A push it cannot place: the payload is left to the control plane, which reads
+    # what the engine read ahead, then the socket.
+    link, kind, _, _, _, fields, payload = r.engine.next_event(TIMEOUT)
+    assert (kind, fields[2], fields[5], payload) == (_t.EVENT_MESSAGE, Op.PUSH, 77, None)
+    data = bytearray(fields[9])
+    taken = r.engine.take_buffered(1, data)
+    data[taken:] = recv_exactly(r.pairs[1][0], len(data) - taken)
+    assert data == bytes(range(8))
     r.engine.answer(1, _t.VERDICT_STOP)
     assert r.engine.next_event(0.3) is None                          # a stop is the control plane's to report
 

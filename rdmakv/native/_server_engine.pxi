@@ -46,6 +46,7 @@ cdef class ServerKey:
 cdef class ServerChunk:
     cdef rk_schunk *chunk
     cdef object buffers               # the round buffers the engine sums into: held as long as it lives
+    cdef Py_ssize_t nbytes
 
 
 cdef class ServerEngine:
@@ -53,14 +54,21 @@ cdef class ServerEngine:
     cdef rk_server *server
     cdef bint closed
     cdef list chunks                  # every ServerChunk: their buffers outlive the engine's threads
+    cdef uint32_t num_workers
 
     def __cinit__(self, uint32_t num_workers, double timeout, uint64_t direct_bytes):
         self.server = rk_server_new(num_workers, timeout, direct_bytes)
         if self.server == NULL:
             raise MemoryError("the server's native engine could not be allocated")
         self.chunks = []
+        self.num_workers = num_workers
+
+    cdef _check_rank(self, uint32_t rank):
+        if rank >= self.num_workers:
+            raise ValueError(f"worker rank {rank} of a job of {self.num_workers}")
 
     def start_link(self, uint32_t rank, int fd):
+        self._check_rank(rank)
         cdef int rc = rk_server_start_link(self.server, rank, fd)
         if rc:
             raise OSError(rc, f"starting the engine's threads for worker {rank}: {__import__('os').strerror(rc)}")
@@ -72,7 +80,7 @@ cdef class ServerEngine:
             raise MemoryError("declaring a key to the server's native engine")
         return key
 
-    def add_chunk(self, ServerKey key, uint32_t index, uint8_t dtype_code, buffer0, buffer1):
+    def add_chunk(self, ServerKey key not None, uint32_t index, uint8_t dtype_code, buffer0, buffer1):
         """Sum the chunk's rounds into buffer0 (even rounds) and buffer1 (odd), writable and of one size."""
         cdef unsigned char[::1] first = buffer0
         cdef unsigned char[::1] second = buffer1
@@ -80,6 +88,7 @@ cdef class ServerEngine:
             raise ValueError("the round buffers of a chunk differ in size")
         cdef ServerChunk chunk = ServerChunk.__new__(ServerChunk)
         chunk.buffers = (buffer0, buffer1)
+        chunk.nbytes = first.shape[0]
         chunk.chunk = rk_server_add_chunk(self.server, key.key, index, dtype_code, first.shape[0],
                                           <char *>&first[0] if first.shape[0] else NULL,
                                           <char *>&second[0] if second.shape[0] else NULL)
@@ -88,10 +97,11 @@ cdef class ServerEngine:
         self.chunks.append(chunk)
         return chunk
 
-    def declared_by(self, ServerKey key, uint32_t rank):
+    def declared_by(self, ServerKey key not None, uint32_t rank):
+        self._check_rank(rank)
         rk_server_declared_by(key.key, rank)
 
-    def refuse_key(self, ServerKey key):
+    def refuse_key(self, ServerKey key not None):
         rk_server_refuse_key(key.key)
 
     def departed(self):
@@ -100,10 +110,12 @@ cdef class ServerEngine:
     def set_optimizer(self, bint on):
         rk_server_set_optimizer(self.server, on)
 
-    def reply_all(self, ServerChunk chunk, uint64_t round, int32_t priority, data):
+    def reply_all(self, ServerChunk chunk not None, uint64_t round, int32_t priority, data):
         """RESULT of chunk's round to every worker, from data (which must stay as it is
         until every worker has it: the chunk's weight, updated only in a later round)."""
         cdef const unsigned char[::1] view = data
+        if view.shape[0] != chunk.nbytes:
+            raise ValueError(f"a result of {view.shape[0]} bytes for a chunk of {chunk.nbytes}")
         with nogil:
             rk_server_reply_all(self.server, chunk.chunk, round, priority,
                                 <const char *>&view[0] if view.shape[0] else NULL)
@@ -116,6 +128,7 @@ cdef class ServerEngine:
         cdef int err = 0
         cdef size_t length = 0
         cdef const char *data = NULL
+        self._check_rank(rank)
         PyObject_GetBuffer(header, &hview, PyBUF_SIMPLE)
         try:
             if hview.len != RK_HEADER_SIZE:
@@ -137,11 +150,13 @@ cdef class ServerEngine:
         """Bytes of the waiting message's payload the engine read ahead, moved into
         the start of buffer (writable); how many.  Only while it waits for a verdict."""
         cdef unsigned char[::1] view = buffer
+        self._check_rank(rank)
         if view.shape[0] == 0:
             return 0
         return rk_server_take_buffered(self.server, rank, <char *>&view[0], view.shape[0])
 
     def answer(self, uint32_t rank, int verdict):
+        self._check_rank(rank)
         rk_server_answer(self.server, rank, verdict)
 
     def next_event(self, double timeout):
@@ -167,7 +182,7 @@ cdef class ServerEngine:
             free(triples)
             free(pushed)
 
-    def key_has_pushes(self, ServerKey key):
+    def key_has_pushes(self, ServerKey key not None):
         return bool(rk_server_key_has_pushes(key.key))
 
     def close(self):

@@ -54,6 +54,7 @@ cdef class EngineKey:
     """A key declared to the engine (its chunks and their links); lives as long as the engine."""
     cdef rk_key *key
     cdef readonly Engine engine
+    cdef readonly uint64_t nbytes         # what a pushpull's source and target must hold
 
 
 cdef class Operation:
@@ -89,6 +90,7 @@ cdef class Operation:
     def owed(self, uint32_t link):
         """Indices of this op's chunks whose result link still owes."""
         cdef uint32_t indices[64]
+        self.engine._check_link(link)
         cdef uint32_t count = rk_op_owed(&self.op, link, indices, 64)
         return [indices[i] for i in range(min(count, 64))], count
 
@@ -124,14 +126,21 @@ cdef class Engine:
     """The worker's native data plane over TCP links (worker_engine.h)."""
     cdef rk_engine *engine
     cdef bint closed
+    cdef uint32_t num_links
 
     def __cinit__(self, uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                   uint32_t sender_rank):
         self.engine = rk_engine_new(num_links, credit_bytes, small_bytes, timeout, sender_rank)
         if self.engine == NULL:
             raise MemoryError("the native engine could not be allocated")
+        self.num_links = num_links
+
+    cdef _check_link(self, uint32_t link):
+        if link >= self.num_links:
+            raise ValueError(f"link {link} of an engine with {self.num_links}")
 
     def start_link(self, uint32_t index, int fd):
+        self._check_link(index)
         cdef int rc = rk_engine_start_link(self.engine, index, fd)
         if rc:
             raise OSError(rc, f"starting the engine's threads for link {index}: {__import__('os').strerror(rc)}")
@@ -142,11 +151,16 @@ cdef class Engine:
         cdef uint64_t *z = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
         cdef uint32_t *l = <uint32_t *>malloc(max(n, 1) * sizeof(uint32_t))
         cdef EngineKey key = EngineKey.__new__(EngineKey)
+        if not len(sizes) == len(links) == n:
+            raise ValueError("a key's offsets, sizes and links differ in length")
         try:
             if o == NULL or z == NULL or l == NULL:
                 raise MemoryError("declaring a key to the native engine")
             for i in range(n):
                 o[i], z[i], l[i] = offsets[i], sizes[i], links[i]
+                self._check_link(l[i])
+                if o[i] + z[i] > key.nbytes:
+                    key.nbytes = o[i] + z[i]
             key.key = rk_engine_add_key(self.engine, wire, order, dtype_code, n, o, z, l)
             if key.key == NULL:
                 raise MemoryError("declaring a key to the native engine")
@@ -157,7 +171,7 @@ cdef class Engine:
         key.engine = self
         return key
 
-    def submit(self, EngineKey key, source, target, int32_t priority, uint32_t flags):
+    def submit(self, EngineKey key not None, source, target, int32_t priority, uint32_t flags):
         """Start a pushpull of key from source into target (None source: a
         broadcast contribution without data); an Operation.  Both buffers are
         held until the engine is done with them."""
@@ -168,6 +182,9 @@ cdef class Engine:
             op.has_source = True
         PyObject_GetBuffer(target, &op.target_view, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS)
         op.has_target = True
+        if op.target_view.len < <Py_ssize_t>key.nbytes or (source is not None and
+                                                           op.source_view.len < <Py_ssize_t>key.nbytes):
+            raise ValueError(f"a pushpull of this key needs {key.nbytes} bytes in its source and target")
         rk_op_init(&op.op, self.engine, key.key, <const char *>op.source_view.buf if source is not None else NULL,
                    <char *>op.target_view.buf, priority, flags, <void *>op)
         Py_INCREF(op)                 # the engine's reference, dropped by reap()
@@ -184,16 +201,19 @@ cdef class Engine:
             Py_DECREF(<object>op.owner)
             op = following
 
-    def fail_key(self, EngineKey key):
+    def fail_key(self, EngineKey key not None):
         with nogil:
             rk_engine_fail_key(self.engine, key.key)
 
     def fail_link(self, uint32_t link, int32_t outcome):
         """Fail what waits on link (ENGINE_ALL_LINKS: on any) with outcome; nothing new starts there."""
+        if link != ENGINE_ALL_LINKS:
+            self._check_link(link)
         with nogil:
             rk_engine_fail_link(self.engine, link, outcome)
 
     def allow_states(self, uint32_t link, uint64_t limit):
+        self._check_link(link)
         rk_link_allow_states(self.engine, link, limit)
 
     def send(self, uint32_t link, header, payload=None):
@@ -205,6 +225,7 @@ cdef class Engine:
         cdef int err = 0
         cdef size_t length = 0
         cdef const char *data = NULL
+        self._check_link(link)
         PyObject_GetBuffer(header, &hview, PyBUF_SIMPLE)
         try:
             if hview.len != RK_HEADER_SIZE:

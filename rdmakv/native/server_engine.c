@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "_reduce.h"
 
@@ -76,6 +77,7 @@ struct rk_server {
     _Atomic int optimizer;
     rk_mailbox mailbox;
     int closed;
+    pid_t pid;                    /* the process that owns the threads */
 };
 
 /* ---- the sum ----------------------------------------------------------------------- */
@@ -368,9 +370,11 @@ static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int *
         }
     }
     pthread_mutex_unlock(&chunk->lock);
+    if (refused == RK_REFUSE_KEY_FAILED) return RK_OK;   /* its workers were told when it was refused */
     if (refused) {
-        post(server, link->rank, RK_EVENT_REFUSED, refused, 0, h, limit);
-        return refused == RK_REFUSE_UNDECLARED ? RK_ERR_REFUSED : RK_OK;
+        rk_event *event = rk_event_new(link->rank, RK_EVENT_REFUSED, refused, 0, h, limit);
+        int rc = event ? rk_mailbox_post_bounded(&server->mailbox, event, &link->stream) : RK_ERR_NO_MEMORY;
+        return rc ? rc : refused == RK_REFUSE_UNDECLARED ? RK_ERR_REFUSED : RK_OK;
     }
     if (!complete) {
         if (h->flags & RK_FLAG_ACK) {
@@ -391,11 +395,26 @@ static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int *
 
 /* Hand the message whose header was read to the control plane, which reads the
  * rest itself, and wait for its verdict. */
-static int ask(rk_slink *link, const rk_header *h) {
+static int ask(rk_slink *link, const rk_header *h, int *err) {
+    rk_event *event = rk_event_new(link->rank, RK_EVENT_MESSAGE, RK_OK, 0, h, 0);
+    if (event == NULL) return RK_ERR_NO_MEMORY;
+    /* A control payload is read here, within its bound, so that a worker that
+     * trickles one holds up only its own link; the large ones (a starting
+     * value, optimizer state, a push the engine cannot place) have limits only
+     * the control plane knows, and it reads them itself. */
+    if (h->length && h->length <= RK_MAX_CONTROL_BYTES && h->op != RK_OP_PUSH && h->op != RK_OP_INIT &&
+        h->op != RK_OP_SET_STATES) {
+        event->payload = malloc(h->length);
+        int rc = event->payload ? rk_recv_all(&link->stream, event->payload, h->length, 0, err) : RK_ERR_NO_MEMORY;
+        if (rc) {
+            rk_event_free(event);
+            return rc;
+        }
+    }
     pthread_mutex_lock(&link->verdict_lock);
     link->awaiting = 1;
     pthread_mutex_unlock(&link->verdict_lock);
-    post(link->server, link->rank, RK_EVENT_MESSAGE, 0, 0, h, 0);
+    rk_mailbox_post(&link->server->mailbox, event);
     pthread_mutex_lock(&link->verdict_lock);
     while (link->awaiting && !__atomic_load_n(&link->stream.stop, __ATOMIC_ACQUIRE)) {
         struct timespec until;
@@ -435,7 +454,7 @@ static void *reader_main(void *arg) {
         if (rc == RK_OK) {
             rk_schunk *chunk = h.op == RK_OP_PUSH ? find_chunk(server, h.key, h.chunk) : NULL;
             int sized = chunk && h.length == ((h.flags & RK_FLAG_NO_DATA) ? 0 : chunk->nbytes);
-            rc = sized ? take_push(link, chunk, &h, &err) : ask(link, &h);
+            rc = sized ? take_push(link, chunk, &h, &err) : ask(link, &h, &err);
         }
         if (rc == RK_STOPPED || __atomic_load_n(&link->stream.stop, __ATOMIC_ACQUIRE)) break;   /* closed here */
         if (rc != RK_OK) {
@@ -497,6 +516,7 @@ rk_server *rk_server_new(uint32_t num_workers, double timeout, uint64_t direct_b
     server->num_workers = num_workers;
     server->words = (num_workers + 63) / 64 ? (num_workers + 63) / 64 : 1;
     server->direct_bytes = direct_bytes;
+    server->pid = getpid();
     pthread_rwlock_init(&server->table_lock, NULL);
     rk_mailbox_init(&server->mailbox);
     for (uint32_t rank = 0; rank < num_workers; rank++) {
@@ -542,6 +562,7 @@ int rk_server_start_link(rk_server *server, uint32_t rank, int fd) {
 void rk_server_close(rk_server *server) {
     if (server->closed) return;   /* the descriptors may be another socket's by now */
     server->closed = 1;
+    if (getpid() != server->pid) return;   /* a forked child: the threads and sockets are the parent's */
     for (uint32_t rank = 0; rank < server->num_workers; rank++) {
         rk_slink *link = &server->links[rank];
         atomic_store(&link->active, 0);
@@ -561,6 +582,9 @@ void rk_server_close(rk_server *server) {
             pthread_join(link->replier, NULL);
             link->started = 0;
         }
+        pthread_mutex_lock(&link->send_lock);
+        link->stream.fd = -1;         /* a late send must not reach a reused descriptor */
+        pthread_mutex_unlock(&link->send_lock);
     }
     rk_mailbox_close(&server->mailbox);
 }

@@ -156,6 +156,10 @@ int rk_recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *err) 
 }
 
 int rk_send_all(rk_stream *s, struct iovec *iov, int count, int *err) {
+    if (s->fd < 0) {              /* closed here */
+        *err = EBADF;
+        return RK_ERR_IO;
+    }
     double deadline = rk_now() + s->timeout;
     while (count > 0) {
         struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)count};
@@ -227,26 +231,60 @@ void rk_mailbox_init(rk_mailbox *m) {
     memset(m, 0, sizeof *m);
     pthread_mutex_init(&m->lock, NULL);
     pthread_cond_init(&m->ready, NULL);
+    pthread_cond_init(&m->drained, NULL);
+}
+
+static void append(rk_mailbox *m, rk_event *event) {   /* the caller holds m->lock */
+    if (m->tail) m->tail->next = event;
+    else m->head = event;
+    m->tail = event;
+    m->count++;
+    m->bytes += event->payload ? event->header.length : 0;
+    pthread_cond_signal(&m->ready);
 }
 
 void rk_mailbox_post(rk_mailbox *m, rk_event *event) {
     pthread_mutex_lock(&m->lock);
-    if (m->tail) m->tail->next = event;
-    else m->head = event;
-    m->tail = event;
-    pthread_cond_signal(&m->ready);
+    append(m, event);
     pthread_mutex_unlock(&m->lock);
+}
+
+static void slice_from_now(struct timespec *until, double seconds) {
+    clock_gettime(CLOCK_REALTIME, until);   /* pthread_cond_timedwait's clock */
+    until->tv_sec += (time_t)seconds;
+    until->tv_nsec += (long)((seconds - (double)(time_t)seconds) * 1e9);
+    if (until->tv_nsec >= 1000000000L) {
+        until->tv_sec++;
+        until->tv_nsec -= 1000000000L;
+    }
+}
+
+int rk_mailbox_post_bounded(rk_mailbox *m, rk_event *event, rk_stream *s) {
+    double deadline = rk_now() + s->timeout;
+    int rc = RK_OK;
+    pthread_mutex_lock(&m->lock);
+    while ((m->count >= RK_MAILBOX_EVENTS || m->bytes >= RK_MAILBOX_BYTES) && !m->closing) {
+        if (__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE)) {
+            rc = RK_STOPPED;
+            break;
+        }
+        if (rk_now() >= deadline) {
+            rc = RK_ERR_TIMEOUT;
+            break;
+        }
+        struct timespec until;
+        slice_from_now(&until, SLICE_MS / 1000.0);
+        pthread_cond_timedwait(&m->drained, &m->lock, &until);
+    }
+    if (rc == RK_OK) append(m, event);
+    pthread_mutex_unlock(&m->lock);
+    if (rc != RK_OK) rk_event_free(event);
+    return rc;
 }
 
 rk_event *rk_mailbox_next(rk_mailbox *m, double timeout) {
     struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);   /* pthread_cond_timedwait's clock */
-    until.tv_sec += (time_t)timeout;
-    until.tv_nsec += (long)((timeout - (double)(time_t)timeout) * 1e9);
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    slice_from_now(&until, timeout);
     pthread_mutex_lock(&m->lock);
     while (m->head == NULL && !m->closing)
         if (pthread_cond_timedwait(&m->ready, &m->lock, &until) == ETIMEDOUT) break;
@@ -255,6 +293,9 @@ rk_event *rk_mailbox_next(rk_mailbox *m, double timeout) {
         m->head = event->next;
         if (m->head == NULL) m->tail = NULL;
         event->next = NULL;
+        m->count--;
+        m->bytes -= event->payload ? event->header.length : 0;
+        pthread_cond_broadcast(&m->drained);
     }
     pthread_mutex_unlock(&m->lock);
     return event;
@@ -264,6 +305,7 @@ void rk_mailbox_close(rk_mailbox *m) {
     pthread_mutex_lock(&m->lock);
     m->closing = 1;
     pthread_cond_broadcast(&m->ready);
+    pthread_cond_broadcast(&m->drained);
     pthread_mutex_unlock(&m->lock);
 }
 

@@ -15,7 +15,9 @@
 #define RK_VERSION 1
 #define RK_OP_PUSH 12
 #define RK_OP_RESULT 13
+#define RK_OP_INIT 14
 #define RK_OP_STATES 17
+#define RK_OP_SET_STATES 18
 #define RK_OP_RECEIVED 20
 #define RK_OP_HEARTBEAT 31
 #define RK_FLAG_BROADCAST 1u
@@ -122,15 +124,24 @@ typedef struct rk_event {
     char *payload;            /* header.length bytes, malloc'd: rk_event_free() */
 } rk_event;
 
+/* What a peer can make wait in a mailbox: a reader posting past this waits for the control plane. */
+#define RK_MAILBOX_EVENTS 1024
+#define RK_MAILBOX_BYTES (64u << 20)
+
 typedef struct {
     pthread_mutex_t lock;
     pthread_cond_t ready;
+    pthread_cond_t drained;
     rk_event *head, *tail;
+    size_t count, bytes;          /* events waiting, and their payload bytes */
     int closing;
 } rk_mailbox;
 
 void rk_mailbox_init(rk_mailbox *m);
 void rk_mailbox_post(rk_mailbox *m, rk_event *event);
+/* Post what a peer sent: while the mailbox is full, wait (the stream's timeout,
+ * its stop flag); RK_OK, RK_ERR_TIMEOUT or RK_STOPPED (the event is then freed). */
+int rk_mailbox_post_bounded(rk_mailbox *m, rk_event *event, rk_stream *s);
 /* The oldest event; NULL after timeout seconds or once closing. */
 rk_event *rk_mailbox_next(rk_mailbox *m, double timeout);
 void rk_mailbox_close(rk_mailbox *m);

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 
 #define RK_CLAIMED 0x80000000u    /* rk_op.life: one thread settles the outcome */
@@ -25,6 +26,7 @@ typedef struct {
     uint32_t link;
     rk_op *op;                    /* whose result the link owes for this chunk (link lock) */
     int credited;                 /* that op's push holds credit until RECEIVED or RESULT */
+    int sent;                     /* that op's push has left: only then may its result come */
 } rk_chunk;
 
 struct rk_key {
@@ -77,6 +79,7 @@ struct rk_engine {
     rk_op *finished;
     rk_mailbox mailbox;
     int closed;                   /* rk_engine_close ran: the links' descriptors are the caller's again */
+    pid_t pid;                    /* the process that owns the threads */
 };
 
 static void post_error(rk_link *link, uint32_t kind, int error, int sys_errno, const rk_header *h, uint64_t limit) {
@@ -90,6 +93,7 @@ rk_event *rk_engine_next_event(rk_engine *engine, double timeout) {
 
 /* ---- operations: settling and finishing -------------------------------------------- */
 static void start(rk_op *op);
+static void enqueue_chunks(rk_op *op);
 
 static int busy_acquire(rk_op *op) {
     uint32_t life = atomic_load(&op->life);
@@ -177,20 +181,27 @@ static void cancel(rk_op *op, int32_t outcome, uint32_t failed_link) {
 }
 
 /* The next chunk that may go (the caller holds link->lock): credit permitting; a
- * chunk larger than the whole credit still goes when nothing else is in flight. */
+ * chunk larger than the whole credit still goes when nothing else is in flight.
+ * Its op comes with a busy reference (transmit drops it): from here until the
+ * bytes are sent, the op and its buffers cannot go away. */
 static int pop_ready(rk_link *link, rk_item *out) {
-    const rk_item *top = rk_queue_top(&link->queue);
-    if (top == NULL) return 0;
-    uint64_t limit = link->engine->credit_bytes;
-    if (limit && top->credit && link->credited_chunks && link->in_flight + top->credit > limit) return 0;
-    *out = rk_queue_pop(&link->queue);
-    if (out->credit) {
+    for (;;) {
+        const rk_item *top = rk_queue_top(&link->queue);
+        if (top == NULL) return 0;
+        uint64_t limit = link->engine->credit_bytes;
+        if (limit && top->credit && link->credited_chunks && link->in_flight + top->credit > limit) return 0;
+        *out = rk_queue_pop(&link->queue);
         rk_op *op = out->ref;
-        op->key->chunks[out->chunk].credited = 1;
-        link->in_flight += out->credit;
-        link->credited_chunks++;
+        if (!busy_acquire(op)) continue;      /* failing: cancel() forgets its chunks */
+        rk_chunk *chunk = &op->key->chunks[out->chunk];
+        chunk->sent = 1;
+        if (out->credit) {
+            chunk->credited = 1;
+            link->in_flight += out->credit;
+            link->credited_chunks++;
+        }
+        return 1;
     }
-    return 1;
 }
 
 /* ---- sending ---------------------------------------------------------------------- */
@@ -202,16 +213,15 @@ static void report_send_failure(rk_link *link, int error, int sys_errno) {
     if (first) post_error(link, RK_EVENT_SEND_FAILED, error, sys_errno, NULL, 0);
 }
 
-/* Send popped chunks with one sendmsg, then let the next sender in (the caller
- * set link->sending).  A chunk whose op failed meanwhile is left out. */
+/* Send popped chunks with one sendmsg, drop their busy references, then let the
+ * next sender in (the caller set link->sending). */
 static void transmit(rk_link *link, const rk_item *items, int count) {
     char packed[RK_BATCH][RK_HEADER_SIZE];
     struct iovec iov[2 * RK_BATCH];
     rk_op *held[RK_BATCH];
     int parts = 0, holding = 0, rc = RK_OK, err = 0;
     for (int i = 0; i < count; i++) {
-        rk_op *op = items[i].ref;
-        if (!busy_acquire(op)) continue;
+        rk_op *op = items[i].ref;         /* busy since pop_ready */
         held[holding++] = op;
         rk_key *key = op->key;
         rk_chunk *chunk = &key->chunks[items[i].chunk];
@@ -272,7 +282,15 @@ int rk_link_send(rk_engine *engine, uint32_t index, const char *header, const ch
 }
 
 /* ---- starting an op: its chunks go to their links' queues -------------------------- */
+/* Queue op's chunks, holding a busy reference so that a failure running at the
+ * same time cannot finish (and free) it under our hands. */
 static void start(rk_op *op) {
+    if (!busy_acquire(op)) return;        /* failed before it started */
+    enqueue_chunks(op);
+    busy_release(op);
+}
+
+static void enqueue_chunks(rk_op *op) {
     rk_engine *engine = op->engine;
     rk_key *key = op->key;
     if (atomic_load(&key->failed)) {
@@ -301,6 +319,7 @@ static void start(rk_op *op) {
         }
         chunk->op = op;
         chunk->credited = 0;
+        chunk->sent = 0;
         if (rk_queue_push(&link->queue, item)) {
             chunk->op = NULL;
             pthread_mutex_unlock(&link->lock);
@@ -395,29 +414,30 @@ uint32_t rk_op_owed(rk_op *op, uint32_t index, uint32_t *indices, uint32_t max) 
 }
 
 /* Take the key's active op and waiting list (order_lock), to fail them. */
-static rk_op *take_pending(rk_engine *engine, rk_key *key) {
+/* Fail the key's active op and the rounds waiting behind it.  The waiting ones
+ * are taken off the key (nobody else reaches them then); the active one only
+ * while a busy reference keeps it from finishing under our hands: if it is
+ * finishing already, it starts nothing, as the waiting list is empty. */
+static void cancel_pending(rk_engine *engine, rk_key *key, int32_t outcome, uint32_t failed_link) {
     pthread_mutex_lock(&engine->order_lock);
-    rk_op *list = key->waiting_head;
+    rk_op *waiting = key->waiting_head;
     key->waiting_head = key->waiting_tail = NULL;
-    if (key->active) {
-        key->active->next = list;
-        list = key->active;
-    }
+    rk_op *active = key->active && busy_acquire(key->active) ? key->active : NULL;
     pthread_mutex_unlock(&engine->order_lock);
-    return list;
-}
-
-static void cancel_list(rk_op *list, int32_t outcome, uint32_t failed_link) {
-    while (list) {
-        rk_op *next = list->next;   /* finishing reuses next */
-        cancel(list, outcome, failed_link);
-        list = next;
+    if (active) {
+        cancel(active, outcome, failed_link);
+        busy_release(active);
+    }
+    while (waiting) {
+        rk_op *next = waiting->next;   /* finishing reuses next */
+        cancel(waiting, outcome, failed_link);
+        waiting = next;
     }
 }
 
 void rk_engine_fail_key(rk_engine *engine, rk_key *key) {
     atomic_store(&key->failed, 1);
-    cancel_list(take_pending(engine, key), RK_DONE_KEY_FAILED, 0);
+    cancel_pending(engine, key, RK_DONE_KEY_FAILED, 0);
 }
 
 void rk_engine_fail_link(rk_engine *engine, uint32_t index, int32_t outcome) {
@@ -433,7 +453,7 @@ void rk_engine_fail_link(rk_engine *engine, uint32_t index, int32_t outcome) {
     for (rk_key *key = declared; key; key = key->next_declared) {
         int uses = index == UINT32_MAX;
         for (uint32_t i = 0; i < key->nchunks && !uses; i++) uses = key->chunks[i].link == index;
-        if (uses) cancel_list(take_pending(engine, key), outcome, index);
+        if (uses) cancel_pending(engine, key, outcome, index);
     }
 }
 
@@ -469,25 +489,28 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
     rk_key *key = find_key(link->engine, h->key);
     rk_chunk *chunk = NULL;
     rk_op *op = NULL;
-    int dropped = 0;
+    int failing = 0;              /* the op it answers is being failed */
     pthread_mutex_lock(&link->lock);
     if (key && h->chunk < key->nchunks && key->chunks[h->chunk].link == link->index) {
         chunk = &key->chunks[h->chunk];
-        if (chunk->op && chunk->op->round == h->round) {
+        /* Only a push that has left can be answered: an early "result" is a broken peer's. */
+        if (chunk->op && chunk->sent && chunk->op->round == h->round) {
             if (h->length != chunk->nbytes) {
                 *limit = chunk->nbytes;
                 pthread_mutex_unlock(&link->lock);
                 return RK_ERR_RESULT_LENGTH;
             }
             op = chunk->op;
-            if (!busy_acquire(op)) op = NULL;
+            if (!busy_acquire(op)) {
+                op = NULL;
+                failing = 1;
+            }
         }
     }
     if (op == NULL) {
         /* Taken in and dropped, no more than a chunk of the key: a result that
          * crossed its key's failure, or this link's, or its op's. */
-        dropped = key && (atomic_load(&key->failed) || link->failed || (chunk && chunk->op)) &&
-                  h->length <= key->max_chunk;
+        int dropped = key && (atomic_load(&key->failed) || link->failed || failing) && h->length <= key->max_chunk;
         pthread_mutex_unlock(&link->lock);
         if (!dropped) return RK_ERR_UNEXPECTED_RESULT;
         return drop_payload(link, h->length, err);
@@ -517,7 +540,7 @@ static void take_received(rk_link *link, const rk_header *h) {
     pthread_mutex_lock(&link->lock);
     if (key && h->chunk < key->nchunks && key->chunks[h->chunk].link == link->index) {
         rk_chunk *chunk = &key->chunks[h->chunk];
-        if (chunk->op && chunk->op->round == h->round) return_credit(link, chunk);
+        if (chunk->op && chunk->sent && chunk->op->round == h->round) return_credit(link, chunk);
     }
     pthread_mutex_unlock(&link->lock);
 }
@@ -539,8 +562,7 @@ static int take_control(rk_link *link, const rk_header *h, uint64_t *limit, int 
             return rc;
         }
     }
-    rk_mailbox_post(&link->engine->mailbox, event);
-    return RK_OK;
+    return rk_mailbox_post_bounded(&link->engine->mailbox, event, &link->stream);
 }
 
 static void *reader_main(void *arg) {
@@ -590,6 +612,7 @@ rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t sma
     engine->small_bytes = small_bytes;
     engine->timeout = timeout;
     engine->sender_rank = sender_rank;
+    engine->pid = getpid();
     pthread_rwlock_init(&engine->keys_lock, NULL);
     pthread_mutex_init(&engine->order_lock, NULL);
     pthread_mutex_init(&engine->finished_lock, NULL);
@@ -627,6 +650,7 @@ int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd) {
 void rk_engine_close(rk_engine *engine) {
     if (engine->closed) return;   /* the descriptors may be another socket's by now */
     engine->closed = 1;
+    if (getpid() != engine->pid) return;   /* a forked child: the threads and sockets are the parent's */
     for (uint32_t i = 0; i < engine->num_links; i++) {
         rk_link *link = &engine->links[i];
         pthread_mutex_lock(&link->lock);
@@ -638,10 +662,15 @@ void rk_engine_close(rk_engine *engine) {
     for (uint32_t i = 0; i < engine->num_links; i++) {
         rk_link *link = &engine->links[i];
         if (link->started) {
-            pthread_join(link->sender, NULL);
-            pthread_join(link->reader, NULL);
+            /* A done-callback may close the store from an engine thread: it cannot join itself,
+             * and it stops at its next loop, having seen the stop flag. */
+            if (!pthread_equal(pthread_self(), link->sender)) pthread_join(link->sender, NULL);
+            if (!pthread_equal(pthread_self(), link->reader)) pthread_join(link->reader, NULL);
             link->started = 0;
         }
+        pthread_mutex_lock(&link->send_lock);
+        link->stream.fd = -1;         /* a late control send must not reach a reused descriptor */
+        pthread_mutex_unlock(&link->send_lock);
     }
     rk_mailbox_close(&engine->mailbox);
 }

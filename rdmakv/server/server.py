@@ -345,24 +345,25 @@ class ParameterServer(Handler):
 
     def _on_engine_event(self, rank, kind, code, err, limit, fields, payload):
         header = protocol.Header(*fields[2:])
+        if kind == _t.EVENT_SUMMED:   # whether or not the worker whose push completed it is still here
+            self._update_summed(header)
+            return
         with self._lock:
             link = self._links.get(rank)
+        state = self._keys.get(header.key)
+        name = state.name if state is not None else header.key
+        if kind == _t.EVENT_REFUSED and code != _t.REFUSE_UNDECLARED:
+            self._fail_key(header.key, self._refusal(code, limit, header, rank, name))
+            return
         if link is None:              # it left meanwhile
             if kind == _t.EVENT_MESSAGE:
                 self._native.answer(rank, _t.VERDICT_STOP)
             return
         peer = link.peer
         if kind == _t.EVENT_MESSAGE:
-            self._take_handed_message(rank, peer, header)
+            self._take_handed_message(rank, peer, header, payload)
         elif kind == _t.EVENT_REFUSED:
-            state = self._keys.get(header.key)
-            name = state.name if state is not None else header.key
-            if code == _t.REFUSE_UNDECLARED:
-                peer.ended(ProtocolError(f"worker {rank} pushed key {name!r} without declaring it"))
-            else:
-                self._fail_key(header.key, self._refusal(code, limit, header, rank, name))
-        elif kind == _t.EVENT_SUMMED:
-            self._update_summed(header)
+            peer.ended(ProtocolError(f"worker {rank} pushed key {name!r} without declaring it"))
         elif kind == _t.EVENT_SEND_FAILED:
             log.warning("reply to %s failed: %s", peer.name,
                         engine_stream_error(code, err, "send to", peer.connection.peer, self.config.timeout))
@@ -371,11 +372,12 @@ class ParameterServer(Handler):
             peer.ended(engine_read_error(code, err, limit, fields, peer.name, peer.connection.peer,
                                          self.config.timeout))
 
-    def _take_handed_message(self, rank, peer, header):
+    def _take_handed_message(self, rank, peer, header, payload):
         """A message the engine leaves to us (control, or a push it cannot place):
-        read and handled here while the engine's reader waits for the verdict."""
+        handled here (its payload read here too, unless the engine read it) while
+        the engine's reader waits for the verdict."""
         try:
-            peer.receive(header)
+            peer.receive(header, arrived=payload)
         except Exception as exc:      # noqa: BLE001 - whatever it was, this worker's link is over
             if not isinstance(exc, RdmaKVError):
                 log.exception("server %s: handling a message from %s failed", self.rank, peer.name)
@@ -409,8 +411,14 @@ class ParameterServer(Handler):
         chunk = self._chunks[(header.key, header.chunk)]
         result = chunk.buffer(header.round)
         if self.updater is not None and chunk.weight is not None:
-            self.updater.update(chunk.key_state.name, chunk.index, chunk.weight.view(chunk.dtype),
-                                result.view(chunk.dtype))
+            try:
+                self.updater.update(chunk.key_state.name, chunk.index, chunk.weight.view(chunk.dtype),
+                                    result.view(chunk.dtype))
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the workers must hear it, not time out
+                log.exception("server %s: the optimizer failed on key %r", self.rank, chunk.key_state.name)
+                self._fail_key(header.key, f"server {self.rank}: the optimizer failed on key "
+                                           f"{chunk.key_state.name!r}: {type(exc).__name__}: {exc}")
+                return
             result = chunk.weight
         self._native.reply_all(chunk.native, header.round, header.priority, result)
 
@@ -435,7 +443,10 @@ class ParameterServer(Handler):
         notice = protocol.encode_json({"message": self._failure, "fatal": True})
         for link in links:
             try:
-                link.peer.send(Op.ERROR, notice)
+                if self._native is not None:      # the engine's reply thread shares the stream
+                    link.reply(1 << 30, Op.ERROR, notice)
+                else:
+                    link.peer.send(Op.ERROR, notice)
             except RdmaKVError:
                 pass
         self._exit_code = 1
@@ -544,9 +555,10 @@ class ParameterServer(Handler):
             self._links[rank] = link
         peer.name = f"worker {rank}"
         if self._native is not None:
-            peer.hand_off()           # from its next message on, the engine reads this worker
+            # Set first: the engine may hand a message over before this returns.
             peer.connection.read_ahead = lambda view: self._native.take_buffered(rank, view)
-            self._native.start_link(rank, peer.connection.fileno())
+            self._native.start_link(rank, peer.connection.fileno())   # raises: the Peer ends the link
+            peer.hand_off()           # from its next message on, the engine reads this worker
 
     def on_closed(self, peer, error):
         link = peer.info.get("link")

@@ -278,10 +278,11 @@ class Peer:
             if not self._handed_off:
                 self.ended(error)
 
-    def receive(self, header):
+    def receive(self, header, arrived=None):
         """Take in the rest of a message whose header was read: its payload, into
         the handler's destination (checked against the header first), then
-        handler.on_message.  Raises what makes the connection unusable."""
+        handler.on_message.  Raises what makes the connection unusable.
+        arrived: the payload, when a native engine has read it already."""
         if header.op == Op.HEARTBEAT:
             if header.length:
                 raise ProtocolError(f"HEARTBEAT with a payload of {header.length} bytes")
@@ -299,7 +300,10 @@ class Peer:
                 raise ProtocolError(
                     f"{protocol.op_name(header.op)} for key {header.key} chunk {header.chunk} "
                     f"carries {header.length} bytes, expected {memoryview(payload).nbytes}")
-            self.connection.recv_payload(header, payload)
+            if arrived is None:
+                self.connection.recv_payload(header, payload)
+            else:
+                memoryview(payload).cast("B")[:] = arrived
         self.handler.on_message(self, header, payload)
 
     def hand_off(self):

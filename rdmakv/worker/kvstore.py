@@ -1027,10 +1027,16 @@ class KVStore:
             link.request(Op.SET_OPTIMIZER, payload, self.config.timeout)
 
     def _dump_optimizer_states(self):
-        if self._engine is not None:
-            for link, (nbytes, count) in zip(self._links, self._declared_per_server()):
-                self._engine.allow_states(link.rank, protocol.state_limit(nbytes, count))
-        return [link.request(Op.GET_STATES, None, self.config.timeout) for link in self._links]
+        if self._engine is None:
+            return [link.request(Op.GET_STATES, None, self.config.timeout) for link in self._links]
+        states = []
+        for link, (nbytes, count) in zip(self._links, self._declared_per_server()):
+            self._engine.allow_states(link.rank, protocol.state_limit(nbytes, count))   # only while asked
+            try:
+                states.append(link.request(Op.GET_STATES, None, self.config.timeout))
+            finally:
+                self._engine.allow_states(link.rank, 0)
+        return states
 
     def _declared_per_server(self):
         """(bytes, chunks) of the keys declared, per server."""
