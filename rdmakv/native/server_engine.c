@@ -578,13 +578,11 @@ void rk_server_close(rk_server *server) {
     for (uint32_t rank = 0; rank < server->num_workers; rank++) {
         rk_slink *link = &server->links[rank];
         if (link->started) {
-            pthread_join(link->reader, NULL);
-            pthread_join(link->replier, NULL);
+            rk_join(link->reader);
+            rk_join(link->replier);
             link->started = 0;
         }
-        pthread_mutex_lock(&link->send_lock);
-        link->stream.fd = -1;         /* a late send must not reach a reused descriptor */
-        pthread_mutex_unlock(&link->send_lock);
+        rk_stream_retire(&link->stream, &link->send_lock);
     }
     rk_mailbox_close(&server->mailbox);
 }

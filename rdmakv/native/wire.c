@@ -104,6 +104,16 @@ void rk_stream_free(rk_stream *s) {
     s->in = NULL;
 }
 
+void rk_stream_retire(rk_stream *s, pthread_mutex_t *send_lock) {
+    pthread_mutex_lock(send_lock);
+    s->fd = -1;
+    pthread_mutex_unlock(send_lock);
+}
+
+void rk_join(pthread_t thread) {
+    if (!pthread_equal(pthread_self(), thread)) pthread_join(thread, NULL);
+}
+
 size_t rk_stream_take_buffered(rk_stream *s, char *dst, size_t n) {
     size_t have = s->in_end - s->in_start;
     if (n > have) n = have;

@@ -85,6 +85,12 @@ typedef struct {
 /* Open the stream on fd (allocates the read buffer); 0 or ENOMEM. */
 int rk_stream_open(rk_stream *s, int fd, double timeout);
 void rk_stream_free(rk_stream *s);
+/* After the stream's threads are joined: no send may reach its descriptor again
+ * (the owner may close it, and the number be reused); later sends fail with EBADF. */
+void rk_stream_retire(rk_stream *s, pthread_mutex_t *send_lock);
+/* pthread_join, except of the calling thread (a callback may close from an engine
+ * thread: it stops at its next loop, having seen the stop flag). */
+void rk_join(pthread_t thread);
 /* Move up to n read-ahead bytes into dst (for a reader that hands the rest of a
  * message to someone reading the socket itself); how many. */
 size_t rk_stream_take_buffered(rk_stream *s, char *dst, size_t n);

@@ -662,15 +662,11 @@ void rk_engine_close(rk_engine *engine) {
     for (uint32_t i = 0; i < engine->num_links; i++) {
         rk_link *link = &engine->links[i];
         if (link->started) {
-            /* A done-callback may close the store from an engine thread: it cannot join itself,
-             * and it stops at its next loop, having seen the stop flag. */
-            if (!pthread_equal(pthread_self(), link->sender)) pthread_join(link->sender, NULL);
-            if (!pthread_equal(pthread_self(), link->reader)) pthread_join(link->reader, NULL);
+            rk_join(link->sender);
+            rk_join(link->reader);
             link->started = 0;
         }
-        pthread_mutex_lock(&link->send_lock);
-        link->stream.fd = -1;         /* a late control send must not reach a reused descriptor */
-        pthread_mutex_unlock(&link->send_lock);
+        rk_stream_retire(&link->stream, &link->send_lock);
     }
     rk_mailbox_close(&engine->mailbox);
 }
