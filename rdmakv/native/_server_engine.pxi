@@ -1,7 +1,7 @@
 # The server's native engine (server_engine.h, server_engine.c): ownership and
 # the GIL.  ServerEngine owns the rk_server; a ServerChunk keeps the round
 # buffers it was given for as long as the engine lives.  Policy (what a
-# refusal says, what an odd message means) stays in rdmakv/server.py.
+# refusal says, what an odd message means) stays in rdmakv/server/server.py.
 
 cdef extern from "server_engine.h" nogil:
     ctypedef struct rk_server:
@@ -34,7 +34,7 @@ cdef extern from "server_engine.h" nogil:
 
 
 VERDICT_CONTINUE, VERDICT_STOP = 1, 2
-# enum rk_refusal, for rdmakv/server.py's messages
+# enum rk_refusal, for rdmakv/server/server.py's messages
 (REFUSE_KEY_FAILED, REFUSE_DEPARTED, REFUSE_DTYPE, REFUSE_ROUND, REFUSE_TWICE, REFUSE_MIXED, REFUSE_TWO_ROOTS,
  REFUSE_NO_ROOT, REFUSE_UNDECLARED) = range(1, 10)
 

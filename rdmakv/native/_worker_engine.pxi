@@ -3,7 +3,7 @@
 # points at, and the engine holds a reference to it from submit() until the op
 # comes back from rk_engine_take_finished() (reap()), so no native thread ever
 # touches memory Python has let go.  Policy (names, messages, errors) stays in
-# rdmakv/kvstore.py.
+# rdmakv/worker/kvstore.py.
 
 cdef extern from "worker_engine.h" nogil:
     ctypedef struct rk_engine:
@@ -41,7 +41,7 @@ cdef extern from "worker_engine.h" nogil:
 
 
 ENGINE_ALL_LINKS = 0xFFFFFFFF
-# enum rk_outcome, for rdmakv/kvstore.py's messages
+# enum rk_outcome, for rdmakv/worker/kvstore.py's messages
 OUTCOME_OK, OUTCOME_LINK_FAILED, OUTCOME_KEY_FAILED, OUTCOME_CANCELLED = 0, 1, 2, 3
 
 

@@ -1,7 +1,7 @@
 /* The server's native data plane: a worker's push of a declared chunk is
  * received, checked against the round it belongs to, summed and answered by
  * native threads; everything else is handed to the control plane
- * (rdmakv/server.py), which reads that message itself while the link's reader
+ * (rdmakv/server/server.py), which reads that message itself while the link's reader
  * waits for its verdict.
  *
  * Objects and their owners:

@@ -9,7 +9,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
-/* rdmakv/protocol.py; tests/test_engine.py checks that these agree. */
+/* rdmakv/core/protocol.py; tests/test_engine.py checks that these agree. */
 #define RK_HEADER_SIZE 48
 #define RK_MAGIC 0x564B4452u
 #define RK_VERSION 1
@@ -29,7 +29,7 @@
 
 #define RK_STOPPED (-1)           /* a wait ended because the stream is closing here */
 
-/* The wire header (rdmakv/protocol.py HEADER), unpacked. */
+/* The wire header (rdmakv/core/protocol.py HEADER), unpacked. */
 typedef struct {
     uint32_t magic;
     uint16_t version;

@@ -20,7 +20,7 @@
  *              points at, until the op comes out of rk_engine_take_finished().
  *
  * Errors are codes and numbers (rk_event); the words are the control plane's
- * (rdmakv/kvstore.py), which knows the peers' names. */
+ * (rdmakv/worker/kvstore.py), which knows the peers' names. */
 #ifndef RDMAKV_WORKER_ENGINE_H
 #define RDMAKV_WORKER_ENGINE_H
 #include "wire.h"

@@ -229,7 +229,7 @@ class ParameterServer(Handler):
         host = netif.advertised_host(self.config)
         self.listener = self.transport.Listener(host, self.config.port, self.config.timeout)
         # Round buffers in memory the transport can share, so a result is written once for
-        # all co-located workers (rdmakv/transport/shm.py) instead of once per connection,
+        # all co-located workers (rdmakv/transport/shm/) instead of once per connection,
         # and co-located workers add their pushes into them themselves.
         self._allocate = getattr(self.listener, "shared_buffer", None) or (lambda nbytes: np.empty(nbytes, np.uint8))
         self._shares_sums = getattr(self.listener, "shares_sums", None)
