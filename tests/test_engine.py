@@ -97,6 +97,28 @@ def test_a_pushpull_goes_out_from_the_source_and_its_result_lands_in_the_target(
     assert r.engine.submit(key, source, target, 0, 0).round == 1
 
 
+def test_with_a_spin_budget_the_engine_polls_then_sleeps_and_still_answers(rig):
+    r = Rig.__new__(Rig)
+    r.engine = _t.Engine(1, 0, 64 * 1024, TIMEOUT, 7)
+    r.engine.set_spin(0.002)                 # RDMAKV_SPIN_US=2000
+    r.pairs = [socket.socketpair()]
+    r.pairs[0][0].setblocking(False)
+    r.pairs[0][1].settimeout(TIMEOUT)
+    r.engine.start_link(0, r.pairs[0][0].fileno())
+    r.server = r.pairs[0][1]
+    try:
+        key = r.key(3, [8])
+        value = np.zeros(8, np.uint8)
+        for rnd in range(3):                 # the reader spins, gives up, sleeps, wakes for the next
+            op = r.engine.submit(key, value, value, 0, 0)
+            read_message(r.server)
+            __import__("time").sleep(0.01)
+            reply(r.server, Op.RESULT, bytes([rnd + 1]) * 8, key=3, chunk=0, round=rnd)
+            assert op.wait(TIMEOUT) and value.tolist() == [rnd + 1] * 8
+    finally:
+        r.close()
+
+
 def test_rounds_of_a_key_go_out_in_order_one_at_a_time(rig):
     r = rig()
     key = r.key(1, [4])

@@ -177,6 +177,9 @@ SETTINGS = {
     "engine": (("RDMAKV_ENGINE",), _engine, "native",
                "native: pushpulls are sent, summed and completed in native threads where the links allow it "
                "(TCP without RDMAKV_INTEGRITY, no trace); python: always on the Python data path"),
+    "spin_us": (("RDMAKV_SPIN_US",), _int, 0,
+                "microseconds a native engine's reader (and a waiting caller) polls for the next message "
+                "before sleeping; 0: sleep at once (best where cores are few)"),
     "server_memory": (("RDMAKV_SERVER_MEMORY",), _byte_count, None,
                       "bytes a server may commit for the keys workers declare (default: this machine's memory)"),
 }
@@ -205,6 +208,7 @@ class Config:
     local_rank: Optional[int] = None
     server_memory: Optional[int] = None
     engine: str = "native"
+    spin_us: int = 0
     secret: Optional[str] = field(default=None, repr=False)
     secret_file: Optional[str] = None
     integrity: bool = False

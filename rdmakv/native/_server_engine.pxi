@@ -12,6 +12,7 @@ cdef extern from "server_engine.h" nogil:
         pass
     rk_server *rk_server_new(uint32_t num_workers, double timeout, uint64_t direct_bytes)
     int rk_server_start_link(rk_server *server, uint32_t rank, int fd)
+    void rk_server_set_spin(rk_server *server, double seconds)
     void rk_server_close(rk_server *server)
     void rk_server_free(rk_server *server)
     rk_skey *rk_server_add_key(rk_server *server, uint64_t wire)
@@ -66,6 +67,10 @@ cdef class ServerEngine:
     cdef _check_rank(self, uint32_t rank):
         if rank >= self.num_workers:
             raise ValueError(f"worker rank {rank} of a job of {self.num_workers}")
+
+    def set_spin(self, double seconds):
+        """Readers poll for `seconds` for a worker's next message before sleeping (call before start_link)."""
+        rk_server_set_spin(self.server, seconds)
 
     def start_link(self, uint32_t rank, int fd):
         self._check_rank(rank)

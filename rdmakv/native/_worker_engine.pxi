@@ -21,6 +21,7 @@ cdef extern from "worker_engine.h" nogil:
     rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                              uint32_t sender_rank)
     int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd)
+    void rk_engine_set_spin(rk_engine *engine, double seconds)
     void rk_engine_close(rk_engine *engine)
     void rk_engine_free(rk_engine *engine)
     rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint8_t dtype, uint32_t nchunks,
@@ -138,6 +139,10 @@ cdef class Engine:
     cdef _check_link(self, uint32_t link):
         if link >= self.num_links:
             raise ValueError(f"link {link} of an engine with {self.num_links}")
+
+    def set_spin(self, double seconds):
+        """Readers and waiters poll for `seconds` before sleeping (call before start_link)."""
+        rk_engine_set_spin(self.engine, seconds)
 
     def start_link(self, uint32_t index, int fd):
         self._check_link(index)

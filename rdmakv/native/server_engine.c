@@ -200,6 +200,10 @@ void rk_server_departed(rk_server *server) {
     atomic_store(&server->departed, 1);
 }
 
+void rk_server_set_spin(rk_server *server, double seconds) {
+    for (uint32_t rank = 0; rank < server->num_workers; rank++) server->links[rank].stream.spin = seconds;
+}
+
 void rk_server_set_optimizer(rk_server *server, int on) {
     atomic_store(&server->optimizer, on);
 }

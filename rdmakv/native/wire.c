@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -29,6 +30,20 @@ double rk_now(void) {
 static int slice_ms(double left) {
     int ms = (int)(left * 1000.0) + 1;
     return ms > SLICE_MS ? SLICE_MS : ms;
+}
+
+/* One step of a spin: the CPU's pause while in the first half of the budget,
+ * then sched_yield, so a spinner on a busy machine lets the others run. */
+static void relax_or_yield(double left, double budget) {
+    if (left > budget / 2) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        __asm__ __volatile__("yield");
+#endif
+    } else {
+        sched_yield();
+    }
 }
 
 /* ---- header ------------------------------------------------------------------------ */
@@ -206,12 +221,19 @@ int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err) {
     char packed[RK_HEADER_SIZE];
     *have_header = 0;
     /* Between messages a link may be idle for as long as it likes: wait (in
-     * slices that watch the stop flag) only for a header's first byte. */
+     * slices that watch the stop flag) only for a header's first byte.  A busy
+     * link's next message often comes within microseconds: polling for it for
+     * `spin` seconds first saves the sleep and the wake-up. */
+    double spin_until = s->spin > 0 ? rk_now() + s->spin : 0;
     while (s->in_start == s->in_end) {
         ssize_t n = take_some(s, NULL, 0);
         if (n > 0) break;
         if (n == 0) return RK_ERR_EOF;
         if (errno == EAGAIN) {
+            if (spin_until && rk_now() < spin_until && !__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE)) {
+                relax_or_yield(spin_until - rk_now(), s->spin);
+                continue;
+            }
             int rc = rk_wait_fd(s, POLLIN, 0, err);
             if (rc) return rc;
         } else if (errno != EINTR) {
@@ -224,6 +246,17 @@ int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err) {
     rk_header_unpack(packed, h);
     *have_header = 1;
     return rk_header_check(h);
+}
+
+int rk_spin_then_wait(_Atomic uint32_t *word, uint32_t expected, double spin, double deadline) {
+    double spin_until = spin > 0 ? rk_now() + spin : 0;
+    while (atomic_load(word) == expected) {
+        double now = rk_now();
+        if (now >= deadline) return 0;
+        if (spin_until && now < spin_until) relax_or_yield(spin_until - now, spin);
+        else rk_futex_wait(word, expected, deadline - now);
+    }
+    return 1;
 }
 
 void rk_futex_wait(_Atomic uint32_t *word, uint32_t expected, double seconds) {

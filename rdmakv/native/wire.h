@@ -80,6 +80,7 @@ typedef struct {
     double timeout;           /* seconds without progress inside a message */
     char *in;                 /* RK_READ_BUFFER bytes read ahead: [in_start, in_end) are unread */
     size_t in_start, in_end;
+    double spin;              /* seconds to poll for a message before sleeping in poll() (RDMAKV_SPIN_US) */
 } rk_stream;
 
 /* Open the stream on fd (allocates the read buffer); 0 or ENOMEM. */
@@ -108,6 +109,10 @@ int rk_send_all(rk_stream *s, struct iovec *iov, int count, int *err);
 int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err);
 
 void rk_futex_wait(_Atomic uint32_t *word, uint32_t expected, double seconds);
+/* Wait for *word to leave `expected`: poll it for `spin` seconds (spinning, then
+ * yielding the CPU), then sleep on the futex in slices until `deadline`; 1 once it
+ * left, 0 at the deadline. */
+int rk_spin_then_wait(_Atomic uint32_t *word, uint32_t expected, double spin, double deadline);
 void rk_futex_wake(_Atomic uint32_t *word);
 
 /* ---- events for the control plane ------------------------------------------------ */

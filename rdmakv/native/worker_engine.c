@@ -80,6 +80,7 @@ struct rk_engine {
     rk_mailbox mailbox;
     int closed;                   /* rk_engine_close ran: the links' descriptors are the caller's again */
     pid_t pid;                    /* the process that owns the threads */
+    double spin;                  /* seconds a reader or a waiter polls before sleeping */
 };
 
 static void post_error(rk_link *link, uint32_t kind, int error, int sys_errno, const rk_header *h, uint64_t limit) {
@@ -366,13 +367,8 @@ uint64_t rk_engine_submit(rk_engine *engine, rk_op *op) {
 
 int rk_op_wait(rk_op *op, double timeout) {
     if (atomic_load(&op->done)) return 1;
-    double deadline = rk_now() + timeout;
     atomic_fetch_add(&op->waiters, 1);
-    while (!atomic_load(&op->done)) {
-        double left = deadline - rk_now();
-        if (left <= 0) break;
-        rk_futex_wait(&op->done, 0, left);
-    }
+    rk_spin_then_wait(&op->done, 0, op->engine->spin, rk_now() + timeout);
     atomic_fetch_sub(&op->waiters, 1);
     return (int)atomic_load(&op->done);
 }
@@ -690,6 +686,11 @@ void rk_engine_free(rk_engine *engine) {
     free(engine->table);
     free(engine->links);
     free(engine);
+}
+
+void rk_engine_set_spin(rk_engine *engine, double seconds) {
+    engine->spin = seconds;
+    for (uint32_t i = 0; i < engine->num_links; i++) engine->links[i].stream.spin = seconds;
 }
 
 void rk_link_allow_states(rk_engine *engine, uint32_t link, uint64_t limit) {

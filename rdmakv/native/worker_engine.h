@@ -70,6 +70,8 @@ rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t sma
                          uint32_t sender_rank);
 /* Start a link over a connected socket (non-blocking); 0, or an errno. */
 int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd);
+/* Poll for `seconds` before sleeping, in the readers and in rk_op_wait (before starting links). */
+void rk_engine_set_spin(rk_engine *engine, double seconds);
 /* Stop every thread (reader, sender) and wake every mailbox waiter; idempotent.
  * Afterwards the engine never touches the links' descriptors again. */
 void rk_engine_close(rk_engine *engine);

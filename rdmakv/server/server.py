@@ -268,6 +268,7 @@ class ParameterServer(Handler):
         if (self.config.engine == "native" and self.transport is tcp and not self.config.integrity
                 and self.tracer is None):
             self._native = _t.ServerEngine(self.num_workers, self.config.timeout, DIRECT_REPLY_BYTES)
+            self._native.set_spin(self.config.spin_us / 1e6)
             threading.Thread(target=self._hear_engine, daemon=True, name="rdmakv-engine-events").start()
         log.info("server %d: joined the job of %d workers (%s data path)", self.rank, self.num_workers,
                  "native" if self._native is not None else "Python")

@@ -726,6 +726,7 @@ class KVStore:
     integrity          True: a MAC on every TCP frame, keyed from the secret; False
     local_rank         rank among the workers on this host; default: from the scheduler
     engine             native (pushpulls in native threads where the links allow) or python; native
+    spin_us            microseconds the native engine polls for a message before sleeping; 0
 
     With no job setting at all (no role, scheduler, worker-count or rank
     variable or keyword), as in `python train.py` without a launcher, the
@@ -802,6 +803,7 @@ class KVStore:
             if native:
                 credit = self.config.scheduling_credit * self.config.partition_bytes
                 self._engine = _t.Engine(len(connections), credit, DIRECT_SEND_BYTES, self.config.timeout, self.rank)
+                self._engine.set_spin(self.config.spin_us / 1e6)
                 self._engine_events = threading.Thread(target=self._hear_engine, daemon=True,
                                                        name="rdmakv-engine-events")
                 self._engine_events.start()
