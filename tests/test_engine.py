@@ -304,6 +304,28 @@ def test_a_forked_child_letting_go_of_the_engine_leaves_the_parents_links(rig):
     assert op.wait(TIMEOUT) and op.outcome[0] == _t.OUTCOME_OK and value.tolist() == [2] * 4
 
 
+def test_a_server_flooding_control_messages_is_held_back_and_then_cut_off():
+    engine = _t.Engine(1, 0, 64 * 1024, 1.0, 7)       # RDMAKV_TIMEOUT 1 s
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        engine.start_link(0, ours.fileno())
+        flood = protocol.pack(Op.WAITING, length=2) + b"{}"
+        theirs.sendall(flood * 1100)           # nobody takes the events meanwhile
+        __import__("time").sleep(2.0)
+        kinds = []
+        while (event := engine.next_event(0.5)) is not None:
+            kinds.append((event[1], event[2]))
+        # At most the mailbox's 1,024 messages were kept; then the reader waited
+        # RDMAKV_TIMEOUT for room and gave the link up.
+        assert kinds[:1024] == [(_t.EVENT_MESSAGE, 0)] * 1024
+        assert kinds[1024:] == [(_t.EVENT_CLOSED, _t.ERR_TIMEOUT)]
+    finally:
+        engine.close()
+        ours.close()
+        theirs.close()
+
+
 def test_a_send_to_a_closed_server_is_reported_once(rig):
     r = rig()
     r.server.close()
