@@ -397,8 +397,9 @@ static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int *
     return RK_OK;
 }
 
-/* Hand the message whose header was read to the control plane, which reads the
- * rest itself, and wait for its verdict. */
+/* Hand the message whose header was read to the control plane and wait for its
+ * verdict: with its payload when that is a bounded control payload, else the
+ * control plane reads the rest itself. */
 static int ask(rk_slink *link, const rk_header *h, int *err) {
     rk_event *event = rk_event_new(link->rank, RK_EVENT_MESSAGE, RK_OK, 0, h, 0);
     if (event == NULL) return RK_ERR_NO_MEMORY;

@@ -1,8 +1,10 @@
 /* The server's native data plane: a worker's push of a declared chunk is
  * received, checked against the round it belongs to, summed and answered by
  * native threads; everything else is handed to the control plane
- * (rdmakv/server/server.py), which reads that message itself while the link's reader
- * waits for its verdict.
+ * (rdmakv/server/server.py) while the link's reader waits for its verdict: a
+ * control message whole, a message with limits only the control plane knows
+ * (a starting value, optimizer state, a push the engine cannot place) for it
+ * to read itself.
  *
  * Objects and their owners:
  *   rk_server  one per server process.  Owned by the Cython ServerEngine;
