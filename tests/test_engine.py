@@ -326,6 +326,21 @@ def test_a_server_flooding_control_messages_is_held_back_and_then_cut_off():
         theirs.close()
 
 
+def test_a_failed_op_whose_send_is_stuck_is_settled_before_it_is_done(rig):
+    r = rig()
+    key = r.key(1, [16 << 20])
+    value = np.zeros(16 << 20, np.uint8)
+    op = r.engine.submit(key, value, value, 0, 0)     # the server reads nothing: the send blocks
+    __import__("time").sleep(0.3)
+    r.engine.fail_link(0, _t.OUTCOME_LINK_FAILED)
+    # The outcome is known (KVStore's wait() raises it rather than a timeout), but the
+    # op is not done while the stuck send still reads its buffer.
+    assert op.settled() and op.outcome == (_t.OUTCOME_LINK_FAILED, 0)
+    assert not op.done()
+    r.server.close()                                  # the send fails; the op finishes
+    assert op.wait(TIMEOUT)
+
+
 def test_a_send_to_a_closed_server_is_reported_once(rig):
     r = rig()
     r.server.close()

@@ -31,6 +31,7 @@ cdef extern from "worker_engine.h" nogil:
                     uint32_t flags, void *owner)
     uint64_t rk_engine_submit(rk_engine *engine, rk_op *op)
     int rk_op_wait(rk_op *op, double timeout)
+    int rk_op_settled(rk_op *op)
     void rk_engine_fail_link(rk_engine *engine, uint32_t link, int32_t outcome)
     int rk_op_want_callback(rk_op *op, rk_done_fn on_done)
     rk_op *rk_engine_take_finished(rk_engine *engine)
@@ -82,6 +83,10 @@ cdef class Operation:
 
     def done(self):
         return bool(rk_op_wait(&self.op, 0.0))
+
+    def settled(self):
+        """Whether the outcome is decided (outcome is then meaningful), done or not."""
+        return bool(rk_op_settled(&self.op))
 
     @property
     def outcome(self):

@@ -373,6 +373,10 @@ int rk_op_wait(rk_op *op, double timeout) {
     return (int)atomic_load(&op->done);
 }
 
+int rk_op_settled(rk_op *op) {
+    return (atomic_load(&op->life) & RK_SETTLED) != 0;
+}
+
 int rk_op_want_callback(rk_op *op, rk_done_fn on_done) {
     pthread_mutex_lock(&op->callback_lock);
     int state = 0;

@@ -91,6 +91,9 @@ void rk_op_init(rk_op *op, rk_engine *engine, rk_key *key, const char *source, c
 uint64_t rk_engine_submit(rk_engine *engine, rk_op *op);
 /* 1 once done, 0 after timeout seconds. */
 int rk_op_wait(rk_op *op, double timeout);
+/* Whether op's outcome is decided, though it may not be done: a thread may still
+ * be touching its buffers (a send on a link that makes no progress). */
+int rk_op_settled(rk_op *op);
 /* Fail every op with a chunk on the link (or, for link == UINT32_MAX, every
  * op) and every later one that needs it. */
 void rk_engine_fail_link(rk_engine *engine, uint32_t link, int32_t outcome);

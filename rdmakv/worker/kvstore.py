@@ -279,9 +279,13 @@ class NativeHandle(Handle[T]):
     def wait(self, timeout: Optional[float] = None) -> T:
         limit = self._store.config.timeout if timeout is None else timeout
         if not self._op.wait(limit):
-            error = self._timed_out(limit)
-            if timeout is None:
-                self._expired = error
+            # Failed already (its server's link, say) while a send on that link still holds
+            # the buffers until it gives up: the failure is the answer, not a timeout.
+            error = self.exception() if self._op.settled() else None
+            if error is None:
+                error = self._timed_out(limit)
+                if timeout is None:
+                    self._expired = error
             raise error
         self._store._engine.reap()
         error = self.exception()
