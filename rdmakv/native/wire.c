@@ -137,18 +137,12 @@ size_t rk_stream_take_buffered(rk_stream *s, char *dst, size_t n) {
     return n;
 }
 
-/* One non-blocking recv into dst, or (dst NULL) into the read-ahead buffer:
- * bytes read, 0 at end of stream, -1 with errno. */
-static ssize_t take_some(rk_stream *s, char *dst, size_t length) {
-    if (dst) return recv(s->fd, dst, length, MSG_DONTWAIT);
-    if (s->in_start == s->in_end) s->in_start = s->in_end = 0;
-    if (s->in_start && RK_READ_BUFFER - s->in_end < RK_HEADER_SIZE) {   /* room for a header at least */
-        memmove(s->in, s->in + s->in_start, s->in_end - s->in_start);
-        s->in_end -= s->in_start;
-        s->in_start = 0;
-    }
-    ssize_t n = recv(s->fd, s->in + s->in_end, RK_READ_BUFFER - s->in_end, MSG_DONTWAIT);
-    if (n > 0) s->in_end += (size_t)n;
+/* One non-blocking recv into the read-ahead buffer, which its callers have
+ * emptied: bytes read, 0 at end of stream, -1 with errno. */
+static ssize_t refill(rk_stream *s) {
+    s->in_start = s->in_end = 0;
+    ssize_t n = recv(s->fd, s->in, RK_READ_BUFFER, MSG_DONTWAIT);
+    if (n > 0) s->in_end = (size_t)n;
     return n;
 }
 
@@ -159,8 +153,8 @@ int rk_recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *err) 
     if (taken) at_start = 0;
     double deadline = rk_now() + s->timeout;
     while (length > 0) {
-        int direct = length >= RK_DIRECT_READ;
-        ssize_t n = take_some(s, direct ? dst : NULL, length);
+        int direct = length >= RK_DIRECT_READ;   /* the buffer is empty here: what it held went first */
+        ssize_t n = direct ? recv(s->fd, dst, length, MSG_DONTWAIT) : refill(s);
         if (n > 0) {
             at_start = 0;
             if (!direct) n = (ssize_t)rk_stream_take_buffered(s, dst, length);
@@ -226,7 +220,7 @@ int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err) {
      * `spin` seconds first saves the sleep and the wake-up. */
     double spin_until = s->spin > 0 ? rk_now() + s->spin : 0;
     while (s->in_start == s->in_end) {
-        ssize_t n = take_some(s, NULL, 0);
+        ssize_t n = refill(s);
         if (n > 0) break;
         if (n == 0) return RK_ERR_EOF;
         if (errno == EAGAIN) {
