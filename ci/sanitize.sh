@@ -56,7 +56,7 @@ if ((long)); then
     run_build address,undefined libasan.so libubsan.so -- tests
     run_build thread libtsan.so -- tests
 else
-    run_build address,undefined libasan.so libubsan.so -- tests/test_native.py tests/test_engine.py tests/test_shm.py \
+    run_build address,undefined libasan.so libubsan.so -- tests/test_native.py tests/test_engine.py tests/test_engine_shm.py tests/test_shm.py \
         tests/test_kvstore.py
-    run_build thread libtsan.so -- tests/test_native.py tests/test_engine.py tests/test_shm.py
+    run_build thread libtsan.so -- tests/test_native.py tests/test_engine.py tests/test_engine_shm.py tests/test_shm.py
 fi

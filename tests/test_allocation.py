@@ -106,7 +106,7 @@ def test_optimizer_state_is_bounded_by_what_was_declared(cluster_factory):
         kv._load_optimizer_states([bytes(limit + 1)])
     server_pid = cluster.procs[1].pid
     rss = proc_status(server_pid, "VmRSS")
-    connection = kv._links[0].peer.connection       # a hostile worker skips that check
+    connection = kv._links[0].connection       # a hostile worker skips that check
     connection.send(protocol.pack(Op.SET_STATES, length=1 << 30), None)
     deadline = time.monotonic() + 10
     while kv._links[0].error is None:
@@ -177,7 +177,7 @@ def test_declared_buffers_share_few_memory_files(cluster_factory):
     buffers, declared, never touched) cost the server a handful of descriptors."""
     cluster = cluster_factory(1, 1, RDMAKV_TIMEOUT=10, RDMAKV_SERVER_MEMORY="16G")
     kv, = stores(cluster, {"partition_bytes": 64 * MiB})
-    assert type(kv._links[0].peer.connection).__name__ == "ShmConnection"    # round buffers in shared memory
+    assert type(kv._links[0].connection).__name__ == "ShmConnection"    # round buffers in shared memory
     server_pid = cluster.procs[1].pid
     fds, rss = fd_count(server_pid), proc_status(server_pid, "VmRSS")
     for i in range(64):
@@ -198,8 +198,8 @@ def test_a_large_tensor_declares_in_a_message_of_constant_size(cluster_factory):
     kv, = cluster.connect()
     sent = []
     for link in kv._links:
-        original = link.peer.send
-        link.peer.send = lambda op, payload=None, _send=original, **fields: (
+        original = link.send
+        link.send = lambda op, payload=None, _send=original, **fields: (
             sent.append(len(payload)) if op == Op.DECLARE else None, _send(op, payload, **fields))[1]
     kv.declare("big", (1 << 28,), np.float32)
     assert len(kv._keys["big"].chunks) == 65536 and max(sent) < 300, sent

@@ -188,7 +188,7 @@ def test_sums_are_exact_with_integrity(cluster_factory):
         kv.barrier()
 
     cluster.run(work)
-    assert all(link.peer.connection._send_key is not None for kv in cluster.stores for link in kv._links)
+    assert all(link.connection._send_key is not None for kv in cluster.stores for link in kv._links)
 
 
 def test_integrity_needs_the_same_setting_and_a_secret(cluster_factory):
@@ -210,6 +210,6 @@ def test_shared_memory_links_under_integrity(cluster_factory, caplog, monkeypatc
         results = cluster.run(lambda kv: kv.pushpull("s", np.full(100_000, kv.rank + 1, np.int32)).copy())
     assert all(np.array_equal(r, np.full(100_000, 3, np.int32)) for r in results)
     for kv in cluster.stores:
-        assert type(kv._links[0].peer.connection).__name__ == "ShmConnection"
+        assert type(kv._links[0].connection).__name__ == "ShmConnection"
         assert kv._control.peer.connection._send_key is not None
     assert "RDMAKV_INTEGRITY covers TCP only: ShmConnection connections carry no MAC" in caplog.text

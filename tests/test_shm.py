@@ -377,7 +377,7 @@ def shm_cluster_factory(cluster_factory, monkeypatch):
 
         def connect_and_record():
             stores = connect()
-            kinds.extend(type(link.peer.connection).__name__ for kv in stores for link in kv._links)
+            kinds.extend(type(link.connection).__name__ for kv in stores for link in kv._links)
             return stores
         cluster.connect = connect_and_record
         return cluster
@@ -621,7 +621,7 @@ def test_kvstore_workers_add_into_the_servers_shared_sums_and_read_results_in_pl
         np.testing.assert_array_equal(kv.pushpull("mixed", value), expected_sum(3, (300_000,), "float32"))
         # Rounds after the first find the servers' offers in place (the first may overtake them).
         later_rounds = sum(2 * np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in shapes.items())
-        return sum(link.peer.connection.summed_bytes for link in kv._links) >= later_rounds // 2
+        return sum(link.summed_bytes for link in kv._links) >= later_rounds // 2
 
     assert cluster.run(work, timeout=120) == [True] * 3
 
@@ -643,8 +643,7 @@ def test_shared_sums_with_a_tcp_worker_and_co_located_workers_on_one_server(clus
         for round_ in range(6):
             value = worker_values(kv.rank, (shape,), "int64", round_)
             np.testing.assert_array_equal(kv.pushpull("mixed", value), expected_sum(3, (shape,), "int64", round_))
-        connection = kv._links[0].connection
-        return type(connection).__name__, getattr(connection, "summed_bytes", 0)
+        return type(kv._links[0].connection).__name__, kv._links[0].summed_bytes
 
     kinds = cluster.run(work, timeout=120)
     assert [kind for kind, _ in kinds] == ["TcpConnection", "ShmConnection", "ShmConnection"]

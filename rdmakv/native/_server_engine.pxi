@@ -11,13 +11,14 @@ cdef extern from "server_engine.h" nogil:
     ctypedef struct rk_schunk:
         pass
     rk_server *rk_server_new(uint32_t num_workers, double timeout, uint64_t direct_bytes)
-    int rk_server_start_link(rk_server *server, uint32_t rank, int fd)
+    int rk_server_start_link(rk_server *server, uint32_t rank, int fd, const rk_rings *rings)
+    void rk_server_link_has_segment(rk_server *server, uint32_t rank, uint32_t number)
     void rk_server_set_spin(rk_server *server, double seconds)
     void rk_server_close(rk_server *server)
     void rk_server_free(rk_server *server)
     rk_skey *rk_server_add_key(rk_server *server, uint64_t wire)
     rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype, uint64_t nbytes,
-                                   char *buffer0, char *buffer1)
+                                   char *buffer0, char *buffer1, const uint64_t *places)
     void rk_server_declared_by(rk_skey *key, uint32_t rank)
     void rk_server_refuse_key(rk_skey *key)
     void rk_server_departed(rk_server *server)
@@ -37,7 +38,7 @@ cdef extern from "server_engine.h" nogil:
 VERDICT_CONTINUE, VERDICT_STOP = 1, 2
 # enum rk_refusal, for rdmakv/server/server.py's messages
 (REFUSE_KEY_FAILED, REFUSE_DEPARTED, REFUSE_DTYPE, REFUSE_ROUND, REFUSE_TWICE, REFUSE_MIXED, REFUSE_TWO_ROOTS,
- REFUSE_NO_ROOT, REFUSE_UNDECLARED) = range(1, 10)
+ REFUSE_NO_ROOT, REFUSE_UNDECLARED, REFUSE_SUM_STALLED) = range(1, 11)
 
 
 cdef class ServerKey:
@@ -56,12 +57,14 @@ cdef class ServerEngine:
     cdef bint closed
     cdef list chunks                  # every ServerChunk: their buffers outlive the engine's threads
     cdef uint32_t num_workers
+    cdef list channels                # shared-memory channels its links borrow
 
     def __cinit__(self, uint32_t num_workers, double timeout, uint64_t direct_bytes):
         self.server = rk_server_new(num_workers, timeout, direct_bytes)
         if self.server == NULL:
             raise MemoryError("the server's native engine could not be allocated")
         self.chunks = []
+        self.channels = []
         self.num_workers = num_workers
 
     cdef _check_rank(self, uint32_t rank):
@@ -72,9 +75,15 @@ cdef class ServerEngine:
         """Readers poll for `seconds` for a worker's next message before sleeping (call before start_link)."""
         rk_server_set_spin(self.server, seconds)
 
-    def start_link(self, uint32_t rank, int fd):
+    def start_link(self, uint32_t rank, int fd, ShmChannel channel=None):
+        """Run worker rank's link over the TCP socket fd, or over a shared-memory
+        channel's rings with fd the Unix socket beside them; both stay the
+        caller's, to close (and unmap) only after close()."""
         self._check_rank(rank)
-        cdef int rc = rk_server_start_link(self.server, rank, fd)
+        cdef rk_rings rings
+        cdef const rk_rings *over = _rings_of(channel, &rings)
+        self.channels.append(channel)           # its mapping outlives our threads
+        cdef int rc = rk_server_start_link(self.server, rank, fd, over)
         if rc:
             raise OSError(rc, f"starting the engine's threads for worker {rank}: {__import__('os').strerror(rc)}")
 
@@ -85,22 +94,35 @@ cdef class ServerEngine:
             raise MemoryError("declaring a key to the server's native engine")
         return key
 
-    def add_chunk(self, ServerKey key not None, uint32_t index, uint8_t dtype_code, buffer0, buffer1):
-        """Sum the chunk's rounds into buffer0 (even rounds) and buffer1 (odd), writable and of one size."""
+    def add_chunk(self, ServerKey key not None, uint32_t index, uint8_t dtype_code, buffer0, buffer1, places=None):
+        """Sum the chunk's rounds into buffer0 (even rounds) and buffer1 (odd), writable and of one size.
+        places: None, or the buffers' ((segment, offset), (segment, offset)) in shared memory
+        files, whose sums co-located workers add into too."""
         cdef unsigned char[::1] first = buffer0
         cdef unsigned char[::1] second = buffer1
+        cdef uint64_t where[4]
         if first.shape[0] != second.shape[0]:
             raise ValueError("the round buffers of a chunk differ in size")
+        if places is not None:
+            (where[0], where[1]), (where[2], where[3]) = places
+            if where[1] < RDMAKV_SUM_CONTROL or where[3] < RDMAKV_SUM_CONTROL:
+                raise ValueError("a shared sum needs its control block before it")
         cdef ServerChunk chunk = ServerChunk.__new__(ServerChunk)
         chunk.buffers = (buffer0, buffer1)
         chunk.nbytes = first.shape[0]
         chunk.chunk = rk_server_add_chunk(self.server, key.key, index, dtype_code, first.shape[0],
                                           <char *>&first[0] if first.shape[0] else NULL,
-                                          <char *>&second[0] if second.shape[0] else NULL)
+                                          <char *>&second[0] if second.shape[0] else NULL,
+                                          where if places is not None else NULL)
         if chunk.chunk == NULL:
             raise MemoryError("declaring a chunk to the server's native engine")
         self.chunks.append(chunk)
         return chunk
+
+    def link_has_segment(self, uint32_t rank, uint32_t number):
+        """Worker rank has our shared memory file `number` (passed to it)."""
+        self._check_rank(rank)
+        rk_server_link_has_segment(self.server, rank, number)
 
     def declared_by(self, ServerKey key not None, uint32_t rank):
         self._check_rank(rank)

@@ -18,6 +18,10 @@ cdef extern from "wire.h" nogil:
         uint64_t round
         uint64_t length
         uint32_t sender
+    ctypedef struct rk_rings:
+        rdmakv_ring out
+        rdmakv_ring inbound "in"
+        rdmakv_flag *closing
     ctypedef struct rk_event:
         uint32_t link
         uint32_t kind
@@ -35,7 +39,20 @@ cdef extern from "wire.h" nogil:
 # enum rk_event_kind and enum rk_error, for the control plane's messages
 EVENT_MESSAGE, EVENT_CLOSED, EVENT_SEND_FAILED, EVENT_REFUSED, EVENT_SUMMED = 1, 2, 3, 4, 5
 (ERR_EOF, ERR_MIDSTREAM, ERR_TIMEOUT, ERR_IO, ERR_BAD_MAGIC, ERR_BAD_VERSION, ERR_BAD_OP, ERR_BAD_FLAGS,
- ERR_BAD_DTYPE, ERR_TOO_LARGE, ERR_UNEXPECTED_RESULT, ERR_RESULT_LENGTH, ERR_NO_MEMORY, ERR_REFUSED) = range(1, 15)
+ ERR_BAD_DTYPE, ERR_TOO_LARGE, ERR_UNEXPECTED_RESULT, ERR_RESULT_LENGTH, ERR_NO_MEMORY, ERR_REFUSED, ERR_CORRUPT,
+ ERR_SHARED) = range(1, 17)
+
+
+cdef const rk_rings *_rings_of(ShmChannel channel, rk_rings *rings) except? NULL:
+    """A shared-memory channel's rings for an engine's link (None: the link is TCP).
+    The engine borrows them: its owner keeps the channel until the engine closed."""
+    if channel is None:
+        return NULL
+    channel._check("start an engine link")
+    rings.out = channel.out_ring
+    rings.inbound = channel.in_ring
+    rings.closing = &channel.stop
+    return rings
 
 
 cdef object _event_tuple(rk_event *event):

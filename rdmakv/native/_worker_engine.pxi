@@ -20,7 +20,8 @@ cdef extern from "worker_engine.h" nogil:
 
     rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                              uint32_t sender_rank)
-    int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd)
+    int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd, const rk_rings *rings)
+    uint64_t rk_link_summed_bytes(rk_engine *engine, uint32_t link)
     void rk_engine_set_spin(rk_engine *engine, double seconds)
     void rk_engine_close(rk_engine *engine)
     void rk_engine_free(rk_engine *engine)
@@ -129,10 +130,11 @@ cdef class Operation:
 
 
 cdef class Engine:
-    """The worker's native data plane over TCP links (worker_engine.h)."""
+    """The worker's native data plane over TCP and shared-memory links (worker_engine.h)."""
     cdef rk_engine *engine
     cdef bint closed
     cdef uint32_t num_links
+    cdef list channels                # shared-memory channels its links borrow
 
     def __cinit__(self, uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                   uint32_t sender_rank):
@@ -140,6 +142,7 @@ cdef class Engine:
         if self.engine == NULL:
             raise MemoryError("the native engine could not be allocated")
         self.num_links = num_links
+        self.channels = []
 
     cdef _check_link(self, uint32_t link):
         if link >= self.num_links:
@@ -149,11 +152,22 @@ cdef class Engine:
         """Readers and waiters poll for `seconds` before sleeping (call before start_link)."""
         rk_engine_set_spin(self.engine, seconds)
 
-    def start_link(self, uint32_t index, int fd):
+    def start_link(self, uint32_t index, int fd, ShmChannel channel=None):
+        """Run link index over the TCP socket fd, or over a shared-memory channel's
+        rings with fd the Unix socket beside them; both stay the caller's, to
+        close (and unmap) only after close()."""
         self._check_link(index)
-        cdef int rc = rk_engine_start_link(self.engine, index, fd)
+        cdef rk_rings rings
+        cdef const rk_rings *over = _rings_of(channel, &rings)
+        self.channels.append(channel)           # its mapping outlives our threads
+        cdef int rc = rk_engine_start_link(self.engine, index, fd, over)
         if rc:
             raise OSError(rc, f"starting the engine's threads for link {index}: {__import__('os').strerror(rc)}")
+
+    def summed_bytes(self, uint32_t link):
+        """Push bytes link added straight into its server's shared sums."""
+        self._check_link(link)
+        return rk_link_summed_bytes(self.engine, link)
 
     def add_key(self, uint64_t wire, uint32_t order, uint8_t dtype_code, offsets, sizes, links):
         cdef uint32_t n = len(offsets)

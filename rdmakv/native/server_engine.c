@@ -30,6 +30,12 @@ struct rk_schunk {
     uint8_t dtype;
     uint64_t nbytes;
     char *buffers[2];             /* round r sums into buffers[r % 2] */
+    /* Shared memory: the buffers lie in memory files co-located workers map
+     * (segment number, offset each); they add their pushes in themselves, so
+     * every contribution goes through the sum's own lock (_shm.h). */
+    int shared;
+    uint32_t segments[2];
+    uint64_t offsets[2];
     pthread_mutex_t lock;         /* what follows */
     uint64_t round;
     uint64_t *pushed;             /* a bit per worker that pushed this round */
@@ -48,6 +54,7 @@ typedef struct {
     rk_stream stream;
     int started;
     _Atomic int active;           /* replies go to it */
+    _Atomic uint64_t segments;    /* shared memory: a bit per memory file of ours the worker has */
     pthread_t reader, replier;
     pthread_mutex_t lock;
     pthread_cond_t ready;
@@ -81,17 +88,21 @@ struct rk_server {
 };
 
 /* ---- the sum ----------------------------------------------------------------------- */
-static void add_into(uint8_t dtype, char *target, const char *source, uint64_t nbytes) {
-    switch (dtype) {
-    case 1: rdmakv_add_f16(target, source, nbytes / 2); break;
-    case 2: rdmakv_add_f32(target, source, nbytes / 4); break;
-    case 3: rdmakv_add_f64(target, source, nbytes / 8); break;
-    case 4: rdmakv_add_i8(target, source, nbytes); break;
-    case 5: rdmakv_add_u8(target, source, nbytes); break;
-    case 6: rdmakv_add_i32(target, source, nbytes / 4); break;
-    case 7: rdmakv_add_i64(target, source, nbytes / 8); break;
-    default: break;               /* declarations carry only these (server.py checks) */
+/* Contribute a push to its round's sum in target (the chunk's lock held): the
+ * round's first contribution is copied in, later ones added.  A shared chunk's
+ * sum keeps its own lock and round (co-located workers add into it too); 0, or
+ * RK_REFUSE_SUM_STALLED when its lock stays held past the timeout. */
+static int contribute(rk_slink *link, rk_schunk *chunk, char *target, const char *source, uint64_t nbytes) {
+    size_t itemsize = 1;
+    rk_add_fn add = rk_adder(chunk->dtype, &itemsize);   /* declarations carry only known dtypes */
+    if (chunk->shared) {
+        int rc = rdmakv_sum_contribute(target, source, nbytes, (rdmakv_add_fn)add, itemsize, chunk->round,
+                                       link->stream.timeout, &link->stream.stop);
+        return rc == 0 ? 0 : RK_REFUSE_SUM_STALLED;   /* or stopped here: the refusal goes nowhere */
     }
+    if (chunk->has_data) add(target, source, nbytes / itemsize);
+    else memcpy(target, source, nbytes);
+    return 0;
 }
 
 /* ---- the chunk table ----------------------------------------------------------------- */
@@ -156,7 +167,7 @@ rk_skey *rk_server_add_key(rk_server *server, uint64_t wire) {
 }
 
 rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype, uint64_t nbytes,
-                               char *buffer0, char *buffer1) {
+                               char *buffer0, char *buffer1, const uint64_t *places) {
     rk_schunk *chunk = calloc(1, sizeof *chunk);
     if (chunk == NULL) return NULL;
     chunk->pushed = calloc(server->words, sizeof *chunk->pushed);
@@ -170,6 +181,13 @@ rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, 
     chunk->nbytes = nbytes;
     chunk->buffers[0] = buffer0;
     chunk->buffers[1] = buffer1;
+    if (places) {
+        chunk->shared = 1;
+        for (int parity = 0; parity < 2; parity++) {
+            chunk->segments[parity] = (uint32_t)places[2 * parity];
+            chunk->offsets[parity] = places[2 * parity + 1];
+        }
+    }
     pthread_mutex_init(&chunk->lock, NULL);
     pthread_rwlock_wrlock(&server->table_lock);
     int rc = table_insert(server, chunk);
@@ -204,6 +222,10 @@ void rk_server_set_spin(rk_server *server, double seconds) {
     for (uint32_t rank = 0; rank < server->num_workers; rank++) server->links[rank].stream.spin = seconds;
 }
 
+void rk_server_link_has_segment(rk_server *server, uint32_t rank, uint32_t number) {
+    if (number < 64) atomic_fetch_or(&server->links[rank].segments, 1ull << number);
+}
+
 void rk_server_set_optimizer(rk_server *server, int on) {
     atomic_store(&server->optimizer, on);
 }
@@ -223,9 +245,27 @@ static uint64_t reply_bytes(const rk_item *item) {
     return item->op == RK_OP_RESULT ? ((rk_schunk *)item->ref)->nbytes : 0;
 }
 
+static int has_segment(rk_slink *link, uint32_t number) {
+    return number < 64 && ((atomic_load(&link->segments) >> number) & 1);
+}
+
+/* Whether a RESULT carrying data can go as the place of a shared round buffer
+ * (the worker copies it out of our memory) instead of its bytes. */
+static int goes_as_place(rk_slink *link, const rk_item *item, uint32_t *number, uint64_t *offset) {
+    rk_schunk *chunk = item->ref;
+    int parity = (int)(item->tag % 2);
+    if (item->op != RK_OP_RESULT || !chunk->shared || !link->stream.has_rings ||
+        item->data != chunk->buffers[parity] || !has_segment(link, chunk->segments[parity]))
+        return 0;
+    *number = chunk->segments[parity];
+    *offset = chunk->offsets[parity];
+    return 1;
+}
+
 /* Send popped replies with one sendmsg, then let the next sender in (the caller set link->sending). */
 static void transmit(rk_slink *link, const rk_item *items, int count) {
     char packed[RK_BATCH][RK_HEADER_SIZE];
+    char places[RK_BATCH][RK_PLACE_SIZE];
     struct iovec iov[2 * RK_BATCH];
     rk_header h;
     int parts = 0;
@@ -235,9 +275,18 @@ static void transmit(rk_slink *link, const rk_item *items, int count) {
                         .dtype = items[i].op == RK_OP_RESULT ? chunk->dtype : 0, .key = chunk->key->wire,
                         .chunk = chunk->index, .priority = items[i].priority, .round = items[i].tag,
                         .length = reply_bytes(&items[i])};
+        uint32_t number;
+        uint64_t offset;
+        int place = h.length && goes_as_place(link, &items[i], &number, &offset);
+        if (place) {
+            h.flags |= RK_SHARED_PAYLOAD;
+            memcpy(places[i], &number, 4);
+            memcpy(places[i] + 4, &offset, 8);
+        }
         rk_header_pack(packed[i], &h);
         iov[parts++] = (struct iovec){packed[i], RK_HEADER_SIZE};
-        if (h.length) iov[parts++] = (struct iovec){(char *)items[i].data, h.length};
+        if (place) iov[parts++] = (struct iovec){places[i], RK_PLACE_SIZE};
+        else if (h.length) iov[parts++] = (struct iovec){(char *)items[i].data, h.length};
     }
     int err = 0;
     pthread_mutex_lock(&link->send_lock);
@@ -332,10 +381,11 @@ static int refusal(rk_server *server, rk_schunk *chunk, const rk_header *h, uint
     return 0;
 }
 
-/* A push of a declared chunk, of the declared size (the header is read). */
-static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int *err) {
+/* A push of a declared chunk, of the declared size (the header is read); `in_place`:
+ * a co-located worker added it into the shared sum itself, and no bytes follow. */
+static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int in_place, int *err) {
     rk_server *server = link->server;
-    if (h->length) {
+    if (h->length && !in_place) {
         if (link->scratch_size < h->length) {
             char *grown = realloc(link->scratch, h->length);
             if (grown == NULL) return RK_ERR_NO_MEMORY;
@@ -350,13 +400,12 @@ static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int *
     int complete = 0;
     pthread_mutex_lock(&chunk->lock);
     int refused = refusal(server, chunk, h, link->rank, &limit);
+    if (!refused && !(h->flags & RK_FLAG_NO_DATA)) {
+        if (h->length && !in_place)
+            refused = contribute(link, chunk, chunk->buffers[chunk->round % 2], link->scratch, h->length);
+        if (!refused) chunk->has_data = 1;
+    }
     if (!refused) {
-        char *target = chunk->buffers[chunk->round % 2];
-        if (!(h->flags & RK_FLAG_NO_DATA)) {
-            if (chunk->has_data) add_into(chunk->dtype, target, link->scratch, h->length);
-            else if (h->length) memcpy(target, link->scratch, h->length);
-            chunk->has_data = 1;
-        }
         if (chunk->pushes == 0) {
             chunk->opened = rk_now();
             chunk->reported = 0;
@@ -459,7 +508,15 @@ static void *reader_main(void *arg) {
         if (rc == RK_OK) {
             rk_schunk *chunk = h.op == RK_OP_PUSH ? find_chunk(server, h.key, h.chunk) : NULL;
             int sized = chunk && h.length == ((h.flags & RK_FLAG_NO_DATA) ? 0 : chunk->nbytes);
-            rc = sized ? take_push(link, chunk, &h, &err) : ask(link, &h, &err);
+            if (h.shared) {
+                /* Only a push added into a sum this worker was offered comes flagged. */
+                int offered = sized && h.shared == RK_SUMMED && chunk->shared && h.length &&
+                              !(h.flags & ~RK_FLAG_ACK) && has_segment(link, chunk->segments[0]) &&
+                              has_segment(link, chunk->segments[1]);
+                rc = offered ? take_push(link, chunk, &h, 1, &err) : RK_ERR_SHARED;
+            } else {
+                rc = sized ? take_push(link, chunk, &h, 0, &err) : ask(link, &h, &err);
+            }
         }
         if (rc == RK_STOPPED || __atomic_load_n(&link->stream.stop, __ATOMIC_ACQUIRE)) break;   /* closed here */
         if (rc != RK_OK) {
@@ -539,10 +596,10 @@ rk_server *rk_server_new(uint32_t num_workers, double timeout, uint64_t direct_b
     return server;
 }
 
-int rk_server_start_link(rk_server *server, uint32_t rank, int fd) {
+int rk_server_start_link(rk_server *server, uint32_t rank, int fd, const rk_rings *rings) {
     rk_slink *link = &server->links[rank];
     if (link->started) return EBUSY;
-    int rc = rk_stream_open(&link->stream, fd, link->stream.timeout);
+    int rc = rk_stream_open(&link->stream, fd, rings, link->stream.timeout);
     if (rc) return rc;
     atomic_store(&link->active, 1);
     rc = pthread_create(&link->replier, NULL, replier_main, link);
@@ -578,7 +635,7 @@ void rk_server_close(rk_server *server) {
         pthread_mutex_lock(&link->verdict_lock);
         pthread_cond_broadcast(&link->verdict_ready);
         pthread_mutex_unlock(&link->verdict_lock);
-        if (link->started) shutdown(link->stream.fd, SHUT_RDWR);   /* wakes a reader or replier in poll */
+        if (link->started) rk_stream_wake(&link->stream);
     }
     for (uint32_t rank = 0; rank < server->num_workers; rank++) {
         rk_slink *link = &server->links[rank];

@@ -9,9 +9,10 @@
  * Objects and their owners:
  *   rk_server  one per server process.  Owned by the Cython ServerEngine;
  *              rk_server_close() joins every thread, rk_server_free() releases it.
- *   link       one per worker, by rank: a connected TCP socket the server
- *              borrows after the worker's CONNECT (the caller closes the
- *              descriptor after rk_server_close()), a reader thread and a
+ *   link       one per worker, by rank: a connected TCP socket, or a
+ *              shared-memory channel's rings, the server borrows after the
+ *              worker's CONNECT (the caller closes the descriptor and unmaps
+ *              the rings after rk_server_close()), a reader thread and a
  *              reply thread that answers highest priority first.
  *   rk_schunk  a chunk held here: its round, who pushed, and two round buffers
  *              (alternate rounds) that belong to the caller and must live as
@@ -39,14 +40,16 @@ enum rk_refusal {
     RK_REFUSE_TWO_ROOTS,       /* two workers sent the root value of a broadcast */
     RK_REFUSE_NO_ROOT,         /* nobody sent the root value of a broadcast */
     RK_REFUSE_UNDECLARED,      /* the worker never declared the key: its link stops */
+    RK_REFUSE_SUM_STALLED,     /* a shared sum's lock stayed held past the timeout (a co-located worker) */
 };
 
 /* Verdicts of the control plane on a message it read itself. */
 enum { RK_VERDICT_CONTINUE = 1, RK_VERDICT_STOP = 2 };
 
 rk_server *rk_server_new(uint32_t num_workers, double timeout, uint64_t direct_bytes);
-/* Take over a worker's connected socket (non-blocking); 0, or an errno. */
-int rk_server_start_link(rk_server *server, uint32_t rank, int fd);
+/* Take over a worker's connected socket (non-blocking), or the rings of its
+ * shared-memory channel with fd the Unix socket beside them; 0, or an errno. */
+int rk_server_start_link(rk_server *server, uint32_t rank, int fd, const rk_rings *rings);
 /* Poll for `seconds` for a worker's next message before sleeping (before starting links). */
 void rk_server_set_spin(rk_server *server, double seconds);
 /* Stop every thread; idempotent.  The descriptors are the caller's again. */
@@ -55,8 +58,13 @@ void rk_server_free(rk_server *server);
 
 /* ---- the control plane's side ------------------------------------------------ */
 rk_skey *rk_server_add_key(rk_server *server, uint64_t wire);
+/* places: NULL, or the buffers' (segment, offset, segment, offset) in memory files
+ * co-located workers may map (then they add into the sums themselves). */
 rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype, uint64_t nbytes,
-                               char *buffer0, char *buffer1);
+                               char *buffer0, char *buffer1, const uint64_t *places);
+/* The worker at rank has our memory file `number` (its fd was passed to it):
+ * results in it go to that worker as places, and it may add into sums there. */
+void rk_server_link_has_segment(rk_server *server, uint32_t rank, uint32_t number);
 void rk_server_declared_by(rk_skey *key, uint32_t rank);
 void rk_server_refuse_key(rk_skey *key);
 /* A worker left: every push from now on is refused. */

@@ -5,15 +5,20 @@
 #include "wire.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "_reduce.h"
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the wire header is little-endian and is copied as is"
@@ -105,13 +110,28 @@ int rk_wait_fd(rk_stream *s, short events, double deadline, int *err) {
     }
 }
 
-int rk_stream_open(rk_stream *s, int fd, double timeout) {
-    s->in = malloc(RK_READ_BUFFER);
-    if (s->in == NULL) return ENOMEM;
+int rk_stream_open(rk_stream *s, int fd, const rk_rings *rings, double timeout) {
+    s->has_rings = rings != NULL;
+    if (rings) {
+        s->rings = *rings;
+    } else {
+        s->in = malloc(RK_READ_BUFFER);
+        if (s->in == NULL) return ENOMEM;
+    }
     s->fd = fd;
     s->timeout = timeout;
     s->in_start = s->in_end = 0;
     return 0;
+}
+
+void rk_stream_wake(rk_stream *s) {
+    if (s->fd < 0) return;
+    if (s->has_rings) {
+        rdmakv_futex_wake(&s->rings.in.ctl->head);    /* our reader */
+        rdmakv_futex_wake(&s->rings.out.ctl->tail);   /* our sender */
+    } else {
+        shutdown(s->fd, SHUT_RDWR);                   /* wakes a reader or sender in poll */
+    }
 }
 
 void rk_stream_free(rk_stream *s) {
@@ -130,6 +150,7 @@ void rk_join(pthread_t thread) {
 }
 
 size_t rk_stream_take_buffered(rk_stream *s, char *dst, size_t n) {
+    if (s->has_rings) return 0;   /* nothing is read ahead of a ring */
     size_t have = s->in_end - s->in_start;
     if (n > have) n = have;
     memcpy(dst, s->in + s->in_start, n);
@@ -146,7 +167,130 @@ static ssize_t refill(rk_stream *s) {
     return n;
 }
 
+/* ---- the stream over shared-memory rings ------------------------------------------ */
+static int ring_stopped(rk_stream *s) {
+    return __atomic_load_n(&s->stop, __ATOMIC_ACQUIRE) != 0;
+}
+
+static int ring_shut(rk_stream *s) {   /* the channel's owner shut it: like a socket shut down here */
+    return atomic_load_explicit(s->rings.closing, memory_order_acquire) != 0;
+}
+
+/* Wait until the in-ring holds data past tail: RK_OK; RK_STOPPED; RK_ERR_EOF when the
+ * peer is gone, or the channel was shut here, with nothing left to read; or
+ * RK_ERR_TIMEOUT at the deadline (0: none).  Polls for `spin` seconds (and a
+ * few hundred pauses at least) before sleeping on the ring's futex. */
+static int ring_wait(rk_stream *s, uint32_t tail, double deadline, double spin) {
+    rdmakv_ring *r = &s->rings.in;
+    rdmakv_ring_ctl *c = r->ctl;
+    double spin_until = spin > 0 ? rk_now() + spin : 0;
+    int spins = 0;
+    for (;;) {
+        uint32_t head = rdmakv_load_acquire(&c->head);
+        if (head - tail > r->size) return RK_ERR_CORRUPT;
+        if (head != tail) return RK_OK;
+        if (ring_stopped(s)) return RK_STOPPED;
+        if (ring_shut(s)) return RK_ERR_EOF;
+        if (rdmakv_load_acquire(&c->closed) ||
+            (spins >= RDMAKV_SHM_SPINS && rdmakv_shm_peer_gone(s->fd))) {
+            /* what it published before leaving is still to be read */
+            return rdmakv_load_acquire(&c->head) != tail ? RK_OK : RK_ERR_EOF;
+        }
+        if (spins < RDMAKV_SHM_SPINS) {
+            spins++;
+            rdmakv_cpu_relax();
+            continue;
+        }
+        double now = rk_now();
+        if (spin_until && now < spin_until) {
+            relax_or_yield(spin_until - now, spin);
+            continue;
+        }
+        double left = deadline > 0 ? deadline - now : 1.0;
+        if (left <= 0) return RK_ERR_TIMEOUT;
+        rdmakv_ring_sleep_consumer(c, head, slice_ms(left));
+    }
+}
+
+static int ring_recv(rk_stream *s, char *dst, size_t length, int at_start) {
+    rdmakv_ring *r = &s->rings.in;
+    rdmakv_ring_ctl *c = r->ctl;
+    uint32_t tail = rdmakv_load_relaxed(&c->tail);
+    while (length > 0) {
+        uint32_t avail = rdmakv_load_acquire(&c->head) - tail;
+        if (avail > r->size) return RK_ERR_CORRUPT;
+        if (avail == 0) {
+            int rc = ring_wait(s, tail, rk_now() + s->timeout, 0);
+            if (rc == RK_ERR_EOF) return at_start ? RK_ERR_EOF : RK_ERR_MIDSTREAM;
+            if (rc) return rc;
+            continue;
+        }
+        size_t piece = avail < length ? avail : length;
+        if (piece > RDMAKV_SHM_PIECE) piece = RDMAKV_SHM_PIECE;   /* the sender refills meanwhile */
+        rdmakv_ring_copy_out(r->data, r->size, tail, dst, piece);
+        tail += (uint32_t)piece;
+        dst += piece;
+        length -= piece;
+        at_start = 0;
+        rdmakv_ring_release(c, tail);
+    }
+    return RK_OK;
+}
+
+/* Copy iov into the out-ring, publishing once at the end (one wake-up for a batch)
+ * and whenever a piece is large or the ring is full (so the reader drains it). */
+static int ring_send(rk_stream *s, struct iovec *iov, int count, int *err) {
+    rdmakv_ring *r = &s->rings.out;
+    rdmakv_ring_ctl *c = r->ctl;
+    uint32_t head = rdmakv_load_relaxed(&c->head), published = head;
+    double deadline = 0;
+    int spins = 0;
+    for (int i = 0; i < count; i++) {
+        const char *src = iov[i].iov_base;
+        size_t n = iov[i].iov_len;
+        while (n > 0) {
+            uint32_t tail = rdmakv_load_acquire(&c->tail);
+            uint32_t used = head - tail;
+            if (used > r->size) return RK_ERR_CORRUPT;
+            if (ring_stopped(s) || ring_shut(s) || rdmakv_load_relaxed(&c->consumer_gone)) {
+                *err = EPIPE;
+                return RK_ERR_IO;
+            }
+            size_t room = r->size - used;
+            if (room == 0) {
+                if (published != head) rdmakv_ring_publish(c, published = head);
+                if (spins < RDMAKV_SHM_SPINS) {
+                    spins++;
+                    rdmakv_cpu_relax();
+                    continue;
+                }
+                if (rdmakv_shm_peer_gone(s->fd)) {
+                    *err = EPIPE;
+                    return RK_ERR_IO;
+                }
+                double now = rk_now();
+                if (deadline == 0) deadline = now + s->timeout;
+                if (now >= deadline) return RK_ERR_TIMEOUT;
+                rdmakv_ring_sleep_producer(c, tail, slice_ms(deadline - now));
+                continue;
+            }
+            size_t piece = room < n ? room : n;
+            if (piece > RDMAKV_SHM_PIECE) piece = RDMAKV_SHM_PIECE;
+            rdmakv_ring_copy_in(r->data, r->size, head, src, piece);
+            head += (uint32_t)piece;
+            src += piece;
+            n -= piece;
+            spins = 0;
+            deadline = 0;
+            if (head - published >= RDMAKV_SHM_PIECE) rdmakv_ring_publish(c, published = head);
+        }
+    }
+    if (published != head) rdmakv_ring_publish(c, head);
+    return RK_OK;
+}
+
 int rk_recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *err) {
+    if (s->has_rings) return ring_recv(s, dst, length, at_start);
     size_t taken = rk_stream_take_buffered(s, dst, length);
     dst += taken;
     length -= taken;
@@ -179,6 +323,7 @@ int rk_send_all(rk_stream *s, struct iovec *iov, int count, int *err) {
         *err = EBADF;
         return RK_ERR_IO;
     }
+    if (s->has_rings) return ring_send(s, iov, count, err);
     double deadline = rk_now() + s->timeout;
     while (count > 0) {
         struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)count};
@@ -218,6 +363,17 @@ int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err) {
      * slices that watch the stop flag) only for a header's first byte.  A busy
      * link's next message often comes within microseconds: polling for it for
      * `spin` seconds first saves the sleep and the wake-up. */
+    if (s->has_rings) {
+        int rc = ring_wait(s, rdmakv_load_relaxed(&s->rings.in.ctl->tail), 0, s->spin);
+        if (rc) return rc;
+        rc = ring_recv(s, packed, RK_HEADER_SIZE, 1);
+        if (rc != RK_OK) return rc;
+        rk_header_unpack(packed, h);
+        *have_header = 1;
+        h->shared = h->flags & RK_SHARED_FLAGS;
+        h->flags &= ~RK_SHARED_FLAGS;
+        return rk_header_check(h);
+    }
     double spin_until = s->spin > 0 ? rk_now() + s->spin : 0;
     while (s->in_start == s->in_end) {
         ssize_t n = refill(s);
@@ -239,7 +395,94 @@ int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err) {
     if (rc != RK_OK) return rc;
     rk_header_unpack(packed, h);
     *have_header = 1;
+    h->shared = 0;
     return rk_header_check(h);
+}
+
+/* ---- the peer's memory files (shared memory) ------------------------------------------ */
+/* Take one memory file the peer sent on the Unix socket: map it as its number. */
+static int take_segment(rk_segments *m, rk_stream *s, double deadline, int *err) {
+    char data[RK_PLACE_SIZE];
+    char control[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {data, sizeof data};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
+                         .msg_controllen = sizeof control};
+    ssize_t n;
+    for (;;) {
+        n = recvmsg(s->fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (n >= 0 || (errno != EAGAIN && errno != EINTR)) break;
+        int rc = rk_wait_fd(s, POLLIN, deadline, err);
+        if (rc == RK_ERR_TIMEOUT) return RK_ERR_SHARED;   /* a frame named a file never sent */
+        if (rc) return rc;
+    }
+    if (n < 0) {
+        *err = errno;
+        return RK_ERR_IO;
+    }
+    int fd = -1;
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    if (cm && cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
+        memcpy(&fd, CMSG_DATA(cm), sizeof fd);
+    if (n == 0 && fd < 0) return RK_ERR_MIDSTREAM;
+    uint32_t number;
+    uint64_t size;
+    memcpy(&number, data, 4);
+    memcpy(&size, data + 4, 8);
+    struct stat st;
+    int rc = RK_ERR_SHARED;
+    if (fd >= 0 && n == RK_PLACE_SIZE && !(msg.msg_flags & MSG_CTRUNC) && number < RK_MAX_SEGMENTS &&
+        m->base[number] == NULL && size && fstat(fd, &st) == 0 && (uint64_t)st.st_size == size &&
+        (fcntl(fd, F_GET_SEALS) & F_SEAL_SHRINK)) {
+        void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (base != MAP_FAILED) {
+            m->base[number] = base;
+            m->size[number] = size;
+            rc = RK_OK;
+        } else {
+            *err = errno;
+            rc = RK_ERR_IO;
+        }
+    }
+    if (fd >= 0) close(fd);
+    return rc;
+}
+
+char *rk_segments_find(rk_segments *m, rk_stream *s, uint32_t number, uint64_t offset, uint64_t nbytes, int *rc,
+                       int *err) {
+    if (number >= RK_MAX_SEGMENTS) {
+        *rc = RK_ERR_SHARED;
+        return NULL;
+    }
+    double deadline = rk_now() + s->timeout;
+    while (m->base[number] == NULL) {
+        *rc = take_segment(m, s, deadline, err);
+        if (*rc) return NULL;
+    }
+    if (offset > m->size[number] || nbytes > m->size[number] - offset) {
+        *rc = RK_ERR_SHARED;
+        return NULL;
+    }
+    *rc = RK_OK;
+    return m->base[number] + offset;
+}
+
+void rk_segments_free(rk_segments *m) {
+    for (int i = 0; i < RK_MAX_SEGMENTS; i++)
+        if (m->base[i]) munmap(m->base[i], m->size[i]);
+    memset(m, 0, sizeof *m);
+}
+
+rk_add_fn rk_adder(uint8_t dtype, size_t *itemsize) {
+    switch (dtype) {
+    case 1: *itemsize = 2; return rdmakv_add_f16;
+    case 2: *itemsize = 4; return rdmakv_add_f32;
+    case 3: *itemsize = 8; return rdmakv_add_f64;
+    case 4: *itemsize = 1; return rdmakv_add_i8;
+    case 5: *itemsize = 1; return rdmakv_add_u8;
+    case 6: *itemsize = 4; return rdmakv_add_i32;
+    case 7: *itemsize = 8; return rdmakv_add_i64;
+    default: return NULL;
+    }
 }
 
 int rk_spin_then_wait(_Atomic uint32_t *word, uint32_t expected, double spin, double deadline) {

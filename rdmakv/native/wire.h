@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include "_shm.h"
+
 /* rdmakv/core/protocol.py; tests/test_engine.py checks that these agree. */
 #define RK_HEADER_SIZE 48
 #define RK_MAGIC 0x564B4452u
@@ -26,6 +28,15 @@
 #define RK_KNOWN_FLAGS 7u
 #define RK_MAX_DTYPE 7
 #define RK_MAX_CONTROL_BYTES (1u << 20)
+/* Header flag bits only shared memory carries (rdmakv/transport/shm/connection.py):
+ * the reader strips them from flags into rk_header.shared. */
+#define RK_SHARED_PAYLOAD (1u << 31)  /* a PLACE (segment, offset) follows, not the bytes */
+#define RK_SUM_OFFER (1u << 30)       /* not a message: a SUM_PLACES offer follows */
+#define RK_SUMMED (1u << 29)          /* a push already added into the offered sum: no bytes follow */
+#define RK_SHARED_FLAGS (RK_SHARED_PAYLOAD | RK_SUM_OFFER | RK_SUMMED)
+#define RK_PLACE_SIZE 12              /* <IQ: segment number, offset */
+#define RK_SUM_PLACES_SIZE 32         /* <IQIQQ: even round's segment and offset, odd's, bytes */
+#define RK_MAX_SEGMENTS 64            /* a peer's memory files one link maps (they double in size) */
 
 #define RK_STOPPED (-1)           /* a wait ended because the stream is closing here */
 
@@ -42,6 +53,7 @@ typedef struct {
     uint64_t round;
     uint64_t length;
     uint32_t sender;
+    uint32_t shared;          /* not on the wire: RK_SHARED_FLAGS bits the reader took off flags */
 } rk_header;
 
 void rk_header_pack(char *out, const rk_header *h);
@@ -65,26 +77,42 @@ enum rk_error {
     RK_ERR_RESULT_LENGTH,     /* a RESULT of the wrong size: limit is the chunk's */
     RK_ERR_NO_MEMORY,
     RK_ERR_REFUSED,           /* the control plane refused the message: the stream stops */
+    RK_ERR_CORRUPT,           /* shared memory: ring counters that cannot be (a bug or a hostile peer) */
+    RK_ERR_SHARED,            /* shared memory: a frame's flags or places this link did not agree to */
 };
 
-/* ---- a socket's byte stream, every wait bounded ------------------------------ */
-/* Reads go through a small buffer, so that one recv takes in a header and a small
- * payload, or several small messages; a payload of RK_DIRECT_READ bytes or more
- * goes from the socket straight into its destination. */
+/* ---- a link's byte stream, every wait bounded ---------------------------------- */
+/* Over TCP, reads go through a small buffer, so that one recv takes in a header and
+ * a small payload, or several small messages; a payload of RK_DIRECT_READ bytes or
+ * more goes from the socket straight into its destination.
+ * Over shared memory the stream is the two rings of an rdmakv ShmChannel (_shm.h),
+ * borrowed: the ring is its own buffer, and the Unix socket beside it (fd) carries
+ * the peer's memory files and tells when the peer is gone. */
 #define RK_READ_BUFFER (64 * 1024)
 #define RK_DIRECT_READ (16 * 1024)
 
 typedef struct {
-    int fd;
-    int stop;                 /* set (atomically) to end every wait on the stream */
+    rdmakv_ring out, in;
+    rdmakv_flag *closing;     /* the channel's own stop flag: its owner shut it */
+} rk_rings;
+
+typedef struct {
+    int fd;                   /* the TCP socket, or the Unix socket beside the rings */
+    rdmakv_flag stop;         /* set to end every wait on the stream */
+    int has_rings;            /* shared memory: rings carry the bytes */
+    rk_rings rings;
     double timeout;           /* seconds without progress inside a message */
     char *in;                 /* RK_READ_BUFFER bytes read ahead: [in_start, in_end) are unread */
     size_t in_start, in_end;
     double spin;              /* seconds to poll for a message before sleeping in poll() (RDMAKV_SPIN_US) */
 } rk_stream;
 
-/* Open the stream on fd (allocates the read buffer); 0 or ENOMEM. */
-int rk_stream_open(rk_stream *s, int fd, double timeout);
+/* Open the stream on fd (allocates the read buffer), over rings when they are given
+ * (borrowed: their owner unmaps them only after the stream's threads are joined);
+ * 0 or ENOMEM. */
+int rk_stream_open(rk_stream *s, int fd, const rk_rings *rings, double timeout);
+/* Wake every thread of ours waiting on the stream (after setting stop). */
+void rk_stream_wake(rk_stream *s);
 void rk_stream_free(rk_stream *s);
 /* After the stream's threads are joined: no send may reach its descriptor again
  * (the owner may close it, and the number be reused); later sends fail with EBADF. */
@@ -107,6 +135,22 @@ int rk_send_all(rk_stream *s, struct iovec *iov, int count, int *err);
 /* The next header, checked; 0, an enum rk_error, or RK_STOPPED.  *have_header
  * says whether h holds what arrived (for the error report). */
 int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err);
+
+/* The peer's memory files a shared-memory link has mapped, by number. */
+typedef struct {
+    char *base[RK_MAX_SEGMENTS];
+    uint64_t size[RK_MAX_SEGMENTS];
+} rk_segments;
+/* Where nbytes at (segment, offset) of the peer's memory are mapped here, taking the
+ * segment's fd from the stream's Unix socket when it is new (the peer sends it
+ * ahead of the first frame naming it); NULL with *rc an enum rk_error. */
+char *rk_segments_find(rk_segments *m, rk_stream *s, uint32_t number, uint64_t offset, uint64_t nbytes, int *rc,
+                       int *err);
+void rk_segments_free(rk_segments *m);
+
+/* dst += src for count items of a dtype code (rdmakv/core/protocol.py); NULL for none. */
+typedef void (*rk_add_fn)(void *dst, const void *src, size_t count);
+rk_add_fn rk_adder(uint8_t dtype, size_t *itemsize);
 
 void rk_futex_wait(_Atomic uint32_t *word, uint32_t expected, double seconds);
 /* Wait for *word to leave `expected`: poll it for `spin` seconds (spinning, then

@@ -27,6 +27,10 @@ typedef struct {
     rk_op *op;                    /* whose result the link owes for this chunk (link lock) */
     int credited;                 /* that op's push holds credit until RECEIVED or RESULT */
     int sent;                     /* that op's push has left: only then may its result come */
+    /* Shared memory: the server's round buffers this chunk's pushes are added
+     * into here (even, odd rounds), once it offered them; set once by the reader. */
+    char *sums[2];
+    _Atomic int offered;
 } rk_chunk;
 
 struct rk_key {
@@ -61,6 +65,8 @@ struct rk_link {
     _Atomic uint64_t states_limit;
     char *scratch;                /* where dropped results land (the reader's) */
     size_t scratch_size;
+    rk_segments segments;         /* shared memory: the server's memory files (the reader's) */
+    _Atomic uint64_t summed_bytes;  /* shared memory: push bytes added straight into the server's sums */
 };
 
 struct rk_engine {
@@ -214,6 +220,19 @@ static void report_send_failure(rk_link *link, int error, int sys_errno) {
     if (first) post_error(link, RK_EVENT_SEND_FAILED, error, sys_errno, NULL, 0);
 }
 
+/* Shared memory: add op's push of chunk straight into the sum the server offered
+ * for it (under the sum's lock, shared with the server and other workers). */
+static int add_to_shared_sum(rk_link *link, rk_key *key, rk_chunk *chunk, rk_op *op) {
+    size_t itemsize = 1;
+    rk_add_fn add = rk_adder(key->dtype, &itemsize);
+    if (add == NULL) return RK_ERR_BAD_DTYPE;
+    int rc = rdmakv_sum_contribute(chunk->sums[op->round % 2], op->source + chunk->offset, chunk->nbytes,
+                                   (rdmakv_add_fn)add, itemsize, op->round, link->engine->timeout,
+                                   &link->stream.stop);
+    if (rc == 0) atomic_fetch_add(&link->summed_bytes, chunk->nbytes);
+    return rc == 0 ? RK_OK : rc == RDMAKV_SHM_TIMEOUT ? RK_ERR_TIMEOUT : RK_ERR_EOF;
+}
+
 /* Send popped chunks with one sendmsg, drop their busy references, then let the
  * next sender in (the caller set link->sending). */
 static void transmit(rk_link *link, const rk_item *items, int count) {
@@ -221,7 +240,7 @@ static void transmit(rk_link *link, const rk_item *items, int count) {
     struct iovec iov[2 * RK_BATCH];
     rk_op *held[RK_BATCH];
     int parts = 0, holding = 0, rc = RK_OK, err = 0;
-    for (int i = 0; i < count; i++) {
+    for (int i = 0; i < count && rc == RK_OK; i++) {
         rk_op *op = items[i].ref;         /* busy since pop_ready */
         held[holding++] = op;
         rk_key *key = op->key;
@@ -231,11 +250,17 @@ static void transmit(rk_link *link, const rk_item *items, int count) {
                        .flags = op->flags | (items[i].credit ? RK_FLAG_ACK : 0), .key = key->wire,
                        .chunk = items[i].chunk, .priority = op->priority, .round = op->round,
                        .length = no_data ? 0 : chunk->nbytes, .sender = link->engine->sender_rank};
+        int summed = 0;
+        if (op->flags == 0 && chunk->nbytes && atomic_load_explicit(&chunk->offered, memory_order_acquire)) {
+            rc = add_to_shared_sum(link, key, chunk, op);
+            summed = rc == RK_OK;
+            if (summed) h.flags |= RK_SUMMED;
+        }
         rk_header_pack(packed[i], &h);
         iov[parts++] = (struct iovec){packed[i], RK_HEADER_SIZE};
-        if (h.length) iov[parts++] = (struct iovec){(char *)op->source + chunk->offset, h.length};
+        if (h.length && !summed) iov[parts++] = (struct iovec){(char *)op->source + chunk->offset, h.length};
     }
-    if (parts) {
+    if (parts && rc == RK_OK) {
         pthread_mutex_lock(&link->send_lock);
         rc = rk_send_all(&link->stream, iov, parts, &err);
         pthread_mutex_unlock(&link->send_lock);
@@ -473,6 +498,27 @@ static rk_key *find_key(rk_engine *engine, uint64_t wire) {
     return found;
 }
 
+static int drop_payload(rk_link *link, uint64_t length, int *err);
+
+/* Read a result's payload into dst (NULL: drop it): from the stream, or, for a
+ * shared one, from the place in the server's memory that the stream names. */
+static int read_payload(rk_link *link, const rk_header *h, char *dst, int *err) {
+    if (!(h->shared & RK_SHARED_PAYLOAD)) {
+        if (dst == NULL) return drop_payload(link, h->length, err);
+        return rk_recv_all(&link->stream, dst, h->length, 0, err);
+    }
+    char place[RK_PLACE_SIZE];
+    int rc = rk_recv_all(&link->stream, place, sizeof place, 0, err);
+    if (rc) return rc;
+    uint32_t number;
+    uint64_t offset;
+    memcpy(&number, place, 4);
+    memcpy(&offset, place + 4, 8);
+    const char *src = rk_segments_find(&link->segments, &link->stream, number, offset, h->length, &rc, err);
+    if (src && dst) memcpy(dst, src, h->length);
+    return rc;
+}
+
 /* Read and discard length bytes (a result that crossed its op's failure). */
 static int drop_payload(rk_link *link, uint64_t length, int *err) {
     if (link->scratch_size < length) {
@@ -513,10 +559,10 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
         int dropped = key && (atomic_load(&key->failed) || link->failed || failing) && h->length <= key->max_chunk;
         pthread_mutex_unlock(&link->lock);
         if (!dropped) return RK_ERR_UNEXPECTED_RESULT;
-        return drop_payload(link, h->length, err);
+        return read_payload(link, h, NULL, err);
     }
     pthread_mutex_unlock(&link->lock);
-    int rc = rk_recv_all(&link->stream, op->target + chunk->offset, h->length, 0, err);
+    int rc = read_payload(link, h, op->target + chunk->offset, err);
     int cleared = 0;
     if (rc == RK_OK) {
         pthread_mutex_lock(&link->lock);
@@ -533,6 +579,33 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
     }
     busy_release(op);
     return rc;
+}
+
+/* Shared memory: the server offers the round buffers of a chunk of ours for our
+ * pushes to be added into (once per chunk). */
+static int take_sum_offer(rk_link *link, const rk_header *h, int *err) {
+    char offer[RK_SUM_PLACES_SIZE];
+    if (h->op != RK_OP_PUSH || h->length != RK_SUM_PLACES_SIZE) return RK_ERR_SHARED;
+    int rc = rk_recv_all(&link->stream, offer, sizeof offer, 0, err);
+    if (rc) return rc;
+    rk_key *key = find_key(link->engine, h->key);
+    if (!key || h->chunk >= key->nchunks || key->chunks[h->chunk].link != link->index) return RK_ERR_SHARED;
+    rk_chunk *chunk = &key->chunks[h->chunk];
+    uint64_t nbytes;
+    memcpy(&nbytes, offer + 24, 8);
+    if (nbytes != chunk->nbytes || atomic_load(&chunk->offered)) return RK_ERR_SHARED;
+    for (int parity = 0; parity < 2; parity++) {
+        uint32_t number;
+        uint64_t offset;
+        memcpy(&number, offer + 12 * parity, 4);
+        memcpy(&offset, offer + 12 * parity + 4, 8);
+        /* The sum's lock and round live in the control block just before it. */
+        if (offset < RDMAKV_SUM_CONTROL || offset % RDMAKV_SUM_CONTROL) return RK_ERR_SHARED;
+        chunk->sums[parity] = rk_segments_find(&link->segments, &link->stream, number, offset, nbytes, &rc, err);
+        if (rc) return rc;
+    }
+    atomic_store_explicit(&chunk->offered, 1, memory_order_release);
+    return RK_OK;
 }
 
 static void take_received(rk_link *link, const rk_header *h) {
@@ -572,7 +645,15 @@ static void *reader_main(void *arg) {
         int err = 0, have_header = 0;
         uint64_t limit = 0;
         int rc = rk_read_header(&link->stream, &h, &have_header, &err);
-        if (rc == RK_OK) {
+        if (rc == RK_OK && h.shared) {
+            /* Only these come with shared-memory flags: anything else is a broken peer's. */
+            if (h.shared == RK_SUM_OFFER)
+                rc = take_sum_offer(link, &h, &err);
+            else if (h.shared == RK_SHARED_PAYLOAD && h.op == RK_OP_RESULT && h.length)
+                rc = take_result(link, &h, &limit, &err);
+            else
+                rc = RK_ERR_SHARED;
+        } else if (rc == RK_OK) {
             switch (h.op) {
             case RK_OP_RESULT:
                 rc = take_result(link, &h, &limit, &err);
@@ -630,16 +711,16 @@ rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t sma
     return engine;
 }
 
-int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd) {
+int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd, const rk_rings *rings) {
     rk_link *link = &engine->links[index];
-    int rc = rk_stream_open(&link->stream, fd, engine->timeout);
+    int rc = rk_stream_open(&link->stream, fd, rings, engine->timeout);
     if (rc) return rc;
     rc = pthread_create(&link->reader, NULL, reader_main, link);
     if (rc) return rc;
     rc = pthread_create(&link->sender, NULL, sender_main, link);
     if (rc) {
         __atomic_store_n(&link->stream.stop, 1, __ATOMIC_RELEASE);
-        shutdown(fd, SHUT_RDWR);
+        rk_stream_wake(&link->stream);
         pthread_join(link->reader, NULL);
         return rc;
     }
@@ -657,7 +738,7 @@ void rk_engine_close(rk_engine *engine) {
         __atomic_store_n(&link->stream.stop, 1, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&link->ready);
         pthread_mutex_unlock(&link->lock);
-        if (link->stream.fd >= 0) shutdown(link->stream.fd, SHUT_RDWR);   /* wakes a reader or sender in poll */
+        rk_stream_wake(&link->stream);
     }
     for (uint32_t i = 0; i < engine->num_links; i++) {
         rk_link *link = &engine->links[i];
@@ -667,6 +748,9 @@ void rk_engine_close(rk_engine *engine) {
             link->started = 0;
         }
         rk_stream_retire(&link->stream, &link->send_lock);
+        /* The threads that read or add into the server's memory are gone (or are
+         * this one, on its way out through a callback, done with it). */
+        rk_segments_free(&link->segments);
     }
     rk_mailbox_close(&engine->mailbox);
 }
@@ -695,6 +779,10 @@ void rk_engine_free(rk_engine *engine) {
 void rk_engine_set_spin(rk_engine *engine, double seconds) {
     engine->spin = seconds;
     for (uint32_t i = 0; i < engine->num_links; i++) engine->links[i].stream.spin = seconds;
+}
+
+uint64_t rk_link_summed_bytes(rk_engine *engine, uint32_t link) {
+    return atomic_load(&engine->links[link].summed_bytes);
 }
 
 void rk_link_allow_states(rk_engine *engine, uint32_t link, uint64_t limit) {

@@ -7,9 +7,10 @@
  *              and the list of finished operations.  Owned by the Cython
  *              Engine; rk_engine_close() joins every thread, then
  *              rk_engine_free() releases it.
- *   rk_link    one per server connection (a connected TCP socket the engine
- *              borrows: the caller closes the descriptor after
- *              rk_engine_close()).  Its reader thread takes RESULT and
+ *   rk_link    one per server connection (a connected TCP socket, or the
+ *              rings of a shared-memory channel and the Unix socket beside
+ *              them, which the engine borrows: the caller closes and unmaps
+ *              them after rk_engine_close()).  Its reader thread takes RESULT and
  *              RECEIVED in, and hands every other message to the mailbox; its
  *              sender thread sends queued chunks highest priority first under
  *              a byte credit.
@@ -68,8 +69,9 @@ struct rk_op {
 /* ---- engine --------------------------------------------------------------- */
 rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                          uint32_t sender_rank);
-/* Start a link over a connected socket (non-blocking); 0, or an errno. */
-int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd);
+/* Start a link over a connected socket (non-blocking), or over shared-memory rings
+ * with fd the Unix socket beside them (rings NULL: TCP); 0, or an errno. */
+int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd, const rk_rings *rings);
 /* Poll for `seconds` before sleeping, in the readers and in rk_op_wait (before starting links). */
 void rk_engine_set_spin(rk_engine *engine, double seconds);
 /* Stop every thread (reader, sender) and wake every mailbox waiter; idempotent.
@@ -109,6 +111,8 @@ uint32_t rk_op_owed(rk_op *op, uint32_t link, uint32_t *indices, uint32_t max);
 /* Send a header and payload on a link, serialized with its sender; 0 or enum rk_error (sys_errno in *err). */
 int rk_link_send(rk_engine *engine, uint32_t link, const char *header, const char *payload, size_t length,
                  int *err);
+/* Shared memory: push bytes the link added straight into the server's sums. */
+uint64_t rk_link_summed_bytes(rk_engine *engine, uint32_t link);
 /* The largest STATES payload the link's reader takes (set before asking for one). */
 void rk_link_allow_states(rk_engine *engine, uint32_t link, uint64_t limit);
 /* The next event, or NULL after timeout seconds or once the engine closes. */

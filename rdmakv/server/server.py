@@ -160,8 +160,20 @@ class WorkerLink:
 
     def offer_sum(self, chunk):
         """Let a co-located worker add its pushes of chunk straight into the round buffers."""
-        if chunk.shared and self.peer.connection.sums_remotely:
-            self.peer.connection.offer_sum(chunk.key_state.key, chunk.index, chunk.buffers)
+        connection = self.peer.connection
+        if not (chunk.shared and getattr(connection, "sums_remotely", False)):
+            return
+        native = self.server._native
+        if native is None:
+            connection.offer_sum(chunk.key_state.key, chunk.index, chunk.buffers)
+            return
+        # The engine writes the ring: the offer goes through it, after the segments' fds.
+        header, offer, segments = connection.sum_offer(chunk.key_state.key, chunk.index, chunk.buffers)
+        for number in segments:
+            native.link_has_segment(self.rank, number)
+        code, err = native.send(self.rank, header, offer)
+        if code:
+            raise engine_stream_error(code, err, "send to", connection.peer, self.server.config.timeout)
 
     def offer_slot(self, chunk, rnd):
         """Let the worker write its push of round rnd straight into its slot (verbs)."""
@@ -265,7 +277,8 @@ class ParameterServer(Handler):
         self.rank, self.num_workers = welcome["rank"], welcome["num_workers"]
         self.num_servers = welcome["num_servers"]
         self.tracer = trace.make(self.config, "server", self.rank)
-        if (self.config.engine == "native" and self.transport is tcp and not self.config.integrity
+        base = getattr(self.transport, "inner", self.transport)     # shared memory's transport underneath
+        if (self.config.engine == "native" and base is tcp and not self.config.integrity
                 and self.tracer is None):
             self._native = _t.ServerEngine(self.num_workers, self.config.timeout, DIRECT_REPLY_BYTES)
             self._native.set_spin(self.config.spin_us / 1e6)
@@ -405,6 +418,8 @@ class ParameterServer(Handler):
         if code == _t.REFUSE_TWO_ROOTS:
             return (f"more than one worker sent the root value for the broadcast of key {name!r}: the workers "
                     f"disagree on the root")
+        if code == _t.REFUSE_SUM_STALLED:
+            return self._sum_stalled(name, header.chunk, rank)
         return f"no worker sent the root value for the broadcast of key {name!r}: the root rank is not a worker"
 
     def _update_summed(self, header):
@@ -558,7 +573,7 @@ class ParameterServer(Handler):
         if self._native is not None:
             # Set first: the engine may hand a message over before this returns.
             peer.connection.read_ahead = lambda view: self._native.take_buffered(rank, view)
-            self._native.start_link(rank, peer.connection.fileno())   # raises: the Peer ends the link
+            self._native.start_link(rank, *peer.connection.engine_stream())   # raises: the Peer ends the link
             peer.hand_off()           # from its next message on, the engine reads this worker
 
     def on_closed(self, peer, error):
@@ -684,8 +699,9 @@ class ParameterServer(Handler):
         if state.error is not None:
             self._native.refuse_key(state.native)
         for chunk in state.chunks:
+            places = [self.listener.shared_place(chunk.buffer(rnd)) for rnd in (0, 1)] if chunk.shared else None
             chunk.native = self._native.add_chunk(state.native, chunk.index, chunk.dtype_code, chunk.buffer(0),
-                                                  chunk.buffer(1))
+                                                  chunk.buffer(1), places)
 
     def _over_budget(self, need):
         return (f"{need} of server {self.rank}'s memory, but {_human_bytes(self.budget.used)} of its "
@@ -866,10 +882,11 @@ class ParameterServer(Handler):
         try:
             self.listener.sum_into(target, payload, chunk.dtype_code, chunk.round)
         except TimeoutError:
-            raise KeyRefused(chunk.key_state.key, f"the sum of key {name!r} chunk {chunk.index} stayed locked "
-                                                  f"for {self.config.timeout:g} s while worker {link.rank}'s "
-                                                  f"push waited: a co-located worker stalled or died adding "
-                                                  f"into it") from None
+            raise KeyRefused(chunk.key_state.key, self._sum_stalled(name, chunk.index, link.rank)) from None
+
+    def _sum_stalled(self, name, index, rank):
+        return (f"the sum of key {name!r} chunk {index} stayed locked for {self.config.timeout:g} s while "
+                f"worker {rank}'s push waited: a co-located worker stalled or died adding into it")
 
     @staticmethod
     def _end_fill(link):

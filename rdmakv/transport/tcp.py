@@ -92,6 +92,10 @@ class TcpConnection(Connection):
         which the worker's native engine speaks."""
         return self._send_key is None
 
+    def engine_stream(self):
+        """(the socket's fd, no channel): what a native engine borrows to run this link."""
+        return self._fd, None
+
     def send(self, header, payload=None):
         with self._send_lock:
             if self._send_key is None:
@@ -197,6 +201,11 @@ def engine_stream_error(code, err, what, peer, timeout):
         return ConnectionClosed(f"{what} {peer}: the peer closed the connection mid-message")
     if code == _t.ERR_NO_MEMORY:
         return RdmaKVError(f"{what} {peer}: out of memory")
+    if code == _t.ERR_CORRUPT:
+        return ProtocolError(f"{what} {peer}: the shared ring's counters are inconsistent")
+    if code == _t.ERR_SHARED:
+        return ProtocolError(f"{what} {peer}: a shared-memory frame it was not offered, or naming memory "
+                             f"it never shared")
     kind = ConnectionClosed if err in _CONNECTION_ERRNOS else TransportError
     return kind(f"{what} {peer}: {os.strerror(err)}")
 

@@ -34,7 +34,7 @@ from rdmakv.core.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.native import transport as _t
 from rdmakv.transport import choose_transport
 from rdmakv.transport.base import Handler, Peer, closed_connection_warnings
-from rdmakv.transport.tcp import TcpConnection, engine_read_error, engine_stream_error
+from rdmakv.transport.tcp import engine_read_error, engine_stream_error
 
 log = logging.getLogger("rdmakv.worker")
 
@@ -456,6 +456,11 @@ class ServerLink(_ServerLinkBase, Handler):
     def connection(self):
         return self.peer.connection
 
+    @property
+    def summed_bytes(self):
+        """Push bytes added straight into the server's shared sums (shared memory)."""
+        return getattr(self.peer.connection, "summed_bytes", 0)
+
     def send(self, op, payload=None, **fields):
         self.peer.send(op, payload, **fields)
 
@@ -632,12 +637,17 @@ class EngineLink(_ServerLinkBase):
 
     def start(self, connection):
         self.connection = connection
-        self.store._engine.start_link(self.rank, connection.fileno())
+        self.store._engine.start_link(self.rank, *connection.engine_stream())
         self.send_json(Op.CONNECT, {"rank": self.store.rank})
 
     @property
     def connected(self):
         return self.connection is not None
+
+    @property
+    def summed_bytes(self):
+        """Push bytes added straight into the server's shared sums (shared memory)."""
+        return self.store._engine.summed_bytes(self.rank)
 
     def send(self, op, payload=None, **fields):
         if isinstance(self.error, ClosedError):
@@ -803,7 +813,7 @@ class KVStore:
                 connections.append(auth.open_connection(self.transport, server_host, port, secret,
                                                         self.config.timeout, integrity=self.config.integrity))
             native = (self.config.engine == "native" and self.tracer is None
-                      and all(type(c) is TcpConnection and c.frames_are_plain for c in connections))
+                      and all(hasattr(c, "engine_stream") and c.frames_are_plain for c in connections))
             if native:
                 credit = self.config.scheduling_credit * self.config.partition_bytes
                 self._engine = _t.Engine(len(connections), credit, DIRECT_SEND_BYTES, self.config.timeout, self.rank)

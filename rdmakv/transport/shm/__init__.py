@@ -59,7 +59,11 @@ server's round buffers: same-user processes holding the cluster secret are
 trusted that far (RDMAKV_SHM=0 on a worker keeps it out).
 
 The stream carries exactly what the TCP transport carries, so authentication,
-the KVStore and the server run over it unchanged.
+the KVStore and the server run over it unchanged.  Once a link is handed to a
+native engine (rdmakv/native/wire.c, worker_engine.c, server_engine.c), the
+engine reads and writes the rings, maps the memory files and adds into the
+sums itself, with the same frames and flags; ShmConnection then only sets the
+link up, passes the server's memory files and builds the sum offers.
 
 Files: settings.py (whether to use it, from the environment), arena.py (the
 shared round buffers), connection.py (one connection), listener.py (set-up,

@@ -77,6 +77,15 @@ class ShmConnection(Connection):
     def sums_remotely(self):
         return self._arena is not None
 
+    @property
+    def frames_are_plain(self):
+        """The ring carries a header and its payload only, which the native engines speak."""
+        return True
+
+    def engine_stream(self):
+        """(the Unix socket's fd, the channel): what a native engine borrows to run this link."""
+        return self._sock.fileno(), self._channel
+
     def send(self, header, payload=None):
         with self._send_lock:
             if self._sums and payload is not None and self._sum_in_place(header, payload):
@@ -102,17 +111,25 @@ class ShmConnection(Connection):
         return True
 
     def offer_sum(self, key, chunk, buffers):
+        with self._send_lock:
+            header, offer, _ = self.sum_offer(key, chunk, buffers)
+            self._io("send to", self._channel.send_frame, header, offer, self._timeout)
+
+    def sum_offer(self, key, chunk, buffers):
+        """Share the segments of a chunk's two round buffers (from the listener's
+        shared_buffer) with the peer; returns the frame that offers them as the
+        chunk's sums (header, payload) and the segments' numbers.  Whoever writes
+        the ring sends the frame: this side (offer_sum), or a native engine."""
         places = [self._arena.find(buffer) if self._arena is not None else None for buffer in buffers]
         if len(places) != 2 or None in places:
             raise ValueError("offer_sum takes the two round buffers from the listener's shared_buffer")
-        with self._send_lock:
-            for segment, _ in places:
-                self._share(segment)
-            self._offered_sums[(key, chunk)] = buffers[0].nbytes
-            (even, even_offset), (odd, odd_offset) = places
-            offer = SUM_PLACES.pack(even.number, even_offset, odd.number, odd_offset, buffers[0].nbytes)
-            header = _flagged(protocol.pack(Op.PUSH, key=key, chunk=chunk, length=SUM_PLACES.size), SUM_OFFER)
-            self._io("send to", self._channel.send_frame, header, offer, self._timeout)
+        for segment, _ in places:
+            self._share(segment)
+        self._offered_sums[(key, chunk)] = buffers[0].nbytes
+        (even, even_offset), (odd, odd_offset) = places
+        offer = SUM_PLACES.pack(even.number, even_offset, odd.number, odd_offset, buffers[0].nbytes)
+        header = _flagged(protocol.pack(Op.PUSH, key=key, chunk=chunk, length=SUM_PLACES.size), SUM_OFFER)
+        return header, offer, (even.number, odd.number)
 
     def shares(self, payload):
         return self._arena is not None and self._arena.locate(payload) is not None
@@ -229,6 +246,18 @@ class ShmConnection(Connection):
                 for fd in fds:
                     os.close(fd)
         return self._peer_segments[number]
+
+    def shut(self):
+        """End the connection both ways but keep the mapping and the socket: a
+        native engine's threads may still be using them (close() after the
+        engine's close())."""
+        if os.getpid() != self._pid:
+            return
+        self._channel.shutdown()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self):
         if self._closed:

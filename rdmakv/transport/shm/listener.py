@@ -207,6 +207,11 @@ class ShmListener(Listener):
         workers may add into it (offer_sum) and sum_into must be used for it."""
         return self._arena.find(buffer) is not None
 
+    def shared_place(self, buffer):
+        """(segment number, offset) of a buffer for which shares_sums holds."""
+        segment, offset = self._arena.find(buffer)
+        return segment.number, offset
+
     def sum_into(self, buffer, source, dtype_code, round):
         """Contribute source to round's sum in a shared buffer under its lock (see
         "Shared sums"); TimeoutError when a co-located worker holds it too long."""
