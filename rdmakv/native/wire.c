@@ -124,6 +124,12 @@ int rk_stream_open(rk_stream *s, int fd, const rk_rings *rings, double timeout) 
     return 0;
 }
 
+size_t rk_stream_room(rk_stream *s) {
+    if (!s->has_rings || s->fd < 0) return 0;
+    uint32_t used = rdmakv_load_relaxed(&s->rings.out.ctl->head) - rdmakv_load_acquire(&s->rings.out.ctl->tail);
+    return used > s->rings.out.size ? 0 : s->rings.out.size - used;
+}
+
 void rk_stream_wake(rk_stream *s) {
     if (s->fd < 0) return;
     if (s->has_rings) {

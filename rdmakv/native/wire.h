@@ -111,6 +111,8 @@ typedef struct {
  * (borrowed: their owner unmaps them only after the stream's threads are joined);
  * 0 or ENOMEM. */
 int rk_stream_open(rk_stream *s, int fd, const rk_rings *rings, double timeout);
+/* Bytes a send over rings can write now without waiting (0 over TCP). */
+size_t rk_stream_room(rk_stream *s);
 /* Wake every thread of ours waiting on the stream (after setting stop). */
 void rk_stream_wake(rk_stream *s);
 void rk_stream_free(rk_stream *s);

@@ -352,8 +352,20 @@ static void enqueue_chunks(rk_op *op) {
             cancel(op, RK_DONE_CANCELLED, 0);
             return;
         }
-        /* The sender thread sends it: a caller that starts many small pushpulls in a
-         * row then pays no system call for each, and they leave in batches. */
+        /* Over a ring, a small chunk with nothing ahead of it, for which the ring has
+         * room now, is copied in by this thread: no hand-off to the sender, and no
+         * system call unless the server sleeps.  Otherwise the sender thread sends
+         * it: a caller that starts many small pushpulls in a row over TCP then pays
+         * no system call for each, and they leave in batches. */
+        rk_item popped;
+        if (link->stream.has_rings && !link->sending && link->queue.count == 1 &&
+            chunk->nbytes <= engine->small_bytes && !atomic_load(&chunk->offered) &&
+            rk_stream_room(&link->stream) >= RK_HEADER_SIZE + chunk->nbytes && pop_ready(link, &popped)) {
+            link->sending = 1;
+            pthread_mutex_unlock(&link->lock);
+            transmit(link, &popped, 1);
+            continue;
+        }
         pthread_cond_signal(&link->ready);
         pthread_mutex_unlock(&link->lock);
     }
