@@ -267,7 +267,7 @@ def test_offers_beyond_the_credits_come_back_without_a_reader(pair, verbs):
     """Each offer takes a credit; the peer's progress thread returns them, so an
     offering side never stalls on a peer whose reader is busy elsewhere."""
     client, server = pair
-    n, keys = verbs.EAGER_LIMIT + 1, 3 * verbs.connection.DATA_SLOTS
+    n, keys = verbs.EAGER_LIMIT + 1, 3 * verbs.frames.DATA_SLOTS
     dests = [np.zeros(n, np.uint8) for _ in range(keys)]
     for key, dest in enumerate(dests):
         server.offer(Op.PUSH, key, 0, 0, dest)        # would block for credit if none came back
@@ -378,7 +378,7 @@ def test_failed_work_completion_fails_only_that_connection(pair_factory, verbs):
     original = s1._post_frame
 
     def corrupt(kind, ident, *args, rkey=0, **kwargs):
-        if kind == verbs.connection.K_CTS:
+        if kind == verbs.frames.K_CTS:
             rkey ^= 0x5A5A00
         return original(kind, ident, *args, rkey=rkey, **kwargs)
 

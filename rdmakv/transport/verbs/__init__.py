@@ -64,7 +64,8 @@ Files: devices.py (device, port and GID choice), qp.py (QP state changes),
 mrcache.py (registrations), connection.py (one connection), handshake.py
 (the set-up's messages), listener.py (set-up, both sides).
 """
-from rdmakv.transport.verbs.connection import EAGER_LIMIT, VerbsConnection
+from rdmakv.transport.verbs.connection import VerbsConnection
+from rdmakv.transport.verbs.frames import EAGER_LIMIT
 from rdmakv.transport.verbs.listener import VerbsListener, connect
 
 Listener = VerbsListener      # the name every transport module exports

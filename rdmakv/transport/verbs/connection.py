@@ -3,9 +3,7 @@ send slots, credits, the eager, placed and rendezvous protocols and the
 progress thread (see the package's documentation)."""
 import logging
 import mmap
-import os
 import socket
-import struct
 import threading
 import time
 from collections import deque, namedtuple
@@ -14,32 +12,18 @@ from rdmakv.core import netif, protocol
 from rdmakv.core.errors import (ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, RdmaKVError,
                                 TransportError, VerbsError)
 from rdmakv.transport.base import Connection
-from rdmakv.transport.verbs import devices as verbs_devices, qp as verbs_qp
+from rdmakv.transport.verbs import qp as verbs_qp
+from rdmakv.transport.verbs.devices import SharedDevice
+from rdmakv.transport.verbs.frames import (CTRL_SLOTS, DATA_SLOTS, EAGER_LIMIT, K_CREDIT, K_CTS, K_EAGER, K_OFFER,
+                                           K_PLACED, K_RNDV, OFFER, OFFER_HEADER_BYTES, OFFER_SLOTS, PLACED_BIT,
+                                           PREFIX, SEND_SLOTS, SLOT_BYTES)
 from rdmakv.transport.verbs.mrcache import MRCache, buffer_span
 
 log = logging.getLogger("rdmakv.transport.verbs")
 
-SLOT_BYTES = 16384           # one receive/send slot: frame prefix + header + eager payload
-DATA_SLOTS = 64              # receive slots for messages (the peer's credits)
-CTRL_SLOTS = 16              # receive slots for clear-to-send, credits and write-with-imm
-SEND_SLOTS = 64              # registered send slots
 MR_CACHE_BYTES = 512 << 20   # per connection
 WRITE_PIECE = 1 << 30        # one RDMA write moves at most this much
 PROGRESS_SLICE = 0.1         # seconds the progress thread sleeps before checking liveness
-
-OFFER_SLOTS = 4096           # buffers this side may have offered to the peer at once
-OFFER_HEADER_BYTES = 64      # one entry of the table the peer writes a placed message's header into
-
-# frame prefix: kind, flags, returned credits, id, rkey, addr
-PREFIX = struct.Struct("<BBHIIQ4x")
-K_EAGER, K_RNDV, K_CTS, K_CREDIT, K_OFFER = 1, 2, 3, 4, 5
-K_PLACED = 6                 # inbox only: a message the peer wrote into an offered buffer
-EAGER_LIMIT = SLOT_BYTES - PREFIX.size - protocol.HEADER_SIZE
-# an offer's body: op, key, chunk, round, length, header entry addr, header table rkey
-# (the payload buffer's rkey and addr travel in the prefix)
-OFFER = struct.Struct("<BQIQQQI")
-# immediate data: a rendezvous message id, or PLACED_BIT | the offer it fills
-PLACED_BIT = 1 << 31
 
 # wr_id tags (top bits) for the three kinds of work request
 _RX, _TX, _WRITE = 1 << 40, 2 << 40, 3 << 40
@@ -54,36 +38,6 @@ _PeerOffer = namedtuple("_PeerOffer", "round ident length addr rkey header_addr 
 def _t():
     from rdmakv.native import transport
     return transport
-
-
-# --- the process-wide device ---------------------------------------------------------
-
-class _Device:
-    """The device Context and PortInfo, shared by every connection of this
-    process and closed when the last one releases it."""
-    _lock = threading.Lock()
-    _ctx = None
-    _port = None
-    _users = 0
-    _pid = None
-
-    @classmethod
-    def acquire(cls):
-        with cls._lock:
-            if cls._ctx is None or cls._pid != os.getpid():
-                cls._ctx, cls._port = verbs_devices.open_device()
-                cls._pid = os.getpid()
-                cls._users = 0
-            cls._users += 1
-            return cls._ctx, cls._port
-
-    @classmethod
-    def release(cls):
-        with cls._lock:
-            cls._users -= 1
-            if cls._users <= 0 and cls._ctx is not None:
-                ctx, cls._ctx, cls._port = cls._ctx, None, None
-                ctx.close()
 
 
 def _slab(nbytes):
@@ -150,7 +104,7 @@ class VerbsConnection(Connection):
     # ---- set-up --------------------------------------------------------------------
     def _allocate(self):
         t = _t()
-        ctx, port = _Device.acquire()
+        ctx, port = SharedDevice.acquire()
         self._have_device = True
         self._port = port
         self._pd = t.PD(ctx)
@@ -713,7 +667,7 @@ class VerbsConnection(Connection):
         self._sock.close()
         if self._have_device:
             self._have_device = False
-            _Device.release()
+            SharedDevice.release()
 
     def __repr__(self):
         return f"<VerbsConnection to {self.peer}{' closed' if self._closed else ''}>"
