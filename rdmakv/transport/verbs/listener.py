@@ -92,7 +92,7 @@ class VerbsListener(_ListenerBase):
         self._refusals.warn(log, "verbs connections refused", "refused a verbs connection from %s: %s",
                             setup.name, reason)
         if setup.connection is not None:
-            setup.connection._release()     # closes the socket too
+            setup.connection.release()     # closes the socket too
             return
         try:                                # tell a real connector why, if its socket takes it now
             setup.sock.send(frame_blob({"error": reason}), socket.MSG_DONTWAIT)
@@ -112,7 +112,7 @@ class VerbsListener(_ListenerBase):
                 if theirs is None:
                     return False
                 setup.connection = VerbsConnection(setup.sock, self._timeout)
-                setup.connection._connect(theirs, what)
+                setup.connection.connect_qp(theirs, what)
                 mine = frame_blob(setup.connection.endpoint) + b"R"
                 if setup.sock.send(mine, socket.MSG_DONTWAIT) != len(mine):   # a fresh socket takes it whole
                     raise ConnectionClosed(f"{what}: the peer does not read")
@@ -121,7 +121,7 @@ class VerbsListener(_ListenerBase):
                 raise ConnectionClosed(f"{what}: the peer closed the connection")
             if ready != b"R":
                 raise ProtocolError(f"{what}: bad ready byte")
-            setup.connection._ready()
+            setup.connection.mark_ready()
             return setup.connection
         except (BlockingIOError, InterruptedError):
             return False
@@ -163,13 +163,13 @@ def connect(host, port, timeout, retry_until=None):
     deadline = time.monotonic() + timeout
     try:
         sock.sendall(frame_blob(connection.endpoint))
-        connection._connect(recv_blob(sock, deadline, what), what)
+        connection.connect_qp(recv_blob(sock, deadline, what), what)
         sock.sendall(b"R")
         if recv_exact(sock, 1, deadline, what) != b"R":
             raise ProtocolError(f"{what}: bad ready byte")
-        connection._ready()
-        connection._ensure_progress()
+        connection.mark_ready()
+        connection.start_progress()
     except BaseException:
-        connection._release()
+        connection.release()
         raise
     return connection
