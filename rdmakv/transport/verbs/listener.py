@@ -42,15 +42,14 @@ class VerbsListener(_ListenerBase):
 
     def __init__(self, host, port, timeout, backlog=128):
         verbs_devices.select_port()      # fail now, with the reason, where verbs can't work
-        self._tcp = _tcp.TcpListener(host, port, timeout, backlog)
-        self._tcp._sock.setblocking(False)
+        self._sock, self.address = _tcp.listen_socket(host, port, backlog)
+        self._sock.setblocking(False)
         self._timeout = timeout
-        self.address = self._tcp.address
         self._setups = []                # _SetUps in progress, oldest first
         self._refusals = Throttle()
 
     def watch(self):
-        fds = [self._tcp.fileno()] + [setup.sock.fileno() for setup in self._setups]
+        fds = [self._sock.fileno()] + [setup.sock.fileno() for setup in self._setups]
         return fds, self._setups[0].deadline if self._setups else None
 
     def accept(self, timeout):
@@ -60,7 +59,7 @@ class VerbsListener(_ListenerBase):
         """A connection whose set-up is complete, or None; never waits."""
         for _ in range(MAX_SETUPS):          # then give the set-ups in progress a turn
             try:
-                sock, address = self._tcp._sock.accept()
+                sock, address = self._sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 break
             self._admit(sock, address)
@@ -147,7 +146,7 @@ class VerbsListener(_ListenerBase):
         for setup in self._setups:
             setup.sock.close()
         self._setups = []
-        self._tcp.close()
+        self._sock.close()
 
 
 def connect(host, port, timeout, retry_until=None):
