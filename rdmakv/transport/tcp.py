@@ -236,19 +236,25 @@ def engine_read_error(code, err, limit, fields, sender, peer, timeout):
     return engine_stream_error(code, err, "receive from", peer, timeout)
 
 
+def listen_socket(host, port, backlog):
+    """A TCP socket listening on (host, port) and the address peers connect to
+    (port 0: a free one); TransportError naming the address if it cannot bind."""
+    family, sockaddr = netif.resolve(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot listen on {netif.format_address(host, port)}: {exc}") from None
+    sock.listen(backlog)
+    return sock, (host.strip("[]"), sock.getsockname()[1])
+
+
 class TcpListener(Listener):
     def __init__(self, host, port, timeout, backlog=128):
-        family, sockaddr = netif.resolve(host, port)
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._sock.bind(sockaddr)
-        except OSError as exc:
-            self._sock.close()
-            raise TransportError(f"cannot listen on {netif.format_address(host, port)}: {exc}") from None
-        self._sock.listen(backlog)
+        self._sock, self.address = listen_socket(host, port, backlog)
         self._timeout = timeout
-        self.address = (host.strip("[]"), self._sock.getsockname()[1])
 
     def accept(self, timeout):
         if not _t.wait_readable(self._sock.fileno(), timeout):

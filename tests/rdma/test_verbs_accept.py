@@ -98,7 +98,7 @@ class Pump:
 
 def test_silent_connections_cost_nothing_and_do_not_stall_accept(verbs):
     listener = verbs.Listener("127.0.0.1", 0, TIMEOUT)
-    verbs.connection._Device.acquire()              # the device's own event fd is counted from here on
+    verbs.devices.SharedDevice.acquire()            # the device's own event fd is counted from here on
     before = channels_open()
     silent = silent_sockets(listener.address[1], 12)
     box = {}
@@ -144,7 +144,7 @@ def test_silent_connections_cost_nothing_and_do_not_stall_accept(verbs):
         if "c" in box:
             box["c"].close()
         listener.close()
-        verbs.connection._Device.release()
+        verbs.devices.SharedDevice.release()
 
 
 def test_setups_beyond_the_caps_are_refused_naming_the_cap(verbs, caplog):

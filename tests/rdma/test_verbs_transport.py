@@ -187,14 +187,14 @@ def wait_for_offer(client, key, before=None):
     """Wait until the client's progress thread holds an offer for its PUSH of
     key, chunk 0, other than `before` (it takes offers in without its reader)."""
     deadline = time.monotonic() + TIMEOUT
-    while client._offers_in.get((Op.PUSH, key, 0)) in (None, before):
+    while client._offers.peer_offer(Op.PUSH, key, 0) in (None, before):
         assert time.monotonic() < deadline, f"the offer for key {key} never arrived"
         time.sleep(0.01)
 
 
 def offered(client, server, dest, key=7, round_=0):
     """server offers dest for the client's PUSH of key, chunk 0, round_."""
-    before = client._offers_in.get((Op.PUSH, key, 0))
+    before = client._offers.peer_offer(Op.PUSH, key, 0)
     server.offer(Op.PUSH, key, 0, round_, dest)
     wait_for_offer(client, key, before)
 
@@ -211,7 +211,7 @@ def test_offered_buffer_is_written_in_place(pair):
     np.testing.assert_array_equal(dest, data)
     assert client.placed_bytes == n and server.placed_bytes == n
     assert client.rendezvous_bytes == 0 and server.copied_bytes == 0
-    assert all(entry.leases == 0 for entry in server._mrs._entries.values())
+    assert all(entry.leases == 0 for entry in server._resources.mr_cache._entries.values())
 
 
 def test_offer_for_another_round_waits_for_that_round(pair):
@@ -239,7 +239,7 @@ def test_a_later_offer_replaces_the_earlier_one(pair):
     client.send(header(n, key=7), np.full(n, 5, np.uint8))
     receive(server, second)
     assert (second == 5).all() and not first.any()
-    assert server.placed_bytes == n and not server._offers_out
+    assert server.placed_bytes == n and not server._offers.open_offers
 
 
 def test_receiving_elsewhere_than_offered_copies(pair):
@@ -256,8 +256,8 @@ def test_a_message_that_does_not_fit_its_offer_is_refused(pair):
     client, server = pair
     n = 100_000
     offered(client, server, np.zeros(n, np.uint8))
-    forged = client._offers_in[(Op.PUSH, 7, 0)]._replace(round=5)    # a peer that ignores the offer's round
-    client._offers_in[(Op.PUSH, 7, 0)] = forged
+    forged = client._offers.peer_offer(Op.PUSH, 7, 0)._replace(round=5)    # a peer that ignores the offer's round
+    client._offers._theirs[(Op.PUSH, 7, 0)] = forged
     client.send(header(n, key=7, round_=5), np.ones(n, np.uint8))
     with pytest.raises(ProtocolError, match=r"round 5 .* into the buffer offered for PUSH key 7 chunk 0 round 0"):
         server.recv_header(TIMEOUT)
@@ -267,7 +267,7 @@ def test_offers_beyond_the_credits_come_back_without_a_reader(pair, verbs):
     """Each offer takes a credit; the peer's progress thread returns them, so an
     offering side never stalls on a peer whose reader is busy elsewhere."""
     client, server = pair
-    n, keys = verbs.EAGER_LIMIT + 1, 3 * verbs.connection.DATA_SLOTS
+    n, keys = verbs.EAGER_LIMIT + 1, 3 * verbs.frames.DATA_SLOTS
     dests = [np.zeros(n, np.uint8) for _ in range(keys)]
     for key, dest in enumerate(dests):
         server.offer(Op.PUSH, key, 0, 0, dest)        # would block for credit if none came back
@@ -375,14 +375,14 @@ def test_failed_work_completion_fails_only_that_connection(pair_factory, verbs):
     raises WorkCompletionError naming the peer, the operation and the status;
     another connection in the process keeps working."""
     (c1, s1), (c2, s2) = pair_factory(timeout=5.0), pair_factory()
-    original = s1._post_frame
+    original = s1._sender.post_frame
 
     def corrupt(kind, ident, *args, rkey=0, **kwargs):
-        if kind == verbs.connection.K_CTS:
+        if kind == verbs.frames.K_CTS:
             rkey ^= 0x5A5A00
         return original(kind, ident, *args, rkey=rkey, **kwargs)
 
-    s1._post_frame = corrupt
+    s1._sender.post_frame = corrupt
     box = {}
 
     def reader():

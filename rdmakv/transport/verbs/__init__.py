@@ -60,11 +60,15 @@ rkeys are only ever sent to the peer of their connection, whose PD they
 belong to, and die with it: close() destroys QP -> CQ -> MRs -> PD -> channel
 and drops the device Context when its last user goes.
 
-Files: devices.py (device, port and GID choice), qp.py (QP state changes),
-mrcache.py (registrations), connection.py (one connection), handshake.py
-(the set-up's messages), listener.py (set-up, both sides).
+Files: devices.py (device, port and GID choice, the process-wide device),
+qp.py (QP state changes), mrcache.py (registrations), frames.py (the wire
+layout), connection.py (one connection, composed of the parts its
+documentation lists: state, resources, credits, sender, the eager, rendezvous
+and offers protocols, receiver, progress), handshake.py (the set-up's
+messages), listener.py (set-up, both sides).
 """
-from rdmakv.transport.verbs.connection import EAGER_LIMIT, VerbsConnection
+from rdmakv.transport.verbs.connection import VerbsConnection
+from rdmakv.transport.verbs.frames import EAGER_LIMIT
 from rdmakv.transport.verbs.listener import VerbsListener, connect
 
 Listener = VerbsListener      # the name every transport module exports

@@ -15,6 +15,7 @@ GID.
 """
 import errno as _errno
 import ipaddress
+import os
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -22,8 +23,8 @@ from typing import Optional
 from rdmakv.core.config import other_variable
 from rdmakv.core.errors import DeviceUnavailable, VerbsError
 
-__all__ = ["PortInfo", "probe", "describe_devices", "select_port", "open_device", "ensure_fork_init",
-           "MTU_BYTES", "mtu_enum"]
+__all__ = ["PortInfo", "probe", "describe_devices", "select_port", "open_device", "SharedDevice",
+           "ensure_fork_init", "MTU_BYTES", "mtu_enum"]
 
 # ibv_mtu enum value -> bytes
 MTU_BYTES = {1: 256, 2: 512, 3: 1024, 4: 2048, 5: 4096}
@@ -280,3 +281,31 @@ def open_device(device=None, port=None, gid_index=None):
     ensure_fork_init()
     info = select_port(device, port, gid_index)
     return _transport().Context(info.device), info
+
+
+class SharedDevice:
+    """The device Context and PortInfo, shared by every verbs connection of this
+    process and closed when the last one releases it (a forked child opens its own)."""
+    _lock = threading.Lock()
+    _ctx = None
+    _port = None
+    _users = 0
+    _pid = None
+
+    @classmethod
+    def acquire(cls):
+        with cls._lock:
+            if cls._ctx is None or cls._pid != os.getpid():
+                cls._ctx, cls._port = open_device()
+                cls._pid = os.getpid()
+                cls._users = 0
+            cls._users += 1
+            return cls._ctx, cls._port
+
+    @classmethod
+    def release(cls):
+        with cls._lock:
+            cls._users -= 1
+            if cls._users <= 0 and cls._ctx is not None:
+                ctx, cls._ctx, cls._port = cls._ctx, None, None
+                ctx.close()

@@ -6,7 +6,7 @@ import struct
 import time
 
 from rdmakv.core.errors import ConnectionClosed, PeerTimeout, ProtocolError, TransportError
-from rdmakv.transport.verbs.connection import SLOT_BYTES
+from rdmakv.transport.verbs.frames import SLOT_BYTES
 
 HANDSHAKE_MAGIC = b"RDKVVRB1"
 _WIRE_FIELDS = ("qpn", "psn", "lid", "mtu", "slots", "slot_bytes")

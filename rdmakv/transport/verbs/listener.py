@@ -42,15 +42,14 @@ class VerbsListener(_ListenerBase):
 
     def __init__(self, host, port, timeout, backlog=128):
         verbs_devices.select_port()      # fail now, with the reason, where verbs can't work
-        self._tcp = _tcp.TcpListener(host, port, timeout, backlog)
-        self._tcp._sock.setblocking(False)
+        self._sock, self.address = _tcp.listen_socket(host, port, backlog)
+        self._sock.setblocking(False)
         self._timeout = timeout
-        self.address = self._tcp.address
         self._setups = []                # _SetUps in progress, oldest first
         self._refusals = Throttle()
 
     def watch(self):
-        fds = [self._tcp.fileno()] + [setup.sock.fileno() for setup in self._setups]
+        fds = [self._sock.fileno()] + [setup.sock.fileno() for setup in self._setups]
         return fds, self._setups[0].deadline if self._setups else None
 
     def accept(self, timeout):
@@ -60,7 +59,7 @@ class VerbsListener(_ListenerBase):
         """A connection whose set-up is complete, or None; never waits."""
         for _ in range(MAX_SETUPS):          # then give the set-ups in progress a turn
             try:
-                sock, address = self._tcp._sock.accept()
+                sock, address = self._sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 break
             self._admit(sock, address)
@@ -92,7 +91,7 @@ class VerbsListener(_ListenerBase):
         self._refusals.warn(log, "verbs connections refused", "refused a verbs connection from %s: %s",
                             setup.name, reason)
         if setup.connection is not None:
-            setup.connection._release()     # closes the socket too
+            setup.connection.release()     # closes the socket too
             return
         try:                                # tell a real connector why, if its socket takes it now
             setup.sock.send(frame_blob({"error": reason}), socket.MSG_DONTWAIT)
@@ -112,7 +111,7 @@ class VerbsListener(_ListenerBase):
                 if theirs is None:
                     return False
                 setup.connection = VerbsConnection(setup.sock, self._timeout)
-                setup.connection._connect(theirs, what)
+                setup.connection.connect_qp(theirs, what)
                 mine = frame_blob(setup.connection.endpoint) + b"R"
                 if setup.sock.send(mine, socket.MSG_DONTWAIT) != len(mine):   # a fresh socket takes it whole
                     raise ConnectionClosed(f"{what}: the peer does not read")
@@ -121,7 +120,7 @@ class VerbsListener(_ListenerBase):
                 raise ConnectionClosed(f"{what}: the peer closed the connection")
             if ready != b"R":
                 raise ProtocolError(f"{what}: bad ready byte")
-            setup.connection._ready()
+            setup.connection.mark_ready()
             return setup.connection
         except (BlockingIOError, InterruptedError):
             return False
@@ -147,7 +146,7 @@ class VerbsListener(_ListenerBase):
         for setup in self._setups:
             setup.sock.close()
         self._setups = []
-        self._tcp.close()
+        self._sock.close()
 
 
 def connect(host, port, timeout, retry_until=None):
@@ -163,13 +162,13 @@ def connect(host, port, timeout, retry_until=None):
     deadline = time.monotonic() + timeout
     try:
         sock.sendall(frame_blob(connection.endpoint))
-        connection._connect(recv_blob(sock, deadline, what), what)
+        connection.connect_qp(recv_blob(sock, deadline, what), what)
         sock.sendall(b"R")
         if recv_exact(sock, 1, deadline, what) != b"R":
             raise ProtocolError(f"{what}: bad ready byte")
-        connection._ready()
-        connection._ensure_progress()
+        connection.mark_ready()
+        connection.start_progress()
     except BaseException:
-        connection._release()
+        connection.release()
         raise
     return connection
