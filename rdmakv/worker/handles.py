@@ -9,6 +9,7 @@ import time
 from typing import Any, Callable, Generic, Optional, TypeVar
 
 from rdmakv.core.errors import PeerTimeout
+from rdmakv.native import transport as _t
 
 log = logging.getLogger("rdmakv.worker")
 
@@ -117,19 +118,29 @@ class Handle(Generic[T]):
 
 
 class NativeHandle(Handle[T]):
-    """A Handle whose operation runs in the native engine (EngineLink)."""
+    """A Handle whose operation runs in the native engine (EngineLink).  Made for
+    every pushpull_async, so it sets only what it must: the key and round are
+    read from the key and the operation, and the rest stays at the class's
+    defaults until it changes."""
+
+    expired = None
+    _error = None
 
     def __init__(self, store, info, operation, result_obj, priority, flags):
         self._store = store
-        self.key = info.key
         self.info = info
         self._op = operation
         self._result = result_obj
         self.priority = priority
         self.flags = flags
-        self.round = operation.round
-        self.expired = None
-        self._error = None
+
+    @property
+    def key(self):
+        return self.info.key
+
+    @property
+    def round(self):
+        return self._op.round
 
     def done(self) -> bool:
         return self._op.done()
@@ -138,17 +149,20 @@ class NativeHandle(Handle[T]):
         return self._op.wait(max(0.0, timeout))
 
     def wait(self, timeout: Optional[float] = None) -> T:
-        limit = self._store.config.timeout if timeout is None else timeout
-        if not self._op.wait(limit):
-            # Failed already (its server's link, say) while a send on that link still holds
-            # the buffers until it gives up: the failure is the answer, not a timeout.
-            error = self.exception() if self._op.settled() else None
-            if error is None:
-                error = self.timeout_error(limit)
-                if timeout is None:
-                    self.expired = error
-            raise error
-        self._store.engine.reap()
+        op = self._op
+        # done() looks without releasing the GIL: an op waited for late is done already.
+        if not op.done():
+            limit = self._store.config.timeout if timeout is None else timeout
+            if not op.wait(limit):
+                # Failed already (its server's link, say) while a send on that link still holds
+                # the buffers until it gives up: the failure is the answer, not a timeout.
+                error = self.exception() if op.settled() else None
+                if error is None:
+                    error = self.timeout_error(limit)
+                    if timeout is None:
+                        self.expired = error
+                raise error
+        op.engine.reap()
         error = self.exception()
         if error is not None:
             raise error
@@ -156,7 +170,9 @@ class NativeHandle(Handle[T]):
 
     def exception(self) -> Optional[BaseException]:
         if self._error is None:
-            self._error = self._store.outcome_error(self._op.outcome, self.info)
+            outcome = self._op.outcome
+            if outcome[0] != _t.OUTCOME_OK:
+                self._error = self._store.outcome_error(outcome, self.info)
         return self._error
 
     def add_done_callback(self, fn: Callable[[Handle[T]], object]) -> None:

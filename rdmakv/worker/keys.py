@@ -33,6 +33,7 @@ class KeyInfo:
 
     def __init__(self, key, wire, order, dtype, shape, nbytes, chunks):
         self.key = key
+        self.key_type = type(key)     # a lookup's key must be this type too: True == 1, numpy.int64(1) == 1
         self.name = key_name(key)
         self.wire = wire
         self.order = order

@@ -112,8 +112,11 @@ class KVStore:
         self._lock = threading.Lock()
         self._keys: dict[Key, KeyInfo] = {}
         self._wire_keys: dict[int, KeyInfo] = {}
-        self._handles: set[Handle[Any]] = set()
+        self._handles: set[Handle[Any]] = set()   # added to without the lock (native path): read a copy
         self._handles_pruned_at = 64
+        # The keys a pushpull_async may hand straight to the native engine: declared
+        # there and not refused by a server (emptied when the job fails or the store closes).
+        self._engine_keys: dict[Key, KeyInfo] = {}
         self._failed_wires: set[int] = set()    # wire keys a server refused
         self._fusion = Fusion(self)
         self._control = ControlLink(self.config, self.transport, "worker", self._on_control, self.job_failed)
@@ -208,6 +211,22 @@ class KVStore:
     def pushpull_async(self, key: Key, value: T, out: Optional[T] = None, priority: int = 0) -> Handle[T]:
         """Start summing value over all workers into out (default: into value); returns a Handle.
         value must not change until the handle is done."""
+        # The common call, a known key with numpy arrays as declared: _submit's checks, each
+        # reduced to a comparison with the declaration (anything else takes _submit's path,
+        # which says what is wrong).  flags.carray: C-contiguous, aligned and writable.
+        try:
+            info = self._engine_keys.get(key)
+        except TypeError:             # unhashable: not a key, as _submit says
+            info = None
+        if info is not None and type(key) is info.key_type and type(value) is np.ndarray \
+                and value.dtype is info.dtype and value.shape == info.shape \
+                and type(priority) is int and -2**31 <= priority < 2**31:
+            if out is None:
+                if value.flags.carray:
+                    return self._submit_known(info, value, value, value, priority, 0)
+            elif type(out) is np.ndarray and out.dtype is info.dtype and out.shape == info.shape \
+                    and out.flags.carray and value.flags.c_contiguous:
+                return self._submit_known(info, value, out, out, priority, 0)
         return self._submit(key, value, out, priority, 0)
 
     def pushpull(self, key: Key, value: T, out: Optional[T] = None, priority: int = 0) -> T:
@@ -298,6 +317,7 @@ class KVStore:
         worker heard it, else leaving_because (an operation that never completed,
         an unhandled exception), else a server link's error."""
         self._closed = True
+        self._engine_keys.clear()
         lifetime.unregister(self)
         reason = self._failure or leaving_because or next(
             (link.error for link in self._links if link.error is not None), None)
@@ -403,7 +423,8 @@ class KVStore:
             if info.error is None:
                 info.error = error
             self._failed_wires.add(wire)
-            pending = [h for h in self._handles if h.info is info]
+            self._engine_keys.pop(info.key, None)
+            pending = [h for h in list(self._handles) if h.info is info]
         log.error("key %r failed: %s", info.name, error)
         if self._engine is not None:
             self._engine.fail_key(info.engine_key)
@@ -422,6 +443,7 @@ class KVStore:
             error = ConnectionClosed(f"lost the scheduler: {error}")
         if self._failure is None:     # the first report says why; the closing link that follows does not
             self._failure = error
+        self._engine_keys.clear()
         self._barriers.wake()
         for link in self._links:
             link.fail(error)
@@ -465,6 +487,8 @@ class KVStore:
                 link.send(Op.DECLARE, layout)
             self._wire_keys[wire] = info
             self._keys[key] = info
+            if self._engine is not None:
+                self._engine_keys[key] = info
         return info
 
     def _submit(self, key, value, out, priority, flags):
@@ -486,7 +510,7 @@ class KVStore:
         if info.error is not None:
             raise info.error
         if self._engine is not None:
-            return self._submit_native(info, source, target, result_obj, int(priority), flags)
+            return self._submit_known(info, source, target, result_obj, int(priority), flags)
         handle = Handle(self, info, source, target, result_obj, int(priority), flags)
         with self._lock:
             handle.round = info.next_round
@@ -501,17 +525,21 @@ class KVStore:
             self._start(handle)
         return handle
 
-    def _submit_native(self, info, source, target, result_obj, priority, flags):
+    def _submit_known(self, info, source, target, result_obj, priority, flags):
+        """Hand a checked pushpull or broadcast of a declared key to the native engine."""
         engine = self._engine
         engine.reap()
         operation = engine.submit(info.engine_key, None if flags & FLAG_NO_DATA else source, target, priority, flags)
         handle = NativeHandle(self, info, operation, result_obj, priority, flags)
-        with self._lock:
-            self._handles.add(handle)
-            if len(self._handles) >= self._handles_pruned_at:
-                # Handles nobody waits for (done-callbacks only) leave here, in batches.
-                self._handles = {h for h in self._handles if not h.done()}
-                self._handles_pruned_at = max(64, 2 * len(self._handles))
+        handles = self._handles
+        handles.add(handle)           # atomic under the GIL: no lock on the way of every call
+        if len(handles) >= self._handles_pruned_at:
+            # Handles nobody waits for (done-callbacks only) leave here, in batches, from
+            # a copy: other threads may add theirs meanwhile, and only done ones are dropped.
+            for old in list(handles):
+                if old.done():
+                    handles.discard(old)
+            self._handles_pruned_at = max(64, 2 * len(handles))
         return handle
 
     def _start(self, handle):
