@@ -103,7 +103,7 @@ def test_optimizer_state_is_bounded_by_what_was_declared(cluster_factory):
     kv.declare("w", (1000,), np.float32)
     limit = protocol.state_limit(4000, 1)
     with pytest.raises(ValueError, match=f"the {limit} its 1 declared chunks allow"):
-        kv._load_optimizer_states([bytes(limit + 1)])
+        kv.server_optimizer.load_states([bytes(limit + 1)])
     server_pid = cluster.procs[1].pid
     rss = proc_status(server_pid, "VmRSS")
     connection = kv._links[0].connection       # a hostile worker skips that check

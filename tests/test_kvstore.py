@@ -155,6 +155,61 @@ def test_bad_input_is_refused_before_sending(cluster_factory):
     np.testing.assert_array_equal(value, 1)
 
 
+def test_a_known_key_is_checked_as_on_its_first_call(cluster_factory):
+    """Once a key is declared its calls take a shorter way to the engine: every
+    input the first call refuses is refused with the same error, and every one
+    it accepts still sums right."""
+    cluster = cluster_factory(1, 1)
+    (kv,) = cluster.connect()
+    good = np.ones((4, 4), np.float32)
+    kv.pushpull("x", good)
+    kv.pushpull(1, good)
+    frozen = np.ones((4, 4), np.float32)
+    frozen.flags.writeable = False
+    refused = [
+        (lambda: kv.pushpull("x", np.zeros((4, 8), np.float32)[:, ::2]), ValueError,
+         r"value of key 'x' is not C-contiguous; pass numpy.ascontiguousarray\(value of key 'x'\)"),
+        (lambda: kv.pushpull("x", np.asfortranarray(np.ones((4, 4), np.float32))), ValueError, "C-contiguous"),
+        (lambda: kv.pushpull("x", good, out=np.zeros((4, 8), np.float32)[:, ::2]), ValueError,
+         "out of key 'x' is not C-contiguous"),
+        (lambda: kv.pushpull("x", frozen), ValueError, "value of key 'x' is read-only"),
+        (lambda: kv.pushpull("x", good, out=frozen), ValueError, "out of key 'x' is read-only"),
+        (lambda: kv.pushpull("x", np.ones((4, 4))), ValueError,
+         r"key 'x' was declared as float32\[4, 4\], now used with float64\[4, 4\]"),
+        (lambda: kv.pushpull("x", good, out=np.ones((4, 4))), ValueError,
+         r"out of key 'x' is float64\[4, 4\] but value is float32\[4, 4\]"),
+        (lambda: kv.pushpull("x", np.ones((2, 8), np.float32)), ValueError,
+         r"key 'x' was declared as float32\[4, 4\], now used with float32\[2, 8\]"),
+        (lambda: kv.pushpull("x", np.ones((4, 4), ">f4")), TypeError, "value of key 'x' has dtype >f4"),
+        (lambda: kv.pushpull(True, good), TypeError, "keys are str or int, not bool"),
+        (lambda: kv.pushpull(np.int64(1), good), TypeError, "keys are str or int, not int64"),
+        (lambda: kv.pushpull(1.0, good), TypeError, "keys are str or int, not float"),
+        (lambda: kv.pushpull([1], good), TypeError, "keys are str or int, not list"),
+        (lambda: kv.pushpull("x", good, priority=True), ValueError, "priority must be a 32-bit integer"),
+        (lambda: kv.pushpull("x", good, priority=2**31), ValueError, "priority must be a 32-bit integer"),
+        (lambda: kv.pushpull("y", good), None, None),           # unknown: declared now, and summed
+    ]
+    for call, error, message in refused:
+        if error is None:
+            call()
+        else:
+            with pytest.raises(error, match=message):
+                call()
+    # accepted by the first call's checks, though not the common case: each still sums right
+    unaligned = np.ndarray((4, 4), np.float32, buffer=bytearray(65), offset=1)
+    unaligned[...] = 3
+    read_only_value = frozen
+    out = np.zeros((4, 4), np.float32)
+    for value, out, priority in [(unaligned, None, 0), (read_only_value, out, np.int32(-3)),
+                                 (good.copy(), np.ndarray((4, 4), np.float32, buffer=bytearray(65), offset=1), 2)]:
+        handle = kv.pushpull_async("x", value, out=out, priority=priority)
+        result = handle.wait()
+        np.testing.assert_array_equal(result, value)
+        assert handle.key == "x" and handle.priority == priority and handle.done() and handle.exception() is None
+    rounds = [kv.pushpull_async(1, good, out=np.empty_like(good)).round for _ in range(3)]
+    assert rounds == [rounds[0], rounds[0] + 1, rounds[0] + 2]
+
+
 @pytest.mark.parametrize("what", ["shape", "dtype"])
 def test_workers_that_disagree_on_a_key_all_get_an_error_naming_it(cluster_factory, what):
     cluster = cluster_factory(2, 2)

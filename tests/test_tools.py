@@ -57,6 +57,16 @@ def _plot_args(path):
     return ["--plot", str(path)]
 
 
+def test_bench_calls_alternates_two_trees_and_checks_the_sums(tmp_path):
+    out = tmp_path / "calls.json"
+    proc = _run("bench_calls.py", "--keys", "16", "--steps", "3", "--repeats", "1", "--against", REPO,
+                "--json", str(out))
+    assert "after / before: call" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["keys"] == 16 and set(report["runs"]) == {"before", "after"}
+    assert all(len(runs) == 1 and len(runs[0]) == 3 for runs in report["runs"].values())
+
+
 def test_bench_kvstore_quick(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = _run("bench_kvstore.py", "--quick", "--systems", "rdmakv,gloo", "--workloads", "4KiB,256KiB",

@@ -266,7 +266,7 @@ class RdmaKV(_Base):
         """Run ``optimizer`` on the servers (see rdmakv.mxnet.optimizer.describe for
         what can run there).  Returns when every server has it."""
         description = _optimizer.describe(optimizer)
-        self._kv._set_optimizer(description)
+        self._kv.server_optimizer.set(description)
         self._worker.optimizer = optimizer
         self._worker.updater = _UpdaterInfo(optimizer)
 
@@ -276,7 +276,7 @@ class RdmaKV(_Base):
         if self._worker.optimizer is None:
             raise RuntimeError("no optimizer is set on this KVStore")
         _mx.nd.waitall()            # every update this worker started has landed
-        blobs = self._kv._dump_optimizer_states()
+        blobs = self._kv.server_optimizer.dump_states()
         header = {"servers": [len(b) for b in blobs],
                   "optimizer": _optimizer.describe(self._worker.optimizer) if dump_optimizer else None}
         raw = json.dumps(header, allow_nan=False).encode()
@@ -300,7 +300,7 @@ class RdmaKV(_Base):
         elif self._worker.optimizer is None:
             raise RuntimeError("%s holds no optimizer and none is set on this KVStore" % fname)
         _mx.nd.waitall()
-        self._kv._load_optimizer_states(blobs)
+        self._kv.server_optimizer.load_states(blobs)
 
     def set_gradient_compression(self, compression_params: Any) -> None:
         raise NotImplementedError("rdmakv does not compress gradients")

@@ -388,7 +388,7 @@ def _resolve_mult(optimizer, which):
 
 
 def key_name(key):
-    """The name servers use for a key, as rdmakv.worker.kvstore.key_name: str keys as
+    """The name servers use for a key, as rdmakv.worker.keys.key_name: str keys as
     they are, int keys as "#<int>"."""
     return key if isinstance(key, str) else "#%d" % key
 

@@ -3,7 +3,7 @@
 # points at, and the engine holds a reference to it from submit() until the op
 # comes back from rk_engine_take_finished() (reap()), so no native thread ever
 # touches memory Python has let go.  Policy (names, messages, errors) stays in
-# rdmakv/worker/kvstore.py.
+# rdmakv/worker/ (engine_link.py, handles.py, kvstore.py).
 
 cdef extern from "worker_engine.h" nogil:
     ctypedef struct rk_engine:

@@ -21,7 +21,7 @@
  *              points at, until the op comes out of rk_engine_take_finished().
  *
  * Errors are codes and numbers (rk_event); the words are the control plane's
- * (rdmakv/worker/kvstore.py), which knows the peers' names. */
+ * (rdmakv/worker/engine_link.py and kvstore.py), which know the peers' names. */
 #ifndef RDMAKV_WORKER_ENGINE_H
 #define RDMAKV_WORKER_ENGINE_H
 #include "wire.h"
