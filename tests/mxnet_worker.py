@@ -71,12 +71,13 @@ def gil_held(kv, out, outdir):
     expected = sum(rank + 1 for rank in range(kv.num_workers))
     holding = os.path.join(outdir, "holding")
     if kv.rank == 0:
+        earlier = set(store._handles)
         kv.pushpull("g", value, out=result)    # waits on the server for worker 1's push
         probe = mx.nd.zeros(shape)
         probe.wait_to_read()
         result.copyto(probe)                   # MXNet's own operator, run once the pushpull's is complete
         seen = rdmakv.mxnet.engine.numpy_view(probe)
-        handle = handed_to_the_engine(store)
+        handle = handed_to_the_engine(store, earlier)
         sys.setswitchinterval(1000.0)          # from here no other thread gets the GIL from this one
         try:
             open(holding, "w").close()         # worker 1 pushes now
@@ -99,20 +100,21 @@ def gil_held(kv, out, outdir):
     np.savez(out, result=result.asnumpy())
 
 
-def handed_to_the_engine(store):
-    """The handle of the pushpull in flight, once the MXNet operator that started it has
-    returned (no thread is inside rdmakv.mxnet.engine's trampoline, which needs the GIL)."""
+def handed_to_the_engine(store, earlier):
+    """The handle of a pushpull started after the handles in earlier, once the MXNet
+    operator that started it has returned (no thread is inside rdmakv.mxnet.engine's
+    trampoline, which needs the GIL)."""
     trampoline = rdmakv.mxnet.engine.__file__
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        pending = [h for h in list(store._handles) if not h.done()]
+        started = [h for h in list(store._handles) if h not in earlier]
         inside = False
         for frame in sys._current_frames().values():
             while frame is not None and not inside:
                 inside = frame.f_code.co_name == "_run" and frame.f_code.co_filename == trampoline
                 frame = frame.f_back
-        if pending and not inside:
-            return pending[0]
+        if started and not inside:
+            return started[0]
         time.sleep(0.01)
     raise AssertionError("the pushpull never reached the native engine")
 

@@ -119,9 +119,10 @@ def test_on_the_native_engine_a_failed_operation_reaches_mxnet_with_its_reason(c
     try:
         result = mx.nd.zeros((8,))
         kv.pushpull("k", mx.nd.ones((8,)), out=result)
-        handed_to_the_engine(first)
+        handed_to_the_engine(first, set())
         cluster.procs[1].kill()
-        with pytest.raises(mx.base.MXNetError, match="connection to server 0 .* lost"):
+        # Its link's error, or the scheduler's report if that comes first.
+        with pytest.raises(mx.base.MXNetError, match="server 0 .*(lost|disconnected unexpectedly)"):
             result.asnumpy()
         result[:] = 5                          # the array is usable afterwards
         np.testing.assert_array_equal(result.asnumpy(), np.full(8, 5.0))
