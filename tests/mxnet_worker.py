@@ -6,12 +6,14 @@ Each scenario checks what it can on its own and writes its results to
 OUTDIR/<scenario>-<rank>.npz for the test to compare across workers."""
 import os
 import sys
+import time
 
 import numpy as np
 import mxnet as mx
 from mxnet import autograd, gluon
 
-import rdmakv.mxnet  # noqa: F401 - registers 'rdmakv'
+import rdmakv.mxnet  # registers 'rdmakv'
+import rdmakv.mxnet.engine
 
 STEPS = 4
 BATCH = 8            # global batch; each of n workers takes BATCH / n rows
@@ -53,6 +55,68 @@ def api(kv, out):
     kv.broadcast("b", b, out=None)
     assert b.asscalar() == 10.0
     np.savez(out, a=a.asnumpy(), acc=acc.asnumpy())
+
+
+def gil_held(kv, out, outdir):
+    """On the native engine, MXNet's operator for a pushpull completes, and the engine
+    thread that finished it goes on, while worker 0's main thread holds the GIL and
+    never lets it go: no Python runs on the way (no done-callback, no deleter)."""
+    store = kv._worker.kv
+    assert store._engine is not None, "the native engine is not running (RDMAKV_TRANSPORT=tcp runs it)"
+    shape = (4096,)
+    value = mx.nd.ones(shape) * (kv.rank + 1)
+    result = mx.nd.zeros(shape)
+    kv.pushpull("g", value, out=result)
+    result.wait_to_read()                      # declared; every link is up
+    expected = sum(rank + 1 for rank in range(kv.num_workers))
+    holding = os.path.join(outdir, "holding")
+    if kv.rank == 0:
+        earlier = set(store._handles)
+        kv.pushpull("g", value, out=result)    # waits on the server for worker 1's push
+        probe = mx.nd.zeros(shape)
+        probe.wait_to_read()
+        result.copyto(probe)                   # MXNet's own operator, run once the pushpull's is complete
+        seen = rdmakv.mxnet.engine.numpy_view(probe)
+        handle = handed_to_the_engine(store, earlier)
+        sys.setswitchinterval(1000.0)          # from here no other thread gets the GIL from this one
+        try:
+            open(holding, "w").close()         # worker 1 pushes now
+            deadline = time.monotonic() + 30
+            while seen[0] != expected and time.monotonic() < deadline:
+                pass
+            completed = seen[0] == expected
+            while not handle.done() and time.monotonic() < deadline:
+                pass
+            finished = handle.done()
+        finally:
+            sys.setswitchinterval(0.005)
+        assert completed, "MXNet's operator did not complete while worker 0 held the GIL"
+        assert finished, "the engine thread that completed MXNet's operator waited for the GIL"
+    else:
+        while not os.path.exists(holding):
+            time.sleep(0.01)
+        kv.pushpull("g", value, out=result)
+    np.testing.assert_array_equal(result.asnumpy(), np.full(shape, expected))
+    np.savez(out, result=result.asnumpy())
+
+
+def handed_to_the_engine(store, earlier):
+    """The handle of a pushpull started after the handles in earlier, once the MXNet
+    operator that started it has returned (no thread is inside rdmakv.mxnet.engine's
+    trampoline, which needs the GIL)."""
+    trampoline = rdmakv.mxnet.engine.__file__
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        started = [h for h in list(store._handles) if h not in earlier]
+        inside = False
+        for frame in sys._current_frames().values():
+            while frame is not None and not inside:
+                inside = frame.f_code.co_name == "_run" and frame.f_code.co_filename == trampoline
+                frame = frame.f_back
+        if started and not inside:
+            return started[0]
+        time.sleep(0.01)
+    raise AssertionError("the pushpull never reached the native engine")
 
 
 def make_net():
@@ -151,6 +215,8 @@ def main():
             trainer_scenario(kv, out, update_on_kvstore=True)
         elif scenario == "states":
             states_scenario(kv, out, outdir)
+        elif scenario == "gil-held":
+            gil_held(kv, out, outdir)
         else:
             raise SystemExit("unknown scenario %r" % scenario)
         kv.barrier()

@@ -1,12 +1,15 @@
 """The native engines (rdmakv/native/worker_engine.c, server_engine.c) against
 peers played by the test over real socket pairs: what goes on the wire, in what
 order, what comes back, and what a hostile or failing peer makes of it."""
+import ctypes
+import ctypes.util
 import errno
 import gc
 import os
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -193,6 +196,84 @@ def test_done_callbacks_run_before_wait_returns_and_at_once_when_done(rig):
     assert seen and seen[0][0] == "first" and seen[0][1] != threading.current_thread().name
     op.add_done_callback(lambda target: seen.append((target, threading.current_thread().name)), "late")
     assert seen[1] == ("late", threading.current_thread().name)
+
+
+class Semaphore:
+    """A POSIX semaphore whose sem_post is a native completion (complete(engine=sem, ...)):
+    the engine's thread posts it without Python, and wait() holds the GIL while it waits."""
+    _libc = ctypes.PyDLL(ctypes.util.find_library("c"), use_errno=True)   # PyDLL: calls keep the GIL
+
+    def __init__(self):
+        self.sem = ctypes.create_string_buffer(64)            # sizeof(sem_t) is 32 on Linux
+        assert self._libc.sem_init(self.sem, 0, 0) == 0
+        self.post = ctypes.cast(self._libc.sem_post, ctypes.c_void_p).value
+        self.address = ctypes.addressof(self.sem)
+
+    def wait_holding_the_gil(self, timeout):
+        """True once posted, False after timeout seconds; no other Python thread runs meanwhile."""
+        deadline = time.time() + timeout
+        spec = (ctypes.c_long * 2)(int(deadline), int(deadline % 1 * 1e9))
+        while self._libc.sem_timedwait(self.sem, spec) != 0:
+            if ctypes.get_errno() != errno.EINTR:
+                return False
+        return True
+
+    def value(self):
+        count = ctypes.c_int()
+        self._libc.sem_getvalue(self.sem, ctypes.byref(count))
+        return count.value
+
+
+def test_a_native_completion_is_called_by_the_engine_thread_without_the_gil(rig):
+    r = rig()
+    key = r.key(8, [4])
+    value = np.zeros(4, np.uint8)
+    op = r.engine.submit(key, value, value, 0, 0)
+    posted, failures = Semaphore(), []
+    op.complete_natively(posted.post, posted.address, 0, failures.append, "handle")
+    with pytest.raises(RuntimeError, match="native completion already"):
+        op.complete_natively(posted.post, posted.address, 0, failures.append, "handle")
+    read_message(r.server)
+    reply(r.server, Op.RESULT, b"\x03" * 4, key=8, chunk=0, round=0)
+    # This thread keeps the GIL until the engine's reader has finished the op: a
+    # completion that needed Python would never come.
+    assert posted.wait_holding_the_gil(TIMEOUT), "the native completion did not come while the GIL was held"
+    assert op.wait(TIMEOUT) and value.tolist() == [3] * 4
+    assert posted.value() == 0 and failures == []              # called once; on_failure never
+
+
+def test_a_failed_op_calls_on_failure_in_python_instead_of_its_native_completion(rig):
+    r = rig()
+    key = r.key(9, [4])
+    value = np.zeros(4, np.uint8)
+    op = r.engine.submit(key, value, value, 0, 0)
+    posted, failures, callbacks = Semaphore(), [], []
+    op.complete_natively(posted.post, posted.address, 0, lambda target: failures.append(
+        (target, op.outcome[0])), "handle")
+    op.add_done_callback(callbacks.append, "handle")
+    read_message(r.server)
+    r.engine.fail_link(0, _t.OUTCOME_LINK_FAILED)
+    assert op.wait(TIMEOUT)
+    assert failures == [("handle", _t.OUTCOME_LINK_FAILED)] and callbacks == ["handle"]
+    assert posted.value() == 0                                 # never called
+
+
+def test_a_native_completion_registered_after_the_op_finished_is_called_at_once(rig):
+    r = rig()
+    key = r.key(10, [2])
+    value = np.zeros(2, np.uint8)
+    done = r.engine.submit(key, value, value, 0, 0)
+    read_message(r.server)
+    reply(r.server, Op.RESULT, b"\x01\x01", key=10, chunk=0, round=0)
+    assert done.wait(TIMEOUT)
+    posted, failures = Semaphore(), []
+    done.complete_natively(posted.post, posted.address, 0, failures.append, "late")
+    assert posted.value() == 1 and failures == []
+    failed = r.engine.submit(key, value, value, 0, 0)
+    r.engine.fail_key(key)
+    assert failed.wait(TIMEOUT)
+    failed.complete_natively(posted.post, posted.address, 0, failures.append, "late")
+    assert posted.value() == 1 and failures == ["late"]
 
 
 def test_control_messages_reach_the_control_plane_with_their_payload(rig):

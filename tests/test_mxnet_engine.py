@@ -128,6 +128,30 @@ def test_nothing_leaks():
     assert all(r() is None for r in refs)
 
 
+def test_native_done_operators_are_forgotten_once_run():
+    # native_done: the operator has no deleter (the thread completing it must not need
+    # the GIL for one), so the module forgets fn as soon as the engine runs it.
+    base = eng.pending_count()
+    started = threading.Event()
+    release = threading.Event()
+    out = mx.nd.zeros((4,))
+
+    def fn(done):
+        d = eng.numpy_view(out)
+        started.set()
+
+        def work():
+            release.wait(10)
+            d[:] = 3
+            done()
+        later(0, work)
+    eng.push_async(fn, mutable=[out], native_done=True)
+    assert started.wait(10)
+    assert eng.pending_count() == base          # forgotten, though not done
+    release.set()
+    np.testing.assert_array_equal(out.asnumpy(), [3] * 4)
+
+
 def test_numpy_view_is_zero_copy_and_respects_slices():
     a = mx.nd.arange(10, dtype="float64")
     a.wait_to_read()
@@ -164,6 +188,8 @@ def test_naive_engine_completes_synchronously():
                 time.sleep(0.1); d[:] = 7; done()
             threading.Thread(target=work).start()
         eng.push_async(fn, mutable=[out])
+        assert (out.asnumpy() == 7).all()
+        eng.push_async(fn, mutable=[out], native_done=True)
         assert (out.asnumpy() == 7).all()
         try:   # NaiveEngine is synchronous: the push itself raises
             eng.push_async(lambda done: done(ValueError("bad")), mutable=[out])

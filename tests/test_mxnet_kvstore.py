@@ -15,8 +15,8 @@ WORKER = os.path.join(REPO, "tests", "mxnet_worker.py")
 USER_SCRIPT = os.path.join(REPO, "tests", "mxnet_user_script.py")
 
 
-def launch(scenario, outdir, workers=2, servers=1, timeout=240, stdout=None):
-    env = dict(os.environ, PYTHONPATH=REPO, RDMAKV_TIMEOUT="60")
+def launch(scenario, outdir, workers=2, servers=1, timeout=240, stdout=None, **settings):
+    env = dict(os.environ, PYTHONPATH=REPO, RDMAKV_TIMEOUT="60", **settings)
     proc = subprocess.run(
         [sys.executable, "-m", "rdmakv.launch", "-n", str(workers), "-s", str(servers), "--",
          sys.executable, WORKER, scenario, str(outdir)],
@@ -62,6 +62,15 @@ def test_gluon_trainer_two_workers_match_one_process_on_the_union(tmp_path, scen
 
 
 @pytest.mark.timeout(300)
+def test_on_the_native_engine_mxnet_operators_complete_while_python_holds_the_gil(tmp_path):
+    # Worker 0 holds the GIL in a busy loop while its pushpull's result arrives: the
+    # engine thread completes MXNet's operator without Python (tests/mxnet_worker.py).
+    results = launch("gil-held", tmp_path, RDMAKV_TRANSPORT="tcp")
+    for result in results:
+        np.testing.assert_array_equal(result["result"], np.full(4096, 3.0))
+
+
+@pytest.mark.timeout(300)
 def test_trainer_save_and_load_states_resume_bit_identically(tmp_path):
     assert_same_on_every_worker(launch("states", tmp_path, servers=2))
 
@@ -90,6 +99,35 @@ def test_script_naming_the_store_trains_distributed_and_exits_0_without_close(tm
     for name in got:
         np.testing.assert_allclose(results[0][name], results[0]["ref" + name[3:]],
                                    rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_under_naive_engine_operations_on_the_native_engine_complete_before_the_push_returns(tmp_path):
+    # NaiveEngine runs each operator synchronously: done is then Python's, never handed over.
+    launch("api", tmp_path, workers=2, MXNET_ENGINE_TYPE="NaiveEngine", RDMAKV_TRANSPORT="tcp")
+
+
+@pytest.mark.timeout(120)
+def test_on_the_native_engine_a_failed_operation_reaches_mxnet_with_its_reason(cluster_factory):
+    # Worker 0's pushpull waits in the native engine for worker 1's push when its server
+    # dies: the failure goes the Python way, and reading the result raises it.
+    from mxnet_worker import handed_to_the_engine
+    cluster = cluster_factory(2, 1, RDMAKV_TRANSPORT="tcp")
+    first, _ = cluster.connect()
+    assert first._engine is not None
+    kv = rmx.RdmaKV(first)
+    try:
+        result = mx.nd.zeros((8,))
+        kv.pushpull("k", mx.nd.ones((8,)), out=result)
+        handed_to_the_engine(first, set())
+        cluster.procs[1].kill()
+        # Its link's error, or the scheduler's report if that comes first.
+        with pytest.raises(mx.base.MXNetError, match="server 0 .*(lost|disconnected unexpectedly)"):
+            result.asnumpy()
+        result[:] = 5                          # the array is usable afterwards
+        np.testing.assert_array_equal(result.asnumpy(), np.full(8, 5.0))
+    finally:
+        kv.close()
 
 
 # -- without a cluster ------------------------------------------------------

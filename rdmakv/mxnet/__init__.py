@@ -242,6 +242,7 @@ class RdmaKV(_Base):
     def _enqueue(self, start, key, src, target, priority, what):
         """One engine operation: read src (None: in place), write target."""
         from rdmakv.mxnet import engine as _mxengine
+        from rdmakv.worker.kvstore import NativeHandle
 
         # The core numbers a key's rounds in the order operations reach it, and
         # every worker must number them alike; operations on different arrays
@@ -256,10 +257,17 @@ class RdmaKV(_Base):
             dst = _mxengine.numpy_view(target)
             handle = start(dst if src is None else _mxengine.numpy_view(src),
                            None if src is None else dst)
-            handle.add_done_callback(lambda h: done(_outcome(h)))
+            if isinstance(handle, NativeHandle) and isinstance(done, _mxengine.Completion):
+                # The engine thread that finishes a successful op completes MXNet's
+                # operator itself, never waiting for the GIL; a failure's message is Python's.
+                callback, engine, param, fail = done.hand_over()
+                handle.add_native_completion(callback, engine, param, lambda h: fail(_outcome(h)))
+            else:             # the Python data path, or NaiveEngine (done is then Python's)
+                handle.add_done_callback(lambda h: done(_outcome(h)))
 
+        # The handle keeps the arrays' views until the op is done: no deleter needed.
         _mxengine.push_async(run, const=[] if src is None else [src], mutable=[target, sequence],
-                             priority=priority, name="rdmakv_%s" % what)
+                             priority=priority, name="rdmakv_%s" % what, native_done=True)
 
     # -- optimizer ------------------------------------------------------------
     def set_optimizer(self, optimizer: Optimizer) -> None:

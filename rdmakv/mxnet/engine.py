@@ -25,7 +25,10 @@ C API facts this relies on (``include/mxnet/c_api.h`` and ``engine.h`` of
   a ``std::runtime_error`` built with libstdc++'s exported constructor carries
   the message; it is destroyed right after the call returns.
 * ``func_param`` is handed to ``deleter`` when the engine drops the operator,
-  which is where this module forgets ``fn`` and the arrays.
+  which is where this module forgets ``fn`` and the arrays.  The engine drops
+  it inside ``on_complete``, on the thread that calls it; with a null
+  ``deleter`` nothing is called (``native_done``: that thread is native and
+  must not wait for the GIL).
 * MXNet's ``NaiveEngine`` (``MXNET_ENGINE_TYPE=NaiveEngine``) requires an async
   function to complete before it returns; there ``fn``'s completion is waited
   for on the engine's calling thread, and since ``NaiveEngine`` ignores the
@@ -65,17 +68,21 @@ _CPU_DEVICE_TYPES = ("cpu", "cpu_pinned", "cpu_shared")
 
 
 class _Op:
-    __slots__ = ("fn", "arrays", "name", "error")
+    __slots__ = ("fn", "arrays", "name", "error", "native_done")
 
-    def __init__(self, fn, arrays, name):
+    def __init__(self, fn, arrays, name, native_done):
         self.fn = fn
         self.arrays = arrays
         self.name = name
         self.error = None
+        self.native_done = native_done
 
 
 _pending = {}
 _ids = itertools.count(1)
+# Operator names as C strings, kept for good: MXNet keeps the pointer for the operator's
+# life (ThreadedOpr::opr_name), which may outlast what _pending holds (native_done).
+_names = {}
 _pending_lock = threading.Lock()
 
 
@@ -128,10 +135,24 @@ class Completion:
         self.name = name
 
     def __call__(self, error=None):
+        self._take()
+        self._complete(error)
+
+    def hand_over(self):
+        """For native code that completes the operation without Python: mark this
+        completion called and return MXNet's ``(callback, engine, param)``, which
+        that code calls as ``callback(engine, param, NULL)`` on success, and a
+        function that completes it with an error instead (one of the two, once)."""
+        self._take()
+        return self._callback or 0, self._engine or 0, self._param or 0, self._complete
+
+    def _take(self):
         with self._lock:
             if self.called:
                 raise RuntimeError("engine operation %r completed twice" % self.name)
             self.called = True
+
+    def _complete(self, error):
         callback = _ON_COMPLETE(self._callback)
         if error is None:
             callback(self._engine, self._param, None)
@@ -160,6 +181,8 @@ def _run(rctx, on_complete, param):
     try:
         with _pending_lock:
             op = _pending[param]
+            if op.native_done:       # no deleter will come: forget it now
+                del _pending[param]
         done = Completion(_CallbackOnComplete.from_address(on_complete), op.name)
     except BaseException:   # pragma: no cover - would be a bug here
         _log.exception("rdmakv engine trampoline failed before the operation started")
@@ -209,7 +232,8 @@ def _lib():
     return _LIB
 
 
-def push_async(fn, const=(), mutable=(), *, priority=0, name="rdmakv", prop="cpu_prioritized"):
+def push_async(fn, const=(), mutable=(), *, priority=0, name="rdmakv", prop="cpu_prioritized",
+               native_done=False):
     """Enqueue ``fn(done)`` in MXNet's engine; return at once.
 
     ``const`` NDArrays are read by ``fn``'s work and ``mutable`` ones written;
@@ -219,6 +243,12 @@ def push_async(fn, const=(), mutable=(), *, priority=0, name="rdmakv", prop="cpu
     ``MXNetError`` by the next read of the ``mutable`` arrays.  ``prop`` is
     "cpu_prioritized" (MXNet's priority CPU pool, as BytePS uses) or
     "normal".
+
+    ``native_done=True`` is for an ``fn`` that may hand ``done`` to native code
+    (:meth:`Completion.hand_over`): the operator then has no deleter, which the
+    thread completing it would call with the GIL; ``fn`` and the arrays are
+    forgotten once ``fn`` has run, and ``fn``'s work must keep alive what it uses
+    (a :func:`numpy_view` keeps its array).
     """
     from mxnet.base import NDArrayHandle, c_str, check_call
     if not callable(fn):
@@ -235,14 +265,14 @@ def push_async(fn, const=(), mutable=(), *, priority=0, name="rdmakv", prop="cpu
     c_const = (NDArrayHandle * max(len(const), 1))(*[a.handle for a in const])
     c_mutable = (NDArrayHandle * max(len(mutable), 1))(*[a.handle for a in mutable])
     c_prop = ctypes.c_int(PROPERTIES[prop])
-    c_name = c_str(name)
+    c_name = _names.get(name) or _names.setdefault(name, c_str(name))
     op_id = next(_ids)
-    op = _Op(fn, arrays, c_name)
+    op = _Op(fn, arrays, c_name, native_done)
     with _pending_lock:
         _pending[op_id] = op
     try:
         check_call(_lib().MXEnginePushAsyncND(
-            _run, ctypes.c_void_p(op_id), _delete, ctypes.byref(ctx),
+            _run, ctypes.c_void_p(op_id), None if native_done else _delete, ctypes.byref(ctx),
             c_const, len(const), c_mutable, len(mutable),
             ctypes.byref(c_prop), ctypes.c_int(priority), c_name, ctypes.c_bool(False)))
     except BaseException:

@@ -17,6 +17,7 @@ cdef extern from "worker_engine.h" nogil:
         void *owner
         rk_op *next
     ctypedef void (*rk_done_fn)(rk_op *op) noexcept nogil
+    ctypedef void (*rk_complete_fn)(void *engine, void *param, const void *error) noexcept nogil
 
     rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                              uint32_t sender_rank)
@@ -35,6 +36,7 @@ cdef extern from "worker_engine.h" nogil:
     int rk_op_settled(rk_op *op)
     void rk_engine_fail_link(rk_engine *engine, uint32_t link, int32_t outcome)
     int rk_op_want_callback(rk_op *op, rk_done_fn on_done)
+    int rk_op_complete_with(rk_op *op, rk_complete_fn complete, void *engine, void *param, rk_done_fn on_failure)
     rk_op *rk_engine_take_finished(rk_engine *engine)
     uint32_t rk_op_owed(rk_op *op, uint32_t link, uint32_t *indices, uint32_t max)
     int rk_link_send(rk_engine *engine, uint32_t link, const char *header, const char *payload, size_t length,
@@ -70,6 +72,7 @@ cdef class Operation:
     cdef readonly Engine engine
     cdef object _callback_target      # what callbacks are called with (the Handle), while some wait
     cdef list _callbacks
+    cdef object _on_failure           # called instead of a native completion if the op fails
 
     @property
     def round(self):
@@ -113,8 +116,31 @@ cdef class Operation:
             return
         fn(target)
 
+    def complete_natively(self, size_t complete, size_t engine, size_t param, on_failure, target):
+        """Have the op, if it succeeds, call the C function complete(engine, param, NULL)
+        from the engine thread that finishes it, without the GIL (MXNet's on_complete,
+        rdmakv/mxnet/engine.py), or from here if it finished already; if it fails, call
+        on_failure(target) instead, as a done-callback.  One of the two runs, once."""
+        if complete == 0:
+            raise ValueError("a native completion needs a function")
+        cdef rk_complete_fn fn = <rk_complete_fn>complete
+        cdef int state = rk_op_complete_with(&self.op, fn, <void *>engine, <void *>param, _run_callbacks)
+        if state < 0:
+            raise RuntimeError("this operation has a native completion already")
+        if state == 0:        # a failing op's on_done waits for the GIL this thread holds
+            self._on_failure = on_failure
+            self._callback_target = target
+        elif self.op.outcome == OUTCOME_OK:
+            with nogil:
+                fn(<void *>engine, <void *>param, NULL)
+        else:
+            on_failure(target)
+
     def _callbacks_due(self):
         callbacks, self._callbacks = self._callbacks or [], None
+        if self._on_failure is not None and self.op.outcome != OUTCOME_OK:
+            callbacks.insert(0, self._on_failure)
+        self._on_failure = None
         target, self._callback_target = self._callback_target, None
         for fn in callbacks:
             try:

@@ -3,7 +3,8 @@
  * order_lock (a key's rounds), then one link's lock (its queue, credit and the
  * results it owes), then its send_lock (the socket's byte stream).  keys_lock
  * (the wire -> key table) is never held with another.  No lock is held while
- * an op finishes: finishing may call into Python (rk_done_fn takes the GIL). */
+ * an op finishes: finishing may call into Python (rk_done_fn takes the GIL) or
+ * into MXNet's engine (rk_complete_fn). */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -115,8 +116,12 @@ static void finish(rk_op *op) {
     rk_key *key = op->key;
     pthread_mutex_lock(&op->callback_lock);
     op->finishing = 1;
+    int succeeded = op->outcome == RK_DONE_OK;
+    if (op->complete && !succeeded) op->has_callbacks = 1;   /* the failure is told through on_done */
     int call = op->has_callbacks;
+    rk_complete_fn complete = succeeded ? op->complete : NULL;
     pthread_mutex_unlock(&op->callback_lock);
+    if (complete) complete(op->complete_engine, op->complete_param, NULL);
     if (call && op->on_done) op->on_done(op);
     /* Pairs with rk_op_wait: each side writes its word, then reads the other's (seq_cst). */
     atomic_store(&op->done, 1);
@@ -422,6 +427,19 @@ int rk_op_want_callback(rk_op *op, rk_done_fn on_done) {
     } else {
         op->has_callbacks = 1;
         op->on_done = on_done;
+    }
+    pthread_mutex_unlock(&op->callback_lock);
+    return state;
+}
+
+int rk_op_complete_with(rk_op *op, rk_complete_fn complete, void *engine, void *param, rk_done_fn on_failure) {
+    pthread_mutex_lock(&op->callback_lock);
+    int state = op->finishing ? 1 : op->complete ? -1 : 0;
+    if (state == 0) {
+        op->complete = complete;
+        op->complete_engine = engine;
+        op->complete_param = param;
+        op->on_done = on_failure;
     }
     pthread_mutex_unlock(&op->callback_lock);
     return state;

@@ -33,6 +33,9 @@ typedef struct rk_op rk_op;
 
 /* Called by the thread that finishes an op, before waiters are released. */
 typedef void (*rk_done_fn)(rk_op *op);
+/* A completion in native code, called as complete(engine, param, NULL): MXNet's
+ * engine::CallbackOnComplete is three pointers called this way (rdmakv/mxnet/engine.py). */
+typedef void (*rk_complete_fn)(void *engine, void *param, const void *error);
 
 /* How an op ended: RK_DONE_OK, or the reason the control plane failed it with. */
 enum rk_outcome {
@@ -62,6 +65,9 @@ struct rk_op {
     int finishing;
     int has_callbacks;
     rk_done_fn on_done;
+    rk_complete_fn complete;  /* called, without the GIL, only if the op succeeds */
+    void *complete_engine;
+    void *complete_param;
     void *owner;              /* the caller's object, handed back by rk_engine_take_finished */
     rk_op *next;              /* in its key's waiting list, then in the finished list */
 };
@@ -102,6 +108,11 @@ void rk_engine_fail_link(rk_engine *engine, uint32_t link, int32_t outcome);
 /* Register on_done; 0 if it will be called, 1 if the op already finishes
  * (the caller then runs its callbacks itself). */
 int rk_op_want_callback(rk_op *op, rk_done_fn on_done);
+/* Have op, if it succeeds, call complete(engine, param, NULL) as it finishes,
+ * before on_done's callbacks; if it fails, on_failure is called as on_done (one
+ * on_done per op) and complete never.  0 once registered; 1 if op finishes
+ * already (the caller completes it, from outcome); -1 if op has a completion. */
+int rk_op_complete_with(rk_op *op, rk_complete_fn complete, void *engine, void *param, rk_done_fn on_failure);
 /* Ops that finished since the last call, linked through next. */
 rk_op *rk_engine_take_finished(rk_engine *engine);
 /* The indices of op's chunks still owed by link, up to max; how many there are. */

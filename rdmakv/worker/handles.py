@@ -178,6 +178,14 @@ class NativeHandle(Handle[T]):
     def add_done_callback(self, fn: Callable[[Handle[T]], object]) -> None:
         self._op.add_done_callback(fn, self)
 
+    def add_native_completion(self, complete: int, engine: int, param: int,
+                              on_failure: Callable[[Handle[T]], object]) -> None:
+        """If the operation succeeds, the engine thread that finishes it calls the C function
+        at address complete as complete(engine, param, NULL), without the GIL (MXNet's
+        on_complete, rdmakv/mxnet); if it fails, on_failure(handle) is called instead, as a
+        done-callback.  One of the two is called, once."""
+        self._op.complete_natively(complete, engine, param, on_failure, self)
+
     def owed_by(self, link):
         """(indices of the chunks whose results link still owes, how many in all)."""
         return self._op.owed(link)
