@@ -242,7 +242,7 @@ class RdmaKV(_Base):
     def _enqueue(self, start, key, src, target, priority, what):
         """One engine operation: read src (None: in place), write target."""
         from rdmakv.mxnet import engine as _mxengine
-        from rdmakv.worker.kvstore import NativeHandle
+        from rdmakv.worker.handles import NativeHandle
 
         # The core numbers a key's rounds in the order operations reach it, and
         # every worker must number them alike; operations on different arrays
