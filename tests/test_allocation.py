@@ -234,3 +234,20 @@ def test_the_budget_charges_at_least_what_declarations_cost():
         server.close()
     print(f"\nFIGURE bookkeeping: {one_chunk - per_chunk:.0f} bytes per key (charged {KEY_COST}), "
           f"{per_chunk:.0f} per chunk (charged {CHUNK_COST})")
+
+
+def test_a_push_sent_before_its_key_was_refused_fails_that_key_only(cluster_factory, transport):
+    """A worker pushes a key right after declaring it, before the server's
+    refusal (it does not fit the budget) can reach it: that push is taken in
+    (within what the worker declared) and refused, and the worker stays in the
+    job with its other keys (it used to be cut off as having pushed an
+    undeclared key, failing the job)."""
+    cluster = cluster_factory(2, 1, RDMAKV_TIMEOUT=10, RDMAKV_SERVER_MEMORY=str(MiB))
+
+    def work(kv):
+        too_big = kv.pushpull_async("too big", np.ones(MiB, np.float32))     # 4 MiB, pushed at once
+        with pytest.raises(RemoteError, match="RDMAKV_SERVER_MEMORY"):
+            too_big.wait()
+        return kv.pushpull("small", np.full(100, kv.rank + 1, np.int32)).tolist()
+
+    assert cluster.run(work, timeout=60) == [[3] * 100] * 2

@@ -487,10 +487,10 @@ class ParameterServer(Handler):
         if header.op == Op.PUSH or header.op == Op.INIT:
             chunk = self._chunks.get((header.key, header.chunk))
             if chunk is None or header.length != chunk.nbytes:
-                # A worker whose layout of the key differs from the first one's: its
-                # pushes are taken in (within what it declared) and refused, the key
-                # failed, and the connection kept for its other keys.
-                if self._disagreeing_chunk_bytes(link, header) is not None:
+                # A refused key (a worker whose layout differs from the first one's,
+                # or one that did not fit): its pushes are taken in (within what the
+                # worker declared) and refused, and the connection kept for its other keys.
+                if self._refused_chunk_bytes(link, header) is not None:
                     return link.scratch_for(header.length)
                 if chunk is None:
                     raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
@@ -520,12 +520,17 @@ class ParameterServer(Handler):
             return bytearray(header.length)
         return None
 
-    def _disagreeing_chunk_bytes(self, link, header):
-        """header.length if `link`'s own declaration of a key whose declarations
-        disagree has that chunk, of that size, on this server (so the push is
-        refused, not the connection), else None."""
+    def _refused_chunk_bytes(self, link, header):
+        """header.length if the key was refused (the workers disagree on it, or it
+        did not fit) and `link`'s own declaration of it has that chunk, of that
+        size, on this server: the push is taken in and refused, not the
+        connection (the worker may push before the refusal reaches it); else None."""
         state = self._keys.get(header.key)
-        declared = state.disagreeing.get(link.rank) if state is not None and link is not None else None
+        if state is None or link is None or state.error is None:
+            return None
+        declared = state.disagreeing.get(link.rank)
+        if declared is None and link.rank in state.declared_by:
+            declared = state.layout
         if declared is None:
             return None
         nbytes = math.prod(declared["shape"]) * np.dtype(declared["dtype"]).itemsize
@@ -777,7 +782,7 @@ class ParameterServer(Handler):
     def _chunk(self, link, header):
         chunk = self._chunks.get((header.key, header.chunk))
         if chunk is None:
-            if self._disagreeing_chunk_bytes(link, header) is not None:
+            if self._refused_chunk_bytes(link, header) is not None:
                 raise KeyRefused(header.key, self._keys[header.key].error)
             raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
                                 f"chunk {header.chunk}")
@@ -788,7 +793,7 @@ class ParameterServer(Handler):
     def _push(self, link, header, payload):
         chunk = self._chunks.get((header.key, header.chunk))
         if chunk is None:
-            if self._disagreeing_chunk_bytes(link, header) is not None:
+            if self._refused_chunk_bytes(link, header) is not None:
                 raise KeyRefused(header.key, self._keys[header.key].error)
             raise ProtocolError(f"PUSH for undeclared key {header.key} chunk {header.chunk}")
         name = chunk.key_state.name
