@@ -85,11 +85,15 @@ def pass_segments(arena, sock, buffers):
             sent.add(segment.number)
 
 
-def offer(arena, rings, wire, chunk, buffers):
+def offer(arena, rings, wire, chunk, buffers, engine=None):
+    """Offer the sums; with engine, return once its reader has taken the offer in."""
     pass_segments(arena, rings.theirs_sock, buffers)
     (even, even_offset), (odd, odd_offset) = (arena.find(b) for b in buffers)
     rings.send(Op.PUSH, SUM_PLACES.pack(even.number, even_offset, odd.number, odd_offset, buffers[0].nbytes),
                private=SUM_OFFER, key=wire, chunk=chunk)
+    if engine is not None:                    # frames are read in order: a control message after it
+        rings.send(Op.WAITING, b"{}", key=wire)
+        assert engine.next_event(TIMEOUT)[1] == _t.EVENT_MESSAGE
 
 
 class WorkerRig:
@@ -157,7 +161,7 @@ def test_a_push_is_added_into_the_sum_the_server_offered_and_only_its_header_cro
     nbytes = 128 * 1024
     key = r.engine.add_key(6, 0, INT32, [0], [nbytes], [0])
     sums = shared_buffers(r.arena, nbytes)
-    offer(r.arena, r.rings, 6, 0, sums)
+    offer(r.arena, r.rings, 6, 0, sums, r.engine)
     mine = np.arange(nbytes // 4, dtype=np.int32)
     theirs = np.full(nbytes // 4, 1000, np.int32)
     for rnd in range(3):                      # even, odd, and even again: a new round copies first
@@ -175,6 +179,66 @@ def test_a_push_is_added_into_the_sum_the_server_offered_and_only_its_header_cro
     assert r.engine.summed_bytes(0) == 3 * nbytes
 
 
+def test_a_sum_left_locked_by_a_dead_worker_gets_the_pushs_bytes_and_the_link_goes_on(worker_rig):
+    r = worker_rig()
+    nbytes = 128 * 1024
+    key = r.engine.add_key(6, 0, INT32, [0], [nbytes], [0])
+    sums = shared_buffers(r.arena, nbytes)
+    offer(r.arena, r.rings, 6, 0, sums, r.engine)
+    segment, offset = r.arena.find(sums[0])
+    lock = np.frombuffer(segment.memory, np.uint32, 1, offset - _t.SUM_CONTROL_BYTES)
+    lock[0] = 1                               # its holder died inside the sum
+    value = np.arange(nbytes // 4, dtype=np.int32)
+    op = r.engine.submit(key, value, value.copy(), 0, 0)
+    header, private, payload = r.rings.read()
+    assert (header.op, private, payload) == (Op.PUSH, 0, value.tobytes())   # the server adds it, or refuses
+    lock[0] = 0
+    r.rings.send(Op.RESULT, value.tobytes(), key=6, dtype=INT32)
+    assert op.wait(TIMEOUT) and op.outcome == (_t.OUTCOME_OK, 0)
+
+
+def test_after_a_cancelled_round_a_push_is_not_added_over_a_result_others_may_still_read():
+    # Chunk 0 of the key has a shared sum on link 0, chunk 1 lives on link 1.  Round 1 is
+    # cancelled when link 1 fails; round 2's chunk 0 must not be added into the buffer
+    # that still holds round 0's result (a slower co-located worker may not have it yet).
+    engine = _t.Engine(2, 0, 64 * 1024, TIMEOUT, 3)
+    rings, arena = Rings(1 << 20), SharedArena()
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        engine.start_link(0, rings.ours_sock.fileno(), rings.ours)
+        engine.start_link(1, ours.fileno())
+        nbytes = 128 * 1024                   # above what a submitting thread sends itself
+        key = engine.add_key(6, 0, INT32, [0, nbytes], [nbytes, 4], [0, 1])
+        sums = shared_buffers(arena, nbytes)
+        offer(arena, rings, 6, 0, sums, engine)
+        value = np.arange(nbytes // 4 + 1, dtype=np.int32)
+        op = engine.submit(key, value, value.copy(), 0, 0)
+        assert rings.read()[1] == SUMMED      # round 0, added in place
+        segment, offset = arena.find(sums[0])
+        rings.send(Op.RESULT, PLACE.pack(segment.number, offset), private=SHARED_PAYLOAD, length=nbytes, key=6,
+                   dtype=INT32)
+        theirs.sendall(protocol.pack(Op.RESULT, length=4, key=6, chunk=1, dtype=INT32) + value[-1:].tobytes())
+        assert op.wait(TIMEOUT) and op.outcome == (_t.OUTCOME_OK, 0)
+        round_zero = sums[0].copy()
+        cancelled = engine.submit(key, value, value.copy(), 0, 0)
+        assert rings.read()[1] == SUMMED      # round 1, into the other buffer
+        engine.fail_link(1, _t.OUTCOME_LINK_FAILED)
+        assert cancelled.wait(TIMEOUT) and cancelled.outcome == (_t.OUTCOME_LINK_FAILED, 1)
+        engine.fail_link(0, _t.OUTCOME_LINK_FAILED)   # (only so that the next op can be failed too)
+        later = engine.submit(key, value * 5, value.copy(), 0, 0)
+        assert later.wait(TIMEOUT)
+        np.testing.assert_array_equal(sums[0], round_zero)
+    finally:
+        engine.fail_link(_t.ENGINE_ALL_LINKS, _t.OUTCOME_CANCELLED)
+        engine.close()
+        engine.reap()
+        rings.close()
+        arena.close()
+        ours.close()
+        theirs.close()
+
+
 def _place_never_sent(r, nbytes):
     r.rings.send(Op.RESULT, PLACE.pack(7, 64), private=SHARED_PAYLOAD, length=nbytes, key=8, dtype=INT32)
 
@@ -185,6 +249,15 @@ def _place_outside_its_segment(r, nbytes):
     segment, _ = r.arena.find(result)
     r.rings.send(Op.RESULT, PLACE.pack(segment.number, segment.size - 8), private=SHARED_PAYLOAD, length=nbytes,
                  key=8, dtype=INT32)
+
+
+def _place_in_a_file_that_can_shrink(r, nbytes):
+    # A plain file, not a sealed memory file: the server could truncate it under our reads.
+    with open(os.path.join(r.tmp, "not-sealed"), "w+b") as file:
+        file.truncate(1 << 20)
+        r.rings.theirs_sock.sendmsg([struct.pack("<IQ", 0, 1 << 20)],
+                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", file.fileno()))])
+    r.rings.send(Op.RESULT, PLACE.pack(0, 4096), private=SHARED_PAYLOAD, length=nbytes, key=8, dtype=INT32)
 
 
 def _offer_for_a_chunk_not_ours(r, nbytes):
@@ -212,13 +285,15 @@ def _ring_counters_that_cannot_be(r, nbytes):
 @pytest.mark.parametrize("attack, error", [
     (_place_never_sent, "ERR_SHARED"),
     (_place_outside_its_segment, "ERR_SHARED"),
+    (_place_in_a_file_that_can_shrink, "ERR_SHARED"),
     (_offer_for_a_chunk_not_ours, "ERR_SHARED"),
     (_offer_inside_a_control_block, "ERR_SHARED"),
     (_summed_flag_on_a_result, "ERR_SHARED"),
     (_ring_counters_that_cannot_be, "ERR_CORRUPT"),
 ])
-def test_a_hostile_server_over_shared_memory_breaks_only_its_link(worker_rig, attack, error):
+def test_a_hostile_server_over_shared_memory_breaks_only_its_link(worker_rig, attack, error, tmp_path):
     r = worker_rig(timeout=SHORT)
+    r.tmp = str(tmp_path)
     nbytes = 64 * 1024
     key = r.engine.add_key(8, 0, INT32, [0], [nbytes], [0])
     target = np.zeros(nbytes // 4, np.int32)

@@ -201,7 +201,8 @@ cdef class ServerEngine:
         try:
             if triples == NULL or pushed == NULL:
                 raise MemoryError("listing stale rounds")
-            found = rk_server_stale_rounds(self.server, patience, triples, pushed, max_rounds)
+            with nogil:             # a chunk's lock may be held while its shared sum's lock is awaited
+                found = rk_server_stale_rounds(self.server, patience, triples, pushed, max_rounds)
             return [(triples[3 * i], triples[3 * i + 1], triples[3 * i + 2],
                      [rank for rank in range(64 * words) if (pushed[i * words + rank // 64] >> (rank % 64)) & 1])
                     for i in range(found)]
@@ -210,7 +211,10 @@ cdef class ServerEngine:
             free(pushed)
 
     def key_has_pushes(self, ServerKey key not None):
-        return bool(rk_server_key_has_pushes(key.key))
+        cdef int any_pushes
+        with nogil:                 # (see stale_rounds)
+            any_pushes = rk_server_key_has_pushes(key.key)
+        return bool(any_pushes)
 
     def close(self):
         """Stop the engine's threads (idempotent)."""

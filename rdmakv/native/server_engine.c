@@ -309,7 +309,11 @@ static void reply(rk_slink *link, rk_item item) {
         pthread_mutex_unlock(&link->lock);
         return;                   /* the control plane hears of the link's failure once */
     }
-    if (!link->sending && link->queue.count == 1 && reply_bytes(&item) <= link->server->direct_bytes) {
+    /* Over a ring, only if it fits now: a worker that stops reading must not
+     * hold up the reader (another worker's) that completed the round. */
+    uint64_t bytes = reply_bytes(&item);
+    if (!link->sending && link->queue.count == 1 && bytes <= link->server->direct_bytes &&
+        (!link->stream.has_rings || rk_stream_room(&link->stream) >= RK_HEADER_SIZE + bytes)) {
         item = rk_queue_pop(&link->queue);
         link->sending = 1;
         direct = 1;

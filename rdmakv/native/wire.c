@@ -197,11 +197,7 @@ static int ring_wait(rk_stream *s, uint32_t tail, double deadline, double spin) 
         if (head != tail) return RK_OK;
         if (ring_stopped(s)) return RK_STOPPED;
         if (ring_shut(s)) return RK_ERR_EOF;
-        if (rdmakv_load_acquire(&c->closed) ||
-            (spins >= RDMAKV_SHM_SPINS && rdmakv_shm_peer_gone(s->fd))) {
-            /* what it published before leaving is still to be read */
-            return rdmakv_load_acquire(&c->head) != tail ? RK_OK : RK_ERR_EOF;
-        }
+        if (rdmakv_load_acquire(&c->closed)) break;
         if (spins < RDMAKV_SHM_SPINS) {
             spins++;
             rdmakv_cpu_relax();
@@ -214,8 +210,11 @@ static int ring_wait(rk_stream *s, uint32_t tail, double deadline, double spin) 
         }
         double left = deadline > 0 ? deadline - now : 1.0;
         if (left <= 0) return RK_ERR_TIMEOUT;
+        if (rdmakv_shm_peer_gone(s->fd)) break;    /* a system call: only before sleeping */
         rdmakv_ring_sleep_consumer(c, head, slice_ms(left));
     }
+    /* The peer is gone; what it published before leaving is still to be read. */
+    return rdmakv_load_acquire(&c->head) != tail ? RK_OK : RK_ERR_EOF;
 }
 
 static int ring_recv(rk_stream *s, char *dst, size_t length, int at_start) {
@@ -408,11 +407,14 @@ int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err) {
 /* ---- the peer's memory files (shared memory) ------------------------------------------ */
 /* Take one memory file the peer sent on the Unix socket: map it as its number. */
 static int take_segment(rk_segments *m, rk_stream *s, double deadline, int *err) {
-    char data[RK_PLACE_SIZE];
-    char control[CMSG_SPACE(sizeof(int))];
+    char data[RK_SEGMENT_NOTICE_SIZE];
+    union {
+        char bytes[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr aligned;
+    } control;
     struct iovec iov = {data, sizeof data};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
-                         .msg_controllen = sizeof control};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.bytes,
+                         .msg_controllen = sizeof control.bytes};
     ssize_t n;
     for (;;) {
         n = recvmsg(s->fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
@@ -436,9 +438,10 @@ static int take_segment(rk_segments *m, rk_stream *s, double deadline, int *err)
     memcpy(&size, data + 4, 8);
     struct stat st;
     int rc = RK_ERR_SHARED;
-    if (fd >= 0 && n == RK_PLACE_SIZE && !(msg.msg_flags & MSG_CTRUNC) && number < RK_MAX_SEGMENTS &&
+    int seals = fd >= 0 ? fcntl(fd, F_GET_SEALS) : -1;   /* -1 for a file that cannot be sealed */
+    if (fd >= 0 && n == RK_SEGMENT_NOTICE_SIZE && !(msg.msg_flags & MSG_CTRUNC) && number < RK_MAX_SEGMENTS &&
         m->base[number] == NULL && size && fstat(fd, &st) == 0 && (uint64_t)st.st_size == size &&
-        (fcntl(fd, F_GET_SEALS) & F_SEAL_SHRINK)) {
+        seals >= 0 && (seals & F_SEAL_SHRINK)) {
         void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (base != MAP_FAILED) {
             m->base[number] = base;

@@ -36,6 +36,7 @@
 #define RK_SHARED_FLAGS (RK_SHARED_PAYLOAD | RK_SUM_OFFER | RK_SUMMED)
 #define RK_PLACE_SIZE 12              /* <IQ: segment number, offset */
 #define RK_SUM_PLACES_SIZE 32         /* <IQIQQ: even round's segment and offset, odd's, bytes */
+#define RK_SEGMENT_NOTICE_SIZE 12     /* <IQ with a memory file's fd: its number and size */
 #define RK_MAX_SEGMENTS 64            /* a peer's memory files one link maps (they double in size) */
 
 #define RK_STOPPED (-1)           /* a wait ended because the stream is closing here */

@@ -32,6 +32,10 @@ typedef struct {
      * into here (even, odd rounds), once it offered them; set once by the reader. */
     char *sums[2];
     _Atomic int offered;
+    /* 1 + the last round whose result arrived: a push is added into a shared sum
+     * only as the round after it, since only then has every worker copied the
+     * result that buffer held two rounds before (a cancelled round breaks the chain). */
+    _Atomic uint64_t rounds_done;
 } rk_chunk;
 
 struct rk_key {
@@ -225,29 +229,39 @@ static void report_send_failure(rk_link *link, int error, int sys_errno) {
     if (first) post_error(link, RK_EVENT_SEND_FAILED, error, sys_errno, NULL, 0);
 }
 
+/* How long a sender waits for a shared sum's lock before sending the push's bytes
+ * instead (the server then adds them, and answers for a lock that stays held). */
+#define SUM_LOCK_PATIENCE 0.02
+
 /* Shared memory: add op's push of chunk straight into the sum the server offered
- * for it (under the sum's lock, shared with the server and other workers). */
+ * for it (under the sum's lock, shared with the server and other workers), when
+ * that is safe now: 1 when added, 0 when its bytes must be sent instead,
+ * RK_STOPPED when the engine closes. */
 static int add_to_shared_sum(rk_link *link, rk_key *key, rk_chunk *chunk, rk_op *op) {
+    if (op->flags != 0 || chunk->nbytes == 0 || !atomic_load_explicit(&chunk->offered, memory_order_acquire) ||
+        atomic_load(&chunk->rounds_done) != op->round)
+        return 0;
     size_t itemsize = 1;
     rk_add_fn add = rk_adder(key->dtype, &itemsize);
-    if (add == NULL) return RK_ERR_BAD_DTYPE;
+    if (add == NULL) return 0;
+    double patience = link->engine->timeout < SUM_LOCK_PATIENCE ? link->engine->timeout : SUM_LOCK_PATIENCE;
     int rc = rdmakv_sum_contribute(chunk->sums[op->round % 2], op->source + chunk->offset, chunk->nbytes,
-                                   (rdmakv_add_fn)add, itemsize, op->round, link->engine->timeout,
-                                   &link->stream.stop);
-    if (rc == 0) atomic_fetch_add(&link->summed_bytes, chunk->nbytes);
-    return rc == 0 ? RK_OK : rc == RDMAKV_SHM_TIMEOUT ? RK_ERR_TIMEOUT : RK_ERR_EOF;
+                                   (rdmakv_add_fn)add, itemsize, op->round, patience, &link->stream.stop);
+    if (rc == RDMAKV_SHM_STOPPED) return RK_STOPPED;
+    if (rc != 0) return 0;
+    atomic_fetch_add(&link->summed_bytes, chunk->nbytes);
+    return 1;
 }
 
 /* Send popped chunks with one sendmsg, drop their busy references, then let the
- * next sender in (the caller set link->sending). */
-static void transmit(rk_link *link, const rk_item *items, int count) {
+ * next sender in (the caller set link->sending).  may_add: pushes may be added
+ * into offered sums (the sender thread; a submitting thread must not wait for a lock). */
+static void transmit(rk_link *link, const rk_item *items, int count, int may_add) {
     char packed[RK_BATCH][RK_HEADER_SIZE];
     struct iovec iov[2 * RK_BATCH];
-    rk_op *held[RK_BATCH];
-    int parts = 0, holding = 0, rc = RK_OK, err = 0;
+    int parts = 0, rc = RK_OK, err = 0;
     for (int i = 0; i < count && rc == RK_OK; i++) {
         rk_op *op = items[i].ref;         /* busy since pop_ready */
-        held[holding++] = op;
         rk_key *key = op->key;
         rk_chunk *chunk = &key->chunks[items[i].chunk];
         int no_data = (op->flags & RK_FLAG_NO_DATA) != 0;
@@ -255,23 +269,20 @@ static void transmit(rk_link *link, const rk_item *items, int count) {
                        .flags = op->flags | (items[i].credit ? RK_FLAG_ACK : 0), .key = key->wire,
                        .chunk = items[i].chunk, .priority = op->priority, .round = op->round,
                        .length = no_data ? 0 : chunk->nbytes, .sender = link->engine->sender_rank};
-        int summed = 0;
-        if (op->flags == 0 && chunk->nbytes && atomic_load_explicit(&chunk->offered, memory_order_acquire)) {
-            rc = add_to_shared_sum(link, key, chunk, op);
-            summed = rc == RK_OK;
-            if (summed) h.flags |= RK_SUMMED;
-        }
+        int summed = may_add ? add_to_shared_sum(link, key, chunk, op) : 0;
+        if (summed == RK_STOPPED) rc = RK_STOPPED;
+        if (summed == 1) h.flags |= RK_SUMMED;
         rk_header_pack(packed[i], &h);
         iov[parts++] = (struct iovec){packed[i], RK_HEADER_SIZE};
-        if (h.length && !summed) iov[parts++] = (struct iovec){(char *)op->source + chunk->offset, h.length};
+        if (h.length && summed != 1) iov[parts++] = (struct iovec){(char *)op->source + chunk->offset, h.length};
     }
     if (parts && rc == RK_OK) {
         pthread_mutex_lock(&link->send_lock);
         rc = rk_send_all(&link->stream, iov, parts, &err);
         pthread_mutex_unlock(&link->send_lock);
     }
-    for (int i = 0; i < holding; i++) busy_release(held[i]);
-    if (rc) report_send_failure(link, rc, err);
+    for (int i = 0; i < count; i++) busy_release(items[i].ref);   /* every popped one, sent or not */
+    if (rc && rc != RK_STOPPED) report_send_failure(link, rc, err);
     pthread_mutex_lock(&link->lock);
     link->sending = 0;
     if (link->queue.count) pthread_cond_signal(&link->ready);
@@ -295,7 +306,7 @@ static void *sender_main(void *arg) {
         } while (count < RK_BATCH && bytes < RK_BATCH_BYTES && pop_ready(link, &items[count]));
         link->sending = 1;
         pthread_mutex_unlock(&link->lock);
-        transmit(link, items, count);
+        transmit(link, items, count, 1);
         pthread_mutex_lock(&link->lock);
     }
     pthread_mutex_unlock(&link->lock);
@@ -358,17 +369,17 @@ static void enqueue_chunks(rk_op *op) {
             return;
         }
         /* Over a ring, a small chunk with nothing ahead of it, for which the ring has
-         * room now, is copied in by this thread: no hand-off to the sender, and no
-         * system call unless the server sleeps.  Otherwise the sender thread sends
+         * room now, is copied in by this thread (never added into a shared sum, which
+         * may mean waiting for its lock): no hand-off to the sender, and no system
+         * call unless the server sleeps.  Otherwise the sender thread sends
          * it: a caller that starts many small pushpulls in a row over TCP then pays
          * no system call for each, and they leave in batches. */
         rk_item popped;
         if (link->stream.has_rings && !link->sending && link->queue.count == 1 &&
-            chunk->nbytes <= engine->small_bytes && !atomic_load(&chunk->offered) &&
-            rk_stream_room(&link->stream) >= RK_HEADER_SIZE + chunk->nbytes && pop_ready(link, &popped)) {
+            chunk->nbytes <= engine->small_bytes && rk_stream_room(&link->stream) >= RK_HEADER_SIZE + chunk->nbytes && pop_ready(link, &popped)) {
             link->sending = 1;
             pthread_mutex_unlock(&link->lock);
-            transmit(link, &popped, 1);
+            transmit(link, &popped, 1, 0);
             continue;
         }
         pthread_cond_signal(&link->ready);
@@ -599,6 +610,7 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
         if (chunk->op == op) {
             chunk->op = NULL;
             return_credit(link, chunk);
+            atomic_store(&chunk->rounds_done, h->round + 1);
             cleared = 1;
         }
         pthread_mutex_unlock(&link->lock);
