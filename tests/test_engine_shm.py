@@ -14,7 +14,9 @@ from rdmakv.core import protocol
 from rdmakv.core.protocol import Op
 from rdmakv.native import transport as _t
 from rdmakv.transport.shm.arena import SharedArena
-from rdmakv.transport.shm.connection import PLACE, SHARED_PAYLOAD, SUM_OFFER, SUM_PLACES, SUMMED
+# The engines' names (wire.h) for the frames the shm layer calls EXPOSE, EXPOSED and IN_PLACE.
+from rdmakv.transport.shm.connection import EXPOSE as SUM_OFFER, EXPOSED as SUM_PLACES, IN_PLACE as SUMMED
+from rdmakv.transport.shm.connection import PLACE, SHARED_PAYLOAD
 
 TIMEOUT = 10.0
 SHORT = 0.5                   # an engine whose waits for a peer's memory file end soon

@@ -16,6 +16,24 @@ def test_header_round_trip():
     assert header == protocol.Header(Op.PUSH, 2, protocol.FLAG_BROADCAST, 2**64 - 1, 7, -3, 2**40, 4096, 5)
 
 
+@given(op=st.sampled_from(sorted(Op.NAMES)), key=st.integers(0, 2**64 - 1), chunk=st.integers(0, 2**32 - 1),
+       rnd=st.integers(0, 2**64 - 1))
+def test_a_tag_is_its_header_fields_and_keeps_the_wire_bytes(op, key, chunk, rnd):
+    import struct
+    from rdmakv.transport.verbs.frames import OFFER
+    tag = protocol.tag(op, key, chunk, rnd)
+    header = protocol.pack(op, dtype=2, flags=protocol.FLAG_ACK, key=key, chunk=chunk, priority=-1, round=rnd,
+                           length=99)
+    assert protocol.tag_of(protocol.unpack(header)) == protocol.tag_of_frame(header) == tag
+    assert protocol.tag_of_frame(protocol.tagged_header(tag, 40)) == tag
+    assert protocol.tagged_header(tag, 40) == protocol.pack(op, key=key, chunk=chunk, round=rnd, length=40)
+    assert str(tag) == f"{protocol.op_name(op)} key {key} chunk {chunk} round {rnd}"
+    # The verbs OFFER body: the stream where op, key and chunk were before tags.
+    stream = tag.stream.to_bytes(protocol.TAG_STREAM_BYTES, "little")
+    assert OFFER.pack(stream, rnd, 1 << 20, 4096, 7) == struct.pack("<BQIQQQI", op, key, chunk, rnd, 1 << 20, 4096, 7)
+    assert protocol.tag(op, key, chunk, rnd + 1).stream == tag.stream != protocol.tag(op, key, chunk ^ 1, rnd).stream
+
+
 @pytest.mark.parametrize("field,index,value,message", [
     ("magic", 0, 0x12345678, "magic"),
     ("version", 1, 99, "version"),

@@ -19,6 +19,7 @@ from cluster import REPO
 from rdmakv.core import protocol
 from rdmakv.core.errors import ConfigError, ConnectionClosed, TransportError
 from rdmakv.core.protocol import Op
+from rdmakv.server import summing
 from rdmakv.transport import choose_transport, shm, tcp
 
 pytestmark = pytest.mark.skipif(shm.unavailable() is not None, reason=f"no shared memory: {shm.unavailable()}")
@@ -424,8 +425,8 @@ def result_mappings():
 def test_a_buffer_from_the_shared_arena_is_read_in_place_by_the_peer():
     listener, theirs, mine = shm_pair()
     try:
-        shared = [listener.shared_buffer(n) for n in (1 << 20, 3 << 20, 100_000)]
-        small = listener.shared_buffer(1000)             # below the threshold: an ordinary array
+        shared = [listener.allocate(n) for n in (1 << 20, 3 << 20, 100_000)]
+        small = listener.allocate(1000)                  # below the threshold: an ordinary array
         assert result_mappings() == ["rw-s"] and small.base is None
         rng = np.random.default_rng(5)
         for seed, payload in enumerate(shared + [small, rng.integers(0, 256, 200_000, dtype=np.uint8)]):
@@ -450,11 +451,27 @@ def test_a_buffer_from_the_shared_arena_is_read_in_place_by_the_peer():
 def offered_sum_pair(timeout=5):
     """shm_pair whose listener side offered its peer the sum of key 5 chunk 0 (1 MiB)."""
     listener, theirs, mine = shm_pair(timeout)
-    buffers = [listener.shared_buffer(1 << 20) for _ in range(2)]
-    theirs.offer_sum(5, 0, buffers)
+    buffers = [listener.allocate(1 << 20) for _ in range(2)]
+    theirs.expose(PUSH_5.stream, buffers)
     theirs.send(protocol.pack(Op.ACK))
     assert mine.recv_header(5).op == Op.ACK        # the offer was taken in on the way
     return listener, theirs, mine, buffers
+
+
+PUSH_5 = protocol.tag(Op.PUSH, 5, 0, 0)
+
+
+def sum_in(listener, buffer, source, dtype, round_):
+    """The server's contribution to a shared sum (as server.py makes it)."""
+    summing.contribute(listener.region(buffer), source, protocol.DTYPE_CODES[dtype], round_, listener._timeout)
+
+
+def push_in_place(mine, round_, dtype, payload, key=5, flags=protocol.FLAG_ACK):
+    """A co-located worker's push: into the offered sum if it may, else as bytes (as server_link.py sends it)."""
+    added = summing.push_in_place(mine, protocol.tag(Op.PUSH, key, 0, round_), protocol.DTYPE_CODES[dtype], flags,
+                                  payload, mine._timeout)
+    mine.send(push_header(round_, dtype, key, flags), None if added else payload, bool(added))
+    return added
 
 
 def push_header(round_, dtype, key=5, flags=protocol.FLAG_ACK):
@@ -466,31 +483,34 @@ def test_a_push_is_added_into_the_offered_sum_and_the_first_contribution_of_a_ro
     listener, theirs, mine, buffers = offered_sum_pair()
     rng = np.random.default_rng(3)
     try:
-        assert theirs.sums_remotely and not mine.sums_remotely
+        assert mine.peer_regions(PUSH_5.stream) is not None and theirs.peer_regions(PUSH_5.stream) is None
+        summed = 0
         for rnd, dtype in enumerate(["int32", "float64", "int8", "float16", "int64", "uint8", "float32"]):
             ours, other = (rng.integers(-50, 50, (1 << 20) // np.dtype(dtype).itemsize).astype(dtype)
                            for _ in range(2))
             if rnd % 2:                                # whoever comes first copies, the other adds
-                mine.send(push_header(rnd, dtype), ours)
-                listener.sum_into(buffers[rnd % 2], other, protocol.DTYPE_CODES[dtype], rnd)
+                summed += push_in_place(mine, rnd, dtype, ours)
+                sum_in(listener, buffers[rnd % 2], other, dtype, rnd)
             else:
-                listener.sum_into(buffers[rnd % 2], other, protocol.DTYPE_CODES[dtype], rnd)
-                mine.send(push_header(rnd, dtype), ours)
+                sum_in(listener, buffers[rnd % 2], other, dtype, rnd)
+                summed += push_in_place(mine, rnd, dtype, ours)
             header = theirs.recv_header(5)
             assert (header.op, header.round, header.length) == (Op.PUSH, rnd, 1 << 20)
-            assert header.flags == protocol.FLAG_ACK | protocol.FLAG_SUMMED_IN_PLACE
+            assert header.flags == protocol.FLAG_ACK | protocol.FLAG_IN_PLACE
             np.testing.assert_array_equal(buffers[rnd % 2].view(dtype), ours + other)
-        assert mine.summed_bytes == 7 << 20
+        assert summed == 7 << 20
         # Anything else crosses the ring as before: another key, a broadcast.
-        for header in (push_header(0, "int8", key=6), push_header(7, "int8", flags=protocol.FLAG_BROADCAST)):
+        for key, round_, flags in ((6, 0, protocol.FLAG_ACK), (5, 7, protocol.FLAG_BROADCAST)):
             payload = rng.integers(0, 100, 1 << 20).astype(np.int8)
-            mine.send(header, payload)
+            assert not push_in_place(mine, round_, "int8", payload, key=key, flags=flags)
             got = theirs.recv_header(5)
-            assert not got.flags & protocol.FLAG_SUMMED_IN_PLACE
+            assert not got.flags & protocol.FLAG_IN_PLACE
             back = np.empty(1 << 20, np.int8)
             theirs.recv_payload(got, back)
             np.testing.assert_array_equal(back, payload)
-        assert mine.summed_bytes == 7 << 20
+        # A send in place needs the peer's region for the message's stream, of its size.
+        with pytest.raises(ValueError, match="without a region"):
+            mine.send(push_header(0, "int8", key=6), None, True)
     finally:
         mine.close()
         theirs.close()
@@ -504,9 +524,9 @@ def test_a_sum_left_locked_times_out_naming_it_and_a_local_close_ends_the_wait()
         np.frombuffer(segment.memory, np.uint32, 1, offset - shm.arena.SUM_CONTROL_BYTES)[0] = 1  # held by a dead process
         began = time.monotonic()
         with pytest.raises(TimeoutError, match="sum"):
-            listener.sum_into(buffers[0], np.zeros(1 << 18, np.int32), protocol.DTYPE_CODES["int32"], 0)
+            sum_in(listener, buffers[0], np.zeros(1 << 18, np.int32), "int32", 0)
         with pytest.raises(rdmakv.core.errors.PeerTimeout, match="shared sum"):
-            mine.send(push_header(0, "int32"), np.zeros(1 << 18, np.int32))
+            push_in_place(mine, 0, "int32", np.zeros(1 << 18, np.int32))
         assert time.monotonic() - began < 5
     finally:
         mine.close()
@@ -520,7 +540,7 @@ def test_a_sum_left_locked_times_out_naming_it_and_a_local_close_ends_the_wait()
 
         def push():
             try:
-                mine.send(push_header(0, "int32"), np.zeros(1 << 18, np.int32))
+                push_in_place(mine, 0, "int32", np.zeros(1 << 18, np.int32))
             except rdmakv.core.errors.RdmaKVError as exc:
                 outcome["error"] = exc
         pusher = threading.Thread(target=push)
@@ -542,18 +562,18 @@ def test_hostile_shared_sum_frames_are_refused(case):
     listener, theirs, mine, buffers = offered_sum_pair(timeout=1)
     try:
         if case == "summed without an offer":
-            mine._channel.send_frame(shm.connection._flagged(push_header(0, "int8", key=9), shm.connection.SUMMED), None, 1.0)
+            mine._channel.send_frame(shm.connection._flagged(push_header(0, "int8", key=9), shm.connection.IN_PLACE), None, 1.0)
             receiver, match = theirs, "without an offer"
         elif case == "offer outside its segment":
             segment, offset = listener._arena.find(buffers[1])
-            places = shm.connection.SUM_PLACES.pack(segment.number, offset, segment.number, segment.size - 4096, 1 << 20)
+            places = shm.connection.EXPOSED.pack(segment.number, offset, segment.number, segment.size - 4096, 1 << 20)
             theirs._channel.send_frame(shm.connection._flagged(protocol.pack(Op.PUSH, key=8, length=len(places)),
-                                                    shm.connection.SUM_OFFER), places, 1.0)
+                                                    shm.connection.EXPOSE), places, 1.0)
             receiver, match = mine, "does not fit"
         else:
-            places = shm.connection.SUM_PLACES.pack(0, 4096, 0, 8192, 1 << 20)
+            places = shm.connection.EXPOSED.pack(0, 4096, 0, 8192, 1 << 20)
             mine._channel.send_frame(shm.connection._flagged(protocol.pack(Op.PUSH, key=8, length=len(places)),
-                                                  shm.connection.SUM_OFFER), places, 1.0)
+                                                  shm.connection.EXPOSE), places, 1.0)
             receiver, match = theirs, "malformed shared-sum offer"
         with pytest.raises(rdmakv.core.errors.ProtocolError, match=match):
             receiver.recv_header(5)
@@ -624,6 +644,32 @@ def test_kvstore_workers_add_into_the_servers_shared_sums_and_read_results_in_pl
         return sum(link.summed_bytes for link in kv._links) >= later_rounds // 2
 
     assert cluster.run(work, timeout=120) == [True] * 3
+
+
+def test_the_server_refuses_a_broadcast_written_into_its_shared_sum(shm_cluster_factory, monkeypatch):
+    # The shm layer lets a message of an exposed stream arrive in place; whether that
+    # push may be summed in place (a whole plain pushpull, not a broadcast) is the server's
+    # rule (rdmakv/server/summing.py), checked by the server on the Python data path.
+    from rdmakv.worker.keys import wire_key
+    monkeypatch.setenv("RDMAKV_ENGINE", "python")        # the workers' and the server's
+    cluster = shm_cluster_factory(2, 1, RDMAKV_PARTITION_BYTES=1 << 20, RDMAKV_TIMEOUT=20)
+    shape = ((1 << 20) // 4,)
+
+    def work(kv):
+        for round_ in range(2):      # the second round finds the server's sum exposed
+            value = worker_values(kv.rank, shape, "int32", round_)
+            np.testing.assert_array_equal(kv.pushpull("k", value), expected_sum(2, shape, "int32", round_))
+        return kv._links[0].summed_bytes
+
+    assert all(summed >= 1 << 20 for summed in cluster.run(work, timeout=60))
+    link = cluster.stores[0]._links[0]
+    assert type(link).__name__ == "ServerLink"           # the Python data path
+    link.connection.send(protocol.pack(Op.PUSH, dtype=protocol.DTYPE_CODES["int32"], flags=protocol.FLAG_BROADCAST,
+                                       key=wire_key("k"), round=2, length=1 << 20), None, True)
+    deadline = time.monotonic() + 10
+    while link.error is None:
+        assert time.monotonic() < deadline, "the server took a broadcast summed in place"
+        time.sleep(0.05)
 
 
 def test_shared_sums_with_a_tcp_worker_and_co_located_workers_on_one_server(cluster_factory, monkeypatch):

@@ -106,15 +106,15 @@ def _serve_one(connection):
         if header.op == Op.PUSH:
             if header.sender == ECHO:
                 connection.send(protocol.pack(Op.RESULT, length=header.length), payload)
-            elif connection.places_remotely:
-                connection.offer(Op.PUSH, header.key, 0, header.round + OFFER_WINDOW, payload)
+            elif connection.features.places:
+                connection.offer(protocol.tag(Op.PUSH, header.key, 0, header.round + OFFER_WINDOW), payload)
         elif header.op == Op.BARRIER:
             size = header.key         # a bandwidth run of messages of this size starts
-            if size and connection.places_remotely:
+            if size and connection.features.places:
                 if size > MAX_SIZE:
                     raise SystemExit(f"bench_transport server: messages of {size} bytes are over {MAX_SIZE}")
                 for seq in range(OFFER_WINDOW):
-                    connection.offer(Op.PUSH, seq, 0, seq, buffer[:size])
+                    connection.offer(protocol.tag(Op.PUSH, seq, 0, seq), buffer[:size])
             connection.send(protocol.pack(Op.BARRIER_DONE))
         elif header.op == Op.GOODBYE:
             return

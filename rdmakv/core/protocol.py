@@ -63,10 +63,11 @@ FLAG_BROADCAST = 1     # only the root's payload counts in this round
 FLAG_NO_DATA = 2       # a broadcast contribution from a non-root: header only
 FLAG_ACK = 4           # answer RECEIVED once this push is in (it holds scheduling credit)
 KNOWN_FLAGS = FLAG_BROADCAST | FLAG_NO_DATA | FLAG_ACK
-# Set by a transport on a header it delivers, never accepted from the wire: the
-# push's payload was already added into the sum its receiver offered for it
-# (Connection.offer_sum), so no payload bytes follow.
-FLAG_SUMMED_IN_PLACE = 1 << 8
+# On a header handed to a transport or delivered by one, never accepted from the
+# wire: the sender already wrote the payload into the region the receiver
+# exposed under the message's tag stream (Connection.expose), so no payload
+# bytes follow (what that write was, a sum, is rdmakv.server.summing's business).
+FLAG_IN_PLACE = 1 << 8
 
 # Codes shared with the reduction kernel in _reduce.pxi.
 DTYPE_CODES = {
@@ -96,6 +97,45 @@ def unpack(data):
     if dtype and dtype not in DTYPE_NAMES:
         raise ProtocolError(f"unknown dtype code {dtype}")
     return Header(op, dtype, flags, key, chunk, priority, rnd, length, sender)
+
+
+# Tags: what transports match messages by (rdmakv/transport/base.py), without
+# knowing ops, keys or rounds.  A message's tag is a `stream` (its op, key and
+# chunk, as one integer of TAG_STREAM_BYTES little-endian bytes: the byte
+# layout of those three header fields) and a `sequence` (its round) that numbers
+# the messages of the stream.
+TAG_STREAM_BYTES = 13
+
+
+class Tag(namedtuple("Tag", "stream sequence")):
+    __slots__ = ()
+
+    def __str__(self):
+        op, key, chunk = self.stream & 0xFF, (self.stream >> 8) & 0xFFFFFFFFFFFFFFFF, self.stream >> 72
+        return f"{op_name(op)} key {key} chunk {chunk} round {self.sequence}"
+
+
+def tag(op, key, chunk, round):
+    """The tag of the (op, key, chunk) message of `round`."""
+    return Tag(op | key << 8 | chunk << 72, round)
+
+
+def tag_of(header):
+    """The tag of a Header."""
+    return Tag(header.op | header.key << 8 | header.chunk << 72, header.round)
+
+
+def tag_of_frame(data):
+    """The tag of a packed header (its fields unchecked)."""
+    _, _, op, _, _, key, chunk, _, rnd, _, _ = HEADER.unpack_from(data)
+    return Tag(op | key << 8 | chunk << 72, rnd)
+
+
+def tagged_header(tag, length):
+    """A header that names only a tag and a length (a transport's own frame about a tag)."""
+    stream = tag.stream
+    return pack(stream & 0xFF, key=(stream >> 8) & 0xFFFFFFFFFFFFFFFF, chunk=stream >> 72, round=tag.sequence,
+                length=length)
 
 
 def encode_json(obj):

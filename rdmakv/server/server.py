@@ -2,10 +2,9 @@
 worker once all have pushed.  `python -m rdmakv.server` runs a server or the
 scheduler according to DMLC_ROLE, as `import byteps.server` does.
 
-Memory per chunk is two result buffers used by alternate rounds (a worker can
-push round r+1 as soon as it has round r's result, while round r's result may
-still be going out to slower workers) plus, with an optimizer, the weights:
-bounded, whatever the number of rounds.  A worker whose connection places data
+Memory per chunk is two result buffers used by alternate rounds (how a sum is
+made in them: summing.py) plus, with an optimizer, the weights: bounded,
+whatever the number of rounds.  A worker whose connection places data
 remotely (verbs) also gets a slot per chunk that its pushes are written
 straight into: the slot for round r+1 is offered once round r's push is summed.
 
@@ -30,6 +29,7 @@ from rdmakv.core.config import Config, machine_memory
 from rdmakv.core.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
 from rdmakv.core.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.native import transport as _t
+from rdmakv.server import summing
 from rdmakv.transport import choose_transport, tcp
 from rdmakv.transport.base import Handler
 from rdmakv.transport.tcp import engine_read_error, engine_stream_error
@@ -97,7 +97,7 @@ class KeyState:
 
 class ChunkState:
     __slots__ = ("key_state", "index", "nbytes", "dtype_code", "dtype", "lock", "filled", "filling", "round",
-                 "pushed", "opened", "has_data", "flags", "buffers", "_allocate", "shared", "weight", "native")
+                 "pushed", "opened", "has_data", "flags", "buffers", "_allocate", "regions", "weight", "native")
 
     def __init__(self, key_state, index, nbytes, dtype_code, allocate):
         self.key_state = key_state
@@ -115,12 +115,17 @@ class ChunkState:
         self.flags = 0
         self.buffers = [None, None]
         self._allocate = allocate     # nbytes -> uint8 array, shared with co-located workers where possible
-        self.shared = False           # the buffers are sums co-located workers add into (offer_sum)
+        self.regions = None           # the buffers' Regions, where they are sums co-located workers add into
         self.weight = None            # optimizer mode: the stored value
         self.native = None            # the chunk as the server's native engine knows it
 
+    @property
+    def stream(self):
+        """The tag stream of this chunk's pushes."""
+        return protocol.tag(Op.PUSH, self.key_state.key, self.index, 0).stream
+
     def buffer(self, rnd):
-        slot = rnd % 2
+        slot = summing.round_buffer(rnd)
         if self.buffers[slot] is None:
             self.buffers[slot] = self._allocate(self.nbytes)
         return self.buffers[slot]
@@ -137,7 +142,8 @@ class WorkerLink:
         self.scratch = np.empty(0, np.uint8)
         self.filling = None           # the chunk this worker's push is landing in directly
         self.leaving_because = None   # what the worker said was wrong before it left
-        self.places = peer.connection.places_remotely
+        self.places = peer.connection.features.places
+        self.shares = peer.connection.features.shares
         self.slots = {}               # ChunkState -> where this worker's pushes land (when places)
         self._queue = []
         self._order = itertools.count()
@@ -159,16 +165,16 @@ class WorkerLink:
         return slot
 
     def offer_sum(self, chunk):
-        """Let a co-located worker add its pushes of chunk straight into the round buffers."""
+        """Let a co-located worker add its pushes of chunk straight into the round buffers (summing.py)."""
         connection = self.peer.connection
-        if not (chunk.shared and getattr(connection, "sums_remotely", False)):
+        if chunk.regions is None or not self.shares:
             return
         native = self.server._native
         if native is None:
-            connection.offer_sum(chunk.key_state.key, chunk.index, chunk.buffers)
+            connection.expose(chunk.stream, chunk.buffers)
             return
         # The engine writes the ring: the offer goes through it, after the segments' fds.
-        header, offer, segments = connection.sum_offer(chunk.key_state.key, chunk.index, chunk.buffers)
+        header, offer, segments = connection.exposure(chunk.stream, chunk.buffers)
         for number in segments:
             native.link_has_segment(self.rank, number)
         code, err = native.send(self.rank, header, offer)
@@ -178,7 +184,7 @@ class WorkerLink:
     def offer_slot(self, chunk, rnd):
         """Let the worker write its push of round rnd straight into its slot (verbs)."""
         if self.places:
-            self.peer.offer(Op.PUSH, chunk.key_state.key, chunk.index, rnd, self.slot_for(chunk))
+            self.peer.offer(protocol.tag(Op.PUSH, chunk.key_state.key, chunk.index, rnd), self.slot_for(chunk))
 
     def reply(self, priority, op, payload, **fields):
         if self.server._native is not None:     # the engine's reply thread owns the stream's order
@@ -186,7 +192,7 @@ class WorkerLink:
             return
         with self._ready:
             small = (payload is None or memoryview(payload).nbytes <= DIRECT_REPLY_BYTES
-                     or self.peer.connection.shares(payload))
+                     or (self.shares and self.server.listener.region(payload) is not None))
             if self._queue or self._sending or not small:
                 heapq.heappush(self._queue, (-priority, next(self._order), op, payload, fields))
                 self._ready.notify()
@@ -240,11 +246,10 @@ class ParameterServer(Handler):
         self.transport, why = choose_transport(self.config.transport)
         host = netif.advertised_host(self.config)
         self.listener = self.transport.Listener(host, self.config.port, self.config.timeout)
-        # Round buffers in memory the transport can share, so a result is written once for
-        # all co-located workers (rdmakv/transport/shm/) instead of once per connection,
-        # and co-located workers add their pushes into them themselves.
-        self._allocate = getattr(self.listener, "shared_buffer", None) or (lambda nbytes: np.empty(nbytes, np.uint8))
-        self._shares_sums = getattr(self.listener, "shares_sums", None)
+        # Round buffers in memory the transport can share, where it can, so a result is
+        # written once for all co-located workers (rdmakv/transport/shm/) instead of once
+        # per connection, and co-located workers add their pushes into them (summing.py).
+        self._allocate = self.listener.allocate
         self.address = netif.format_address(*self.listener.address)
         self.secret = auth.load_secret(self.config)
         if self.secret is None:
@@ -499,7 +504,7 @@ class ParameterServer(Handler):
                                     f"{chunk.key_state.name!r} chunk {chunk.index}, declared {chunk.nbytes}")
             if header.op == Op.PUSH and link.places:
                 return link.slot_for(chunk)
-            if header.op == Op.PUSH and not chunk.shared and self._native is None:
+            if header.op == Op.PUSH and chunk.regions is None and self._native is None:
                 # The round's first contribution lands straight in its result buffer;
                 # later ones land in the connection's scratch buffer and are added.
                 # (Shared sums take pushes from co-located workers ready-summed.)
@@ -704,7 +709,7 @@ class ParameterServer(Handler):
         if state.error is not None:
             self._native.refuse_key(state.native)
         for chunk in state.chunks:
-            places = [self.listener.shared_place(chunk.buffer(rnd)) for rnd in (0, 1)] if chunk.shared else None
+            places = [(r.number, r.offset) for r in chunk.regions] if chunk.regions is not None else None
             chunk.native = self._native.add_chunk(state.native, chunk.index, chunk.dtype_code, chunk.buffer(0),
                                                   chunk.buffer(1), places)
 
@@ -717,8 +722,9 @@ class ParameterServer(Handler):
         code = protocol.DTYPE_CODES[state.layout["dtype"]]
         for piece in here:
             chunk = ChunkState(state, piece.index, piece.nbytes, code, self._allocate)
-            chunk.shared = self._shares_sums is not None and all(
-                self._shares_sums(chunk.buffer(rnd)) for rnd in (0, 1))
+            regions = [self.listener.region(chunk.buffer(rnd)) for rnd in (0, 1)]
+            if None not in regions:
+                chunk.regions = regions
             state.chunks.append(chunk)
 
     def _validate_layout(self, key, layout):
@@ -798,7 +804,10 @@ class ParameterServer(Handler):
             raise ProtocolError(f"PUSH for undeclared key {header.key} chunk {header.chunk}")
         name = chunk.key_state.name
         no_data = header.flags & FLAG_NO_DATA
-        summed = header.flags & protocol.FLAG_SUMMED_IN_PLACE   # the worker added it into target itself
+        summed = header.flags & protocol.FLAG_IN_PLACE   # the worker added it into its sum itself (summing.py)
+        if summed and (header.flags & ~(FLAG_ACK | protocol.FLAG_IN_PLACE) or chunk.regions is None):
+            raise ProtocolError(f"receive from {link.peer.connection.peer}: a push of key {header.key} chunk "
+                                f"{header.chunk} summed in place without an offer for it")
         if self.tracer:
             if chunk.key_state.key == self._first_key:    # a round of the first key held here: a new step
                 self.tracer.begin_step(header.round)
@@ -842,13 +851,11 @@ class ParameterServer(Handler):
                 if chunk.has_data and broadcast:
                     raise KeyRefused(header.key, f"more than one worker sent the root value for the "
                                                 f"broadcast of key {name!r}: the workers disagree on the root")
-                if chunk.shared:
+                if chunk.regions is not None:
                     if not summed:
-                        self._sum_shared(chunk, target, payload, link, name)
-                elif chunk.nbytes and chunk.has_data:
-                    _t.add_into(target, payload, chunk.dtype_code)
-                elif chunk.nbytes and not direct:
-                    target[:] = payload
+                        self._sum_shared(chunk, payload, link, name)
+                elif chunk.nbytes and not (direct and not chunk.has_data):   # a direct fill is in place
+                    summing.add(target, payload, chunk.dtype_code, first=not chunk.has_data)
                 chunk.has_data = True
             chunk.flags = header.flags
             chunk.pushed.add(link.rank)
@@ -881,11 +888,12 @@ class ParameterServer(Handler):
             other.reply(header.priority, Op.RESULT, result, key=header.key, chunk=chunk.index, round=rnd,
                         dtype=chunk.dtype_code)
 
-    def _sum_shared(self, chunk, target, payload, link, name):
+    def _sum_shared(self, chunk, payload, link, name):
         """Add a push that reached us through the connection into a sum that
         co-located workers add into too (the caller holds chunk.lock)."""
         try:
-            self.listener.sum_into(target, payload, chunk.dtype_code, chunk.round)
+            summing.contribute(chunk.regions[summing.round_buffer(chunk.round)], payload, chunk.dtype_code,
+                               chunk.round, self.config.timeout)
         except TimeoutError:
             raise KeyRefused(chunk.key_state.key, self._sum_stalled(name, chunk.index, link.rank)) from None
 

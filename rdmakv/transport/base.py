@@ -5,7 +5,15 @@ connection uses.
 A message is a 48-byte header (rdmakv.core.protocol) plus `length` payload bytes.
 The sender hands over the header and a buffer; the receiver learns the header
 first and then names the buffer the payload must land in, so payloads go from
-the sender's array to the receiver's array with no intermediate copy."""
+the sender's array to the receiver's array with no intermediate copy.
+
+Transports move tagged buffers and know nothing of keys, rounds or sums.  A
+message's tag (protocol.Tag, computed from its header by protocol.tag_of) is
+a stream and a sequence number; a transport only compares tags.  What a
+connection or listener can do beyond moving messages is one description,
+`features` (Features): placing (offer a receive buffer for a tag, which the
+peer then writes straight into: verbs) and sharing (expose buffers under a
+stream, which the peer maps and writes into itself: shared memory)."""
 import abc
 import errno
 import logging
@@ -13,6 +21,9 @@ import math
 import select
 import threading
 import time
+from collections import namedtuple
+
+import numpy as np
 
 from rdmakv.core import protocol
 from rdmakv.core.errors import EndOfStream, PeerTimeout, ProtocolError, RdmaKVError
@@ -60,14 +71,34 @@ IDLE_POLL_SECONDS = 1.0
 HEARTBEATS_PER_TIMEOUT = 4     # a live peer is heard from this many times per silence limit
 
 
+Features = namedtuple("Features", "places shares plain_frames", defaults=(False, False, False))
+Features.__doc__ = """What a connection or listener offers beyond moving messages.
+places: offer(tag, buffer) lets the peer write the message of that tag
+  straight into our buffer (verbs);
+shares: expose(stream, buffers) lets the peer map our buffers and write into
+  them itself, peer_regions(stream) gives the buffers the peer exposed to us,
+  and a listener's allocate() gives buffers that can be exposed (shared memory);
+plain_frames: the link carries a header and its payload only, so a native
+  engine may run it (engine_stream())."""
+
+# A buffer in memory both processes map: the number its memory file has between
+# the two, the buffer's offset in it, the mapping (writable), the buffer's size,
+# and what ends a wait on it when the connection closes locally (or None).
+Region = namedtuple("Region", "number offset memory nbytes stop")
+
+
 class Connection(abc.ABC):
     peer = "?"           # printable address of the other side
     source = "?"         # who is at the other side, for per-source limits: an address, or a local uid
+    features = Features()
 
     @abc.abstractmethod
-    def send(self, header, payload=None):
+    def send(self, header, payload=None, in_place=False):
         """Send header bytes and an optional contiguous buffer; return once the buffer may be reused.
-        Thread-safe: concurrent senders are serialized."""
+        Thread-safe: concurrent senders are serialized.  in_place (features.shares
+        only): the header's `length` payload bytes were already written into the
+        region the peer exposed for the message's tag stream; only the header goes,
+        and arrives flagged protocol.FLAG_IN_PLACE."""
 
     @abc.abstractmethod
     def recv_header(self, idle_timeout):
@@ -76,11 +107,6 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def recv_payload(self, header, destination):
         """Place the payload of `header` into the writable buffer `destination` (header.length bytes)."""
-
-    def shares(self, payload):
-        """True if sending payload moves only where it lies (the peer reads it in
-        place), so the send costs no copy however large the payload."""
-        return False
 
     @abc.abstractmethod
     def close(self):
@@ -97,25 +123,25 @@ class Connection(abc.ABC):
         wake no descriptor (readable_bytes must then be asked again later)."""
         return -1
 
-    places_remotely = False   # whether offer() lets the peer write payloads straight into our buffers
+    def offer(self, tag, buffer):
+        """Advice: the payload of the peer's next message of tag.stream, numbered
+        tag.sequence, will be received into `buffer`.  Where features.places, the
+        buffer goes to the peer, which then writes that payload straight into it;
+        elsewhere the call does nothing.  The caller must leave `buffer` alone
+        until that message is received or a later offer for the same stream
+        replaces this one."""
 
-    def offer(self, op, key, chunk, round, buffer):
-        """Advice: the payload of the peer's next (op, key, chunk) message of
-        `round` will be received into `buffer`.  A transport that can place
-        data remotely (verbs) hands the buffer to the peer, which then writes
-        that payload straight into it; the others ignore the call.  The caller
-        must leave `buffer` alone until that message is received or a later
-        offer for the same (op, key, chunk) replaces this one."""
+    def expose(self, stream, buffers):
+        """Let the peer write into `buffers` (two, from the listener's allocate())
+        the payloads of its messages of tag `stream`: it finds them with
+        peer_regions(stream), writes, and sends such a message with in_place.
+        Only where features.shares; the buffers must stay for as long as the
+        connection."""
+        raise NotImplementedError(f"{type(self).__name__} cannot share buffers")
 
-    sums_remotely = False     # whether offer_sum() lets the peer add its pushes into our buffers
-
-    def offer_sum(self, key, chunk, buffers):
-        """Let the peer add the payload of its PUSH of (key, chunk) in round r
-        straight into buffers[r % 2], a sum that several processes build under
-        the lock in the buffer's control block; only where sums_remotely.  Such
-        a push then arrives flagged protocol.FLAG_SUMMED_IN_PLACE, without
-        payload bytes.  The buffers must stay for as long as the connection."""
-        raise NotImplementedError(f"{type(self).__name__} cannot share sums")
+    def peer_regions(self, stream):
+        """The Regions the peer exposed to us under `stream`, or None."""
+        return None
 
 
 class Listener(abc.ABC):
@@ -135,6 +161,18 @@ class Listener(abc.ABC):
     @abc.abstractmethod
     def close(self):
         """Stop listening; idempotent."""
+
+    features = Features()
+
+    def allocate(self, nbytes):
+        """A writable uint8 array of nbytes; where features.shares, one that
+        connections can expose to co-located peers and send as its place
+        (region() then gives it)."""
+        return np.empty(nbytes, np.uint8)
+
+    def region(self, buffer):
+        """The Region of a buffer from allocate() in memory peers can map, else None."""
+        return None
 
     def wait_ready(self, timeout, take):
         """accept() for a listener that advances set-ups without waiting on any:
@@ -227,12 +265,13 @@ class Peer:
         self._thread.start()
         return self
 
-    def send(self, op, payload=None, **fields):
+    def send(self, op, payload=None, in_place=False, **fields):
+        """Send a message; in_place: its payload is already in the peer's region (Connection.send)."""
         length = 0 if payload is None else memoryview(payload).nbytes
-        self.connection.send(protocol.pack(op, length=length, **fields), payload)
+        self.connection.send(protocol.pack(op, length=length, **fields), None if in_place else payload, in_place)
 
-    def offer(self, op, key, chunk, round, buffer):
-        self.connection.offer(op, key, chunk, round, buffer)
+    def offer(self, tag, buffer):
+        self.connection.offer(tag, buffer)
 
     def send_json(self, op, obj, **fields):
         self.send(op, protocol.encode_json(obj), **fields)
@@ -288,7 +327,7 @@ class Peer:
                 raise ProtocolError(f"HEARTBEAT with a payload of {header.length} bytes")
             return
         payload = None
-        if header.length and not header.flags & protocol.FLAG_SUMMED_IN_PLACE:
+        if header.length and not header.flags & protocol.FLAG_IN_PLACE:
             payload = self.handler.destination(self, header)
             if payload is None:
                 if header.length > protocol.MAX_CONTROL_BYTES:

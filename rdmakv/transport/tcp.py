@@ -15,7 +15,7 @@ from rdmakv.core.errors import (ConnectionClosed, EndOfStream, IntegrityError, P
                                 TransportError)
 from rdmakv.core.protocol import Op
 from rdmakv.native import transport as _t
-from rdmakv.transport.base import Connection, Listener
+from rdmakv.transport.base import Connection, Features, Listener
 
 TAG_BYTES = 16          # a record's MAC: keyed BLAKE3, 128 bits
 
@@ -87,16 +87,18 @@ class TcpConnection(Connection):
         self._received_tag = bytearray(TAG_BYTES)
 
     @property
-    def frames_are_plain(self):
-        """Whether frames are a header and its payload only (no MAC: see protect()),
-        which the worker's native engine speaks."""
-        return self._send_key is None
+    def features(self):
+        """Frames are a header and its payload only (which the native engines
+        speak) unless protect() added MACs."""
+        return Features(plain_frames=self._send_key is None)
 
     def engine_stream(self):
         """(the socket's fd, no channel): what a native engine borrows to run this link."""
         return self._fd, None
 
-    def send(self, header, payload=None):
+    def send(self, header, payload=None, in_place=False):
+        if in_place:
+            raise ValueError("a TCP connection has no shared regions to send in place")
         with self._send_lock:
             if self._send_key is None:
                 self._io("send to", _t.send_frame, header, payload, self._timeout)

@@ -154,7 +154,7 @@ class KVStore:
                 connections.append(auth.open_connection(self.transport, server_host, port, secret,
                                                         self.config.timeout, integrity=self.config.integrity))
             native = (self.config.engine == "native" and self.tracer is None
-                      and all(hasattr(c, "engine_stream") and c.frames_are_plain for c in connections))
+                      and all(c.features.plain_frames for c in connections))
             if native:
                 credit = self.config.scheduling_credit * self.config.partition_bytes
                 self._engine = _t.Engine(len(connections), credit, DIRECT_SEND_BYTES, self.config.timeout, self.rank)

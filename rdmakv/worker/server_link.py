@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 
+from rdmakv.core import protocol
 from rdmakv.core.chunk_queue import ChunkQueue
 from rdmakv.core.errors import ClosedError, ConnectionClosed, ProtocolError, RdmaKVError
 from rdmakv.core.protocol import FLAG_ACK, FLAG_NO_DATA, Op
+from rdmakv.server import summing
 from rdmakv.transport.base import Handler, Peer
 from rdmakv.worker.links import DIRECT_SEND_BYTES, ServerLinkBase
 
@@ -22,6 +24,7 @@ class ServerLink(ServerLinkBase, Handler):
         self.ready = threading.Condition()
         self.expected = {}
         self.sending = False          # a thread is sending: only one takes from the queue at a time
+        self.summed_bytes = 0         # push bytes added straight into the server's shared sums (shared memory)
         self.sender = threading.Thread(target=self._send_loop, daemon=True, name=f"rdmakv-send-{rank}")
 
     def start(self, connection):
@@ -36,11 +39,6 @@ class ServerLink(ServerLinkBase, Handler):
     @property
     def connection(self):
         return self.peer.connection
-
-    @property
-    def summed_bytes(self):
-        """Push bytes added straight into the server's shared sums (shared memory)."""
-        return getattr(self.peer.connection, "summed_bytes", 0)
 
     def send(self, op, payload=None, **fields):
         self.peer.send(op, payload, **fields)
@@ -58,7 +56,7 @@ class ServerLink(ServerLinkBase, Handler):
 
     def enqueue(self, handle, chunk, source, destination):
         # Before the push: the result can then be written straight into destination (verbs).
-        self.peer.offer(Op.RESULT, handle.info.wire, chunk.index, handle.round, destination)
+        self.peer.offer(protocol.tag(Op.RESULT, handle.info.wire, chunk.index, handle.round), destination)
         with self.ready:
             if self.error is not None:
                 raise self.error
@@ -100,10 +98,11 @@ class ServerLink(ServerLinkBase, Handler):
     def _transmit(self, item):
         handle, chunk, source, credited = item
         info = handle.info
+        payload = None if handle.flags & FLAG_NO_DATA else source
+        flags = handle.flags | (FLAG_ACK if credited else 0)
         try:
-            self.peer.send(Op.PUSH, None if handle.flags & FLAG_NO_DATA else source,
-                           dtype=info.dtype_code,
-                           flags=handle.flags | (FLAG_ACK if credited else 0), key=info.wire,
+            in_place = self._sum_in_place(info, chunk, handle.round, flags, payload)
+            self.peer.send(Op.PUSH, payload, in_place, dtype=info.dtype_code, flags=flags, key=info.wire,
                            chunk=chunk.index, priority=handle.priority, round=handle.round,
                            sender=self.store.rank)
         except RdmaKVError as exc:
@@ -116,6 +115,15 @@ class ServerLink(ServerLinkBase, Handler):
         if self.store.tracer:
             self.store.tracer.stage("sent", key=info.name, chunk=chunk.index, round=handle.round,
                                       priority=handle.priority)
+
+    def _sum_in_place(self, info, chunk, rnd, flags, payload):
+        """Whether the push was added straight into the server's shared sum (summing.py)."""
+        if payload is None or not self.peer.connection.features.shares:
+            return False
+        added = summing.push_in_place(self.peer.connection, protocol.tag(Op.PUSH, info.wire, chunk.index, rnd),
+                                      info.dtype_code, flags, payload, self.store.config.timeout)
+        self.summed_bytes += added
+        return bool(added)
 
     def _send_loop(self):
         while True:

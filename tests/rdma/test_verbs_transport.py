@@ -187,15 +187,15 @@ def wait_for_offer(client, key, before=None):
     """Wait until the client's progress thread holds an offer for its PUSH of
     key, chunk 0, other than `before` (it takes offers in without its reader)."""
     deadline = time.monotonic() + TIMEOUT
-    while client._offers.peer_offer(Op.PUSH, key, 0) in (None, before):
+    while client._offers.peer_offer(protocol.tag(Op.PUSH, key, 0, 0)) in (None, before):
         assert time.monotonic() < deadline, f"the offer for key {key} never arrived"
         time.sleep(0.01)
 
 
 def offered(client, server, dest, key=7, round_=0):
     """server offers dest for the client's PUSH of key, chunk 0, round_."""
-    before = client._offers.peer_offer(Op.PUSH, key, 0)
-    server.offer(Op.PUSH, key, 0, round_, dest)
+    before = client._offers.peer_offer(protocol.tag(Op.PUSH, key, 0, round_))
+    server.offer(protocol.tag(Op.PUSH, key, 0, round_), dest)
     wait_for_offer(client, key, before)
 
 
@@ -256,8 +256,9 @@ def test_a_message_that_does_not_fit_its_offer_is_refused(pair):
     client, server = pair
     n = 100_000
     offered(client, server, np.zeros(n, np.uint8))
-    forged = client._offers.peer_offer(Op.PUSH, 7, 0)._replace(round=5)    # a peer that ignores the offer's round
-    client._offers._theirs[(Op.PUSH, 7, 0)] = forged
+    tag = protocol.tag(Op.PUSH, 7, 0, 0)
+    forged = client._offers.peer_offer(tag)._replace(sequence=5)    # a peer that ignores the offer's round
+    client._offers._theirs[tag.stream] = forged
     client.send(header(n, key=7, round_=5), np.ones(n, np.uint8))
     with pytest.raises(ProtocolError, match=r"round 5 .* into the buffer offered for PUSH key 7 chunk 0 round 0"):
         server.recv_header(TIMEOUT)
@@ -270,7 +271,7 @@ def test_offers_beyond_the_credits_come_back_without_a_reader(pair, verbs):
     n, keys = verbs.EAGER_LIMIT + 1, 3 * verbs.frames.DATA_SLOTS
     dests = [np.zeros(n, np.uint8) for _ in range(keys)]
     for key, dest in enumerate(dests):
-        server.offer(Op.PUSH, key, 0, 0, dest)        # would block for credit if none came back
+        server.offer(protocol.tag(Op.PUSH, key, 0, 0), dest)     # would block for credit if none came back
     for key in range(keys):
         wait_for_offer(client, key)
         client.send(header(n, key=key), np.full(n, key % 251, np.uint8))

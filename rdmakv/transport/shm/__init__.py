@@ -33,37 +33,36 @@ large payload streams through a ring of any size.  Acquire/release counters,
 futex sleeps only when a side has nothing to do, every wait bounded.
 
 Shared results.  A listener also keeps an arena of memory files that the
-server's round buffers are allocated from (shared_buffer), each after a sum
+server's round buffers are allocated from (allocate()), each after a 64-byte
 control block.  A payload of at least SHARED_MIN_BYTES that lies in the arena
 is not copied into the ring: the first time a connection needs a segment its
 fd goes over the Unix socket, and the ring carries the header (flagged
 SHARED_PAYLOAD, a bit only this layer uses and strips) and the payload's
 place.  The receiver copies straight from the mapping into the destination,
 so the server writes a sum once for all its co-located workers instead of
-once into each worker's ring.  This is
-safe because the protocol already keeps a round's result buffer unchanged
-until every worker has its copy: it is reused two rounds later, and the next
-round cannot complete before each worker has received this one.
+once into each worker's ring.  This is safe because the protocol already
+keeps a round's result buffer unchanged until every worker has its copy
+(rdmakv/server/summing.py).
 
-Shared sums.  The same buffers take the pushes of co-located workers
-directly: offer_sum sends the worker the places of a chunk's two round
-buffers (mapped writable on its side), and its push of round r is then added
-into buffer r % 2 by the worker itself, under the lock in the buffer's
-control block (_shm.h), before only the header crosses the ring, flagged
-SUMMED.  The server adds pushes that reach it any other way under the same
-lock (ShmListener.sum_into), so the first contribution of a round copies and
-every later one adds, whoever makes it.  A worker pushes round r only after
-its round r - 1 completed, so every worker has copied round r - 2's result
-out of that buffer by then.  Co-located workers can thus write into the
-server's round buffers: same-user processes holding the cluster secret are
-trusted that far (RDMAKV_SHM=0 on a worker keeps it out).
+Exposed regions.  The same buffers can be exposed to the peer under a tag
+stream (expose(stream, buffers): a frame flagged EXPOSE carrying the places of
+two buffers, which the peer maps writable); the peer finds them with
+peer_regions(stream), writes a message's payload into one itself (guard()
+words what goes wrong there as this connection's errors), and sends only the
+header, flagged IN_PLACE; the receiver checks the stream was exposed, with
+that size, and hands the header up flagged protocol.FLAG_IN_PLACE.  What is
+written there, and under which lock, is the layer above's: the server's
+shared sums (rdmakv/server/summing.py) use the control block before each
+buffer.  This layer only moves places and checks them against the mapped
+files.
 
 The stream carries exactly what the TCP transport carries, so authentication,
 the KVStore and the server run over it unchanged.  Once a link is handed to a
 native engine (rdmakv/native/wire.c, worker_engine.c, server_engine.c), the
 engine reads and writes the rings, maps the memory files and adds into the
 sums itself, with the same frames and flags; ShmConnection then only sets the
-link up, passes the server's memory files and builds the sum offers.
+link up, passes the server's memory files and builds the exposure frames
+(exposure()).
 
 Files: settings.py (whether to use it, from the environment), arena.py (the
 shared round buffers), connection.py (one connection), listener.py (set-up,

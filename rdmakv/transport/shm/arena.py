@@ -1,6 +1,6 @@
 """The arena: memory files a listener's owner allocates round buffers from, so
 that connections hand co-located peers a buffer's place instead of its bytes
-(see "Shared results" and "Shared sums" in the package's documentation)."""
+(see "Shared results" and "Exposed regions" in the package's documentation)."""
 import errno
 import fcntl
 import mmap
@@ -47,7 +47,8 @@ class SharedArena:
         self._closed = False
 
     def allocate(self, nbytes):
-        """A writable uint8 array of nbytes in shared memory, after a sum control block."""
+        """A writable uint8 array of nbytes in shared memory, after a control block
+        (SUM_CONTROL_BYTES: where the server's shared sums keep their lock and round)."""
         span = -(-(SUM_CONTROL_BYTES + nbytes) // ARENA_ALIGN) * ARENA_ALIGN
         with self._lock:
             if not self._segments or self._used + span > self._segments[-1].size:

@@ -1,6 +1,6 @@
 """One shared-memory connection: two byte rings in a memory file both
 processes map, a Unix socket beside them for segment fds and liveness, and the
-shared results and sums (see the package's documentation)."""
+shared results and exposed regions (see the package's documentation)."""
 import fcntl
 import mmap
 import os
@@ -12,20 +12,19 @@ import time
 
 from rdmakv.core import protocol
 from rdmakv.core.errors import ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, TransportError
-from rdmakv.core.protocol import Op
 from rdmakv.native import transport as _t
-from rdmakv.transport.base import Connection
+from rdmakv.transport.base import Connection, Features, Region
 from rdmakv.transport.shm.arena import SEGMENT, SUM_CONTROL_BYTES
 
 MAX_SHARED_SEGMENTS = 4096     # a peer sharing more is refused (each costs us a mapping)
-# Header flag bits private to this layer (stripped on receipt):
+# Header flag bits private to this layer (stripped on receipt; wire.h's RK_SHARED_FLAGS):
 SHARED_PAYLOAD = 1 << 31       # a PLACE follows, not the bytes
-SUM_OFFER = 1 << 30            # not a message: a SUM_PLACES follows (offer_sum)
-SUMMED = 1 << 29               # a push already added into the offered sum: no bytes follow
-PRIVATE_FLAGS = SHARED_PAYLOAD | SUM_OFFER | SUMMED
+EXPOSE = 1 << 30               # not a message: the header names a tag stream, EXPOSED follows (expose)
+IN_PLACE = 1 << 29             # the payload is already in the region exposed for its stream: no bytes follow
+PRIVATE_FLAGS = SHARED_PAYLOAD | EXPOSE | IN_PLACE
 _FLAGS = struct.Struct("<I")
 PLACE = struct.Struct("<IQ")    # in the ring instead of the payload: segment number, offset
-SUM_PLACES = struct.Struct("<IQIQQ")  # a sum's two round buffers (segment, offset each) and its size
+EXPOSED = struct.Struct("<IQIQQ")  # two exposed buffers (segment, offset each) and their size
 
 
 def _flagged(header, bit):
@@ -46,9 +45,8 @@ class ShmConnection(Connection):
         self._shared_with_peer = set()    # numbers of our segments the peer has
         self._peer_segments = {}          # number -> mmap of the peer's segment
         self._place_follows = False       # the header just read announced a PLACE, not bytes
-        self._sums = {}                   # (key, chunk) -> (place of even rounds, of odd rounds, nbytes)
-        self.summed_bytes = 0             # push bytes this side added straight into the peer's sums
-        self._offered_sums = {}           # (key, chunk) -> nbytes: our sums the peer adds into
+        self._peer_regions = {}           # tag stream -> the two Regions the peer exposed to us
+        self._exposed = {}                # tag stream -> nbytes: our buffers the peer writes into
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._header = bytearray(protocol.HEADER_SIZE)
@@ -73,23 +71,26 @@ class ShmConnection(Connection):
         except OSError as exc:
             raise TransportError(f"{what} {self.peer}: {exc}") from None
 
-    @property
-    def sums_remotely(self):
-        return self._arena is not None
+    # The ring carries a header and its payload only, which the native engines speak.
+    features = Features(shares=True, plain_frames=True)
 
-    @property
-    def frames_are_plain(self):
-        """The ring carries a header and its payload only, which the native engines speak."""
-        return True
+    def guard(self, what, call, *args):
+        """call(*args), which touches this connection's shared memory (a Region
+        from peer_regions), with its failures worded as this connection's:
+        PeerTimeout after the timeout, ConnectionClosed once closed locally.
+        Under the send lock, so close() unmaps nothing while the call runs."""
+        with self._send_lock:
+            return self._io(what, call, *args)
 
     def engine_stream(self):
         """(the Unix socket's fd, the channel): what a native engine borrows to run this link."""
         return self._sock.fileno(), self._channel
 
-    def send(self, header, payload=None):
+    def send(self, header, payload=None, in_place=False):
         with self._send_lock:
-            if self._sums and payload is not None and self._sum_in_place(header, payload):
-                header, payload = _flagged(header, SUMMED), None
+            if in_place:
+                self._check_in_place(header, payload)
+                header = _flagged(header, IN_PLACE)
             place = self._arena.locate(payload) if self._arena is not None and payload is not None else None
             if place is not None:
                 segment, offset = place
@@ -98,41 +99,37 @@ class ShmConnection(Connection):
                 payload = PLACE.pack(segment.number, offset)
             self._io("send to", self._channel.send_frame, header, payload, self._timeout)
 
-    def _sum_in_place(self, header, payload):
-        """Add a push the peer offered a sum for straight into it; False for any other message."""
-        _, _, op, dtype, flags, key, chunk, _, rnd, length, _ = protocol.HEADER.unpack_from(header)
-        offer = self._sums.get((key, chunk))
-        if offer is None or op != Op.PUSH or flags & ~protocol.FLAG_ACK or length != offer[2]:
-            return False
-        memory, offset = offer[rnd % 2]
-        self._io("add to the shared sum of", _t.sum_into_shared, memory, offset, payload, dtype, rnd,
-                 self._timeout, self._channel)
-        self.summed_bytes += length
-        return True
+    def _check_in_place(self, header, payload):
+        """An in_place send must name a stream the peer exposed, with its size, and carry no bytes."""
+        tag = protocol.tag_of_frame(header)
+        regions = self._peer_regions.get(tag.stream)
+        length = protocol.HEADER.unpack_from(header)[9]
+        if payload is not None or regions is None or regions[0].nbytes != length:
+            raise ValueError(f"an in-place send of {tag} ({length} bytes) without a region the peer exposed for it")
 
-    def offer_sum(self, key, chunk, buffers):
+    def peer_regions(self, stream):
+        return self._peer_regions.get(stream)
+
+    def expose(self, stream, buffers):
         with self._send_lock:
-            header, offer, _ = self.sum_offer(key, chunk, buffers)
-            self._io("send to", self._channel.send_frame, header, offer, self._timeout)
+            header, body, _ = self.exposure(stream, buffers)
+            self._io("send to", self._channel.send_frame, header, body, self._timeout)
 
-    def sum_offer(self, key, chunk, buffers):
-        """Share the segments of a chunk's two round buffers (from the listener's
-        shared_buffer) with the peer; returns the frame that offers them as the
-        chunk's sums (header, payload) and the segments' numbers.  Whoever writes
-        the ring sends the frame: this side (offer_sum), or a native engine."""
+    def exposure(self, stream, buffers):
+        """Share the segments of two buffers (from the listener's allocate())
+        with the peer; returns the frame that exposes them under `stream`
+        (header, body) and the segments' numbers.  Whoever writes the ring sends
+        the frame: this side (expose), or a native engine."""
         places = [self._arena.find(buffer) if self._arena is not None else None for buffer in buffers]
         if len(places) != 2 or None in places:
-            raise ValueError("offer_sum takes the two round buffers from the listener's shared_buffer")
+            raise ValueError("expose takes two buffers from the listener's allocate()")
         for segment, _ in places:
             self._share(segment)
-        self._offered_sums[(key, chunk)] = buffers[0].nbytes
+        self._exposed[stream] = buffers[0].nbytes
         (even, even_offset), (odd, odd_offset) = places
-        offer = SUM_PLACES.pack(even.number, even_offset, odd.number, odd_offset, buffers[0].nbytes)
-        header = _flagged(protocol.pack(Op.PUSH, key=key, chunk=chunk, length=SUM_PLACES.size), SUM_OFFER)
-        return header, offer, (even.number, odd.number)
-
-    def shares(self, payload):
-        return self._arena is not None and self._arena.locate(payload) is not None
+        body = EXPOSED.pack(even.number, even_offset, odd.number, odd_offset, buffers[0].nbytes)
+        header = _flagged(protocol.tagged_header(protocol.Tag(stream, 0), EXPOSED.size), EXPOSE)
+        return header, body, (even.number, odd.number)
 
     def _share(self, segment):
         """Pass a segment's fd to the peer, ahead of the first frame that names it
@@ -152,14 +149,14 @@ class ShmConnection(Connection):
                 if private:
                     _FLAGS.pack_into(self._header, protocol.FLAGS_OFFSET, flags & ~PRIVATE_FLAGS)
                 header = protocol.unpack(self._header)
-                if private == SUM_OFFER:
-                    self._take_sum_offer(header)
+                if private == EXPOSE:
+                    self._take_exposure(header)
                     continue
                 self._place_follows = private == SHARED_PAYLOAD
                 if self._place_follows and header.length == 0:
                     raise ProtocolError(f"receive from {self.peer}: a shared payload of 0 bytes")
-                if private == SUMMED:
-                    return self._summed(header)
+                if private == IN_PLACE:
+                    return self._in_place(header)
                 if private and not self._place_follows:
                     raise ProtocolError(f"receive from {self.peer}: private flags 0x{private:x} together")
                 return header
@@ -170,30 +167,30 @@ class ShmConnection(Connection):
             return 0
         return self._io("receive from", self._channel.available)
 
-    def _take_sum_offer(self, header):
-        """Record a sum the peer lets us add our pushes into (the caller holds the receive lock)."""
-        if self._arena is not None or header.op != Op.PUSH or header.length != SUM_PLACES.size:
+    def _take_exposure(self, header):
+        """Record the regions the peer exposes to us (the caller holds the receive lock)."""
+        if self._arena is not None or header.length != EXPOSED.size:
             raise ProtocolError(f"receive from {self.peer}: a malformed shared-sum offer")
-        raw = bytearray(SUM_PLACES.size)
+        raw = bytearray(EXPOSED.size)
         self._io("receive from", self._channel.recv_into, raw, self._timeout)
-        even, even_offset, odd, odd_offset, nbytes = SUM_PLACES.unpack(raw)
-        places = []
+        even, even_offset, odd, odd_offset, nbytes = EXPOSED.unpack(raw)
+        regions = []
         for number, offset in ((even, even_offset), (odd, odd_offset)):
             memory = self._peer_segment(number)
             if (not nbytes or offset < SUM_CONTROL_BYTES or offset % SUM_CONTROL_BYTES
                     or offset + nbytes > len(memory)):
                 raise ProtocolError(f"receive from {self.peer}: a shared sum of {nbytes} bytes at offset "
                                     f"{offset} does not fit segment {number}")
-            places.append((memory, offset))
-        self._sums[(header.key, header.chunk)] = (places[0], places[1], nbytes)
+            regions.append(Region(number, offset, memory, nbytes, self._channel))
+        self._peer_regions[protocol.tag_of(header).stream] = tuple(regions)
 
-    def _summed(self, header):
-        """A push the peer added into a sum we offered: checked, and flagged for the layer above."""
-        nbytes = self._offered_sums.get((header.key, header.chunk))
-        if nbytes is None or header.op != Op.PUSH or header.flags & ~protocol.FLAG_ACK or header.length != nbytes:
+    def _in_place(self, header):
+        """A message whose payload the peer wrote into a region we exposed: checked, and flagged for the layer above."""
+        nbytes = self._exposed.get(protocol.tag_of(header).stream)
+        if nbytes is None or header.length != nbytes:
             raise ProtocolError(f"receive from {self.peer}: a push of key {header.key} chunk {header.chunk} "
                                 f"summed in place without an offer for it")
-        return header._replace(flags=header.flags | protocol.FLAG_SUMMED_IN_PLACE)
+        return header._replace(flags=header.flags | protocol.FLAG_IN_PLACE)
 
     def recv_payload(self, header, destination):
         with self._recv_lock:
@@ -211,7 +208,7 @@ class ShmConnection(Connection):
                 raise ConnectionClosed(f"receive from {self.peer}: the peer left mid-message") from None
 
     def _peer_segment(self, number):
-        """The peer's segment `number`, mapped (writable: shared sums are added into
+        """The peer's segment `number`, mapped (writable: it may expose regions in
         it); its fd was sent ahead of the frame, so it waits on the socket (or
         the peer is broken)."""
         deadline = time.monotonic() + self._timeout

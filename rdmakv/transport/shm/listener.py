@@ -14,7 +14,7 @@ import numpy as np
 from rdmakv.core import netif
 from rdmakv.core.errors import ProtocolError, TransportError
 from rdmakv.native import transport as _t
-from rdmakv.transport.base import Listener, Throttle
+from rdmakv.transport.base import Features, Listener, Region, Throttle
 from rdmakv.transport.shm.arena import SHARED_MIN_BYTES, SharedArena
 from rdmakv.transport.shm.connection import ShmConnection
 from rdmakv.transport.shm.settings import MAX_RING_BYTES, MIN_RING_BYTES, allowed_uids, ring_bytes
@@ -194,29 +194,24 @@ class ShmListener(Listener):
             if memfd >= 0:
                 os.close(memfd)
 
-    def shared_buffer(self, nbytes):
+    @property
+    def features(self):
+        return Features(shares=self._unix is not None)
+
+    def allocate(self, nbytes):
         """A writable uint8 array whose bytes co-located peers read in place
-        when it is sent to them (see SharedArena); a plain one where that
-        cannot help."""
+        when it is sent to them and write into once exposed (see SharedArena);
+        a plain one where that cannot help."""
         if self._unix is None or nbytes < SHARED_MIN_BYTES:
             return np.empty(nbytes, np.uint8)
         return self._arena.allocate(nbytes)
 
-    def shares_sums(self, buffer):
-        """Whether buffer came from shared_buffer in shared memory, so co-located
-        workers may add into it (offer_sum) and sum_into must be used for it."""
-        return self._arena.find(buffer) is not None
-
-    def shared_place(self, buffer):
-        """(segment number, offset) of a buffer for which shares_sums holds."""
-        segment, offset = self._arena.find(buffer)
-        return segment.number, offset
-
-    def sum_into(self, buffer, source, dtype_code, round):
-        """Contribute source to round's sum in a shared buffer under its lock (see
-        "Shared sums"); TimeoutError when a co-located worker holds it too long."""
-        segment, offset = self._arena.find(buffer)
-        _t.sum_into_shared(segment.memory, offset, source, dtype_code, round, self._timeout)
+    def region(self, buffer):
+        found = self._arena.find(buffer)
+        if found is None:
+            return None
+        segment, offset = found
+        return Region(segment.number, offset, segment.memory, buffer.nbytes, None)
 
     def close(self):
         if self._unix is not None:

@@ -24,14 +24,16 @@ message id, rkey, address) before the rdmakv header:
   into the destination on recv_payload().  Such copies are counted in
   `copied_bytes`.
 - placed (larger payloads the receiver offered a buffer for, zero copy, one
-  way): offer(op, key, chunk, round, buffer) registers the buffer (remote
-  write) and sends an OFFER frame {offer id, addr, rkey, and where the
-  header goes}.  When the sender later sends that message, it RDMA-writes the
+  way): offer(tag, buffer) registers the buffer (remote write) and sends an
+  OFFER frame {offer id, addr, rkey, the tag, and where the header goes}.
+  Tags (protocol.Tag: a stream and a sequence number) are computed by the
+  layer above; this transport only compares them, and finds a message's tag
+  with protocol.tag_of.  When the sender later sends that message, it RDMA-writes the
   48-byte header into the receiver's offer-header table entry, then the
   payload straight from the caller's array into the offered buffer with
   WRITE_WITH_IMM, immediate = PLACED_BIT | offer id (RC places both writes
-  before the immediate completes).  The receiver checks the header against
-  its offer.  The KVStore offers each result's destination before pushing,
+  before the immediate completes).  The receiver checks the header's tag and
+  length against its offer.  The KVStore offers each result's destination before pushing,
   and the server offers each worker a slot per chunk for its next push, so
   both directions skip the round trip below.
 - rendezvous (larger payloads without an offer, zero copy): the header goes
@@ -46,7 +48,7 @@ peer never reads worker memory), and send() returns once its write completed.
 The progress thread takes offers in as they arrive, so a sender sees an offer
 whatever its own reader is doing; their credits go back in a CREDIT frame it
 sends only from a free send slot (it must never wait).  A new offer for the
-same (op, key, chunk) replaces the last; at most OFFER_SLOTS are open per
+same tag stream replaces the last; at most OFFER_SLOTS are open per
 connection, and with none free a message simply goes by rendezvous.
 
 Flow control: the sender holds one credit per receive slot the peer keeps

@@ -16,7 +16,7 @@ import time
 
 from rdmakv.core import netif, protocol
 from rdmakv.core.errors import ProtocolError
-from rdmakv.transport.base import Connection
+from rdmakv.transport.base import Connection, Features
 from rdmakv.transport.verbs.credits import FlowControl
 from rdmakv.transport.verbs.eager import Eager
 from rdmakv.transport.verbs.frames import EAGER_LIMIT
@@ -34,7 +34,7 @@ CLOSE_DRAIN_SECONDS = 2.0    # close() lets SENDs already posted complete for at
 class VerbsConnection(Connection):
     """One RC QP to one peer, with its TCP side channel (see the module doc)."""
 
-    places_remotely = True
+    features = Features(places=True)
 
     def __init__(self, sock, timeout):
         """Allocate everything for one peer (PD, CQ, QP, registered slots) and
@@ -97,7 +97,9 @@ class VerbsConnection(Connection):
         return self._offers.placed_bytes
 
     # ---- the transport contract ------------------------------------------------------
-    def send(self, header, payload=None):
+    def send(self, header, payload=None, in_place=False):
+        if in_place:
+            raise ValueError("a verbs connection has no shared regions to send in place")
         view = None
         n = 0
         if payload is not None:
@@ -111,10 +113,10 @@ class VerbsConnection(Connection):
         if n <= EAGER_LIMIT:
             self._eager.send(header, view, n)
             return
-        _, _, op, _, _, key, chunk, _, rnd, _, _ = protocol.HEADER.unpack(header)
+        tag = protocol.tag_of_frame(header)
         with self._state.cv:
             self._state.check("send to")
-            offer = self._offers.claim(op, key, chunk, rnd, n)
+            offer = self._offers.claim(tag, n)
             ident = self._sender.new_message_id()
         deadline = time.monotonic() + self._state.timeout
         with self._resources.mr_cache.lease(view, 0) as mr:     # local access only: the peer never reads us
@@ -123,8 +125,8 @@ class VerbsConnection(Connection):
             else:
                 self._rendezvous.send(header, mr, n, ident, deadline)
 
-    def offer(self, op, key, chunk, round, buffer):
-        self._offers.offer(op, key, chunk, round, buffer)
+    def offer(self, tag, buffer):
+        self._offers.offer(tag, buffer)
 
     def recv_header(self, idle_timeout):
         return self._receiver.recv_header(idle_timeout)

@@ -19,8 +19,9 @@ MAX_RETURNED_CREDITS = 0xFFFF  # what the prefix's credit field holds
 K_EAGER, K_RNDV, K_CTS, K_CREDIT, K_OFFER = 1, 2, 3, 4, 5
 K_PLACED = 6                 # inbox only: a message the peer wrote into an offered buffer
 EAGER_LIMIT = SLOT_BYTES - PREFIX.size - protocol.HEADER_SIZE
-# an offer's body: op, key, chunk, round, length, header entry addr, header table rkey
-# (the payload buffer's rkey and addr travel in the prefix)
-OFFER = struct.Struct("<BQIQQQI")
+# an offer's body: the tag's stream (protocol.TAG_STREAM_BYTES, little-endian) and
+# sequence, length, header entry addr, header table rkey (the payload buffer's rkey
+# and addr travel in the prefix)
+OFFER = struct.Struct(f"<{protocol.TAG_STREAM_BYTES}sQQQI")
 # immediate data: a rendezvous message id, or PLACED_BIT | the offer it fills
 PLACED_BIT = 1 << 31

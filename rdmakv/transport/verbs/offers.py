@@ -1,11 +1,12 @@
 """The placed protocol, zero copy and one way: the receiver offers a buffer for
-the peer's next (op, key, chunk) message of a round (an OFFER frame with the
-buffer's addr and rkey, and the entry of its offer-header table where the
-header goes); the sender RDMA-writes the header into that entry and then the
-payload straight into the buffer, the immediate = PLACED_BIT | offer id (RC
-places both writes before the immediate completes); the receiver checks the
-header against its offer.  A new offer for the same (op, key, chunk) replaces
-the last; with none free, or none that fits, a message goes by rendezvous."""
+the peer's message of a tag (protocol.Tag: the next message of a stream, with
+its sequence number), in an OFFER frame with the buffer's addr and rkey and
+the entry of its offer-header table where the header goes; the sender
+RDMA-writes the header into that entry and then the payload straight into the
+buffer, the immediate = PLACED_BIT | offer id (RC places both writes before
+the immediate completes); the receiver checks the header's tag and length
+against its offer.  A new offer for the same stream replaces the last; with
+none free, or none that fits, a message goes by rendezvous."""
 from collections import deque, namedtuple
 
 from rdmakv.core import protocol
@@ -13,10 +14,10 @@ from rdmakv.core.errors import ConnectionClosed, ProtocolError
 from rdmakv.transport.verbs.frames import EAGER_LIMIT, K_OFFER, OFFER, OFFER_SLOTS, PLACED_BIT, PREFIX
 from rdmakv.transport.verbs.mrcache import buffer_span
 
-# A buffer of ours the peer may write one message into: `match` is (op, key, chunk).
-_Offer = namedtuple("_Offer", "match round view pin")
-# Where the peer wants its next (op, key, chunk) message of `round`.
-_PeerOffer = namedtuple("_PeerOffer", "round ident length addr rkey header_addr header_rkey")
+# A buffer of ours the peer may write its message of `tag` into.
+_Offer = namedtuple("_Offer", "tag view pin")
+# Where the peer wants our message of `sequence` in the stream it is filed under.
+_PeerOffer = namedtuple("_PeerOffer", "sequence ident length addr rkey header_addr header_rkey")
 
 
 class Offers:
@@ -26,21 +27,20 @@ class Offers:
         self._flow = flow
         self._sender = sender
         self._ours = {}                # offer id -> _Offer: buffers of ours the peer may write into
-        self._our_ids = {}             # (op, key, chunk) -> our newest offer id for it
+        self._our_ids = {}             # tag stream -> our newest offer id for it
         self._free_ids = deque(range(OFFER_SLOTS))   # FIFO, so a retired id is reused last
-        self._theirs = {}              # (op, key, chunk) -> _PeerOffer
+        self._theirs = {}              # tag stream -> _PeerOffer
         self.placed_bytes = 0          # payload bytes written straight into offered buffers (both ways)
         self.copied_bytes = 0          # placed payloads then copied to where the receiver wanted them
 
     # ---- offering our buffers ----------------------------------------------------------
-    def offer(self, op, key, chunk, round, buffer):
+    def offer(self, tag, buffer):
         """Register `buffer` for remote write and tell the peer to write its
-        next (op, key, chunk) message of `round` straight into it."""
+        message of `tag` straight into it."""
         view = memoryview(buffer)
         if not view.contiguous or view.nbytes <= EAGER_LIMIT:
             return                    # small messages are cheaper through the eager slots
         view = view.cast("B")
-        match = (op, key, chunk)
         with self._state.cv:
             # Offers are advice: without one the message comes by rendezvous, where
             # a broken connection reports itself.
@@ -54,13 +54,14 @@ class Offers:
                 self._free_ids.append(ident)
             raise
         with self._state.cv:
-            self._ours[ident] = _Offer(match, round, view, pin)
-            replaced = self._our_ids.get(match)
-            self._our_ids[match] = ident
+            self._ours[ident] = _Offer(tag, view, pin)
+            replaced = self._our_ids.get(tag.stream)
+            self._our_ids[tag.stream] = ident
         if replaced is not None:
             self._retire(replaced)
         entry, table_rkey = self._resources.offer_header_entry(ident)
-        body = OFFER.pack(op, key, chunk, round, view.nbytes, entry, table_rkey)
+        body = OFFER.pack(tag.stream.to_bytes(protocol.TAG_STREAM_BYTES, "little"), tag.sequence, view.nbytes,
+                          entry, table_rkey)
         self._sender.post_frame(K_OFFER, ident, body, rkey=pin[1].rkey, addr=pin[1].addr, what="offer to")
 
     def _retire(self, ident):
@@ -69,8 +70,8 @@ class Offers:
             offer = self._ours.pop(ident, None)
             if offer is None:
                 return None
-            if self._our_ids.get(offer.match) == ident:
-                del self._our_ids[offer.match]
+            if self._our_ids.get(offer.tag.stream) == ident:
+                del self._our_ids[offer.tag.stream]
             self._free_ids.append(ident)
         self._resources.mr_cache.unpin(offer.pin)
         return offer
@@ -89,13 +90,10 @@ class Offers:
         if offer is None:
             raise ProtocolError(f"{peer} wrote a message into offer {ident}, which is not open")
         header = protocol.unpack(self._resources.offer_header(ident))
-        if ((header.op, header.key, header.chunk) != offer.match or header.round != offer.round
-                or header.length != offer.view.nbytes):
-            op, key, chunk = offer.match
-            raise ProtocolError(
-                f"{peer} wrote {protocol.op_name(header.op)} key {header.key} chunk {header.chunk} "
-                f"round {header.round} ({header.length} bytes) into the buffer offered for "
-                f"{protocol.op_name(op)} key {key} chunk {chunk} round {offer.round} ({offer.view.nbytes} bytes)")
+        tag = protocol.tag_of(header)
+        if tag != offer.tag or header.length != offer.view.nbytes:
+            raise ProtocolError(f"{peer} wrote {tag} ({header.length} bytes) into the buffer offered for "
+                                f"{offer.tag} ({offer.view.nbytes} bytes)")
         return header
 
     def placed_length(self, ident):
@@ -120,27 +118,27 @@ class Offers:
     def take(self, frame, ident, rkey, addr):
         """Record the peer's offer in the OFFER `frame` (progress thread, cv held):
         at once, so a sender sees it whatever its reader is doing."""
-        op, key, chunk, rnd, length, header_addr, header_rkey = OFFER.unpack_from(frame, PREFIX.size)
+        stream, sequence, length, header_addr, header_rkey = OFFER.unpack_from(frame, PREFIX.size)
+        stream = int.from_bytes(stream, "little")
         peer = self._state.peer
         if length <= EAGER_LIMIT or ident >= OFFER_SLOTS:
             self._state.fail(ProtocolError(f"{peer} offered a buffer of {length} bytes as offer {ident}"))
-        elif (op, key, chunk) not in self._theirs and len(self._theirs) >= OFFER_SLOTS:
+        elif stream not in self._theirs and len(self._theirs) >= OFFER_SLOTS:
             self._state.fail(ProtocolError(f"{peer} offered more than {OFFER_SLOTS} buffers"))
         else:
-            self._theirs[(op, key, chunk)] = _PeerOffer(rnd, ident, length, addr, rkey, header_addr,
-                                                        header_rkey)
+            self._theirs[stream] = _PeerOffer(sequence, ident, length, addr, rkey, header_addr, header_rkey)
 
-    def peer_offer(self, op, key, chunk):
-        """The peer's open offer for our next (op, key, chunk) message, or None."""
-        return self._theirs.get((op, key, chunk))
+    def peer_offer(self, tag):
+        """The peer's open offer for our next message of tag.stream, or None."""
+        return self._theirs.get(tag.stream)
 
-    def claim(self, op, key, chunk, round, n):
-        """(cv held) The peer's offer for this message of `round` and n bytes, now
+    def claim(self, tag, n):
+        """(cv held) The peer's offer for our message of `tag` and n bytes, now
         used up, or None when there is none that fits."""
-        offer = self._theirs.get((op, key, chunk))
-        if offer is None or offer.round != round or offer.length != n:
+        offer = self._theirs.get(tag.stream)
+        if offer is None or offer.sequence != tag.sequence or offer.length != n:
             return None
-        del self._theirs[(op, key, chunk)]
+        del self._theirs[tag.stream]
         return offer
 
     def send(self, header, mr, n, ident, offer, deadline):

@@ -1,0 +1,68 @@
+"""How a sum is made, on the Python data path: the one place to read for it.
+(The native engines do the same in C: server_engine.c's take_push, and
+worker_engine.c for a co-located worker's own push; both call _shm.h's
+rdmakv_sum_contribute for shared sums.)
+
+A chunk held by a server has two round buffers, used by alternate rounds:
+round r's sum is built in buffer round_buffer(r) = r % 2.  A worker pushes
+round r + 1 only after it has round r's result, so while round r + 1 is summed
+round r's result can still be going out to slower workers, and by the time
+round r + 2 reuses a buffer every worker has copied round r's result out of it.
+
+Private sums (TCP, verbs, and shared memory where a buffer cannot be shared):
+the round's first push is copied into the buffer (or received straight into
+it: the server's destination()), every later one is added into it by
+add_into (_reduce.h, vectorized for every dtype; integers wrap like numpy's).
+
+Shared sums (shared memory): the round buffers come from the listener's
+allocate() and are exposed to co-located workers under the tag stream of the
+chunk's pushes.  Such a sum is built under the lock in the 64-byte control
+block before the buffer (_shm.h), which also records the round the buffer
+holds, so whoever contributes first in a round copies and every later
+contributor adds: the server for pushes that reach it as bytes (contribute),
+a co-located worker for its own push (push_in_place), which then sends only
+the push's header (Connection.send(in_place=True)).  Co-located workers thus
+write into the server's round buffers: same-user processes holding the cluster
+secret are trusted that far (RDMAKV_SHM=0 on a worker keeps it out).  Only a
+whole chunk of plain pushpull is added in place; broadcasts go as bytes."""
+from rdmakv.core.protocol import FLAG_ACK
+from rdmakv.native import transport as _t
+
+ROUND_BUFFERS = 2
+
+
+def round_buffer(rnd):
+    """Which of a chunk's round buffers holds round rnd's sum."""
+    return rnd % ROUND_BUFFERS
+
+
+def add(target, payload, dtype_code, first):
+    """A private sum: the round's first contribution copied, later ones added."""
+    if first:
+        target[:] = payload
+    else:
+        _t.add_into(target, payload, dtype_code)
+
+
+def contribute(region, source, dtype_code, rnd, timeout):
+    """Contribute source to round rnd's shared sum in `region` (a transport
+    Region) under its lock, GIL released: copied as the round's first
+    contribution, else added.  TimeoutError when another contributor holds the
+    lock for `timeout` seconds; ConnectionAbortedError if the region's
+    connection closes locally meanwhile."""
+    _t.sum_into_shared(region.memory, region.offset, source, dtype_code, rnd, timeout, region.stop)
+
+
+def push_in_place(connection, tag, dtype_code, flags, payload, timeout):
+    """A worker's push of `tag` added into the shared sum the server exposed for
+    it, where it exposed one and the push is a whole plain one; returns the bytes
+    added (the caller then sends the header in_place), or 0 (it sends the bytes)."""
+    if flags & ~FLAG_ACK:
+        return 0
+    regions = connection.peer_regions(tag.stream)
+    nbytes = memoryview(payload).nbytes
+    if regions is None or regions[0].nbytes != nbytes:
+        return 0
+    connection.guard("add to the shared sum of", contribute, regions[round_buffer(tag.sequence)], payload,
+                     dtype_code, tag.sequence, timeout)
+    return nbytes
