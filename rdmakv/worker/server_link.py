@@ -25,6 +25,10 @@ class ServerLink(ServerLinkBase, Handler):
         self.expected = {}
         self.sending = False          # a thread is sending: only one takes from the queue at a time
         self.summed_bytes = 0         # push bytes added straight into the server's shared sums (shared memory)
+        # (wire key, chunk) -> 1 + the last round whose result arrived: a push is added into a
+        # shared sum only as the round after it (summing.py: the buffer it reuses was copied
+        # out by every worker only then; a cancelled round breaks the chain).
+        self.rounds_done = {}
         self.sender = threading.Thread(target=self._send_loop, daemon=True, name=f"rdmakv-send-{rank}")
 
     def start(self, connection):
@@ -118,7 +122,8 @@ class ServerLink(ServerLinkBase, Handler):
 
     def _sum_in_place(self, info, chunk, rnd, flags, payload):
         """Whether the push was added straight into the server's shared sum (summing.py)."""
-        if payload is None or not self.peer.connection.features.shares:
+        if (payload is None or not self.peer.connection.features.shares
+                or self.rounds_done.get((info.wire, chunk.index), 0) != rnd):
             return False
         added = summing.push_in_place(self.peer.connection, protocol.tag(Op.PUSH, info.wire, chunk.index, rnd),
                                       info.dtype_code, flags, payload, self.store.config.timeout)
@@ -162,6 +167,7 @@ class ServerLink(ServerLinkBase, Handler):
                 entry = self.expected.pop((header.key, header.chunk, header.round), None)
                 if entry is not None:
                     self._return_credit(entry)
+                    self.rounds_done[(header.key, header.chunk)] = header.round + 1
             if entry is not None:
                 if self.store.tracer:
                     self.store.tracer.stage("received", key=entry[0].info.name, chunk=header.chunk,
