@@ -514,7 +514,7 @@ static void *reader_main(void *arg) {
             int sized = chunk && h.length == ((h.flags & RK_FLAG_NO_DATA) ? 0 : chunk->nbytes);
             if (h.shared) {
                 /* Only a push added into a sum this worker was offered comes flagged. */
-                int offered = sized && h.shared == RK_SUMMED && chunk->shared && h.length &&
+                int offered = sized && h.shared == RK_IN_PLACE && chunk->shared && h.length &&
                               !(h.flags & ~RK_FLAG_ACK) && has_segment(link, chunk->segments[0]) &&
                               has_segment(link, chunk->segments[1]);
                 rc = offered ? take_push(link, chunk, &h, 1, &err) : RK_ERR_SHARED;

@@ -31,11 +31,11 @@
 /* Header flag bits only shared memory carries (rdmakv/transport/shm/connection.py):
  * the reader strips them from flags into rk_header.shared. */
 #define RK_SHARED_PAYLOAD (1u << 31)  /* a PLACE (segment, offset) follows, not the bytes */
-#define RK_SUM_OFFER (1u << 30)       /* not a message: a SUM_PLACES offer follows */
-#define RK_SUMMED (1u << 29)          /* a push already added into the offered sum: no bytes follow */
-#define RK_SHARED_FLAGS (RK_SHARED_PAYLOAD | RK_SUM_OFFER | RK_SUMMED)
+#define RK_EXPOSE (1u << 30)          /* not a message: the sums a chunk's pushes may be added into follow */
+#define RK_IN_PLACE (1u << 29)        /* a push already added into the exposed sum: no bytes follow */
+#define RK_SHARED_FLAGS (RK_SHARED_PAYLOAD | RK_EXPOSE | RK_IN_PLACE)
 #define RK_PLACE_SIZE 12              /* <IQ: segment number, offset */
-#define RK_SUM_PLACES_SIZE 32         /* <IQIQQ: even round's segment and offset, odd's, bytes */
+#define RK_EXPOSED_SIZE 32            /* <IQIQQ: even round's segment and offset, odd's, bytes */
 #define RK_SEGMENT_NOTICE_SIZE 12     /* <IQ with a memory file's fd: its number and size */
 #define RK_MAX_SEGMENTS 64            /* a peer's memory files one link maps (they double in size) */
 

@@ -271,7 +271,7 @@ static void transmit(rk_link *link, const rk_item *items, int count, int may_add
                        .length = no_data ? 0 : chunk->nbytes, .sender = link->engine->sender_rank};
         int summed = may_add ? add_to_shared_sum(link, key, chunk, op) : 0;
         if (summed == RK_STOPPED) rc = RK_STOPPED;
-        if (summed == 1) h.flags |= RK_SUMMED;
+        if (summed == 1) h.flags |= RK_IN_PLACE;
         rk_header_pack(packed[i], &h);
         iov[parts++] = (struct iovec){packed[i], RK_HEADER_SIZE};
         if (h.length && summed != 1) iov[parts++] = (struct iovec){(char *)op->source + chunk->offset, h.length};
@@ -625,9 +625,9 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
 
 /* Shared memory: the server offers the round buffers of a chunk of ours for our
  * pushes to be added into (once per chunk). */
-static int take_sum_offer(rk_link *link, const rk_header *h, int *err) {
-    char offer[RK_SUM_PLACES_SIZE];
-    if (h->op != RK_OP_PUSH || h->length != RK_SUM_PLACES_SIZE) return RK_ERR_SHARED;
+static int take_exposed_sums(rk_link *link, const rk_header *h, int *err) {
+    char offer[RK_EXPOSED_SIZE];
+    if (h->op != RK_OP_PUSH || h->length != RK_EXPOSED_SIZE) return RK_ERR_SHARED;
     int rc = rk_recv_all(&link->stream, offer, sizeof offer, 0, err);
     if (rc) return rc;
     rk_key *key = find_key(link->engine, h->key);
@@ -689,8 +689,8 @@ static void *reader_main(void *arg) {
         int rc = rk_read_header(&link->stream, &h, &have_header, &err);
         if (rc == RK_OK && h.shared) {
             /* Only these come with shared-memory flags: anything else is a broken peer's. */
-            if (h.shared == RK_SUM_OFFER)
-                rc = take_sum_offer(link, &h, &err);
+            if (h.shared == RK_EXPOSE)
+                rc = take_exposed_sums(link, &h, &err);
             else if (h.shared == RK_SHARED_PAYLOAD && h.op == RK_OP_RESULT && h.length)
                 rc = take_result(link, &h, &limit, &err);
             else
