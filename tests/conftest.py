@@ -33,6 +33,20 @@ CONNECTION_CLASS = {"tcp": "TcpConnection", "shm": "ShmConnection", "verbs": "Ve
 
 
 @pytest.fixture
+def closing():
+    """make(obj) -> obj, closed when the test ends (rigs, channels: whatever a test builds)."""
+    made = []
+
+    def make(obj):
+        made.append(obj)
+        return obj
+
+    yield make
+    for obj in made:
+        obj.close()
+
+
+@pytest.fixture
 def cluster_factory(request):
     """Start LocalClusters and guarantee they are torn down.  Under the
     transport fixture, every in-process worker's server links must have used it."""

@@ -20,21 +20,14 @@ from rdmakv.core.errors import ProtocolError
 from rdmakv.core.protocol import FLAG_ACK, FLAG_NO_DATA, Op
 from rdmakv.native import transport as _t
 
+from socket_helpers import recv_exactly
+
 TIMEOUT = 10.0
 
 
 def read_message(sock):
     header = protocol.unpack(recv_exactly(sock, protocol.HEADER_SIZE))
     return header, recv_exactly(sock, header.length)
-
-
-def recv_exactly(sock, n):
-    data = bytearray()
-    while len(data) < n:
-        part = sock.recv(n - len(data))
-        assert part, "the engine closed the connection"
-        data += part
-    return bytes(data)
 
 
 def reply(sock, op, payload=b"", **fields):
@@ -67,16 +60,8 @@ class Rig:
 
 
 @pytest.fixture
-def rig():
-    made = []
-
-    def make(**kwargs):
-        made.append(Rig(**kwargs))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
+def rig(closing):
+    return lambda **kwargs: closing(Rig(**kwargs))
 
 
 def test_a_pushpull_goes_out_from_the_source_and_its_result_lands_in_the_target(rig):
@@ -498,16 +483,8 @@ class ServerRig:
 
 
 @pytest.fixture
-def server_rig():
-    made = []
-
-    def make(**kwargs):
-        made.append(ServerRig(**kwargs))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
+def server_rig(closing):
+    return lambda **kwargs: closing(ServerRig(**kwargs))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"])

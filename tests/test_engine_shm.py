@@ -18,6 +18,8 @@ from rdmakv.transport.shm.arena import SharedArena
 from rdmakv.transport.shm.connection import EXPOSE as SUM_OFFER, EXPOSED as SUM_PLACES, IN_PLACE as SUMMED
 from rdmakv.transport.shm.connection import PLACE, SHARED_PAYLOAD
 
+from socket_helpers import recv_exactly
+
 TIMEOUT = 10.0
 SHORT = 0.5                   # an engine whose waits for a peer's memory file end soon
 INT32 = protocol.DTYPE_CODES["int32"]
@@ -114,16 +116,8 @@ class WorkerRig:
 
 
 @pytest.fixture
-def worker_rig():
-    made = []
-
-    def make(**kwargs):
-        made.append(WorkerRig(**kwargs))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
+def worker_rig(closing):
+    return lambda **kwargs: closing(WorkerRig(**kwargs))
 
 
 def test_a_pushpull_crosses_the_rings_both_ways(worker_rig):
@@ -356,31 +350,14 @@ class ServerRig:
 
 
 @pytest.fixture
-def server_rig():
-    made = []
-
-    def make(**kwargs):
-        made.append(ServerRig(**kwargs))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
+def server_rig(closing):
+    return lambda **kwargs: closing(ServerRig(**kwargs))
 
 
 def tcp_push(sock, wire, values, rnd):
     payload = values.tobytes()
     sock.sendall(protocol.pack(Op.PUSH, length=len(payload), key=wire, round=rnd,
                                dtype=protocol.DTYPE_CODES[values.dtype.name], sender=1) + payload)
-
-
-def recv_exactly(sock, n):
-    data = bytearray()
-    while len(data) < n:
-        part = sock.recv(n - len(data))
-        assert part, "the engine closed the connection"
-        data += part
-    return bytes(data)
 
 
 def tcp_read(sock):
@@ -412,7 +389,6 @@ def test_the_server_sums_pushes_added_in_place_with_pushes_that_crossed_a_socket
         header, payload = tcp_read(r.tcp)
         assert (header.op, header.round) == (Op.RESULT, rnd)
         np.testing.assert_array_equal(np.frombuffer(payload, np.int64), expected)
-
 
 
 def test_a_push_summed_in_place_without_the_memory_is_a_broken_worker(server_rig):

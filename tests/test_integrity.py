@@ -22,6 +22,8 @@ from rdmakv.core.protocol import Op
 from rdmakv.transport import tcp
 from rdmakv.worker.kvstore import KVStore
 
+from socket_helpers import recv_exactly
+
 SECRET = "integrity-test-secret"
 
 
@@ -31,15 +33,6 @@ def loopback_pair(timeout=5.0):
         connection = tcp.connect("127.0.0.1", listener.getsockname()[1], timeout)
         raw, _ = listener.accept()
     return connection, raw
-
-
-def recv_exactly(sock, n):
-    data = bytearray()
-    while len(data) < n:
-        piece = sock.recv(n - len(data))
-        assert piece, "closed early"
-        data += piece
-    return bytes(data)
 
 
 def test_replayed_reordered_and_altered_records_are_refused():
