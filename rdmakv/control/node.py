@@ -11,10 +11,11 @@ import time
 
 from rdmakv.control import auth
 from rdmakv.control.auth import AuthenticationError
+from rdmakv.control.peer import Handler, Peer
 from rdmakv.core import netif, protocol
 from rdmakv.core.errors import EndOfStream, PeerTimeout, ProtocolError, RdmaKVError, RemoteError
 from rdmakv.core.protocol import Op
-from rdmakv.transport.base import Handler, Peer, Throttle
+from rdmakv.transport.base import Throttle
 
 log = logging.getLogger("rdmakv.node")
 

@@ -8,11 +8,11 @@ import time
 
 from rdmakv.control import auth
 from rdmakv.control.node import accept_peers
+from rdmakv.control.peer import Handler
 from rdmakv.core import netif, protocol
 from rdmakv.core.errors import PeerTimeout, ProtocolError
 from rdmakv.core.protocol import Op
 from rdmakv.transport import choose_transport
-from rdmakv.transport.base import Handler
 
 log = logging.getLogger("rdmakv.scheduler")
 

@@ -47,7 +47,7 @@ class Op:
     WAITING = 21       # json {missing}: a round open for RDMAKV_TIMEOUT/2 still lacks these workers' pushes
     # any direction
     ERROR = 30         # json {message, key?}
-    HEARTBEAT = 31     # no payload: the sender is alive (transport.base.Peer)
+    HEARTBEAT = 31     # no payload: the sender is alive (control.peer.Peer)
     # connection handshake (rdmakv.control.auth)
     CHALLENGE = 40     # json {nonce, auth, integrity}
     AUTH = 41          # json {nonce, mac, integrity}

@@ -23,7 +23,9 @@ import time
 import numpy as np
 
 from rdmakv.control import auth, trace
+from rdmakv.control.engine_errors import engine_read_error, engine_stream_error
 from rdmakv.control.node import ControlLink, accept_peers
+from rdmakv.control.peer import Handler
 from rdmakv.core import netif, partition, protocol
 from rdmakv.core.config import Config, machine_memory
 from rdmakv.core.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
@@ -31,8 +33,6 @@ from rdmakv.core.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.native import transport as _t
 from rdmakv.server import summing
 from rdmakv.transport import choose_transport, tcp
-from rdmakv.transport.base import Handler
-from rdmakv.transport.tcp import engine_read_error, engine_stream_error
 
 log = logging.getLogger("rdmakv.server")
 

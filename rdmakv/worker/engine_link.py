@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 import threading
 
+from rdmakv.control.engine_errors import engine_read_error, engine_stream_error
+from rdmakv.control.peer import closed_connection_warnings
 from rdmakv.core import protocol
 from rdmakv.core.errors import ClosedError, ConnectionClosed, EndOfStream, ProtocolError
 from rdmakv.core.protocol import Op
 from rdmakv.native import transport as _t
-from rdmakv.transport.base import closed_connection_warnings
-from rdmakv.transport.tcp import engine_read_error, engine_stream_error
 from rdmakv.worker.links import ServerLinkBase
 
 log = logging.getLogger("rdmakv.worker")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import threading
 
+from rdmakv.control.peer import Handler, Peer
 from rdmakv.core import protocol
 from rdmakv.core.chunk_queue import ChunkQueue
 from rdmakv.core.errors import ClosedError, ConnectionClosed, ProtocolError, RdmaKVError
 from rdmakv.core.protocol import FLAG_ACK, FLAG_NO_DATA, Op
 from rdmakv.server import summing
-from rdmakv.transport.base import Handler, Peer
 from rdmakv.worker.links import DIRECT_SEND_BYTES, ServerLinkBase
 
 

@@ -19,7 +19,7 @@ from rdmakv.control import auth
 from rdmakv.core import protocol
 from rdmakv.core.errors import TransportError
 from rdmakv.core.protocol import Op
-from rdmakv.transport.base import Handler
+from rdmakv.control.peer import Handler
 from rdmakv.transport.verbs import devices as verbs_devices
 
 from rdmakv.core.netif import free_port
