@@ -76,8 +76,7 @@ struct rk_server {
     uint64_t direct_bytes;
     rk_slink *links;
     pthread_rwlock_t table_lock;
-    rk_schunk **table;            /* open addressing on (wire, index) */
-    size_t table_capacity, table_count;
+    rk_table table;               /* (wire, index) -> rk_schunk */
     rk_skey *keys;
     rk_schunk *declared;
     _Atomic int departed;
@@ -106,48 +105,11 @@ static int contribute(rk_slink *link, rk_schunk *chunk, char *target, const char
 }
 
 /* ---- the chunk table ----------------------------------------------------------------- */
-static size_t slot_of(uint64_t wire, uint32_t index, size_t capacity) {
-    return (size_t)((wire + index * 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull >> 17) & (capacity - 1);
-}
-
 static rk_schunk *find_chunk(rk_server *server, uint64_t wire, uint32_t index) {
-    rk_schunk *found = NULL;
     pthread_rwlock_rdlock(&server->table_lock);
-    if (server->table_capacity) {
-        size_t mask = server->table_capacity - 1;
-        for (size_t i = slot_of(wire, index, server->table_capacity); server->table[i]; i = (i + 1) & mask) {
-            rk_schunk *c = server->table[i];
-            if (c->key->wire == wire && c->index == index) {
-                found = c;
-                break;
-            }
-        }
-    }
+    rk_schunk *found = rk_table_find(&server->table, wire, index);
     pthread_rwlock_unlock(&server->table_lock);
     return found;
-}
-
-static int table_insert(rk_server *server, rk_schunk *chunk) {   /* table_lock held for writing */
-    if (2 * (server->table_count + 1) > server->table_capacity) {
-        size_t capacity = server->table_capacity ? 2 * server->table_capacity : 256;
-        rk_schunk **table = calloc(capacity, sizeof *table);
-        if (table == NULL) return -1;
-        for (size_t i = 0; i < server->table_capacity; i++) {
-            rk_schunk *c = server->table[i];
-            if (c == NULL) continue;
-            size_t j = slot_of(c->key->wire, c->index, capacity);
-            while (table[j]) j = (j + 1) & (capacity - 1);
-            table[j] = c;
-        }
-        free(server->table);
-        server->table = table;
-        server->table_capacity = capacity;
-    }
-    size_t j = slot_of(chunk->key->wire, chunk->index, server->table_capacity);
-    while (server->table[j]) j = (j + 1) & (server->table_capacity - 1);
-    server->table[j] = chunk;
-    server->table_count++;
-    return 0;
 }
 
 rk_skey *rk_server_add_key(rk_server *server, uint64_t wire) {
@@ -190,7 +152,7 @@ rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, 
     }
     pthread_mutex_init(&chunk->lock, NULL);
     pthread_rwlock_wrlock(&server->table_lock);
-    int rc = table_insert(server, chunk);
+    int rc = rk_table_insert(&server->table, key->wire, index, chunk);
     if (rc == 0) {
         chunk->next_in_key = key->chunks;
         key->chunks = chunk;
@@ -676,7 +638,7 @@ void rk_server_free(rk_server *server) {
         free(key);
         key = next;
     }
-    free(server->table);
+    rk_table_free(&server->table);
     free(server->links);
     free(server);
 }

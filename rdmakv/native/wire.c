@@ -1,4 +1,4 @@
-/* wire.h: the header, bounded socket loops, the mailbox and the send queue. */
+/* wire.h: the header, the stream, memory files, the mailbox, the table and the send queue. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -513,6 +513,46 @@ void rk_futex_wait(_Atomic uint32_t *word, uint32_t expected, double seconds) {
 
 void rk_futex_wake(_Atomic uint32_t *word) {
     syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+}
+
+/* ---- table ----------------------------------------------------------------------------- */
+static size_t slot_of(uint64_t wire, uint32_t index, size_t capacity) {
+    return (size_t)((wire + index * 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull >> 17) & (capacity - 1);
+}
+
+void *rk_table_find(const rk_table *t, uint64_t wire, uint32_t index) {
+    if (t->capacity == 0) return NULL;
+    size_t mask = t->capacity - 1;
+    for (size_t i = slot_of(wire, index, t->capacity); t->slots[i].value; i = (i + 1) & mask)
+        if (t->slots[i].wire == wire && t->slots[i].index == index) return t->slots[i].value;
+    return NULL;
+}
+
+static void place(rk_slot *slots, size_t capacity, rk_slot slot) {
+    size_t j = slot_of(slot.wire, slot.index, capacity);
+    while (slots[j].value) j = (j + 1) & (capacity - 1);
+    slots[j] = slot;
+}
+
+int rk_table_insert(rk_table *t, uint64_t wire, uint32_t index, void *value) {
+    if (2 * (t->count + 1) > t->capacity) {
+        size_t capacity = t->capacity ? 2 * t->capacity : 64;
+        rk_slot *slots = calloc(capacity, sizeof *slots);
+        if (slots == NULL) return -1;
+        for (size_t i = 0; i < t->capacity; i++)
+            if (t->slots[i].value) place(slots, capacity, t->slots[i]);
+        free(t->slots);
+        t->slots = slots;
+        t->capacity = capacity;
+    }
+    place(t->slots, t->capacity, (rk_slot){.wire = wire, .index = index, .value = value});
+    t->count++;
+    return 0;
+}
+
+void rk_table_free(rk_table *t) {
+    free(t->slots);
+    memset(t, 0, sizeof *t);
 }
 
 /* ---- mailbox ------------------------------------------------------------------------- */

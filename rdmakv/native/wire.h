@@ -1,6 +1,8 @@
 /* What the worker's and the server's native engines share: the wire header,
- * bounded socket loops, the mailbox that carries events to the control plane
- * (Python), and the priority queue of chunks waiting to be sent. */
+ * a link's byte stream (a socket or shared-memory rings) with every wait
+ * bounded, the peer's memory files, the mailbox that carries events to the
+ * control plane (Python), the table of keys or chunks, and the priority queue
+ * of chunks waiting to be sent. */
 #ifndef RDMAKV_WIRE_H
 #define RDMAKV_WIRE_H
 #include <pthread.h>
@@ -206,6 +208,24 @@ void rk_mailbox_close(rk_mailbox *m);
 void rk_mailbox_free(rk_mailbox *m);
 rk_event *rk_event_new(uint32_t link, uint32_t kind, int error, int sys_errno, const rk_header *h, uint64_t limit);
 void rk_event_free(rk_event *event);
+
+/* ---- a table of what the engine knows, by (wire key, chunk index) -------------------- */
+/* Open addressing, at most half full; the caller serializes (its own lock). */
+typedef struct {
+    uint64_t wire;
+    uint32_t index;
+    void *value;              /* NULL: an empty slot */
+} rk_slot;
+
+typedef struct {
+    rk_slot *slots;
+    size_t capacity, count;
+} rk_table;
+
+void *rk_table_find(const rk_table *t, uint64_t wire, uint32_t index);
+/* Add value (not NULL) under (wire, index), which must be new; 0, or -1 out of memory. */
+int rk_table_insert(rk_table *t, uint64_t wire, uint32_t index, void *value);
+void rk_table_free(rk_table *t);
 
 /* ---- a priority queue of chunks to send --------------------------------------------- */
 typedef struct {

@@ -82,8 +82,7 @@ struct rk_engine {
     double timeout;
     uint32_t sender_rank;
     pthread_rwlock_t keys_lock;
-    rk_key **table;               /* open addressing on the wire key */
-    size_t table_capacity, table_count;
+    rk_table table;               /* (wire, 0) -> rk_key */
     rk_key *declared;
     pthread_mutex_t order_lock;
     pthread_mutex_t finished_lock;
@@ -526,15 +525,7 @@ void rk_engine_fail_link(rk_engine *engine, uint32_t index, int32_t outcome) {
 /* ---- receiving --------------------------------------------------------------------- */
 static rk_key *find_key(rk_engine *engine, uint64_t wire) {
     pthread_rwlock_rdlock(&engine->keys_lock);
-    rk_key *found = NULL;
-    if (engine->table_capacity) {
-        size_t mask = engine->table_capacity - 1;
-        for (size_t i = (size_t)(wire * 0x9E3779B97F4A7C15ull) & mask; engine->table[i]; i = (i + 1) & mask)
-            if (engine->table[i]->wire == wire) {
-                found = engine->table[i];
-                break;
-            }
-    }
+    rk_key *found = rk_table_find(&engine->table, wire, 0);
     pthread_rwlock_unlock(&engine->keys_lock);
     return found;
 }
@@ -813,7 +804,7 @@ void rk_engine_free(rk_engine *engine) {
         free(key);
         key = next;
     }
-    free(engine->table);
+    rk_table_free(&engine->table);
     free(engine->links);
     free(engine);
 }
@@ -829,30 +820,6 @@ uint64_t rk_link_summed_bytes(rk_engine *engine, uint32_t link) {
 
 void rk_link_allow_states(rk_engine *engine, uint32_t link, uint64_t limit) {
     atomic_store(&engine->links[link].states_limit, limit);
-}
-
-static int table_insert(rk_engine *engine, rk_key *key) {   /* the caller holds keys_lock for writing */
-    if (2 * (engine->table_count + 1) > engine->table_capacity) {
-        size_t capacity = engine->table_capacity ? 2 * engine->table_capacity : 64;
-        rk_key **table = calloc(capacity, sizeof *table);
-        if (table == NULL) return -1;
-        for (size_t i = 0; i < engine->table_capacity; i++) {
-            rk_key *old = engine->table[i];
-            if (old == NULL) continue;
-            size_t j = (size_t)(old->wire * 0x9E3779B97F4A7C15ull) & (capacity - 1);
-            while (table[j]) j = (j + 1) & (capacity - 1);
-            table[j] = old;
-        }
-        free(engine->table);
-        engine->table = table;
-        engine->table_capacity = capacity;
-    }
-    size_t mask = engine->table_capacity - 1;
-    size_t j = (size_t)(key->wire * 0x9E3779B97F4A7C15ull) & mask;
-    while (engine->table[j]) j = (j + 1) & mask;
-    engine->table[j] = key;
-    engine->table_count++;
-    return 0;
 }
 
 rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint8_t dtype, uint32_t nchunks,
@@ -875,7 +842,7 @@ rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint
         if (sizes[i] > key->max_chunk) key->max_chunk = sizes[i];
     }
     pthread_rwlock_wrlock(&engine->keys_lock);
-    int rc = table_insert(engine, key);
+    int rc = rk_table_insert(&engine->table, wire, 0, key);
     if (rc == 0) {
         key->next_declared = engine->declared;
         engine->declared = key;
