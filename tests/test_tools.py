@@ -48,6 +48,37 @@ def test_expected_sums_are_exact_and_change_every_step():
     assert not np.array_equal(ranks[0].values[0], bench.Tensors(shapes, 1, 3).values[0] + 99)
 
 
+def test_tcp_connections_between_workers_and_servers_are_counted_from_proc():
+    """Real processes: a "server" accepting 3 connections from a "worker", and one more
+    connection from the worker to a listener of this process, which is not counted."""
+    import socket
+    bench = _load("bench_kvstore")
+    bystander = socket.create_server(("127.0.0.1", 0))
+    code = ("import socket, sys, time\n"
+            "s = socket.create_server(('127.0.0.1', 0)); print(s.getsockname()[1], flush=True)\n"
+            "held = [s.accept()[0] for _ in range(3)]; print('ok', flush=True); sys.stdin.read()\n")
+    server = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        port = int(server.stdout.readline())
+        code = ("import socket, sys\n"
+                f"held = [socket.create_connection(('127.0.0.1', {port})) for _ in range(3)]\n"
+                f"held.append(socket.create_connection(('127.0.0.1', {bystander.getsockname()[1]})))\n"
+                "print('ok', flush=True); sys.stdin.read()\n")
+        worker = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True)
+        assert worker.stdout.readline().strip() == "ok" and server.stdout.readline().strip() == "ok"
+        assert bench.count_tcp_connections([worker.pid], [server.pid]) == 3
+        assert bench.count_tcp_connections([server.pid], [worker.pid]) == 3
+        assert bench.count_tcp_connections([worker.pid], [os.getpid()]) == 0     # the bystander is not accepted
+    finally:
+        for proc in (worker, server):
+            if proc is not None:
+                proc.stdin.close()
+                proc.wait(10)
+        bystander.close()
+
+
 def _plot_args(path):
     """--plot where matplotlib is installed (ci/setup.sh installs it)."""
     try:
@@ -76,6 +107,9 @@ def test_bench_kvstore_quick(tmp_path):
     assert set(report) >= {"config", "limits", "workloads", "skipped", "exact"}
     assert report["limits"]["memcpy"]["bytes_per_s"] > 0
     assert report["limits"]["iperf3"]["status"] in ("ok", "skipped", "failed")
+    # the second floor: as many parallel streams as rdmakv's data connections (2 workers x 1 server)
+    assert report["config"]["iperf_streams"] == 2
+    assert report["limits"]["iperf3_parallel"]["status"] in ("ok", "skipped", "failed")
     # a baseline that cannot run is reported with its reason, never dropped
     assert "not found" in report["skipped"]["gloo"]
     for name in ("4KiB", "256KiB"):
@@ -88,6 +122,7 @@ def test_bench_kvstore_quick(tmp_path):
         assert set(ours["peak_rss_bytes_by_role"]) == {"worker", "server", "scheduler"}
         assert entry["systems"]["gloo"]["status"] == "skipped"
         assert "memcpy_floor" in entry["rdmakv_ratio"]
+        assert "worker_server_tcp_connections" in ours
     assert "4KiB" in proc.stdout and "rdmakv ms" in proc.stdout and "skipped" in proc.stdout
     assert png.exists() or not _plot_args(png)
 

@@ -12,8 +12,10 @@ real processes on 127.0.0.1:
            (python -c "import mxnet") + workers (kv.pushpull(key, nd, out=nd))
   gloo     torch.distributed all_reduce over gloo, one process per worker
 
-and it measures the loopback limits: iperf3 with one stream, and a numpy
-memcpy.  Every step's result is checked to be the exact sum (small-integer
+and it measures the loopback limits: iperf3 with one stream, iperf3 with as
+many parallel streams (-P) as rdmakv opens TCP connections for its data (one
+from every worker to every server; counted from /proc in each run and shown
+beside it), and a numpy memcpy.  Every step's result is checked to be the exact sum (small-integer
 float32 values, different every step), outside the timed window; a step is
 timed from the call to the moment its result is ready on that worker.
 
@@ -340,6 +342,7 @@ class ClusterRun:
         self.helpers = []         # (role, Popen): scheduler and servers
         self.workers = []
         self.lines = {}
+        self.data_connections = None
 
     def _env(self):
         port = free_port()
@@ -428,6 +431,9 @@ class ClusterRun:
             for proc in self.workers:
                 event = self._read_event(proc, deadline)
                 assert event["event"] == "ready", event
+            servers = [p.pid for role, p in self.helpers if role == "server"]
+            if servers:
+                self.data_connections = count_tcp_connections([p.pid for p in self.workers], servers)
             helper_cpu0 = {id(p): proc_cpu(p.pid) for _, p in self.helpers if p.poll() is None}
             self._tell("go")
             done = [self._read_event(proc, deadline) for proc in self.workers]
@@ -457,7 +463,8 @@ class ClusterRun:
                 "step_ms_min": min(per_step) * 1e3,
                 "bytes_per_worker_per_s": nbytes / median,
                 "cpu_s_per_step": cpu_total, "cpu_s_per_step_by_role": cpu_roles,
-                "peak_rss_bytes_by_role": rss, "worker_harness_bytes": harness}
+                "peak_rss_bytes_by_role": rss, "worker_harness_bytes": harness,
+                "worker_server_tcp_connections": self.data_connections}
 
     def _finish(self, deadline):
         for proc in self.workers + [p for _, p in self.helpers]:
@@ -478,6 +485,44 @@ class ClusterRun:
                 proc.stdin.close()
             if proc.stdout:
                 proc.stdout.close()
+
+
+def _socket_inodes(pid):
+    inodes = set()
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(os.path.join(fd_dir, fd))
+        except OSError:       # closed since the listing
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _established_tcp():
+    """{socket inode: (local address, remote address)} of this network namespace's established TCP sockets."""
+    sockets = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "01":         # TCP_ESTABLISHED
+                sockets[int(fields[9])] = (fields[1], fields[2])
+    return sockets
+
+
+def count_tcp_connections(worker_pids, server_pids):
+    """How many established TCP connections join a worker process to a server process:
+    a worker's socket whose remote end is the local end of a server's socket."""
+    sockets = _established_tcp()
+    server_ends = {sockets[i] for pid in server_pids for i in _socket_inodes(pid) if i in sockets}
+    return sum(1 for pid in worker_pids for i in _socket_inodes(pid)
+               if i in sockets and sockets[i][::-1] in server_ends)
 
 
 def _percentile(values, q):
@@ -503,7 +548,8 @@ def available(system, python):
     return None
 
 
-def measure_iperf3(seconds):
+def measure_iperf3(seconds, streams=1):
+    """Loopback TCP throughput, summed over `streams` parallel connections (iperf3 -P)."""
     exe = shutil.which("iperf3")
     if exe is None:
         return {"status": "skipped", "reason": "iperf3 is not installed (apt-get install iperf3)"}
@@ -514,7 +560,8 @@ def measure_iperf3(seconds):
                                   stderr=subprocess.DEVNULL)
         try:
             time.sleep(0.3)       # let it listen: a probe connection would use up its one session
-            proc = subprocess.run([exe, "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
+            proc = subprocess.run([exe, "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J",
+                                   "-P", str(streams)],
                                   capture_output=True, text=True, timeout=seconds + 30)
         finally:
             if server.poll() is None:
@@ -527,7 +574,7 @@ def measure_iperf3(seconds):
             last = (proc.stdout + proc.stderr)[-300:]
             continue
         return {"status": "ok", "bytes_per_s": bps / 8, "gbit_per_s": bps / 1e9, "seconds": seconds,
-                "cpu_utilization_percent": report["end"].get("cpu_utilization_percent")}
+                "streams": streams, "cpu_utilization_percent": report["end"].get("cpu_utilization_percent")}
     return {"status": "failed", "reason": last}
 
 
@@ -554,11 +601,13 @@ def run_all(args):
                "gloo": args.torch_python or python}
     report = {"config": {"workers": args.workers, "servers": args.servers, "quick": args.quick,
                          "host": "127.0.0.1", "cpus": os.cpu_count(), "python": python,
-                         "rdmakv_env": args.rdmakv_env,
+                         "rdmakv_env": args.rdmakv_env, "iperf_streams": args.iperf_streams,
                          "loadavg_start": loadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")},
               "skipped": {}, "limits": {}, "workloads": {}}
-    progress(f"loopback: iperf3 ({args.iperf_seconds} s) and memcpy")
+    progress(f"loopback: iperf3 ({args.iperf_seconds} s, 1 and {args.iperf_streams} streams) and memcpy")
     report["limits"]["iperf3"] = measure_iperf3(args.iperf_seconds)
+    report["limits"]["iperf3_parallel"] = (measure_iperf3(args.iperf_seconds, args.iperf_streams)
+                                           if args.iperf_streams > 1 else report["limits"]["iperf3"])
     report["limits"]["memcpy"] = measure_memcpy()
     systems = [s for s in SYSTEMS if s in args.systems]
     for system in systems:
@@ -570,8 +619,11 @@ def run_all(args):
         nbytes = workload_bytes(workload)
         entry = {"bytes": nbytes, "tensors": len(workload_shapes(workload)), "systems": {}}
         iperf, memcpy = report["limits"]["iperf3"], report["limits"]["memcpy"]
+        parallel = report["limits"]["iperf3_parallel"]
         moved = 2 * args.workers * nbytes      # every worker pushes and pulls the whole workload
         entry["loopback_floor_ms"] = moved / iperf["bytes_per_s"] * 1e3 if iperf.get("status") == "ok" else None
+        entry["parallel_loopback_floor_ms"] = (moved / parallel["bytes_per_s"] * 1e3
+                                               if parallel.get("status") == "ok" else None)
         entry["memcpy_floor_ms"] = moved / memcpy["bytes_per_s"] * 1e3
         # what an all-reduce must move instead: 2(n-1)/n of the tensor out of each of n ranks
         ring = 2 * (args.workers - 1) * nbytes
@@ -605,6 +657,8 @@ def run_all(args):
                     ratios[system] = ours["step_ms_median"] / result["step_ms_median"]
             if entry["loopback_floor_ms"]:
                 ratios["loopback_floor"] = ours["step_ms_median"] / entry["loopback_floor_ms"]
+            if entry["parallel_loopback_floor_ms"]:
+                ratios["parallel_loopback_floor"] = ours["step_ms_median"] / entry["parallel_loopback_floor_ms"]
             ratios["memcpy_floor"] = ours["step_ms_median"] / entry["memcpy_floor_ms"]
         entry["rdmakv_ratio"] = ratios
         report["workloads"][workload] = entry
@@ -632,11 +686,19 @@ def format_report(report):
     lines.append("loopback: iperf3 one stream " + (f"{iperf['bytes_per_s'] / 1e9:.2f} GB/s ({iperf['gbit_per_s']:.1f} Gbit/s)"
                                                    if iperf.get("status") == "ok" else f"{iperf['status']}: {iperf.get('reason')}")
                  + f"; numpy memcpy {memcpy['bytes_per_s'] / 1e9:.2f} GB/s")
+    parallel = report["limits"]["iperf3_parallel"]
+    streams = parallel.get("streams", cfg["iperf_streams"])
+    lines.append(f"loopback: iperf3 -P {streams} " + (f"{parallel['bytes_per_s'] / 1e9:.2f} GB/s"
+                                                      if parallel.get("status") == "ok"
+                                                      else f"{parallel['status']}: {parallel.get('reason')}")
+                 + f" ({streams} = {cfg['workers']} workers x {cfg['servers']} server(s): rdmakv's TCP connections for "
+                 "data, one per worker and server; counted in each run under 'conns')")
     lines.append(f"floor = {2 * cfg['workers']} x workload bytes through loopback at the iperf3 rate (each worker pushes "
-                 f"and pulls it once); ring floor = {2 * (cfg['workers'] - 1)} x, what an all-reduce such as gloo moves")
+                 f"and pulls it once); floor -P = the same at the iperf3 -P {streams} rate; "
+                 f"ring floor = {2 * (cfg['workers'] - 1)} x, what an all-reduce such as gloo moves")
     lines.append("")
     head = ["workload"] + [f"{s} ms" for s in systems] + ["floor ms", "ring floor"] + \
-        [f"rdmakv/{s}" for s in systems if s != "rdmakv"] + ["rdmakv/floor", "exact"]
+        [f"rdmakv/{s}" for s in systems if s != "rdmakv"] + ["rdmakv/floor", "exact", "floor -P ms", "rdmakv/floor -P"]
     rows = [head]
     for name, w in report["workloads"].items():
         row = [name]
@@ -649,11 +711,13 @@ def format_report(report):
         row.append(_fmt(w["rdmakv_ratio"].get("loopback_floor"), ".2f"))
         ran = [r for r in w["systems"].values() if r.get("status") == "ok"]
         row.append("-" if not ran else "yes" if all(r["exact"] for r in ran) else "NO")
+        row.append(_fmt(w.get("parallel_loopback_floor_ms"), ".3f"))
+        row.append(_fmt(w["rdmakv_ratio"].get("parallel_loopback_floor"), ".2f"))
         rows.append(row)
     lines += _table(rows)
     lines.append("")
     rows = [["workload", "system", "GB/s/worker", "CPU s/step", "worker MiB", "(harness)", "server MiB", "sched MiB",
-             "load"]]
+             "load", "conns"]]
     for name, w in report["workloads"].items():
         for s in systems:
             r = w["systems"].get(s, {})
@@ -664,10 +728,11 @@ def format_report(report):
                          _fmt(rss.get("worker", 0) / MiB, ".0f"), _fmt(r["worker_harness_bytes"] / MiB, ".0f"),
                          _fmt(rss["server"] / MiB if "server" in rss else None, ".0f"),
                          _fmt(rss["scheduler"] / MiB if "scheduler" in rss else None, ".0f"),
-                         f"{r['loadavg']:.2f}"])
+                         f"{r['loadavg']:.2f}", _fmt(r.get("worker_server_tcp_connections"), "d")])
     lines += _table(rows)
     lines.append("peak RSS per role (VmHWM); a worker's includes the harness's own check arrays, shown as (harness); "
-                 "CPU s/step sums every process of the cluster")
+                 "CPU s/step sums every process of the cluster; conns = established TCP connections between worker and server "
+                 "processes, counted from /proc after the warm-up")
     problems = [f"{name} {s}: {r['status']}: {r['reason']}" for name, w in report["workloads"].items()
                 for s, r in w["systems"].items() if r.get("status") != "ok"]
     if problems:
@@ -725,6 +790,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=0, help="timed steps per workload (default: per workload)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one system may take on one workload")
     p.add_argument("--iperf-seconds", type=int, default=None)
+    p.add_argument("--iperf-streams", type=int, default=0, metavar="N",
+                   help="parallel streams of the second iperf3 floor (-P N; default: workers x servers, "
+                        "the TCP connections rdmakv opens for its data)")
     p.add_argument("--rdmakv-env", action="append", default=[], metavar="NAME=VALUE",
                    help="an RDMAKV_* setting for the rdmakv processes (repeatable), e.g. RDMAKV_SCHEDULING_CREDIT=0")
     p.add_argument("--torch-python", help="interpreter with torch for the gloo baseline (default: this one)")
@@ -752,6 +820,8 @@ def parse_args(argv):
     for w in args.workloads + args.skip_baseline:
         if w not in WORKLOADS + EXTRA_WORKLOADS:
             p.error(f"unknown workload {w!r}")
+    if args.iperf_streams <= 0:
+        args.iperf_streams = args.workers * args.servers
     if args.iperf_seconds is None:
         args.iperf_seconds = 1 if args.quick else 3
     return args
