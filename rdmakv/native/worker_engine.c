@@ -63,6 +63,7 @@ struct rk_link {
     rk_queue queue;               /* chunks waiting to be sent: ref is the op, tag unused */
     uint64_t in_flight;           /* credited bytes sent whose RECEIVED or RESULT is not back */
     uint32_t credited_chunks;
+    uint32_t unanswered;          /* chunks sent whose result has not come (nor been given up) */
     int sending;                  /* a thread is sending a queued chunk */
     int failed;                   /* set by the control plane: start nothing new here */
     int send_failed;              /* reported once */
@@ -175,6 +176,13 @@ static void return_credit(rk_link *link, rk_chunk *chunk) {   /* the caller hold
     }
 }
 
+/* The link owes chunk's op nothing more (the caller holds link->lock). */
+static void release_chunk(rk_link *link, rk_chunk *chunk) {
+    chunk->op = NULL;
+    return_credit(link, chunk);
+    if (chunk->sent) link->unanswered--;
+}
+
 /* Fail op (not yet settled by anyone else): forget what the links owe it, then settle. */
 static void cancel(rk_op *op, int32_t outcome, uint32_t failed_link) {
     if (!claim(op)) return;
@@ -185,10 +193,7 @@ static void cancel(rk_op *op, int32_t outcome, uint32_t failed_link) {
         rk_chunk *chunk = &key->chunks[i];
         rk_link *link = &op->engine->links[chunk->link];
         pthread_mutex_lock(&link->lock);
-        if (chunk->op == op) {
-            chunk->op = NULL;
-            return_credit(link, chunk);
-        }
+        if (chunk->op == op) release_chunk(link, chunk);
         rk_queue_remove_ref(&link->queue, op);
         pthread_mutex_unlock(&link->lock);
     }
@@ -210,6 +215,7 @@ static int pop_ready(rk_link *link, rk_item *out) {
         if (!busy_acquire(op)) continue;      /* failing: cancel() forgets its chunks */
         rk_chunk *chunk = &op->key->chunks[out->chunk];
         chunk->sent = 1;
+        link->unanswered++;
         if (out->credit) {
             chunk->credited = 1;
             link->in_flight += out->credit;
@@ -367,15 +373,18 @@ static void enqueue_chunks(rk_op *op) {
             cancel(op, RK_DONE_CANCELLED, 0);
             return;
         }
-        /* Over a ring, a small chunk with nothing ahead of it, for which the ring has
-         * room now, is copied in by this thread (never added into a shared sum, which
-         * may mean waiting for its lock): no hand-off to the sender, and no system
-         * call unless the server sleeps.  Otherwise the sender thread sends
-         * it: a caller that starts many small pushpulls in a row over TCP then pays
-         * no system call for each, and they leave in batches. */
+        /* A small chunk with nothing ahead of it is sent by this thread (never added
+         * into a shared sum, which may mean waiting for its lock): no hand-off to
+         * the sender thread.  Over a ring, when the ring has room for it now (a copy,
+         * and no system call unless the server sleeps); over TCP, when the link owes
+         * nothing else, so that a lone pushpull is quick while a caller that starts
+         * many small ones in a row pays no system call for each: those leave from
+         * the sender thread, in batches. */
+        int idle = link->stream.has_rings ? rk_stream_room(&link->stream) >= RK_HEADER_SIZE + chunk->nbytes
+                                          : link->unanswered == 0;
         rk_item popped;
-        if (link->stream.has_rings && !link->sending && link->queue.count == 1 &&
-            chunk->nbytes <= engine->small_bytes && rk_stream_room(&link->stream) >= RK_HEADER_SIZE + chunk->nbytes && pop_ready(link, &popped)) {
+        if (idle && !link->sending && link->queue.count == 1 && chunk->nbytes <= engine->small_bytes &&
+            pop_ready(link, &popped)) {
             link->sending = 1;
             pthread_mutex_unlock(&link->lock);
             transmit(link, &popped, 1, 0);
@@ -599,8 +608,7 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
     if (rc == RK_OK) {
         pthread_mutex_lock(&link->lock);
         if (chunk->op == op) {
-            chunk->op = NULL;
-            return_credit(link, chunk);
+            release_chunk(link, chunk);
             atomic_store(&chunk->rounds_done, h->round + 1);
             cleared = 1;
         }
