@@ -164,6 +164,21 @@ void rk_futex_wait(_Atomic uint32_t *word, uint32_t expected, double seconds);
 int rk_spin_then_wait(_Atomic uint32_t *word, uint32_t expected, double spin, double deadline);
 void rk_futex_wake(_Atomic uint32_t *word);
 
+/* ---- an ordering only the peer's process establishes -------------------------------- */
+/* The server answers a push only after it received it, so whatever the sender
+ * read of a push's source happens before its result is written (the target may
+ * be the source).  That edge runs through another process, where ThreadSanitizer
+ * cannot see it; these tell it, and compile to nothing in any other build. */
+#if defined(__SANITIZE_THREAD__)
+void __tsan_acquire(void *addr);
+void __tsan_release(void *addr);
+#define RK_SENT(op) __tsan_release(op)
+#define RK_ANSWERED(op) __tsan_acquire(op)
+#else
+#define RK_SENT(op) ((void)(op))
+#define RK_ANSWERED(op) ((void)(op))
+#endif
+
 /* ---- events for the control plane ------------------------------------------------ */
 enum rk_event_kind {
     RK_EVENT_MESSAGE = 1,     /* a control message */
