@@ -230,6 +230,7 @@ static int ring_recv(rk_stream *s, char *dst, size_t length, int at_start) {
             if (rc) return rc;
             continue;
         }
+        RK_OBSERVED(s);
         size_t piece = avail < length ? avail : length;
         if (piece > RDMAKV_SHM_PIECE) piece = RDMAKV_SHM_PIECE;   /* the sender refills meanwhile */
         rdmakv_ring_copy_out(r->data, r->size, tail, dst, piece);
@@ -263,7 +264,10 @@ static int ring_send(rk_stream *s, struct iovec *iov, int count, int *err) {
             }
             size_t room = r->size - used;
             if (room == 0) {
-                if (published != head) rdmakv_ring_publish(c, published = head);
+                if (published != head) {
+                    RK_PUBLISHED(s);
+                    rdmakv_ring_publish(c, published = head);
+                }
                 if (spins < RDMAKV_SHM_SPINS) {
                     spins++;
                     rdmakv_cpu_relax();
@@ -287,10 +291,16 @@ static int ring_send(rk_stream *s, struct iovec *iov, int count, int *err) {
             n -= piece;
             spins = 0;
             deadline = 0;
-            if (head - published >= RDMAKV_SHM_PIECE) rdmakv_ring_publish(c, published = head);
+            if (head - published >= RDMAKV_SHM_PIECE) {
+                RK_PUBLISHED(s);
+                rdmakv_ring_publish(c, published = head);
+            }
         }
     }
-    if (published != head) rdmakv_ring_publish(c, head);
+    if (published != head) {
+        RK_PUBLISHED(s);
+        rdmakv_ring_publish(c, head);
+    }
     return RK_OK;
 }
 

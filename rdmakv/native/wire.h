@@ -165,18 +165,20 @@ int rk_spin_then_wait(_Atomic uint32_t *word, uint32_t expected, double spin, do
 void rk_futex_wake(_Atomic uint32_t *word);
 
 /* ---- an ordering only the peer's process establishes -------------------------------- */
-/* The server answers a push only after it received it, so whatever the sender
- * read of a push's source happens before its result is written (the target may
- * be the source).  That edge runs through another process, where ThreadSanitizer
- * cannot see it; these tell it, and compile to nothing in any other build. */
+/* A peer answers only what it read: whatever this process did before publishing
+ * a message into a ring (reading a push's source, say) happens before what it
+ * does with the answer it then reads from the other ring (writing the result,
+ * perhaps into that same array).  The edge runs through the peer's process,
+ * where ThreadSanitizer cannot see it; these tell it, per stream, and compile
+ * to nothing in any other build.  (Over TCP the kernel does the reading.) */
 #if defined(__SANITIZE_THREAD__)
 void __tsan_acquire(void *addr);
 void __tsan_release(void *addr);
-#define RK_SENT(op) __tsan_release(op)
-#define RK_ANSWERED(op) __tsan_acquire(op)
+#define RK_PUBLISHED(stream) __tsan_release(stream)
+#define RK_OBSERVED(stream) __tsan_acquire(stream)
 #else
-#define RK_SENT(op) ((void)(op))
-#define RK_ANSWERED(op) ((void)(op))
+#define RK_PUBLISHED(stream) ((void)(stream))
+#define RK_OBSERVED(stream) ((void)(stream))
 #endif
 
 /* ---- events for the control plane ------------------------------------------------ */

@@ -286,10 +286,7 @@ static void transmit(rk_link *link, const rk_item *items, int count, int may_add
         rc = rk_send_all(&link->stream, iov, parts, &err);
         pthread_mutex_unlock(&link->send_lock);
     }
-    for (int i = 0; i < count; i++) {                   /* every popped one, sent or not */
-        RK_SENT(items[i].ref);
-        busy_release(items[i].ref);
-    }
+    for (int i = 0; i < count; i++) busy_release(items[i].ref);   /* every popped one, sent or not */
     if (rc && rc != RK_STOPPED) report_send_failure(link, rc, err);
     pthread_mutex_lock(&link->lock);
     link->sending = 0;
@@ -606,7 +603,6 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
         return read_payload(link, h, NULL, err);
     }
     pthread_mutex_unlock(&link->lock);
-    RK_ANSWERED(op);
     int rc = read_payload(link, h, op->target + chunk->offset, err);
     int cleared = 0;
     if (rc == RK_OK) {
