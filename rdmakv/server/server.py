@@ -164,7 +164,7 @@ class WorkerLink:
             slot = self.slots[chunk] = np.empty(chunk.nbytes, np.uint8)
         return slot
 
-    def offer_sum(self, chunk):
+    def expose_sums(self, chunk):
         """Let a co-located worker add its pushes of chunk straight into the round buffers (summing.py)."""
         connection = self.peer.connection
         if chunk.regions is None or not self.shares:
@@ -655,7 +655,7 @@ class ParameterServer(Handler):
             with chunk.lock:
                 rnd = chunk.round     # 0: no round completes before this worker pushes
             link.offer_slot(chunk, rnd)
-            link.offer_sum(chunk)
+            link.expose_sums(chunk)
 
     def _resolve(self, layout):
         """(what workers must agree on, the chunks this server holds) for a valid DECLARE:
