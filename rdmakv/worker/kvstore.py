@@ -285,10 +285,7 @@ class KVStore:
                 unfinished = unfinished or handle.expired
             elif not handle.wait_done(deadline - time.monotonic()):
                 unfinished = unfinished or handle.timeout_error(limit)
-        # A server link that failed leaves the job failed too, even before the scheduler says so:
-        # a GOODBYE then could let the scheduler end the job as a success.
-        link_failed = any(link.error is not None for link in self._links)
-        if self._failure is None and unfinished is None and not link_failed:
+        if self._failure is None and unfinished is None:
             try:
                 self._control.send(Op.GOODBYE)
                 self._said_goodbye = True
