@@ -79,6 +79,12 @@ def shared_buffers(arena, nbytes, count=2):
     return [arena.allocate(nbytes) for _ in range(count)]
 
 
+def sum_lock(arena, buffer):
+    """The lock word of a shared sum, in the control block before its buffer (_shm.h)."""
+    segment, offset = arena.find(buffer)
+    return np.frombuffer(segment.memory, np.uint32, 1, offset - _t.SUM_CONTROL_BYTES)
+
+
 def pass_segments(arena, sock, buffers):
     """Send the memory files holding buffers (each once), as a listener's connection does."""
     sent = set()
@@ -106,6 +112,13 @@ class WorkerRig:
         self.rings = Rings()
         self.engine.start_link(0, self.rings.ours_sock.fileno(), self.rings.ours)
         self.arena = SharedArena()
+
+    def offered_key(self, wire, nbytes):
+        """A one-chunk int32 key whose two round sums the server (the test) offered."""
+        key = self.engine.add_key(wire, 0, INT32, [0], [nbytes], [0])
+        sums = shared_buffers(self.arena, nbytes)
+        offer(self.arena, self.rings, wire, 0, sums, self.engine)
+        return key, sums
 
     def close(self):
         self.engine.fail_link(_t.ENGINE_ALL_LINKS, _t.OUTCOME_CANCELLED)
@@ -155,9 +168,7 @@ def test_a_result_is_read_in_place_from_the_servers_memory(worker_rig):
 def test_a_push_is_added_into_the_sum_the_server_offered_and_only_its_header_crosses(worker_rig):
     r = worker_rig()
     nbytes = 128 * 1024
-    key = r.engine.add_key(6, 0, INT32, [0], [nbytes], [0])
-    sums = shared_buffers(r.arena, nbytes)
-    offer(r.arena, r.rings, 6, 0, sums, r.engine)
+    key, sums = r.offered_key(6, nbytes)
     mine = np.arange(nbytes // 4, dtype=np.int32)
     theirs = np.full(nbytes // 4, 1000, np.int32)
     for rnd in range(3):                      # even, odd, and even again: a new round copies first
@@ -178,11 +189,8 @@ def test_a_push_is_added_into_the_sum_the_server_offered_and_only_its_header_cro
 def test_a_sum_left_locked_by_a_dead_worker_gets_the_pushs_bytes_and_the_link_goes_on(worker_rig):
     r = worker_rig()
     nbytes = 128 * 1024
-    key = r.engine.add_key(6, 0, INT32, [0], [nbytes], [0])
-    sums = shared_buffers(r.arena, nbytes)
-    offer(r.arena, r.rings, 6, 0, sums, r.engine)
-    segment, offset = r.arena.find(sums[0])
-    lock = np.frombuffer(segment.memory, np.uint32, 1, offset - _t.SUM_CONTROL_BYTES)
+    key, sums = r.offered_key(6, nbytes)
+    lock = sum_lock(r.arena, sums[0])
     lock[0] = 1                               # its holder died inside the sum
     value = np.arange(nbytes // 4, dtype=np.int32)
     op = r.engine.submit(key, value, value.copy(), 0, 0)
@@ -402,8 +410,7 @@ def test_a_push_summed_in_place_without_the_memory_is_a_broken_worker(server_rig
 def test_a_sum_left_locked_by_a_co_located_worker_refuses_the_push_that_waits(server_rig):
     r = server_rig(timeout=SHORT)
     sums = r.shared_chunk(4, 64 * 1024)
-    segment, offset = r.arena.find(sums[0])
-    lock = np.frombuffer(segment.memory, np.uint32, 1, offset - _t.SUM_CONTROL_BYTES)
+    lock = sum_lock(r.arena, sums[0])
     lock[0] = 1                               # held by a worker that stopped inside it
     tcp_push(r.tcp, 4, np.ones(64 * 1024 // 8, np.int64), 0)
     rank, kind, code, _, _, fields, _ = r.engine.next_event(TIMEOUT)
