@@ -16,7 +16,7 @@ checks = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-fram
 # compat ABI).  `nm -D` on the built module lists no ibv_* symbol.
 transport = Extension(
     "rdmakv.native._transport",
-    ["rdmakv/native/_transport.pyx", "rdmakv/native/wire.c", "rdmakv/native/worker_engine.c",
+    ["rdmakv/native/_transport.pyx", "rdmakv/native/wire.c", "rdmakv/native/verbs_stream.c", "rdmakv/native/worker_engine.c",
      "rdmakv/native/server_engine.c"],
     include_dirs=["rdmakv/native"],
     # -g0 after Python's own -g: no debug info in the wheel (the module is ~10x smaller);

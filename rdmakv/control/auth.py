@@ -223,13 +223,14 @@ def connect(connection, secret, timeout, integrity=False):
         _protect(connection, secret, challenge, nonce, acceptor=False)
 
 
-def open_connection(transport, host, port, secret, timeout, retry_until=None, integrity=False):
+def open_connection(transport, host, port, secret, timeout, retry_until=None, integrity=False, native=False):
     """Connect and authenticate; the connection is closed again if the handshake fails.
-    An acceptor too busy to take us is tried again until retry_until (else timeout)."""
+    An acceptor too busy to take us is tried again until retry_until (else timeout).
+    native: the caller means to run the link on a native engine (transport.connect)."""
     deadline = time.monotonic() + timeout if retry_until is None else retry_until
     pause = BUSY_RETRY_SECONDS[0]
     while True:
-        connection = transport.connect(host, port, timeout, retry_until=retry_until)
+        connection = transport.connect(host, port, timeout, retry_until=retry_until, native=native)
         try:
             connect(connection, secret, timeout, integrity)
             return connection

@@ -11,7 +11,7 @@ cdef extern from "server_engine.h" nogil:
     ctypedef struct rk_schunk:
         pass
     rk_server *rk_server_new(uint32_t num_workers, double timeout, uint64_t direct_bytes)
-    int rk_server_start_link(rk_server *server, uint32_t rank, int fd, const rk_rings *rings)
+    int rk_server_start_link(rk_server *server, uint32_t rank, int fd, const rk_rings *rings, rk_verbs *verbs)
     void rk_server_link_has_segment(rk_server *server, uint32_t rank, uint32_t number)
     void rk_server_set_spin(rk_server *server, double seconds)
     void rk_server_close(rk_server *server)
@@ -57,7 +57,7 @@ cdef class ServerEngine:
     cdef bint closed
     cdef list chunks                  # every ServerChunk: their buffers outlive the engine's threads
     cdef uint32_t num_workers
-    cdef list channels                # shared-memory channels its links borrow
+    cdef list channels                # shared-memory channels and verbs streams its links borrow
 
     def __cinit__(self, uint32_t num_workers, double timeout, uint64_t direct_bytes):
         self.server = rk_server_new(num_workers, timeout, direct_bytes)
@@ -75,15 +75,17 @@ cdef class ServerEngine:
         """Readers poll for `seconds` for a worker's next message before sleeping (call before start_link)."""
         rk_server_set_spin(self.server, seconds)
 
-    def start_link(self, uint32_t rank, int fd, ShmChannel channel=None):
-        """Run worker rank's link over the TCP socket fd, or over a shared-memory
-        channel's rings with fd the Unix socket beside them; both stay the
-        caller's, to close (and unmap) only after close()."""
+    def start_link(self, uint32_t rank, int fd, stream=None):
+        """Run worker rank's link over the TCP socket fd, over a shared-memory
+        channel's rings (stream: a ShmChannel) with fd the Unix socket beside
+        them, or over a VerbsStream with fd its side channel; all stay the
+        caller's, to close (and unmap, release) only after close()."""
         self._check_rank(rank)
         cdef rk_rings rings
-        cdef const rk_rings *over = _rings_of(channel, &rings)
-        self.channels.append(channel)           # its mapping outlives our threads
-        cdef int rc = rk_server_start_link(self.server, rank, fd, over)
+        cdef const rk_rings *over = _rings_of(stream if isinstance(stream, ShmChannel) else None, &rings)
+        cdef rk_verbs *verbs = _verbs_of(stream)
+        self.channels.append(stream)            # its memory outlives our threads
+        cdef int rc = rk_server_start_link(self.server, rank, fd, over, verbs)
         if rc:
             raise OSError(rc, f"starting the engine's threads for worker {rank}: {__import__('os').strerror(rc)}")
 

@@ -2,7 +2,7 @@
 
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, calloc, free
 
 cdef extern from "wire.h" nogil:
     enum: RK_HEADER_SIZE
@@ -41,6 +41,15 @@ EVENT_MESSAGE, EVENT_CLOSED, EVENT_SEND_FAILED, EVENT_REFUSED, EVENT_SUMMED = 1,
 (ERR_EOF, ERR_MIDSTREAM, ERR_TIMEOUT, ERR_IO, ERR_BAD_MAGIC, ERR_BAD_VERSION, ERR_BAD_OP, ERR_BAD_FLAGS,
  ERR_BAD_DTYPE, ERR_TOO_LARGE, ERR_UNEXPECTED_RESULT, ERR_RESULT_LENGTH, ERR_NO_MEMORY, ERR_REFUSED, ERR_CORRUPT,
  ERR_SHARED) = range(1, 17)
+
+
+cdef rk_verbs *_verbs_of(stream) except? NULL:
+    """A verbs stream for an engine's link (None where the link is not verbs).
+    The engine borrows it: its owner releases it only after the engine closed."""
+    if not isinstance(stream, VerbsStream):
+        return NULL
+    (<VerbsStream>stream)._check("start a link")
+    return <rk_verbs *>(<VerbsStream>stream).address()
 
 
 cdef const rk_rings *_rings_of(ShmChannel channel, rk_rings *rings) except? NULL:

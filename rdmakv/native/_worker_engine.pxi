@@ -21,7 +21,7 @@ cdef extern from "worker_engine.h" nogil:
 
     rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                              uint32_t sender_rank)
-    int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd, const rk_rings *rings)
+    int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd, const rk_rings *rings, rk_verbs *verbs)
     uint64_t rk_link_summed_bytes(rk_engine *engine, uint32_t link)
     void rk_engine_set_spin(rk_engine *engine, double seconds)
     void rk_engine_close(rk_engine *engine)
@@ -160,7 +160,7 @@ cdef class Engine:
     cdef rk_engine *engine
     cdef bint closed
     cdef uint32_t num_links
-    cdef list channels                # shared-memory channels its links borrow
+    cdef list channels                # shared-memory channels and verbs streams its links borrow
 
     def __cinit__(self, uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                   uint32_t sender_rank):
@@ -178,15 +178,17 @@ cdef class Engine:
         """Readers and waiters poll for `seconds` before sleeping (call before start_link)."""
         rk_engine_set_spin(self.engine, seconds)
 
-    def start_link(self, uint32_t index, int fd, ShmChannel channel=None):
-        """Run link index over the TCP socket fd, or over a shared-memory channel's
-        rings with fd the Unix socket beside them; both stay the caller's, to
-        close (and unmap) only after close()."""
+    def start_link(self, uint32_t index, int fd, stream=None):
+        """Run link index over the TCP socket fd, over a shared-memory channel's
+        rings (stream: a ShmChannel) with fd the Unix socket beside them, or over
+        a VerbsStream with fd its side channel; all stay the caller's, to close
+        (and unmap, release) only after close()."""
         self._check_link(index)
         cdef rk_rings rings
-        cdef const rk_rings *over = _rings_of(channel, &rings)
-        self.channels.append(channel)           # its mapping outlives our threads
-        cdef int rc = rk_engine_start_link(self.engine, index, fd, over)
+        cdef const rk_rings *over = _rings_of(stream if isinstance(stream, ShmChannel) else None, &rings)
+        cdef rk_verbs *verbs = _verbs_of(stream)
+        self.channels.append(stream)            # its memory outlives our threads
+        cdef int rc = rk_engine_start_link(self.engine, index, fd, over, verbs)
         if rc:
             raise OSError(rc, f"starting the engine's threads for link {index}: {__import__('os').strerror(rc)}")
 

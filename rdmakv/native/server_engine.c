@@ -275,7 +275,7 @@ static void reply(rk_slink *link, rk_item item) {
      * hold up the reader (another worker's) that completed the round. */
     uint64_t bytes = reply_bytes(&item);
     if (!link->sending && link->queue.count == 1 && bytes <= link->server->direct_bytes &&
-        (!link->stream.has_rings || rk_stream_room(&link->stream) >= RK_HEADER_SIZE + bytes)) {
+        (!rk_stream_buffered(&link->stream) || rk_stream_room(&link->stream) >= RK_HEADER_SIZE + bytes)) {
         item = rk_queue_pop(&link->queue);
         link->sending = 1;
         direct = 1;
@@ -562,10 +562,10 @@ rk_server *rk_server_new(uint32_t num_workers, double timeout, uint64_t direct_b
     return server;
 }
 
-int rk_server_start_link(rk_server *server, uint32_t rank, int fd, const rk_rings *rings) {
+int rk_server_start_link(rk_server *server, uint32_t rank, int fd, const rk_rings *rings, struct rk_verbs *verbs) {
     rk_slink *link = &server->links[rank];
     if (link->started) return EBUSY;
-    int rc = rk_stream_open(&link->stream, fd, rings, link->stream.timeout);
+    int rc = rk_stream_open(&link->stream, fd, rings, verbs, link->stream.timeout);
     if (rc) return rc;
     atomic_store(&link->active, 1);
     rc = pthread_create(&link->replier, NULL, replier_main, link);

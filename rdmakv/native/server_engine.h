@@ -49,7 +49,7 @@ enum { RK_VERDICT_CONTINUE = 1, RK_VERDICT_STOP = 2 };
 rk_server *rk_server_new(uint32_t num_workers, double timeout, uint64_t direct_bytes);
 /* Take over a worker's connected socket (non-blocking), or the rings of its
  * shared-memory channel with fd the Unix socket beside them; 0, or an errno. */
-int rk_server_start_link(rk_server *server, uint32_t rank, int fd, const rk_rings *rings);
+int rk_server_start_link(rk_server *server, uint32_t rank, int fd, const rk_rings *rings, struct rk_verbs *verbs);
 /* Poll for `seconds` for a worker's next message before sleeping (before starting links). */
 void rk_server_set_spin(rk_server *server, double seconds);
 /* Stop every thread; idempotent.  The descriptors are the caller's again. */

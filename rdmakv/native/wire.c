@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #endif
 #include "wire.h"
+#include "verbs_stream.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -110,11 +111,12 @@ int rk_wait_fd(rk_stream *s, short events, double deadline, int *err) {
     }
 }
 
-int rk_stream_open(rk_stream *s, int fd, const rk_rings *rings, double timeout) {
+int rk_stream_open(rk_stream *s, int fd, const rk_rings *rings, struct rk_verbs *verbs, double timeout) {
     s->has_rings = rings != NULL;
+    s->verbs = verbs;
     if (rings) {
         s->rings = *rings;
-    } else {
+    } else if (!verbs) {
         s->in = malloc(RK_READ_BUFFER);
         if (s->in == NULL) return ENOMEM;
     }
@@ -124,7 +126,10 @@ int rk_stream_open(rk_stream *s, int fd, const rk_rings *rings, double timeout) 
     return 0;
 }
 
+int rk_stream_buffered(const rk_stream *s) { return s->has_rings || s->verbs != NULL; }
+
 size_t rk_stream_room(rk_stream *s) {
+    if (s->verbs) return s->fd < 0 ? 0 : rk_verbs_room(s->verbs);
     if (!s->has_rings || s->fd < 0) return 0;
     uint32_t used = rdmakv_load_relaxed(&s->rings.out.ctl->head) - rdmakv_load_acquire(&s->rings.out.ctl->tail);
     return used > s->rings.out.size ? 0 : s->rings.out.size - used;
@@ -132,7 +137,9 @@ size_t rk_stream_room(rk_stream *s) {
 
 void rk_stream_wake(rk_stream *s) {
     if (s->fd < 0) return;
-    if (s->has_rings) {
+    if (s->verbs) {
+        rk_verbs_wake(s->verbs);
+    } else if (s->has_rings) {
         rdmakv_futex_wake(&s->rings.in.ctl->head);    /* our reader */
         rdmakv_futex_wake(&s->rings.out.ctl->tail);   /* our sender */
     } else {
@@ -156,7 +163,7 @@ void rk_join(pthread_t thread) {
 }
 
 size_t rk_stream_take_buffered(rk_stream *s, char *dst, size_t n) {
-    if (s->has_rings) return 0;   /* nothing is read ahead of a ring */
+    if (s->has_rings || s->verbs) return 0;   /* nothing is read ahead of a ring */
     size_t have = s->in_end - s->in_start;
     if (n > have) n = have;
     memcpy(dst, s->in + s->in_start, n);
@@ -305,6 +312,7 @@ static int ring_send(rk_stream *s, struct iovec *iov, int count, int *err) {
 }
 
 int rk_recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *err) {
+    if (s->verbs) return rk_verbs_recv(s->verbs, &s->stop, dst, length, at_start, s->timeout, err);
     if (s->has_rings) return ring_recv(s, dst, length, at_start);
     size_t taken = rk_stream_take_buffered(s, dst, length);
     dst += taken;
@@ -338,6 +346,7 @@ int rk_send_all(rk_stream *s, struct iovec *iov, int count, int *err) {
         *err = EBADF;
         return RK_ERR_IO;
     }
+    if (s->verbs) return rk_verbs_send(s->verbs, &s->stop, iov, count, s->timeout, err);
     if (s->has_rings) return ring_send(s, iov, count, err);
     double deadline = rk_now() + s->timeout;
     while (count > 0) {
@@ -378,6 +387,16 @@ int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err) {
      * slices that watch the stop flag) only for a header's first byte.  A busy
      * link's next message often comes within microseconds: polling for it for
      * `spin` seconds first saves the sleep and the wake-up. */
+    if (s->verbs) {
+        int rc = rk_verbs_wait_readable(s->verbs, &s->stop, 0, s->spin, err);
+        if (rc) return rc;
+        rc = rk_verbs_recv(s->verbs, &s->stop, packed, RK_HEADER_SIZE, 1, s->timeout, err);
+        if (rc != RK_OK) return rc;
+        rk_header_unpack(packed, h);
+        *have_header = 1;
+        h->shared = 0;          /* the shared-memory flags mean nothing here: rk_header_check refuses them */
+        return rk_header_check(h);
+    }
     if (s->has_rings) {
         int rc = ring_wait(s, rdmakv_load_relaxed(&s->rings.in.ctl->tail), 0, s->spin);
         if (rc) return rc;

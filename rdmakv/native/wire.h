@@ -90,7 +90,9 @@ enum rk_error {
  * more goes from the socket straight into its destination.
  * Over shared memory the stream is the two rings of an rdmakv ShmChannel (_shm.h),
  * borrowed: the ring is its own buffer, and the Unix socket beside it (fd) carries
- * the peer's memory files and tells when the peer is gone. */
+ * the peer's memory files and tells when the peer is gone.
+ * Over verbs it is an rk_verbs (verbs_stream.h): rings the peers RDMA-write
+ * into, with the same frames as TCP. */
 #define RK_READ_BUFFER (64 * 1024)
 #define RK_DIRECT_READ (16 * 1024)
 
@@ -99,22 +101,27 @@ typedef struct {
     rdmakv_flag *closing;     /* the channel's own stop flag: its owner shut it */
 } rk_rings;
 
+struct rk_verbs;
+
 typedef struct {
-    int fd;                   /* the TCP socket, or the Unix socket beside the rings */
+    int fd;                   /* the TCP socket, the Unix socket beside the rings, or the verbs side channel */
     rdmakv_flag stop;         /* set to end every wait on the stream */
     int has_rings;            /* shared memory: rings carry the bytes */
     rk_rings rings;
+    struct rk_verbs *verbs;   /* verbs: a queue pair carries the bytes (verbs_stream.h; borrowed) */
     double timeout;           /* seconds without progress inside a message */
     char *in;                 /* RK_READ_BUFFER bytes read ahead: [in_start, in_end) are unread */
     size_t in_start, in_end;
     double spin;              /* seconds to poll for a message before sleeping in poll() (RDMAKV_SPIN_US) */
 } rk_stream;
 
-/* Open the stream on fd (allocates the read buffer), over rings when they are given
- * (borrowed: their owner unmaps them only after the stream's threads are joined);
- * 0 or ENOMEM. */
-int rk_stream_open(rk_stream *s, int fd, const rk_rings *rings, double timeout);
-/* Bytes a send over rings can write now without waiting (0 over TCP). */
+/* Open the stream on fd (allocates the read buffer), over rings or a verbs stream
+ * when one is given (borrowed: their owner frees them only after the stream's
+ * threads are joined); 0 or ENOMEM. */
+int rk_stream_open(rk_stream *s, int fd, const rk_rings *rings, struct rk_verbs *verbs, double timeout);
+/* Whether the stream has a buffer of its own whose room rk_stream_room tells (rings, verbs). */
+int rk_stream_buffered(const rk_stream *s);
+/* Bytes a send over rings or verbs can write now without waiting (0 over TCP). */
 size_t rk_stream_room(rk_stream *s);
 /* Wake every thread of ours waiting on the stream (after setting stop). */
 void rk_stream_wake(rk_stream *s);

@@ -380,7 +380,7 @@ static void enqueue_chunks(rk_op *op) {
          * nothing else, so that a lone pushpull is quick while a caller that starts
          * many small ones in a row pays no system call for each: those leave from
          * the sender thread, in batches. */
-        int idle = link->stream.has_rings ? rk_stream_room(&link->stream) >= RK_HEADER_SIZE + chunk->nbytes
+        int idle = rk_stream_buffered(&link->stream) ? rk_stream_room(&link->stream) >= RK_HEADER_SIZE + chunk->nbytes
                                           : link->unanswered == 0;
         rk_item popped;
         if (idle && !link->sending && link->queue.count == 1 && chunk->nbytes <= engine->small_bytes &&
@@ -752,9 +752,9 @@ rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t sma
     return engine;
 }
 
-int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd, const rk_rings *rings) {
+int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd, const rk_rings *rings, struct rk_verbs *verbs) {
     rk_link *link = &engine->links[index];
-    int rc = rk_stream_open(&link->stream, fd, rings, engine->timeout);
+    int rc = rk_stream_open(&link->stream, fd, rings, verbs, engine->timeout);
     if (rc) return rc;
     rc = pthread_create(&link->reader, NULL, reader_main, link);
     if (rc) return rc;

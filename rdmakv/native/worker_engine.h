@@ -77,7 +77,7 @@ rk_engine *rk_engine_new(uint32_t num_links, uint64_t credit_bytes, uint64_t sma
                          uint32_t sender_rank);
 /* Start a link over a connected socket (non-blocking), or over shared-memory rings
  * with fd the Unix socket beside them (rings NULL: TCP); 0, or an errno. */
-int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd, const rk_rings *rings);
+int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd, const rk_rings *rings, struct rk_verbs *verbs);
 /* Poll for `seconds` before sleeping, in the readers and in rk_op_wait (before starting links). */
 void rk_engine_set_spin(rk_engine *engine, double seconds);
 /* Stop every thread (reader, sender) and wake every mailbox waiter; idempotent.

@@ -283,7 +283,9 @@ class ParameterServer(Handler):
         self.num_servers = welcome["num_servers"]
         self.tracer = trace.make(self.config, "server", self.rank)
         base = getattr(self.transport, "inner", self.transport)     # shared memory's transport underneath
-        if (self.config.engine == "native" and base is tcp and not self.config.integrity
+        # Verbs connections are streams the engine speaks under the same settings (verbs/stream.py).
+        speaks_frames = base is tcp or base.__name__ == "rdmakv.transport.verbs"
+        if (self.config.engine == "native" and speaks_frames and not self.config.integrity
                 and self.tracer is None):
             self._native = _t.ServerEngine(self.num_workers, self.config.timeout, DIRECT_REPLY_BYTES)
             self._native.set_spin(self.config.spin_us / 1e6)
@@ -581,6 +583,11 @@ class ParameterServer(Handler):
             self._links[rank] = link
         peer.name = f"worker {rank}"
         if self._native is not None:
+            if not peer.connection.features.plain_frames:
+                raise ProtocolError(f"worker {rank} runs the Python data path over its connection "
+                                    f"({type(peer.connection).__name__}), which this server's native engine "
+                                    f"cannot: set RDMAKV_ENGINE, RDMAKV_INTEGRITY and RDMAKV_TRACE_DIR alike "
+                                    f"on every node")
             # Set first: the engine may hand a message over before this returns.
             peer.connection.read_ahead = lambda view: self._native.take_buffered(rank, view)
             self._native.start_link(rank, *peer.connection.engine_stream())   # raises: the Peer ends the link

@@ -246,8 +246,9 @@ def connect_socket(host, port, timeout, retry_until=None):
         time.sleep(0.05)
 
 
-def connect(host, port, timeout, retry_until=None):
-    """A TcpConnection to host:port (see connect_socket for the retries)."""
+def connect(host, port, timeout, retry_until=None, native=False):
+    """A TcpConnection to host:port (see connect_socket for the retries); the
+    native engines speak its frames as they are (native changes nothing)."""
     return TcpConnection(connect_socket(host, port, timeout, retry_until), timeout)
 
 

@@ -149,12 +149,13 @@ class KVStore:
         needs a per-chunk Python hook (a trace), else on Python threads."""
         connections = []
         secret = auth.load_secret(self.config)
+        wants_native = self.config.engine == "native" and self.tracer is None and not self.config.integrity
         try:
             for server_host, port in servers:
                 connections.append(auth.open_connection(self.transport, server_host, port, secret,
-                                                        self.config.timeout, integrity=self.config.integrity))
-            native = (self.config.engine == "native" and self.tracer is None
-                      and all(c.features.plain_frames for c in connections))
+                                                        self.config.timeout, integrity=self.config.integrity,
+                                                        native=wants_native))
+            native = wants_native and all(c.features.plain_frames for c in connections)
             if native:
                 credit = self.config.scheduling_credit * self.config.partition_bytes
                 self._engine = _t.Engine(len(connections), credit, DIRECT_SEND_BYTES, self.config.timeout, self.rank)

@@ -85,11 +85,11 @@ class Layer:
     def Listener(self, host, port, timeout):   # noqa: N802 - the name every transport exports
         return listener.ShmListener(self.inner, self.forced, host, port, timeout)
 
-    def connect(self, host, port, timeout, retry_until=None):
+    def connect(self, host, port, timeout, retry_until=None, native=False):
         connection = listener.connect(host, port, timeout, self.forced)
         if connection is not None:
             return connection
-        return self.inner.connect(host, port, timeout, retry_until=retry_until)
+        return self.inner.connect(host, port, timeout, retry_until=retry_until, native=native)
 
 
 def over(inner, forced=False):

@@ -67,6 +67,8 @@ class VerbsConnection(Connection):
     # ---- set-up --------------------------------------------------------------------
     def connect_qp(self, theirs, what):
         """Walk the QP to RTS, connected to the peer's endpoint (a checked set-up message)."""
+        if "ring" in theirs:
+            raise ProtocolError(f"{what}: the peer answered with a stream's set-up, not the Python data path's")
         self._resources.connect(theirs, what)
         self._flow.connected(theirs["slots"])
 

@@ -1,5 +1,6 @@
 """The verbs set-up's messages on the TCP side channel: each side's endpoint
-(its QP, and its receive-slot geometry) as a framed JSON blob, or a refusal."""
+(its QP, and its receive-slot geometry or, for a stream, its ring) as a
+framed JSON blob, or a refusal."""
 import json
 import socket
 import struct
@@ -9,7 +10,8 @@ from rdmakv.core.errors import ConnectionClosed, PeerTimeout, ProtocolError, Tra
 from rdmakv.transport.verbs.frames import SLOT_BYTES
 
 HANDSHAKE_MAGIC = b"RDKVVRB1"
-_WIRE_FIELDS = ("qpn", "psn", "lid", "mtu", "slots", "slot_bytes")
+_WIRE_FIELDS = ("qpn", "psn", "lid", "mtu")
+_SLOT_FIELDS = ("slots", "slot_bytes")      # the Python data path's; a stream (stream.py) sends "ring" instead
 
 BLOB_HEAD = len(HANDSHAKE_MAGIC) + 4    # magic, then the length of the JSON that follows
 MAX_BLOB_BYTES = 4096
@@ -60,6 +62,10 @@ def decode_blob(body, what):
         raise ProtocolError(f"{what}: set-up message lacks {', '.join(_WIRE_FIELDS)}")
     if obj.get("gid") is not None and not isinstance(obj["gid"], str):
         raise ProtocolError(f"{what}: bad GID in the set-up message")
+    if "ring" in obj:
+        return obj                  # checked by the stream connection (stream.check_ring)
+    if any(not isinstance(obj.get(k), int) for k in _SLOT_FIELDS):
+        raise ProtocolError(f"{what}: set-up message lacks {', '.join(_SLOT_FIELDS)}")
     if obj["slot_bytes"] != SLOT_BYTES or not 1 <= obj["slots"] <= 4096:
         raise ProtocolError(f"{what}: the peer uses {obj['slots']} slots of {obj['slot_bytes']} bytes, "
                             f"this side {SLOT_BYTES}-byte slots")

@@ -12,6 +12,7 @@ from rdmakv.transport.verbs import devices as verbs_devices
 from rdmakv.transport.verbs.connection import VerbsConnection
 from rdmakv.transport.verbs.handshake import (BLOB_HEAD, MAX_BLOB_BYTES, blob_length, decode_blob, frame_blob,
                                               recv_blob, recv_exact)
+from rdmakv.transport.verbs.stream import VerbsStreamConnection
 
 log = logging.getLogger("rdmakv.transport.verbs")
 
@@ -102,7 +103,7 @@ class VerbsListener(_ListenerBase):
         setup.sock.close()
 
     def _advance(self, setup):
-        """The acceptor's side of one set-up: a VerbsConnection once it is complete,
+        """The acceptor's side of one set-up: a connection once it is complete,
         False while it is not, None (after refusing it) if it fails."""
         what = f"verbs set-up with {setup.name}"
         try:
@@ -110,7 +111,10 @@ class VerbsListener(_ListenerBase):
                 theirs = self._take_endpoint(setup, what)
                 if theirs is None:
                     return False
-                setup.connection = VerbsConnection(setup.sock, self._timeout)
+                # The kind the connector asked for: a server that runs its engine refuses a
+                # Python-path one when it names itself (server.py), with the setting to change.
+                kind = VerbsStreamConnection if "ring" in theirs else VerbsConnection
+                setup.connection = kind(setup.sock, self._timeout)
                 setup.connection.connect_qp(theirs, what)
                 mine = frame_blob(setup.connection.endpoint) + b"R"
                 if setup.sock.send(mine, socket.MSG_DONTWAIT) != len(mine):   # a fresh socket takes it whole
@@ -149,12 +153,13 @@ class VerbsListener(_ListenerBase):
         self._sock.close()
 
 
-def connect(host, port, timeout, retry_until=None):
-    """Connect (retrying refused attempts until `retry_until`) and set up the QP."""
+def connect(host, port, timeout, retry_until=None, native=False):
+    """Connect (retrying refused attempts until `retry_until`) and set up the QP:
+    a stream a native engine runs (native), else the Python data path's connection."""
     sock = _tcp.connect_socket(host, port, timeout, retry_until)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        connection = VerbsConnection(sock, timeout)
+        connection = (VerbsStreamConnection if native else VerbsConnection)(sock, timeout)
     except BaseException:
         sock.close()
         raise
