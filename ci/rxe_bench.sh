@@ -11,8 +11,8 @@
 # --latency (issue #10's soft-RoCE target): ib_send_lat at 8 B and 4 KiB and
 # ib_write_bw at 4 MiB, the raw verbs ping-pong at 4 KiB, then
 # tools/bench_kvstore.py --workloads 4KiB,4MiB (2 workers + 1 server,
-# RDMAKV_SHM=0) over verbs, and over TCP with the native engine and with the
-# Python data path; last, a summary: the 4 KiB pushpull over ib_send_lat's
+# RDMAKV_SHM=0) over verbs and over TCP, each with the native engine and with
+# the Python data path; last, a summary: the 4 KiB pushpull over ib_send_lat's
 # one-way 4 KiB latency, and the 4 MiB pushpull over its device floor.
 #
 #   usage: ci/rxe_bench.sh [-t SECONDS] [--latency] [--steps N]
@@ -105,8 +105,9 @@ echo "== tools/verbs_pingpong.py --size 4096 --count 200"
 
 bench=(tools/bench_kvstore.py --workloads 4KiB,4MiB --steps "$steps" --iperf-seconds 2
        --rdmakv-env RDMAKV_SHM=0)
-echo "== ${bench[*]} --systems rdmakv --rdmakv-env RDMAKV_TRANSPORT=verbs"
-"$py" "${bench[@]}" --systems rdmakv --rdmakv-env RDMAKV_TRANSPORT=verbs --json docs/perf/vm-bench-verbs.json
+echo "== ${bench[*]} --systems rdmakv,rdmakv-python --rdmakv-env RDMAKV_TRANSPORT=verbs"
+"$py" "${bench[@]}" --systems rdmakv,rdmakv-python --rdmakv-env RDMAKV_TRANSPORT=verbs \
+    --json docs/perf/vm-bench-verbs.json
 echo "== ${bench[*]} --systems rdmakv,rdmakv-python --rdmakv-env RDMAKV_TRANSPORT=tcp"
 "$py" "${bench[@]}" --systems rdmakv,rdmakv-python --rdmakv-env RDMAKV_TRANSPORT=tcp \
     --json docs/perf/vm-bench-tcp.json
@@ -136,7 +137,8 @@ def step_ms(path, system, workload):
 # ib_send_lat: #bytes #iterations t_min t_max t_typical ...; ib_write_bw: #bytes #iterations BW-peak BW-average ...
 lat8, lat4k = (perftest(f"/tmp/ib_send_lat_{s}.txt", 4) for s in (8, 4096))
 bw = perftest("/tmp/ib_write_bw_4194304.txt", 3)      # perftest's MB/sec are MiB/s (2^20 bytes)
-rows = [("verbs (Python data path)", "docs/perf/vm-bench-verbs.json", "rdmakv"),
+rows = [("verbs, native engine (stream)", "docs/perf/vm-bench-verbs.json", "rdmakv"),
+        ("verbs, Python data path", "docs/perf/vm-bench-verbs.json", "rdmakv-python"),
         ("tcp, native engine", "docs/perf/vm-bench-tcp.json", "rdmakv"),
         ("tcp, Python data path", "docs/perf/vm-bench-tcp.json", "rdmakv-python")]
 print(f"ib_send_lat one-way, typical: 8 B {lat8} us, 4 KiB {lat4k} us; ib_write_bw 4 MiB: {bw} MiB/s")
