@@ -160,3 +160,15 @@ def test_mrcache_properties(ops, budget):
     assert not Recorder.live and all(r.closes == 1 for r in every)
     with pytest.raises(ValueError):
         cache.get(buffers[0], 1)
+
+
+def test_a_stream_peer_s_ring_is_checked_before_anything_is_pinned_for_it():
+    """A set-up message names the peer's ring; what does not fit a verbs call,
+    or asks us to pin another size than ours, is refused by name."""
+    from rdmakv.core.errors import ProtocolError
+    from rdmakv.transport.verbs.stream import RING_BYTES, check_ring
+    assert check_ring({"ring": [4096, 7, RING_BYTES]}, "set-up") == [4096, 7, RING_BYTES]
+    for ring in ([0, 1 << 32, RING_BYTES], [1 << 64, 1, RING_BYTES], [0, 1, 64 << 20], [0, 1, RING_BYTES + 1],
+                 [0, -1, RING_BYTES], [0.5, 1, RING_BYTES], [True, 1, RING_BYTES], "x", None, [0, 1]):
+        with pytest.raises(ProtocolError, match="ring"):
+            check_ring({"ring": ring}, "set-up")

@@ -60,6 +60,7 @@ cdef int _raise_verbs_stream(int rc, int err, str what) except -1:
     raise OSError(err, f"{what}: {__import__('os').strerror(err) if err else 'failed'}")
 
 
+@cython.no_gc_clear
 cdef class VerbsStream:
     """The byte stream of one verbs connection (verbs_stream.h).  Borrows the
     connection's verbs objects, which it keeps referenced; release() before
@@ -108,6 +109,8 @@ cdef class VerbsStream:
     cdef int _check(self, str what) except -1:
         if self.vs == NULL:
             raise ConnectionAbortedError(f"{what}: closed locally")
+        if self.pid != __import__('os').getpid():
+            raise ConnectionAbortedError(f"{what}: the stream belongs to the parent process")
         return 0
 
     cdef size_t address(self):
@@ -201,9 +204,12 @@ cdef class VerbsStream:
             self.vs = NULL
 
     def __dealloc__(self):
-        # A backstop: the CQ may be gone already, so its events are not acknowledged here.
+        # A backstop.  The completion events must be acknowledged while the CQ lives
+        # (else destroying it waits forever), and only then: _keep holds it (no_gc_clear).
         if self.vs != NULL:
-            self.vs.unacked_events = 0
+            if (self.pid != __import__('os').getpid() or self._keep is None
+                    or (<CQ>self._keep[1])._handle != self.vs.cq):
+                self.vs.unacked_events = 0
             rk_verbs_free(self.vs)
             free(self.vs)
             self.vs = NULL

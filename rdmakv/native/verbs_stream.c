@@ -25,6 +25,7 @@ static uint32_t load(_Atomic uint32_t *p) { return atomic_load_explicit(p, memor
 static void store(_Atomic uint32_t *p, uint32_t v) { atomic_store_explicit(p, v, memory_order_release); }
 
 static int slice(double left) {
+    if (!(left < SLICE_MS / 1000.0)) return SLICE_MS;   /* also inf and NaN, before the cast */
     int ms = (int)(left * 1000.0) + 1;
     return ms > SLICE_MS ? SLICE_MS : ms;
 }
@@ -41,6 +42,10 @@ static int post_receive(rk_verbs *v) {
 }
 
 int rk_verbs_open(rk_verbs *v) {
+    pthread_mutex_init(&v->poll_lock, NULL);
+    pthread_mutex_init(&v->send_lock, NULL);
+    pthread_mutex_init(&v->credit_lock, NULL);
+    v->wake_fd = -1;
     if (v->in_size == 0 || (v->in_size & (v->in_size - 1)) || v->out_size == 0 || (v->out_size & (v->out_size - 1)) ||
         v->send_depth <= RK_VERBS_CREDIT_SLOTS + 2)
         return EINVAL;
@@ -59,8 +64,6 @@ int rk_verbs_open(rk_verbs *v) {
     v->armed = 0;
     v->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (v->wake_fd < 0) return errno;
-    pthread_mutex_init(&v->poll_lock, NULL);
-    pthread_mutex_init(&v->send_lock, NULL);
     for (uint32_t i = 0; i < v->recv_depth; i++) {
         int rc = post_receive(v);
         if (rc) return rc;
@@ -78,16 +81,19 @@ static int take_send_entries(rk_verbs *v, uint32_t n, uint32_t keep) {
 }
 
 /* Tell the peer how far we read, once a quarter of our ring is free again
- * since it last heard (never waits: with no send entry free, the next poll retries). */
+ * since it last heard.  Never waits: with another thread at it, or no send
+ * entry free, a later call does it (a leader calls it before every sleep).
+ * Under credit_lock, so credits are posted in the order of their tails. */
 static void return_credit(rk_verbs *v) {
+    if (load(&v->in_tail) - load(&v->in_credited) < v->in_size / 4) return;
+    if (pthread_mutex_trylock(&v->credit_lock)) return;
     uint32_t tail = load(&v->in_tail);
-    uint32_t told = load(&v->in_credited);
-    if (tail - told < v->in_size / 4 || load(&v->failure) || load(&v->closing)) return;
-    if (!atomic_compare_exchange_strong(&v->in_credited, &told, tail)) return;   /* another thread does it */
-    if (!take_send_entries(v, 1, 0)) {
-        store(&v->in_credited, told);
+    if (tail - load(&v->in_credited) < v->in_size / 4 || load(&v->failure) || load(&v->closing) ||
+        !take_send_entries(v, 1, 0)) {
+        pthread_mutex_unlock(&v->credit_lock);
         return;
     }
+    store(&v->in_credited, tail);
     struct ibv_send_wr wr, *bad = NULL;
     memset(&wr, 0, sizeof(wr));
     wr.wr_id = 1;                           /* entries it frees */
@@ -95,6 +101,7 @@ static void return_credit(rk_verbs *v) {
     wr.send_flags = IBV_SEND_SIGNALED;
     wr.imm_data = htonl(tail);
     int rc = ibv_post_send(v->qp, &wr, &bad);
+    pthread_mutex_unlock(&v->credit_lock);
     if (rc) fail(v, RK_VERBS_FAILED_POST | ((uint32_t)rc << 8));
 }
 
@@ -120,12 +127,13 @@ static int take_completions(rk_verbs *v) {
             store(&v->in_head, head);
         } else if (wc[i].opcode == IBV_WC_RECV) {
             uint32_t tail = ntohl(wc[i].imm_data), before = load(&v->out_tail);
-            if (!(wc[i].wc_flags & IBV_WC_WITH_IMM) || wc[i].byte_len != 0 ||
-                load(&v->out_head) - tail > v->out_size || tail - before > v->out_size) {
+            int forward = tail - before <= v->out_size && load(&v->out_head) - tail <= v->out_size;
+            int stale = !forward && before - tail <= v->out_size;     /* posted before a newer one: ignored */
+            if (!(wc[i].wc_flags & IBV_WC_WITH_IMM) || wc[i].byte_len != 0 || !(forward || stale)) {
                 fail(v, RK_VERBS_FAILED_CORRUPT);
                 continue;
             }
-            store(&v->out_tail, tail);
+            if (forward) store(&v->out_tail, tail);
         } else {
             atomic_fetch_add(&v->send_free, (uint32_t)wc[i].wr_id);
             continue;
@@ -184,6 +192,7 @@ static void lead(rk_verbs *v, int *spins, double spin_until, double deadline) {
         }
         return;
     }
+    return_credit(v);                       /* one that found the lock taken or no entry free */
     if (!v->armed) {
         if (ibv_req_notify_cq(v->cq, 0)) fail(v, RK_VERBS_FAILED_POST | ((uint32_t)EIO << 8));
         v->armed = 1;
@@ -280,6 +289,7 @@ void rk_verbs_free(rk_verbs *v) {
     v->wake_fd = -1;
     pthread_mutex_destroy(&v->poll_lock);
     pthread_mutex_destroy(&v->send_lock);
+    pthread_mutex_destroy(&v->credit_lock);
 }
 
 size_t rk_verbs_room(rk_verbs *v) {
@@ -321,10 +331,10 @@ static int post_span(rk_verbs *v, rdmakv_flag *stop, uint32_t from, uint32_t to,
     uint32_t offset = from & (v->out_size - 1), length = to - from;
     uint32_t first = v->out_size - offset < length ? v->out_size - offset : length;
     int count = first < length ? 2 : 1;
-    if (!take_send_entries(v, (uint32_t)count, RK_VERBS_CREDIT_SLOTS)) {
-        int rc = wait_for(v, stop, has_send_entries, (uintptr_t)count, rk_now() + timeout, 0, err);
+    double deadline = rk_now() + timeout;
+    while (!take_send_entries(v, (uint32_t)count, RK_VERBS_CREDIT_SLOTS)) {   /* a credit may take one first */
+        int rc = wait_for(v, stop, has_send_entries, (uintptr_t)count, deadline, 0, err);
         if (rc) return rc;
-        if (!take_send_entries(v, (uint32_t)count, RK_VERBS_CREDIT_SLOTS)) return RK_ERR_TIMEOUT;  /* cannot: one sender */
     }
     struct ibv_sge sge[2];
     struct ibv_send_wr wr[2], *bad = NULL;
@@ -401,7 +411,7 @@ int rk_verbs_send(rk_verbs *v, rdmakv_flag *stop, struct iovec *iov, int count, 
     }
     if (rc == RK_OK && posted != head) rc = post_span(v, stop, posted, head, timeout, err);
     pthread_mutex_unlock(&v->send_lock);
-    if (rc == RK_STOPPED) {
+    if (rc == RK_STOPPED || rc == RK_ERR_EOF) {
         *err = EPIPE;
         rc = RK_ERR_IO;
     }

@@ -49,7 +49,7 @@ typedef struct rk_verbs {
     uint32_t in_size;
     _Atomic uint32_t in_head;             /* how far the peer wrote: its immediates */
     _Atomic uint32_t in_tail;             /* how far we read */
-    _Atomic uint32_t in_credited;         /* the tail the peer last heard of */
+    _Atomic uint32_t in_credited;         /* the tail the peer last heard of (under credit_lock) */
 
     char *out_data;                       /* staging: the peer's ring, mirrored (registered) */
     uint32_t out_lkey, out_size;
@@ -68,6 +68,7 @@ typedef struct rk_verbs {
     int armed;                            /* the CQ will raise an event (leader) */
     pthread_mutex_t poll_lock;            /* held by the leader */
     pthread_mutex_t send_lock;            /* one writer of the staging ring at a time */
+    pthread_mutex_t credit_lock;          /* credits are posted in the order of their tails */
 } rk_verbs;
 
 #define RK_VERBS_FAILED_COMPLETION 1u     /* + (wc status << 8): a work request failed */

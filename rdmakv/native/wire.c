@@ -34,6 +34,7 @@ double rk_now(void) {
 }
 
 static int slice_ms(double left) {
+    if (!(left < SLICE_MS / 1000.0)) return SLICE_MS;   /* also inf and NaN, before the cast */
     int ms = (int)(left * 1000.0) + 1;
     return ms > SLICE_MS ? SLICE_MS : ms;
 }

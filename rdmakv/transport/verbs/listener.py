@@ -128,8 +128,8 @@ class VerbsListener(_ListenerBase):
             return setup.connection
         except (BlockingIOError, InterruptedError):
             return False
-        except (TransportError, ProtocolError, OSError, ValueError) as exc:
-            self._refuse(setup, str(exc))
+        except (TransportError, ProtocolError, OSError, ValueError, OverflowError, TypeError) as exc:
+            self._refuse(setup, str(exc))      # a value the verbs calls cannot take, too
             return None
 
     @staticmethod
@@ -148,7 +148,10 @@ class VerbsListener(_ListenerBase):
 
     def close(self):
         for setup in self._setups:
-            setup.sock.close()
+            if setup.connection is not None:
+                setup.connection.release()     # its verbs objects, and the socket
+            else:
+                setup.sock.close()
         self._setups = []
         self._sock.close()
 

@@ -26,8 +26,7 @@ from rdmakv.transport.base import Connection, Features
 from rdmakv.transport.verbs import qp as verbs_qp
 from rdmakv.transport.verbs.devices import SharedDevice
 
-RING_BYTES = 2 << 20           # each direction; a power of two
-MIN_RING_BYTES, MAX_RING_BYTES = 64 << 10, 64 << 20
+RING_BYTES = 2 << 20           # each direction, both sides alike; a power of two
 SEND_DEPTH = 64                # work requests in flight: a write carries up to 256 KiB
 RECV_DEPTH = 256               # immediates the peer may send before we repost
 CLOSE_DRAIN_SECONDS = 2.0      # close() waits at most this long for our last frames to reach the peer
@@ -41,9 +40,11 @@ def _t():
 def check_ring(theirs, what):
     """The peer's ring (addr, rkey, bytes) from its set-up message, checked."""
     ring = theirs.get("ring")
-    if (not isinstance(ring, list) or len(ring) != 3 or not all(isinstance(x, int) and x >= 0 for x in ring)
-            or not MIN_RING_BYTES <= ring[2] <= MAX_RING_BYTES or ring[2] & (ring[2] - 1)):
+    if (not isinstance(ring, list) or len(ring) != 3 or not all(type(x) is int and x >= 0 for x in ring)
+            or ring[0] >= 1 << 64 or ring[1] >= 1 << 32):
         raise ProtocolError(f"{what}: bad ring in the set-up message: {ring!r}")
+    if ring[2] != RING_BYTES:     # what it makes us pin (our staging mirrors it) is ours to decide
+        raise ProtocolError(f"{what}: the peer's ring is {ring[2]} bytes, this side's {RING_BYTES}")
     return ring
 
 
@@ -68,6 +69,8 @@ class VerbsStreamConnection(Connection):
         self._qp = self._cq = self._channel = self._pd = self._in_mr = self._out_mr = None
         self._stream = None
         self._closed = False
+        # Held around every call into the stream, so release() frees it only once none runs.
+        self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._header = bytearray(protocol.HEADER_SIZE)
         self._pid = os.getpid()
@@ -146,7 +149,8 @@ class VerbsStreamConnection(Connection):
             raise ValueError("a verbs stream has no shared regions to send in place")
         if len(header) != protocol.HEADER_SIZE:
             raise ProtocolError(f"header is {len(header)} bytes, expected {protocol.HEADER_SIZE}")
-        self._io("send to", self._stream.send_frame, header, payload, self._timeout)
+        with self._send_lock:
+            self._io("send to", self._stream.send_frame, header, payload, self._timeout)
 
     def recv_header(self, idle_timeout):
         with self._recv_lock:
@@ -160,9 +164,10 @@ class VerbsStreamConnection(Connection):
             self._io("receive from", self._stream.recv_into, destination, self._timeout)
 
     def readable_bytes(self):
-        if not self._io("receive from", self._stream.wait_readable, 0):
-            return 0
-        return self._io("receive from", self._stream.available)
+        with self._recv_lock:
+            if not self._io("receive from", self._stream.wait_readable, 0):
+                return 0
+            return self._io("receive from", self._stream.available)
 
     # ---- teardown ---------------------------------------------------------------------
     def shut(self):
@@ -184,7 +189,8 @@ class VerbsStreamConnection(Connection):
             return
         self._closed = True
         if self._stream is not None and os.getpid() == self._pid:
-            self._stream.drain(min(self._timeout, CLOSE_DRAIN_SECONDS))
+            with self._send_lock:
+                self._stream.drain(min(self._timeout, CLOSE_DRAIN_SECONDS))
             try:
                 self._sock.setblocking(True)
                 self._sock.settimeout(0.5)
@@ -199,8 +205,9 @@ class VerbsStreamConnection(Connection):
         side channel (the listener calls this for a set-up it refuses).  Once."""
         self._closed = True
         if self._stream is not None:
-            self._stream.shut()
-            self._stream.release()
+            self._stream.shut()           # ends the waits of any thread in a call, within a slice
+            with self._send_lock, self._recv_lock:
+                self._stream.release()
         for obj in (self._qp, self._cq, self._in_mr, self._out_mr, self._pd, self._channel):
             if obj is not None:
                 try:
