@@ -130,6 +130,10 @@ def test_bad_input_is_refused_before_sending(cluster_factory):
         kv.pushpull("x", np.zeros(3, bool))
     with pytest.raises(TypeError, match="buffer protocol"):
         kv.pushpull("x", [1.0, 2.0])
+    with pytest.raises(TypeError, match=r"dtype >f4 \(not this machine's byte order\) is not summed"):
+        kv.declare("big-endian", (3,), ">f4")
+    with pytest.raises(TypeError, match="dtype >f4"):
+        kv.pushpull("big-endian", np.zeros(3, ">f4"))
 
     class OnGPU:
         """What torch.cuda and CuPy arrays say through DLPack."""

@@ -563,7 +563,7 @@ def test_hostile_shared_sum_frames_are_refused(case):
     try:
         if case == "summed without an offer":
             mine._channel.send_frame(shm.connection._flagged(push_header(0, "int8", key=9), shm.connection.IN_PLACE), None, 1.0)
-            receiver, match = theirs, "without an offer"
+            receiver, match = theirs, "without a region exposed for it"
         elif case == "offer outside its segment":
             segment, offset = listener._arena.find(buffers[1])
             places = shm.connection.EXPOSED.pack(segment.number, offset, segment.number, segment.size - 4096, 1 << 20)

@@ -54,8 +54,12 @@ class Scheduler(Handler):
                 servers = list(self._servers.values())
             if failure is None:
                 for peer in servers:
+                    peer.info["told_to_shut_down"] = True
                     self._send(peer, Op.SHUTDOWN, {})
                 self._wait_for_disconnects(servers)
+                with self._lock:
+                    failure = self._failure
+            if failure is None:
                 log.info("all workers finished; servers told to shut down")
                 return 0
             # Tell every node that is still there before close() drops their connections:
@@ -166,6 +170,9 @@ class Scheduler(Handler):
                 self._goodbyes.add(peer.info["rank"])
                 peer.info["said_goodbye"] = True
                 self._changed.notify_all()
+        elif header.op == Op.GOODBYE and peer.info["role"] == "server" and peer.info.get("told_to_shut_down"):
+            with self._lock:
+                peer.info["said_goodbye"] = True
         elif header.op == Op.ERROR and peer.info["role"] == "worker":
             # A worker leaving a failed job says why, so the others hear the cause.
             with self._lock:
@@ -227,8 +234,9 @@ class Scheduler(Handler):
         with self._lock:
             peer.info["gone"] = True
             role = peer.info.get("role")
-            orderly = peer.info.get("said_goodbye") or self._closing or (
-                role == "server" and len(self._goodbyes) == self.config.num_workers)
+            # A server too says GOODBYE, in answer to SHUTDOWN: one that vanished first (killed
+            # as the last workers finished) fails the job, whatever order the news came in.
+            orderly = peer.info.get("said_goodbye") or self._closing
             if role is not None and not orderly and self._failure is None:
                 # run() wakes up and tells every other node which peer died.
                 if isinstance(error, PeerTimeout):

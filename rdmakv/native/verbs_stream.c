@@ -220,8 +220,8 @@ static void lead(rk_verbs *v, int *spins, double spin_until, double deadline) {
 
 /* Wait until ready(v, arg), the stop flag, the end of the stream or the deadline
  * (0: none): RK_OK, RK_STOPPED, RK_ERR_EOF, RK_ERR_TIMEOUT, RK_ERR_IO or RK_ERR_CORRUPT. */
-static int wait_for(rk_verbs *v, rdmakv_flag *stop, ready_fn ready, uintptr_t arg, double deadline, double spin,
-                    int *err) {
+static int wait_loop(rk_verbs *v, rdmakv_flag *stop, ready_fn ready, uintptr_t arg, double deadline, double spin,
+                     int *err, int *led) {
     int spins = 0;
     double spin_until = spin > 0 ? rk_now() + spin : 0, gone_since = 0;
     for (;;) {
@@ -244,17 +244,30 @@ static int wait_for(rk_verbs *v, rdmakv_flag *stop, ready_fn ready, uintptr_t ar
         uint32_t seen = load(&v->progress);
         if (pthread_mutex_trylock(&v->poll_lock) == 0) {
             lead(v, &spins, spin_until, gone_since ? now + 0.001 : deadline);
-            if (load(&v->followers)) {      /* one of them may lead now */
-                atomic_fetch_add(&v->progress, 1);
-                rdmakv_futex_wake(&v->progress);
-            }
+            *led = 1;
             continue;
         }
+        /* Counted first, then the lock tried again: a leader that let go before we were
+         * counted has left it free, and one that holds it will see us when it leaves. */
         atomic_fetch_add(&v->followers, 1);
-        if (!ready(v, arg) && load(&v->progress) == seen)
+        if (pthread_mutex_trylock(&v->poll_lock) == 0) {
+            pthread_mutex_unlock(&v->poll_lock);
+        } else if (!ready(v, arg) && load(&v->progress) == seen) {
             rdmakv_futex_wait(&v->progress, seen, deadline > 0 ? slice(deadline - now) : SLICE_MS);
+        }
         atomic_fetch_sub(&v->followers, 1);
     }
+}
+
+static int wait_for(rk_verbs *v, rdmakv_flag *stop, ready_fn ready, uintptr_t arg, double deadline, double spin,
+                    int *err) {
+    int led = 0;
+    int rc = wait_loop(v, stop, ready, arg, deadline, spin, err, &led);
+    if (led && load(&v->followers)) {       /* a leader leaving: one of them leads now */
+        atomic_fetch_add(&v->progress, 1);
+        rdmakv_futex_wake(&v->progress);
+    }
+    return rc;
 }
 
 void rk_verbs_wake(rk_verbs *v) {

@@ -449,6 +449,11 @@ class ParameterServer(Handler):
     def _on_control(self, header, obj):
         if header.op == Op.SHUTDOWN:
             log.info("server %d: shutdown", self.rank)
+            try:
+                # The scheduler counts a server's leaving as orderly only once it heard this.
+                self.control.send(Op.GOODBYE)
+            except RdmaKVError as exc:
+                log.warning("server %d: could not say goodbye to the scheduler: %s", self.rank, exc)
             self._stopped.set()
         elif header.op == Op.ERROR:
             self._job_failed(f"the scheduler reports: {protocol.peer_text(obj, default='the job failed')}")

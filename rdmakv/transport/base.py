@@ -24,6 +24,26 @@ from collections import namedtuple
 
 import numpy as np
 
+from rdmakv.core.errors import ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, TransportError
+
+
+def worded(peer, timeout, what, call, *args):
+    """call(*args), a loop of the compiled module, with its exceptions worded as
+    errors of the connection to `peer` ("send to", "receive from": `what`)."""
+    try:
+        return call(*args)
+    except TimeoutError:
+        raise PeerTimeout(f"{what} {peer}: no progress for {timeout:g} s (RDMAKV_TIMEOUT)") from None
+    except EOFError:
+        raise EndOfStream(f"{peer} closed the connection") from None
+    except ConnectionAbortedError:
+        raise ConnectionClosed(f"{what} {peer}: connection closed") from None
+    except ConnectionResetError:
+        raise ConnectionClosed(f"{what} {peer}: the peer left mid-message") from None
+    except ValueError as exc:
+        raise ProtocolError(f"{what} {peer}: {exc}") from None
+    except OSError as exc:
+        raise TransportError(f"{what} {peer}: {exc}") from None
 
 
 class Throttle:

@@ -40,7 +40,7 @@ from rdmakv.worker.barriers import Barriers
 from rdmakv.worker.engine_link import EngineLink
 from rdmakv.worker.fusion import FusedGroup, Fusion
 from rdmakv.worker.handles import GroupHandle, Handle, NativeHandle, T
-from rdmakv.worker.keys import Key, KeyInfo, key_name, wire_key
+from rdmakv.worker.keys import DTYPE_CODE_OF, Key, KeyInfo, key_name, wire_key
 from rdmakv.worker.links import DIRECT_SEND_BYTES, describe_owing
 from rdmakv.worker.server_link import ServerLink
 from rdmakv.worker.server_optimizer import ServerOptimizer
@@ -201,8 +201,10 @@ class KVStore:
     def declare(self, key: Key, shape: Sequence[int], dtype: npt.DTypeLike) -> None:
         """Declare key's shape and dtype without data (any thread, in any order)."""
         dtype = np.dtype(dtype)
-        if dtype.name not in protocol.DTYPE_CODES:
-            raise TypeError(f"dtype {dtype} is not summed by rdmakv; use one of {', '.join(protocol.DTYPE_CODES)}")
+        if dtype not in DTYPE_CODE_OF:
+            order = " (not this machine's byte order)" if dtype.name in protocol.DTYPE_CODES else ""
+            raise TypeError(f"dtype {dtype.str}{order} is not summed by rdmakv; use one of "
+                            f"{', '.join(protocol.DTYPE_CODES)}")
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape):
             raise ValueError(f"shape {shape} has a negative dimension")

@@ -11,9 +11,9 @@ import threading
 import time
 
 from rdmakv.core import protocol
-from rdmakv.core.errors import ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, TransportError
+from rdmakv.core.errors import ConnectionClosed, EndOfStream, ProtocolError, TransportError
 from rdmakv.native import transport as _t
-from rdmakv.transport.base import Connection, Features, Region
+from rdmakv.transport.base import Connection, Features, Region, worded
 from rdmakv.transport.shm.arena import SEGMENT, SUM_CONTROL_BYTES
 
 MAX_SHARED_SEGMENTS = 4096     # a peer sharing more is refused (each costs us a mapping)
@@ -56,20 +56,7 @@ class ShmConnection(Connection):
     def _io(self, what, call, *args):
         if self._closed:
             raise ConnectionClosed(f"{what} {self.peer}: connection already closed")
-        try:
-            return call(*args)
-        except TimeoutError:
-            raise PeerTimeout(f"{what} {self.peer}: no progress for {self._timeout:g} s (RDMAKV_TIMEOUT)") from None
-        except EOFError:
-            raise EndOfStream(f"{self.peer} closed the connection") from None
-        except ConnectionAbortedError:
-            raise ConnectionClosed(f"{what} {self.peer}: connection closed") from None
-        except ConnectionResetError:
-            raise ConnectionClosed(f"{what} {self.peer}: the peer left mid-message") from None
-        except ValueError as exc:
-            raise ProtocolError(f"{what} {self.peer}: {exc}") from None
-        except OSError as exc:
-            raise TransportError(f"{what} {self.peer}: {exc}") from None
+        return worded(self.peer, self._timeout, what, call, *args)
 
     # The ring carries a header and its payload only, which the native engines speak.
     features = Features(shares=True, plain_frames=True)
@@ -188,8 +175,8 @@ class ShmConnection(Connection):
         """A message whose payload the peer wrote into a region we exposed: checked, and flagged for the layer above."""
         nbytes = self._exposed.get(protocol.tag_of(header).stream)
         if nbytes is None or header.length != nbytes:
-            raise ProtocolError(f"receive from {self.peer}: a push of key {header.key} chunk {header.chunk} "
-                                f"summed in place without an offer for it")
+            raise ProtocolError(f"receive from {self.peer}: a message of {protocol.tag_of(header)} written in "
+                                f"place without a region exposed for it")
         return header._replace(flags=header.flags | protocol.FLAG_IN_PLACE)
 
     def recv_payload(self, header, destination):

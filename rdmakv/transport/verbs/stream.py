@@ -20,9 +20,8 @@ import socket
 import threading
 
 from rdmakv.core import netif, protocol
-from rdmakv.core.errors import (ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError, TransportError,
-                                VerbsError)
-from rdmakv.transport.base import Connection, Features
+from rdmakv.core.errors import ConnectionClosed, ProtocolError, VerbsError
+from rdmakv.transport.base import Connection, Features, worded
 from rdmakv.transport.verbs import qp as verbs_qp
 from rdmakv.transport.verbs.devices import SharedDevice
 
@@ -129,20 +128,7 @@ class VerbsStreamConnection(Connection):
     def _io(self, what, call, *args):
         if self._closed or self._stream is None:
             raise ConnectionClosed(f"{what} {self.peer}: connection already closed")
-        try:
-            return call(*args)
-        except TimeoutError:
-            raise PeerTimeout(f"{what} {self.peer}: no progress for {self._timeout:g} s (RDMAKV_TIMEOUT)") from None
-        except EOFError:
-            raise EndOfStream(f"{self.peer} closed the connection") from None
-        except ConnectionAbortedError:
-            raise ConnectionClosed(f"{what} {self.peer}: connection closed") from None
-        except ConnectionResetError:
-            raise ConnectionClosed(f"{what} {self.peer}: the peer left mid-message") from None
-        except ValueError as exc:
-            raise ProtocolError(f"{what} {self.peer}: {exc}") from None
-        except OSError as exc:
-            raise TransportError(f"{what} {self.peer}: {exc}") from None
+        return worded(self.peer, self._timeout, what, call, *args)
 
     def send(self, header, payload=None, in_place=False):
         if in_place:
