@@ -13,6 +13,8 @@ import threading
 import time
 import uuid
 
+import numpy as np
+
 import pytest
 
 from cluster import REPO, tagged
@@ -162,3 +164,22 @@ def test_launcher_stops_the_rest(tmp_path, marker, victim):
         if launcher.poll() is None:
             launcher.kill()
         launcher.wait()
+
+
+def test_a_server_killed_as_the_job_ends_fails_it(cluster_factory):
+    """Every worker said GOODBYE, but a server died before it answered SHUTDOWN:
+    the job failed, whatever order the scheduler heard the two in."""
+    cluster = cluster_factory(1, 1)
+    (kv,) = cluster.connect()
+    value = np.arange(1000, dtype=np.int64)
+    kv.pushpull("k", value)
+    assert (value == np.arange(1000)).all()
+    scheduler, server = cluster.procs
+    server.send_signal(signal.SIGSTOP)         # alive to the kernel, deaf to SHUTDOWN
+    try:
+        kv.close()                             # GOODBYE: the last worker's
+        time.sleep(0.5)
+    finally:
+        server.kill()
+    assert scheduler.wait(30) == 1, "\n".join(cluster.logs[0])
+    assert any("server" in line and "disconnected unexpectedly" in line for line in cluster.logs[0]), cluster.logs[0]
