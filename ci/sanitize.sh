@@ -9,13 +9,17 @@
 #
 #   bash ci/sanitize.sh          the short pass CI runs (about 5 minutes here)
 #   bash ci/sanitize.sh --long   every test under both builds
+#   bash ci/sanitize.sh --rdma   the verbs stream's tests and the native KVStore over verbs, under
+#                                both builds, inside the soft-RoCE VM (../shared/rxe-vm; about 8 minutes)
 # Needs the set-up of ci/setup.sh (.venv); builds in a temporary copy of the tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 python=$repo/.venv/bin/python
-long=0
+long=0 rdma=0
 [ "${1:-}" = "--long" ] && long=1
+[ "${1:-}" = "--rdma" ] && rdma=1
+vm=$repo/../shared/rxe-vm/run-in-rxe-vm.sh
 
 for source in rdmakv/native/*.h rdmakv/native/wire.c rdmakv/native/verbs_stream.c rdmakv/native/*_engine.c; do
     gcc -std=gnu11 -D_GNU_SOURCE -fsyntax-only -Wall -Wextra -Wshadow -Wstrict-prototypes -Wpointer-arith \
@@ -45,14 +49,22 @@ run_build() {    # run_build SANITIZERS RUNTIMES... -- PYTEST ARGS...
     grep -q "__[at]san_\|__ubsan_" <<<"$symbols" \
         || { echo "ci/sanitize.sh: ${module[0]} has no $sanitizers instrumentation"; return 1; }
     echo "ci/sanitize.sh: -fsanitize=$sanitizers: pytest $*"
-    (cd "$tree" && LD_PRELOAD=$preload \
+    # --rdma: the same command inside the VM, which sees this tree through the host's file system.
+    local runner=()
+    ((rdma)) && runner=(bash "$vm" -q -C "$repo" -t 900 --)
+    (cd "$tree" && "${runner[@]}" env -C "$tree" LD_PRELOAD="$preload" \
         ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
         UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
         TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" \
         "$python" -m pytest -q -p no:cacheprovider "${deselect[@]}" "$@")
 }
 
-if ((long)); then
+rdma_tests=(tests/rdma/test_verbs_stream.py "tests/rdma/test_verbs_kvstore.py::test_exact_sums_every_dtype_multichunk[native]"
+            "tests/rdma/test_verbs_kvstore.py::test_many_keys_priorities_and_broadcast[native]")
+if ((rdma)); then
+    run_build address,undefined libasan.so libubsan.so -- "${rdma_tests[@]}"
+    run_build thread libtsan.so -- "${rdma_tests[@]}"
+elif ((long)); then
     run_build address,undefined libasan.so libubsan.so -- tests
     run_build thread libtsan.so -- tests --ignore tests/test_engine_shm.py     # why: see below
 else
