@@ -172,3 +172,15 @@ def test_a_stream_peer_s_ring_is_checked_before_anything_is_pinned_for_it():
                  [0, -1, RING_BYTES], [0.5, 1, RING_BYTES], [True, 1, RING_BYTES], "x", None, [0, 1]):
         with pytest.raises(ProtocolError, match="ring"):
             check_ring({"ring": ring}, "set-up")
+
+
+@pytest.mark.parametrize("field, value", [("qpn", 1 << 24), ("psn", -1), ("lid", 1 << 16), ("mtu", 0), ("mtu", 6),
+                                          ("qpn", 1 << 70)])
+def test_a_set_up_message_s_fields_out_of_range_are_refused_by_name(field, value):
+    import json
+    from rdmakv.core.errors import ProtocolError
+    from rdmakv.transport.verbs.handshake import decode_blob
+    good = {"qpn": 17, "psn": 5, "lid": 0, "mtu": 5, "gid": None, "ring": [4096, 7, 2 << 20]}
+    assert decode_blob(json.dumps(good), "set-up")["qpn"] == 17
+    with pytest.raises(ProtocolError, match=f"{field} {value} in the set-up message is out of range"):
+        decode_blob(json.dumps(dict(good, **{field: value})), "set-up")

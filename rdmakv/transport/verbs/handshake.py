@@ -11,6 +11,9 @@ from rdmakv.transport.verbs.frames import SLOT_BYTES
 
 HANDSHAKE_MAGIC = b"RDKVVRB1"
 _WIRE_FIELDS = ("qpn", "psn", "lid", "mtu")
+# What each field can be (IBTA: a 24-bit QPN and PSN, a 16-bit LID, enum ibv_mtu 1..5): a value the
+# verbs calls cannot take is refused here, by name, not by an OverflowError in the middle of a set-up.
+_WIRE_RANGES = {"qpn": range(1 << 24), "psn": range(1 << 24), "lid": range(1 << 16), "mtu": range(1, 6)}
 _SLOT_FIELDS = ("slots", "slot_bytes")      # the Python data path's; a stream (stream.py) sends "ring" instead
 
 BLOB_HEAD = len(HANDSHAKE_MAGIC) + 4    # magic, then the length of the JSON that follows
@@ -60,6 +63,9 @@ def decode_blob(body, what):
         raise TransportError(f"{what}: refused by the peer: {obj['error'][:200]}")
     if not isinstance(obj, dict) or any(not isinstance(obj.get(k), int) for k in _WIRE_FIELDS):
         raise ProtocolError(f"{what}: set-up message lacks {', '.join(_WIRE_FIELDS)}")
+    for field, valid in _WIRE_RANGES.items():
+        if obj[field] not in valid:
+            raise ProtocolError(f"{what}: {field} {obj[field]} in the set-up message is out of range")
     if obj.get("gid") is not None and not isinstance(obj["gid"], str):
         raise ProtocolError(f"{what}: bad GID in the set-up message")
     if "ring" in obj:
