@@ -71,7 +71,8 @@ int rk_verbs_open(rk_verbs *v) {
     return 0;
 }
 
-/* Take a send-queue entry for a credit (which may use the reserved ones): 1 if taken. */
+/* Take n send-queue entries if `keep` more stay free (a frame keeps RK_VERBS_CREDIT_SLOTS
+ * for credits, a credit keeps none): 1 if taken. */
 static int take_send_entries(rk_verbs *v, uint32_t n, uint32_t keep) {
     uint32_t free_now = load(&v->send_free);
     while (free_now >= n + keep) {

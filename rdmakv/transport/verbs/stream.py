@@ -175,8 +175,8 @@ class VerbsStreamConnection(Connection):
             return
         self._closed = True
         if self._stream is not None and os.getpid() == self._pid:
-            with self._send_lock:
-                self._stream.drain(min(self._timeout, CLOSE_DRAIN_SECONDS))
+            # Not under the send lock: a send stuck on a silent peer must not hold this up.
+            self._stream.drain(min(self._timeout, CLOSE_DRAIN_SECONDS))
             try:
                 self._sock.setblocking(True)
                 self._sock.settimeout(0.5)
