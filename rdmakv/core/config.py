@@ -57,6 +57,13 @@ def _engine(text):
     return text
 
 
+def _mode(text):
+    text = text.strip().lower()
+    if text not in ("sync", "async"):
+        raise ValueError("must be sync or async")
+    return text
+
+
 def _switch(text):
     text = text.strip().lower()
     if text in ("1", "on", "true", "yes"):
@@ -177,6 +184,11 @@ SETTINGS = {
     "engine": (("RDMAKV_ENGINE",), _engine, "native",
                "native: pushpulls are sent, summed and completed in native threads where the links allow it "
                "(TCP without RDMAKV_INTEGRITY, no trace); python: always on the Python data path"),
+    "mode": (("RDMAKV_MODE",), _mode, "sync",
+             "sync: a pushpull returns the sum of every worker's push of that round; async: a server applies each "
+             "push as it arrives (adds it into the stored value, or runs the server-side optimizer on it) and "
+             "answers that worker with the value then, without waiting for the others (native data plane only; "
+             "alike on every worker and server)"),
     "spin_us": (("RDMAKV_SPIN_US",), _int, 0,
                 "microseconds a native engine's reader (and a waiting caller) polls for the next message "
                 "before sleeping; 0: sleep at once (best where cores are few)"),
@@ -208,6 +220,7 @@ class Config:
     local_rank: Optional[int] = None
     server_memory: Optional[int] = None
     engine: str = "native"
+    mode: str = "sync"
     spin_us: int = 0
     secret: Optional[str] = field(default=None, repr=False)
     secret_file: Optional[str] = None
@@ -237,7 +250,7 @@ class Config:
                     raw = parse(raw)
                 except ValueError as exc:
                     raise ConfigError(f"{source}={raw!r}: {exc}") from None
-            elif raw is not None and parse in (_role, _transport):
+            elif raw is not None and parse in (_role, _transport, _mode):
                 raw = parse(raw)
             values[name], sources[name] = raw, source
         config = cls(**values, sources=sources)
@@ -265,6 +278,12 @@ class Config:
         if self.integrity and importlib.util.find_spec("blake3") is None:
             raise ConfigError("RDMAKV_INTEGRITY needs the blake3 package for its MACs: "
                               "pip install blake3 (or rdmakv[integrity])")
+        if self.mode == "async" and (self.engine == "python" or self.integrity or self.tracing):
+            # The asynchronous mode is built into the native engines only (server_engine.c).
+            why = ("RDMAKV_ENGINE=python" if self.engine == "python" else
+                   "RDMAKV_INTEGRITY" if self.integrity else "a trace (RDMAKV_TRACE_DIR / RDMAKV_TRACE_ON)")
+            raise ConfigError(f"RDMAKV_MODE=async runs on the native data plane only, which {why} turns off: "
+                              f"unset it, or use RDMAKV_MODE=sync")
         if self.server_memory is not None and self.server_memory <= 0:
             raise ConfigError(f"server_memory must be > 0, got {self.server_memory}")
         if self.trace_start_step < 0:
@@ -272,6 +291,11 @@ class Config:
         if self.trace_end_step is not None and self.trace_end_step < self.trace_start_step:
             raise ConfigError(f"trace_end_step {self.trace_end_step} is before trace_start_step "
                               f"{self.trace_start_step}")
+
+    @property
+    def tracing(self):
+        """Whether this node writes a trace (RDMAKV_TRACE_ON, else whether RDMAKV_TRACE_DIR is set)."""
+        return self.trace_on if self.trace_on is not None else bool(self.trace_dir)
 
     def describe(self):
         """[(setting, value, where it came from)] for `python -m rdmakv.info`."""

@@ -1,10 +1,12 @@
 """The parameter server: sums each chunk over all workers and answers every
-worker once all have pushed.  `python -m rdmakv.server` runs a server or the
+worker once all have pushed (RDMAKV_MODE=async: applies each push as it
+arrives and answers its worker at once, server_engine.h).  `python -m rdmakv.server` runs a server or the
 scheduler according to DMLC_ROLE, as `import byteps.server` does.
 
 Memory per chunk is two result buffers used by alternate rounds (how a sum is
 made in them: summing.py) plus, with an optimizer, the weights: bounded,
-whatever the number of rounds.  A worker whose connection places data
+whatever the number of rounds.  In asynchronous mode it is the stored value
+plus a reply buffer per worker.  A worker whose connection places data
 remotely (verbs) also gets a slot per chunk that its pushes are written
 straight into: the slot for round r+1 is offered once round r's push is summed.
 
@@ -97,7 +99,8 @@ class KeyState:
 
 class ChunkState:
     __slots__ = ("key_state", "index", "nbytes", "dtype_code", "dtype", "lock", "filled", "filling", "round",
-                 "pushed", "opened", "has_data", "flags", "buffers", "_allocate", "regions", "weight", "native")
+                 "pushed", "opened", "has_data", "flags", "buffers", "_allocate", "regions", "weight", "native",
+                 "snapshots")
 
     def __init__(self, key_state, index, nbytes, dtype_code, allocate):
         self.key_state = key_state
@@ -118,6 +121,7 @@ class ChunkState:
         self.regions = None           # the buffers' Regions, where they are sums co-located workers add into
         self.weight = None            # optimizer mode: the stored value
         self.native = None            # the chunk as the server's native engine knows it
+        self.snapshots = None         # asynchronous mode: each worker's reply (buffers[0] is the stored value)
 
     @property
     def stream(self):
@@ -290,8 +294,8 @@ class ParameterServer(Handler):
             self._native = _t.ServerEngine(self.num_workers, self.config.timeout, DIRECT_REPLY_BYTES)
             self._native.set_spin(self.config.spin_us / 1e6)
             threading.Thread(target=self._hear_engine, daemon=True, name="rdmakv-engine-events").start()
-        log.info("server %d: joined the job of %d workers (%s data path)", self.rank, self.num_workers,
-                 "native" if self._native is not None else "Python")
+        log.info("server %d: joined the job of %d workers (%s data path, %s mode)", self.rank, self.num_workers,
+                 "native" if self._native is not None else "Python", self.config.mode)
         acceptor = threading.Thread(target=self._accept_loop, daemon=True, name="rdmakv-accept")
         acceptor.start()
         threading.Thread(target=self._watch, daemon=True, name="rdmakv-watch").start()
@@ -369,6 +373,9 @@ class ParameterServer(Handler):
         if kind == _t.EVENT_SUMMED:   # whether or not the worker whose push completed it is still here
             self._update_summed(header)
             return
+        if kind == _t.EVENT_PUSHED:
+            self._update_pushed(rank, header)
+            return
         with self._lock:
             link = self._links.get(rank)
         state = self._keys.get(header.key)
@@ -444,6 +451,25 @@ class ParameterServer(Handler):
                 return
             result = chunk.weight
         self._native.reply_all(chunk.native, header.round, header.priority, result)
+
+    def _update_pushed(self, rank, header):
+        """Asynchronous mode with an optimizer: apply worker rank's push (in its snapshot)
+        to the stored value, and answer it with the value then.  Only this thread
+        changes the stored value meanwhile (server_engine.h)."""
+        chunk = self._chunks[(header.key, header.chunk)]
+        stored = chunk.buffers[0]
+        snapshot = chunk.snapshots[rank * chunk.nbytes:(rank + 1) * chunk.nbytes]
+        if self.updater is not None and not header.flags & FLAG_NO_DATA:
+            try:
+                self.updater.update(chunk.key_state.name, chunk.index, stored.view(chunk.dtype),
+                                    snapshot.view(chunk.dtype))
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the workers must hear it, not time out
+                log.exception("server %s: the optimizer failed on key %r", self.rank, chunk.key_state.name)
+                self._fail_key(header.key, f"server {self.rank}: the optimizer failed on key "
+                                           f"{chunk.key_state.name!r}: {type(exc).__name__}: {exc}")
+                return
+        snapshot[:] = stored
+        self._native.reply_one(chunk.native, rank, header.round, header.priority)
 
     # ---- scheduler messages ----------------------------------------------
     def _on_control(self, header, obj):
@@ -680,7 +706,9 @@ class ParameterServer(Handler):
         """Record a new key, its chunks here allocated within the memory budget
         (or, if they do not fit, its refusal); returns the key's KeyState, which
         another worker's declaration may have recorded meanwhile."""
-        cost = KEY_COST + sum(CHUNK_COST + 2 * chunk.nbytes for chunk in here)   # two round buffers each
+        # Two round buffers per chunk; in asynchronous mode, the stored value and a reply per worker.
+        copies = 1 + self.num_workers if self.config.mode == "async" else 2
+        cost = KEY_COST + sum(CHUNK_COST + copies * chunk.nbytes for chunk in here)
         state = KeyState(key, declared)
         if self.budget.charge(cost):
             try:
@@ -692,7 +720,7 @@ class ParameterServer(Handler):
                 cost = KEY_COST
         else:
             state.error = self._over_budget(f"key {state.name!r} needs {_human_bytes(cost)} ({len(here)} chunks there, "
-                                            f"two round buffers each)")
+                                            f"{copies} buffers each)")
             cost = KEY_COST if self.budget.charge(KEY_COST) else 0
             if not cost:
                 return state              # not recorded: the caller tells this worker only
@@ -716,6 +744,10 @@ class ParameterServer(Handler):
         if state.error is not None:
             self._native.refuse_key(state.native)
         for chunk in state.chunks:
+            if chunk.snapshots is not None:
+                chunk.native = self._native.add_async_chunk(state.native, chunk.index, chunk.dtype_code,
+                                                            chunk.buffers[0], chunk.snapshots)
+                continue
             places = [(r.number, r.offset) for r in chunk.regions] if chunk.regions is not None else None
             chunk.native = self._native.add_chunk(state.native, chunk.index, chunk.dtype_code, chunk.buffer(0),
                                                   chunk.buffer(1), places)
@@ -729,10 +761,17 @@ class ParameterServer(Handler):
         code = protocol.DTYPE_CODES[state.layout["dtype"]]
         for piece in here:
             chunk = ChunkState(state, piece.index, piece.nbytes, code, self._allocate)
+            state.chunks.append(chunk)
+            if self.config.mode == "async":
+                # Private memory, not sums co-located workers add into: a push must be
+                # answered with the value right after it, which only the server can copy
+                # under the chunk's lock (server_engine.h); replies cross as bytes.
+                chunk.buffers[0] = np.zeros(piece.nbytes, np.uint8)
+                chunk.snapshots = np.empty(piece.nbytes * self.num_workers, np.uint8)
+                continue
             regions = [self.listener.region(chunk.buffer(rnd)) for rnd in (0, 1)]
             if None not in regions:
                 chunk.regions = regions
-            state.chunks.append(chunk)
 
     def _validate_layout(self, key, layout):
         """Check a declaration's fields, before anything is computed from them."""
@@ -919,6 +958,9 @@ class ParameterServer(Handler):
 
     def _init_value(self, link, header, payload):
         chunk = self._chunk(link, header)
+        if chunk.snapshots is not None:    # asynchronous mode: the stored value is also the weight
+            self._native.set_value(chunk.native, payload)
+            return
         with chunk.lock:
             if chunk.weight is None:
                 if not self.budget.charge(chunk.nbytes):

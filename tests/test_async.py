@@ -1,0 +1,140 @@
+"""Asynchronous mode (RDMAKV_MODE=async) on real local clusters: each push is
+applied as it arrives and answered at once, a stalled worker holds nobody back,
+and the stored value ends as the exact sum of every push (checked against numpy)."""
+import threading
+
+import numpy as np
+import pytest
+
+import rdmakv
+from cluster import run_threads
+from rdmakv.core.config import Config
+from rdmakv.core.errors import ConfigError, RemoteError
+
+pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
+
+ELEMENTS = 5000                   # int64: 40,000 bytes, three chunks over two servers
+PARTITION = 16384
+
+
+@pytest.fixture
+def async_cluster(cluster_factory, monkeypatch):
+    """make(workers, servers) -> a started LocalCluster whose servers and in-process workers run async."""
+    monkeypatch.setenv("RDMAKV_MODE", "async")
+
+    def make(workers=2, servers=2):
+        return cluster_factory(workers, servers, RDMAKV_PARTITION_BYTES=PARTITION)
+    return make
+
+
+def delta(rank, step):
+    """Worker rank's push number step: distinct per worker and step, with negative elements."""
+    return (np.arange(ELEMENTS, dtype=np.int64) % 7 - 3) * (rank + 1) + step * 1000 + rank
+
+
+def test_a_stalled_worker_does_not_hold_back_the_others(async_cluster):
+    cluster = async_cluster(2, 2)
+    steps = 6
+    worker1_pushed, worker0_done = threading.Event(), threading.Event()
+    replies = []
+
+    def work(kv):
+        if kv.rank == 1:
+            np.testing.assert_array_equal(kv.pushpull("w", delta(1, 0)), delta(1, 0))
+            worker1_pushed.set()
+            # Stalled: in sync mode worker 0's next pushpull would wait for this worker's push.
+            assert worker0_done.wait(60), "worker 0's pushpulls did not complete while worker 1 stalled"
+            for step in range(1, steps):
+                kv.pushpull("w", delta(1, step))
+            return
+        assert worker1_pushed.wait(60)
+        for step in range(steps):
+            replies.append(kv.pushpull("w", delta(0, step)).copy())
+        worker0_done.set()
+
+    cluster.run(work)
+    # Each reply is the stored value right after that push: worker 0's pushes so far and worker 1's first.
+    for step, reply in enumerate(replies):
+        np.testing.assert_array_equal(reply, sum(delta(0, s) for s in range(step + 1)) + delta(1, 0))
+
+    def final(kv):
+        return kv.pushpull("w", np.zeros(ELEMENTS, np.int64))   # a push of zeros: the stored value
+
+    expected = sum(delta(rank, step) for rank in range(2) for step in range(steps))
+    for value in cluster.run(final):
+        np.testing.assert_array_equal(value, expected)
+
+
+def test_every_push_is_applied_once_while_workers_race(async_cluster):
+    cluster = async_cluster(3, 2)
+    steps = 20
+
+    chunk_elements = PARTITION // 8
+
+    def work(kv):
+        for step in range(steps):
+            reply = kv.pushpull("w", np.full(ELEMENTS, 100 ** kv.rank, np.int64))
+            # Worker r's pushes count in decimal digits 2r and 2r+1.  The reply follows this
+            # worker's own push: it holds all of them so far and some of the others', one
+            # copy of the stored value per chunk (the same count in each of its elements).
+            counts = [reply // 100 ** rank % 100 for rank in range(3)]
+            assert (counts[kv.rank] == step + 1).all(), (kv.rank, step, np.unique(counts[kv.rank]))
+            for start in range(0, ELEMENTS, chunk_elements):
+                piece = reply[start:start + chunk_elements]
+                assert (piece == piece[0]).all() and 0 <= piece[0] <= 20 * 10101
+        kv.barrier()
+        return kv.pushpull("w", np.zeros(ELEMENTS, np.int64))
+
+    expected = np.full(ELEMENTS, sum(steps * 100 ** rank for rank in range(3)), np.int64)
+    for value in cluster.run(work):
+        np.testing.assert_array_equal(value, expected)
+
+
+def test_the_stored_value_starts_at_init_or_at_a_broadcast(async_cluster):
+    cluster = async_cluster(2, 1)
+    start = np.arange(ELEMENTS, dtype=np.int32) - 77
+    root = np.arange(ELEMENTS, dtype=np.int32) * 3
+
+    def work(kv):
+        kv.init("initialized", start if kv.rank == 0 else np.zeros(ELEMENTS, np.int32))
+        kv.barrier()                  # as MXNet's init does: the starting value is in before any push
+        got = kv.broadcast("broadcast", root if kv.rank == 0 else np.zeros(ELEMENTS, np.int32))
+        np.testing.assert_array_equal(got, root)
+        for step in range(5):
+            kv.pushpull("initialized", np.full(ELEMENTS, kv.rank + 1, np.int32))
+            kv.pushpull("broadcast", np.full(ELEMENTS, step, np.int32))
+        kv.barrier()
+        return (kv.pushpull("initialized", np.zeros(ELEMENTS, np.int32)),
+                kv.pushpull("broadcast", np.zeros(ELEMENTS, np.int32)))
+
+    for initialized, broadcast in cluster.run(work):
+        np.testing.assert_array_equal(initialized, start + 5 * (1 + 2))
+        np.testing.assert_array_equal(broadcast, root + 2 * sum(range(5)))
+
+
+def test_workers_and_servers_must_agree_on_the_mode(cluster_factory):
+    cluster = cluster_factory(2, 1, RDMAKV_MODE="async")     # the servers; the workers stay sync
+    stores, errors = run_threads([lambda i=i: rdmakv.KVStore(worker_id=i, mode="sync", **cluster.settings())
+                                  for i in range(2)])
+    for store in stores:
+        if store is not None:
+            store.close()
+    for error in errors:
+        assert isinstance(error, RemoteError), error
+        message = str(error)
+        assert "RDMAKV_MODE" in message and "server 0 async" in message and "worker 0, worker 1 sync" in message
+    assert cluster.wait() == [1, 1]
+
+
+def test_the_mode_setting_is_checked():
+    assert Config.load(environ={}).mode == "sync"
+    assert Config.load(environ={"RDMAKV_MODE": " Async "}).mode == "async"
+    with pytest.raises(ConfigError, match="RDMAKV_MODE='bulk': must be sync or async"):
+        Config.load(environ={"RDMAKV_MODE": "bulk"})
+    with pytest.raises(ConfigError, match="must be sync or async"):
+        Config.load(environ={}, mode="bulk")
+    with pytest.raises(ConfigError, match="RDMAKV_MODE=async runs on the native data plane only, which "
+                                          "RDMAKV_ENGINE=python turns off"):
+        Config.load(environ={"RDMAKV_ENGINE": "python"}, mode="async")
+    with pytest.raises(ConfigError, match="a trace"):
+        Config.load(environ={"RDMAKV_TRACE_DIR": "/tmp/traces"}, mode="async")
