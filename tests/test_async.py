@@ -138,3 +138,63 @@ def test_the_mode_setting_is_checked():
         Config.load(environ={"RDMAKV_ENGINE": "python"}, mode="async")
     with pytest.raises(ConfigError, match="a trace"):
         Config.load(environ={"RDMAKV_TRACE_DIR": "/tmp/traces"}, mode="async")
+
+
+def test_a_worker_that_leaves_early_does_not_stop_the_others(async_cluster):
+    cluster = async_cluster(2, 1)
+    left = threading.Event()
+
+    def work(kv):
+        if kv.rank == 0:
+            for step in range(3):
+                kv.pushpull("w", delta(0, step))
+            kv.close()                # in sync mode the other worker's rounds could no longer complete
+            left.set()
+            return None
+        assert left.wait(60)
+        replies = [kv.pushpull("w", delta(1, step)).copy() for step in range(4)]
+        return replies
+
+    _, replies = cluster.run(work)
+    early = sum(delta(0, step) for step in range(3))
+    for step, reply in enumerate(replies):
+        np.testing.assert_array_equal(reply, early + sum(delta(1, s) for s in range(step + 1)))
+
+
+@pytest.mark.mxnet
+def test_the_server_optimizer_applies_each_push_as_it_arrives(async_cluster):
+    mx = pytest.importorskip("mxnet")
+    from rdmakv.mxnet import optimizer as server_optimizers
+    cluster = async_cluster(2, 2)
+    start = (np.arange(ELEMENTS) % 13).astype(np.float32)
+    worker1_pushed, worker0_done = threading.Event(), threading.Event()
+    steps = 4
+    replies = []
+
+    def grad(rank, step):             # SGD at a rate of 1/2 on small integers: exact in float32
+        return ((np.arange(ELEMENTS) % 5 - 2) * (rank + 1) + step).astype(np.float32)
+
+    def work(kv):
+        kv.server_optimizer.set(server_optimizers.describe(mx.optimizer.SGD(learning_rate=0.5)))
+        kv.init("w", start if kv.rank == 0 else np.zeros(ELEMENTS, np.float32))
+        kv.barrier()
+        if kv.rank == 1:
+            np.testing.assert_array_equal(kv.pushpull("w", grad(1, 0)), start - 0.5 * grad(1, 0))
+            worker1_pushed.set()
+            assert worker0_done.wait(60), "worker 0's pushpulls did not complete while worker 1 stalled"
+            for step in range(1, steps):
+                kv.pushpull("w", grad(1, step))
+        else:
+            assert worker1_pushed.wait(60)
+            for step in range(steps):
+                replies.append(kv.pushpull("w", grad(0, step)).copy())
+            worker0_done.set()
+        kv.barrier()
+        return kv.pushpull("w", np.zeros(ELEMENTS, np.float32))   # a zero gradient: SGD leaves the weight
+
+    finals = cluster.run(work)
+    for step, reply in enumerate(replies):
+        np.testing.assert_array_equal(reply, start - 0.5 * (grad(1, 0) + sum(grad(0, s) for s in range(step + 1))))
+    expected = start - 0.5 * sum(grad(rank, step) for rank in range(2) for step in range(steps))
+    for final in finals:
+        np.testing.assert_array_equal(final, expected)
