@@ -22,6 +22,8 @@ cdef extern from "server_engine.h" nogil:
     rk_schunk *rk_server_add_async_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype,
                                          uint64_t nbytes, char *stored, char *snapshots)
     void rk_server_set_value(rk_schunk *chunk, const char *data)
+    void rk_server_hold_chunk(rk_schunk *chunk)
+    void rk_server_release_chunk(rk_schunk *chunk)
     void rk_server_declared_by(rk_skey *key, uint32_t rank)
     void rk_server_refuse_key(rk_skey *key)
     void rk_server_departed(rk_server *server)
@@ -152,6 +154,15 @@ cdef class ServerEngine:
         if view.shape[0]:
             with nogil:
                 rk_server_set_value(chunk.chunk, <const char *>&view[0])
+
+    def hold(self, ServerChunk chunk not None):
+        """Asynchronous mode: take the chunk's lock (the engine's threads wait; they never
+        need the GIL), to change its stored value; release() gives it back."""
+        with nogil:
+            rk_server_hold_chunk(chunk.chunk)
+
+    def release(self, ServerChunk chunk not None):
+        rk_server_release_chunk(chunk.chunk)
 
     def reply_one(self, ServerChunk chunk not None, uint32_t rank, uint64_t round, int32_t priority):
         """Asynchronous mode: RESULT of chunk's round to worker rank from its snapshot (set by the caller)."""

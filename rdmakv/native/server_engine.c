@@ -206,6 +206,14 @@ rk_schunk *rk_server_add_async_chunk(rk_server *server, rk_skey *key, uint32_t i
     return insert_chunk(server, key, chunk);
 }
 
+void rk_server_hold_chunk(rk_schunk *chunk) {
+    pthread_mutex_lock(&chunk->lock);
+}
+
+void rk_server_release_chunk(rk_schunk *chunk) {
+    pthread_mutex_unlock(&chunk->lock);
+}
+
 void rk_server_set_value(rk_schunk *chunk, const char *data) {
     pthread_mutex_lock(&chunk->lock);
     if (chunk->nbytes) memcpy(chunk->buffers[0], data, chunk->nbytes);
@@ -432,8 +440,8 @@ static int take_async_push(rk_slink *link, rk_schunk *chunk, const rk_header *h)
     if (!refused && !broadcast) {
         chunk->rounds[rank]++;
         if (with_optimizer) {
-            /* The control plane applies it (RK_EVENT_PUSHED) and answers from the same buffer;
-             * the stored value is its to change. */
+            /* The control plane applies it (RK_EVENT_PUSHED), holding this lock, and
+             * answers from the same buffer. */
             if (with_data) memcpy(snapshot_of(chunk, rank), link->scratch, chunk->nbytes);
         } else if (chunk->nbytes) {
             size_t itemsize = 1;

@@ -78,6 +78,10 @@ rk_schunk *rk_server_add_async_chunk(rk_server *server, rk_skey *key, uint32_t i
                                      uint64_t nbytes, char *stored, char *snapshots);
 /* Asynchronous mode: replace the stored value (a starting value, INIT). */
 void rk_server_set_value(rk_schunk *chunk, const char *data);
+/* Asynchronous mode: hold the chunk's lock while the control plane applies a push
+ * with its optimizer (a broadcast may replace the stored value meanwhile). */
+void rk_server_hold_chunk(rk_schunk *chunk);
+void rk_server_release_chunk(rk_schunk *chunk);
 /* The worker at rank has our memory file `number` (its fd was passed to it):
  * results in it go to that worker as places, and it may add into sums there. */
 void rk_server_link_has_segment(rk_server *server, uint32_t rank, uint32_t number);

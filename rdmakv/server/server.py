@@ -454,21 +454,23 @@ class ParameterServer(Handler):
 
     def _update_pushed(self, rank, header):
         """Asynchronous mode with an optimizer: apply worker rank's push (in its snapshot)
-        to the stored value, and answer it with the value then.  Only this thread
-        changes the stored value meanwhile (server_engine.h)."""
+        to the stored value, and answer it with the value then (server_engine.h)."""
         chunk = self._chunks[(header.key, header.chunk)]
         stored = chunk.buffers[0]
         snapshot = chunk.snapshots[rank * chunk.nbytes:(rank + 1) * chunk.nbytes]
-        if self.updater is not None and not header.flags & FLAG_NO_DATA:
-            try:
+        self._native.hold(chunk.native)
+        try:
+            if self.updater is not None and not header.flags & FLAG_NO_DATA:
                 self.updater.update(chunk.key_state.name, chunk.index, stored.view(chunk.dtype),
                                     snapshot.view(chunk.dtype))
-            except Exception as exc:  # noqa: BLE001 - whatever failed, the workers must hear it, not time out
-                log.exception("server %s: the optimizer failed on key %r", self.rank, chunk.key_state.name)
-                self._fail_key(header.key, f"server {self.rank}: the optimizer failed on key "
-                                           f"{chunk.key_state.name!r}: {type(exc).__name__}: {exc}")
-                return
-        snapshot[:] = stored
+            snapshot[:] = stored
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the workers must hear it, not time out
+            log.exception("server %s: the optimizer failed on key %r", self.rank, chunk.key_state.name)
+            self._fail_key(header.key, f"server {self.rank}: the optimizer failed on key "
+                                       f"{chunk.key_state.name!r}: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            self._native.release(chunk.native)
         self._native.reply_one(chunk.native, rank, header.round, header.priority)
 
     # ---- scheduler messages ----------------------------------------------
