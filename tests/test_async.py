@@ -8,8 +8,7 @@ import pytest
 
 import rdmakv
 from cluster import run_threads
-from rdmakv.core.config import Config
-from rdmakv.core.errors import ConfigError, RemoteError
+from rdmakv.core.errors import RemoteError
 
 pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 
@@ -126,20 +125,6 @@ def test_workers_and_servers_must_agree_on_the_mode(cluster_factory):
     assert cluster.wait() == [1, 1]
 
 
-def test_the_mode_setting_is_checked():
-    assert Config.load(environ={}).mode == "sync"
-    assert Config.load(environ={"RDMAKV_MODE": " Async "}).mode == "async"
-    with pytest.raises(ConfigError, match="RDMAKV_MODE='bulk': must be sync or async"):
-        Config.load(environ={"RDMAKV_MODE": "bulk"})
-    with pytest.raises(ConfigError, match="must be sync or async"):
-        Config.load(environ={}, mode="bulk")
-    with pytest.raises(ConfigError, match="RDMAKV_MODE=async runs on the native data plane only, which "
-                                          "RDMAKV_ENGINE=python turns off"):
-        Config.load(environ={"RDMAKV_ENGINE": "python"}, mode="async")
-    with pytest.raises(ConfigError, match="a trace"):
-        Config.load(environ={"RDMAKV_TRACE_DIR": "/tmp/traces"}, mode="async")
-
-
 def test_a_worker_that_leaves_early_does_not_stop_the_others(async_cluster):
     cluster = async_cluster(2, 1)
     left = threading.Event()
@@ -198,3 +183,49 @@ def test_the_server_optimizer_applies_each_push_as_it_arrives(async_cluster):
     expected = start - 0.5 * sum(grad(rank, step) for rank in range(2) for step in range(steps))
     for final in finals:
         np.testing.assert_array_equal(final, expected)
+
+
+WORKER_SCRIPT = """
+import sys, numpy as np, rdmakv
+kv = rdmakv.KVStore()
+for step in range(6):
+    kv.pushpull("w", np.full(5000, 1000, np.int64))
+    print("pushed", step, flush=True)
+    if step == 0:
+        sys.stdin.readline()
+kv.barrier()
+print("final", int(kv.pushpull("w", np.zeros(5000, np.int64))[0]), flush=True)
+kv.close()
+"""
+
+
+def test_a_worker_process_stopped_by_sigstop_holds_nobody_back(async_cluster):
+    import os
+    import signal
+    import subprocess
+    import sys
+    cluster = async_cluster(2, 2)
+    env = dict(cluster.env, DMLC_ROLE="worker", DMLC_WORKER_ID="1")
+    child = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        kv = rdmakv.KVStore(worker_id=0, **cluster.settings())
+        cluster.stores.append(kv)
+        assert child.stdout.readline() == "pushed 0\n"
+        os.kill(child.pid, signal.SIGSTOP)    # every thread of worker 1, its engine's and heartbeats too
+        try:
+            replies = [kv.pushpull("w", np.ones(5000, np.int64))[0] for _ in range(10)]
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+        assert replies == [1000 + step + 1 for step in range(10)]
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        kv.barrier()
+        final = kv.pushpull("w", np.zeros(5000, np.int64))
+        np.testing.assert_array_equal(final, np.full(5000, 6 * 1000 + 10, np.int64))
+        out, _ = child.communicate(timeout=30)
+        assert out.splitlines()[-1] == "final 6010" and child.returncode == 0, out
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -250,7 +250,7 @@ class Config:
                     raw = parse(raw)
                 except ValueError as exc:
                     raise ConfigError(f"{source}={raw!r}: {exc}") from None
-            elif raw is not None and parse in (_role, _transport, _mode):
+            elif raw is not None and parse in (_role, _transport):
                 raw = parse(raw)
             values[name], sources[name] = raw, source
         config = cls(**values, sources=sources)
@@ -278,6 +278,8 @@ class Config:
         if self.integrity and importlib.util.find_spec("blake3") is None:
             raise ConfigError("RDMAKV_INTEGRITY needs the blake3 package for its MACs: "
                               "pip install blake3 (or rdmakv[integrity])")
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"mode must be sync or async, got {self.mode!r}")
         if self.mode == "async" and (self.engine == "python" or self.integrity or self.tracing):
             # The asynchronous mode is built into the native engines only (server_engine.c).
             why = ("RDMAKV_ENGINE=python" if self.engine == "python" else
