@@ -1,6 +1,10 @@
 """Asynchronous mode (RDMAKV_MODE=async) on real local clusters: each push is
 applied as it arrives and answered at once, a stalled worker holds nobody back,
 and the stored value ends as the exact sum of every push (checked against numpy)."""
+import os
+import signal
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -16,10 +20,12 @@ ELEMENTS = 5000                   # int64: 40,000 bytes, three chunks over two s
 PARTITION = 16384
 
 
-@pytest.fixture
-def async_cluster(cluster_factory, monkeypatch):
-    """make(workers, servers) -> a started LocalCluster whose servers and in-process workers run async."""
+@pytest.fixture(params=["native", "python"])
+def async_cluster(request, cluster_factory, monkeypatch):
+    """make(workers, servers) -> a started LocalCluster whose servers and in-process workers
+    run async, on the native data plane and on the Python one (named in the test id)."""
     monkeypatch.setenv("RDMAKV_MODE", "async")
+    monkeypatch.setenv("RDMAKV_ENGINE", request.param)
 
     def make(workers=2, servers=2):
         return cluster_factory(workers, servers, RDMAKV_PARTITION_BYTES=PARTITION)
@@ -71,6 +77,7 @@ def test_every_push_is_applied_once_while_workers_race(async_cluster):
     chunk_elements = PARTITION // 8
 
     def work(kv):
+        assert (kv.engine is None) == (os.environ["RDMAKV_ENGINE"] == "python")
         for step in range(steps):
             reply = kv.pushpull("w", np.full(ELEMENTS, 100 ** kv.rank, np.int64))
             # Worker r's pushes count in decimal digits 2r and 2r+1.  The reply follows this
@@ -200,10 +207,6 @@ kv.close()
 
 
 def test_a_worker_process_stopped_by_sigstop_holds_nobody_back(async_cluster):
-    import os
-    import signal
-    import subprocess
-    import sys
     cluster = async_cluster(2, 2)
     env = dict(cluster.env, DMLC_ROLE="worker", DMLC_WORKER_ID="1")
     child = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT], env=env, stdin=subprocess.PIPE,

@@ -120,8 +120,3 @@ def test_the_mode_setting_is_checked():
         Config.load(environ={}, mode="bulk")
     with pytest.raises(ConfigError, match="mode must be sync or async, got 1"):
         Config.load(environ={}, mode=1)
-    with pytest.raises(ConfigError, match="RDMAKV_MODE=async runs on the native data plane only, which "
-                                          "RDMAKV_ENGINE=python turns off"):
-        Config.load(environ={"RDMAKV_ENGINE": "python"}, mode="async")
-    with pytest.raises(ConfigError, match="a trace"):
-        Config.load(environ={"RDMAKV_TRACE_DIR": "/tmp/traces"}, mode="async")

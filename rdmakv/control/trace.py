@@ -92,6 +92,7 @@ class Tracer:
 
 def make(config, role, rank):
     """The rank's Tracer, or None when tracing is off."""
-    if not config.tracing:
+    on = config.trace_on if config.trace_on is not None else bool(config.trace_dir)
+    if not on:
         return None
     return Tracer(config.trace_dir or DEFAULT_DIR, role, rank, config.trace_start_step, config.trace_end_step)

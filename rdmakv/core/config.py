@@ -187,8 +187,8 @@ SETTINGS = {
     "mode": (("RDMAKV_MODE",), _mode, "sync",
              "sync: a pushpull returns the sum of every worker's push of that round; async: a server applies each "
              "push as it arrives (adds it into the stored value, or runs the server-side optimizer on it) and "
-             "answers that worker with the value then, without waiting for the others (native data plane only; "
-             "alike on every worker and server)"),
+             "answers that worker with the value then, without waiting for the others (alike on every worker and "
+             "server)"),
     "spin_us": (("RDMAKV_SPIN_US",), _int, 0,
                 "microseconds a native engine's reader (and a waiting caller) polls for the next message "
                 "before sleeping; 0: sleep at once (best where cores are few)"),
@@ -280,12 +280,6 @@ class Config:
                               "pip install blake3 (or rdmakv[integrity])")
         if self.mode not in ("sync", "async"):
             raise ConfigError(f"mode must be sync or async, got {self.mode!r}")
-        if self.mode == "async" and (self.engine == "python" or self.integrity or self.tracing):
-            # The asynchronous mode is built into the native engines only (server_engine.c).
-            why = ("RDMAKV_ENGINE=python" if self.engine == "python" else
-                   "RDMAKV_INTEGRITY" if self.integrity else "a trace (RDMAKV_TRACE_DIR / RDMAKV_TRACE_ON)")
-            raise ConfigError(f"RDMAKV_MODE=async runs on the native data plane only, which {why} turns off: "
-                              f"unset it, or use RDMAKV_MODE=sync")
         if self.server_memory is not None and self.server_memory <= 0:
             raise ConfigError(f"server_memory must be > 0, got {self.server_memory}")
         if self.trace_start_step < 0:
@@ -293,11 +287,6 @@ class Config:
         if self.trace_end_step is not None and self.trace_end_step < self.trace_start_step:
             raise ConfigError(f"trace_end_step {self.trace_end_step} is before trace_start_step "
                               f"{self.trace_start_step}")
-
-    @property
-    def tracing(self):
-        """Whether this node writes a trace (RDMAKV_TRACE_ON, else whether RDMAKV_TRACE_DIR is set)."""
-        return self.trace_on if self.trace_on is not None else bool(self.trace_dir)
 
     def describe(self):
         """[(setting, value, where it came from)] for `python -m rdmakv.info`."""

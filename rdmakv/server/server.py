@@ -100,7 +100,7 @@ class KeyState:
 class ChunkState:
     __slots__ = ("key_state", "index", "nbytes", "dtype_code", "dtype", "lock", "filled", "filling", "round",
                  "pushed", "opened", "has_data", "flags", "buffers", "_allocate", "regions", "weight", "native",
-                 "snapshots")
+                 "snapshots", "rounds")
 
     def __init__(self, key_state, index, nbytes, dtype_code, allocate):
         self.key_state = key_state
@@ -122,6 +122,7 @@ class ChunkState:
         self.weight = None            # optimizer mode: the stored value
         self.native = None            # the chunk as the server's native engine knows it
         self.snapshots = None         # asynchronous mode: each worker's reply (buffers[0] is the stored value)
+        self.rounds = None            # asynchronous mode, Python data path: each worker's next round
 
     @property
     def stream(self):
@@ -534,7 +535,8 @@ class ParameterServer(Handler):
                                     f"{chunk.key_state.name!r} chunk {chunk.index}, declared {chunk.nbytes}")
             if header.op == Op.PUSH and link.places:
                 return link.slot_for(chunk)
-            if header.op == Op.PUSH and chunk.regions is None and self._native is None:
+            if (header.op == Op.PUSH and chunk.regions is None and chunk.snapshots is None
+                    and self._native is None):
                 # The round's first contribution lands straight in its result buffer;
                 # later ones land in the connection's scratch buffer and are added.
                 # (Shared sums take pushes from co-located workers ready-summed.)
@@ -770,6 +772,7 @@ class ParameterServer(Handler):
                 # under the chunk's lock (server_engine.h); replies cross as bytes.
                 chunk.buffers[0] = np.zeros(piece.nbytes, np.uint8)
                 chunk.snapshots = np.empty(piece.nbytes * self.num_workers, np.uint8)
+                chunk.rounds = [0] * self.num_workers
                 continue
             regions = [self.listener.region(chunk.buffer(rnd)) for rnd in (0, 1)]
             if None not in regions:
@@ -856,6 +859,9 @@ class ParameterServer(Handler):
         if summed and (header.flags & ~(FLAG_ACK | protocol.FLAG_IN_PLACE) or chunk.regions is None):
             raise ProtocolError(f"receive from {link.peer.connection.peer}: a push of key {header.key} chunk "
                                 f"{header.chunk} summed in place without an offer for it")
+        if chunk.snapshots is not None:
+            self._push_async(link, chunk, header, payload)
+            return
         if self.tracer:
             if chunk.key_state.key == self._first_key:    # a round of the first key held here: a new step
                 self.tracer.begin_step(header.round)
@@ -936,6 +942,67 @@ class ParameterServer(Handler):
             other.reply(header.priority, Op.RESULT, result, key=header.key, chunk=chunk.index, round=rnd,
                         dtype=chunk.dtype_code)
 
+    def _push_async(self, link, chunk, header, payload):
+        """Asynchronous mode on the Python data path (server_engine.c's take_async_push):
+        apply the push to the stored value (through the optimizer, if one is set), or
+        count a broadcast's part, and answer with a copy of the value then."""
+        name = chunk.key_state.name
+        no_data = header.flags & FLAG_NO_DATA
+        broadcast = header.flags & FLAG_BROADCAST
+        stored = chunk.buffers[0]
+        answers = []                  # (link, round, the value it gets)
+        with chunk.lock:
+            if chunk.key_state.error is not None:
+                raise KeyRefused(header.key, chunk.key_state.error)
+            if link.rank not in chunk.key_state.declared_by:
+                raise ProtocolError(f"worker {link.rank} pushed key {name!r} without declaring it")
+            if header.dtype != chunk.dtype_code:
+                raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} as "
+                                            f"{protocol.DTYPE_NAMES.get(header.dtype)}, declared {chunk.dtype}")
+            if (header.length != 0) if no_data else (header.length != chunk.nbytes):
+                raise ProtocolError(f"PUSH of key {name!r} chunk {chunk.index} has {header.length} bytes")
+            if header.round != chunk.rounds[link.rank]:
+                raise KeyRefused(header.key, f"worker {link.rank} pushed round {header.round} of key {name!r}, "
+                                            f"the server is at round {chunk.rounds[link.rank]}")
+            if broadcast and self._departed:
+                raise KeyRefused(header.key, self._departure_message(next(iter(self._departed)), header.key))
+            if broadcast and not no_data and chunk.has_data:
+                raise KeyRefused(header.key, f"more than one worker sent the root value for the "
+                                            f"broadcast of key {name!r}: the workers disagree on the root")
+            chunk.rounds[link.rank] += 1
+            if not broadcast:
+                if self.updater is not None:
+                    if not no_data:
+                        self.updater.update(name, chunk.index, stored.view(chunk.dtype),
+                                            np.frombuffer(payload, chunk.dtype))
+                elif not no_data and chunk.nbytes:
+                    summing.add(stored, payload, chunk.dtype_code, first=False)
+                answers.append((link, header.round, stored.copy()))   # the value right after this push
+            else:
+                if not no_data:
+                    if chunk.nbytes:
+                        stored[:] = payload
+                    chunk.has_data = True
+                if not chunk.pushed:
+                    chunk.opened = time.monotonic()
+                    self._open_rounds[chunk] = chunk.round
+                chunk.pushed.add(link.rank)
+                if len(chunk.pushed) == self.num_workers:
+                    chunk.pushed = set()
+                    self._open_rounds.pop(chunk, None)
+                    if not chunk.has_data:
+                        raise KeyRefused(header.key, f"no worker sent the root value for the broadcast of key "
+                                                    f"{name!r}: the root rank is not a worker")
+                    chunk.has_data = False
+                    with self._lock:
+                        links = list(self._links.values())
+                    value = stored.copy()
+                    answers = [(other, chunk.rounds[other.rank] - 1, value) for other in links]
+        link.offer_slot(chunk, header.round + 1)
+        for other, rnd, value in answers:
+            other.reply(header.priority, Op.RESULT, value, key=header.key, chunk=chunk.index, round=rnd,
+                        dtype=chunk.dtype_code)
+
     def _sum_shared(self, chunk, payload, link, name):
         """Add a push that reached us through the connection into a sum that
         co-located workers add into too (the caller holds chunk.lock)."""
@@ -961,7 +1028,11 @@ class ParameterServer(Handler):
     def _init_value(self, link, header, payload):
         chunk = self._chunk(link, header)
         if chunk.snapshots is not None:    # asynchronous mode: the stored value is also the weight
-            self._native.set_value(chunk.native, payload)
+            if self._native is not None:
+                self._native.set_value(chunk.native, payload)
+                return
+            with chunk.lock:
+                chunk.buffers[0][:] = payload
             return
         with chunk.lock:
             if chunk.weight is None:
