@@ -214,8 +214,7 @@ def async_scenario(kv, out):
         return (np.arange(1000) % 5 - 2 + rank * 3 + step).astype(np.float32)
 
     kv.set_optimizer(mx.optimizer.SGD(learning_rate=0.5))
-    kv.init("w", mx.nd.array(start))
-    kv.barrier()
+    kv.init("w", mx.nd.array(start))              # ends with a barrier in async mode
     result = mx.nd.zeros(shape)
     for step in range(STEPS):
         kv.pushpull("w", mx.nd.array(grad(kv.rank, step)), out=result)

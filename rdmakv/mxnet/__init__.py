@@ -398,6 +398,13 @@ class RdmaKVAsync(RdmaKV):
 
     mode = "async"
 
+    def init(self, key: Key, value: Values) -> None:
+        """As MXNet's dist kvstore does, every worker calls it and it ends with a barrier:
+        pushes are applied as they arrive, so rank 0's starting value must be on the
+        servers before any worker's first push."""
+        super().init(key, value)
+        self.barrier()
+
 
 def _check_mode(kvstore, mode):
     if kvstore.config.mode != mode:
