@@ -232,3 +232,24 @@ def test_a_worker_process_stopped_by_sigstop_holds_nobody_back(async_cluster):
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int8", "uint8", "int32", "int64"])
+def test_every_dtype_and_an_empty_key(async_cluster, dtype):
+    cluster = async_cluster(2, 2)
+    shapes = [(0,), (7,), (3000, 3)]          # the last in several chunks
+
+    def value(rank, shape):
+        return (np.arange(int(np.prod(shape))).reshape(shape) % 5 + rank + 1).astype(dtype)
+
+    def work(kv):
+        for _ in range(3):
+            for shape in shapes:
+                kv.pushpull(f"k{shape}", value(kv.rank, shape))
+        kv.barrier()
+        return [kv.pushpull(f"k{shape}", np.zeros(shape, dtype)) for shape in shapes]
+
+    for finals in cluster.run(work):
+        for shape, final in zip(shapes, finals):
+            expected = sum(value(rank, shape) for rank in range(2) for _ in range(3)).astype(dtype)
+            np.testing.assert_array_equal(final, expected)

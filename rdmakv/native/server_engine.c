@@ -40,7 +40,7 @@ struct rk_schunk {
      * leaves from its own copy (snapshots + rank * nbytes). */
     char *snapshots;
     pthread_mutex_t lock;         /* what follows */
-    uint64_t *rounds;             /* asynchronous mode: each worker's next round */
+    uint64_t *rounds;             /* asynchronous mode (set only there): each worker's next round */
     uint64_t round;
     uint64_t *pushed;             /* a bit per worker that pushed this round */
     uint32_t pushes;
@@ -514,7 +514,7 @@ static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int i
         int rc = rk_recv_all(&link->stream, link->scratch, h->length, 0, err);
         if (rc) return rc;
     }
-    if (chunk->snapshots) return take_async_push(link, chunk, h);
+    if (chunk->rounds) return take_async_push(link, chunk, h);   /* (snapshots is NULL for an empty chunk) */
     uint64_t limit = 0;
     uint64_t round = 0;
     int complete = 0;

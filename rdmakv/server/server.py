@@ -459,6 +459,7 @@ class ParameterServer(Handler):
         chunk = self._chunks[(header.key, header.chunk)]
         stored = chunk.buffers[0]
         snapshot = chunk.snapshots[rank * chunk.nbytes:(rank + 1) * chunk.nbytes]
+        failure = None
         self._native.hold(chunk.native)
         try:
             if self.updater is not None and not header.flags & FLAG_NO_DATA:
@@ -467,11 +468,13 @@ class ParameterServer(Handler):
             snapshot[:] = stored
         except Exception as exc:  # noqa: BLE001 - whatever failed, the workers must hear it, not time out
             log.exception("server %s: the optimizer failed on key %r", self.rank, chunk.key_state.name)
-            self._fail_key(header.key, f"server {self.rank}: the optimizer failed on key "
-                                       f"{chunk.key_state.name!r}: {type(exc).__name__}: {exc}")
-            return
+            failure = exc
         finally:
             self._native.release(chunk.native)
+        if failure is not None:
+            self._fail_key(header.key, f"server {self.rank}: the optimizer failed on key "
+                                       f"{chunk.key_state.name!r}: {type(failure).__name__}: {failure}")
+            return
         self._native.reply_one(chunk.native, rank, header.round, header.priority)
 
     # ---- scheduler messages ----------------------------------------------
