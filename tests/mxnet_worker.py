@@ -17,6 +17,8 @@ import rdmakv.mxnet.engine
 
 STEPS = 4
 BATCH = 8            # global batch; each of n workers takes BATCH / n rows
+ASYNC_STEPS = 60     # async-trainer: steps per worker, and the mean L2 loss it must end below
+ASYNC_LOSS_BOUND = 0.01
 
 
 def api(kv, out):
@@ -201,10 +203,59 @@ def states_scenario(kv, out, tmpdir):
     np.savez(out, **straight)
 
 
+def async_scenario(kv, out):
+    """Asynchronous mode with SGD on the servers: every push is applied once, exactly
+    (small integers at a rate of 1/2), whatever the order they arrive in."""
+    assert kv.type == "dist_async_rdmakv"
+    n, shape = kv.num_workers, (1000,)
+    start = np.arange(1000, dtype=np.float32) % 17
+
+    def grad(rank, step):
+        return (np.arange(1000) % 5 - 2 + rank * 3 + step).astype(np.float32)
+
+    kv.set_optimizer(mx.optimizer.SGD(learning_rate=0.5))
+    kv.init("w", mx.nd.array(start))              # ends with a barrier in async mode
+    result = mx.nd.zeros(shape)
+    for step in range(STEPS):
+        kv.pushpull("w", mx.nd.array(grad(kv.rank, step)), out=result)
+    kv.barrier()
+    kv.pushpull("w", mx.nd.zeros(shape), out=result)       # a zero gradient: SGD leaves the weight
+    expected = start - 0.5 * sum(grad(rank, step) for rank in range(n) for step in range(STEPS))
+    np.testing.assert_array_equal(result.asnumpy(), expected)
+    np.savez(out, final=result.asnumpy())
+
+
+def async_trainer_scenario(kv, out):
+    """Gluon's Trainer on 'rdmakv_async' (the optimizer on the servers): the loss of a
+    linear model on the whole data set falls below ASYNC_LOSS_BOUND."""
+    rng = np.random.RandomState(1)
+    x = rng.standard_normal((512, 4)).astype(np.float32)
+    y = (x @ np.array([1.0, -2.0, 0.5, 3.0], np.float32) + 0.1).reshape(-1, 1)
+    mx.random.seed(7)
+    net = gluon.nn.Dense(1, in_units=4)
+    net.initialize(mx.init.Zero())
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1}, kvstore=kv)
+    loss_fn = gluon.loss.L2Loss()
+    first = loss_fn(net(mx.nd.array(x)), mx.nd.array(y)).mean().asscalar()
+    rows = np.arange(kv.rank, len(x), kv.num_workers)
+    for step in range(ASYNC_STEPS):
+        batch = rows[(step * 16) % len(rows):][:16]
+        with autograd.record():
+            loss = loss_fn(net(mx.nd.array(x[batch])), mx.nd.array(y[batch]))
+        loss.backward()
+        trainer.step(len(batch))
+    assert trainer._update_on_kvstore          # MXNet insists on it for an async store
+    kv.barrier()
+    last = loss_fn(net(mx.nd.array(x)), mx.nd.array(y)).mean().asscalar()
+    print("worker %d: async training loss %.5f -> %.5f" % (kv.rank, first, last))
+    assert last < ASYNC_LOSS_BOUND < first, (first, last)
+    np.savez(out, first=first, last=last)
+
+
 def main():
     scenario, outdir = sys.argv[1], sys.argv[2]
-    kv = mx.kv.create("rdmakv")
-    assert type(kv).__name__ == "RdmaKV"
+    kv = mx.kv.create("rdmakv_async" if scenario.startswith("async") else "rdmakv")
+    assert type(kv).__name__ == ("RdmaKVAsync" if scenario.startswith("async") else "RdmaKV")
     out = os.path.join(outdir, "%s-%d.npz" % (scenario, kv.rank))
     try:
         if scenario == "api":
@@ -217,6 +268,10 @@ def main():
             states_scenario(kv, out, outdir)
         elif scenario == "gil-held":
             gil_held(kv, out, outdir)
+        elif scenario == "async":
+            async_scenario(kv, out)
+        elif scenario == "async-trainer":
+            async_trainer_scenario(kv, out)
         else:
             raise SystemExit("unknown scenario %r" % scenario)
         kv.barrier()

@@ -109,3 +109,14 @@ def test_the_transports_read_their_variables_through_config():
     assert readers == [], readers
     assert {"RDMAKV_SHM", "RDMAKV_SHM_RING_BYTES", "RDMAKV_SHM_ALLOW_UIDS", "RDMAKV_IB_DEVICE", "RDMAKV_IB_PORT",
             "RDMAKV_GID_INDEX"} <= set(OTHER_VARIABLES)
+
+
+def test_the_mode_setting_is_checked():
+    assert Config.load(environ={}).mode == "sync"
+    assert Config.load(environ={"RDMAKV_MODE": " Async "}).mode == "async"
+    with pytest.raises(ConfigError, match="RDMAKV_MODE='bulk': must be sync or async"):
+        Config.load(environ={"RDMAKV_MODE": "bulk"})
+    with pytest.raises(ConfigError, match="keyword mode='bulk': must be sync or async"):
+        Config.load(environ={}, mode="bulk")
+    with pytest.raises(ConfigError, match="mode must be sync or async, got 1"):
+        Config.load(environ={}, mode=1)

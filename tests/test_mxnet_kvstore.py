@@ -71,6 +71,19 @@ def test_on_the_native_engine_mxnet_operators_complete_while_python_holds_the_gi
 
 
 @pytest.mark.timeout(300)
+def test_async_store_applies_every_push_through_the_server_optimizer(tmp_path):
+    results = launch("async", tmp_path, servers=2, RDMAKV_MODE="async")
+    assert_same_on_every_worker(results)
+
+
+@pytest.mark.timeout(300)
+def test_gluon_trainer_on_the_async_store_converges(tmp_path):
+    # tests/mxnet_worker.py checks the loss against its bound on each worker.
+    for result in launch("async-trainer", tmp_path, RDMAKV_MODE="async"):
+        assert result["last"] < 0.01
+
+
+@pytest.mark.timeout(300)
 def test_trainer_save_and_load_states_resume_bit_identically(tmp_path):
     assert_same_on_every_worker(launch("states", tmp_path, servers=2))
 
@@ -135,6 +148,8 @@ def test_on_the_native_engine_a_failed_operation_reaches_mxnet_with_its_reason(c
 def test_registered_under_both_names_and_named_by_trainer_and_module():
     for name in rmx.NAMES:
         assert mx.kvstore.KVStoreBase.kv_registry[name] is rmx.RdmaKV
+    for name in rmx.ASYNC_NAMES:
+        assert mx.kvstore.KVStoreBase.kv_registry[name] is rmx.RdmaKVAsync
     from mxnet.gluon import trainer
     from mxnet.module import module
     for api in (mx.model, trainer, module):

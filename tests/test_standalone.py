@@ -112,3 +112,13 @@ def test_a_failed_single_process_start_leaves_nothing_running(monkeypatch):
         rdmakv.KVStore(interface="nosuch0", timeout=5)
     assert not [t.name for t in threading.enumerate()
                 if t.ident not in before and t.name.startswith("rdmakv-local")]
+
+
+def test_a_single_process_job_runs_in_asynchronous_mode():
+    # The in-process server takes the store's mode: each pushpull adds into the stored value.
+    proc = run_script("""
+        import numpy as np, rdmakv
+        with rdmakv.KVStore(mode="async") as kv:
+            print([int(kv.pushpull("k", np.full(3, 5, np.int64))[0]) for _ in range(3)])
+    """, bare_env())
+    assert proc.returncode == 0 and proc.stdout.strip() == "[5, 10, 15]", proc.stderr[-2000:]

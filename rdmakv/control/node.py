@@ -252,7 +252,7 @@ class ControlLink(Handler):
         self.peer = Peer(connection, self, f"the scheduler at {where}", silence_limit=config.timeout).start()
         self.peer.send_json(Op.HELLO, {
             "role": self.role, "host": host, "port": port, "node_id": node_id,
-            "hostname": socket.gethostname(), "version": protocol.VERSION,
+            "hostname": socket.gethostname(), "version": protocol.VERSION, "mode": config.mode,
         })
         if not self._welcomed.wait(max(0.0, deadline - time.monotonic())):
             self.close()

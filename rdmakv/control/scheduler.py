@@ -91,6 +91,9 @@ class Scheduler(Handler):
             if self._failure is not None:
                 return
             self._assign_ranks()
+            self._failure = self._modes_disagree()    # run() tells every node
+            if self._failure is not None:
+                return
             self._started = True
             servers = [[self._servers[r].info["host"], self._servers[r].info["port"]]
                        for r in range(self.config.num_servers)]
@@ -118,6 +121,17 @@ class Scheduler(Handler):
             for rank, peer in ranks.items():
                 peer.info["rank"] = rank
                 peer.name = f"{role} {rank}"
+
+    def _modes_disagree(self):
+        """Why the nodes cannot run one job, if they asked for different modes (RDMAKV_MODE); else None."""
+        by_mode = {}
+        for peer in sorted(self._pending, key=lambda p: (p.info["role"], p.info["rank"])):
+            by_mode.setdefault(peer.info["mode"], []).append(peer.name)
+        if len(by_mode) < 2:
+            return None
+        groups = "; ".join(f"{', '.join(names)} {mode}" for mode, names in sorted(by_mode.items()))
+        return (f"the nodes disagree on RDMAKV_MODE ({groups}): set RDMAKV_MODE (KVStore(mode=...), "
+                f"mx.kv.create('rdmakv_async')) alike on every worker and server")
 
     def _accept_loop(self):
         # Heartbeats both ways: a stopped or hung node is noticed within RDMAKV_TIMEOUT.
@@ -209,9 +223,11 @@ class Scheduler(Handler):
                 refusal = f"{role} id {node_id!r} is outside 0..{count - 1}"
             elif node_id is not None and node_id in ids:
                 refusal = f"{role} id {node_id} is already taken"
+            elif obj.get("mode", "sync") not in ("sync", "async"):
+                refusal = f"unknown mode {obj.get('mode')!r} (RDMAKV_MODE)"
             if refusal is None:
                 peer.info.update(role=role, host=obj["host"], port=obj["port"], node_id=node_id,
-                                 hostname=str(obj.get("hostname", "")))
+                                 hostname=str(obj.get("hostname", "")), mode=obj.get("mode", "sync"))
                 peer.name = f"{role} at {peer.connection.peer}"
                 self._pending.append(peer)
                 self._changed.notify_all()

@@ -57,6 +57,13 @@ def _engine(text):
     return text
 
 
+def _mode(text):
+    text = text.strip().lower()
+    if text not in ("sync", "async"):
+        raise ValueError("must be sync or async")
+    return text
+
+
 def _switch(text):
     text = text.strip().lower()
     if text in ("1", "on", "true", "yes"):
@@ -177,6 +184,11 @@ SETTINGS = {
     "engine": (("RDMAKV_ENGINE",), _engine, "native",
                "native: pushpulls are sent, summed and completed in native threads where the links allow it "
                "(TCP without RDMAKV_INTEGRITY, no trace); python: always on the Python data path"),
+    "mode": (("RDMAKV_MODE",), _mode, "sync",
+             "sync: a pushpull returns the sum of every worker's push of that round; async: a server applies each "
+             "push as it arrives (adds it into the stored value, or runs the server-side optimizer on it) and "
+             "answers that worker with the value then, without waiting for the others (alike on every worker and "
+             "server)"),
     "spin_us": (("RDMAKV_SPIN_US",), _int, 0,
                 "microseconds a native engine's reader (and a waiting caller) polls for the next message "
                 "before sleeping; 0: sleep at once (best where cores are few)"),
@@ -208,6 +220,7 @@ class Config:
     local_rank: Optional[int] = None
     server_memory: Optional[int] = None
     engine: str = "native"
+    mode: str = "sync"
     spin_us: int = 0
     secret: Optional[str] = field(default=None, repr=False)
     secret_file: Optional[str] = None
@@ -265,6 +278,8 @@ class Config:
         if self.integrity and importlib.util.find_spec("blake3") is None:
             raise ConfigError("RDMAKV_INTEGRITY needs the blake3 package for its MACs: "
                               "pip install blake3 (or rdmakv[integrity])")
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"mode must be sync or async, got {self.mode!r}")
         if self.server_memory is not None and self.server_memory <= 0:
             raise ConfigError(f"server_memory must be > 0, got {self.server_memory}")
         if self.trace_start_step < 0:

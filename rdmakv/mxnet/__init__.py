@@ -1,5 +1,6 @@
 """MXNet KVStore backed by rdmakv: ``import rdmakv.mxnet``, then
-``mx.kv.create('dist_sync_rdmakv')`` or ``gluon.Trainer(..., kvstore='dist_sync_rdmakv')``.
+``mx.kv.create('dist_sync_rdmakv')`` or ``gluon.Trainer(..., kvstore='dist_sync_rdmakv')``;
+``'dist_async_rdmakv'`` (or ``'rdmakv_async'``) for the asynchronous mode, as MXNet's ``dist_async``.
 
 Implements ``mxnet.kvstore.KVStoreBase`` (the interface BytePS implements, see
 ``python/mxnet/kvstore/base.py`` of MXNet 1.9.1).  ``pushpull`` and
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
     Values = Union[NDArray, List[NDArray]]     # a list is summed locally first, as for several devices
 
-__all__ = ["RdmaKV", "NAMES"]
+__all__ = ["RdmaKV", "RdmaKVAsync", "NAMES", "ASYNC_NAMES"]
 log = logging.getLogger("rdmakv.mxnet")
 
 # The names mx.kv.create() and the `kvstore=` argument of gluon.Trainer and
@@ -55,6 +56,7 @@ log = logging.getLogger("rdmakv.mxnet")
 # when a worker has one device, so the name to use is the second one; the
 # first works too because this module makes those APIs create it (see below).
 NAMES = ("rdmakv", "dist_sync_rdmakv")
+ASYNC_NAMES = ("rdmakv_async", "dist_async_rdmakv")   # RDMAKV_MODE=async: every node must run it
 
 STATES_MAGIC = b"RDMAKVMX"
 _STATES_PREFIX = struct.Struct("<8sIQ")     # magic, version, header length
@@ -93,10 +95,11 @@ class _ProcessWorker:
         atexit.register(self.close_at_exit)
 
     @classmethod
-    def shared(cls):
+    def shared(cls, mode):
         worker = cls._process_wide
         if worker is None or worker.kv._closed or worker.kv._pid != os.getpid():
-            worker = cls._process_wide = cls(None, {})
+            worker = cls._process_wide = cls(None, {"mode": mode})
+        _check_mode(worker.kv, mode)
         return worker
 
     def release(self):
@@ -116,7 +119,8 @@ class _ProcessWorker:
 
 
 class RdmaKV(_Base):
-    """MXNet KVStore over rdmakv.  Registered as ``'dist_sync_rdmakv'`` and ``'rdmakv'``.
+    """MXNet KVStore over rdmakv.  Registered as ``'dist_sync_rdmakv'`` and ``'rdmakv'``
+    (RdmaKVAsync: ``'dist_async_rdmakv'`` and ``'rdmakv_async'``).
 
     Keys are ints or strs, as in MXNet.  Every worker must use its keys in the
     same order the first time (as with BytePS); values are dense NDArrays.
@@ -126,13 +130,17 @@ class RdmaKV(_Base):
     scale gradients by the number of workers in Module.
     """
 
+    mode = "sync"                     # RDMAKV_MODE: this class's, whatever the environment says
+
     def __init__(self, kvstore=None, **settings):
         if _mx is None:
             raise ImportError("rdmakv.mxnet needs MXNet (pip install mxnet==1.9.1)")
         if kvstore is None and not settings:
-            self._worker = _ProcessWorker.shared()
+            self._worker = _ProcessWorker.shared(self.mode)
         else:
-            self._worker = _ProcessWorker(kvstore, settings)
+            if kvstore is not None:
+                _check_mode(kvstore, self.mode)
+            self._worker = _ProcessWorker(kvstore, {**settings, "mode": self.mode})
         self._worker.users += 1
         self._closed = False
 
@@ -149,7 +157,7 @@ class RdmaKV(_Base):
     # -- properties -----------------------------------------------------------
     @property
     def type(self) -> str:
-        return "dist_sync_rdmakv"
+        return "dist_%s_rdmakv" % self.mode
 
     @property
     def rank(self) -> int:
@@ -381,6 +389,30 @@ def _fan_out(target, outs):
             target.reshape(o.shape).copyto(o)   # engine ops: ordered after the transfer
 
 
+class RdmaKVAsync(RdmaKV):
+    """The asynchronous mode (RDMAKV_MODE=async on every node): the servers apply each
+    push as it arrives, through the optimizer if one is set, as MXNet's ``dist_async``;
+    a pushpull returns the value then, without waiting for the other workers.
+    ``type`` is ``'dist_async_rdmakv'``: Gluon's Trainer then insists on
+    ``update_on_kvstore``, and Module does not scale gradients by the number of workers."""
+
+    mode = "async"
+
+    def init(self, key: Key, value: Values) -> None:
+        """As MXNet's dist kvstore does, every worker calls it and it ends with a barrier:
+        pushes are applied as they arrive, so rank 0's starting value must be on the
+        servers before any worker's first push."""
+        super().init(key, value)
+        self.barrier()
+
+
+def _check_mode(kvstore, mode):
+    if kvstore.config.mode != mode:
+        raise ValueError("this process's rdmakv worker runs in %s mode (RDMAKV_MODE) and this store is %s: use "
+                         "one kind of rdmakv store per process ('rdmakv' / 'dist_sync_rdmakv' sync, "
+                         "'rdmakv_async' / 'dist_async_rdmakv' async)" % (kvstore.config.mode, mode))
+
+
 def _parse_states_file(data, fname):
     where = "optimizer states file %s" % fname
     if len(data) < _STATES_PREFIX.size:
@@ -418,7 +450,7 @@ def _creating_named_stores(create_kvstore):
     create a store (MXNet skips any name without "dist" on one device)."""
     @functools.wraps(create_kvstore)
     def create(kvstore, num_device, arg_params):
-        if isinstance(kvstore, str) and kvstore.lower() in NAMES:
+        if isinstance(kvstore, str) and kvstore.lower() in NAMES + ASYNC_NAMES:
             kvstore = _mx.kv.create(kvstore)
         return create_kvstore(kvstore, num_device, arg_params)
     create.rdmakv_wrapped = create_kvstore
@@ -428,6 +460,8 @@ def _creating_named_stores(create_kvstore):
 if _mx is not None:
     for _name in NAMES:
         _Base.kv_registry[_name] = RdmaKV
+    for _name in ASYNC_NAMES:
+        _Base.kv_registry[_name] = RdmaKVAsync
     from mxnet import model as _model
     from mxnet.gluon import trainer as _trainer
     from mxnet.module import module as _module_api

@@ -19,11 +19,17 @@ cdef extern from "server_engine.h" nogil:
     rk_skey *rk_server_add_key(rk_server *server, uint64_t wire)
     rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype, uint64_t nbytes,
                                    char *buffer0, char *buffer1, const uint64_t *places)
+    rk_schunk *rk_server_add_async_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype,
+                                         uint64_t nbytes, char *stored, char *snapshots)
+    void rk_server_set_value(rk_schunk *chunk, const char *data)
+    void rk_server_hold_chunk(rk_schunk *chunk)
+    void rk_server_release_chunk(rk_schunk *chunk)
     void rk_server_declared_by(rk_skey *key, uint32_t rank)
     void rk_server_refuse_key(rk_skey *key)
     void rk_server_departed(rk_server *server)
     void rk_server_set_optimizer(rk_server *server, int on)
     void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data)
+    void rk_server_reply_one(rk_server *server, rk_schunk *chunk, uint32_t rank, uint64_t round, int32_t priority)
     int rk_server_send(rk_server *server, uint32_t rank, const char *header, const char *payload, size_t length,
                        int *err)
     size_t rk_server_take_buffered(rk_server *server, uint32_t rank, char *dst, size_t n)
@@ -120,6 +126,49 @@ cdef class ServerEngine:
             raise MemoryError("declaring a chunk to the server's native engine")
         self.chunks.append(chunk)
         return chunk
+
+    def add_async_chunk(self, ServerKey key not None, uint32_t index, uint8_t dtype_code, stored, snapshots):
+        """Asynchronous mode: apply each push to stored (writable) as it arrives and answer its
+        worker from its part of snapshots (writable, num_workers times stored's size)."""
+        cdef unsigned char[::1] value = stored
+        cdef unsigned char[::1] copies = snapshots
+        if copies.shape[0] != value.shape[0] * self.num_workers:
+            raise ValueError(f"snapshots of {copies.shape[0]} bytes for {self.num_workers} workers and a chunk "
+                             f"of {value.shape[0]}")
+        cdef ServerChunk chunk = ServerChunk.__new__(ServerChunk)
+        chunk.buffers = (stored, snapshots)
+        chunk.nbytes = value.shape[0]
+        chunk.chunk = rk_server_add_async_chunk(self.server, key.key, index, dtype_code, value.shape[0],
+                                                <char *>&value[0] if value.shape[0] else NULL,
+                                                <char *>&copies[0] if copies.shape[0] else NULL)
+        if chunk.chunk == NULL:
+            raise MemoryError("declaring a chunk to the server's native engine")
+        self.chunks.append(chunk)
+        return chunk
+
+    def set_value(self, ServerChunk chunk not None, data):
+        """Asynchronous mode: replace the chunk's stored value with data (a starting value)."""
+        cdef const unsigned char[::1] view = data
+        if view.shape[0] != chunk.nbytes:
+            raise ValueError(f"a value of {view.shape[0]} bytes for a chunk of {chunk.nbytes}")
+        if view.shape[0]:
+            with nogil:
+                rk_server_set_value(chunk.chunk, <const char *>&view[0])
+
+    def hold(self, ServerChunk chunk not None):
+        """Asynchronous mode: take the chunk's lock (the engine's threads wait; they never
+        need the GIL), to change its stored value; release() gives it back."""
+        with nogil:
+            rk_server_hold_chunk(chunk.chunk)
+
+    def release(self, ServerChunk chunk not None):
+        rk_server_release_chunk(chunk.chunk)
+
+    def reply_one(self, ServerChunk chunk not None, uint32_t rank, uint64_t round, int32_t priority):
+        """Asynchronous mode: RESULT of chunk's round to worker rank from its snapshot (set by the caller)."""
+        self._check_rank(rank)
+        with nogil:
+            rk_server_reply_one(self.server, chunk.chunk, rank, round, priority)
 
     def link_has_segment(self, uint32_t rank, uint32_t number):
         """Worker rank has our shared memory file `number` (passed to it)."""

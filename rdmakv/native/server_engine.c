@@ -36,7 +36,11 @@ struct rk_schunk {
     int shared;
     uint32_t segments[2];
     uint64_t offsets[2];
+    /* Asynchronous mode: buffers[0] is the stored value, and a worker's reply
+     * leaves from its own copy (snapshots + rank * nbytes). */
+    char *snapshots;
     pthread_mutex_t lock;         /* what follows */
+    uint64_t *rounds;             /* asynchronous mode (set only there): each worker's next round */
     uint64_t round;
     uint64_t *pushed;             /* a bit per worker that pushed this round */
     uint32_t pushes;
@@ -128,8 +132,7 @@ rk_skey *rk_server_add_key(rk_server *server, uint64_t wire) {
     return key;
 }
 
-rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype, uint64_t nbytes,
-                               char *buffer0, char *buffer1, const uint64_t *places) {
+static rk_schunk *new_chunk(rk_server *server) {
     rk_schunk *chunk = calloc(1, sizeof *chunk);
     if (chunk == NULL) return NULL;
     chunk->pushed = calloc(server->words, sizeof *chunk->pushed);
@@ -137,6 +140,38 @@ rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, 
         free(chunk);
         return NULL;
     }
+    pthread_mutex_init(&chunk->lock, NULL);
+    return chunk;
+}
+
+static void free_chunk(rk_schunk *chunk) {
+    free(chunk->pushed);
+    free(chunk->rounds);
+    free(chunk);
+}
+
+/* Into the table and the key's list; NULL (chunk freed) if it cannot be. */
+static rk_schunk *insert_chunk(rk_server *server, rk_skey *key, rk_schunk *chunk) {
+    pthread_rwlock_wrlock(&server->table_lock);
+    int rc = rk_table_insert(&server->table, key->wire, chunk->index, chunk);
+    if (rc == 0) {
+        chunk->next_in_key = key->chunks;
+        key->chunks = chunk;
+        chunk->next_declared = server->declared;
+        server->declared = chunk;
+    }
+    pthread_rwlock_unlock(&server->table_lock);
+    if (rc) {
+        free_chunk(chunk);
+        return NULL;
+    }
+    return chunk;
+}
+
+rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype, uint64_t nbytes,
+                               char *buffer0, char *buffer1, const uint64_t *places) {
+    rk_schunk *chunk = new_chunk(server);
+    if (chunk == NULL) return NULL;
     chunk->key = key;
     chunk->index = index;
     chunk->dtype = dtype;
@@ -150,22 +185,39 @@ rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, 
             chunk->offsets[parity] = places[2 * parity + 1];
         }
     }
-    pthread_mutex_init(&chunk->lock, NULL);
-    pthread_rwlock_wrlock(&server->table_lock);
-    int rc = rk_table_insert(&server->table, key->wire, index, chunk);
-    if (rc == 0) {
-        chunk->next_in_key = key->chunks;
-        key->chunks = chunk;
-        chunk->next_declared = server->declared;
-        server->declared = chunk;
-    }
-    pthread_rwlock_unlock(&server->table_lock);
-    if (rc) {
-        free(chunk->pushed);
-        free(chunk);
+    return insert_chunk(server, key, chunk);
+}
+
+rk_schunk *rk_server_add_async_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype,
+                                     uint64_t nbytes, char *stored, char *snapshots) {
+    rk_schunk *chunk = new_chunk(server);
+    if (chunk == NULL) return NULL;
+    chunk->rounds = calloc(server->num_workers ? server->num_workers : 1, sizeof *chunk->rounds);
+    if (chunk->rounds == NULL) {
+        free_chunk(chunk);
         return NULL;
     }
-    return chunk;
+    chunk->key = key;
+    chunk->index = index;
+    chunk->dtype = dtype;
+    chunk->nbytes = nbytes;
+    chunk->buffers[0] = stored;
+    chunk->snapshots = snapshots;
+    return insert_chunk(server, key, chunk);
+}
+
+void rk_server_hold_chunk(rk_schunk *chunk) {
+    pthread_mutex_lock(&chunk->lock);
+}
+
+void rk_server_release_chunk(rk_schunk *chunk) {
+    pthread_mutex_unlock(&chunk->lock);
+}
+
+void rk_server_set_value(rk_schunk *chunk, const char *data) {
+    pthread_mutex_lock(&chunk->lock);
+    if (chunk->nbytes) memcpy(chunk->buffers[0], data, chunk->nbytes);
+    pthread_mutex_unlock(&chunk->lock);
 }
 
 void rk_server_declared_by(rk_skey *key, uint32_t rank) {
@@ -316,6 +368,16 @@ void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, in
         if (atomic_load(&server->links[rank].active)) reply(&server->links[rank], item);
 }
 
+static char *snapshot_of(const rk_schunk *chunk, uint32_t rank) {
+    return chunk->snapshots + (size_t)rank * chunk->nbytes;
+}
+
+void rk_server_reply_one(rk_server *server, rk_schunk *chunk, uint32_t rank, uint64_t round, int32_t priority) {
+    rk_item item = {.priority = priority, .ref = chunk, .tag = round, .data = snapshot_of(chunk, rank),
+                    .op = RK_OP_RESULT};
+    if (rank < server->num_workers && atomic_load(&server->links[rank].active)) reply(&server->links[rank], item);
+}
+
 int rk_server_send(rk_server *server, uint32_t rank, const char *header, const char *payload, size_t length,
                    int *err) {
     rk_slink *link = &server->links[rank];
@@ -347,6 +409,97 @@ static int refusal(rk_server *server, rk_schunk *chunk, const rk_header *h, uint
     return 0;
 }
 
+/* Asynchronous mode: why chunk refuses this push now (its lock held), or 0.  A
+ * worker that left stops only broadcasts, the one step that waits for everyone. */
+static int async_refusal(rk_server *server, rk_schunk *chunk, const rk_header *h, uint32_t rank, uint64_t *limit) {
+    int broadcast = (h->flags & RK_FLAG_BROADCAST) != 0;
+    if (atomic_load(&chunk->key->refused)) return RK_REFUSE_KEY_FAILED;
+    if (!((atomic_load(&chunk->key->declared_by[rank / 64]) >> (rank % 64)) & 1)) return RK_REFUSE_UNDECLARED;
+    *limit = h->dtype == chunk->dtype ? chunk->rounds[rank] : chunk->dtype;
+    if (h->dtype != chunk->dtype) return RK_REFUSE_DTYPE;
+    if (h->round != chunk->rounds[rank]) return RK_REFUSE_ROUND;
+    if (!broadcast) return 0;
+    if (atomic_load(&server->departed)) return RK_REFUSE_DEPARTED;
+    if (worker_bit(chunk->pushed, rank)) return RK_REFUSE_TWICE;
+    if (!(h->flags & RK_FLAG_NO_DATA) && chunk->has_data) return RK_REFUSE_TWO_ROOTS;
+    return 0;
+}
+
+/* Asynchronous mode: apply a push (its payload in the link's scratch) and answer
+ * its worker; a broadcast's part waits for the others'. */
+static int take_async_push(rk_slink *link, rk_schunk *chunk, const rk_header *h) {
+    rk_server *server = link->server;
+    uint32_t rank = link->rank;
+    int broadcast = (h->flags & RK_FLAG_BROADCAST) != 0;
+    int with_data = !(h->flags & RK_FLAG_NO_DATA) && chunk->nbytes;   /* a push without data: a pull */
+    int with_optimizer = atomic_load(&server->optimizer) && !broadcast;
+    uint64_t limit = 0;
+    uint64_t *answered = NULL;    /* a completed broadcast: each worker's round */
+    pthread_mutex_lock(&chunk->lock);
+    int refused = async_refusal(server, chunk, h, rank, &limit);
+    if (!refused && !broadcast) {
+        chunk->rounds[rank]++;
+        if (with_optimizer) {
+            /* The control plane applies it (RK_EVENT_PUSHED), holding this lock, and
+             * answers from the same buffer. */
+            if (with_data) memcpy(snapshot_of(chunk, rank), link->scratch, chunk->nbytes);
+        } else if (chunk->nbytes) {
+            size_t itemsize = 1;
+            rk_add_fn add = rk_adder(chunk->dtype, &itemsize);   /* declarations carry only known dtypes */
+            if (with_data) add(chunk->buffers[0], link->scratch, chunk->nbytes / itemsize);
+            memcpy(snapshot_of(chunk, rank), chunk->buffers[0], chunk->nbytes);
+        }
+    } else if (!refused) {
+        chunk->rounds[rank]++;
+        if (!(h->flags & RK_FLAG_NO_DATA)) {
+            if (with_data) memcpy(chunk->buffers[0], link->scratch, chunk->nbytes);
+            chunk->has_data = 1;
+        }
+        if (chunk->pushes == 0) {
+            chunk->opened = rk_now();
+            chunk->reported = 0;
+        }
+        chunk->pushed[rank / 64] |= 1ull << (rank % 64);
+        if (++chunk->pushes == server->num_workers) {
+            if (!chunk->has_data) {
+                refused = RK_REFUSE_NO_ROOT;
+            } else {
+                answered = malloc(server->num_workers * sizeof *answered);
+                if (answered == NULL) {
+                    pthread_mutex_unlock(&chunk->lock);
+                    return RK_ERR_NO_MEMORY;
+                }
+                for (uint32_t r = 0; r < server->num_workers; r++) {
+                    answered[r] = chunk->rounds[r] - 1;   /* its broadcast part was its last push */
+                    if (chunk->nbytes) memcpy(snapshot_of(chunk, r), chunk->buffers[0], chunk->nbytes);
+                }
+            }
+            memset(chunk->pushed, 0, server->words * sizeof *chunk->pushed);
+            chunk->pushes = 0;
+            chunk->has_data = 0;
+        }
+    }
+    pthread_mutex_unlock(&chunk->lock);
+    if (refused == RK_REFUSE_KEY_FAILED) return RK_OK;   /* its workers were told when it was refused */
+    if (refused) {
+        rk_event *event = rk_event_new(rank, RK_EVENT_REFUSED, refused, 0, h, limit);
+        int rc = event ? rk_mailbox_post_bounded(&server->mailbox, event, &link->stream) : RK_ERR_NO_MEMORY;
+        return rc ? rc : refused == RK_REFUSE_UNDECLARED ? RK_ERR_REFUSED : RK_OK;
+    }
+    if (answered) {
+        for (uint32_t r = 0; r < server->num_workers; r++)
+            rk_server_reply_one(server, chunk, r, answered[r], h->priority);
+        free(answered);
+    } else if (with_optimizer) {
+        rk_event *event = rk_event_new(rank, RK_EVENT_PUSHED, 0, 0, h, 0);
+        int rc = event ? rk_mailbox_post_bounded(&server->mailbox, event, &link->stream) : RK_ERR_NO_MEMORY;
+        if (rc) return rc;
+    } else if (!broadcast) {
+        rk_server_reply_one(server, chunk, rank, h->round, h->priority);
+    }
+    return RK_OK;
+}
+
 /* A push of a declared chunk, of the declared size (the header is read); `in_place`:
  * a co-located worker added it into the shared sum itself, and no bytes follow. */
 static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int in_place, int *err) {
@@ -361,6 +514,7 @@ static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int i
         int rc = rk_recv_all(&link->stream, link->scratch, h->length, 0, err);
         if (rc) return rc;
     }
+    if (chunk->rounds) return take_async_push(link, chunk, h);   /* (snapshots is NULL for an empty chunk) */
     uint64_t limit = 0;
     uint64_t round = 0;
     int complete = 0;
@@ -627,8 +781,7 @@ void rk_server_free(rk_server *server) {
     rk_schunk *chunk = server->declared;
     while (chunk) {
         rk_schunk *next = chunk->next_declared;
-        free(chunk->pushed);
-        free(chunk);
+        free_chunk(chunk);
         chunk = next;
     }
     rk_skey *key = server->keys;

@@ -20,7 +20,16 @@
  *
  * The sum is made here and only here (sum_push): the round's first push is
  * copied into the round buffer, later ones are added with _reduce.h's
- * kernels; the last one completes the round. */
+ * kernels; the last one completes the round.
+ *
+ * Asynchronous mode (RDMAKV_MODE=async; a chunk added with snapshots): rounds
+ * are counted per worker and there is no barrier across workers.  A push is
+ * added into the chunk's stored value as it arrives (or, with an optimizer,
+ * handed to the control plane to apply), and the worker is answered with a
+ * copy of the stored value taken right after, in its own snapshot buffer: the
+ * stored value goes on changing while the reply is sent.  Only a broadcast
+ * still waits for every worker: the root's value replaces the stored value,
+ * and each worker gets the stored value once the last one is in. */
 #ifndef RDMAKV_SERVER_ENGINE_H
 #define RDMAKV_SERVER_ENGINE_H
 #include "wire.h"
@@ -62,6 +71,17 @@ rk_skey *rk_server_add_key(rk_server *server, uint64_t wire);
  * co-located workers may map (then they add into the sums themselves). */
 rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype, uint64_t nbytes,
                                char *buffer0, char *buffer1, const uint64_t *places);
+/* Asynchronous mode: stored is the chunk's value, snapshots num_workers * nbytes
+ * bytes where each worker's reply is copied (both the caller's, living as long as
+ * the server). */
+rk_schunk *rk_server_add_async_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype,
+                                     uint64_t nbytes, char *stored, char *snapshots);
+/* Asynchronous mode: replace the stored value (a starting value, INIT). */
+void rk_server_set_value(rk_schunk *chunk, const char *data);
+/* Asynchronous mode: hold the chunk's lock while the control plane applies a push
+ * with its optimizer (a broadcast may replace the stored value meanwhile). */
+void rk_server_hold_chunk(rk_schunk *chunk);
+void rk_server_release_chunk(rk_schunk *chunk);
 /* The worker at rank has our memory file `number` (its fd was passed to it):
  * results in it go to that worker as places, and it may add into sums there. */
 void rk_server_link_has_segment(rk_server *server, uint32_t rank, uint32_t number);
@@ -69,10 +89,14 @@ void rk_server_declared_by(rk_skey *key, uint32_t rank);
 void rk_server_refuse_key(rk_skey *key);
 /* A worker left: every push from now on is refused. */
 void rk_server_departed(rk_server *server);
-/* With an optimizer, a summed round goes to the control plane (RK_EVENT_SUMMED) instead of out. */
+/* With an optimizer, a summed round goes to the control plane (RK_EVENT_SUMMED) instead of out;
+ * in asynchronous mode each push does, landed in the worker's snapshot buffer (RK_EVENT_PUSHED),
+ * and the control plane answers with rk_server_reply_one. */
 void rk_server_set_optimizer(rk_server *server, int on);
 /* Send RESULT of (key, chunk, round) with data to every connected worker (after an update). */
 void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data);
+/* Asynchronous mode: RESULT of (key, chunk, round) to worker rank from its snapshot buffer. */
+void rk_server_reply_one(rk_server *server, rk_schunk *chunk, uint32_t rank, uint64_t round, int32_t priority);
 /* Send a message on a worker's link, serialized with its reply thread; 0 or enum rk_error. */
 int rk_server_send(rk_server *server, uint32_t rank, const char *header, const char *payload, size_t length,
                    int *err);

@@ -195,6 +195,7 @@ enum rk_event_kind {
     RK_EVENT_SEND_FAILED = 3, /* a send on the link failed: error says why */
     RK_EVENT_REFUSED = 4,     /* (server) a push the engine refused: error is an enum rk_refusal */
     RK_EVENT_SUMMED = 5,      /* (server) a round is summed and waits for the control plane (an optimizer) */
+    RK_EVENT_PUSHED = 6,      /* (server, asynchronous mode) a push waits for the control plane (an optimizer) */
 };
 
 typedef struct rk_event {

@@ -1,10 +1,12 @@
 """The parameter server: sums each chunk over all workers and answers every
-worker once all have pushed.  `python -m rdmakv.server` runs a server or the
+worker once all have pushed (RDMAKV_MODE=async: applies each push as it
+arrives and answers its worker at once, server_engine.h).  `python -m rdmakv.server` runs a server or the
 scheduler according to DMLC_ROLE, as `import byteps.server` does.
 
 Memory per chunk is two result buffers used by alternate rounds (how a sum is
 made in them: summing.py) plus, with an optimizer, the weights: bounded,
-whatever the number of rounds.  A worker whose connection places data
+whatever the number of rounds.  In asynchronous mode it is the stored value
+plus a reply buffer per worker.  A worker whose connection places data
 remotely (verbs) also gets a slot per chunk that its pushes are written
 straight into: the slot for round r+1 is offered once round r's push is summed.
 
@@ -97,7 +99,8 @@ class KeyState:
 
 class ChunkState:
     __slots__ = ("key_state", "index", "nbytes", "dtype_code", "dtype", "lock", "filled", "filling", "round",
-                 "pushed", "opened", "has_data", "flags", "buffers", "_allocate", "regions", "weight", "native")
+                 "pushed", "opened", "has_data", "flags", "buffers", "_allocate", "regions", "weight", "native",
+                 "snapshots", "rounds")
 
     def __init__(self, key_state, index, nbytes, dtype_code, allocate):
         self.key_state = key_state
@@ -118,6 +121,8 @@ class ChunkState:
         self.regions = None           # the buffers' Regions, where they are sums co-located workers add into
         self.weight = None            # optimizer mode: the stored value
         self.native = None            # the chunk as the server's native engine knows it
+        self.snapshots = None         # asynchronous mode: each worker's reply (buffers[0] is the stored value)
+        self.rounds = None            # asynchronous mode, Python data path: each worker's next round
 
     @property
     def stream(self):
@@ -290,8 +295,8 @@ class ParameterServer(Handler):
             self._native = _t.ServerEngine(self.num_workers, self.config.timeout, DIRECT_REPLY_BYTES)
             self._native.set_spin(self.config.spin_us / 1e6)
             threading.Thread(target=self._hear_engine, daemon=True, name="rdmakv-engine-events").start()
-        log.info("server %d: joined the job of %d workers (%s data path)", self.rank, self.num_workers,
-                 "native" if self._native is not None else "Python")
+        log.info("server %d: joined the job of %d workers (%s data path, %s mode)", self.rank, self.num_workers,
+                 "native" if self._native is not None else "Python", self.config.mode)
         acceptor = threading.Thread(target=self._accept_loop, daemon=True, name="rdmakv-accept")
         acceptor.start()
         threading.Thread(target=self._watch, daemon=True, name="rdmakv-watch").start()
@@ -369,6 +374,9 @@ class ParameterServer(Handler):
         if kind == _t.EVENT_SUMMED:   # whether or not the worker whose push completed it is still here
             self._update_summed(header)
             return
+        if kind == _t.EVENT_PUSHED:
+            self._update_pushed(rank, header)
+            return
         with self._lock:
             link = self._links.get(rank)
         state = self._keys.get(header.key)
@@ -445,6 +453,30 @@ class ParameterServer(Handler):
             result = chunk.weight
         self._native.reply_all(chunk.native, header.round, header.priority, result)
 
+    def _update_pushed(self, rank, header):
+        """Asynchronous mode with an optimizer: apply worker rank's push (in its snapshot)
+        to the stored value, and answer it with the value then (server_engine.h)."""
+        chunk = self._chunks[(header.key, header.chunk)]
+        stored = chunk.buffers[0]
+        snapshot = chunk.snapshots[rank * chunk.nbytes:(rank + 1) * chunk.nbytes]
+        failure = None
+        self._native.hold(chunk.native)
+        try:
+            if self.updater is not None and not header.flags & FLAG_NO_DATA:
+                self.updater.update(chunk.key_state.name, chunk.index, stored.view(chunk.dtype),
+                                    snapshot.view(chunk.dtype))
+            snapshot[:] = stored
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the workers must hear it, not time out
+            log.exception("server %s: the optimizer failed on key %r", self.rank, chunk.key_state.name)
+            failure = exc
+        finally:
+            self._native.release(chunk.native)
+        if failure is not None:
+            self._fail_key(header.key, f"server {self.rank}: the optimizer failed on key "
+                                       f"{chunk.key_state.name!r}: {type(failure).__name__}: {failure}")
+            return
+        self._native.reply_one(chunk.native, rank, header.round, header.priority)
+
     # ---- scheduler messages ----------------------------------------------
     def _on_control(self, header, obj):
         if header.op == Op.SHUTDOWN:
@@ -511,7 +543,8 @@ class ParameterServer(Handler):
                                     f"{chunk.key_state.name!r} chunk {chunk.index}, declared {chunk.nbytes}")
             if header.op == Op.PUSH and link.places:
                 return link.slot_for(chunk)
-            if header.op == Op.PUSH and chunk.regions is None and self._native is None:
+            if (header.op == Op.PUSH and chunk.regions is None and chunk.snapshots is None
+                    and self._native is None):
                 # The round's first contribution lands straight in its result buffer;
                 # later ones land in the connection's scratch buffer and are added.
                 # (Shared sums take pushes from co-located workers ready-summed.)
@@ -685,7 +718,9 @@ class ParameterServer(Handler):
         """Record a new key, its chunks here allocated within the memory budget
         (or, if they do not fit, its refusal); returns the key's KeyState, which
         another worker's declaration may have recorded meanwhile."""
-        cost = KEY_COST + sum(CHUNK_COST + 2 * chunk.nbytes for chunk in here)   # two round buffers each
+        # Two round buffers per chunk; in asynchronous mode, the stored value and a reply per worker.
+        copies = 1 + self.num_workers if self.config.mode == "async" else 2
+        cost = KEY_COST + sum(CHUNK_COST + copies * chunk.nbytes for chunk in here)
         state = KeyState(key, declared)
         if self.budget.charge(cost):
             try:
@@ -697,7 +732,7 @@ class ParameterServer(Handler):
                 cost = KEY_COST
         else:
             state.error = self._over_budget(f"key {state.name!r} needs {_human_bytes(cost)} ({len(here)} chunks there, "
-                                            f"two round buffers each)")
+                                            f"{copies} buffers each)")
             cost = KEY_COST if self.budget.charge(KEY_COST) else 0
             if not cost:
                 return state              # not recorded: the caller tells this worker only
@@ -721,6 +756,10 @@ class ParameterServer(Handler):
         if state.error is not None:
             self._native.refuse_key(state.native)
         for chunk in state.chunks:
+            if chunk.snapshots is not None:
+                chunk.native = self._native.add_async_chunk(state.native, chunk.index, chunk.dtype_code,
+                                                            chunk.buffers[0], chunk.snapshots)
+                continue
             places = [(r.number, r.offset) for r in chunk.regions] if chunk.regions is not None else None
             chunk.native = self._native.add_chunk(state.native, chunk.index, chunk.dtype_code, chunk.buffer(0),
                                                   chunk.buffer(1), places)
@@ -734,10 +773,18 @@ class ParameterServer(Handler):
         code = protocol.DTYPE_CODES[state.layout["dtype"]]
         for piece in here:
             chunk = ChunkState(state, piece.index, piece.nbytes, code, self._allocate)
+            state.chunks.append(chunk)
+            if self.config.mode == "async":
+                # Private memory, not sums co-located workers add into: a push must be
+                # answered with the value right after it, which only the server can copy
+                # under the chunk's lock (server_engine.h); replies cross as bytes.
+                chunk.buffers[0] = np.zeros(piece.nbytes, np.uint8)
+                chunk.snapshots = np.empty(piece.nbytes * self.num_workers, np.uint8)
+                chunk.rounds = [0] * self.num_workers
+                continue
             regions = [self.listener.region(chunk.buffer(rnd)) for rnd in (0, 1)]
             if None not in regions:
                 chunk.regions = regions
-            state.chunks.append(chunk)
 
     def _validate_layout(self, key, layout):
         """Check a declaration's fields, before anything is computed from them."""
@@ -820,6 +867,9 @@ class ParameterServer(Handler):
         if summed and (header.flags & ~(FLAG_ACK | protocol.FLAG_IN_PLACE) or chunk.regions is None):
             raise ProtocolError(f"receive from {link.peer.connection.peer}: a push of key {header.key} chunk "
                                 f"{header.chunk} summed in place without an offer for it")
+        if chunk.snapshots is not None:
+            self._push_async(link, chunk, header, payload)
+            return
         if self.tracer:
             if chunk.key_state.key == self._first_key:    # a round of the first key held here: a new step
                 self.tracer.begin_step(header.round)
@@ -900,6 +950,67 @@ class ParameterServer(Handler):
             other.reply(header.priority, Op.RESULT, result, key=header.key, chunk=chunk.index, round=rnd,
                         dtype=chunk.dtype_code)
 
+    def _push_async(self, link, chunk, header, payload):
+        """Asynchronous mode on the Python data path (server_engine.c's take_async_push):
+        apply the push to the stored value (through the optimizer, if one is set), or
+        count a broadcast's part, and answer with a copy of the value then."""
+        name = chunk.key_state.name
+        no_data = header.flags & FLAG_NO_DATA
+        broadcast = header.flags & FLAG_BROADCAST
+        stored = chunk.buffers[0]
+        answers = []                  # (link, round, the value it gets)
+        with chunk.lock:
+            if chunk.key_state.error is not None:
+                raise KeyRefused(header.key, chunk.key_state.error)
+            if link.rank not in chunk.key_state.declared_by:
+                raise ProtocolError(f"worker {link.rank} pushed key {name!r} without declaring it")
+            if header.dtype != chunk.dtype_code:
+                raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} as "
+                                            f"{protocol.DTYPE_NAMES.get(header.dtype)}, declared {chunk.dtype}")
+            if (header.length != 0) if no_data else (header.length != chunk.nbytes):
+                raise ProtocolError(f"PUSH of key {name!r} chunk {chunk.index} has {header.length} bytes")
+            if header.round != chunk.rounds[link.rank]:
+                raise KeyRefused(header.key, f"worker {link.rank} pushed round {header.round} of key {name!r}, "
+                                            f"the server is at round {chunk.rounds[link.rank]}")
+            if broadcast and self._departed:
+                raise KeyRefused(header.key, self._departure_message(next(iter(self._departed)), header.key))
+            if broadcast and not no_data and chunk.has_data:
+                raise KeyRefused(header.key, f"more than one worker sent the root value for the "
+                                            f"broadcast of key {name!r}: the workers disagree on the root")
+            chunk.rounds[link.rank] += 1
+            if not broadcast:
+                if self.updater is not None:
+                    if not no_data:
+                        self.updater.update(name, chunk.index, stored.view(chunk.dtype),
+                                            np.frombuffer(payload, chunk.dtype))
+                elif not no_data and chunk.nbytes:
+                    summing.add(stored, payload, chunk.dtype_code, first=False)
+                answers.append((link, header.round, stored.copy()))   # the value right after this push
+            else:
+                if not no_data:
+                    if chunk.nbytes:
+                        stored[:] = payload
+                    chunk.has_data = True
+                if not chunk.pushed:
+                    chunk.opened = time.monotonic()
+                    self._open_rounds[chunk] = chunk.round
+                chunk.pushed.add(link.rank)
+                if len(chunk.pushed) == self.num_workers:
+                    chunk.pushed = set()
+                    self._open_rounds.pop(chunk, None)
+                    if not chunk.has_data:
+                        raise KeyRefused(header.key, f"no worker sent the root value for the broadcast of key "
+                                                    f"{name!r}: the root rank is not a worker")
+                    chunk.has_data = False
+                    with self._lock:
+                        links = list(self._links.values())
+                    value = stored.copy()
+                    answers = [(other, chunk.rounds[other.rank] - 1, value) for other in links]
+        link.offer_slot(chunk, header.round + 1)
+        for other, rnd, value in answers:
+            other.reply(header.priority, Op.RESULT, value, key=header.key, chunk=chunk.index, round=rnd,
+                        dtype=chunk.dtype_code)
+
     def _sum_shared(self, chunk, payload, link, name):
         """Add a push that reached us through the connection into a sum that
         co-located workers add into too (the caller holds chunk.lock)."""
@@ -924,6 +1035,13 @@ class ParameterServer(Handler):
 
     def _init_value(self, link, header, payload):
         chunk = self._chunk(link, header)
+        if chunk.snapshots is not None:    # asynchronous mode: the stored value is also the weight
+            if self._native is not None:
+                self._native.set_value(chunk.native, payload)
+                return
+            with chunk.lock:
+                chunk.buffers[0][:] = payload
+            return
         with chunk.lock:
             if chunk.weight is None:
                 if not self.budget.charge(chunk.nbytes):

@@ -81,6 +81,8 @@ class KVStore:
     local_rank         rank among the workers on this host; default: from the scheduler
     engine             native (pushpulls in native threads where the links allow) or python; native
     spin_us            microseconds the native engine polls for a message before sleeping; 0
+    mode               sync (a pushpull returns the round's sum over all workers) or async (each
+                       push is applied on arrival, the reply is the value then); sync
 
     With no job setting at all (no role, scheduler, worker-count or rank
     variable or keyword), as in `python train.py` without a launcher, the
@@ -188,7 +190,8 @@ class KVStore:
     # ---- public API --------------------------------------------------------
     def init(self, key: Key, value: Any) -> None:
         """Declare key with value's shape and dtype; from rank 0, also store value on the servers
-        (the starting weights when the servers run an optimizer)."""
+        (the starting weights when the servers run an optimizer; in asynchronous mode, the
+        stored value, and init returns once the servers hold it)."""
         array = as_array(value, "value", key=key)
         info = self._declare(key, array.dtype, array.shape)
         if self.rank == 0:
@@ -197,6 +200,11 @@ class KVStore:
                 self._links[chunk.server].send(
                     Op.INIT, flat[chunk.offset:chunk.offset + chunk.nbytes],
                     dtype=info.dtype_code, key=info.wire, chunk=chunk.index)
+            if self.config.mode == "async":
+                # Pushes are applied as they arrive: return once every server holds the value (a
+                # pull, behind the INIT on each link), so a barrier() after init() puts it before
+                # every other worker's pushes.
+                self._submit(key, np.empty_like(array), None, 0, FLAG_NO_DATA).wait()
 
     def declare(self, key: Key, shape: Sequence[int], dtype: npt.DTypeLike) -> None:
         """Declare key's shape and dtype without data (any thread, in any order)."""
