@@ -409,6 +409,15 @@ static int refusal(rk_server *server, rk_schunk *chunk, const rk_header *h, uint
     return 0;
 }
 
+/* Tell the control plane why a push was refused (a failed key's workers were told
+ * when it failed); RK_OK, RK_ERR_REFUSED (the link stops), or the mailbox's error. */
+static int report_refusal(rk_slink *link, int refused, const rk_header *h, uint64_t limit) {
+    if (refused == RK_REFUSE_KEY_FAILED) return RK_OK;
+    rk_event *event = rk_event_new(link->rank, RK_EVENT_REFUSED, refused, 0, h, limit);
+    int rc = event ? rk_mailbox_post_bounded(&link->server->mailbox, event, &link->stream) : RK_ERR_NO_MEMORY;
+    return rc ? rc : refused == RK_REFUSE_UNDECLARED ? RK_ERR_REFUSED : RK_OK;
+}
+
 /* Asynchronous mode: why chunk refuses this push now (its lock held), or 0.  A
  * worker that left stops only broadcasts, the one step that waits for everyone. */
 static int async_refusal(rk_server *server, rk_schunk *chunk, const rk_header *h, uint32_t rank, uint64_t *limit) {
@@ -480,12 +489,7 @@ static int take_async_push(rk_slink *link, rk_schunk *chunk, const rk_header *h)
         }
     }
     pthread_mutex_unlock(&chunk->lock);
-    if (refused == RK_REFUSE_KEY_FAILED) return RK_OK;   /* its workers were told when it was refused */
-    if (refused) {
-        rk_event *event = rk_event_new(rank, RK_EVENT_REFUSED, refused, 0, h, limit);
-        int rc = event ? rk_mailbox_post_bounded(&server->mailbox, event, &link->stream) : RK_ERR_NO_MEMORY;
-        return rc ? rc : refused == RK_REFUSE_UNDECLARED ? RK_ERR_REFUSED : RK_OK;
-    }
+    if (refused) return report_refusal(link, refused, h, limit);
     if (answered) {
         for (uint32_t r = 0; r < server->num_workers; r++)
             rk_server_reply_one(server, chunk, r, answered[r], h->priority);
@@ -543,12 +547,7 @@ static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int i
         }
     }
     pthread_mutex_unlock(&chunk->lock);
-    if (refused == RK_REFUSE_KEY_FAILED) return RK_OK;   /* its workers were told when it was refused */
-    if (refused) {
-        rk_event *event = rk_event_new(link->rank, RK_EVENT_REFUSED, refused, 0, h, limit);
-        int rc = event ? rk_mailbox_post_bounded(&server->mailbox, event, &link->stream) : RK_ERR_NO_MEMORY;
-        return rc ? rc : refused == RK_REFUSE_UNDECLARED ? RK_ERR_REFUSED : RK_OK;
-    }
+    if (refused) return report_refusal(link, refused, h, limit);
     if (!complete) {
         if (h->flags & RK_FLAG_ACK) {
             rk_item received = {.priority = 1 << 30, .ref = chunk, .tag = h->round, .op = RK_OP_RECEIVED};

@@ -881,20 +881,7 @@ class ParameterServer(Handler):
             direct = link.filling is chunk
             if direct:
                 self._end_fill(link)
-            if chunk.key_state.error is not None:
-                raise KeyRefused(header.key, chunk.key_state.error)
-            if self._departed:
-                raise KeyRefused(header.key, self._departure_message(next(iter(self._departed)), header.key))
-            if link.rank not in chunk.key_state.declared_by:
-                raise ProtocolError(f"worker {link.rank} pushed key {name!r} without declaring it")
-            if header.dtype != chunk.dtype_code:
-                raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} as "
-                                            f"{protocol.DTYPE_NAMES.get(header.dtype)}, declared {chunk.dtype}")
-            if (header.length != 0) if no_data else (header.length != chunk.nbytes):
-                raise ProtocolError(f"PUSH of key {name!r} chunk {chunk.index} has {header.length} bytes")
-            if header.round != chunk.round:
-                raise KeyRefused(header.key, f"worker {link.rank} pushed round {header.round} of key {name!r}, "
-                                            f"the server is at round {chunk.round}")
+            self._check_push(chunk, link, header, no_data, chunk.round, departed_refuses=True)
             if link.rank in chunk.pushed:
                 raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} chunk {chunk.index} "
                                             f"twice in round {chunk.round}")
@@ -950,6 +937,25 @@ class ParameterServer(Handler):
             other.reply(header.priority, Op.RESULT, result, key=header.key, chunk=chunk.index, round=rnd,
                         dtype=chunk.dtype_code)
 
+    def _check_push(self, chunk, link, header, no_data, expected_round, departed_refuses):
+        """What every push must be, checked under its chunk's lock (both modes): else
+        KeyRefused (the key's workers are told) or ProtocolError (the link ends)."""
+        name = chunk.key_state.name
+        if chunk.key_state.error is not None:
+            raise KeyRefused(header.key, chunk.key_state.error)
+        if departed_refuses and self._departed:
+            raise KeyRefused(header.key, self._departure_message(next(iter(self._departed)), header.key))
+        if link.rank not in chunk.key_state.declared_by:
+            raise ProtocolError(f"worker {link.rank} pushed key {name!r} without declaring it")
+        if header.dtype != chunk.dtype_code:
+            raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} as "
+                                        f"{protocol.DTYPE_NAMES.get(header.dtype)}, declared {chunk.dtype}")
+        if (header.length != 0) if no_data else (header.length != chunk.nbytes):
+            raise ProtocolError(f"PUSH of key {name!r} chunk {chunk.index} has {header.length} bytes")
+        if header.round != expected_round:
+            raise KeyRefused(header.key, f"worker {link.rank} pushed round {header.round} of key {name!r}, "
+                                        f"the server is at round {expected_round}")
+
     def _push_async(self, link, chunk, header, payload):
         """Asynchronous mode on the Python data path (server_engine.c's take_async_push):
         apply the push to the stored value (through the optimizer, if one is set), or
@@ -960,20 +966,8 @@ class ParameterServer(Handler):
         stored = chunk.buffers[0]
         answers = []                  # (link, round, the value it gets)
         with chunk.lock:
-            if chunk.key_state.error is not None:
-                raise KeyRefused(header.key, chunk.key_state.error)
-            if link.rank not in chunk.key_state.declared_by:
-                raise ProtocolError(f"worker {link.rank} pushed key {name!r} without declaring it")
-            if header.dtype != chunk.dtype_code:
-                raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} as "
-                                            f"{protocol.DTYPE_NAMES.get(header.dtype)}, declared {chunk.dtype}")
-            if (header.length != 0) if no_data else (header.length != chunk.nbytes):
-                raise ProtocolError(f"PUSH of key {name!r} chunk {chunk.index} has {header.length} bytes")
-            if header.round != chunk.rounds[link.rank]:
-                raise KeyRefused(header.key, f"worker {link.rank} pushed round {header.round} of key {name!r}, "
-                                            f"the server is at round {chunk.rounds[link.rank]}")
-            if broadcast and self._departed:
-                raise KeyRefused(header.key, self._departure_message(next(iter(self._departed)), header.key))
+            # A departed worker stops only broadcasts, the one step that waits for everyone.
+            self._check_push(chunk, link, header, no_data, chunk.rounds[link.rank], departed_refuses=broadcast)
             if broadcast and not no_data and chunk.has_data:
                 raise KeyRefused(header.key, f"more than one worker sent the root value for the "
                                             f"broadcast of key {name!r}: the workers disagree on the root")
