@@ -403,11 +403,7 @@ int rk_verbs_send(rk_verbs *v, rdmakv_flag *stop, struct iovec *iov, int count, 
                     posted = head;
                 }
                 rc = wait_for(v, stop, has_room, head, rk_now() + timeout, 0, err);
-                if (rc == RK_ERR_EOF || rc == RK_STOPPED) {
-                    *err = EPIPE;
-                    rc = RK_ERR_IO;
-                }
-                if (rc) break;
+                if (rc) break;              /* an end of the stream is EPIPE, below */
                 continue;
             }
             size_t piece = room < n ? room : n;
@@ -425,7 +421,7 @@ int rk_verbs_send(rk_verbs *v, rdmakv_flag *stop, struct iovec *iov, int count, 
     }
     if (rc == RK_OK && posted != head) rc = post_span(v, stop, posted, head, timeout, err);
     pthread_mutex_unlock(&v->send_lock);
-    if (rc == RK_STOPPED || rc == RK_ERR_EOF) {
+    if (rc == RK_STOPPED || rc == RK_ERR_EOF) {     /* a send that cannot go on: as a socket's */
         *err = EPIPE;
         rc = RK_ERR_IO;
     }

@@ -1,6 +1,8 @@
 """Fixtures for the real-verbs tests (they run inside the soft-RoCE VM, see
 ci/rxe.sh).  Everything here opens real devices; where there is none, every
 test in tests/rdma is skipped with probe()'s reason."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,29 @@ def pair(connect_pair):
 def arrays():
     rng = np.random.default_rng(1234)
     return rng.standard_normal(64 * 1024).astype(np.float32), np.zeros(64 * 1024, np.float32)
+
+
+@pytest.fixture
+def pair_factory():
+    """Connected (client, server) verbs connections over 127.0.0.1 through the
+    transport's own listener and connect (native: the stream the native engines
+    run, else the Python data path's VerbsConnection); all closed at teardown."""
+    from rdmakv.transport import verbs
+    made = []
+
+    def make(timeout=20.0, native=False):
+        listener = verbs.Listener("127.0.0.1", 0, timeout)
+        made.append(listener)
+        box = {}
+        thread = threading.Thread(target=lambda: box.update(
+            c=verbs.connect("127.0.0.1", listener.address[1], timeout, native=native)))
+        thread.start()
+        server = listener.accept(timeout)
+        thread.join(timeout)
+        assert server is not None and "c" in box
+        made.extend((box["c"], server))
+        return box["c"], server
+
+    yield make
+    for thing in reversed(made):
+        thing.close()

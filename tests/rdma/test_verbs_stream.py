@@ -25,27 +25,9 @@ TIMEOUT = 20.0
 
 
 @pytest.fixture
-def stream_pair():
-    """A factory of connected (client, server) verbs streams over 127.0.0.1; all closed at teardown."""
-    from rdmakv.transport import verbs
-    made = []
-
-    def make(timeout=TIMEOUT):
-        listener = verbs.Listener("127.0.0.1", 0, timeout)
-        made.append(listener)
-        box = {}
-        thread = threading.Thread(target=lambda: box.update(
-            c=verbs.connect("127.0.0.1", listener.address[1], timeout, native=True)))
-        thread.start()
-        server = listener.accept(timeout)
-        thread.join(timeout)
-        assert server is not None and "c" in box
-        made.extend((box["c"], server))
-        return box["c"], server
-
-    yield make
-    for thing in reversed(made):
-        thing.close()
+def stream_pair(pair_factory):
+    """A factory of connected (client, server) verbs streams, the native engines' kind."""
+    return lambda timeout=TIMEOUT: pair_factory(timeout, native=True)
 
 
 def receive(conn, timeout=TIMEOUT):

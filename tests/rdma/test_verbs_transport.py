@@ -32,29 +32,6 @@ def verbs():
 
 
 @pytest.fixture
-def pair_factory(verbs):
-    """Connected (client, server) verbs connection pairs over 127.0.0.1; all closed at teardown."""
-    made = []
-
-    def make(timeout=TIMEOUT):
-        listener = verbs.Listener("127.0.0.1", 0, timeout)
-        made.append(listener)
-        box = {}
-        thread = threading.Thread(target=lambda: box.update(c=verbs.connect("127.0.0.1", listener.address[1],
-                                                                            timeout)))
-        thread.start()
-        server = listener.accept(timeout)
-        thread.join(timeout)
-        assert server is not None and "c" in box
-        made.extend((box["c"], server))
-        return box["c"], server
-
-    yield make
-    for thing in reversed(made):
-        thing.close()
-
-
-@pytest.fixture
 def pair(pair_factory):
     return pair_factory()
 
