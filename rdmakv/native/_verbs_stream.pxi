@@ -7,12 +7,16 @@
 cdef extern from "verbs_stream.h" nogil:
     ctypedef int (*rk_get_cq_event_fn)(v.ibv_comp_channel *, v.ibv_cq **, void **)
     ctypedef void (*rk_ack_cq_events_fn)(v.ibv_cq *, unsigned int)
+    ctypedef v.ibv_mr *(*rk_reg_mr_fn)(v.ibv_pd *, void *, size_t, int)
+    ctypedef int (*rk_dereg_mr_fn)(v.ibv_mr *)
     ctypedef struct rk_verbs:
         v.ibv_qp *qp
         v.ibv_cq *cq
         v.ibv_comp_channel *channel
         rk_get_cq_event_fn get_cq_event
         rk_ack_cq_events_fn ack_cq_events
+        rk_reg_mr_fn reg_mr
+        rk_dereg_mr_fn dereg_mr
         int side_fd
         int wake_fd
         uint32_t send_depth
@@ -26,6 +30,8 @@ cdef extern from "verbs_stream.h" nogil:
         uint64_t peer_addr
         uint32_t peer_rkey
         uint32_t unacked_events
+        uint64_t copied_bytes
+        uint64_t placed_bytes
     int rk_verbs_open(rk_verbs *vs)
     void rk_verbs_shut(rk_verbs *vs)
     int rk_verbs_drain(rk_verbs *vs, double seconds)
@@ -34,15 +40,20 @@ cdef extern from "verbs_stream.h" nogil:
     int rk_verbs_wait_readable(rk_verbs *vs, rdmakv_flag *stop, double deadline, double spin, int *err)
     int rk_verbs_recv(rk_verbs *vs, rdmakv_flag *stop, char *dst, size_t length, int at_start, double timeout,
                       int *err)
-    int rk_verbs_send(rk_verbs *vs, rdmakv_flag *stop, s.iovec *iov, int count, double timeout, int *err)
+    int rk_verbs_send(rk_verbs *vs, rdmakv_flag *stop, s.iovec *iov, const uint32_t *lkeys, int count,
+                      double timeout, int *err)
 
 cdef extern from *:
     """
     static rk_get_cq_event_fn rdmakv_get_cq_event_fn(void) { return rdmakv_p_ibv_get_cq_event; }
     static rk_ack_cq_events_fn rdmakv_ack_cq_events_fn(void) { return rdmakv_p_ibv_ack_cq_events; }
+    static rk_reg_mr_fn rdmakv_reg_mr_fn(void) { return rdmakv_p_ibv_reg_mr; }
+    static rk_dereg_mr_fn rdmakv_dereg_mr_fn(void) { return rdmakv_p_ibv_dereg_mr; }
     """
     rk_get_cq_event_fn rdmakv_get_cq_event_fn() noexcept nogil
     rk_ack_cq_events_fn rdmakv_ack_cq_events_fn() noexcept nogil
+    rk_reg_mr_fn rdmakv_reg_mr_fn() noexcept nogil
+    rk_dereg_mr_fn rdmakv_dereg_mr_fn() noexcept nogil
 
 
 cdef int _raise_verbs_stream(int rc, int err, str what) except -1:
@@ -84,6 +95,8 @@ cdef class VerbsStream:
         self.vs.channel = channel._handle
         self.vs.get_cq_event = rdmakv_get_cq_event_fn()
         self.vs.ack_cq_events = rdmakv_ack_cq_events_fn()
+        self.vs.reg_mr = rdmakv_reg_mr_fn()
+        self.vs.dereg_mr = rdmakv_dereg_mr_fn()
         self.vs.side_fd = side_fd
         self.vs.wake_fd = -1
         self.vs.send_depth = send_depth
@@ -135,7 +148,7 @@ cdef class VerbsStream:
                 count = 2
             try:
                 with nogil:
-                    rc = rk_verbs_send(self.vs, &self.stop, iov, count, timeout, &err)
+                    rc = rk_verbs_send(self.vs, &self.stop, iov, NULL, count, timeout, &err)
             finally:
                 if payload is not None:
                     PyBuffer_Release(&pview)
@@ -179,6 +192,12 @@ cdef class VerbsStream:
         if rc:
             _raise_verbs_stream(rc, err, "receive")
         return True
+
+    def counters(self):
+        """(bytes copied into staging or out of our ring, bytes RDMA-written from where they were)."""
+        if self.vs == NULL:
+            return 0, 0
+        return self.vs.copied_bytes, self.vs.placed_bytes
 
     def drain(self, double seconds):
         """Wait up to `seconds` for every posted write to complete; whether they did."""

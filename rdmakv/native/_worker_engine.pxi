@@ -31,6 +31,8 @@ cdef extern from "worker_engine.h" nogil:
     void rk_engine_fail_key(rk_engine *engine, rk_key *key)
     void rk_op_init(rk_op *op, rk_engine *engine, rk_key *key, const char *source, char *target, int32_t priority,
                     uint32_t flags, void *owner)
+    void rk_op_set_keys(rk_op *op, const uint32_t *source_lkeys, const uint32_t *target_rkeys)
+    uint32_t RK_ZERO_COPY_BYTES
     uint64_t rk_engine_submit(rk_engine *engine, rk_op *op)
     int rk_op_wait(rk_op *op, double timeout)
     int rk_op_settled(rk_op *op)
@@ -46,6 +48,7 @@ cdef extern from "worker_engine.h" nogil:
 
 
 ENGINE_ALL_LINKS = 0xFFFFFFFF
+cdef int _t_remote_write = v.IBV_ACCESS_LOCAL_WRITE | v.IBV_ACCESS_REMOTE_WRITE
 # enum rk_outcome, for rdmakv/worker/kvstore.py's messages
 OUTCOME_OK, OUTCOME_LINK_FAILED, OUTCOME_KEY_FAILED, OUTCOME_CANCELLED = 0, 1, 2, 3
 
@@ -60,6 +63,7 @@ cdef class EngineKey:
     cdef rk_key *key
     cdef readonly Engine engine
     cdef readonly uint64_t nbytes         # what a pushpull's source and target must hold
+    cdef tuple zero_copy_links            # links with a chunk of RK_ZERO_COPY_BYTES or more
 
 
 cdef class Operation:
@@ -73,6 +77,39 @@ cdef class Operation:
     cdef object _callback_target      # what callbacks are called with (the Handle), while some wait
     cdef list _callbacks
     cdef object _on_failure           # called instead of a native completion if the op fails
+    cdef uint32_t *keys               # verbs: per link, source's lkey then (num_links on) target's rkey
+    cdef list _pins                   # (MRCache, pin) leases held until the op is reaped
+
+    cdef _register(self, Engine engine, EngineKey key, source, target):
+        """Register source and target on the verbs links that move this key's large
+        chunks (each link's MRCache, which holds the exports), for zero copy."""
+        cdef uint32_t n = engine.num_links
+        for link in key.zero_copy_links:
+            cache = engine.registrations[link]
+            if cache is None:
+                continue
+            if self.keys == NULL:
+                self.keys = <uint32_t *>calloc(2 * n, sizeof(uint32_t))
+                if self.keys == NULL:
+                    raise MemoryError("registering a pushpull's buffers")
+                self._pins = []
+            into = cache.pin(target, _t_remote_write)
+            self._pins.append((cache, into))
+            self.keys[n + <uint32_t>link] = into[1].rkey
+            if source is not None:
+                if source is target:
+                    self.keys[<uint32_t>link] = into[1].lkey
+                else:
+                    out_of = cache.pin(source, 0)
+                    self._pins.append((cache, out_of))
+                    self.keys[<uint32_t>link] = out_of[1].lkey
+        if self.keys != NULL:
+            rk_op_set_keys(&self.op, self.keys, self.keys + n)
+
+    cdef _unregister(self):
+        pins, self._pins = self._pins, None
+        for cache, pin in pins or ():
+            cache.unpin(pin)
 
     @property
     def round(self):
@@ -149,6 +186,7 @@ cdef class Operation:
                 __import__("logging").getLogger("rdmakv.worker").exception("a done-callback failed")
 
     def __dealloc__(self):
+        free(self.keys)
         if self.has_source:
             PyBuffer_Release(&self.source_view)
         if self.has_target:
@@ -161,6 +199,7 @@ cdef class Engine:
     cdef bint closed
     cdef uint32_t num_links
     cdef list channels                # shared-memory channels and verbs streams its links borrow
+    cdef readonly list registrations  # per link: the MRCache of a verbs link (zero copy), or None
 
     def __cinit__(self, uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                   uint32_t sender_rank):
@@ -169,6 +208,7 @@ cdef class Engine:
             raise MemoryError("the native engine could not be allocated")
         self.num_links = num_links
         self.channels = []
+        self.registrations = [None] * num_links
 
     cdef _check_link(self, uint32_t link):
         if link >= self.num_links:
@@ -178,12 +218,14 @@ cdef class Engine:
         """Readers and waiters poll for `seconds` before sleeping (call before start_link)."""
         rk_engine_set_spin(self.engine, seconds)
 
-    def start_link(self, uint32_t index, int fd, stream=None):
+    def start_link(self, uint32_t index, int fd, stream=None, registrations=None):
         """Run link index over the TCP socket fd, over a shared-memory channel's
         rings (stream: a ShmChannel) with fd the Unix socket beside them, or over
         a VerbsStream with fd its side channel; all stay the caller's, to close
-        (and unmap, release) only after close()."""
+        (and unmap, release) only after close().  registrations: a verbs link's
+        MRCache, on its PD, for zero copy of large chunks."""
         self._check_link(index)
+        self.registrations[index] = registrations
         cdef rk_rings rings
         cdef const rk_rings *over = _rings_of(stream if isinstance(stream, ShmChannel) else None, &rings)
         cdef rk_verbs *verbs = _verbs_of(stream)
@@ -221,6 +263,7 @@ cdef class Engine:
             free(z)
             free(l)
         key.engine = self
+        key.zero_copy_links = tuple(sorted({links[i] for i in range(n) if sizes[i] >= RK_ZERO_COPY_BYTES}))
         return key
 
     def submit(self, EngineKey key not None, source, target, int32_t priority, uint32_t flags):
@@ -239,6 +282,8 @@ cdef class Engine:
             raise ValueError(f"a pushpull of this key needs {key.nbytes} bytes in its source and target")
         rk_op_init(&op.op, self.engine, key.key, <const char *>op.source_view.buf if source is not None else NULL,
                    <char *>op.target_view.buf, priority, flags, <void *>op)
+        if key.zero_copy_links:
+            op._register(self, key, source, target)
         Py_INCREF(op)                 # the engine's reference, dropped by reap()
         with nogil:
             rk_engine_submit(self.engine, &op.op)
@@ -250,6 +295,7 @@ cdef class Engine:
         cdef rk_op *following
         while op != NULL:
             following = op.next
+            (<Operation>op.owner)._unregister()
             Py_DECREF(<object>op.owner)
             op = following
 

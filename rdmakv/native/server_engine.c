@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "_reduce.h"
+#include "verbs_stream.h"
 
 struct rk_skey {
     uint64_t wire;
@@ -23,6 +24,12 @@ struct rk_skey {
     rk_schunk *chunks;
     rk_skey *next;
 };
+
+typedef struct {
+    uint64_t addr;
+    uint32_t rkey;                /* 0: none */
+    uint64_t round;
+} rk_place;
 
 struct rk_schunk {
     rk_skey *key;
@@ -39,6 +46,9 @@ struct rk_schunk {
     /* Asynchronous mode: buffers[0] is the stored value, and a worker's reply
      * leaves from its own copy (snapshots + rank * nbytes). */
     char *snapshots;
+    /* Verbs: where each worker asked for its result of a round to be written
+     * (RK_PLACE_RESULT); entry `rank` is under that worker's link lock. */
+    rk_place *places;
     pthread_mutex_t lock;         /* what follows */
     uint64_t *rounds;             /* asynchronous mode (set only there): each worker's next round */
     uint64_t round;
@@ -136,7 +146,10 @@ static rk_schunk *new_chunk(rk_server *server) {
     rk_schunk *chunk = calloc(1, sizeof *chunk);
     if (chunk == NULL) return NULL;
     chunk->pushed = calloc(server->words, sizeof *chunk->pushed);
-    if (chunk->pushed == NULL) {
+    chunk->places = calloc(server->num_workers ? server->num_workers : 1, sizeof *chunk->places);
+    if (chunk->pushed == NULL || chunk->places == NULL) {
+        free(chunk->pushed);
+        free(chunk->places);
         free(chunk);
         return NULL;
     }
@@ -146,6 +159,7 @@ static rk_schunk *new_chunk(rk_server *server) {
 
 static void free_chunk(rk_schunk *chunk) {
     free(chunk->pushed);
+    free(chunk->places);
     free(chunk->rounds);
     free(chunk);
 }
@@ -276,14 +290,40 @@ static int goes_as_place(rk_slink *link, const rk_item *item, uint32_t *number, 
     return 1;
 }
 
+/* Whether data is memory the chunk keeps as long as the engine (its round
+ * buffers, its replies' copies), which a verbs link may register once for good. */
+static int lasting(const rk_server *server, const rk_schunk *chunk, const char *data) {
+    if (data == chunk->buffers[0] || data == chunk->buffers[1]) return 1;
+    return chunk->snapshots && data >= chunk->snapshots &&
+           data < chunk->snapshots + (size_t)server->num_workers * chunk->nbytes;
+}
+
+/* Verbs: RDMA-write a result straight into the place its worker gave (the
+ * caller holds send_lock, so the write goes ahead of the RESULT's frame);
+ * RK_OK with *placed 0 when its bytes must go in the frame instead. */
+static int place_result(rk_slink *link, const rk_item *item, int *placed, int *err) {
+    rk_schunk *chunk = item->ref;
+    *placed = 0;
+    if (!link->stream.verbs || !item->place_rkey || item->op != RK_OP_RESULT || !lasting(link->server, chunk, item->data))
+        return RK_OK;
+    int unpinned = 0;
+    uint32_t lkey = rk_verbs_pin(link->stream.verbs, item->data, chunk->nbytes, &unpinned);
+    if (lkey == 0) return RK_OK;  /* out of registrations: the bytes go through the ring */
+    int rc = rk_verbs_place(link->stream.verbs, &link->stream.stop, item->data, chunk->nbytes, lkey,
+                            item->place_addr, item->place_rkey, link->stream.timeout, err);
+    *placed = rc == RK_OK;
+    return rc;
+}
+
 /* Send popped replies with one sendmsg, then let the next sender in (the caller set link->sending). */
 static void transmit(rk_slink *link, const rk_item *items, int count) {
     char packed[RK_BATCH][RK_HEADER_SIZE];
     char places[RK_BATCH][RK_PLACE_SIZE];
     struct iovec iov[2 * RK_BATCH];
     rk_header h;
-    int parts = 0;
-    for (int i = 0; i < count; i++) {
+    int parts = 0, rc = RK_OK, err = 0;
+    pthread_mutex_lock(&link->send_lock);
+    for (int i = 0; i < count && rc == RK_OK; i++) {
         rk_schunk *chunk = items[i].ref;
         h = (rk_header){.magic = RK_MAGIC, .version = RK_VERSION, .op = items[i].op,
                         .dtype = items[i].op == RK_OP_RESULT ? chunk->dtype : 0, .key = chunk->key->wire,
@@ -291,20 +331,22 @@ static void transmit(rk_slink *link, const rk_item *items, int count) {
                         .length = reply_bytes(&items[i])};
         uint32_t number;
         uint64_t offset;
+        int placed = 0;
         int place = h.length && goes_as_place(link, &items[i], &number, &offset);
         if (place) {
             h.flags |= RK_SHARED_PAYLOAD;
             memcpy(places[i], &number, 4);
             memcpy(places[i] + 4, &offset, 8);
+        } else if (h.length) {
+            rc = place_result(link, &items[i], &placed, &err);
+            if (placed) h.flags |= RK_PLACED;
         }
         rk_header_pack(packed[i], &h);
         iov[parts++] = (struct iovec){packed[i], RK_HEADER_SIZE};
         if (place) iov[parts++] = (struct iovec){places[i], RK_PLACE_SIZE};
-        else if (h.length) iov[parts++] = (struct iovec){(char *)items[i].data, h.length};
+        else if (h.length && !placed) iov[parts++] = (struct iovec){(char *)items[i].data, h.length};
     }
-    int err = 0;
-    pthread_mutex_lock(&link->send_lock);
-    int rc = rk_send_all(&link->stream, iov, parts, &err);
+    if (rc == RK_OK) rc = rk_send_all(&link->stream, iov, parts, &err);
     pthread_mutex_unlock(&link->send_lock);
     pthread_mutex_lock(&link->lock);
     int report = rc != RK_OK && !link->send_failed;
@@ -319,6 +361,12 @@ static void transmit(rk_slink *link, const rk_item *items, int count) {
 static void reply(rk_slink *link, rk_item item) {
     int direct = 0;
     pthread_mutex_lock(&link->lock);
+    rk_place *place = &((rk_schunk *)item.ref)->places[link->rank];
+    if (item.op == RK_OP_RESULT && place->rkey && place->round == item.tag) {
+        item.place_addr = place->addr;
+        item.place_rkey = place->rkey;
+        place->rkey = 0;          /* one result per push */
+    }
     if (link->send_failed || rk_queue_push(&link->queue, item)) {
         pthread_mutex_unlock(&link->lock);
         return;                   /* the control plane hears of the link's failure once */
@@ -508,6 +556,17 @@ static int take_async_push(rk_slink *link, rk_schunk *chunk, const rk_header *h)
  * a co-located worker added it into the shared sum itself, and no bytes follow. */
 static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int in_place, int *err) {
     rk_server *server = link->server;
+    if (h->shared & RK_PLACE_RESULT) {
+        char place[RK_PLACE_RESULT_SIZE];
+        int rc = rk_recv_all(&link->stream, place, sizeof place, 0, err);
+        if (rc) return rc;
+        pthread_mutex_lock(&link->lock);
+        rk_place *mine = &chunk->places[link->rank];
+        memcpy(&mine->addr, place, 8);
+        memcpy(&mine->rkey, place + 8, 4);
+        mine->round = h->round;
+        pthread_mutex_unlock(&link->lock);
+    }
     if (h->length && !in_place) {
         if (link->scratch_size < h->length) {
             char *grown = realloc(link->scratch, h->length);
@@ -627,7 +686,10 @@ static void *reader_main(void *arg) {
         if (rc == RK_OK) {
             rk_schunk *chunk = h.op == RK_OP_PUSH ? find_chunk(server, h.key, h.chunk) : NULL;
             int sized = chunk && h.length == ((h.flags & RK_FLAG_NO_DATA) ? 0 : chunk->nbytes);
-            if (h.shared) {
+            if (h.shared && link->stream.verbs) {
+                /* Only a push that says where its result goes comes flagged. */
+                rc = sized && h.shared == RK_PLACE_RESULT ? take_push(link, chunk, &h, 0, &err) : RK_ERR_SHARED;
+            } else if (h.shared) {
                 /* Only a push added into a sum this worker was offered comes flagged. */
                 int offered = sized && h.shared == RK_IN_PLACE && chunk->shared && h.length &&
                               !(h.flags & ~RK_FLAG_ACK) && has_segment(link, chunk->segments[0]) &&

@@ -60,6 +60,8 @@ int rk_verbs_open(rk_verbs *v) {
     atomic_init(&v->closing, 0);
     atomic_init(&v->progress, 0);
     atomic_init(&v->followers, 0);
+    atomic_init(&v->copied_bytes, 0);
+    atomic_init(&v->placed_bytes, 0);
     v->unacked_events = 0;
     v->armed = 0;
     v->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -297,6 +299,9 @@ int rk_verbs_drain(rk_verbs *v, double seconds) {
 }
 
 void rk_verbs_free(rk_verbs *v) {
+    for (size_t i = 0; i < v->pinned.capacity; i++)
+        if (v->pinned.slots[i].value) v->dereg_mr(v->pinned.slots[i].value);
+    rk_table_free(&v->pinned);
     if (v->unacked_events) v->ack_cq_events(v->cq, v->unacked_events);
     v->unacked_events = 0;
     if (v->wake_fd >= 0) close(v->wake_fd);
@@ -329,6 +334,7 @@ int rk_verbs_recv(rk_verbs *v, rdmakv_flag *stop, char *dst, size_t length, int 
         }
         size_t piece = avail < length ? avail : length;
         rdmakv_ring_copy_out(v->in_data, v->in_size, tail, dst, piece);
+        atomic_fetch_add_explicit(&v->copied_bytes, piece, memory_order_relaxed);
         tail += (uint32_t)piece;
         dst += piece;
         length -= piece;
@@ -339,25 +345,33 @@ int rk_verbs_recv(rk_verbs *v, rdmakv_flag *stop, char *dst, size_t length, int 
     return RK_OK;
 }
 
-/* RDMA-write the staging span [from, to) to the same place in the peer's ring,
- * the last write carrying `to` as its immediate.  Under send_lock. */
-static int post_span(rk_verbs *v, rdmakv_flag *stop, uint32_t from, uint32_t to, double timeout, int *err) {
-    uint32_t offset = from & (v->out_size - 1), length = to - from;
-    uint32_t first = v->out_size - offset < length ? v->out_size - offset : length;
-    int count = first < length ? 2 : 1;
-    double deadline = rk_now() + timeout;
+/* Take `count` send-queue entries for a frame, waiting for completions to free them. */
+static int take_frame_entries(rk_verbs *v, rdmakv_flag *stop, int count, double deadline, int *err) {
     while (!take_send_entries(v, (uint32_t)count, RK_VERBS_CREDIT_SLOTS)) {   /* a credit may take one first */
         int rc = wait_for(v, stop, has_send_entries, (uintptr_t)count, deadline, 0, err);
         if (rc) return rc;
     }
+    return RK_OK;
+}
+
+/* RDMA-write the span [from, to) of the peer's ring, from the same place in
+ * staging (src NULL) or from src (registered: lkey), the last write carrying
+ * `to` as its immediate.  Under send_lock. */
+static int post_span(rk_verbs *v, rdmakv_flag *stop, uint32_t from, uint32_t to, const char *src, uint32_t lkey,
+                     double timeout, int *err) {
+    uint32_t offset = from & (v->out_size - 1), length = to - from;
+    uint32_t first = v->out_size - offset < length ? v->out_size - offset : length;
+    int count = first < length ? 2 : 1;
+    int rc = take_frame_entries(v, stop, count, rk_now() + timeout, err);
+    if (rc) return rc;
     struct ibv_sge sge[2];
     struct ibv_send_wr wr[2], *bad = NULL;
     memset(wr, 0, sizeof(wr));
     uint32_t at[2] = {offset, 0}, len[2] = {first, length - first};
     for (int i = 0; i < count; i++) {
-        sge[i].addr = (uintptr_t)(v->out_data + at[i]);
+        sge[i].addr = src ? (uintptr_t)(src + (i ? first : 0)) : (uintptr_t)(v->out_data + at[i]);
         sge[i].length = len[i];
-        sge[i].lkey = v->out_lkey;
+        sge[i].lkey = src ? lkey : v->out_lkey;
         wr[i].sg_list = &sge[i];
         wr[i].num_sge = 1;
         wr[i].opcode = IBV_WR_RDMA_WRITE;
@@ -372,7 +386,7 @@ static int post_span(rk_verbs *v, rdmakv_flag *stop, uint32_t from, uint32_t to,
     last->send_flags |= IBV_SEND_SIGNALED;
     last->wr_id = (uint64_t)count;          /* entries its completion frees */
     store(&v->out_head, to);
-    int rc = ibv_post_send(v->qp, wr, &bad);
+    rc = ibv_post_send(v->qp, wr, &bad);
     if (rc) {
         fail(v, RK_VERBS_FAILED_POST | ((uint32_t)rc << 8));
         *err = rc;
@@ -381,49 +395,119 @@ static int post_span(rk_verbs *v, rdmakv_flag *stop, uint32_t from, uint32_t to,
     return RK_OK;
 }
 
-int rk_verbs_send(rk_verbs *v, rdmakv_flag *stop, struct iovec *iov, int count, double timeout, int *err) {
+static int ended(rk_verbs *v) { return load(&v->closing) || load(&v->peer_gone) || load(&v->failure); }
+
+/* A send that cannot go on fails as a socket's does. */
+static int as_socket(int rc, int *err) {
+    if (rc == RK_STOPPED || rc == RK_ERR_EOF) {
+        *err = EPIPE;
+        return RK_ERR_IO;
+    }
+    return rc;
+}
+
+int rk_verbs_send(rk_verbs *v, rdmakv_flag *stop, struct iovec *iov, const uint32_t *lkeys, int count,
+                  double timeout, int *err) {
     int rc = RK_OK;
     pthread_mutex_lock(&v->send_lock);
     uint32_t head = load(&v->out_head), posted = head;
     for (int i = 0; i < count && rc == RK_OK; i++) {
         const char *src = iov[i].iov_base;
         size_t n = iov[i].iov_len;
+        uint32_t lkey = lkeys ? lkeys[i] : 0;
         while (n > 0) {
-            if (load(&v->closing) || load(&v->peer_gone) || load(&v->failure)) {
+            if (ended(v)) {
                 *err = EPIPE;
                 rc = RK_ERR_IO;
                 break;
             }
             uint32_t used = head - load(&v->out_tail);
             size_t room = v->out_size - used;
-            if (room == 0) {
+            if (room == 0 || (lkey && posted != head)) {   /* staged bytes leave before a registered part */
                 if (posted != head) {
-                    rc = post_span(v, stop, posted, head, timeout, err);
+                    rc = post_span(v, stop, posted, head, NULL, 0, timeout, err);
                     if (rc) break;
                     posted = head;
                 }
-                rc = wait_for(v, stop, has_room, head, rk_now() + timeout, 0, err);
+                if (room == 0) rc = wait_for(v, stop, has_room, head, rk_now() + timeout, 0, err);
                 if (rc) break;              /* an end of the stream is EPIPE, below */
                 continue;
             }
             size_t piece = room < n ? room : n;
             if (piece > WRITE_PIECE) piece = WRITE_PIECE;
-            rdmakv_ring_copy_in(v->out_data, v->out_size, head, src, piece);
+            if (lkey) {
+                rc = post_span(v, stop, head, head + (uint32_t)piece, src, lkey, timeout, err);
+                if (rc) break;
+                posted = head + (uint32_t)piece;
+                atomic_fetch_add_explicit(&v->placed_bytes, piece, memory_order_relaxed);
+            } else {
+                rdmakv_ring_copy_in(v->out_data, v->out_size, head, src, piece);
+                atomic_fetch_add_explicit(&v->copied_bytes, piece, memory_order_relaxed);
+            }
             head += (uint32_t)piece;
             src += piece;
             n -= piece;
             if (head - posted >= WRITE_PIECE) {
-                rc = post_span(v, stop, posted, head, timeout, err);
+                rc = post_span(v, stop, posted, head, NULL, 0, timeout, err);
                 if (rc) break;
                 posted = head;
             }
         }
     }
-    if (rc == RK_OK && posted != head) rc = post_span(v, stop, posted, head, timeout, err);
+    if (rc == RK_OK && posted != head) rc = post_span(v, stop, posted, head, NULL, 0, timeout, err);
     pthread_mutex_unlock(&v->send_lock);
-    if (rc == RK_STOPPED || rc == RK_ERR_EOF) {     /* a send that cannot go on: as a socket's */
-        *err = EPIPE;
-        rc = RK_ERR_IO;
+    return as_socket(rc, err);
+}
+
+uint32_t rk_verbs_pin(rk_verbs *v, const void *addr, size_t length, int *err) {
+    if (length == 0 || length > UINT32_MAX) {
+        *err = EINVAL;
+        return 0;
     }
-    return rc;
+    pthread_mutex_lock(&v->send_lock);
+    struct ibv_mr *mr = rk_table_find(&v->pinned, (uintptr_t)addr, (uint32_t)length);
+    if (mr == NULL) {
+        mr = v->reg_mr(v->qp->pd, (void *)addr, length, 0);   /* only our NIC reads it */
+        if (mr == NULL) {
+            *err = errno;
+        } else if (rk_table_insert(&v->pinned, (uintptr_t)addr, (uint32_t)length, mr)) {
+            v->dereg_mr(mr);
+            mr = NULL;
+            *err = ENOMEM;
+        }
+    }
+    pthread_mutex_unlock(&v->send_lock);
+    return mr ? mr->lkey : 0;
+}
+
+int rk_verbs_place(rk_verbs *v, rdmakv_flag *stop, const void *src, size_t length, uint32_t lkey,
+                   uint64_t remote_addr, uint32_t rkey, double timeout, int *err) {
+    if (length == 0 || length > UINT32_MAX) {
+        *err = EINVAL;
+        return RK_ERR_IO;
+    }
+    pthread_mutex_lock(&v->send_lock);
+    int rc = ended(v) ? RK_ERR_EOF : take_frame_entries(v, stop, 1, rk_now() + timeout, err);
+    if (rc == RK_OK) {
+        struct ibv_sge sge = {.addr = (uintptr_t)src, .length = (uint32_t)length, .lkey = lkey};
+        struct ibv_send_wr wr, *bad = NULL;
+        memset(&wr, 0, sizeof(wr));
+        wr.wr_id = 1;
+        wr.sg_list = &sge;
+        wr.num_sge = 1;
+        wr.opcode = IBV_WR_RDMA_WRITE;
+        wr.send_flags = IBV_SEND_SIGNALED;
+        wr.wr.rdma.remote_addr = remote_addr;
+        wr.wr.rdma.rkey = rkey;
+        int posted = ibv_post_send(v->qp, &wr, &bad);
+        if (posted) {
+            fail(v, RK_VERBS_FAILED_POST | ((uint32_t)posted << 8));
+            *err = posted;
+            rc = RK_ERR_IO;
+        } else {
+            atomic_fetch_add_explicit(&v->placed_bytes, length, memory_order_relaxed);
+        }
+    }
+    pthread_mutex_unlock(&v->send_lock);
+    return as_socket(rc, err);
 }

@@ -29,9 +29,12 @@
 #include <sys/uio.h>
 
 #include "_shm.h"
+#include "wire.h"
 
 typedef int (*rk_get_cq_event_fn)(struct ibv_comp_channel *, struct ibv_cq **, void **);
 typedef void (*rk_ack_cq_events_fn)(struct ibv_cq *, unsigned int);
+typedef struct ibv_mr *(*rk_reg_mr_fn)(struct ibv_pd *, void *, size_t, int);
+typedef int (*rk_dereg_mr_fn)(struct ibv_mr *);
 
 #define RK_VERBS_CREDIT_SLOTS 4   /* send-queue entries only a credit may take */
 
@@ -41,6 +44,8 @@ typedef struct rk_verbs {
     struct ibv_comp_channel *channel;     /* non-blocking */
     rk_get_cq_event_fn get_cq_event;      /* library functions, bound by the extension */
     rk_ack_cq_events_fn ack_cq_events;
+    rk_reg_mr_fn reg_mr;
+    rk_dereg_mr_fn dereg_mr;
     int side_fd;                          /* the TCP side channel: readable once the peer is gone */
     int wake_fd;                          /* an eventfd that wakes the leader out of poll() */
     uint32_t send_depth, recv_depth, max_inline;
@@ -69,6 +74,9 @@ typedef struct rk_verbs {
     pthread_mutex_t poll_lock;            /* held by the leader */
     pthread_mutex_t send_lock;            /* one writer of the staging ring at a time */
     pthread_mutex_t credit_lock;          /* credits are posted in the order of their tails */
+    rk_table pinned;                      /* (address, length) -> ibv_mr: rk_verbs_pin's (send_lock) */
+    _Atomic uint64_t copied_bytes;        /* copied into staging or out of our ring */
+    _Atomic uint64_t placed_bytes;        /* RDMA-written from where they were (registered parts, places) */
 } rk_verbs;
 
 #define RK_VERBS_FAILED_COMPLETION 1u     /* + (wc status << 8): a work request failed */
@@ -87,7 +95,8 @@ void rk_verbs_wake(rk_verbs *v);
  * our last frames must reach the peer before the side channel says we left);
  * 1 once they have, 0 if not. */
 int rk_verbs_drain(rk_verbs *v, double seconds);
-/* Destroy the locks and acknowledge the completion events (before the CQ goes). */
+/* Destroy the locks, deregister what rk_verbs_pin registered and acknowledge the
+ * completion events (before the CQ and the PD go). */
 void rk_verbs_free(rk_verbs *v);
 
 /* Bytes a send can write now without waiting. */
@@ -100,6 +109,22 @@ size_t rk_verbs_readable(rk_verbs *v);
 int rk_verbs_wait_readable(rk_verbs *v, rdmakv_flag *stop, double deadline, double spin, int *err);
 /* As rk_recv_all / rk_send_all (wire.h); timeout: seconds without progress. */
 int rk_verbs_recv(rk_verbs *v, rdmakv_flag *stop, char *dst, size_t length, int at_start, double timeout, int *err);
-int rk_verbs_send(rk_verbs *v, rdmakv_flag *stop, struct iovec *iov, int count, double timeout, int *err);
+/* lkeys: NULL, or one per iov: a part with a key is RDMA-written from where it is
+ * (memory the caller registered on this stream's PD) instead of through staging. */
+int rk_verbs_send(rk_verbs *v, rdmakv_flag *stop, struct iovec *iov, const uint32_t *lkeys, int count,
+                  double timeout, int *err);
+
+/* ---- placing bytes in the peer's memory (zero copy) ------------------------------------ */
+/* The local key of `length` bytes at addr, registered the first time it is asked
+ * for and kept until rk_verbs_free: only for memory that stays where it is, with
+ * its contents the caller's, as long as the stream (a server's round buffers);
+ * 0 when it cannot be registered (errno in *err). */
+uint32_t rk_verbs_pin(rk_verbs *v, const void *addr, size_t length, int *err);
+/* RDMA-write length bytes at src (lkey) to remote_addr in the peer's memory
+ * (rkey, which the peer gave for it), ahead of whatever is sent on the stream
+ * after it: one queue pair, so the peer sees the bytes placed before it reads
+ * a later frame.  RK_OK, or as rk_verbs_send. */
+int rk_verbs_place(rk_verbs *v, rdmakv_flag *stop, const void *src, size_t length, uint32_t lkey,
+                   uint64_t remote_addr, uint32_t rkey, double timeout, int *err);
 
 #endif

@@ -343,11 +343,15 @@ int rk_recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *err) 
 }
 
 int rk_send_all(rk_stream *s, struct iovec *iov, int count, int *err) {
+    return rk_send_registered(s, iov, NULL, count, err);
+}
+
+int rk_send_registered(rk_stream *s, struct iovec *iov, const uint32_t *lkeys, int count, int *err) {
     if (s->fd < 0) {              /* closed here */
         *err = EBADF;
         return RK_ERR_IO;
     }
-    if (s->verbs) return rk_verbs_send(s->verbs, &s->stop, iov, count, s->timeout, err);
+    if (s->verbs) return rk_verbs_send(s->verbs, &s->stop, iov, lkeys, count, s->timeout, err);
     if (s->has_rings) return ring_send(s, iov, count, err);
     double deadline = rk_now() + s->timeout;
     while (count > 0) {
@@ -395,7 +399,8 @@ int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err) {
         if (rc != RK_OK) return rc;
         rk_header_unpack(packed, h);
         *have_header = 1;
-        h->shared = 0;          /* the shared-memory flags mean nothing here: rk_header_check refuses them */
+        h->shared = h->flags & RK_VERBS_FLAGS;
+        h->flags &= ~RK_VERBS_FLAGS;
         return rk_header_check(h);
     }
     if (s->has_rings) {

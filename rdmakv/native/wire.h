@@ -36,6 +36,12 @@
 #define RK_EXPOSE (1u << 30)          /* not a message: the sums a chunk's pushes may be added into follow */
 #define RK_IN_PLACE (1u << 29)        /* a push already added into the exposed sum: no bytes follow */
 #define RK_SHARED_FLAGS (RK_SHARED_PAYLOAD | RK_EXPOSE | RK_IN_PLACE)
+/* Header flag bits only verbs carries (verbs_stream.h), taken off flags into
+ * rk_header.shared the same way: zero copy for large chunks. */
+#define RK_PLACE_RESULT (1u << 28)    /* a push: where to RDMA-write its result follows (RK_PLACE_RESULT_SIZE) */
+#define RK_PLACED (1u << 27)          /* a result RDMA-written into that place: no bytes follow */
+#define RK_VERBS_FLAGS (RK_PLACE_RESULT | RK_PLACED)
+#define RK_PLACE_RESULT_SIZE 12       /* <QI: address, rkey */
 #define RK_PLACE_SIZE 12              /* <IQ: segment number, offset */
 #define RK_EXPOSED_SIZE 32            /* <IQIQQ: even round's segment and offset, odd's, bytes */
 #define RK_SEGMENT_NOTICE_SIZE 12     /* <IQ with a memory file's fd: its number and size */
@@ -56,7 +62,8 @@ typedef struct {
     uint64_t round;
     uint64_t length;
     uint32_t sender;
-    uint32_t shared;          /* not on the wire: RK_SHARED_FLAGS bits the reader took off flags */
+    uint32_t shared;          /* not on the wire: the transport's own flag bits (RK_SHARED_FLAGS over shared
+                                 memory, RK_VERBS_FLAGS over verbs) the reader took off flags */
 } rk_header;
 
 void rk_header_pack(char *out, const rk_header *h);
@@ -144,6 +151,9 @@ int rk_wait_fd(rk_stream *s, short events, double deadline, int *err);
 int rk_recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *err);
 /* Write every byte of iov (callers serialize); RK_OK, RK_ERR_TIMEOUT, RK_ERR_IO. */
 int rk_send_all(rk_stream *s, struct iovec *iov, int count, int *err);
+/* As rk_send_all; lkeys (NULL, or one per iov, 0 for none) name parts a verbs stream
+ * RDMA-writes from where they are (registered on its PD); other streams ignore them. */
+int rk_send_registered(rk_stream *s, struct iovec *iov, const uint32_t *lkeys, int count, int *err);
 /* The next header, checked; 0, an enum rk_error, or RK_STOPPED.  *have_header
  * says whether h holds what arrived (for the error report). */
 int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err);
@@ -262,7 +272,9 @@ typedef struct {
     void *ref;                /* what the owner queued */
     uint64_t tag;             /* the owner's */
     const char *data;         /* (server replies) the payload, */
-    uint8_t op;               /* and the op */
+    uint8_t op;               /* and the op; */
+    uint32_t place_rkey;      /* (verbs) and where the worker asked for it to be written: */
+    uint64_t place_addr;      /* rkey 0 for nowhere */
 } rk_item;
 
 #define RK_BATCH 32               /* queued messages one sendmsg may carry, */

@@ -28,6 +28,7 @@ typedef struct {
     rk_op *op;                    /* whose result the link owes for this chunk (link lock) */
     int credited;                 /* that op's push holds credit until RECEIVED or RESULT */
     int sent;                     /* that op's push has left: only then may its result come */
+    int placed;                   /* verbs: that push asked for its result RDMA-written into the target */
     /* Shared memory: the server's round buffers this chunk's pushes are added
      * into here (even, odd rounds), once it offered them; set once by the reader. */
     char *sums[2];
@@ -215,6 +216,8 @@ static int pop_ready(rk_link *link, rk_item *out) {
         if (!busy_acquire(op)) continue;      /* failing: cancel() forgets its chunks */
         rk_chunk *chunk = &op->key->chunks[out->chunk];
         chunk->sent = 1;
+        chunk->placed = link->stream.verbs && op->target_rkeys && op->target_rkeys[link->index] &&
+                        chunk->nbytes >= RK_ZERO_COPY_BYTES;
         link->unanswered++;
         if (out->credit) {
             chunk->credited = 1;
@@ -263,7 +266,9 @@ static int add_to_shared_sum(rk_link *link, rk_key *key, rk_chunk *chunk, rk_op 
  * into offered sums (the sender thread; a submitting thread must not wait for a lock). */
 static void transmit(rk_link *link, const rk_item *items, int count, int may_add) {
     char packed[RK_BATCH][RK_HEADER_SIZE];
-    struct iovec iov[2 * RK_BATCH];
+    char places[RK_BATCH][RK_PLACE_RESULT_SIZE];
+    struct iovec iov[3 * RK_BATCH];
+    uint32_t lkeys[3 * RK_BATCH];
     int parts = 0, rc = RK_OK, err = 0;
     for (int i = 0; i < count && rc == RK_OK; i++) {
         rk_op *op = items[i].ref;         /* busy since pop_ready */
@@ -277,13 +282,28 @@ static void transmit(rk_link *link, const rk_item *items, int count, int may_add
         int summed = may_add ? add_to_shared_sum(link, key, chunk, op) : 0;
         if (summed == RK_STOPPED) rc = RK_STOPPED;
         if (summed == 1) h.flags |= RK_IN_PLACE;
+        if (chunk->placed) {              /* set by pop_ready: the link is verbs, the target registered */
+            uint64_t at = (uintptr_t)(op->target + chunk->offset);
+            memcpy(places[i], &at, 8);
+            memcpy(places[i] + 8, &op->target_rkeys[link->index], 4);
+            h.flags |= RK_PLACE_RESULT;
+        }
         rk_header_pack(packed[i], &h);
+        lkeys[parts] = 0;
         iov[parts++] = (struct iovec){packed[i], RK_HEADER_SIZE};
-        if (h.length && summed != 1) iov[parts++] = (struct iovec){(char *)op->source + chunk->offset, h.length};
+        if (chunk->placed) {
+            lkeys[parts] = 0;
+            iov[parts++] = (struct iovec){places[i], RK_PLACE_RESULT_SIZE};
+        }
+        if (h.length && summed != 1) {
+            uint32_t lkey = op->source_lkeys ? op->source_lkeys[link->index] : 0;
+            lkeys[parts] = chunk->nbytes >= RK_ZERO_COPY_BYTES ? lkey : 0;
+            iov[parts++] = (struct iovec){(char *)op->source + chunk->offset, h.length};
+        }
     }
     if (parts && rc == RK_OK) {
         pthread_mutex_lock(&link->send_lock);
-        rc = rk_send_all(&link->stream, iov, parts, &err);
+        rc = rk_send_registered(&link->stream, iov, lkeys, parts, &err);
         pthread_mutex_unlock(&link->send_lock);
     }
     for (int i = 0; i < count; i++) busy_release(items[i].ref);   /* every popped one, sent or not */
@@ -407,6 +427,11 @@ void rk_op_init(rk_op *op, rk_engine *engine, rk_key *key, const char *source, c
     op->owner = owner;
     atomic_init(&op->remaining, key->nchunks);
     pthread_mutex_init(&op->callback_lock, NULL);
+}
+
+void rk_op_set_keys(rk_op *op, const uint32_t *source_lkeys, const uint32_t *target_rkeys) {
+    op->source_lkeys = source_lkeys;
+    op->target_rkeys = target_rkeys;
 }
 
 uint64_t rk_engine_submit(rk_engine *engine, rk_op *op) {
@@ -542,8 +567,10 @@ static rk_key *find_key(rk_engine *engine, uint64_t wire) {
 static int drop_payload(rk_link *link, uint64_t length, int *err);
 
 /* Read a result's payload into dst (NULL: drop it): from the stream, or, for a
- * shared one, from the place in the server's memory that the stream names. */
+ * shared one, from the place in the server's memory that the stream names; a
+ * placed one is in dst already. */
 static int read_payload(rk_link *link, const rk_header *h, char *dst, int *err) {
+    if (h->shared & RK_PLACED) return RK_OK;
     if (!(h->shared & RK_SHARED_PAYLOAD)) {
         if (dst == NULL) return drop_payload(link, h->length, err);
         return rk_recv_all(&link->stream, dst, h->length, 0, err);
@@ -582,6 +609,10 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
         chunk = &key->chunks[h->chunk];
         /* Only a push that has left can be answered: an early "result" is a broken peer's. */
         if (chunk->op && chunk->sent && chunk->op->round == h->round) {
+            if ((h->shared & RK_PLACED) && !chunk->placed) {      /* written where we gave no place */
+                pthread_mutex_unlock(&link->lock);
+                return RK_ERR_SHARED;
+            }
             if (h->length != chunk->nbytes) {
                 *limit = chunk->nbytes;
                 pthread_mutex_unlock(&link->lock);
@@ -687,10 +718,10 @@ static void *reader_main(void *arg) {
         uint64_t limit = 0;
         int rc = rk_read_header(&link->stream, &h, &have_header, &err);
         if (rc == RK_OK && h.shared) {
-            /* Only these come with shared-memory flags: anything else is a broken peer's. */
+            /* Only these come with a transport's flags: anything else is a broken peer's. */
             if (h.shared == RK_EXPOSE)
                 rc = take_exposed_sums(link, &h, &err);
-            else if (h.shared == RK_SHARED_PAYLOAD && h.op == RK_OP_RESULT && h.length)
+            else if ((h.shared == RK_SHARED_PAYLOAD || h.shared == RK_PLACED) && h.op == RK_OP_RESULT && h.length)
                 rc = take_result(link, &h, &limit, &err);
             else
                 rc = RK_ERR_SHARED;

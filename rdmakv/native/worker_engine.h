@@ -69,6 +69,10 @@ struct rk_op {
     void *complete_engine;
     void *complete_param;
     void *owner;              /* the caller's object, handed back by rk_engine_take_finished */
+    /* Verbs, zero copy: per link, the local key of source and the remote key of
+     * target on that link's PD (0: not registered there), or NULL for none. */
+    const uint32_t *source_lkeys;
+    const uint32_t *target_rkeys;
     rk_op *next;              /* in its key's waiting list, then in the finished list */
 };
 
@@ -95,6 +99,11 @@ void rk_engine_fail_key(rk_engine *engine, rk_key *key);
 /* ---- operations (the caller's thread, no GIL) ------------------------------ */
 void rk_op_init(rk_op *op, rk_engine *engine, rk_key *key, const char *source, char *target, int32_t priority,
                 uint32_t flags, void *owner);
+/* Verbs links: source and target are registered there (arrays of a key per link,
+ * 0 for none, the caller's until the op is finished): a chunk of RK_ZERO_COPY_BYTES
+ * or more is RDMA-written from source, and its result straight into target. */
+void rk_op_set_keys(rk_op *op, const uint32_t *source_lkeys, const uint32_t *target_rkeys);
+#define RK_ZERO_COPY_BYTES (64u * 1024)
 /* Queue op behind the key's earlier rounds; returns its round. */
 uint64_t rk_engine_submit(rk_engine *engine, rk_op *op);
 /* 1 once done, 0 after timeout seconds. */

@@ -99,6 +99,9 @@ class Connection(abc.ABC):
     peer = "?"           # printable address of the other side
     source = "?"         # who is at the other side, for per-source limits: an address, or a local uid
     features = Features()
+    # Verbs streams: an MRCache on the connection's PD, in which a native engine
+    # registers the buffers the peer's NIC reads from or writes into (zero copy).
+    registrations = None
 
     @abc.abstractmethod
     def send(self, header, payload=None, in_place=False):

@@ -30,7 +30,7 @@ class EngineLink(ServerLinkBase):
 
     def start(self, connection):
         self.connection = connection
-        self.store.engine.start_link(self.rank, *connection.engine_stream())
+        self.store.engine.start_link(self.rank, *connection.engine_stream(), registrations=connection.registrations)
         self.send_json(Op.CONNECT, {"rank": self.store.rank})
 
     @property

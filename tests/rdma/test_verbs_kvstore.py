@@ -100,6 +100,36 @@ def test_16mib_pushpull_is_zero_copy(verbs_cluster):
         assert copied < 64 << 10, f"{copied} bytes went through bounce slots"
 
 
+@pytest.mark.parametrize("data_path", ["native"])
+def test_the_engines_move_large_chunks_without_a_copy(verbs_cluster):
+    """On the native engines, a chunk of 64 KiB or more is RDMA-written from the
+    caller's array into the server's ring and its result straight into `out`
+    (stream.py): the worker copies only headers and small messages, and the
+    sums stay exact with the result in place, in a separate `out`, and from a
+    read-only source."""
+    cluster = verbs_cluster(2, 1, RDMAKV_PARTITION_BYTES=1 << 20)
+    n = 1 << 20                       # int32: 4 MiB, four 1 MiB chunks
+    rounds = 3
+
+    def work(kv):
+        value = np.empty(n, np.int32)
+        out = np.empty(n, np.int32)
+        for step in range(rounds):
+            value[:] = np.arange(n, dtype=np.int32) * (kv.rank + 1) + step
+            kv.pushpull("in place", value)
+            np.testing.assert_array_equal(value, np.arange(n, dtype=np.int32) * 3 + 2 * step)
+            source = np.arange(n, dtype=np.int32) + kv.rank
+            source.setflags(write=False)
+            kv.pushpull("separate out", source, out=out)
+            np.testing.assert_array_equal(out, np.arange(n, dtype=np.int32) * 2 + 1)
+        connections = [link.connection for link in kv._links]
+        return sum(c.copied_bytes for c in connections), sum(c.placed_bytes for c in connections)
+
+    for copied, placed in cluster.run(work, timeout=240):
+        assert placed == 2 * rounds * 4 << 20, "every push leaves from the caller's array"
+        assert copied < 256 << 10, f"{copied} bytes were copied: results should have come placed"
+
+
 def test_verbs_workers_of_a_server_that_also_shares_memory(cluster_factory):
     """The server runs `auto`: shared memory layered over verbs, its round
     buffers in memory it could share with co-located workers.  These workers

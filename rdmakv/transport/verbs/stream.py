@@ -12,7 +12,11 @@ with its zero-copy offers and rendezvous).  A server whose engine runs refuses
 the latter, naming the setting (server.py).
 
 What it costs: a frame is copied into a registered staging ring and out of
-the peer's ring, as TCP's kernel copies it; RDMA moves the bytes between.
+the peer's ring, as TCP's kernel copies it; RDMA moves the bytes between.  A
+worker's engine avoids both copies for chunks of 64 KiB and more: it registers
+the pushpull's source and target in `registrations` (an MRCache, which holds
+their exports), RDMA-writes the push from the source into the server's ring,
+and the server RDMA-writes the result straight into the target.
 """
 import mmap
 import os
@@ -24,11 +28,13 @@ from rdmakv.core.errors import ConnectionClosed, ProtocolError, VerbsError
 from rdmakv.transport.base import Connection, Features, worded
 from rdmakv.transport.verbs import qp as verbs_qp
 from rdmakv.transport.verbs.devices import SharedDevice
+from rdmakv.transport.verbs.mrcache import MRCache
 
 RING_BYTES = 2 << 20           # each direction, both sides alike; a power of two
 SEND_DEPTH = 64                # work requests in flight: a write carries up to 256 KiB
 RECV_DEPTH = 256               # immediates the peer may send before we repost
 CLOSE_DRAIN_SECONDS = 2.0      # close() waits at most this long for our last frames to reach the peer
+REGISTERED_BYTES = 512 << 20   # what the worker's engine keeps registered for zero copy, per connection
 
 
 def _t():
@@ -91,6 +97,7 @@ class VerbsStreamConnection(Connection):
         self._in = _slab(RING_BYTES)
         remote_write = t.IBV_ACCESS_LOCAL_WRITE | t.IBV_ACCESS_REMOTE_WRITE
         self._in_mr = t.MR(self._pd, self._in, remote_write)
+        self.registrations = MRCache(self._pd, REGISTERED_BYTES)
         self._qp.modify(t.IBV_QPS_INIT, pkey_index=0, port_num=self._port.port, qp_access_flags=remote_write)
         self._psn = verbs_qp.new_psn()
         self.endpoint = dict(verbs_qp.local_endpoint(self._qp, self._port, self._psn),
@@ -155,6 +162,16 @@ class VerbsStreamConnection(Connection):
                 return 0
             return self._io("receive from", self._stream.available)
 
+    @property
+    def copied_bytes(self):
+        """Bytes copied into staging or out of our ring (frames, small payloads)."""
+        return self._stream.counters()[0] if self._stream is not None else 0
+
+    @property
+    def placed_bytes(self):
+        """Bytes RDMA-written from where they were: registered payloads, results into their places."""
+        return self._stream.counters()[1] if self._stream is not None else 0
+
     # ---- teardown ---------------------------------------------------------------------
     def shut(self):
         """End every wait on the stream, and tell the peer we are gone, but keep the
@@ -194,6 +211,8 @@ class VerbsStreamConnection(Connection):
             self._stream.shut()           # ends the waits of any thread in a call, within a slice
             with self._send_lock, self._recv_lock:
                 self._stream.release()
+        if self.registrations is not None:
+            self.registrations.close()
         for obj in (self._qp, self._cq, self._in_mr, self._out_mr, self._pd, self._channel):
             if obj is not None:
                 try:
