@@ -82,7 +82,8 @@ cdef class Operation:
 
     cdef _register(self, Engine engine, EngineKey key, source, target):
         """Register source and target on the verbs links that move this key's large
-        chunks (each link's MRCache, which holds the exports), for zero copy."""
+        chunks (each link's MRCache, which holds the exports), for zero copy.  A
+        link where registering fails (the locked-memory limit) copies instead."""
         cdef uint32_t n = engine.num_links
         for link in key.zero_copy_links:
             cache = engine.registrations[link]
@@ -93,16 +94,20 @@ cdef class Operation:
                 if self.keys == NULL:
                     raise MemoryError("registering a pushpull's buffers")
                 self._pins = []
-            into = cache.pin(target, _t_remote_write)
-            self._pins.append((cache, into))
+            try:
+                into = cache.pin(target, _t_remote_write)
+                self._pins.append((cache, into))
+                out_of = into if source is None or source is target else cache.pin(source, 0)
+                if out_of is not into:
+                    self._pins.append((cache, out_of))
+            except VerbsError as exc:
+                engine.registrations[link] = None
+                __import__("logging").getLogger("rdmakv.worker").warning(
+                    "link %d copies its payloads from now on: %s", link, exc)
+                continue
             self.keys[n + <uint32_t>link] = into[1].rkey
             if source is not None:
-                if source is target:
-                    self.keys[<uint32_t>link] = into[1].lkey
-                else:
-                    out_of = cache.pin(source, 0)
-                    self._pins.append((cache, out_of))
-                    self.keys[<uint32_t>link] = out_of[1].lkey
+                self.keys[<uint32_t>link] = out_of[1].lkey
         if self.keys != NULL:
             rk_op_set_keys(&self.op, self.keys, self.keys + n)
 
