@@ -1,0 +1,335 @@
+/* BytePS's compressors (onebit, top-k, random-k, dithering) for float32:
+ * formats and contracts in codecs_byteps.h.  Wire words are read and written
+ * with memcpy: an encoding sits at any offset of a frame. */
+#include "codecs_byteps.h"
+
+#include <math.h>
+#include <string.h>
+
+#define SPLITMIX_GAMMA 0x9e3779b97f4a7c15ULL
+
+static inline uint64_t splitmix_mix(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+uint64_t rk_rng_next(uint64_t *state) {
+    *state += SPLITMIX_GAMMA;
+    return splitmix_mix(*state);
+}
+
+/* A uniform float in [0, 1) from the top 24 bits: every value is exact. */
+static inline float unit_float(uint64_t bits) { return (float)(bits >> 40) * 0x1p-24f; }
+
+static inline float load_f32(const unsigned char *p) {
+    float v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline uint32_t load_u32(const unsigned char *p) {
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void store_f32(unsigned char *p, float v) { memcpy(p, &v, sizeof v); }
+static inline void store_u32(unsigned char *p, uint32_t v) { memcpy(p, &v, sizeof v); }
+
+/* A scale or norm a legitimate encoder writes: finite and not negative (nor -0). */
+static inline int scale_ok(float scale) { return isfinite(scale) && !signbit(scale); }
+
+/* ---- onebit ---- */
+
+size_t rk_onebit_max_bytes(size_t count) {
+    return count > RK_CODEC_MAX_COUNT ? 0 : sizeof(float) + (count + 7) / 8;
+}
+
+size_t rk_onebit_encode(const float *src, size_t count, int scaled, void *dst) {
+    unsigned char *out = dst;
+    float scale = 1.0f;
+    if (scaled) {
+        double sum = 0.0;
+        for (size_t i = 0; i < count; i++) sum += fabs((double)src[i]);
+        scale = count ? (float)(sum / (double)count) : 0.0f;
+        if (!isfinite(scale)) return 0;
+    }
+    store_f32(out, scale);
+    unsigned char *signs = out + sizeof(float);
+    size_t whole = count / 8;
+    for (size_t j = 0; j < whole; j++) {
+        const float *x = src + 8 * j;
+        unsigned bits = 0;
+        for (unsigned t = 0; t < 8; t++) bits |= (unsigned)(x[t] < 0.0f) << t;
+        signs[j] = (unsigned char)bits;
+    }
+    if (count % 8) {
+        unsigned bits = 0;
+        for (size_t t = 0; t < count % 8; t++) bits |= (unsigned)(src[8 * whole + t] < 0.0f) << t;
+        signs[whole] = (unsigned char)bits;
+    }
+    return rk_onebit_max_bytes(count);
+}
+
+int rk_onebit_decode_add(const void *src, size_t bytes, float *dst, size_t count) {
+    const unsigned char *in = src;
+    if (count > RK_CODEC_MAX_COUNT || bytes != rk_onebit_max_bytes(count)) return -1;
+    float scale = load_f32(in);
+    if (!scale_ok(scale)) return -1;
+    const unsigned char *signs = in + sizeof(float);
+    size_t whole = count / 8;
+    if (count % 8 && signs[whole] >> (count % 8)) return -1;     /* padding bits set */
+    for (size_t j = 0; j < whole; j++) {
+        unsigned bits = signs[j];
+        float *d = dst + 8 * j;
+        for (unsigned t = 0; t < 8; t++) d[t] += (bits >> t) & 1u ? -scale : scale;
+    }
+    for (size_t t = 0; t < count % 8; t++) dst[8 * whole + t] += (signs[whole] >> t) & 1u ? -scale : scale;
+    return 0;
+}
+
+/* ---- top-k and random-k: n ascending u32 indices, then their n f32 values ---- */
+
+static size_t sparse_kept(size_t count, uint32_t k) { return count < k ? count : k; }
+
+static size_t sparse_max_bytes(size_t count, uint32_t k) {
+    if (count > RK_CODEC_MAX_COUNT || k == 0) return 0;
+    return sparse_kept(count, k) * (sizeof(uint32_t) + sizeof(float));
+}
+
+size_t rk_topk_max_bytes(size_t count, uint32_t k) { return sparse_max_bytes(count, k); }
+size_t rk_randomk_max_bytes(size_t count, uint32_t k) { return sparse_max_bytes(count, k); }
+
+static int sparse_decode_add(const void *src, size_t bytes, float *dst, size_t count, uint32_t k) {
+    const unsigned char *in = src;
+    size_t n = sparse_kept(count, k);
+    if (k == 0 || count > RK_CODEC_MAX_COUNT || bytes != n * (sizeof(uint32_t) + sizeof(float))) return -1;
+    const unsigned char *values = in + n * sizeof(uint32_t);
+    uint64_t next_allowed = 0;          /* strictly ascending: each index at least one past the last */
+    for (size_t i = 0; i < n; i++) {
+        uint32_t index = load_u32(in + i * sizeof(uint32_t));
+        if (index < next_allowed || index >= count) return -1;
+        next_allowed = (uint64_t)index + 1;
+    }
+    for (size_t i = 0; i < n; i++)
+        dst[load_u32(in + i * sizeof(uint32_t))] += load_f32(values + i * sizeof(float));
+    return 0;
+}
+
+int rk_topk_decode_add(const void *src, size_t bytes, float *dst, size_t count, uint32_t k) {
+    return sparse_decode_add(src, bytes, dst, count, k);
+}
+int rk_randomk_decode_add(const void *src, size_t bytes, float *dst, size_t count, uint32_t k) {
+    return sparse_decode_add(src, bytes, dst, count, k);
+}
+
+/* Top-k keeps a heap of n (index, value) entries in dst itself (indices at
+ * idx, values at val), smallest |value| at the root; on equal magnitudes the
+ * higher index counts as smaller, so ties keep the lower index.  Then a
+ * heapsort by index puts the indices in the ascending order the wire wants. */
+struct sparse_view {
+    unsigned char *idx, *val;
+};
+
+static inline uint32_t sv_index(struct sparse_view v, size_t i) { return load_u32(v.idx + i * 4); }
+static inline float sv_value(struct sparse_view v, size_t i) { return load_f32(v.val + i * 4); }
+static inline void sv_set(struct sparse_view v, size_t i, uint32_t index, float value) {
+    store_u32(v.idx + i * 4, index);
+    store_f32(v.val + i * 4, value);
+}
+static inline void sv_swap(struct sparse_view v, size_t a, size_t b) {
+    uint32_t ia = sv_index(v, a);
+    float va = sv_value(v, a);
+    sv_set(v, a, sv_index(v, b), sv_value(v, b));
+    sv_set(v, b, ia, va);
+}
+
+/* by_index: a max-heap on the index (for the final sort); else the min-heap on magnitude. */
+static inline int sv_before(struct sparse_view v, size_t a, size_t b, int by_index) {
+    if (by_index) return sv_index(v, a) > sv_index(v, b);
+    float ma = fabsf(sv_value(v, a)), mb = fabsf(sv_value(v, b));
+    return ma < mb || (ma == mb && sv_index(v, a) > sv_index(v, b));
+}
+
+static void sv_sift_down(struct sparse_view v, size_t root, size_t n, int by_index) {
+    for (;;) {
+        size_t child = 2 * root + 1;
+        if (child >= n) return;
+        if (child + 1 < n && sv_before(v, child + 1, child, by_index)) child++;
+        if (!sv_before(v, child, root, by_index)) return;
+        sv_swap(v, root, child);
+        root = child;
+    }
+}
+
+size_t rk_topk_encode(const float *src, size_t count, uint32_t k, void *dst) {
+    size_t n = sparse_kept(count, k);
+    if (sparse_max_bytes(count, k) == 0) return 0;
+    struct sparse_view heap = {dst, (unsigned char *)dst + n * sizeof(uint32_t)};
+    for (size_t i = 0; i < n; i++) sv_set(heap, i, (uint32_t)i, src[i]);
+    for (size_t i = n / 2; i-- > 0;) sv_sift_down(heap, i, n, 0);
+    float smallest = n ? fabsf(sv_value(heap, 0)) : 0.0f;
+    for (size_t i = n; i < count; i++) {
+        if (!(fabsf(src[i]) > smallest)) continue;      /* the common case, one compare */
+        sv_set(heap, 0, (uint32_t)i, src[i]);
+        sv_sift_down(heap, 0, n, 0);
+        smallest = fabsf(sv_value(heap, 0));
+    }
+    for (size_t i = n / 2; i-- > 0;) sv_sift_down(heap, i, n, 1);
+    for (size_t end = n; end-- > 1;) {
+        sv_swap(heap, 0, end);
+        sv_sift_down(heap, 0, end, 1);
+    }
+    return n * (sizeof(uint32_t) + sizeof(float));
+}
+
+/* Selection sampling (Knuth's algorithm S): element i is taken with probability
+ * needed / remaining, which yields exactly n distinct indices, uniformly, already
+ * ascending.  The draw maps 64 random bits onto [0, remaining) by a multiply. */
+size_t rk_randomk_encode(const float *src, size_t count, uint32_t k, uint64_t *rng, void *dst) {
+    size_t n = sparse_kept(count, k);
+    if (sparse_max_bytes(count, k) == 0) return 0;
+    unsigned char *idx = dst, *val = (unsigned char *)dst + n * sizeof(uint32_t);
+    size_t taken = 0;
+    for (size_t i = 0; i < count && taken < n; i++) {
+        uint64_t remaining = count - i;
+        if ((uint64_t)(((unsigned __int128)rk_rng_next(rng) * remaining) >> 64) < n - taken) {
+            store_u32(idx + taken * 4, (uint32_t)i);
+            store_f32(val + taken * 4, src[i]);
+            taken++;
+        }
+    }
+    return n * (sizeof(uint32_t) + sizeof(float));
+}
+
+/* ---- dithering ---- */
+
+static int dither_levels_ok(uint32_t levels, int partition) {
+    if (partition == RK_DITHER_LINEAR) return levels >= 1 && levels <= RK_DITHER_MAX_LINEAR_LEVELS;
+    if (partition == RK_DITHER_NATURAL) return levels >= 1 && levels <= RK_DITHER_MAX_NATURAL_LEVELS;
+    return 0;
+}
+
+static unsigned dither_code_bits(uint32_t levels) {
+    unsigned width = 0;
+    while (levels >> width) width++;
+    return 1 + width;
+}
+
+size_t rk_dithering_max_bytes(size_t count, uint32_t levels, int partition) {
+    if (count > RK_CODEC_MAX_COUNT || !dither_levels_ok(levels, partition)) return 0;
+    return sizeof(float) + ((uint64_t)count * dither_code_bits(levels) + 7) / 8;
+}
+
+/* Stochastic rounding of t >= 0 onto the level magnitudes, unbiased:
+ * linear levels 0, 1, ..., s; natural 0, 1, 2, 4, ..., 2^(s-1) (index m holds
+ * 2^(m-1)).  Returns the level's index m. */
+static inline uint32_t dither_linear(float t, uint32_t levels, float u) {
+    float low = floorf(t);
+    uint32_t m = (uint32_t)low + (u < t - low);
+    return m > levels ? levels : m;
+}
+
+static inline uint32_t dither_natural(double t, uint32_t levels, float u) {
+    if (t < 1.0) return u < t;                       /* between 0 and 1 (index 1) */
+    int exponent;
+    frexp(t, &exponent);                             /* t in [2^(e-1), 2^e) */
+    double low = ldexp(1.0, exponent - 1);
+    uint32_t m = (uint32_t)exponent + (u < (t - low) / low);    /* index of low is e */
+    return m > levels ? levels : m;
+}
+
+size_t rk_dithering_encode(const float *src, size_t count, uint32_t levels, int partition, int normalize,
+                           uint64_t *rng, void *dst) {
+    size_t total = rk_dithering_max_bytes(count, levels, partition);
+    if (total == 0 || (normalize != RK_DITHER_MAX && normalize != RK_DITHER_L2)) return 0;
+    float norm = 0.0f;
+    if (normalize == RK_DITHER_MAX) {
+        for (size_t i = 0; i < count; i++) norm = fmaxf(norm, fabsf(src[i]));
+        for (size_t i = 0; i < count; i++)                /* fmaxf drops a NaN: look for one */
+            if (isnan(src[i])) return 0;
+    } else {
+        double squares = 0.0;
+        for (size_t i = 0; i < count; i++) squares += (double)src[i] * (double)src[i];
+        norm = (float)sqrt(squares);
+    }
+    if (!isfinite(norm)) return 0;
+    unsigned char *out = dst;
+    store_f32(out, norm);
+    out += sizeof(float);
+    unsigned width = dither_code_bits(levels);
+    /* t = |x| / norm * top, top = s (linear) or 2^(s-1) (natural); 0 when norm is 0. */
+    double top = partition == RK_DITHER_LINEAR ? (double)levels : ldexp(1.0, (int)levels - 1);
+    double per_norm = norm > 0.0f ? top / (double)norm : 0.0;
+    uint64_t state = *rng;
+    uint64_t acc = 0;
+    unsigned pending = 0;
+    for (size_t i = 0; i < count; i++) {
+        double t = fabs((double)src[i]) * per_norm;
+        float u = unit_float(splitmix_mix(state + (uint64_t)(i + 1) * SPLITMIX_GAMMA));
+        uint32_t m = partition == RK_DITHER_LINEAR ? dither_linear((float)t, levels, u)
+                                                   : dither_natural(t, levels, u);
+        uint64_t code = m ? ((uint64_t)m << 1) | (src[i] < 0.0f) : 0;
+        acc |= code << pending;
+        pending += width;
+        while (pending >= 8) {
+            *out++ = (unsigned char)acc;
+            acc >>= 8;
+            pending -= 8;
+        }
+    }
+    if (pending) *out = (unsigned char)acc;
+    *rng = state + (uint64_t)count * SPLITMIX_GAMMA;
+    return total;
+}
+
+/* Reads the packed codes back, width bits at a time, from bit 0 of the first byte. */
+struct code_reader {
+    const unsigned char *next;
+    uint64_t acc;
+    unsigned pending, width;
+};
+
+static inline uint32_t read_code(struct code_reader *r) {
+    while (r->pending < r->width) {
+        r->acc |= (uint64_t)*r->next++ << r->pending;
+        r->pending += 8;
+    }
+    uint32_t code = (uint32_t)(r->acc & ((1ull << r->width) - 1));
+    r->acc >>= r->width;
+    r->pending -= r->width;
+    return code;
+}
+
+int rk_dithering_decode_add(const void *src, size_t bytes, float *dst, size_t count, uint32_t levels,
+                            int partition) {
+    const unsigned char *in = src;
+    size_t total = rk_dithering_max_bytes(count, levels, partition);
+    if (total == 0 || bytes != total) return -1;
+    float norm = load_f32(in);
+    if (!scale_ok(norm)) return -1;
+    const struct code_reader first = {in + sizeof(float), 0, 0, dither_code_bits(levels)};
+    struct code_reader check = first;
+    for (size_t i = 0; i < count; i++) {
+        uint32_t code = read_code(&check);
+        if (code >> 1 > levels || code == 1) return -1;      /* above the levels, or a negative zero */
+    }
+    if (check.acc) return -1;                                /* padding bits set */
+    struct code_reader r = first;
+    if (partition == RK_DITHER_LINEAR) {
+        float unit = norm / (float)levels;
+        for (size_t i = 0; i < count; i++) {
+            uint32_t code = read_code(&r);
+            float magnitude = (float)(code >> 1) * unit;
+            dst[i] += code & 1u ? -magnitude : magnitude;
+        }
+    } else {
+        float magnitudes[RK_DITHER_MAX_NATURAL_LEVELS + 1];
+        magnitudes[0] = 0.0f;
+        for (uint32_t m = 1; m <= levels; m++) magnitudes[m] = ldexpf(norm, (int)m - (int)levels);
+        for (size_t i = 0; i < count; i++) {
+            uint32_t code = read_code(&r);
+            dst[i] += code & 1u ? -magnitudes[code >> 1] : magnitudes[code >> 1];
+        }
+    }
+    return 0;
+}
