@@ -1,0 +1,141 @@
+"""BytePS's compressors written again in numpy, from codecs_byteps.h's
+description, byte for byte: what the native codecs are checked against."""
+import numpy as np
+
+GAMMA = np.uint64(0x9E3779B97F4A7C15)
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64(state, count):
+    """(the next count outputs of splitmix64 from state, the state after)."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(state) + GAMMA * np.arange(1, count + 1, dtype=np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return z, (state + count * int(GAMMA)) & MASK64
+
+
+def unit_floats(bits):
+    return (bits >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
+
+
+# ---- onebit ----
+
+def onebit_encode(x, scaled=True):
+    x = np.asarray(x, np.float32)
+    if not scaled:
+        scale = np.float32(1.0)
+    elif x.size:        # summed in order, in double, as the C loop does
+        scale = np.float32(np.add.accumulate(np.abs(x.astype(np.float64)))[-1] / x.size)
+    else:
+        scale = np.float32(0.0)
+    signs = np.packbits(x < 0, bitorder="little")
+    return scale.tobytes() + signs.tobytes()
+
+
+def onebit_decode(data, count):
+    scale = np.frombuffer(data[:4], np.float32)[0]
+    negative = np.unpackbits(np.frombuffer(data[4:], np.uint8), count=count, bitorder="little").astype(bool)
+    return np.where(negative, -scale, scale).astype(np.float32)
+
+
+# ---- top-k, random-k ----
+
+def sparse_bytes(indices, values):
+    return np.asarray(indices, np.uint32).tobytes() + np.asarray(values, np.float32).tobytes()
+
+
+def topk_indices(x, k):
+    """The min(k, len) indices of largest |x|, ties to the lower index, ascending."""
+    order = np.lexsort((np.arange(x.size), -np.abs(x)))     # by magnitude down, then index up
+    return np.sort(order[:min(k, x.size)])
+
+
+def topk_encode(x, k):
+    x = np.asarray(x, np.float32)
+    kept = topk_indices(x, k)
+    return sparse_bytes(kept, x[kept])
+
+
+def randomk_indices(count, k, state):
+    """Selection sampling: index i is taken when floor(r * remaining / 2^64) < still needed."""
+    n = min(k, count)
+    bits, _ = splitmix64(state, count)
+    kept, drawn = [], 0
+    for i in range(count):
+        if len(kept) == n:
+            break
+        drawn += 1
+        if (int(bits[i]) * (count - i)) >> 64 < n - len(kept):
+            kept.append(i)
+    return np.array(kept, np.int64), (state + drawn * int(GAMMA)) & MASK64
+
+
+def randomk_encode(x, k, state):
+    x = np.asarray(x, np.float32)
+    kept, state = randomk_indices(x.size, k, state)
+    return sparse_bytes(kept, x[kept]), state
+
+
+def sparse_decode(data, count):
+    n = len(data) // 8
+    dense = np.zeros(count, np.float32)
+    dense[np.frombuffer(data[:4 * n], np.uint32)] = np.frombuffer(data[4 * n:], np.float32)
+    return dense
+
+
+# ---- dithering ----
+
+def code_bits(levels):
+    return 1 + int(levels).bit_length()
+
+
+def dithering_levels(levels, partition):
+    """Magnitude of each level index m, in units of norm: m / s, or 2^(m-1) / 2^(s-1)."""
+    m = np.arange(levels + 1)
+    if partition == "linear":
+        return m / levels
+    return np.where(m == 0, 0.0, np.ldexp(1.0, m - levels))
+
+
+def dithering_encode(x, levels, partition, normalize, state):
+    x = np.asarray(x, np.float32)
+    if normalize == "max":
+        norm = np.float32(np.abs(x).max()) if x.size else np.float32(0)
+    else:
+        squares = x.astype(np.float64) ** 2
+        norm = np.float32(np.sqrt(np.add.accumulate(squares)[-1])) if x.size else np.float32(0)
+    top = float(levels) if partition == "linear" else 2.0 ** (levels - 1)
+    per_norm = top / float(norm) if norm > 0 else 0.0
+    bits, state = splitmix64(state, x.size)
+    u = unit_floats(bits)
+    t = np.abs(x.astype(np.float64)) * per_norm
+    if partition == "linear":
+        t32 = t.astype(np.float32)
+        low = np.floor(t32)
+        m = low.astype(np.int64) + (u < t32 - low)
+    else:
+        mantissa, exponent = np.frexp(t)
+        low = np.ldexp(1.0, exponent - 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            above = u < ((t - low) / low)
+        m = np.where(t < 1.0, u < t, exponent + above).astype(np.int64)
+    m = np.minimum(m, levels)
+    codes = np.where(m > 0, (m << 1) | (x < 0), 0)
+    width = code_bits(levels)
+    bitplanes = ((codes[:, None] >> np.arange(width)) & 1).astype(np.uint8).ravel()
+    return norm.tobytes() + np.packbits(bitplanes, bitorder="little").tobytes(), state
+
+
+def dithering_decode(data, count, levels, partition):
+    norm = np.frombuffer(data[:4], np.float32)[0]
+    width = code_bits(levels)
+    bitplanes = np.unpackbits(np.frombuffer(data[4:], np.uint8), count=count * width, bitorder="little")
+    codes = (bitplanes.reshape(count, width).astype(np.int64) << np.arange(width)).sum(axis=1)
+    m, negative = codes >> 1, (codes & 1).astype(bool)
+    if partition == "linear":
+        magnitude = m.astype(np.float32) * (norm / np.float32(levels))
+    else:
+        magnitude = np.where(m == 0, np.float32(0), np.ldexp(norm, (m - levels).astype(np.int32)))
+    return np.where(negative, -magnitude, magnitude).astype(np.float32)
