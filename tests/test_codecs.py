@@ -236,3 +236,54 @@ def test_decoders_refuse_or_decode_within_bounds_any_bytes(data, count, k):
         else:
             scale = np.frombuffer(data[:4], np.float32)[0]
             assert np.isfinite(scale) and scale >= 0 and np.all(np.abs(out) <= scale)
+
+
+# ---- in codec.c's pipeline (rk_codec_encode / rk_codec_decode_add) ----
+
+KINDS = {"onebit": 3, "topk": 4, "randomk": 5, "dithering": 6}
+PIPELINE_PARAMS = {"onebit": dict(scaled=True), "topk": dict(k=7), "randomk": dict(k=7, seed=5),
+                   "dithering": dict(levels=3, dither_partition=1, dither_normalize=1, seed=5)}
+
+
+def pipeline_encode(state, codec, x):
+    room = bytearray(codec.max_bytes(x.size))
+    return bytes(room[:state.encode(x, room)])
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_the_codec_pipeline_dispatches_to_the_quantizers(name):
+    x = np.random.default_rng(1).standard_normal(50).astype(np.float32)
+    codec = t.Codec(KINDS[name], **PIPELINE_PARAMS[name])
+    encoded = pipeline_encode(t.CodecState(codec, x.size, 3), codec, x)
+    assert encoded == pipeline_encode(t.CodecState(codec, x.size, 3), codec, x)     # same seed and chunk
+    if name == "onebit":
+        assert encoded == t.onebit_encode(x, True)
+    elif name == "topk":
+        assert encoded == t.topk_encode(x, 7)
+    out = np.zeros(x.size, np.float32)
+    codec.decode_add(out, encoded)
+    direct = {"onebit": lambda: decoded(t.onebit_decode_add, encoded, x.size),
+              "topk": lambda: decoded(t.topk_decode_add, encoded, x.size, 7),
+              "randomk": lambda: decoded(t.randomk_decode_add, encoded, x.size, 7),
+              "dithering": lambda: decoded(t.dithering_decode_add, encoded, x.size, 3, "natural")}
+    assert np.array_equal(out, direct[name]())
+    with pytest.raises(ValueError, match="not an encoding"):
+        codec.decode_add(out, encoded[:-1])
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_error_feedback_loses_nothing(name):
+    """With error feedback, what was sent plus what is kept is what was given:
+    sum of decode(encoding_t) + residual_T == sum of g_t (to float rounding)."""
+    rng = np.random.default_rng(2)
+    codec = t.Codec(KINDS[name], error_feedback=True, **PIPELINE_PARAMS[name])
+    state = t.CodecState(codec, 64, 0)
+    given_sum, sent_sum = np.zeros(64), np.zeros(64, np.float32)
+    for _ in range(20):
+        g = rng.standard_normal(64).astype(np.float32)
+        given_sum += g
+        codec.decode_add(sent_sum, pipeline_encode(state, codec, g))
+    residual = np.frombuffer(state.residual(), np.float32)
+    assert np.allclose(sent_sum + residual, given_sum, atol=1e-4)
+    assert np.abs(residual).max() > 0           # something was held back
+    assert t.CodecState(t.Codec(KINDS[name], **PIPELINE_PARAMS[name]), 64, 0).residual() is None

@@ -1,8 +1,10 @@
 /* Gradient compression (codec.h): the dispatch, nesterov momentum and error
  * feedback around any quantizer, and the two quantizers rdmakv has of its own:
- * fp16 and MXNet's 2bit.  BytePS's (onebit, topk, randomk, dithering) plug into
- * the three switches below. */
+ * fp16 and MXNet's 2bit.  BytePS's (onebit, topk, randomk, dithering) are
+ * codecs_byteps.c's, plugged into the three switches below. */
 #include "codec.h"
+
+#include "codecs_byteps.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -77,22 +79,30 @@ static void twobit_decode_add(const struct rk_codec *c, const uint8_t *in, float
     }
 }
 
-/* ---- the quantizers, by kind (BytePS's plug in here) ----------------------------------- */
+/* ---- the quantizers, by kind ---------------------------------------------------------- */
 static size_t quantize_max_bytes(const struct rk_codec *c, size_t count) {
     switch (c->kind) {
     case RK_CODEC_NONE: return count * sizeof(float);
     case RK_CODEC_FP16: return count * sizeof(_Float16);
     case RK_CODEC_2BIT: return twobit_bytes(count);
+    case RK_CODEC_ONEBIT: return rk_onebit_max_bytes(count);
+    case RK_CODEC_TOPK: return rk_topk_max_bytes(count, c->k);
+    case RK_CODEC_RANDOMK: return rk_randomk_max_bytes(count, c->k);
+    case RK_CODEC_DITHERING: return rk_dithering_max_bytes(count, c->levels, c->dither_partition);
     default: return 0;
     }
 }
 
 /* Encode w (the value after momentum and error feedback); the bytes written. */
 static size_t quantize(const struct rk_codec *c, uint64_t *rng, const float *w, size_t count, void *dst) {
-    (void)rng;
     switch (c->kind) {
     case RK_CODEC_NONE: memcpy(dst, w, count * sizeof(float)); return count * sizeof(float);
     case RK_CODEC_FP16: fp16_quantize(w, count, dst); return count * sizeof(_Float16);
+    case RK_CODEC_ONEBIT: return rk_onebit_encode(w, count, c->scaled, dst);
+    case RK_CODEC_TOPK: return rk_topk_encode(w, count, c->k, dst);
+    case RK_CODEC_RANDOMK: return rk_randomk_encode(w, count, c->k, rng, dst);
+    case RK_CODEC_DITHERING:
+        return rk_dithering_encode(w, count, c->levels, c->dither_partition, c->dither_normalize, rng, dst);
     default: return 0;
     }
 }
@@ -116,13 +126,17 @@ static int decode_add(const struct rk_codec *c, const void *src, size_t bytes, f
         if (bytes != twobit_bytes(count) || !twobit_valid(src, count)) return -1;
         twobit_decode_add(c, src, dst, count);
         return 0;
+    case RK_CODEC_ONEBIT: return rk_onebit_decode_add(src, bytes, dst, count);
+    case RK_CODEC_TOPK: return rk_topk_decode_add(src, bytes, dst, count, c->k);
+    case RK_CODEC_RANDOMK: return rk_randomk_decode_add(src, bytes, dst, count, c->k);
+    case RK_CODEC_DITHERING: return rk_dithering_decode_add(src, bytes, dst, count, c->levels, c->dither_partition);
     default: return -1;
     }
 }
 
 /* ---- the pipeline ----------------------------------------------------------------- */
 int rk_codec_known(const struct rk_codec *c) {
-    return c->kind == RK_CODEC_NONE || c->kind == RK_CODEC_FP16 || c->kind == RK_CODEC_2BIT;
+    return c->kind < RK_CODEC_KINDS;
 }
 
 int rk_codec_compresses_pull(const struct rk_codec *c) {
