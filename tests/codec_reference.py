@@ -16,6 +16,17 @@ def splitmix64(state, count):
     return z, (state + count * int(GAMMA)) & MASK64
 
 
+def lane_sum(values):
+    """codecs_byteps.c's lane_sum: value i into lane i % 8, each lane summed in
+    order in double, then the lanes in order."""
+    values = np.asarray(values, np.float64)
+    padded = np.concatenate([values, np.zeros(-values.size % 8)]).reshape(-1, 8)
+    total = 0.0
+    for lane in np.add.accumulate(padded, axis=0)[-1]:
+        total += lane
+    return total
+
+
 def unit_floats(bits):
     return (bits >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
 
@@ -26,8 +37,8 @@ def onebit_encode(x, scaled=True):
     x = np.asarray(x, np.float32)
     if not scaled:
         scale = np.float32(1.0)
-    elif x.size:        # summed in order, in double, as the C loop does
-        scale = np.float32(np.add.accumulate(np.abs(x.astype(np.float64)))[-1] / x.size)
+    elif x.size:
+        scale = np.float32(lane_sum(np.abs(x.astype(np.float64))) / x.size)
     else:
         scale = np.float32(0.0)
     signs = np.packbits(x < 0, bitorder="little")
@@ -104,23 +115,20 @@ def dithering_encode(x, levels, partition, normalize, state):
     if normalize == "max":
         norm = np.float32(np.abs(x).max()) if x.size else np.float32(0)
     else:
-        squares = x.astype(np.float64) ** 2
-        norm = np.float32(np.sqrt(np.add.accumulate(squares)[-1])) if x.size else np.float32(0)
+        norm = np.float32(np.sqrt(lane_sum(x.astype(np.float64) ** 2)))
     top = float(levels) if partition == "linear" else 2.0 ** (levels - 1)
     per_norm = top / float(norm) if norm > 0 else 0.0
     bits, state = splitmix64(state, x.size)
     u = unit_floats(bits)
-    t = np.abs(x.astype(np.float64)) * per_norm
+    t = (np.abs(x.astype(np.float64)) * per_norm).astype(np.float32)
     if partition == "linear":
-        t32 = t.astype(np.float32)
-        low = np.floor(t32)
-        m = low.astype(np.int64) + (u < t32 - low)
-    else:
-        mantissa, exponent = np.frexp(t)
-        low = np.ldexp(1.0, exponent - 1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            above = u < ((t - low) / low)
-        m = np.where(t < 1.0, u < t, exponent + above).astype(np.int64)
+        low = np.floor(t)
+        m = low.astype(np.int64) + (u < t - low)
+    else:                 # t in [2^(e-1), 2^e): between level indices e and e + 1
+        _, exponent = np.frexp(t)
+        low = np.ldexp(np.float32(1), exponent - 1).astype(np.float32)
+        above = u < t / low - np.float32(1)
+        m = np.where(t < 1, u < t, exponent + above).astype(np.int64)
     m = np.minimum(m, levels)
     codes = np.where(m > 0, (m << 1) | (x < 0), 0)
     width = code_bits(levels)

@@ -18,7 +18,7 @@ norms = st.sampled_from(["max", "l2"])
 
 
 def levels_for(partition):
-    return st.integers(1, 40) | st.sampled_from([127, 255, 65535]) if partition == "linear" else st.integers(1, 31)
+    return st.integers(1, 40) | st.sampled_from([127, 255, 32767]) if partition == "linear" else st.integers(1, 31)
 
 
 def decoded(decode_add, data, count, *params):

@@ -38,6 +38,28 @@ static inline void store_u32(unsigned char *p, uint32_t v) { memcpy(p, &v, sizeo
 /* A scale or norm a legitimate encoder writes: finite and not negative (nor -0). */
 static inline int scale_ok(float scale) { return isfinite(scale) && !signbit(scale); }
 
+/* Sum of |src[i]| (squares: of src[i]^2) in double, in 8 lanes (lane i % 8, each
+ * summed in order, then the lanes in order): the loop vectorizes, and the result
+ * is defined to the bit for tests to reproduce. */
+#define SUM_LANES 8
+
+static double lane_sum(const float *src, size_t count, int squares) {
+    double lane[SUM_LANES] = {0};
+    size_t whole = count - count % SUM_LANES;
+    for (size_t i = 0; i < whole; i += SUM_LANES)
+        for (unsigned j = 0; j < SUM_LANES; j++) {
+            double v = src[i + j];
+            lane[j] += squares ? v * v : fabs(v);
+        }
+    for (size_t i = whole; i < count; i++) {
+        double v = src[i];
+        lane[i - whole] += squares ? v * v : fabs(v);
+    }
+    double total = 0.0;
+    for (unsigned j = 0; j < SUM_LANES; j++) total += lane[j];
+    return total;
+}
+
 /* ---- onebit ---- */
 
 size_t rk_onebit_max_bytes(size_t count) {
@@ -48,9 +70,7 @@ size_t rk_onebit_encode(const float *src, size_t count, int scaled, void *dst) {
     unsigned char *out = dst;
     float scale = 1.0f;
     if (scaled) {
-        double sum = 0.0;
-        for (size_t i = 0; i < count; i++) sum += fabs((double)src[i]);
-        scale = count ? (float)(sum / (double)count) : 0.0f;
+        scale = count ? (float)(lane_sum(src, count, 0) / (double)count) : 0.0f;
         if (!isfinite(scale)) return 0;
     }
     store_f32(out, scale);
@@ -220,22 +240,42 @@ size_t rk_dithering_max_bytes(size_t count, uint32_t levels, int partition) {
     return sizeof(float) + ((uint64_t)count * dither_code_bits(levels) + 7) / 8;
 }
 
-/* Stochastic rounding of t >= 0 onto the level magnitudes, unbiased:
- * linear levels 0, 1, ..., s; natural 0, 1, 2, 4, ..., 2^(s-1) (index m holds
- * 2^(m-1)).  Returns the level's index m. */
-static inline uint32_t dither_linear(float t, uint32_t levels, float u) {
-    float low = floorf(t);
-    uint32_t m = (uint32_t)low + (u < t - low);
-    return m > levels ? levels : m;
+/* A code: the level index m that |x| (t = |x| / norm * top) is stochastically
+ * rounded to, unbiased, shifted left of the sign.  Linear levels are 0, 1, ..., s;
+ * natural 0, 1, 2, 4, ..., 2^(s-1) (index m holds 2^(m-1)), where t in
+ * [2^(e-1), 2^e) lies between indices e and e + 1, read off t's float exponent. */
+static inline uint32_t dither_code(float x, double per_norm, uint32_t levels, int partition, float u) {
+    float t = (float)(fabs((double)x) * per_norm);
+    uint32_t m;
+    if (partition == RK_DITHER_LINEAR) {
+        float low = floorf(t);
+        m = (uint32_t)low + (u < t - low);
+    } else {
+        uint32_t bits, low_bits;
+        float low;
+        memcpy(&bits, &t, sizeof bits);
+        low_bits = bits & 0xff800000u;                 /* 2^(e-1): t without its mantissa */
+        memcpy(&low, &low_bits, sizeof low);
+        uint32_t above_one = ((bits >> 23) - 126) + (u < t / low - 1.0f);
+        m = t < 1.0f ? (uint32_t)(u < t) : above_one;  /* selected, not branched: t is noise */
+    }
+    m = m < levels ? m : levels;
+    return (m << 1) | ((x < 0.0f) & (m != 0));
 }
 
-static inline uint32_t dither_natural(double t, uint32_t levels, float u) {
-    if (t < 1.0) return u < t;                       /* between 0 and 1 (index 1) */
-    int exponent;
-    frexp(t, &exponent);                             /* t in [2^(e-1), 2^e) */
-    double low = ldexp(1.0, exponent - 1);
-    uint32_t m = (uint32_t)exponent + (u < (t - low) / low);    /* index of low is e */
-    return m > levels ? levels : m;
+/* Codes go 8 at a time: 8 codes of w bits are w whole bytes (w <= 16: 128 bits). */
+#define DITHER_BLOCK 8
+
+static inline void pack_block(const uint32_t *codes, unsigned width, unsigned char *out, size_t nbytes) {
+    unsigned __int128 block = 0;
+    for (unsigned j = 0; j < DITHER_BLOCK; j++) block |= (unsigned __int128)codes[j] << (j * width);
+    for (size_t b = 0; b < nbytes; b++) out[b] = (unsigned char)(block >> (8 * b));
+}
+
+static inline unsigned __int128 load_block(const unsigned char *in, size_t nbytes) {
+    unsigned __int128 block = 0;
+    for (size_t b = 0; b < nbytes; b++) block |= (unsigned __int128)in[b] << (8 * b);
+    return block;
 }
 
 size_t rk_dithering_encode(const float *src, size_t count, uint32_t levels, int partition, int normalize,
@@ -244,13 +284,15 @@ size_t rk_dithering_encode(const float *src, size_t count, uint32_t levels, int 
     if (total == 0 || (normalize != RK_DITHER_MAX && normalize != RK_DITHER_L2)) return 0;
     float norm = 0.0f;
     if (normalize == RK_DITHER_MAX) {
-        for (size_t i = 0; i < count; i++) norm = fmaxf(norm, fabsf(src[i]));
-        for (size_t i = 0; i < count; i++)                /* fmaxf drops a NaN: look for one */
-            if (isnan(src[i])) return 0;
+        int nan_seen = 0;
+        for (size_t i = 0; i < count; i++) {
+            float magnitude = fabsf(src[i]);
+            norm = magnitude > norm ? magnitude : norm;   /* a NaN compares false: seen below */
+            nan_seen |= magnitude != magnitude;
+        }
+        if (nan_seen) return 0;
     } else {
-        double squares = 0.0;
-        for (size_t i = 0; i < count; i++) squares += (double)src[i] * (double)src[i];
-        norm = (float)sqrt(squares);
+        norm = (float)sqrt(lane_sum(src, count, 1));
     }
     if (!isfinite(norm)) return 0;
     unsigned char *out = dst;
@@ -261,43 +303,20 @@ size_t rk_dithering_encode(const float *src, size_t count, uint32_t levels, int 
     double top = partition == RK_DITHER_LINEAR ? (double)levels : ldexp(1.0, (int)levels - 1);
     double per_norm = norm > 0.0f ? top / (double)norm : 0.0;
     uint64_t state = *rng;
-    uint64_t acc = 0;
-    unsigned pending = 0;
-    for (size_t i = 0; i < count; i++) {
-        double t = fabs((double)src[i]) * per_norm;
-        float u = unit_float(splitmix_mix(state + (uint64_t)(i + 1) * SPLITMIX_GAMMA));
-        uint32_t m = partition == RK_DITHER_LINEAR ? dither_linear((float)t, levels, u)
-                                                   : dither_natural(t, levels, u);
-        uint64_t code = m ? ((uint64_t)m << 1) | (src[i] < 0.0f) : 0;
-        acc |= code << pending;
-        pending += width;
-        while (pending >= 8) {
-            *out++ = (unsigned char)acc;
-            acc >>= 8;
-            pending -= 8;
+    for (size_t base = 0; base < count; base += DITHER_BLOCK) {
+        size_t n = count - base < DITHER_BLOCK ? count - base : DITHER_BLOCK;
+        uint32_t codes[DITHER_BLOCK] = {0};
+        for (size_t j = 0; j < n; j++) {
+            uint64_t i = base + j;
+            float u = unit_float(splitmix_mix(state + (i + 1) * SPLITMIX_GAMMA));
+            codes[j] = dither_code(src[i], per_norm, levels, partition, u);
         }
+        size_t nbytes = (n * width + 7) / 8;          /* width, but for a last short block */
+        pack_block(codes, width, out, nbytes);
+        out += nbytes;
     }
-    if (pending) *out = (unsigned char)acc;
     *rng = state + (uint64_t)count * SPLITMIX_GAMMA;
     return total;
-}
-
-/* Reads the packed codes back, width bits at a time, from bit 0 of the first byte. */
-struct code_reader {
-    const unsigned char *next;
-    uint64_t acc;
-    unsigned pending, width;
-};
-
-static inline uint32_t read_code(struct code_reader *r) {
-    while (r->pending < r->width) {
-        r->acc |= (uint64_t)*r->next++ << r->pending;
-        r->pending += 8;
-    }
-    uint32_t code = (uint32_t)(r->acc & ((1ull << r->width) - 1));
-    r->acc >>= r->width;
-    r->pending -= r->width;
-    return code;
 }
 
 int rk_dithering_decode_add(const void *src, size_t bytes, float *dst, size_t count, uint32_t levels,
@@ -307,28 +326,31 @@ int rk_dithering_decode_add(const void *src, size_t bytes, float *dst, size_t co
     if (total == 0 || bytes != total) return -1;
     float norm = load_f32(in);
     if (!scale_ok(norm)) return -1;
-    const struct code_reader first = {in + sizeof(float), 0, 0, dither_code_bits(levels)};
-    struct code_reader check = first;
-    for (size_t i = 0; i < count; i++) {
-        uint32_t code = read_code(&check);
-        if (code >> 1 > levels || code == 1) return -1;      /* above the levels, or a negative zero */
-    }
-    if (check.acc) return -1;                                /* padding bits set */
-    struct code_reader r = first;
-    if (partition == RK_DITHER_LINEAR) {
-        float unit = norm / (float)levels;
-        for (size_t i = 0; i < count; i++) {
-            uint32_t code = read_code(&r);
-            float magnitude = (float)(code >> 1) * unit;
-            dst[i] += code & 1u ? -magnitude : magnitude;
+    unsigned width = dither_code_bits(levels);
+    const unsigned char *codes_in = in + sizeof(float);
+    const uint32_t mask = (1u << width) - 1;
+    for (size_t base = 0; base < count; base += DITHER_BLOCK) {      /* check every code first */
+        size_t n = count - base < DITHER_BLOCK ? count - base : DITHER_BLOCK;
+        unsigned __int128 block = load_block(codes_in + base / DITHER_BLOCK * width, (n * width + 7) / 8);
+        for (size_t j = 0; j < n; j++) {
+            uint32_t code = (uint32_t)(block >> (j * width)) & mask;
+            if (code >> 1 > levels || code == 1) return -1;   /* above the levels, or a negative zero */
         }
-    } else {
-        float magnitudes[RK_DITHER_MAX_NATURAL_LEVELS + 1];
+        if (n < DITHER_BLOCK && block >> (n * width)) return -1;     /* padding bits set */
+    }
+    float magnitudes[RK_DITHER_MAX_NATURAL_LEVELS + 1];
+    float unit = norm / (float)levels;
+    if (partition == RK_DITHER_NATURAL) {
         magnitudes[0] = 0.0f;
         for (uint32_t m = 1; m <= levels; m++) magnitudes[m] = ldexpf(norm, (int)m - (int)levels);
-        for (size_t i = 0; i < count; i++) {
-            uint32_t code = read_code(&r);
-            dst[i] += code & 1u ? -magnitudes[code >> 1] : magnitudes[code >> 1];
+    }
+    for (size_t base = 0; base < count; base += DITHER_BLOCK) {
+        size_t n = count - base < DITHER_BLOCK ? count - base : DITHER_BLOCK;
+        unsigned __int128 block = load_block(codes_in + base / DITHER_BLOCK * width, (n * width + 7) / 8);
+        for (size_t j = 0; j < n; j++) {
+            uint32_t code = (uint32_t)(block >> (j * width)) & mask;
+            float magnitude = partition == RK_DITHER_LINEAR ? (float)(code >> 1) * unit : magnitudes[code >> 1];
+            dst[base + j] += code & 1u ? -magnitude : magnitude;
         }
     }
     return 0;

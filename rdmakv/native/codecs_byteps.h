@@ -32,6 +32,7 @@
  *              linear:  decoded = m * norm / levels
  *              natural: decoded = 2^(m-1) * norm / 2^(levels-1)  (0 when m is 0)
  *              norm = max |src| (RK_DITHER_MAX) or the l2 norm (RK_DITHER_L2).
+ *              Codes are packed 8 at a time, little end first: 8 codes fill w bytes.
  *              Exactly 4 + ceil(count * w / 8) bytes.
  *
  * Randomness: splitmix64 over the caller's one-word state (*rng).  Its outputs
@@ -51,8 +52,8 @@
 #define RK_DITHER_NATURAL 1
 #define RK_DITHER_MAX 0
 #define RK_DITHER_L2 1
-/* Levels: linear 1..65535 (codes of at most 17 bits); natural 1..31 (2^30 is the top level). */
-#define RK_DITHER_MAX_LINEAR_LEVELS 65535u
+/* Levels: linear 1..32767 (codes of at most 16 bits); natural 1..31 (2^30 is the top level). */
+#define RK_DITHER_MAX_LINEAR_LEVELS 32767u
 #define RK_DITHER_MAX_NATURAL_LEVELS 31u
 
 /* splitmix64: the next 64 random bits, advancing *state by one. */
