@@ -3,11 +3,13 @@ rdmakv/native/codec.c): each round's sums are exactly what numpy's own decoders
 (tests/codec_reference.py) make of the encodings each worker pushed, on both
 data paths and every transport; and what crosses the wire is the encoding."""
 import os
+import re
 
 import numpy as np
 import pytest
 
 import codec_reference as ref
+from rdmakv.core import protocol
 from rdmakv.core.errors import RemoteError
 
 pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
@@ -96,3 +98,38 @@ def test_compression_of_an_integer_key_is_refused_naming_key_and_dtype(cluster_f
         np.testing.assert_array_equal(kv.pushpull("steps", np.arange(4)), np.arange(4))
 
     cluster.run(work)
+
+
+HOSTILE = {
+    # name: (payload for a 100-value 2bit chunk (28 bytes encoded), what the refusal says)
+    "malformed": (bytes([0x40]) + bytes(27), r"worker 0 pushed key 'w' chunk 0 round 0: 28 bytes that are not an "
+                                            r"encoding of the chunk"),
+    "short": (bytes(24), r"worker 0 pushed key 'w' chunk 0 round 0: 24 bytes that are not an encoding"),
+    "long": (bytes(29), r"PUSH of 29 bytes for key 'w' chunk 0 from worker 0, declared 400 \(2bit: at most 28 "
+                        r"bytes encoded\)"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE))
+def test_a_hostile_compressed_push_is_refused_naming_key_and_worker(cluster_factory, engine, attack):
+    """Worker 0 pushes bytes that are no 2bit encoding of the chunk (a field 01, which MXNet
+    never writes; too few bytes; more than the encoding's size): the server refuses it,
+    naming the key and the worker, and worker 1's pushpull fails with that instead of
+    summing it.  A too-long push is refused from its header, before any byte is taken in."""
+    cluster = cluster_factory(2, 1, RDMAKV_ENGINE=engine)
+    payload, message = HOSTILE[attack]
+
+    def work(kv):
+        kv.declare("w", (100,), "float32", compression="2bit")
+        if kv.rank == 0:
+            info = kv._keys["w"]
+            kv._links[0].send(protocol.Op.PUSH, payload, dtype=info.dtype_code, key=info.wire, chunk=0, round=0,
+                              sender=0)
+            return None
+        with pytest.raises(RemoteError) as refused:
+            kv.pushpull("w", np.ones(100, np.float32))
+        return str(refused.value)
+
+    results, errors = cluster.run_collect(work)
+    assert errors[1] is None, errors[1]
+    assert re.search(message, results[1]), results[1]
