@@ -68,7 +68,7 @@ elif ((long)); then
     run_build address,undefined libasan.so libubsan.so -- tests
     run_build thread libtsan.so -- tests --ignore tests/test_engine_shm.py     # why: see below
 else
-    run_build address,undefined libasan.so libubsan.so -- tests/test_native.py tests/test_engine.py tests/test_engine_shm.py tests/test_shm.py tests/test_codecs.py \
+    run_build address,undefined libasan.so libubsan.so -- tests/test_native.py tests/test_engine.py tests/test_engine_shm.py tests/test_shm.py tests/test_codecs_byteps.py \
         tests/test_kvstore.py
     # Not test_engine_shm.py under ThreadSanitizer: it maps both ends of each shared memory in
     # one process, at two addresses, and TSan cannot see that a release through one mapping

@@ -29,6 +29,7 @@ cdef extern from "worker_engine.h" nogil:
     rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint8_t dtype, uint32_t nchunks,
                               const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links)
     void rk_engine_fail_key(rk_engine *engine, rk_key *key)
+    int rk_engine_set_codec(rk_key *key, uint32_t index, const rk_codec *codec)
     void rk_op_init(rk_op *op, rk_engine *engine, rk_key *key, const char *source, char *target, int32_t priority,
                     uint32_t flags, void *owner)
     uint64_t rk_engine_submit(rk_engine *engine, rk_op *op)
@@ -252,6 +253,11 @@ cdef class Engine:
             following = op.next
             Py_DECREF(<object>op.owner)
             op = following
+
+    def set_codec(self, EngineKey key not None, uint32_t index, Codec codec not None):
+        """Compress the pushpulls of the key's chunk `index` (float32; before its first round)."""
+        if rk_engine_set_codec(key.key, index, &codec.c):
+            raise MemoryError(f"codec buffers of chunk {index}")
 
     def fail_key(self, EngineKey key not None):
         with nogil:

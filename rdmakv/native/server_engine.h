@@ -50,6 +50,7 @@ enum rk_refusal {
     RK_REFUSE_NO_ROOT,         /* nobody sent the root value of a broadcast */
     RK_REFUSE_UNDECLARED,      /* the worker never declared the key: its link stops */
     RK_REFUSE_SUM_STALLED,     /* a shared sum's lock stayed held past the timeout (a co-located worker) */
+    RK_REFUSE_ENCODING,        /* a compressed push that is no encoding of the chunk (codec.h) */
 };
 
 /* Verdicts of the control plane on a message it read itself. */
@@ -76,6 +77,10 @@ rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, 
  * the server). */
 rk_schunk *rk_server_add_async_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype,
                                      uint64_t nbytes, char *stored, char *snapshots);
+struct rk_codec;
+/* Gradient compression for a (synchronous, private) float32 chunk's pushpulls,
+ * before any worker's declaration is answered; 0, or -1 out of memory. */
+int rk_server_set_codec(rk_schunk *chunk, const struct rk_codec *codec);
 /* Asynchronous mode: replace the stored value (a starting value, INIT). */
 void rk_server_set_value(rk_schunk *chunk, const char *data);
 /* Asynchronous mode: hold the chunk's lock while the control plane applies a push

@@ -10,6 +10,8 @@
 #endif
 #include "worker_engine.h"
 
+#include "codec.h"
+
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,6 +38,15 @@ typedef struct {
      * only as the round after it, since only then has every worker copied the
      * result that buffer held two rounds before (a cancelled round breaks the chain). */
     _Atomic uint64_t rounds_done;
+    /* Gradient compression (codec.h), set once before the key's first round: a
+     * pushpull's push leaves as the encoding of the chunk (the sender encodes it
+     * into `encoded`, the key's rounds never overlapping), and where the codec
+     * compresses the pull too, its result arrives encoded into `pulled`. */
+    int compressed;
+    struct rk_codec codec;
+    struct rk_codec_state state;
+    char *encoded, *pulled;
+    uint64_t max_encoded;
 } rk_chunk;
 
 struct rk_key {
@@ -270,16 +281,24 @@ static void transmit(rk_link *link, const rk_item *items, int count, int may_add
         rk_key *key = op->key;
         rk_chunk *chunk = &key->chunks[items[i].chunk];
         int no_data = (op->flags & RK_FLAG_NO_DATA) != 0;
+        /* Only a pushpull's push is compressed: a broadcast's root value goes whole. */
+        int encode = chunk->compressed && op->flags == 0;
         rk_header h = {.magic = RK_MAGIC, .version = RK_VERSION, .op = RK_OP_PUSH, .dtype = key->dtype,
                        .flags = op->flags | (items[i].credit ? RK_FLAG_ACK : 0), .key = key->wire,
                        .chunk = items[i].chunk, .priority = op->priority, .round = op->round,
                        .length = no_data ? 0 : chunk->nbytes, .sender = link->engine->sender_rank};
-        int summed = may_add ? add_to_shared_sum(link, key, chunk, op) : 0;
+        int summed = may_add && !chunk->compressed ? add_to_shared_sum(link, key, chunk, op) : 0;
         if (summed == RK_STOPPED) rc = RK_STOPPED;
         if (summed == 1) h.flags |= RK_IN_PLACE;
+        const char *payload = op->source + chunk->offset;
+        if (encode && h.length) {
+            h.length = rk_codec_encode(&chunk->codec, &chunk->state, (const float *)payload, chunk->nbytes / 4,
+                                       chunk->encoded);
+            payload = chunk->encoded;
+        }
         rk_header_pack(packed[i], &h);
         iov[parts++] = (struct iovec){packed[i], RK_HEADER_SIZE};
-        if (h.length && summed != 1) iov[parts++] = (struct iovec){(char *)op->source + chunk->offset, h.length};
+        if (h.length && summed != 1) iov[parts++] = (struct iovec){(char *)payload, h.length};
     }
     if (parts && rc == RK_OK) {
         pthread_mutex_lock(&link->send_lock);
@@ -582,8 +601,10 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
         chunk = &key->chunks[h->chunk];
         /* Only a push that has left can be answered: an early "result" is a broken peer's. */
         if (chunk->op && chunk->sent && chunk->op->round == h->round) {
-            if (h->length != chunk->nbytes) {
-                *limit = chunk->nbytes;
+            int encoded = chunk->pulled && chunk->op->flags == 0;
+            if (encoded ? h->length > chunk->max_encoded || (h->shared & RK_SHARED_PAYLOAD)
+                        : h->length != chunk->nbytes) {
+                *limit = encoded ? chunk->max_encoded : chunk->nbytes;
                 pthread_mutex_unlock(&link->lock);
                 return RK_ERR_RESULT_LENGTH;
             }
@@ -603,7 +624,21 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
         return read_payload(link, h, NULL, err);
     }
     pthread_mutex_unlock(&link->lock);
-    int rc = read_payload(link, h, op->target + chunk->offset, err);
+    int rc;
+    if (chunk->pulled && op->flags == 0) {
+        /* An encoded sum: into `pulled`, then decoded into the target. */
+        rc = rk_recv_all(&link->stream, chunk->pulled, h->length, 0, err);
+        if (rc == RK_OK) {
+            float *target = (float *)(op->target + chunk->offset);
+            memset(target, 0, chunk->nbytes);
+            if (rk_codec_decode_add(&chunk->codec, chunk->pulled, h->length, target, chunk->nbytes / 4)) {
+                *limit = chunk->max_encoded;
+                rc = RK_ERR_RESULT_LENGTH;
+            }
+        }
+    } else {
+        rc = read_payload(link, h, op->target + chunk->offset, err);
+    }
     int cleared = 0;
     if (rc == RK_OK) {
         pthread_mutex_lock(&link->lock);
@@ -808,6 +843,11 @@ void rk_engine_free(rk_engine *engine) {
     rk_key *key = engine->declared;
     while (key) {
         rk_key *next = key->next_declared;
+        for (uint32_t i = 0; i < key->nchunks; i++) {
+            rk_codec_state_free(&key->chunks[i].state);
+            free(key->chunks[i].encoded);
+            free(key->chunks[i].pulled);
+        }
         free(key->chunks);
         free(key);
         key = next;
@@ -862,4 +902,17 @@ rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint
         return NULL;
     }
     return key;
+}
+
+int rk_engine_set_codec(rk_key *key, uint32_t index, const struct rk_codec *codec) {
+    rk_chunk *chunk = &key->chunks[index];
+    size_t count = chunk->nbytes / 4;
+    chunk->codec = *codec;
+    chunk->max_encoded = rk_codec_max_bytes(codec, count);
+    if (rk_codec_state_init(codec, &chunk->state, count, index)) return -1;
+    chunk->encoded = malloc(chunk->max_encoded ? chunk->max_encoded : 1);
+    if (rk_codec_compresses_pull(codec)) chunk->pulled = malloc(chunk->max_encoded ? chunk->max_encoded : 1);
+    if (chunk->encoded == NULL || (rk_codec_compresses_pull(codec) && chunk->pulled == NULL)) return -1;
+    chunk->compressed = 1;
+    return 0;
 }

@@ -91,6 +91,10 @@ rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint
                           const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links);
 /* The key is refused: fail its pending ops with RK_DONE_KEY_FAILED, drop late results. */
 void rk_engine_fail_key(rk_engine *engine, rk_key *key);
+struct rk_codec;
+/* Compress the chunk's pushpulls with codec (float32 chunks; before the key's first
+ * round); 0, or -1 out of memory (what was allocated is freed with the engine). */
+int rk_engine_set_codec(rk_key *key, uint32_t index, const struct rk_codec *codec);
 
 /* ---- operations (the caller's thread, no GIL) ------------------------------ */
 void rk_op_init(rk_op *op, rk_engine *engine, rk_key *key, const char *source, char *target, int32_t priority,
