@@ -21,7 +21,7 @@ it back on the server, refusing anything another node could not have sent."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 # enum rk_codec_kind (rdmakv/native/codec.h)
@@ -29,6 +29,8 @@ KINDS = {"none": 0, "fp16": 1, "2bit": 2, "onebit": 3, "topk": 4, "randomk": 5, 
 BYTEPS_COMPRESSORS = ("onebit", "topk", "randomk", "dithering")
 PARTITIONS = ("linear", "natural")
 NORMALIZE = ("max", "l2")
+# codecs_byteps.h: RK_DITHER_MAX_LINEAR_LEVELS (16-bit codes), RK_DITHER_MAX_NATURAL_LEVELS (2^30 the top level)
+DITHERING_MAX_LEVELS = {"linear": 32767, "natural": 31}
 MXNET_DEFAULT_THRESHOLD = 0.5
 BYTEPS_NAMES = {"compressor", "ef", "momentum", "mu", "scaling", "k", "partition", "normalize", "seed", "fp16"}
 
@@ -70,6 +72,11 @@ class Compression:
             levels=int(self.k) if self.kind == "dithering" else 0,
             threshold=self.threshold, momentum=self.momentum, seed=self.seed)
 
+    def for_server(self) -> Compression:
+        """What a server encodes sums with: no momentum (BytePS's servers build their
+        compressors without it; momentum belongs to the worker's gradient)."""
+        return replace(self, momentum=0.0)
+
     def wire(self) -> Optional[dict]:
         """What DECLARE carries (None: no compression)."""
         return asdict(self) if self.active else None
@@ -106,8 +113,11 @@ class Compression:
             raise CompressionError(f"threshold must be greater than 0, got {self.threshold!r}")
         if self.kind in ("topk", "randomk") and not (self.k > 0 and (self.k < 1 or self.k == int(self.k))):
             raise CompressionError(f"{self.kind} needs k, a fraction in (0, 1) or a whole count >= 1; got {self.k!r}")
-        if self.kind == "dithering" and not (self.k >= 1 and self.k == int(self.k) and self.k < 2**31):
+        if self.kind == "dithering" and not (self.k >= 1 and self.k == int(self.k)):
             raise CompressionError(f"dithering needs k, its number of levels (a whole number >= 1); got {self.k!r}")
+        if self.kind == "dithering" and self.k > DITHERING_MAX_LEVELS[self.partition]:
+            raise CompressionError(f"dithering with a {self.partition} partition takes at most "
+                                   f"{DITHERING_MAX_LEVELS[self.partition]} levels (k); got {self.k!r}")
         if not 0 <= self.momentum < 1:
             raise CompressionError(f"momentum mu must be in [0, 1), got {self.momentum!r}")
         if not 0 <= self.seed < 2**64:

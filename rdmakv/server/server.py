@@ -744,7 +744,7 @@ class ParameterServer(Handler):
         state = KeyState(key, declared)
         # A compressed chunk's link scratch may grow to its codec's bound, and an
         # encoded sum per round buffer where the pull is compressed too.
-        codecs = [state.compression.codec(chunk.nbytes // 4) if state.compression.active else None
+        codecs = [state.compression.for_server().codec(chunk.nbytes // 4) if state.compression.active else None
                   for chunk in here]
         cost = KEY_COST + sum(CHUNK_COST + copies * chunk.nbytes for chunk in here) + sum(
             codec.max_bytes(chunk.nbytes // 4) * (3 if codec.compresses_pull else 1)
