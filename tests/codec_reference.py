@@ -103,8 +103,9 @@ def sparse_bytes(indices, values):
 
 
 def topk_indices(x, k):
-    """The min(k, len) indices of largest |x|, ties to the lower index, ascending."""
-    order = np.lexsort((np.arange(x.size), -np.abs(x)))     # by magnitude down, then index up
+    """The min(k, len) indices of largest |x| (a NaN above all), ties to the lower index, ascending."""
+    magnitude = (x.view(np.uint32) & 0x7FFFFFFF).astype(np.int64)    # as float bits: NaN above inf
+    order = np.lexsort((np.arange(x.size), -magnitude))     # by magnitude down, then index up
     return np.sort(order[:min(k, x.size)])
 
 
@@ -162,10 +163,12 @@ def dithering_encode(x, levels, partition, normalize, state):
     else:
         norm = np.float32(np.sqrt(lane_sum(x.astype(np.float64) ** 2)))
     top = float(levels) if partition == "linear" else 2.0 ** (levels - 1)
-    per_norm = top / float(norm) if norm > 0 else 0.0
+    per_norm = top / float(norm) if norm > 0 and np.isfinite(norm) else 0.0     # not finite: every code 0
     bits, state = splitmix64(state, x.size)
     u = unit_floats(bits)
-    t = (np.abs(x.astype(np.float64)) * per_norm).astype(np.float32)
+    with np.errstate(invalid="ignore"):       # inf * 0: NaN, made 0 below
+        t = (np.abs(x.astype(np.float64)) * per_norm).astype(np.float32)
+    t = np.where(np.isnan(t), np.float32(0), t)
     if partition == "linear":
         low = np.floor(t)
         m = low.astype(np.int64) + (u < t - low)
@@ -190,5 +193,5 @@ def dithering_decode(data, count, levels, partition):
     if partition == "linear":
         magnitude = m.astype(np.float32) * (norm / np.float32(levels))
     else:
-        magnitude = np.where(m == 0, np.float32(0), np.ldexp(norm, (m - levels).astype(np.int32)))
+        magnitude = np.where(m == 0, np.float32(0) * norm, np.ldexp(norm, (m - levels).astype(np.int32)))
     return np.where(negative, -magnitude, magnitude).astype(np.float32)

@@ -35,8 +35,9 @@ static inline uint32_t load_u32(const unsigned char *p) {
 static inline void store_f32(unsigned char *p, float v) { memcpy(p, &v, sizeof v); }
 static inline void store_u32(unsigned char *p, uint32_t v) { memcpy(p, &v, sizeof v); }
 
-/* A scale or norm a legitimate encoder writes: finite and not negative (nor -0). */
-static inline int scale_ok(float scale) { return isfinite(scale) && !signbit(scale); }
+/* A scale or norm an encoder can write: not negative (nor -0), or NaN (of either
+ * sign: x86 makes NaNs negative), or +inf from a tensor holding such values. */
+static inline int scale_ok(float scale) { return isnan(scale) || !signbit(scale); }
 
 /* Sum of |src[i]| (squares: of src[i]^2) in double, in 8 lanes (lane i % 8, each
  * summed in order, then the lanes in order): the loop vectorizes, and the result
@@ -71,7 +72,6 @@ size_t rk_onebit_encode(const float *src, size_t count, int scaled, void *dst) {
     float scale = 1.0f;
     if (scaled) {
         scale = count ? (float)(lane_sum(src, count, 0) / (double)count) : 0.0f;
-        if (!isfinite(scale)) return 0;
     }
     store_f32(out, scale);
     unsigned char *signs = out + sizeof(float);
@@ -163,10 +163,18 @@ static inline void sv_swap(struct sparse_view v, size_t a, size_t b) {
     sv_set(v, b, ia, va);
 }
 
+/* |v| as an order: the bits of a float without its sign order as its magnitude,
+ * and a NaN above +inf, so a NaN is kept (and reaches the sum) rather than hidden. */
+static inline uint32_t magnitude_order(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return bits & 0x7fffffffu;
+}
+
 /* by_index: a max-heap on the index (for the final sort); else the min-heap on magnitude. */
 static inline int sv_before(struct sparse_view v, size_t a, size_t b, int by_index) {
     if (by_index) return sv_index(v, a) > sv_index(v, b);
-    float ma = fabsf(sv_value(v, a)), mb = fabsf(sv_value(v, b));
+    uint32_t ma = magnitude_order(sv_value(v, a)), mb = magnitude_order(sv_value(v, b));
     return ma < mb || (ma == mb && sv_index(v, a) > sv_index(v, b));
 }
 
@@ -187,12 +195,12 @@ size_t rk_topk_encode(const float *src, size_t count, uint32_t k, void *dst) {
     struct sparse_view heap = {dst, (unsigned char *)dst + n * sizeof(uint32_t)};
     for (size_t i = 0; i < n; i++) sv_set(heap, i, (uint32_t)i, src[i]);
     for (size_t i = n / 2; i-- > 0;) sv_sift_down(heap, i, n, 0);
-    float smallest = n ? fabsf(sv_value(heap, 0)) : 0.0f;
+    uint32_t smallest = n ? magnitude_order(sv_value(heap, 0)) : 0;
     for (size_t i = n; i < count; i++) {
-        if (!(fabsf(src[i]) > smallest)) continue;      /* the common case, one compare */
+        if (magnitude_order(src[i]) <= smallest) continue;      /* the common case, one compare */
         sv_set(heap, 0, (uint32_t)i, src[i]);
         sv_sift_down(heap, 0, n, 0);
-        smallest = fabsf(sv_value(heap, 0));
+        smallest = magnitude_order(sv_value(heap, 0));
     }
     for (size_t i = n / 2; i-- > 0;) sv_sift_down(heap, i, n, 1);
     for (size_t end = n; end-- > 1;) {
@@ -246,6 +254,7 @@ size_t rk_dithering_max_bytes(size_t count, uint32_t levels, int partition) {
  * [2^(e-1), 2^e) lies between indices e and e + 1, read off t's float exponent. */
 static inline uint32_t dither_code(float x, double per_norm, uint32_t levels, int partition, float u) {
     float t = (float)(fabs((double)x) * per_norm);
+    t = t == t ? t : 0.0f;            /* a NaN or inf x of a non-finite norm (per_norm 0): code 0 */
     uint32_t m;
     if (partition == RK_DITHER_LINEAR) {
         float low = floorf(t);
@@ -290,18 +299,18 @@ size_t rk_dithering_encode(const float *src, size_t count, uint32_t levels, int 
             norm = magnitude > norm ? magnitude : norm;   /* a NaN compares false: seen below */
             nan_seen |= magnitude != magnitude;
         }
-        if (nan_seen) return 0;
+        if (nan_seen) norm = NAN;
     } else {
         norm = (float)sqrt(lane_sum(src, count, 1));
     }
-    if (!isfinite(norm)) return 0;
     unsigned char *out = dst;
     store_f32(out, norm);
     out += sizeof(float);
     unsigned width = dither_code_bits(levels);
     /* t = |x| / norm * top, top = s (linear) or 2^(s-1) (natural); 0 when norm is 0. */
     double top = partition == RK_DITHER_LINEAR ? (double)levels : ldexp(1.0, (int)levels - 1);
-    double per_norm = norm > 0.0f ? top / (double)norm : 0.0;
+    /* Not finite (src holds an inf or a NaN): every code 0, each decoding to 0 * norm, a NaN. */
+    double per_norm = norm > 0.0f && isfinite(norm) ? top / (double)norm : 0.0;
     uint64_t state = *rng;
     for (size_t base = 0; base < count; base += DITHER_BLOCK) {
         size_t n = count - base < DITHER_BLOCK ? count - base : DITHER_BLOCK;
@@ -341,7 +350,7 @@ int rk_dithering_decode_add(const void *src, size_t bytes, float *dst, size_t co
     float magnitudes[RK_DITHER_MAX_NATURAL_LEVELS + 1];
     float unit = norm / (float)levels;
     if (partition == RK_DITHER_NATURAL) {
-        magnitudes[0] = 0.0f;
+        magnitudes[0] = 0.0f * norm;                   /* NaN where norm is not finite, as linear's */
         for (uint32_t m = 1; m <= levels; m++) magnitudes[m] = ldexpf(norm, (int)m - (int)levels);
     }
     for (size_t base = 0; base < count; base += DITHER_BLOCK) {

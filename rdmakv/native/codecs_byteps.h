@@ -10,13 +10,11 @@
  *                                         src is not an encoding of count values
  *                                         with these parameters (nothing added).
  * Decoders trust nothing in src: a wrong length, an index out of range or out of
- * order, a code above the levels, a non-canonical padding bit, a scale or norm
- * that is negative, infinite or NaN is refused before dst is touched.
- * The encoders of onebit (scaled) and dithering return 0 where src holds an
- * infinite or NaN value (or, for the l2 norm, values whose norm overflows a
- * float): the scale would be one no decoder accepts.  Their encodings are
- * otherwise at least 4 bytes, so 0 means only that.  Top-k and random-k encode
- * anything; their encoding of 0 values is empty.
+ * order, a code above the levels, a non-canonical padding bit, a negative scale or
+ * norm is refused before dst is touched.  A NaN or +inf scale is not: it is what a
+ * tensor holding an inf or a NaN encodes to (onebit's values decode to +-inf or
+ * NaN, every dithering value to NaN), so such a gradient poisons the sum as it
+ * would uncompressed, and a peer could push NaNs uncompressed anyway.
  *
  * Wire formats (host byte order, like every payload rdmakv moves; no alignment):
  *   onebit     f32 scale | ceil(count/8) bytes of signs, bit i%8 of byte i/8 set

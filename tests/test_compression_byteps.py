@@ -1,0 +1,145 @@
+"""BytePS's compressors end to end on real local clusters (2 workers, 2
+servers): each worker encodes its gradient (with error feedback and momentum
+where asked), each server decodes both pushes, sums them and encodes the sum
+for the pull, and each worker decodes that.  Every round's result is checked,
+bit for bit, against the same pipeline run in numpy (tests/codec_reference.py),
+on both data paths and every transport."""
+import numpy as np
+import pytest
+
+import codec_reference as ref
+from rdmakv.core import compression, partition
+
+pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
+
+ELEMENTS = 5000                   # two chunks (3072 and 1928 values), one on each server
+PARTITION = 16384
+ROUNDS = 3
+
+SETTINGS = {
+    "onebit+ef": {"compressor": "onebit", "scaling": True, "ef": "vanilla"},
+    "topk+ef+momentum": {"compressor": "topk", "k": 0.01, "ef": "vanilla", "momentum": "nesterov", "mu": 0.9},
+    "randomk": {"compressor": "randomk", "k": 0.05, "seed": 7},
+    "dithering-natural-l2+ef": {"compressor": "dithering", "k": 3, "partition": "natural", "normalize": "l2",
+                                "seed": 11, "ef": "vanilla"},
+    "dithering-linear-max": {"compressor": "dithering", "k": 4, "seed": 5},
+}
+
+
+@pytest.fixture(params=["native", "python"])
+def engine(request, monkeypatch):
+    monkeypatch.setenv("RDMAKV_ENGINE", request.param)
+    return request.param
+
+
+def gradient(rank, step):
+    rng = np.random.default_rng(100 * rank + step)
+    return rng.standard_normal(ELEMENTS).astype(np.float32)
+
+
+def chunk_bounds():
+    """The key's chunks as the workers cut it (each chunk is encoded on its own)."""
+    return [(offset // 4, (offset + nbytes) // 4) for offset, nbytes in partition.split(ELEMENTS * 4, 4, PARTITION)]
+
+
+class Encoder:
+    """codec.c's rk_codec_encode for one chunk, in numpy: nesterov momentum, error
+    feedback, then the quantizer; the random stream starts at seed + (chunk + 1) * gamma."""
+
+    def __init__(self, settings, count, chunk, server=False):
+        self.settings = settings if not server else settings.for_server()
+        self.count = count
+        self.residual = np.zeros(count, np.float32)
+        self.momentum = np.zeros(count, np.float32)
+        self.rng = (settings.seed + (chunk + 1) * int(ref.GAMMA)) & ref.MASK64
+
+    def encode(self, g):
+        s = self.settings
+        p = g
+        if s.momentum:
+            mu = np.float32(s.momentum)
+            self.momentum = p + mu * self.momentum
+            p = p + mu * self.momentum
+        w = p + self.residual if s.error_feedback else p
+        if s.kind == "onebit":
+            data = ref.onebit_encode(w, s.scaling)
+        elif s.kind == "topk":
+            data = ref.topk_encode(w, s.count_kept(self.count))
+        elif s.kind == "randomk":
+            data, self.rng = ref.randomk_encode(w, s.count_kept(self.count), self.rng)
+        else:
+            data, self.rng = ref.dithering_encode(w, int(s.k), s.partition, s.normalize, self.rng)
+        if s.error_feedback:
+            self.residual = w - self.decode(data)
+        return data
+
+    def decode(self, data):
+        s = self.settings
+        if s.kind == "onebit":
+            return ref.onebit_decode(data, self.count)
+        if s.kind in ("topk", "randomk"):
+            return ref.sparse_decode(data, self.count)
+        return ref.dithering_decode(data, self.count, int(s.k), s.partition)
+
+
+def expected_rounds(settings):
+    """What every worker pulls in each round: per chunk, the server's encoding of
+    the sum of both workers' decoded pushes, decoded."""
+    bounds = chunk_bounds()
+    workers = [[Encoder(settings, end - start, index) for index, (start, end) in enumerate(bounds)]
+               for _ in range(2)]
+    servers = [Encoder(settings, end - start, index, server=True) for index, (start, end) in enumerate(bounds)]
+    rounds = []
+    for step in range(ROUNDS):
+        pulled = np.zeros(ELEMENTS, np.float32)
+        for index, (start, end) in enumerate(bounds):
+            summed = np.zeros(end - start, np.float32)
+            for rank in range(2):
+                encoder = workers[rank][index]
+                summed += encoder.decode(encoder.encode(gradient(rank, step)[start:end]))
+            pulled[start:end] = servers[index].decode(servers[index].encode(summed))
+        rounds.append(pulled)
+    return rounds
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_sums_are_numpys_pipeline_bit_for_bit(cluster_factory, engine, name):
+    cluster = cluster_factory(2, 2, RDMAKV_PARTITION_BYTES=PARTITION)
+
+    def work(kv):
+        kv.declare("w", (ELEMENTS,), "float32", compression=SETTINGS[name])
+        return [kv.pushpull("w", gradient(kv.rank, step)).copy() for step in range(ROUNDS)]
+
+    results = cluster.run(work)
+    settings = compression.parse(SETTINGS[name])
+    for step, expected in enumerate(expected_rounds(settings)):
+        for result in results:
+            np.testing.assert_array_equal(result[step], expected, err_msg=f"{name}, round {step}")
+        if settings.kind in ("topk", "randomk"):     # the pull is sparse again: k per chunk
+            assert np.count_nonzero(expected) <= sum(settings.count_kept(end - start) for start, end in chunk_bounds())
+        assert np.count_nonzero(expected) > 0
+
+
+def test_a_nan_gradient_gives_nan_as_uncompressed_and_the_job_goes_on(cluster_factory, engine):
+    """onebit's scale of a gradient holding a NaN is NaN: the sum is NaN, as it
+    would be without compression (and BytePS's), not a refused push."""
+    cluster = cluster_factory(2, 1)
+
+    def work(kv):
+        kv.declare("w", (8,), "float32", compression={"compressor": "onebit", "scaling": True})
+        grad = np.ones(8, np.float32)
+        grad[3] = np.nan if kv.rank == 0 else 1
+        poisoned = kv.pushpull("w", grad).copy()
+        return poisoned, kv.pushpull("v", np.full(4, kv.rank + 1, np.float32)).copy()
+
+    for poisoned, after in cluster.run(work):
+        assert np.isnan(poisoned).all()
+        np.testing.assert_array_equal(after, np.full(4, 3, np.float32))
+
+
+def test_settings_out_of_the_codecs_range_are_refused_when_read():
+    with pytest.raises(compression.CompressionError, match="at most 31 levels"):
+        compression.parse({"compressor": "dithering", "k": 32, "partition": "natural"})
+    with pytest.raises(compression.CompressionError, match="at most 32767 levels"):
+        compression.parse({"compressor": "dithering", "k": 40000})
+    assert compression.parse({"compressor": "dithering", "k": 32767}).codec(10).max_bytes(10) == 4 + 20
