@@ -257,7 +257,9 @@ static inline uint32_t dither_code(float x, double per_norm, uint32_t levels, in
     t = t == t ? t : 0.0f;            /* a NaN or inf x of a non-finite norm (per_norm 0): code 0 */
     uint32_t m;
     if (partition == RK_DITHER_LINEAR) {
-        float low = floorf(t);
+        /* floor by truncation (t >= 0, at most levels + rounding): floorf is a libm call
+         * on baseline x86-64, without SSE4.1's roundss */
+        float low = (float)(uint32_t)t;
         m = (uint32_t)low + (u < t - low);
     } else {
         uint32_t bits, low_bits;
