@@ -133,3 +133,33 @@ def test_a_hostile_compressed_push_is_refused_naming_key_and_worker(cluster_fact
     results, errors = cluster.run_collect(work)
     assert errors[1] is None, errors[1]
     assert re.search(message, results[1]), results[1]
+
+
+@pytest.mark.parametrize("setting, wire_bytes", [("none", 4 * ELEMENTS), ("fp16", 2 * ELEMENTS),
+                                                 ("2bit", 4 * sum(-(-(e - s) // 16) for s, e in chunk_bounds(ELEMENTS)))])
+def test_what_crosses_the_wire_is_the_encoding(cluster_factory, engine, setting, wire_bytes):
+    """The transports' byte counters (KVStore.wire_bytes): a round of pushpulls sends
+    about the encoding's size, and receives the sum (an fp16 sum compressed too)."""
+    cluster = cluster_factory(2, 2, RDMAKV_PARTITION_BYTES=PARTITION)
+    rounds = 4
+    pulled = 2 * ELEMENTS if setting == "fp16" else 4 * ELEMENTS
+
+    def work(kv):
+        kv.declare("w", (ELEMENTS,), "float32", compression=setting)
+        kv.pushpull("w", gradient(kv.rank, 0))     # the declaration's and the first round's control frames
+        before = kv.wire_bytes()
+        for step in range(1, rounds + 1):
+            kv.pushpull("w", gradient(kv.rank, step))
+        after = kv.wire_bytes()
+        return after["sent"] - before["sent"], after["received"] - before["received"]
+
+    headers = rounds * len(chunk_bounds(ELEMENTS)) * protocol.HEADER_SIZE
+    # Uncompressed pushes over shared memory may be added into the server's sums in place (only
+    # their headers cross): the bytes are then a bound, not a measure.
+    least = 0 if setting == "none" else rounds * wire_bytes + headers
+    for sent, received in cluster.run(work):
+        # Each chunk's push: a header and its encoding (compressed chunks are never summed in place).
+        assert least <= sent <= rounds * wire_bytes + headers, (sent, setting)
+        assert received <= rounds * pulled + headers, (received, setting)
+        if setting != "none":
+            assert rounds * pulled + headers == received, (received, setting)

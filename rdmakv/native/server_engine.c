@@ -265,6 +265,10 @@ void rk_server_set_optimizer(rk_server *server, int on) {
     atomic_store(&server->optimizer, on);
 }
 
+void rk_server_link_wire_bytes(rk_server *server, uint32_t rank, uint64_t out[2]) {
+    rk_stream_wire_bytes(&server->links[rank].stream, out);
+}
+
 uint32_t rk_server_words_per_chunk(rk_server *server) {
     return server->words;
 }

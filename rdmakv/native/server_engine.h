@@ -120,5 +120,7 @@ uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *tr
 /* Whether any chunk of the key has pushes in its open round. */
 int rk_server_key_has_pushes(rk_skey *key);
 uint32_t rk_server_words_per_chunk(rk_server *server);
+/* Bytes the worker's link sent (out[0]) and received (out[1]) since the engine took it. */
+void rk_server_link_wire_bytes(rk_server *server, uint32_t rank, uint64_t out[2]);
 
 #endif
