@@ -163,3 +163,28 @@ def test_what_crosses_the_wire_is_the_encoding(cluster_factory, engine, setting,
         assert received <= rounds * pulled + headers, (received, setting)
         if setting != "none":
             assert rounds * pulled + headers == received, (received, setting)
+
+
+@pytest.mark.mxnet
+def test_with_a_server_optimizer_the_weight_is_pulled_as_the_codec_pulls(cluster_factory, engine):
+    """SGD on the servers with fp16: the summed halves update the float32 weight, and the
+    weight comes back as a half (as a sum would), on both data paths."""
+    mx = pytest.importorskip("mxnet")
+    from rdmakv.mxnet import optimizer as server_optimizers
+    cluster = cluster_factory(2, 2, RDMAKV_PARTITION_BYTES=PARTITION)
+    start = gradient(5, 0)
+
+    def work(kv):
+        kv.set_compression("fp16")
+        kv.server_optimizer.set(server_optimizers.describe(mx.optimizer.SGD(learning_rate=0.5)))
+        kv.init("w", start)
+        kv.barrier()
+        return [kv.pushpull("w", gradient(kv.rank, step)).copy() for step in range(ROUNDS)]
+
+    results = cluster.run(work)
+    weight = start.copy()
+    for step in range(ROUNDS):
+        summed = sum(ref.fp16_decode(ref.fp16_encode(gradient(rank, step))) for rank in range(2))
+        weight = weight - np.float32(0.5) * summed
+        for result in results:
+            np.testing.assert_allclose(result[step], ref.fp16_decode(ref.fp16_encode(weight)), rtol=0, atol=0)

@@ -98,7 +98,8 @@ void rk_server_departed(rk_server *server);
  * in asynchronous mode each push does, landed in the worker's snapshot buffer (RK_EVENT_PUSHED),
  * and the control plane answers with rk_server_reply_one. */
 void rk_server_set_optimizer(rk_server *server, int on);
-/* Send RESULT of (key, chunk, round) with data to every connected worker (after an update). */
+/* Send RESULT of (key, chunk, round) with data to every connected worker (after an update;
+ * encoded first where the chunk's codec compresses the pull). */
 void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data);
 /* Asynchronous mode: RESULT of (key, chunk, round) to worker rank from its snapshot buffer. */
 void rk_server_reply_one(rk_server *server, rk_schunk *chunk, uint32_t rank, uint64_t round, int32_t priority);

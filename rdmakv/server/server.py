@@ -970,12 +970,12 @@ class ParameterServer(Handler):
                     raise KeyRefused(header.key, f"no worker sent the root value for the broadcast of key "
                                                 f"{name!r}: the root rank is not a worker")
                 result = target
-                if chunk.encoder is not None and not broadcast:
-                    result = summing.encode_sum(chunk, target)
-                elif self.updater is not None and chunk.weight is not None and not broadcast:
+                if self.updater is not None and chunk.weight is not None and not broadcast:
                     self.updater.update(name, chunk.index, chunk.weight.view(chunk.dtype),
                                         target.view(chunk.dtype))
                     result = chunk.weight
+                if chunk.encoder is not None and not broadcast:
+                    result = summing.encode_sum(chunk, result)   # the sum, or the weight, as the pull takes it
                 rnd = chunk.round
                 if self.tracer:
                     self.tracer.stage("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
