@@ -2,15 +2,15 @@
 rdmakv/native/codec.c): each round's sums are exactly what numpy's own decoders
 (tests/codec_reference.py) make of the encodings each worker pushed, on both
 data paths and every transport; and what crosses the wire is the encoding."""
-import os
 import re
 
 import numpy as np
 import pytest
 
 import codec_reference as ref
+import rdmakv
 from rdmakv.core import protocol
-from rdmakv.core.errors import RemoteError
+from rdmakv.core.errors import ConfigError, RemoteError
 
 pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 
@@ -69,7 +69,7 @@ def test_fp16_sums_the_halves_and_pulls_the_sum_as_a_half(cluster_factory, engin
 
     results = cluster.run(work)
     for step in range(ROUNDS):
-        summed = ref.fp16_decode(ref.fp16_encode(gradient(0, step))) + ref.fp16_decode(ref.fp16_encode(gradient(1, step)))
+        summed = sum(ref.fp16_decode(ref.fp16_encode(gradient(rank, step))) for rank in range(2))
         expected = ref.fp16_decode(ref.fp16_encode(summed))
         for result in results:
             np.testing.assert_array_equal(result[step], expected)
@@ -135,8 +135,11 @@ def test_a_hostile_compressed_push_is_refused_naming_key_and_worker(cluster_fact
     assert re.search(message, results[1]), results[1]
 
 
+TWOBIT_BYTES = 4 * sum(-(-(end - start) // 16) for start, end in chunk_bounds(ELEMENTS))
+
+
 @pytest.mark.parametrize("setting, wire_bytes", [("none", 4 * ELEMENTS), ("fp16", 2 * ELEMENTS),
-                                                 ("2bit", 4 * sum(-(-(e - s) // 16) for s, e in chunk_bounds(ELEMENTS)))])
+                                                 ("2bit", TWOBIT_BYTES)])
 def test_what_crosses_the_wire_is_the_encoding(cluster_factory, engine, setting, wire_bytes):
     """The transports' byte counters (KVStore.wire_bytes): a round of pushpulls sends
     about the encoding's size, and receives the sum (an fp16 sum compressed too)."""
@@ -188,3 +191,10 @@ def test_with_a_server_optimizer_the_weight_is_pulled_as_the_codec_pulls(cluster
         weight = weight - np.float32(0.5) * summed
         for result in results:
             np.testing.assert_allclose(result[step], ref.fp16_decode(ref.fp16_encode(weight)), rtol=0, atol=0)
+
+
+def test_asynchronous_mode_refuses_compression_by_name(engine):
+    """Refused before joining: an async server applies each push alone, and would have to decode it alone."""
+    with pytest.raises(ConfigError, match=r"gradient compression \(2bit\) is not supported in asynchronous mode "
+                                          r"\(RDMAKV_MODE=async\)"):
+        rdmakv.KVStore(mode="async", compression={"type": "2bit", "threshold": 1.0}, num_workers=2)

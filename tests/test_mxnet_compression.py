@@ -87,3 +87,25 @@ def test_2bit_sgd_matches_mxnets_own_dist_sync(tmp_path):
     quantum = job.LEARNING_RATE * job.COMPRESSION["threshold"]
     np.testing.assert_allclose(moves / quantum, np.round(moves / quantum), atol=1e-3)
     assert np.count_nonzero(np.round(moves / quantum)) > moves.size // 4
+
+
+def test_set_gradient_compression_takes_mxnets_params_and_refuses_bad_ones_as_mxnet_does():
+    import rdmakv.mxnet  # noqa: F401 - registers the store
+    kv = mx.kv.create("dist_sync_rdmakv")      # no job settings: a one-worker job in this process
+    try:
+        assert kv.is_capable("gradient_compression")
+        for params, message in [({"type": "1bit"}, "Unknown type for gradient compression '1bit'"),
+                                ({"type": "2bit", "threshold": 0}, "threshold must be greater than 0"),
+                                ({}, "Required parameter type"), ("2bit", "Required parameter type")]:
+            with pytest.raises(mx.base.MXNetError, match=message):
+                kv.set_gradient_compression(params)
+        kv.set_gradient_compression({"type": "2bit", "threshold": 0.5})
+        kv.init(3, mx.nd.zeros((20,)))
+        with pytest.raises(mx.base.MXNetError, match="before any key is initialized"):
+            kv.set_gradient_compression({"type": "2bit"})
+        out = mx.nd.zeros((20,))
+        kv.pushpull(3, mx.nd.array(np.linspace(-1, 1, 20)), out=out)
+        np.testing.assert_array_equal(out.asnumpy(), ref.twobit_decode(
+            ref.twobit_encode(np.linspace(-1, 1, 20).astype(np.float32), np.zeros(20, np.float32), 0.5)[0], 20, 0.5))
+    finally:
+        kv.close()

@@ -331,7 +331,8 @@ class RdmaKV(_Base):
                                       "compression_params must be a dict like {'type': '2bit', 'threshold': 0.5}")
         if self._worker.declared:
             raise _mx.base.MXNetError("set_gradient_compression must be called before any key is initialized "
-                                      "or pushed (keys %s are declared already)" % sorted(map(str, self._worker.declared)))
+                                      "or pushed (keys %s are declared already)"
+                                      % sorted(map(str, self._worker.declared)))
         try:
             self._kv.set_compression(_compression.parse(compression_params))
         except (_compression.CompressionError, ConfigError) as exc:
