@@ -2,15 +2,15 @@
 rdmakv/native/codec.c): each round's sums are exactly what numpy's own decoders
 (tests/codec_reference.py) make of the encodings each worker pushed, on both
 data paths and every transport; and what crosses the wire is the encoding."""
-import os
 import re
 
 import numpy as np
 import pytest
 
 import codec_reference as ref
+import rdmakv
 from rdmakv.core import protocol
-from rdmakv.core.errors import RemoteError
+from rdmakv.core.errors import ConfigError, RemoteError
 
 pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 
@@ -69,7 +69,7 @@ def test_fp16_sums_the_halves_and_pulls_the_sum_as_a_half(cluster_factory, engin
 
     results = cluster.run(work)
     for step in range(ROUNDS):
-        summed = ref.fp16_decode(ref.fp16_encode(gradient(0, step))) + ref.fp16_decode(ref.fp16_encode(gradient(1, step)))
+        summed = sum(ref.fp16_decode(ref.fp16_encode(gradient(rank, step))) for rank in range(2))
         expected = ref.fp16_decode(ref.fp16_encode(summed))
         for result in results:
             np.testing.assert_array_equal(result[step], expected)
@@ -133,3 +133,68 @@ def test_a_hostile_compressed_push_is_refused_naming_key_and_worker(cluster_fact
     results, errors = cluster.run_collect(work)
     assert errors[1] is None, errors[1]
     assert re.search(message, results[1]), results[1]
+
+
+TWOBIT_BYTES = 4 * sum(-(-(end - start) // 16) for start, end in chunk_bounds(ELEMENTS))
+
+
+@pytest.mark.parametrize("setting, wire_bytes", [("none", 4 * ELEMENTS), ("fp16", 2 * ELEMENTS),
+                                                 ("2bit", TWOBIT_BYTES)])
+def test_what_crosses_the_wire_is_the_encoding(cluster_factory, engine, setting, wire_bytes):
+    """The transports' byte counters (KVStore.wire_bytes): a round of pushpulls sends
+    about the encoding's size, and receives the sum (an fp16 sum compressed too)."""
+    cluster = cluster_factory(2, 2, RDMAKV_PARTITION_BYTES=PARTITION)
+    rounds = 4
+    pulled = 2 * ELEMENTS if setting == "fp16" else 4 * ELEMENTS
+
+    def work(kv):
+        kv.declare("w", (ELEMENTS,), "float32", compression=setting)
+        kv.pushpull("w", gradient(kv.rank, 0))     # the declaration's and the first round's control frames
+        before = kv.wire_bytes()
+        for step in range(1, rounds + 1):
+            kv.pushpull("w", gradient(kv.rank, step))
+        after = kv.wire_bytes()
+        return after["sent"] - before["sent"], after["received"] - before["received"]
+
+    headers = rounds * len(chunk_bounds(ELEMENTS)) * protocol.HEADER_SIZE
+    # Uncompressed pushes over shared memory may be added into the server's sums in place (only
+    # their headers cross): the bytes are then a bound, not a measure.
+    least = 0 if setting == "none" else rounds * wire_bytes + headers
+    for sent, received in cluster.run(work):
+        # Each chunk's push: a header and its encoding (compressed chunks are never summed in place).
+        assert least <= sent <= rounds * wire_bytes + headers, (sent, setting)
+        assert received <= rounds * pulled + headers, (received, setting)
+        if setting != "none":
+            assert rounds * pulled + headers == received, (received, setting)
+
+
+@pytest.mark.mxnet
+def test_with_a_server_optimizer_the_weight_is_pulled_as_the_codec_pulls(cluster_factory, engine):
+    """SGD on the servers with fp16: the summed halves update the float32 weight, and the
+    weight comes back as a half (as a sum would), on both data paths."""
+    mx = pytest.importorskip("mxnet")
+    from rdmakv.mxnet import optimizer as server_optimizers
+    cluster = cluster_factory(2, 2, RDMAKV_PARTITION_BYTES=PARTITION)
+    start = gradient(5, 0)
+
+    def work(kv):
+        kv.set_compression("fp16")
+        kv.server_optimizer.set(server_optimizers.describe(mx.optimizer.SGD(learning_rate=0.5)))
+        kv.init("w", start)
+        kv.barrier()
+        return [kv.pushpull("w", gradient(kv.rank, step)).copy() for step in range(ROUNDS)]
+
+    results = cluster.run(work)
+    weight = start.copy()
+    for step in range(ROUNDS):
+        summed = sum(ref.fp16_decode(ref.fp16_encode(gradient(rank, step))) for rank in range(2))
+        weight = weight - np.float32(0.5) * summed
+        for result in results:
+            np.testing.assert_allclose(result[step], ref.fp16_decode(ref.fp16_encode(weight)), rtol=0, atol=0)
+
+
+def test_asynchronous_mode_refuses_compression_by_name(engine):
+    """Refused before joining: an async server applies each push alone, and would have to decode it alone."""
+    with pytest.raises(ConfigError, match=r"gradient compression \(2bit\) is not supported in asynchronous mode "
+                                          r"\(RDMAKV_MODE=async\)"):
+        rdmakv.KVStore(mode="async", compression={"type": "2bit", "threshold": 1.0}, num_workers=2)

@@ -40,6 +40,7 @@ cdef extern from "server_engine.h" nogil:
                                     uint32_t max)
     int rk_server_key_has_pushes(rk_skey *key)
     uint32_t rk_server_words_per_chunk(rk_server *server)
+    void rk_server_link_wire_bytes(rk_server *server, uint32_t rank, uint64_t *out)
 
 
 VERDICT_CONTINUE, VERDICT_STOP = 1, 2
@@ -127,6 +128,13 @@ cdef class ServerEngine:
             raise MemoryError("declaring a chunk to the server's native engine")
         self.chunks.append(chunk)
         return chunk
+
+    def wire_bytes(self, uint32_t rank):
+        """(bytes sent, bytes received) of whole frames on worker rank's link since the engine took it."""
+        cdef uint64_t counts[2]
+        self._check_rank(rank)
+        rk_server_link_wire_bytes(self.server, rank, counts)
+        return counts[0], counts[1]
 
     def set_codec(self, ServerChunk chunk not None, Codec codec not None):
         """Compressed pushpulls for a chunk added with add_chunk (float32, private buffers),

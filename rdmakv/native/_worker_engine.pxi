@@ -23,6 +23,7 @@ cdef extern from "worker_engine.h" nogil:
                              uint32_t sender_rank)
     int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd, const rk_rings *rings, rk_verbs *verbs)
     uint64_t rk_link_summed_bytes(rk_engine *engine, uint32_t link)
+    void rk_link_wire_bytes(rk_engine *engine, uint32_t link, uint64_t *out)
     void rk_engine_set_spin(rk_engine *engine, double seconds)
     void rk_engine_close(rk_engine *engine)
     void rk_engine_free(rk_engine *engine)
@@ -192,6 +193,13 @@ cdef class Engine:
         cdef int rc = rk_engine_start_link(self.engine, index, fd, over, verbs)
         if rc:
             raise OSError(rc, f"starting the engine's threads for link {index}: {__import__('os').strerror(rc)}")
+
+    def wire_bytes(self, uint32_t link):
+        """(bytes sent, bytes received) of whole frames on the link since the engine took it."""
+        cdef uint64_t counts[2]
+        self._check_link(link)
+        rk_link_wire_bytes(self.engine, link, counts)
+        return counts[0], counts[1]
 
     def summed_bytes(self, uint32_t link):
         """Push bytes link added straight into its server's shared sums."""

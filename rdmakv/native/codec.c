@@ -63,7 +63,7 @@ static int twobit_valid(const uint8_t *in, size_t count) {
     for (size_t i = 0; i < fields; i++) {
         uint8_t field = in[(i >> 4) * 4 + ((i & 15) >> 2)] & TWOBIT_POS[i & 3];
         if (field == 0) continue;
-        if (i >= count || field != TWOBIT_POS[i & 3] && field != TWOBIT_NEG[i & 3]) return 0;
+        if (i >= count || (field != TWOBIT_POS[i & 3] && field != TWOBIT_NEG[i & 3])) return 0;
     }
     return 1;
 }

@@ -265,6 +265,10 @@ void rk_server_set_optimizer(rk_server *server, int on) {
     atomic_store(&server->optimizer, on);
 }
 
+void rk_server_link_wire_bytes(rk_server *server, uint32_t rank, uint64_t out[2]) {
+    rk_stream_wire_bytes(&server->links[rank].stream, out);
+}
+
 uint32_t rk_server_words_per_chunk(rk_server *server) {
     return server->words;
 }
@@ -386,7 +390,21 @@ static void *replier_main(void *arg) {
     return NULL;
 }
 
+static void reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data);
+
+/* A round's result the control plane made (an optimizer's weight): encoded first
+ * where the chunk's codec compresses the pull, as a sum would be. */
 void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data) {
+    int parity = (int)(round % 2);
+    if (chunk->pulled[parity]) {
+        chunk->pulled_bytes[parity] = rk_codec_encode(&chunk->codec, &chunk->pull_state, (const float *)data,
+                                                      chunk->nbytes / 4, chunk->pulled[parity]);
+        data = chunk->pulled[parity];
+    }
+    reply_all(server, chunk, round, priority, data);
+}
+
+static void reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data) {
     rk_item item = {.priority = priority, .ref = chunk, .tag = round, .data = data, .op = RK_OP_RESULT};
     for (uint32_t rank = 0; rank < server->num_workers; rank++)
         if (atomic_load(&server->links[rank].active)) reply(&server->links[rank], item);
@@ -592,9 +610,9 @@ static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int i
         chunk->pulled_bytes[parity] = rk_codec_encode(&chunk->codec, &chunk->pull_state,
                                                       (const float *)chunk->buffers[parity], chunk->nbytes / 4,
                                                       chunk->pulled[parity]);
-        rk_server_reply_all(server, chunk, round, h->priority, chunk->pulled[parity]);
+        reply_all(server, chunk, round, h->priority, chunk->pulled[parity]);
     } else {
-        rk_server_reply_all(server, chunk, round, h->priority, chunk->buffers[round % 2]);
+        reply_all(server, chunk, round, h->priority, chunk->buffers[round % 2]);
     }
     return RK_OK;
 }

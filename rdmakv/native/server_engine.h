@@ -98,7 +98,8 @@ void rk_server_departed(rk_server *server);
  * in asynchronous mode each push does, landed in the worker's snapshot buffer (RK_EVENT_PUSHED),
  * and the control plane answers with rk_server_reply_one. */
 void rk_server_set_optimizer(rk_server *server, int on);
-/* Send RESULT of (key, chunk, round) with data to every connected worker (after an update). */
+/* Send RESULT of (key, chunk, round) with data to every connected worker (after an update;
+ * encoded first where the chunk's codec compresses the pull). */
 void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data);
 /* Asynchronous mode: RESULT of (key, chunk, round) to worker rank from its snapshot buffer. */
 void rk_server_reply_one(rk_server *server, rk_schunk *chunk, uint32_t rank, uint64_t round, int32_t priority);
@@ -120,5 +121,7 @@ uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *tr
 /* Whether any chunk of the key has pushes in its open round. */
 int rk_server_key_has_pushes(rk_skey *key);
 uint32_t rk_server_words_per_chunk(rk_server *server);
+/* Bytes the worker's link sent (out[0]) and received (out[1]) since the engine took it. */
+void rk_server_link_wire_bytes(rk_server *server, uint32_t rank, uint64_t out[2]);
 
 #endif

@@ -862,6 +862,10 @@ void rk_engine_set_spin(rk_engine *engine, double seconds) {
     for (uint32_t i = 0; i < engine->num_links; i++) engine->links[i].stream.spin = seconds;
 }
 
+void rk_link_wire_bytes(rk_engine *engine, uint32_t link, uint64_t out[2]) {
+    rk_stream_wire_bytes(&engine->links[link].stream, out);
+}
+
 uint64_t rk_link_summed_bytes(rk_engine *engine, uint32_t link) {
     return atomic_load(&engine->links[link].summed_bytes);
 }

@@ -127,6 +127,8 @@ uint32_t rk_op_owed(rk_op *op, uint32_t link, uint32_t *indices, uint32_t max);
 int rk_link_send(rk_engine *engine, uint32_t link, const char *header, const char *payload, size_t length,
                  int *err);
 /* Shared memory: push bytes the link added straight into the server's sums. */
+/* Bytes the link's stream sent (out[0]) and received (out[1]) since the engine took it. */
+void rk_link_wire_bytes(rk_engine *engine, uint32_t link, uint64_t out[2]);
 uint64_t rk_link_summed_bytes(rk_engine *engine, uint32_t link);
 /* The largest STATES payload the link's reader takes (set before asking for one). */
 void rk_link_allow_states(rk_engine *engine, uint32_t link, uint64_t limit);

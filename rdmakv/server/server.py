@@ -201,8 +201,9 @@ class WorkerLink:
             raise engine_stream_error(code, err, "send to", connection.peer, self.server.config.timeout)
 
     def offer_slot(self, chunk, rnd):
-        """Let the worker write its push of round rnd straight into its slot (verbs)."""
-        if self.places:
+        """Let the worker write its push of round rnd straight into its slot (verbs); not a
+        compressed chunk's, whose pushes are encodings of any size up to the codec's bound."""
+        if self.places and chunk.codec is None:
             self.peer.offer(protocol.tag(Op.PUSH, chunk.key_state.key, chunk.index, rnd), self.slot_for(chunk))
 
     def reply(self, priority, op, payload, **fields):
@@ -562,7 +563,7 @@ class ParameterServer(Handler):
                                     f"declared {chunk.nbytes}"
                                     + (f" ({chunk.key_state.compression.kind}: at most {highest} bytes encoded)"
                                        if highest != chunk.nbytes else ""))
-            if header.op == Op.PUSH and link.places:
+            if header.op == Op.PUSH and link.places and chunk.codec is None:
                 return link.slot_for(chunk)
             if (header.op == Op.PUSH and chunk.regions is None and chunk.snapshots is None
                     and self._native is None and chunk.codec is None):
@@ -970,12 +971,12 @@ class ParameterServer(Handler):
                     raise KeyRefused(header.key, f"no worker sent the root value for the broadcast of key "
                                                 f"{name!r}: the root rank is not a worker")
                 result = target
-                if chunk.encoder is not None and not broadcast:
-                    result = summing.encode_sum(chunk, target)
-                elif self.updater is not None and chunk.weight is not None and not broadcast:
+                if self.updater is not None and chunk.weight is not None and not broadcast:
                     self.updater.update(name, chunk.index, chunk.weight.view(chunk.dtype),
                                         target.view(chunk.dtype))
                     result = chunk.weight
+                if chunk.encoder is not None and not broadcast:
+                    result = summing.encode_sum(chunk, result)   # the sum, or the weight, as the pull takes it
                 rnd = chunk.round
                 if self.tracer:
                     self.tracer.stage("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)

@@ -63,8 +63,8 @@ def add_encoded(target, payload, codec, first):
 
 
 def encode_sum(chunk, target):
-    """The finished sum in target, encoded for the pull into its round buffer's own
-    place (ChunkState.pulled), as the bytes to send."""
+    """The finished round's result in target (the sum, or an optimizer's weight), encoded
+    for the pull into its round buffer's own place (ChunkState.pulled): the bytes to send."""
     slot = round_buffer(chunk.round)
     if chunk.pulled[slot] is None:
         chunk.pulled[slot] = bytearray(chunk.codec.max_bytes(chunk.nbytes // 4))

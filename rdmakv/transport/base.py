@@ -99,6 +99,15 @@ class Connection(abc.ABC):
     peer = "?"           # printable address of the other side
     source = "?"         # who is at the other side, for per-source limits: an address, or a local uid
     features = Features()
+    # Bytes of frames this connection sent and received whole (headers, payloads, MACs,
+    # a shared payload's place), counted under its send and receive locks.  A native
+    # engine that runs the link counts its own (Engine.wire_bytes, ServerEngine.wire_bytes).
+    sent_bytes = 0
+    received_bytes = 0
+
+    def wire_bytes(self):
+        """(bytes sent, bytes received) through this object so far."""
+        return self.sent_bytes, self.received_bytes
 
     @abc.abstractmethod
     def send(self, header, payload=None, in_place=False):

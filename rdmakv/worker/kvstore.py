@@ -242,7 +242,7 @@ class KVStore:
         totals = {"sent": 0, "received": 0}
         for link in self._links:
             if link.connected:
-                sent, received = link.connection.wire_bytes()
+                sent, received = link.wire_bytes()
                 totals["sent"] += sent
                 totals["received"] += received
         return totals

@@ -47,6 +47,10 @@ class ServerLink(ServerLinkBase, Handler):
     def send(self, op, payload=None, **fields):
         self.peer.send(op, payload, **fields)
 
+    def wire_bytes(self):
+        """(bytes sent, bytes received) on this link."""
+        return self.connection.wire_bytes()
+
     def owed(self, handle):
         """[(chunk index, the workers the server said it waits for, or None)] still owed for handle."""
         with self.ready:
