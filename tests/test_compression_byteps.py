@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import codec_reference as ref
-from rdmakv.core import compression, partition
+from rdmakv.core import compression, partition, protocol
 
 pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 
@@ -102,22 +102,40 @@ def expected_rounds(settings):
     return rounds
 
 
+def encoded_bytes(settings, count):
+    """codecs_byteps.h's sizes."""
+    if settings.kind == "onebit":
+        return 4 + -(-count // 8)
+    if settings.kind in ("topk", "randomk"):
+        return 8 * settings.count_kept(count)
+    return 4 + -(-count * ref.code_bits(int(settings.k)) // 8)
+
+
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_sums_are_numpys_pipeline_bit_for_bit(cluster_factory, engine, name):
     cluster = cluster_factory(2, 2, RDMAKV_PARTITION_BYTES=PARTITION)
 
     def work(kv):
         kv.declare("w", (ELEMENTS,), "float32", compression=SETTINGS[name])
-        return [kv.pushpull("w", gradient(kv.rank, step)).copy() for step in range(ROUNDS)]
+        pulled = [kv.pushpull("w", gradient(kv.rank, 0)).copy()]     # and the declaration's control frames
+        before = kv.wire_bytes()
+        pulled += [kv.pushpull("w", gradient(kv.rank, step)).copy() for step in range(1, ROUNDS)]
+        after = kv.wire_bytes()
+        return pulled, (after["sent"] - before["sent"], after["received"] - before["received"])
 
     results = cluster.run(work)
     settings = compression.parse(SETTINGS[name])
     for step, expected in enumerate(expected_rounds(settings)):
-        for result in results:
+        for result, _ in results:
             np.testing.assert_array_equal(result[step], expected, err_msg=f"{name}, round {step}")
         if settings.kind in ("topk", "randomk"):     # the pull is sparse again: k per chunk
             assert np.count_nonzero(expected) <= sum(settings.count_kept(end - start) for start, end in chunk_bounds())
         assert np.count_nonzero(expected) > 0
+    # What crossed the wire (the transports' counters): each chunk's header and its encoding,
+    # both ways, the pull being the server's encoding of the sum, of the same size.
+    per_round = sum(protocol.HEADER_SIZE + encoded_bytes(settings, end - start) for start, end in chunk_bounds())
+    for _, wire in results:
+        assert wire == ((ROUNDS - 1) * per_round,) * 2, (wire, per_round)
 
 
 def test_a_nan_gradient_gives_nan_as_uncompressed_and_the_job_goes_on(cluster_factory, engine):
