@@ -190,8 +190,8 @@ def run_job(topology, name, settings, timeout):
 def report(results, rate_mbit, settings):
     base = results["none"] if "none" in results else None
     lines = [f"2 workers + 1 server on network namespaces, every link shaped to {rate_mbit} Mbit/s (tc tbf); "
-             f"MLP {settings['inputs']}-{settings['hidden']}-{settings['classes']}, batch {settings['batch']} per worker, "
-             f"{settings['steps']} steps, lr {settings['lr']}",
+             f"MLP {settings['inputs']}-{settings['hidden']}-{settings['classes']}, "
+             f"batch {settings['batch']} per worker, {settings['steps']} steps, lr {settings['lr']}",
              f"{'compression':<12} {'step ms':>8} {'x none':>7} {'MB/step':>8} {'x none':>7} "
              f"{'test loss':>9} {'x none':>7} {'accuracy':>8} {'x none':>7}"]
     for name, r in results.items():
