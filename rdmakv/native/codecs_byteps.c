@@ -267,6 +267,7 @@ static inline uint32_t dither_code(float x, double per_norm, uint32_t levels, in
         memcpy(&bits, &t, sizeof bits);
         low_bits = bits & 0xff800000u;                 /* 2^(e-1): t without its mantissa */
         memcpy(&low, &low_bits, sizeof low);
+        low = low > 1.0f ? low : 1.0f;                 /* for t < 1, whose result is not taken: no 0 / 0 */
         uint32_t above_one = ((bits >> 23) - 126) + (u < t / low - 1.0f);
         m = t < 1.0f ? (uint32_t)(u < t) : above_one;  /* selected, not branched: t is noise */
     }
