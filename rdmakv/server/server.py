@@ -127,7 +127,7 @@ class ChunkState:
         self.rounds = None            # asynchronous mode, Python data path: each worker's next round
         self.codec = None             # a compressed chunk's Codec: pushpulls arrive encoded
         self.encoder = None           # where the codec compresses the pull: the sum's encoder (CodecState)
-        self.pulled = [None, None]    # and, per round buffer, the encoded sum (Python data path)
+        self.pulled = None            # and, per round buffer, the encoded sum (Python data path)
 
     def push_limit(self, header):
         """The bytes a push of this chunk may carry: exactly its size, or, a compressed

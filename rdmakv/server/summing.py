@@ -66,6 +66,8 @@ def encode_sum(chunk, target):
     """The finished round's result in target (the sum, or an optimizer's weight), encoded
     for the pull into its round buffer's own place (ChunkState.pulled): the bytes to send."""
     slot = round_buffer(chunk.round)
+    if chunk.pulled is None:
+        chunk.pulled = [None] * ROUND_BUFFERS
     if chunk.pulled[slot] is None:
         chunk.pulled[slot] = bytearray(chunk.codec.max_bytes(chunk.nbytes // 4))
     return memoryview(chunk.pulled[slot])[:chunk.encoder.encode(target, chunk.pulled[slot])]

@@ -84,9 +84,9 @@ class KVStore:
     spin_us            microseconds the native engine polls for a message before sleeping; 0
     mode               sync (a pushpull returns the round's sum over all workers) or async (each
                        push is applied on arrival, the reply is the value then); sync
-    compression        gradient compression of every float32 key declared by this store (a
-                       declare() may name its own): MXNet's {'type': '2bit', 'threshold': t},
-                       BytePS's compression_params, 'fp16', '2bit' or None
+    compression        (a keyword only) gradient compression of every float32 key declared by
+                       this store (a declare() may name its own): MXNet's {'type': '2bit',
+                       'threshold': t}, BytePS's compression_params, 'fp16', '2bit' or None
                        (rdmakv/core/compression.py); None
 
     With no job setting at all (no role, scheduler, worker-count or rank
