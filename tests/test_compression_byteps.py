@@ -4,11 +4,14 @@ where asked), each server decodes both pushes, sums them and encodes the sum
 for the pull, and each worker decodes that.  Every round's result is checked,
 bit for bit, against the same pipeline run in numpy (tests/codec_reference.py),
 on both data paths and every transport."""
+import re
+
 import numpy as np
 import pytest
 
 import codec_reference as ref
 from rdmakv.core import compression, partition, protocol
+from rdmakv.core.errors import RemoteError
 
 pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 
@@ -161,3 +164,40 @@ def test_settings_out_of_the_codecs_range_are_refused_when_read():
     with pytest.raises(compression.CompressionError, match="at most 32767 levels"):
         compression.parse({"compressor": "dithering", "k": 40000})
     assert compression.parse({"compressor": "dithering", "k": 32767}).codec(10).max_bytes(10) == 4 + 20
+
+
+HOSTILE = {
+    # name: (the key's compression, a payload for its 100-value chunk that is no encoding of it)
+    "topk index past the chunk": ({"compressor": "topk", "k": 2}, ref.sparse_bytes([3, 100], [1, 1])),
+    "randomk index twice": ({"compressor": "randomk", "k": 2}, ref.sparse_bytes([7, 7], [1, 1])),
+    "onebit padding bit": ({"compressor": "onebit"}, np.float32(1).tobytes() + bytes(12) + bytes([0x10])),
+    "dithering level above k": ({"compressor": "dithering", "k": 2},
+                                np.float32(1).tobytes() + bytes([0b110]) + bytes(37)),
+    "negative scale": ({"compressor": "onebit"}, np.float32(-1).tobytes() + bytes(13)),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE))
+def test_a_push_that_is_no_encoding_is_refused_naming_key_and_worker(cluster_factory, engine, attack):
+    """Worker 0 pushes bytes of the right size that no encoder writes: the server
+    refuses them, naming the key and the worker, and worker 1's pushpull fails
+    with that instead of summing them."""
+    cluster = cluster_factory(2, 1, RDMAKV_ENGINE=engine)
+    setting, payload = HOSTILE[attack]
+
+    def work(kv):
+        kv.declare("w", (100,), "float32", compression=setting)
+        if kv.rank == 0:
+            info = kv._keys["w"]
+            kv._links[0].send(protocol.Op.PUSH, payload, dtype=info.dtype_code, key=info.wire, chunk=0, round=0,
+                              sender=0)
+            return None
+        with pytest.raises(RemoteError) as refused:
+            kv.pushpull("w", np.ones(100, np.float32))
+        return str(refused.value)
+
+    assert len(payload) == compression.parse(HOSTILE[attack][0]).codec(100).max_bytes(100)
+    results, errors = cluster.run_collect(work)
+    assert errors[1] is None, errors[1]
+    assert re.search(rf"worker 0 pushed key 'w' chunk 0 round 0: {len(payload)} bytes that are not an encoding",
+                     results[1]), results[1]
