@@ -35,6 +35,16 @@ static inline uint32_t load_u32(const unsigned char *p) {
 static inline void store_f32(unsigned char *p, float v) { memcpy(p, &v, sizeof v); }
 static inline void store_u32(unsigned char *p, uint32_t v) { memcpy(p, &v, sizeof v); }
 
+/* -v where negative, else v: a flip of the sign bit, which is what negation is, without
+ * a branch on a sign that is noise. */
+static inline float with_sign(float v, uint32_t negative) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits ^= negative << 31;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
 /* A scale or norm an encoder can write: not negative (nor -0), or NaN (of either
  * sign: x86 makes NaNs negative), or +inf from a tensor holding such values. */
 static inline int scale_ok(float scale) { return isnan(scale) || !signbit(scale); }
@@ -269,7 +279,8 @@ static inline uint32_t dither_code(float x, double per_norm, uint32_t levels, in
         memcpy(&low, &low_bits, sizeof low);
         low = low > 1.0f ? low : 1.0f;                 /* for t < 1, whose result is not taken: no 0 / 0 */
         uint32_t above_one = ((bits >> 23) - 126) + (u < t / low - 1.0f);
-        m = t < 1.0f ? (uint32_t)(u < t) : above_one;  /* selected, not branched: t is noise */
+        uint32_t below_one = (uint32_t)(t < 1.0f);     /* selected by masks: a branch on noise mispredicts */
+        m = (above_one & (below_one - 1)) | ((uint32_t)(u < t) & (0u - below_one));
     }
     m = m < levels ? m : levels;
     return (m << 1) | ((x < 0.0f) & (m != 0));
@@ -296,13 +307,14 @@ size_t rk_dithering_encode(const float *src, size_t count, uint32_t levels, int 
     if (total == 0 || (normalize != RK_DITHER_MAX && normalize != RK_DITHER_L2)) return 0;
     float norm = 0.0f;
     if (normalize == RK_DITHER_MAX) {
-        int nan_seen = 0;
+        /* The largest |x| as the largest sign-less bit pattern: an integer max that
+         * vectorizes, and a NaN (above +inf) comes out as the norm. */
+        uint32_t largest = 0;
         for (size_t i = 0; i < count; i++) {
-            float magnitude = fabsf(src[i]);
-            norm = magnitude > norm ? magnitude : norm;   /* a NaN compares false: seen below */
-            nan_seen |= magnitude != magnitude;
+            uint32_t magnitude = magnitude_order(src[i]);
+            largest = magnitude > largest ? magnitude : largest;
         }
-        if (nan_seen) norm = NAN;
+        memcpy(&norm, &largest, sizeof norm);
     } else {
         norm = (float)sqrt(lane_sum(src, count, 1));
     }
@@ -362,7 +374,7 @@ int rk_dithering_decode_add(const void *src, size_t bytes, float *dst, size_t co
         for (size_t j = 0; j < n; j++) {
             uint32_t code = (uint32_t)(block >> (j * width)) & mask;
             float magnitude = partition == RK_DITHER_LINEAR ? (float)(code >> 1) * unit : magnitudes[code >> 1];
-            dst[base + j] += code & 1u ? -magnitude : magnitude;
+            dst[base + j] += with_sign(magnitude, code & 1u);
         }
     }
     return 0;
