@@ -38,7 +38,7 @@ def test_onebit_keeps_signs_at_one_scale(x, scaled):
     scale = np.float32(np.abs(x.astype(np.float64)).mean()) if scaled else np.float32(1)
     assert np.allclose(np.abs(out), scale, rtol=1e-6, atol=0)
     assert np.all(np.abs(out) == np.abs(out[0]))
-    assert np.array_equal(out < 0, x < 0)
+    assert np.array_equal(np.signbit(out), x < 0)        # signbit: a scale that rounds to 0 gives -0.0
 
 
 def test_onebit_is_32x_smaller_plus_its_scale():
@@ -62,6 +62,18 @@ def test_topk_keeps_the_k_largest_magnitudes_exactly(x, k):
     assert np.array_equal(out[kept], x[kept])
     assert not out[~kept].any()
     assert np.array_equal(np.sort(np.abs(x[kept])), np.sort(np.abs(x))[x.size - n:])
+
+
+@pytest.mark.parametrize("values", ["ties", "spread", "tiny"])
+def test_topk_on_large_chunks_with_ties(values):
+    """Selection over 200,000 values: many equal magnitudes (ties keep the lower
+    index), a wide spread, and subnormals that differ only in their last bits."""
+    rng = np.random.default_rng(4)
+    x = {"ties": rng.integers(-3, 4, 200_000).astype(np.float32),
+         "spread": (rng.standard_normal(200_000) * 10.0 ** rng.integers(-30, 30, 200_000)).astype(np.float32),
+         "tiny": (rng.integers(-50, 50, 200_000) * np.float32(1e-45)).astype(np.float32)}[values]
+    for k in (1, 1000, 77_777, 200_000):
+        assert t.topk_encode(x, k) == ref.topk_encode(x, k)
 
 
 # ---- random-k ----

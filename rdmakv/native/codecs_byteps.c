@@ -152,27 +152,6 @@ int rk_randomk_decode_add(const void *src, size_t bytes, float *dst, size_t coun
     return sparse_decode_add(src, bytes, dst, count, k);
 }
 
-/* Top-k keeps a heap of n (index, value) entries in dst itself (indices at
- * idx, values at val), smallest |value| at the root; on equal magnitudes the
- * higher index counts as smaller, so ties keep the lower index.  Then a
- * heapsort by index puts the indices in the ascending order the wire wants. */
-struct sparse_view {
-    unsigned char *idx, *val;
-};
-
-static inline uint32_t sv_index(struct sparse_view v, size_t i) { return load_u32(v.idx + i * 4); }
-static inline float sv_value(struct sparse_view v, size_t i) { return load_f32(v.val + i * 4); }
-static inline void sv_set(struct sparse_view v, size_t i, uint32_t index, float value) {
-    store_u32(v.idx + i * 4, index);
-    store_f32(v.val + i * 4, value);
-}
-static inline void sv_swap(struct sparse_view v, size_t a, size_t b) {
-    uint32_t ia = sv_index(v, a);
-    float va = sv_value(v, a);
-    sv_set(v, a, sv_index(v, b), sv_value(v, b));
-    sv_set(v, b, ia, va);
-}
-
 /* |v| as an order: the bits of a float without its sign order as its magnitude,
  * and a NaN above +inf, so a NaN is kept (and reaches the sum) rather than hidden. */
 static inline uint32_t magnitude_order(float v) {
@@ -181,41 +160,42 @@ static inline uint32_t magnitude_order(float v) {
     return bits & 0x7fffffffu;
 }
 
-/* by_index: a max-heap on the index (for the final sort); else the min-heap on magnitude. */
-static inline int sv_before(struct sparse_view v, size_t a, size_t b, int by_index) {
-    if (by_index) return sv_index(v, a) > sv_index(v, b);
-    uint32_t ma = magnitude_order(sv_value(v, a)), mb = magnitude_order(sv_value(v, b));
-    return ma < mb || (ma == mb && sv_index(v, a) > sv_index(v, b));
-}
-
-static void sv_sift_down(struct sparse_view v, size_t root, size_t n, int by_index) {
-    for (;;) {
-        size_t child = 2 * root + 1;
-        if (child >= n) return;
-        if (child + 1 < n && sv_before(v, child + 1, child, by_index)) child++;
-        if (!sv_before(v, child, root, by_index)) return;
-        sv_swap(v, root, child);
-        root = child;
-    }
-}
+/* Top-k by radix selection on the 31-bit magnitude orders: three counting
+ * passes (bits 30-20, 19-9, 8-0) find the n-th largest order T and how many of
+ * the values equal to T are kept; a last pass writes, in index order, every
+ * value above T and the first of those equal to it (ties keep the lower index).
+ * Linear in count, no sort, and the output is already ascending. */
+static const unsigned TOPK_SHIFT[3] = {20, 9, 0};
+static const unsigned TOPK_BITS[3] = {11, 11, 9};
 
 size_t rk_topk_encode(const float *src, size_t count, uint32_t k, void *dst) {
     size_t n = sparse_kept(count, k);
     if (sparse_max_bytes(count, k) == 0) return 0;
-    struct sparse_view heap = {dst, (unsigned char *)dst + n * sizeof(uint32_t)};
-    for (size_t i = 0; i < n; i++) sv_set(heap, i, (uint32_t)i, src[i]);
-    for (size_t i = n / 2; i-- > 0;) sv_sift_down(heap, i, n, 0);
-    uint32_t smallest = n ? magnitude_order(sv_value(heap, 0)) : 0;
-    for (size_t i = n; i < count; i++) {
-        if (magnitude_order(src[i]) <= smallest) continue;      /* the common case, one compare */
-        sv_set(heap, 0, (uint32_t)i, src[i]);
-        sv_sift_down(heap, 0, n, 0);
-        smallest = magnitude_order(sv_value(heap, 0));
+    uint32_t prefix = 0, prefix_mask = 0;
+    size_t wanted = n;                 /* of the values matching prefix, how many from the top */
+    for (unsigned pass = 0; pass < 3 && n; pass++) {
+        uint32_t buckets[1u << 11] = {0};
+        const unsigned shift = TOPK_SHIFT[pass];
+        const uint32_t digit = (1u << TOPK_BITS[pass]) - 1;
+        for (size_t i = 0; i < count; i++) {
+            uint32_t order = magnitude_order(src[i]);
+            buckets[(order >> shift) & digit] += (order & prefix_mask) == prefix;
+        }
+        uint32_t bucket = digit;
+        while (buckets[bucket] < wanted) wanted -= buckets[bucket--];     /* some bucket holds the n-th */
+        prefix |= bucket << shift;
+        prefix_mask |= digit << shift;
     }
-    for (size_t i = n / 2; i-- > 0;) sv_sift_down(heap, i, n, 1);
-    for (size_t end = n; end-- > 1;) {
-        sv_swap(heap, 0, end);
-        sv_sift_down(heap, 0, end, 1);
+    unsigned char *idx = dst, *val = (unsigned char *)dst + n * sizeof(uint32_t);
+    size_t taken = 0, ties = wanted;
+    for (size_t i = 0; i < count && taken < n; i++) {
+        uint32_t order = magnitude_order(src[i]);
+        int keep = order > prefix || (order == prefix && ties > 0);
+        if (!keep) continue;
+        ties -= order == prefix;
+        store_u32(idx + taken * 4, (uint32_t)i);
+        store_f32(val + taken * 4, src[i]);
+        taken++;
     }
     return n * (sizeof(uint32_t) + sizeof(float));
 }
