@@ -22,7 +22,7 @@
  *              scale = mean |src| (scaled) or 1.  Exactly 4 + ceil(count/8) bytes.
  *   topk,      n = min(k, count) u32 indices, strictly ascending, < count |
  *   randomk    n f32 values, exactly as in src.  Exactly 8n bytes.
- *              topk keeps the n largest |src| (on ties, the lower index);
+ *              topk keeps the n largest |src| (a NaN above all; ties: lower index);
  *              randomk n distinct indices drawn uniformly (selection sampling).
  *   dithering  f32 norm | count codes of w = 1 + bit_width(levels) bits, packed
  *              from bit 0 of the first byte up, padding bits zero.  A code is
