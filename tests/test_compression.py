@@ -65,6 +65,7 @@ def test_fp16_sums_the_halves_and_pulls_the_sum_as_a_half(cluster_factory, engin
 
     def work(kv):
         kv.set_compression("fp16")
+        assert kv.pushpull("empty", np.zeros(0, np.float32)).shape == (0,)   # an empty key's one empty chunk
         return [kv.pushpull("w", gradient(kv.rank, step)).copy() for step in range(ROUNDS)]
 
     results = cluster.run(work)

@@ -680,7 +680,7 @@ static void *reader_main(void *arg) {
             rk_schunk *chunk = h.op == RK_OP_PUSH ? find_chunk(server, h.key, h.chunk) : NULL;
             int sized = chunk && h.length == ((h.flags & RK_FLAG_NO_DATA) ? 0 : chunk->nbytes);
             if (chunk && chunk->compressed && !(h.flags & RK_FLAG_BROADCAST))
-                sized = h.length > 0 && h.length <= chunk->max_encoded && !h.shared;
+                sized = (h.length > 0 || chunk->nbytes == 0) && h.length <= chunk->max_encoded && !h.shared;
             if (h.shared) {
                 /* Only a push added into a sum this worker was offered comes flagged. */
                 int offered = sized && h.shared == RK_IN_PLACE && chunk->shared && h.length &&

@@ -135,7 +135,7 @@ class ChunkState:
         if header.flags & FLAG_NO_DATA:
             return 0, 0
         if self.codec is not None and not header.flags & FLAG_BROADCAST:
-            return 1, self.codec.max_bytes(self.nbytes // 4)
+            return min(1, self.nbytes), self.codec.max_bytes(self.nbytes // 4)
         return self.nbytes, self.nbytes
 
     @property
@@ -958,7 +958,8 @@ class ParameterServer(Handler):
                     if not summed:
                         self._sum_shared(chunk, payload, link, name)
                 elif chunk.codec is not None and not broadcast:
-                    if not summing.add_encoded(target, payload, chunk.codec, first=not chunk.has_data):
+                    if chunk.nbytes and not summing.add_encoded(target, payload, chunk.codec,
+                                                                first=not chunk.has_data):
                         raise KeyRefused(header.key, self._not_an_encoding(name, header, link.rank))
                 elif chunk.nbytes and not (direct and not chunk.has_data):   # a direct fill is in place
                     summing.add(target, payload, chunk.dtype_code, first=not chunk.has_data)

@@ -197,7 +197,7 @@ class ServerLink(ServerLinkBase, Handler):
             if encoder is not None:
                 entry[1][:] = 0
                 try:
-                    encoder.codec.decode_add(entry[1], payload)
+                    encoder.codec.decode_add(entry[1], b"" if payload is None else payload)
                 except ValueError as exc:
                     error = ProtocolError(f"{self.describe()} sent a result of key {entry[0].info.name!r} chunk "
                                           f"{header.chunk} that is no encoding of it: {exc}")
