@@ -220,6 +220,8 @@ def test_sparse_codecs_refuse_malformed_bytes():
         refused(decode_add, ref.sparse_bytes([1, 2**32 - 1], [1, 2]), 6, 2)
         refused(decode_add, ref.sparse_bytes([5, 1], [1, 2]), 6, 2)          # out of order
         refused(decode_add, ref.sparse_bytes([3, 3], [1, 2]), 6, 2)          # twice
+        refused(decode_add, b"", 6, 0)                                       # k = 0 keeps nothing of 6
+        decoded(decode_add, b"", 0, 0)                                       # an empty chunk: an empty encoding
 
 
 def test_dithering_refuses_malformed_bytes():

@@ -120,6 +120,8 @@ def test_sums_are_numpys_pipeline_bit_for_bit(cluster_factory, engine, name):
 
     def work(kv):
         kv.declare("w", (ELEMENTS,), "float32", compression=SETTINGS[name])
+        kv.declare("empty", (0,), "float32", compression=SETTINGS[name])
+        assert kv.pushpull("empty", np.zeros(0, np.float32)).shape == (0,)      # one empty chunk
         pulled = [kv.pushpull("w", gradient(kv.rank, 0)).copy()]     # and the declaration's control frames
         before = kv.wire_bytes()
         pulled += [kv.pushpull("w", gradient(kv.rank, step)).copy() for step in range(1, ROUNDS)]

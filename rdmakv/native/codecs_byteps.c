@@ -121,8 +121,11 @@ int rk_onebit_decode_add(const void *src, size_t bytes, float *dst, size_t count
 
 static size_t sparse_kept(size_t count, uint32_t k) { return count < k ? count : k; }
 
+/* k may be 0 only for an empty chunk (nothing to keep): its encoding is empty. */
+static int sparse_params_ok(size_t count, uint32_t k) { return count <= RK_CODEC_MAX_COUNT && (k > 0 || count == 0); }
+
 static size_t sparse_max_bytes(size_t count, uint32_t k) {
-    if (count > RK_CODEC_MAX_COUNT || k == 0) return 0;
+    if (!sparse_params_ok(count, k)) return 0;
     return sparse_kept(count, k) * (sizeof(uint32_t) + sizeof(float));
 }
 
@@ -132,7 +135,7 @@ size_t rk_randomk_max_bytes(size_t count, uint32_t k) { return sparse_max_bytes(
 static int sparse_decode_add(const void *src, size_t bytes, float *dst, size_t count, uint32_t k) {
     const unsigned char *in = src;
     size_t n = sparse_kept(count, k);
-    if (k == 0 || count > RK_CODEC_MAX_COUNT || bytes != n * (sizeof(uint32_t) + sizeof(float))) return -1;
+    if (!sparse_params_ok(count, k) || bytes != n * (sizeof(uint32_t) + sizeof(float))) return -1;
     const unsigned char *values = in + n * sizeof(uint32_t);
     uint64_t next_allowed = 0;          /* strictly ascending: each index at least one past the last */
     for (size_t i = 0; i < n; i++) {
