@@ -17,7 +17,7 @@ checks = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-fram
 transport = Extension(
     "rdmakv.native._transport",
     ["rdmakv/native/_transport.pyx", "rdmakv/native/wire.c", "rdmakv/native/verbs_stream.c", "rdmakv/native/worker_engine.c",
-     "rdmakv/native/server_engine.c"],
+     "rdmakv/native/server_engine.c", "rdmakv/native/codec.c", "rdmakv/native/codecs_byteps.c"],
     include_dirs=["rdmakv/native"],
     # -g0 after Python's own -g: no debug info in the wheel (the module is ~10x smaller);
     # a sanitizer build keeps it, for its reports.

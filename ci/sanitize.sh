@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Native code checked like native code.
-#   1. Our C (rdmakv/native: *.h, wire.c, verbs_stream.c, *_engine.c) compiles with strict warnings; a warning is an error.
+#   1. Our C (rdmakv/native: *.h, wire.c, verbs_stream.c, *_engine.c, codec.c, codecs_byteps.c) compiles with strict warnings; a warning is an error.
 #   2. The extension built with AddressSanitizer + UndefinedBehaviorSanitizer runs
 #      the native, shared-memory and KVStore tests.
 #   3. The extension built with ThreadSanitizer runs the native, engine and shared-memory tests.
@@ -21,7 +21,7 @@ long=0 rdma=0
 [ "${1:-}" = "--rdma" ] && rdma=1
 vm=$repo/../shared/rxe-vm/run-in-rxe-vm.sh
 
-for source in rdmakv/native/*.h rdmakv/native/wire.c rdmakv/native/verbs_stream.c rdmakv/native/*_engine.c; do
+for source in rdmakv/native/*.h rdmakv/native/wire.c rdmakv/native/verbs_stream.c rdmakv/native/*_engine.c rdmakv/native/codec.c rdmakv/native/codecs_byteps.c; do
     gcc -std=gnu11 -D_GNU_SOURCE -fsyntax-only -Wall -Wextra -Wshadow -Wstrict-prototypes -Wpointer-arith \
         -Wcast-align -Wvla -Wformat=2 -Werror -Irdmakv/native -x c "$source"
 done
@@ -68,7 +68,7 @@ elif ((long)); then
     run_build address,undefined libasan.so libubsan.so -- tests
     run_build thread libtsan.so -- tests --ignore tests/test_engine_shm.py     # why: see below
 else
-    run_build address,undefined libasan.so libubsan.so -- tests/test_native.py tests/test_engine.py tests/test_engine_shm.py tests/test_shm.py \
+    run_build address,undefined libasan.so libubsan.so -- tests/test_native.py tests/test_engine.py tests/test_engine_shm.py tests/test_shm.py tests/test_codec.py tests/test_codecs_byteps.py \
         tests/test_kvstore.py
     # Not test_engine_shm.py under ThreadSanitizer: it maps both ends of each shared memory in
     # one process, at two addresses, and TSan cannot see that a release through one mapping

@@ -200,3 +200,28 @@ def test_trace_stages_without_traces_is_an_error(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(TOOLS, "trace_stages.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "no rdmakv traces" in proc.stderr
+
+
+def test_bench_compression_quick(tmp_path):
+    """Two workers and a server on network namespaces over links shaped to 1 Gbit/s:
+    every compression trains the model, and the bytes the server's veth pair counts
+    shrink by what each codec promises."""
+    import netns
+    missing = netns.probe()
+    if missing:
+        pytest.skip(missing)
+    out = tmp_path / "compression.json"
+    proc = _run("bench_compression.py", "--quick", "--json", str(out))
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert list(results) == list(_load("bench_compression").CONFIGS)
+    for name, result in results.items():
+        assert result["step_s"] > 0 and 0 <= result["accuracy"] <= 1, (name, result)
+        assert 0 < result["loss"] < 10, (name, result)
+    wire = {name: result["wire_bytes_per_step"] for name, result in results.items()}
+    assert wire["fp16"] < 0.7 * wire["none"] and wire["2bit"] < 0.7 * wire["none"]
+    for name in ("onebit+ef", "topk+ef", "randomk+ef", "dithering"):
+        assert wire[name] < 0.35 * wire["none"], wire
+    # the same data from the same weights: fp16 trains as no compression does, to its rounding
+    assert abs(results["fp16"]["loss"] - results["none"]["loss"]) < 0.05
+    assert "x none" in proc.stdout and "onebit+ef" in proc.stdout

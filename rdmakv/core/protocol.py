@@ -34,7 +34,7 @@ class Op:
     SHUTDOWN = 6       # scheduler tells a server to stop
     # worker <-> server
     CONNECT = 10       # json {rank}
-    DECLARE = 11       # json {key, name, dtype, shape, chunk_bytes}: see declaration()
+    DECLARE = 11       # json {key, name, dtype, shape, chunk_bytes, compression}: see declaration()
     PUSH = 12          # payload: one chunk of the worker's tensor
     RESULT = 13        # payload: one chunk of the sum (or updated weight)
     INIT = 14          # payload: one chunk of the initial value (rank 0)
@@ -155,14 +155,15 @@ def decode_json(payload):
     return obj
 
 
-def declaration(key, name, dtype, shape, chunk_bytes):
+def declaration(key, name, dtype, shape, chunk_bytes, compression=None):
     """A DECLARE payload.  It carries what the chunks follow from, not the
     chunks: chunk_bytes (the size of every chunk but the last, from
     rdmakv.core.partition.chunk_size).  Servers recompute the chunks and their
     placement (rdmakv.core.partition.place: a pure function of the key), so the
-    payload's size never grows with the chunk count."""
+    payload's size never grows with the chunk count.  compression: the key's
+    (rdmakv.core.compression.Compression.wire()), or None."""
     return encode_json({"key": key, "name": name, "dtype": dtype, "shape": list(shape),
-                        "chunk_bytes": chunk_bytes})
+                        "chunk_bytes": chunk_bytes, "compression": compression})
 
 
 def state_limit(declared_bytes, declared_chunks):

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, List, Optional, Union
 
 import numpy as np
 
-from rdmakv.core.errors import ClosedError
+from rdmakv.core import compression as _compression
+from rdmakv.core.errors import ClosedError, ConfigError
 from rdmakv.mxnet import optimizer as _optimizer
 
 try:
@@ -175,7 +176,7 @@ class RdmaKV(_Base):
     def is_capable(capability: str) -> bool:
         if not isinstance(capability, str):
             raise TypeError("capability must be a str")
-        if capability.lower() == _Base.OPTIMIZER:
+        if capability.lower() in (_Base.OPTIMIZER, "gradient_compression"):
             return True
         raise ValueError("Unknown capability: %s" % capability)
 
@@ -319,7 +320,23 @@ class RdmaKV(_Base):
         self._kv.server_optimizer.load_states(blobs)
 
     def set_gradient_compression(self, compression_params: Any) -> None:
-        raise NotImplementedError("rdmakv does not compress gradients")
+        """Compress the gradients of the float32 keys declared from now on, as MXNet's dist
+        kvstore does: ``{'type': '2bit', 'threshold': t}`` (threshold 0.5 by default)
+        quantizes each gradient to -t, 0 or +t with the residual kept on this worker; the
+        servers decode and sum, and the pull is not compressed.  BytePS's
+        ``compression_params`` names work too (rdmakv/core/compression.py).  Call it before
+        the first init or pushpull, as Gluon's Trainer and Module do."""
+        if not isinstance(compression_params, dict) or not compression_params:
+            raise _mx.base.MXNetError("Required parameter type of string is not presented: "
+                                      "compression_params must be a dict like {'type': '2bit', 'threshold': 0.5}")
+        if self._worker.declared:
+            raise _mx.base.MXNetError("set_gradient_compression must be called before any key is initialized "
+                                      "or pushed (keys %s are declared already)"
+                                      % sorted(map(str, self._worker.declared)))
+        try:
+            self._kv.set_compression(_compression.parse(compression_params))
+        except (_compression.CompressionError, ConfigError) as exc:
+            raise _mx.base.MXNetError(str(exc)) from None
 
     # -- lifetime -------------------------------------------------------------
     def barrier(self) -> None:
@@ -397,6 +414,12 @@ class RdmaKVAsync(RdmaKV):
     ``update_on_kvstore``, and Module does not scale gradients by the number of workers."""
 
     mode = "async"
+
+    @staticmethod
+    def is_capable(capability: str) -> bool:
+        if isinstance(capability, str) and capability.lower() == "gradient_compression":
+            return False              # the servers apply each push alone
+        return RdmaKV.is_capable(capability)
 
     def init(self, key: Key, value: Values) -> None:
         """As MXNet's dist kvstore does, every worker calls it and it ends with a barrier:

@@ -17,6 +17,7 @@ cdef extern from "server_engine.h" nogil:
     void rk_server_close(rk_server *server)
     void rk_server_free(rk_server *server)
     rk_skey *rk_server_add_key(rk_server *server, uint64_t wire)
+    int rk_server_set_codec(rk_schunk *chunk, const rk_codec *codec)
     rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype, uint64_t nbytes,
                                    char *buffer0, char *buffer1, const uint64_t *places)
     rk_schunk *rk_server_add_async_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype,
@@ -39,12 +40,13 @@ cdef extern from "server_engine.h" nogil:
                                     uint32_t max)
     int rk_server_key_has_pushes(rk_skey *key)
     uint32_t rk_server_words_per_chunk(rk_server *server)
+    void rk_server_link_wire_bytes(rk_server *server, uint32_t rank, uint64_t *out)
 
 
 VERDICT_CONTINUE, VERDICT_STOP = 1, 2
 # enum rk_refusal, for rdmakv/server/server.py's messages
 (REFUSE_KEY_FAILED, REFUSE_DEPARTED, REFUSE_DTYPE, REFUSE_ROUND, REFUSE_TWICE, REFUSE_MIXED, REFUSE_TWO_ROOTS,
- REFUSE_NO_ROOT, REFUSE_UNDECLARED, REFUSE_SUM_STALLED) = range(1, 11)
+ REFUSE_NO_ROOT, REFUSE_UNDECLARED, REFUSE_SUM_STALLED, REFUSE_ENCODING) = range(1, 12)
 
 
 cdef class ServerKey:
@@ -126,6 +128,19 @@ cdef class ServerEngine:
             raise MemoryError("declaring a chunk to the server's native engine")
         self.chunks.append(chunk)
         return chunk
+
+    def wire_bytes(self, uint32_t rank):
+        """(bytes sent, bytes received) of whole frames on worker rank's link since the engine took it."""
+        cdef uint64_t counts[2]
+        self._check_rank(rank)
+        rk_server_link_wire_bytes(self.server, rank, counts)
+        return counts[0], counts[1]
+
+    def set_codec(self, ServerChunk chunk not None, Codec codec not None):
+        """Compressed pushpulls for a chunk added with add_chunk (float32, private buffers),
+        before any worker's declaration of it is answered."""
+        if rk_server_set_codec(chunk.chunk, &codec.c):
+            raise MemoryError("codec buffers of a chunk")
 
     def add_async_chunk(self, ServerKey key not None, uint32_t index, uint8_t dtype_code, stored, snapshots):
         """Asynchronous mode: apply each push to stored (writable) as it arrives and answer its

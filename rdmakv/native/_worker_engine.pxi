@@ -23,12 +23,14 @@ cdef extern from "worker_engine.h" nogil:
                              uint32_t sender_rank)
     int rk_engine_start_link(rk_engine *engine, uint32_t index, int fd, const rk_rings *rings, rk_verbs *verbs)
     uint64_t rk_link_summed_bytes(rk_engine *engine, uint32_t link)
+    void rk_link_wire_bytes(rk_engine *engine, uint32_t link, uint64_t *out)
     void rk_engine_set_spin(rk_engine *engine, double seconds)
     void rk_engine_close(rk_engine *engine)
     void rk_engine_free(rk_engine *engine)
     rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint8_t dtype, uint32_t nchunks,
                               const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links)
     void rk_engine_fail_key(rk_engine *engine, rk_key *key)
+    int rk_engine_set_codec(rk_key *key, uint32_t index, const rk_codec *codec)
     void rk_op_init(rk_op *op, rk_engine *engine, rk_key *key, const char *source, char *target, int32_t priority,
                     uint32_t flags, void *owner)
     void rk_op_set_keys(rk_op *op, const uint32_t *source_lkeys, const uint32_t *target_rkeys)
@@ -239,6 +241,13 @@ cdef class Engine:
         if rc:
             raise OSError(rc, f"starting the engine's threads for link {index}: {__import__('os').strerror(rc)}")
 
+    def wire_bytes(self, uint32_t link):
+        """(bytes sent, bytes received) of whole frames on the link since the engine took it."""
+        cdef uint64_t counts[2]
+        self._check_link(link)
+        rk_link_wire_bytes(self.engine, link, counts)
+        return counts[0], counts[1]
+
     def summed_bytes(self, uint32_t link):
         """Push bytes link added straight into its server's shared sums."""
         self._check_link(link)
@@ -303,6 +312,11 @@ cdef class Engine:
             (<Operation>op.owner)._unregister()
             Py_DECREF(<object>op.owner)
             op = following
+
+    def set_codec(self, EngineKey key not None, uint32_t index, Codec codec not None):
+        """Compress the pushpulls of the key's chunk `index` (float32; before its first round)."""
+        if rk_engine_set_codec(key.key, index, &codec.c):
+            raise MemoryError(f"codec buffers of chunk {index}")
 
     def fail_key(self, EngineKey key not None):
         with nogil:

@@ -7,6 +7,8 @@
 #endif
 #include "server_engine.h"
 
+#include "codec.h"
+
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,6 +62,16 @@ struct rk_schunk {
     int reported;                 /* the round was reported stale */
     rk_schunk *next_in_key;
     rk_schunk *next_declared;
+    /* Gradient compression (codec.h; float32, private buffers): a pushpull's push
+     * arrives encoded, at most max_encoded bytes, and is decoded into the round's
+     * sum; where the codec compresses the pull too, the sum is encoded into
+     * pulled[round % 2] (pulled_bytes long) by the reader that completed it. */
+    int compressed;
+    struct rk_codec codec;
+    struct rk_codec_state pull_state;
+    uint64_t max_encoded;
+    char *pulled[2];
+    uint64_t pulled_bytes[2];
 };
 
 typedef struct {
@@ -106,6 +118,12 @@ struct rk_server {
  * sum keeps its own lock and round (co-located workers add into it too); 0, or
  * RK_REFUSE_SUM_STALLED when its lock stays held past the timeout. */
 static int contribute(rk_slink *link, rk_schunk *chunk, char *target, const char *source, uint64_t nbytes) {
+    if (chunk->compressed && !(chunk->flags & RK_FLAG_BROADCAST)) {
+        /* An encoding: checked whole before a value is added (a hostile one leaves the sum as it was). */
+        size_t count = chunk->nbytes / 4;
+        if (!chunk->has_data) memset(target, 0, chunk->nbytes);
+        return rk_codec_decode_add(&chunk->codec, source, nbytes, (float *)target, count) ? RK_REFUSE_ENCODING : 0;
+    }
     size_t itemsize = 1;
     rk_add_fn add = rk_adder(chunk->dtype, &itemsize);   /* declarations carry only known dtypes */
     if (chunk->shared) {
@@ -158,6 +176,9 @@ static rk_schunk *new_chunk(rk_server *server) {
 }
 
 static void free_chunk(rk_schunk *chunk) {
+    rk_codec_state_free(&chunk->pull_state);
+    free(chunk->pulled[0]);
+    free(chunk->pulled[1]);
     free(chunk->pushed);
     free(chunk->places);
     free(chunk->rounds);
@@ -258,6 +279,10 @@ void rk_server_set_optimizer(rk_server *server, int on) {
     atomic_store(&server->optimizer, on);
 }
 
+void rk_server_link_wire_bytes(rk_server *server, uint32_t rank, uint64_t out[2]) {
+    rk_stream_wire_bytes(&server->links[rank].stream, out);
+}
+
 uint32_t rk_server_words_per_chunk(rk_server *server) {
     return server->words;
 }
@@ -270,7 +295,10 @@ static void post(rk_server *server, uint32_t rank, uint32_t kind, int error, int
 }
 
 static uint64_t reply_bytes(const rk_item *item) {
-    return item->op == RK_OP_RESULT ? ((rk_schunk *)item->ref)->nbytes : 0;
+    const rk_schunk *chunk = item->ref;
+    if (item->op != RK_OP_RESULT) return 0;
+    int parity = (int)(item->tag % 2);
+    return chunk->compressed && item->data == chunk->pulled[parity] ? chunk->pulled_bytes[parity] : chunk->nbytes;
 }
 
 static int has_segment(rk_slink *link, uint32_t number) {
@@ -312,6 +340,7 @@ static int place_result(rk_slink *link, const rk_item *item, int *placed, int *e
     int rc = rk_verbs_place(link->stream.verbs, &link->stream.stop, item->data, chunk->nbytes, lkey,
                             item->place_addr, item->place_rkey, link->stream.timeout, err);
     *placed = rc == RK_OK;
+    if (*placed) atomic_fetch_add_explicit(&link->stream.sent_bytes, chunk->nbytes, memory_order_relaxed);
     return rc;
 }
 
@@ -410,7 +439,21 @@ static void *replier_main(void *arg) {
     return NULL;
 }
 
+static void reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data);
+
+/* A round's result the control plane made (an optimizer's weight): encoded first
+ * where the chunk's codec compresses the pull, as a sum would be. */
 void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data) {
+    int parity = (int)(round % 2);
+    if (chunk->pulled[parity]) {
+        chunk->pulled_bytes[parity] = rk_codec_encode(&chunk->codec, &chunk->pull_state, (const float *)data,
+                                                      chunk->nbytes / 4, chunk->pulled[parity]);
+        data = chunk->pulled[parity];
+    }
+    reply_all(server, chunk, round, priority, data);
+}
+
+static void reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data) {
     rk_item item = {.priority = priority, .ref = chunk, .tag = round, .data = data, .op = RK_OP_RESULT};
     for (uint32_t rank = 0; rank < server->num_workers; rank++)
         if (atomic_load(&server->links[rank].active)) reply(&server->links[rank], item);
@@ -584,8 +627,12 @@ static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int i
     pthread_mutex_lock(&chunk->lock);
     int refused = refusal(server, chunk, h, link->rank, &limit);
     if (!refused && !(h->flags & RK_FLAG_NO_DATA)) {
-        if (h->length && !in_place)
+        if (h->length && !in_place) {
+            uint32_t flags = chunk->flags;
+            chunk->flags = h->flags;      /* a broadcast's root value is never encoded */
             refused = contribute(link, chunk, chunk->buffers[chunk->round % 2], link->scratch, h->length);
+            if (refused) chunk->flags = flags;
+        }
         if (!refused) chunk->has_data = 1;
     }
     if (!refused) {
@@ -618,8 +665,14 @@ static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int i
         rk_header summed = *h;
         summed.round = round;
         post(server, link->rank, RK_EVENT_SUMMED, 0, 0, &summed, 0);
+    } else if (chunk->pulled[round % 2] && !(h->flags & RK_FLAG_BROADCAST)) {
+        int parity = (int)(round % 2);
+        chunk->pulled_bytes[parity] = rk_codec_encode(&chunk->codec, &chunk->pull_state,
+                                                      (const float *)chunk->buffers[parity], chunk->nbytes / 4,
+                                                      chunk->pulled[parity]);
+        reply_all(server, chunk, round, h->priority, chunk->pulled[parity]);
     } else {
-        rk_server_reply_all(server, chunk, round, h->priority, chunk->buffers[round % 2]);
+        reply_all(server, chunk, round, h->priority, chunk->buffers[round % 2]);
     }
     return RK_OK;
 }
@@ -686,6 +739,8 @@ static void *reader_main(void *arg) {
         if (rc == RK_OK) {
             rk_schunk *chunk = h.op == RK_OP_PUSH ? find_chunk(server, h.key, h.chunk) : NULL;
             int sized = chunk && h.length == ((h.flags & RK_FLAG_NO_DATA) ? 0 : chunk->nbytes);
+            if (chunk && chunk->compressed && !(h.flags & RK_FLAG_BROADCAST))
+                sized = (h.length > 0 || chunk->nbytes == 0) && h.length <= chunk->max_encoded && !h.shared;
             if (h.shared && link->stream.verbs) {
                 /* Only a push that says where its result goes comes flagged. */
                 rc = sized && h.shared == RK_PLACE_RESULT ? take_push(link, chunk, &h, 0, &err) : RK_ERR_SHARED;
@@ -855,4 +910,17 @@ void rk_server_free(rk_server *server) {
     rk_table_free(&server->table);
     free(server->links);
     free(server);
+}
+
+int rk_server_set_codec(rk_schunk *chunk, const struct rk_codec *codec) {
+    size_t count = chunk->nbytes / 4;
+    chunk->codec = *codec;
+    chunk->max_encoded = rk_codec_max_bytes(codec, count);
+    if (rk_codec_compresses_pull(codec)) {
+        if (rk_codec_state_init(codec, &chunk->pull_state, count, chunk->index)) return -1;
+        for (int parity = 0; parity < 2; parity++)
+            if ((chunk->pulled[parity] = malloc(chunk->max_encoded ? chunk->max_encoded : 1)) == NULL) return -1;
+    }
+    chunk->compressed = 1;
+    return 0;
 }

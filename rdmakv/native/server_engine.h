@@ -50,6 +50,7 @@ enum rk_refusal {
     RK_REFUSE_NO_ROOT,         /* nobody sent the root value of a broadcast */
     RK_REFUSE_UNDECLARED,      /* the worker never declared the key: its link stops */
     RK_REFUSE_SUM_STALLED,     /* a shared sum's lock stayed held past the timeout (a co-located worker) */
+    RK_REFUSE_ENCODING,        /* a compressed push that is no encoding of the chunk (codec.h) */
 };
 
 /* Verdicts of the control plane on a message it read itself. */
@@ -76,6 +77,10 @@ rk_schunk *rk_server_add_chunk(rk_server *server, rk_skey *key, uint32_t index, 
  * the server). */
 rk_schunk *rk_server_add_async_chunk(rk_server *server, rk_skey *key, uint32_t index, uint8_t dtype,
                                      uint64_t nbytes, char *stored, char *snapshots);
+struct rk_codec;
+/* Gradient compression for a (synchronous, private) float32 chunk's pushpulls,
+ * before any worker's declaration is answered; 0, or -1 out of memory. */
+int rk_server_set_codec(rk_schunk *chunk, const struct rk_codec *codec);
 /* Asynchronous mode: replace the stored value (a starting value, INIT). */
 void rk_server_set_value(rk_schunk *chunk, const char *data);
 /* Asynchronous mode: hold the chunk's lock while the control plane applies a push
@@ -93,7 +98,8 @@ void rk_server_departed(rk_server *server);
  * in asynchronous mode each push does, landed in the worker's snapshot buffer (RK_EVENT_PUSHED),
  * and the control plane answers with rk_server_reply_one. */
 void rk_server_set_optimizer(rk_server *server, int on);
-/* Send RESULT of (key, chunk, round) with data to every connected worker (after an update). */
+/* Send RESULT of (key, chunk, round) with data to every connected worker (after an update;
+ * encoded first where the chunk's codec compresses the pull). */
 void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data);
 /* Asynchronous mode: RESULT of (key, chunk, round) to worker rank from its snapshot buffer. */
 void rk_server_reply_one(rk_server *server, rk_schunk *chunk, uint32_t rank, uint64_t round, int32_t priority);
@@ -115,5 +121,7 @@ uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *tr
 /* Whether any chunk of the key has pushes in its open round. */
 int rk_server_key_has_pushes(rk_skey *key);
 uint32_t rk_server_words_per_chunk(rk_server *server);
+/* Bytes the worker's link sent (out[0]) and received (out[1]) since the engine took it. */
+void rk_server_link_wire_bytes(rk_server *server, uint32_t rank, uint64_t out[2]);
 
 #endif

@@ -124,7 +124,14 @@ int rk_stream_open(rk_stream *s, int fd, const rk_rings *rings, struct rk_verbs 
     s->fd = fd;
     s->timeout = timeout;
     s->in_start = s->in_end = 0;
+    atomic_init(&s->sent_bytes, 0);
+    atomic_init(&s->received_bytes, 0);
     return 0;
+}
+
+void rk_stream_wire_bytes(rk_stream *s, uint64_t out[2]) {
+    out[0] = atomic_load_explicit(&s->sent_bytes, memory_order_relaxed);
+    out[1] = atomic_load_explicit(&s->received_bytes, memory_order_relaxed);
 }
 
 int rk_stream_buffered(const rk_stream *s) { return s->has_rings || s->verbs != NULL; }
@@ -312,7 +319,15 @@ static int ring_send(rk_stream *s, struct iovec *iov, int count, int *err) {
     return RK_OK;
 }
 
+static int recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *err);
+
 int rk_recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *err) {
+    int rc = recv_all(s, dst, length, at_start, err);
+    if (rc == RK_OK) atomic_fetch_add_explicit(&s->received_bytes, length, memory_order_relaxed);
+    return rc;
+}
+
+static int recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *err) {
     if (s->verbs) return rk_verbs_recv(s->verbs, &s->stop, dst, length, at_start, s->timeout, err);
     if (s->has_rings) return ring_recv(s, dst, length, at_start);
     size_t taken = rk_stream_take_buffered(s, dst, length);
@@ -342,11 +357,21 @@ int rk_recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *err) 
     return RK_OK;
 }
 
+static int send_all(rk_stream *s, struct iovec *iov, const uint32_t *lkeys, int count, int *err);
+
 int rk_send_all(rk_stream *s, struct iovec *iov, int count, int *err) {
     return rk_send_registered(s, iov, NULL, count, err);
 }
 
 int rk_send_registered(rk_stream *s, struct iovec *iov, const uint32_t *lkeys, int count, int *err) {
+    size_t total = 0;
+    for (int i = 0; i < count; i++) total += iov[i].iov_len;
+    int rc = send_all(s, iov, lkeys, count, err);
+    if (rc == RK_OK) atomic_fetch_add_explicit(&s->sent_bytes, total, memory_order_relaxed);
+    return rc;
+}
+
+static int send_all(rk_stream *s, struct iovec *iov, const uint32_t *lkeys, int count, int *err) {
     if (s->fd < 0) {              /* closed here */
         *err = EBADF;
         return RK_ERR_IO;
@@ -395,7 +420,7 @@ int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err) {
     if (s->verbs) {
         int rc = rk_verbs_wait_readable(s->verbs, &s->stop, 0, s->spin, err);
         if (rc) return rc;
-        rc = rk_verbs_recv(s->verbs, &s->stop, packed, RK_HEADER_SIZE, 1, s->timeout, err);
+        rc = rk_recv_all(s, packed, RK_HEADER_SIZE, 1, err);
         if (rc != RK_OK) return rc;
         rk_header_unpack(packed, h);
         *have_header = 1;
@@ -406,7 +431,7 @@ int rk_read_header(rk_stream *s, rk_header *h, int *have_header, int *err) {
     if (s->has_rings) {
         int rc = ring_wait(s, rdmakv_load_relaxed(&s->rings.in.ctl->tail), 0, s->spin);
         if (rc) return rc;
-        rc = ring_recv(s, packed, RK_HEADER_SIZE, 1);
+        rc = rk_recv_all(s, packed, RK_HEADER_SIZE, 1, err);
         if (rc != RK_OK) return rc;
         rk_header_unpack(packed, h);
         *have_header = 1;

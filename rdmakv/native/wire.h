@@ -120,12 +120,17 @@ typedef struct {
     char *in;                 /* RK_READ_BUFFER bytes read ahead: [in_start, in_end) are unread */
     size_t in_start, in_end;
     double spin;              /* seconds to poll for a message before sleeping in poll() (RDMAKV_SPIN_US) */
+    /* Bytes of frames that crossed the stream whole (headers, payloads, places), each
+     * way: what rk_send_all sent and what rk_recv_all and rk_read_header took in. */
+    _Atomic uint64_t sent_bytes, received_bytes;
 } rk_stream;
 
 /* Open the stream on fd (allocates the read buffer), over rings or a verbs stream
  * when one is given (borrowed: their owner frees them only after the stream's
  * threads are joined); 0 or ENOMEM. */
 int rk_stream_open(rk_stream *s, int fd, const rk_rings *rings, struct rk_verbs *verbs, double timeout);
+/* out[0]: bytes sent, out[1]: bytes received so far (sent_bytes, received_bytes). */
+void rk_stream_wire_bytes(rk_stream *s, uint64_t out[2]);
 /* Whether the stream has a buffer of its own whose room rk_stream_room tells (rings, verbs). */
 int rk_stream_buffered(const rk_stream *s);
 /* Bytes a send over rings or verbs can write now without waiting (0 over TCP). */

@@ -10,6 +10,8 @@
 #endif
 #include "worker_engine.h"
 
+#include "codec.h"
+
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +39,15 @@ typedef struct {
      * only as the round after it, since only then has every worker copied the
      * result that buffer held two rounds before (a cancelled round breaks the chain). */
     _Atomic uint64_t rounds_done;
+    /* Gradient compression (codec.h), set once before the key's first round: a
+     * pushpull's push leaves as the encoding of the chunk (the sender encodes it
+     * into `encoded`, the key's rounds never overlapping), and where the codec
+     * compresses the pull too, its result arrives encoded into `pulled`. */
+    int compressed;
+    struct rk_codec codec;
+    struct rk_codec_state state;
+    char *encoded, *pulled;
+    uint64_t max_encoded;
 } rk_chunk;
 
 struct rk_key {
@@ -217,7 +228,7 @@ static int pop_ready(rk_link *link, rk_item *out) {
         rk_chunk *chunk = &op->key->chunks[out->chunk];
         chunk->sent = 1;
         chunk->placed = link->stream.verbs && op->target_rkeys && op->target_rkeys[link->index] &&
-                        chunk->nbytes >= RK_ZERO_COPY_BYTES;
+                        chunk->nbytes >= RK_ZERO_COPY_BYTES && !chunk->compressed;
         link->unanswered++;
         if (out->credit) {
             chunk->credited = 1;
@@ -275,13 +286,21 @@ static void transmit(rk_link *link, const rk_item *items, int count, int may_add
         rk_key *key = op->key;
         rk_chunk *chunk = &key->chunks[items[i].chunk];
         int no_data = (op->flags & RK_FLAG_NO_DATA) != 0;
+        /* Only a pushpull's push is compressed: a broadcast's root value goes whole. */
+        int encode = chunk->compressed && op->flags == 0;
         rk_header h = {.magic = RK_MAGIC, .version = RK_VERSION, .op = RK_OP_PUSH, .dtype = key->dtype,
                        .flags = op->flags | (items[i].credit ? RK_FLAG_ACK : 0), .key = key->wire,
                        .chunk = items[i].chunk, .priority = op->priority, .round = op->round,
                        .length = no_data ? 0 : chunk->nbytes, .sender = link->engine->sender_rank};
-        int summed = may_add ? add_to_shared_sum(link, key, chunk, op) : 0;
+        int summed = may_add && !chunk->compressed ? add_to_shared_sum(link, key, chunk, op) : 0;
         if (summed == RK_STOPPED) rc = RK_STOPPED;
         if (summed == 1) h.flags |= RK_IN_PLACE;
+        const char *payload = op->source + chunk->offset;
+        if (encode && h.length) {
+            h.length = rk_codec_encode(&chunk->codec, &chunk->state, (const float *)payload, chunk->nbytes / 4,
+                                       chunk->encoded);
+            payload = chunk->encoded;
+        }
         if (chunk->placed) {              /* set by pop_ready: the link is verbs, the target registered */
             uint64_t at = (uintptr_t)(op->target + chunk->offset);
             memcpy(places[i], &at, 8);
@@ -296,9 +315,9 @@ static void transmit(rk_link *link, const rk_item *items, int count, int may_add
             iov[parts++] = (struct iovec){places[i], RK_PLACE_RESULT_SIZE};
         }
         if (h.length && summed != 1) {
-            uint32_t lkey = op->source_lkeys ? op->source_lkeys[link->index] : 0;
+            uint32_t lkey = op->source_lkeys && !encode ? op->source_lkeys[link->index] : 0;
             lkeys[parts] = chunk->nbytes >= RK_ZERO_COPY_BYTES ? lkey : 0;
-            iov[parts++] = (struct iovec){(char *)op->source + chunk->offset, h.length};
+            iov[parts++] = (struct iovec){(char *)payload, h.length};
         }
     }
     if (parts && rc == RK_OK) {
@@ -570,7 +589,10 @@ static int drop_payload(rk_link *link, uint64_t length, int *err);
  * shared one, from the place in the server's memory that the stream names; a
  * placed one is in dst already. */
 static int read_payload(rk_link *link, const rk_header *h, char *dst, int *err) {
-    if (h->shared & RK_PLACED) return RK_OK;
+    if (h->shared & RK_PLACED) {  /* it crossed the wire all the same */
+        atomic_fetch_add_explicit(&link->stream.received_bytes, h->length, memory_order_relaxed);
+        return RK_OK;
+    }
     if (!(h->shared & RK_SHARED_PAYLOAD)) {
         if (dst == NULL) return drop_payload(link, h->length, err);
         return rk_recv_all(&link->stream, dst, h->length, 0, err);
@@ -613,8 +635,10 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
                 pthread_mutex_unlock(&link->lock);
                 return RK_ERR_SHARED;
             }
-            if (h->length != chunk->nbytes) {
-                *limit = chunk->nbytes;
+            int encoded = chunk->pulled && chunk->op->flags == 0;
+            if (encoded ? h->length > chunk->max_encoded || (h->shared & RK_SHARED_PAYLOAD)
+                        : h->length != chunk->nbytes) {
+                *limit = encoded ? chunk->max_encoded : chunk->nbytes;
                 pthread_mutex_unlock(&link->lock);
                 return RK_ERR_RESULT_LENGTH;
             }
@@ -634,7 +658,21 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
         return read_payload(link, h, NULL, err);
     }
     pthread_mutex_unlock(&link->lock);
-    int rc = read_payload(link, h, op->target + chunk->offset, err);
+    int rc;
+    if (chunk->pulled && op->flags == 0) {
+        /* An encoded sum: into `pulled`, then decoded into the target. */
+        rc = rk_recv_all(&link->stream, chunk->pulled, h->length, 0, err);
+        if (rc == RK_OK) {
+            float *target = (float *)(op->target + chunk->offset);
+            memset(target, 0, chunk->nbytes);
+            if (rk_codec_decode_add(&chunk->codec, chunk->pulled, h->length, target, chunk->nbytes / 4)) {
+                *limit = chunk->max_encoded;
+                rc = RK_ERR_RESULT_LENGTH;
+            }
+        }
+    } else {
+        rc = read_payload(link, h, op->target + chunk->offset, err);
+    }
     int cleared = 0;
     if (rc == RK_OK) {
         pthread_mutex_lock(&link->lock);
@@ -839,6 +877,11 @@ void rk_engine_free(rk_engine *engine) {
     rk_key *key = engine->declared;
     while (key) {
         rk_key *next = key->next_declared;
+        for (uint32_t i = 0; i < key->nchunks; i++) {
+            rk_codec_state_free(&key->chunks[i].state);
+            free(key->chunks[i].encoded);
+            free(key->chunks[i].pulled);
+        }
         free(key->chunks);
         free(key);
         key = next;
@@ -851,6 +894,10 @@ void rk_engine_free(rk_engine *engine) {
 void rk_engine_set_spin(rk_engine *engine, double seconds) {
     engine->spin = seconds;
     for (uint32_t i = 0; i < engine->num_links; i++) engine->links[i].stream.spin = seconds;
+}
+
+void rk_link_wire_bytes(rk_engine *engine, uint32_t link, uint64_t out[2]) {
+    rk_stream_wire_bytes(&engine->links[link].stream, out);
 }
 
 uint64_t rk_link_summed_bytes(rk_engine *engine, uint32_t link) {
@@ -893,4 +940,17 @@ rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint
         return NULL;
     }
     return key;
+}
+
+int rk_engine_set_codec(rk_key *key, uint32_t index, const struct rk_codec *codec) {
+    rk_chunk *chunk = &key->chunks[index];
+    size_t count = chunk->nbytes / 4;
+    chunk->codec = *codec;
+    chunk->max_encoded = rk_codec_max_bytes(codec, count);
+    if (rk_codec_state_init(codec, &chunk->state, count, index)) return -1;
+    chunk->encoded = malloc(chunk->max_encoded ? chunk->max_encoded : 1);
+    if (rk_codec_compresses_pull(codec)) chunk->pulled = malloc(chunk->max_encoded ? chunk->max_encoded : 1);
+    if (chunk->encoded == NULL || (rk_codec_compresses_pull(codec) && chunk->pulled == NULL)) return -1;
+    chunk->compressed = 1;
+    return 0;
 }

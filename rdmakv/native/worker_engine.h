@@ -95,6 +95,10 @@ rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint
                           const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links);
 /* The key is refused: fail its pending ops with RK_DONE_KEY_FAILED, drop late results. */
 void rk_engine_fail_key(rk_engine *engine, rk_key *key);
+struct rk_codec;
+/* Compress the chunk's pushpulls with codec (float32 chunks; before the key's first
+ * round); 0, or -1 out of memory (what was allocated is freed with the engine). */
+int rk_engine_set_codec(rk_key *key, uint32_t index, const struct rk_codec *codec);
 
 /* ---- operations (the caller's thread, no GIL) ------------------------------ */
 void rk_op_init(rk_op *op, rk_engine *engine, rk_key *key, const char *source, char *target, int32_t priority,
@@ -132,6 +136,8 @@ uint32_t rk_op_owed(rk_op *op, uint32_t link, uint32_t *indices, uint32_t max);
 int rk_link_send(rk_engine *engine, uint32_t link, const char *header, const char *payload, size_t length,
                  int *err);
 /* Shared memory: push bytes the link added straight into the server's sums. */
+/* Bytes the link's stream sent (out[0]) and received (out[1]) since the engine took it. */
+void rk_link_wire_bytes(rk_engine *engine, uint32_t link, uint64_t out[2]);
 uint64_t rk_link_summed_bytes(rk_engine *engine, uint32_t link);
 /* The largest STATES payload the link's reader takes (set before asking for one). */
 void rk_link_allow_states(rk_engine *engine, uint32_t link, uint64_t limit);

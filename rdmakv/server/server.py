@@ -29,6 +29,7 @@ from rdmakv.control.engine_errors import engine_read_error, engine_stream_error
 from rdmakv.control.node import ControlLink, accept_peers
 from rdmakv.control.peer import Handler
 from rdmakv.core import netif, partition, protocol
+from rdmakv.core.compression import Compression, CompressionError
 from rdmakv.core.config import Config, machine_memory
 from rdmakv.core.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
 from rdmakv.core.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
@@ -84,12 +85,13 @@ class KeyRefused(ProtocolError):
 
 
 class KeyState:
-    __slots__ = ("key", "layout", "name", "declared_by", "disagreeing", "chunks", "error", "native")
+    __slots__ = ("key", "layout", "name", "declared_by", "disagreeing", "chunks", "error", "native", "compression")
 
     def __init__(self, key, layout):
         self.key = key
         self.layout = layout          # the declaration every worker must match
         self.name = layout["name"]
+        self.compression = Compression.from_wire(layout["compression"])
         self.declared_by = set()      # ranks of the workers that declared it
         self.disagreeing = {}         # rank -> its declaration, where it differs from the first
         self.chunks = []              # the ChunkStates this server holds
@@ -100,7 +102,7 @@ class KeyState:
 class ChunkState:
     __slots__ = ("key_state", "index", "nbytes", "dtype_code", "dtype", "lock", "filled", "filling", "round",
                  "pushed", "opened", "has_data", "flags", "buffers", "_allocate", "regions", "weight", "native",
-                 "snapshots", "rounds")
+                 "snapshots", "rounds", "codec", "encoder", "pulled")
 
     def __init__(self, key_state, index, nbytes, dtype_code, allocate):
         self.key_state = key_state
@@ -123,6 +125,18 @@ class ChunkState:
         self.native = None            # the chunk as the server's native engine knows it
         self.snapshots = None         # asynchronous mode: each worker's reply (buffers[0] is the stored value)
         self.rounds = None            # asynchronous mode, Python data path: each worker's next round
+        self.codec = None             # a compressed chunk's Codec: pushpulls arrive encoded
+        self.encoder = None           # where the codec compresses the pull: the sum's encoder (CodecState)
+        self.pulled = None            # and, per round buffer, the encoded sum (Python data path)
+
+    def push_limit(self, header):
+        """The bytes a push of this chunk may carry: exactly its size, or, a compressed
+        pushpull's, at most its codec's bound (RK_REFUSE_ENCODING's check is the decoder's)."""
+        if header.flags & FLAG_NO_DATA:
+            return 0, 0
+        if self.codec is not None and not header.flags & FLAG_BROADCAST:
+            return min(1, self.nbytes), self.codec.max_bytes(self.nbytes // 4)
+        return self.nbytes, self.nbytes
 
     @property
     def stream(self):
@@ -187,8 +201,9 @@ class WorkerLink:
             raise engine_stream_error(code, err, "send to", connection.peer, self.server.config.timeout)
 
     def offer_slot(self, chunk, rnd):
-        """Let the worker write its push of round rnd straight into its slot (verbs)."""
-        if self.places:
+        """Let the worker write its push of round rnd straight into its slot (verbs); not a
+        compressed chunk's, whose pushes are encodings of any size up to the codec's bound."""
+        if self.places and chunk.codec is None:
             self.peer.offer(protocol.tag(Op.PUSH, chunk.key_state.key, chunk.index, rnd), self.slot_for(chunk))
 
     def reply(self, priority, op, payload, **fields):
@@ -435,6 +450,8 @@ class ParameterServer(Handler):
                     f"disagree on the root")
         if code == _t.REFUSE_SUM_STALLED:
             return self._sum_stalled(name, header.chunk, rank)
+        if code == _t.REFUSE_ENCODING:
+            return self._not_an_encoding(name, header, rank)
         return f"no worker sent the root value for the broadcast of key {name!r}: the root rank is not a worker"
 
     def _update_summed(self, header):
@@ -530,7 +547,9 @@ class ParameterServer(Handler):
             return None
         if header.op == Op.PUSH or header.op == Op.INIT:
             chunk = self._chunks.get((header.key, header.chunk))
-            if chunk is None or header.length != chunk.nbytes:
+            if chunk is not None:
+                lowest, highest = chunk.push_limit(header) if header.op == Op.PUSH else (chunk.nbytes, chunk.nbytes)
+            if chunk is None or not lowest <= header.length <= highest:
                 # A refused key (a worker whose layout differs from the first one's,
                 # or one that did not fit): its pushes are taken in (within what the
                 # worker declared) and refused, and the connection kept for its other keys.
@@ -540,11 +559,14 @@ class ParameterServer(Handler):
                     raise ProtocolError(f"{protocol.op_name(header.op)} for undeclared key {header.key} "
                                         f"chunk {header.chunk}")
                 raise ProtocolError(f"{protocol.op_name(header.op)} of {header.length} bytes for key "
-                                    f"{chunk.key_state.name!r} chunk {chunk.index}, declared {chunk.nbytes}")
-            if header.op == Op.PUSH and link.places:
+                                    f"{chunk.key_state.name!r} chunk {chunk.index} from worker {link.rank}, "
+                                    f"declared {chunk.nbytes}"
+                                    + (f" ({chunk.key_state.compression.kind}: at most {highest} bytes encoded)"
+                                       if highest != chunk.nbytes else ""))
+            if header.op == Op.PUSH and link.places and chunk.codec is None:
                 return link.slot_for(chunk)
             if (header.op == Op.PUSH and chunk.regions is None and chunk.snapshots is None
-                    and self._native is None):
+                    and self._native is None and chunk.codec is None):
                 # The round's first contribution lands straight in its result buffer;
                 # later ones land in the connection's scratch buffer and are added.
                 # (Shared sums take pushes from co-located workers ready-summed.)
@@ -711,7 +733,7 @@ class ParameterServer(Handler):
         pieces = partition.pieces(math.prod(layout["shape"]) * itemsize, layout["chunk_bytes"])
         placed = partition.place(layout["key"], pieces, self.num_servers)
         declared = {"name": layout["name"], "dtype": layout["dtype"], "shape": layout["shape"],
-                    "chunk_bytes": layout["chunk_bytes"]}
+                    "chunk_bytes": layout["chunk_bytes"], "compression": layout.get("compression")}
         return declared, [chunk for chunk in placed if chunk.server == self.rank]
 
     def _add_key(self, key, declared, here):
@@ -720,11 +742,17 @@ class ParameterServer(Handler):
         another worker's declaration may have recorded meanwhile."""
         # Two round buffers per chunk; in asynchronous mode, the stored value and a reply per worker.
         copies = 1 + self.num_workers if self.config.mode == "async" else 2
-        cost = KEY_COST + sum(CHUNK_COST + copies * chunk.nbytes for chunk in here)
         state = KeyState(key, declared)
+        # A compressed chunk's link scratch may grow to its codec's bound, and an
+        # encoded sum per round buffer where the pull is compressed too.
+        codecs = [state.compression.for_server().codec(chunk.nbytes // 4) if state.compression.active else None
+                  for chunk in here]
+        cost = KEY_COST + sum(CHUNK_COST + copies * chunk.nbytes for chunk in here) + sum(
+            codec.max_bytes(chunk.nbytes // 4) * (3 if codec.compresses_pull else 1)
+            for codec, chunk in zip(codecs, here) if codec is not None)
         if self.budget.charge(cost):
             try:
-                self._allocate_chunks(state, here)
+                self._allocate_chunks(state, here, codecs)
             except OSError as exc:        # out of memory or descriptors: keep only the refusal
                 state.chunks = []
                 state.error = f"server {self.rank} could not allocate key {state.name!r} ({_human_bytes(cost)}): {exc}"
@@ -763,17 +791,26 @@ class ParameterServer(Handler):
             places = [(r.number, r.offset) for r in chunk.regions] if chunk.regions is not None else None
             chunk.native = self._native.add_chunk(state.native, chunk.index, chunk.dtype_code, chunk.buffer(0),
                                                   chunk.buffer(1), places)
+            if chunk.codec is not None:
+                self._native.set_codec(chunk.native, chunk.codec)
 
     def _over_budget(self, need):
         return (f"{need} of server {self.rank}'s memory, but {_human_bytes(self.budget.used)} of its "
                 f"{_human_bytes(self.budget.limit)} budget (RDMAKV_SERVER_MEMORY) is already committed: "
                 f"set RDMAKV_SERVER_MEMORY higher on the servers, or add servers")
 
-    def _allocate_chunks(self, state, here):
+    def _allocate_chunks(self, state, here, codecs):
         code = protocol.DTYPE_CODES[state.layout["dtype"]]
-        for piece in here:
+        for piece, codec in zip(here, codecs):
             chunk = ChunkState(state, piece.index, piece.nbytes, code, self._allocate)
             state.chunks.append(chunk)
+            if codec is not None:
+                # Private sums: an encoded push is decoded into the sum by the server, never
+                # added in place by a co-located worker (summing.py).
+                chunk.codec = codec
+                if codec.compresses_pull:
+                    chunk.encoder = _t.CodecState(codec, piece.nbytes // 4, piece.index)
+                continue
             if self.config.mode == "async":
                 # Private memory, not sums co-located workers add into: a push must be
                 # answered with the value right after it, which only the server can copy
@@ -790,7 +827,8 @@ class ParameterServer(Handler):
         """Check a declaration's fields, before anything is computed from them."""
         name, dtype, shape, chunk_bytes = (layout.get(f) for f in ("name", "dtype", "shape", "chunk_bytes"))
         problem = None
-        if set(layout) != {"key", "name", "dtype", "shape", "chunk_bytes"}:
+        if not {"key", "name", "dtype", "shape", "chunk_bytes"} <= set(layout) <= {
+                "key", "name", "dtype", "shape", "chunk_bytes", "compression"}:
             problem = f"fields {sorted(map(str, layout))}"
         elif layout["key"] != key or not isinstance(key, int) or isinstance(key, bool) or not 0 <= key < 1 << 64:
             problem = f"a key that is not {key!r}, or not a wire key"
@@ -812,8 +850,24 @@ class ParameterServer(Handler):
             elif partition.chunk_count(nbytes, chunk_bytes) > protocol.MAX_KEY_CHUNKS:
                 problem = (f"{partition.chunk_count(nbytes, chunk_bytes)} chunks (a key may have at most "
                            f"{protocol.MAX_KEY_CHUNKS})")
+            else:
+                problem = self._compression_problem(layout.get("compression"), dtype)
         if problem:
             raise ProtocolError(f"DECLARE of key {name!r} ({key}) has {problem}")
+
+    def _compression_problem(self, wire, dtype):
+        """What is wrong with a declaration's compression, or None."""
+        try:
+            compression = Compression.from_wire(wire)
+            if compression.active:
+                if dtype != "float32":
+                    return f"compression {compression.kind!r} of a {dtype} key (float32 only)"
+                if self.config.mode == "async":
+                    return f"compression {compression.kind!r} in asynchronous mode"
+                compression.codec(1)      # implemented by this build
+        except (CompressionError, ValueError) as exc:
+            return f"compression that cannot be used: {exc}"
+        return None
 
     @staticmethod
     def _describe_mismatch(state, layout, rank):
@@ -821,7 +875,7 @@ class ParameterServer(Handler):
         if first["name"] != layout["name"]:
             return (f"keys {first['name']!r} and {layout['name']!r} hash to the same wire key {state.key}; "
                     f"rename one of them")
-        for field in ("dtype", "shape"):
+        for field in ("dtype", "shape", "compression"):
             if first[field] != layout[field]:
                 return (f"workers disagree on key {first['name']!r}: {field} {first[field]} "
                         f"(first declaration) vs {layout[field]} (worker {rank})")
@@ -903,6 +957,10 @@ class ParameterServer(Handler):
                 if chunk.regions is not None:
                     if not summed:
                         self._sum_shared(chunk, payload, link, name)
+                elif chunk.codec is not None and not broadcast:
+                    if chunk.nbytes and not summing.add_encoded(target, payload, chunk.codec,
+                                                                first=not chunk.has_data):
+                        raise KeyRefused(header.key, self._not_an_encoding(name, header, link.rank))
                 elif chunk.nbytes and not (direct and not chunk.has_data):   # a direct fill is in place
                     summing.add(target, payload, chunk.dtype_code, first=not chunk.has_data)
                 chunk.has_data = True
@@ -918,6 +976,8 @@ class ParameterServer(Handler):
                     self.updater.update(name, chunk.index, chunk.weight.view(chunk.dtype),
                                         target.view(chunk.dtype))
                     result = chunk.weight
+                if chunk.encoder is not None and not broadcast:
+                    result = summing.encode_sum(chunk, result)   # the sum, or the weight, as the pull takes it
                 rnd = chunk.round
                 if self.tracer:
                     self.tracer.stage("summed", key=name, chunk=chunk.index, round=rnd, priority=header.priority)
@@ -950,8 +1010,10 @@ class ParameterServer(Handler):
         if header.dtype != chunk.dtype_code:
             raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} as "
                                         f"{protocol.DTYPE_NAMES.get(header.dtype)}, declared {chunk.dtype}")
-        if (header.length != 0) if no_data else (header.length != chunk.nbytes):
-            raise ProtocolError(f"PUSH of key {name!r} chunk {chunk.index} has {header.length} bytes")
+        lowest, highest = chunk.push_limit(header)
+        if not lowest <= header.length <= highest:
+            raise ProtocolError(f"PUSH of key {name!r} chunk {chunk.index} from worker {link.rank} has "
+                                f"{header.length} bytes")
         if header.round != expected_round:
             raise KeyRefused(header.key, f"worker {link.rank} pushed round {header.round} of key {name!r}, "
                                         f"the server is at round {expected_round}")
@@ -1013,6 +1075,11 @@ class ParameterServer(Handler):
                                chunk.round, self.config.timeout)
         except TimeoutError:
             raise KeyRefused(chunk.key_state.key, self._sum_stalled(name, chunk.index, link.rank)) from None
+
+    @staticmethod
+    def _not_an_encoding(name, header, rank):
+        return (f"worker {rank} pushed key {name!r} chunk {header.chunk} round {header.round}: "
+                f"{header.length} bytes that are not an encoding of the chunk by its declared compression")
 
     def _sum_stalled(self, name, index, rank):
         return (f"the sum of key {name!r} chunk {index} stayed locked for {self.config.timeout:g} s while "

@@ -24,7 +24,13 @@ a co-located worker for its own push (push_in_place), which then sends only
 the push's header (Connection.send(in_place=True)).  Co-located workers thus
 write into the server's round buffers: same-user processes holding the cluster
 secret are trusted that far (RDMAKV_SHM=0 on a worker keeps it out).  Only a
-whole chunk of plain pushpull is added in place; broadcasts go as bytes."""
+whole chunk of plain pushpull is added in place; broadcasts go as bytes.
+
+Compressed chunks (rdmakv/core/compression.py, native/codec.c) are private
+sums: a pushpull's push arrives encoded and is decoded into the round's buffer
+(add_encoded; the engines: server_engine.c's contribute), never added in place
+by a worker; where the codec compresses the pull too, the finished sum is
+encoded (encode_sum) and that goes out.  A broadcast's value goes whole."""
 from rdmakv.core.protocol import FLAG_ACK
 from rdmakv.native import transport as _t
 
@@ -42,6 +48,29 @@ def add(target, payload, dtype_code, first):
         target[:] = payload
     else:
         _t.add_into(target, payload, dtype_code)
+
+
+def add_encoded(target, payload, codec, first):
+    """A compressed push decoded into a private sum (zeroed first by the round's
+    first contribution); False, the sum untouched, when payload is no encoding of it."""
+    if first:
+        target[:] = 0
+    try:
+        codec.decode_add(target, payload)
+    except ValueError:
+        return False
+    return True
+
+
+def encode_sum(chunk, target):
+    """The finished round's result in target (the sum, or an optimizer's weight), encoded
+    for the pull into its round buffer's own place (ChunkState.pulled): the bytes to send."""
+    slot = round_buffer(chunk.round)
+    if chunk.pulled is None:
+        chunk.pulled = [None] * ROUND_BUFFERS
+    if chunk.pulled[slot] is None:
+        chunk.pulled[slot] = bytearray(chunk.codec.max_bytes(chunk.nbytes // 4))
+    return memoryview(chunk.pulled[slot])[:chunk.encoder.encode(target, chunk.pulled[slot])]
 
 
 def contribute(region, source, dtype_code, rnd, timeout):

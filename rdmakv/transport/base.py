@@ -102,6 +102,15 @@ class Connection(abc.ABC):
     # Verbs streams: an MRCache on the connection's PD, in which a native engine
     # registers the buffers the peer's NIC reads from or writes into (zero copy).
     registrations = None
+    # Bytes of frames this connection sent and received whole (headers, payloads, MACs,
+    # a shared payload's place), counted under its send and receive locks.  A native
+    # engine that runs the link counts its own (Engine.wire_bytes, ServerEngine.wire_bytes).
+    sent_bytes = 0
+    received_bytes = 0
+
+    def wire_bytes(self):
+        """(bytes sent, bytes received) through this object so far."""
+        return self.sent_bytes, self.received_bytes
 
     @abc.abstractmethod
     def send(self, header, payload=None, in_place=False):

@@ -96,8 +96,10 @@ class TcpConnection(Connection):
         if in_place:
             raise ValueError("a TCP connection has no shared regions to send in place")
         with self._send_lock:
+            size = len(header) + (0 if payload is None else memoryview(payload).nbytes)
             if self._send_key is None:
                 self._io("send to", _t.send_frame, header, payload, self._timeout)
+                self.sent_bytes += size
                 return
             sequence = self._send_sequence
             sealed = header + self._tag(self._send_key, sequence, header)
@@ -107,12 +109,14 @@ class TcpConnection(Connection):
                 trailer = self._tag(self._send_key, sequence, payload)
             self._send_sequence = sequence + 1
             self._io("send to", _t.send_frame, sealed, payload, self._timeout, trailer)
+            self.sent_bytes += size + len(sealed) - len(header) + (0 if trailer is None else len(trailer))
 
     def recv_header(self, idle_timeout):
         with self._recv_lock:
             if not self._io("receive from", _t.wait_readable, idle_timeout):
                 return None
             self._io("receive from", _t.recv_into, self._header, self._timeout)
+            self.received_bytes += len(self._header)
             if self._recv_key is None:
                 return protocol.unpack(self._header)
             view = memoryview(self._header)
@@ -125,12 +129,14 @@ class TcpConnection(Connection):
                 view = memoryview(destination).cast("B")
                 taken = self.read_ahead(view)
                 if taken == len(view):
+                    self.received_bytes += header.length
                     return
                 destination = view[taken:]
             self._io("receive from", _t.recv_into, destination, self._timeout)
             if self._recv_key is not None:
                 self._io("receive from", _t.recv_into, self._received_tag, self._timeout)
                 self._check(destination, self._received_tag, "payload")
+            self.received_bytes += header.length + (0 if self._recv_key is None else TAG_BYTES)
 
     def _tag(self, key, sequence, data):
         """The MAC of one record: keyed BLAKE3 of its sequence number and its bytes."""

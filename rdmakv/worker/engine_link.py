@@ -37,6 +37,13 @@ class EngineLink(ServerLinkBase):
     def connected(self):
         return self.connection is not None
 
+    def wire_bytes(self):
+        """(bytes sent, bytes received) on this link: the engine's stream, and what
+        the connection moved itself before the engine took it."""
+        engine_sent, engine_received = self.store.engine.wire_bytes(self.rank)
+        sent, received = self.connection.wire_bytes()
+        return sent + engine_sent, received + engine_received
+
     @property
     def summed_bytes(self):
         """Push bytes added straight into the server's shared sums (shared memory)."""

@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from rdmakv.control import auth, standalone, trace
 from rdmakv.control.node import ControlLink
+from rdmakv.core import compression as compression_settings
 from rdmakv.core import netif, protocol
 from rdmakv.core.config import Config
 from rdmakv.core.errors import ClosedError, ConfigError, ConnectionClosed, RdmaKVError, RemoteError
@@ -40,7 +41,7 @@ from rdmakv.worker.barriers import Barriers
 from rdmakv.worker.engine_link import EngineLink
 from rdmakv.worker.fusion import FusedGroup, Fusion
 from rdmakv.worker.handles import GroupHandle, Handle, NativeHandle, T
-from rdmakv.worker.keys import DTYPE_CODE_OF, Key, KeyInfo, key_name, wire_key
+from rdmakv.worker.keys import DTYPE_CODE_OF, ChunkEncoder, Key, KeyInfo, key_name, wire_key
 from rdmakv.worker.links import DIRECT_SEND_BYTES, describe_owing
 from rdmakv.worker.server_link import ServerLink
 from rdmakv.worker.server_optimizer import ServerOptimizer
@@ -83,6 +84,10 @@ class KVStore:
     spin_us            microseconds the native engine polls for a message before sleeping; 0
     mode               sync (a pushpull returns the round's sum over all workers) or async (each
                        push is applied on arrival, the reply is the value then); sync
+    compression        (a keyword only) gradient compression of every float32 key declared by
+                       this store (a declare() may name its own): MXNet's {'type': '2bit',
+                       'threshold': t}, BytePS's compression_params, 'fp16', '2bit' or None
+                       (rdmakv/core/compression.py); None
 
     With no job setting at all (no role, scheduler, worker-count or rank
     variable or keyword), as in `python train.py` without a launcher, the
@@ -98,7 +103,9 @@ class KVStore:
     local_size: int
 
     def __init__(self, **settings: Any) -> None:
+        self._compression = compression_settings.parse(settings.pop("compression", None))
         self.config = Config.load(**{"role": "worker", **settings})
+        self._check_compression(self._compression)
         if self.config.role != "worker":
             raise ConfigError(f"KVStore runs on workers; DMLC_ROLE is {self.config.role!r}")
         self.transport, self.transport_reason = choose_transport(self.config.transport)
@@ -206,8 +213,10 @@ class KVStore:
                 # every other worker's pushes.
                 self._submit(key, np.empty_like(array), None, 0, FLAG_NO_DATA).wait()
 
-    def declare(self, key: Key, shape: Sequence[int], dtype: npt.DTypeLike) -> None:
-        """Declare key's shape and dtype without data (any thread, in any order)."""
+    def declare(self, key: Key, shape: Sequence[int], dtype: npt.DTypeLike, compression: Any = None) -> None:
+        """Declare key's shape and dtype without data (any thread, in any order).
+        compression: how its pushpulls are compressed (rdmakv/core/compression.py; 'none' for
+        none); None: the store's `compression` setting."""
         dtype = np.dtype(dtype)
         if dtype not in DTYPE_CODE_OF:
             order = " (not this machine's byte order)" if dtype.name in protocol.DTYPE_CODES else ""
@@ -216,7 +225,27 @@ class KVStore:
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape):
             raise ValueError(f"shape {shape} has a negative dimension")
-        self._declare(key, dtype, shape)
+        chosen = None if compression is None else compression_settings.parse(compression)
+        if chosen is not None:
+            self._check_compression(chosen)
+        self._declare(key, dtype, shape, chosen)
+
+    def set_compression(self, compression: Any) -> None:
+        """The compression of keys declared from now on without one of their own (see `compression`)."""
+        chosen = compression_settings.parse(compression)
+        self._check_compression(chosen)
+        self._compression = chosen
+
+    def wire_bytes(self) -> dict[str, int]:
+        """Bytes this worker's data-path connections sent and received so far, over every
+        server: {'sent': ..., 'received': ...} (frames whole: headers and payloads)."""
+        totals = {"sent": 0, "received": 0}
+        for link in self._links:
+            if link.connected:
+                sent, received = link.wire_bytes()
+                totals["sent"] += sent
+                totals["received"] += received
+        return totals
 
     def pushpull_async(self, key: Key, value: T, out: Optional[T] = None, priority: int = 0) -> Handle[T]:
         """Start summing value over all workers into out (default: into value); returns a Handle.
@@ -465,19 +494,31 @@ class KVStore:
         if self._failure is not None:
             raise self._failure
 
-    def _declare(self, key, dtype, shape):
+    def _declare(self, key, dtype, shape, compression=None):
         self._check_open()
         # Keys are only ever added, once announced: a known one needs no lock.
         info = self._keys.get(key) if type(key) is str or type(key) is int else None
         if info is None:
-            info = self._add_key(key, dtype, shape)
+            info = self._add_key(key, dtype, shape, compression)
         if info.dtype != dtype or info.shape != shape:
             raise ValueError(f"key {key_name(key)!r} was declared as {info.dtype}{list(info.shape)}, "
                              f"now used with {dtype}{list(shape)}")
+        if compression is not None and compression != info.compression:
+            raise ValueError(f"key {key_name(key)!r} was declared with compression {info.compression.kind!r}, "
+                             f"now with {compression.kind!r}")
         return info
 
-    def _add_key(self, key, dtype, shape):
+    def _check_compression(self, chosen):
+        if chosen.active and self.config.mode == "async":
+            raise ConfigError(f"gradient compression ({chosen.kind}) is not supported in asynchronous mode "
+                              f"(RDMAKV_MODE=async): the server would have to decode each push alone")
+
+    def _add_key(self, key, dtype, shape, compression=None):
         name = key_name(key)
+        compression = self._compression if compression is None else compression
+        if compression.active and dtype != np.float32:
+            raise TypeError(f"key {name!r} is {dtype}: gradient compression ({compression.kind}) takes float32 "
+                            f"keys only; declare it with compression='none'")
         with self._lock:
             info = self._keys.get(key)
             if info is not None:      # another thread declared it meanwhile
@@ -486,13 +527,18 @@ class KVStore:
             if wire in self._wire_keys:
                 raise ValueError(f"keys {self._wire_keys[wire].name!r} and {name!r} collide; rename one")
             info, layout = KeyInfo.lay_out(key, wire, len(self._keys), dtype, shape, self.config.partition_bytes,
-                                           self.num_servers)
+                                           self.num_servers, compression)
             chunks = info.chunks
+            codecs = info.codecs() if compression.active else []   # a kind this build lacks fails here
             # Every server sees every declaration, so they can check that all workers agree.
             if self._engine is not None:
                 info.engine_key = self._engine.add_key(wire, info.order, info.dtype_code,
                                                        [c.offset for c in chunks], [c.nbytes for c in chunks],
                                                        [c.server for c in chunks])
+                for index, codec in enumerate(codecs):
+                    self._engine.set_codec(info.engine_key, index, codec)
+            elif codecs:
+                info.encoders = [ChunkEncoder(codec, chunk) for codec, chunk in zip(codecs, chunks)]
             for link in self._links:
                 link.send(Op.DECLARE, layout)
             self._wire_keys[wire] = info

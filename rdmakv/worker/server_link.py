@@ -47,6 +47,10 @@ class ServerLink(ServerLinkBase, Handler):
     def send(self, op, payload=None, **fields):
         self.peer.send(op, payload, **fields)
 
+    def wire_bytes(self):
+        """(bytes sent, bytes received) on this link."""
+        return self.connection.wire_bytes()
+
     def owed(self, handle):
         """[(chunk index, the workers the server said it waits for, or None)] still owed for handle."""
         with self.ready:
@@ -59,8 +63,9 @@ class ServerLink(ServerLinkBase, Handler):
                 entry[4] = missing
 
     def enqueue(self, handle, chunk, source, destination):
-        # Before the push: the result can then be written straight into destination (verbs).
-        self.peer.offer(protocol.tag(Op.RESULT, handle.info.wire, chunk.index, handle.round), destination)
+        if self._pulled(handle, chunk.index) is None:
+            # Before the push: the result can then be written straight into destination (verbs).
+            self.peer.offer(protocol.tag(Op.RESULT, handle.info.wire, chunk.index, handle.round), destination)
         with self.ready:
             if self.error is not None:
                 raise self.error
@@ -105,7 +110,11 @@ class ServerLink(ServerLinkBase, Handler):
         payload = None if handle.flags & FLAG_NO_DATA else source
         flags = handle.flags | (FLAG_ACK if credited else 0)
         try:
-            in_place = self._sum_in_place(info, chunk, handle.round, flags, payload)
+            if info.encoders is not None and not handle.flags:   # a broadcast's value goes whole
+                payload = info.encoders[chunk.index].encode(payload)
+                in_place = False
+            else:
+                in_place = self._sum_in_place(info, chunk, handle.round, flags, payload)
             self.peer.send(Op.PUSH, payload, in_place, dtype=info.dtype_code, flags=flags, key=info.wire,
                            chunk=chunk.index, priority=handle.priority, round=handle.round,
                            sender=self.store.rank)
@@ -159,7 +168,23 @@ class ServerLink(ServerLinkBase, Handler):
         if entry is None:
             raise ProtocolError(f"{self.describe()} sent an unexpected result for key {header.key} "
                                 f"chunk {header.chunk} round {header.round}")
+        encoder = self._pulled(entry[0], header.chunk)
+        if encoder is not None:
+            # An encoded sum: taken in here, decoded into the destination by on_message.
+            if header.length > encoder.max_bytes:
+                raise ProtocolError(f"{self.describe()} sent a result of {header.length} bytes for key "
+                                    f"{entry[0].info.name!r} chunk {header.chunk}; its encoding takes at most "
+                                    f"{encoder.max_bytes}")
+            return memoryview(encoder.pulled)[:header.length]
         return entry[1]
+
+    @staticmethod
+    def _pulled(handle, index):
+        """The chunk's encoder when this round's result comes encoded (ChunkEncoder), else None."""
+        encoders = handle.info.encoders
+        if encoders is None or handle.flags or encoders[index].pulled is None:
+            return None
+        return encoders[index]
 
     def on_message(self, peer, header, payload):
         if header.op == Op.RESULT:
@@ -168,6 +193,16 @@ class ServerLink(ServerLinkBase, Handler):
                 if entry is not None:
                     self._return_credit(entry)
                     self.rounds_done[(header.key, header.chunk)] = header.round + 1
+            encoder = None if entry is None else self._pulled(entry[0], header.chunk)
+            if encoder is not None:
+                entry[1][:] = 0
+                try:
+                    encoder.codec.decode_add(entry[1], b"" if payload is None else payload)
+                except ValueError as exc:
+                    error = ProtocolError(f"{self.describe()} sent a result of key {entry[0].info.name!r} chunk "
+                                          f"{header.chunk} that is no encoding of it: {exc}")
+                    entry[0].finish(error)
+                    raise error from None
             if entry is not None:
                 if self.store.tracer:
                     self.store.tracer.stage("received", key=entry[0].info.name, chunk=header.chunk,

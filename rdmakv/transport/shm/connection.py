@@ -85,6 +85,7 @@ class ShmConnection(Connection):
                 header = _flagged(header, SHARED_PAYLOAD)
                 payload = PLACE.pack(segment.number, offset)
             self._io("send to", self._channel.send_frame, header, payload, self._timeout)
+            self.sent_bytes += len(header) + (0 if payload is None else memoryview(payload).nbytes)
 
     def _check_in_place(self, header, payload):
         """An in_place send must name a stream the peer exposed, with its size, and carry no bytes."""
@@ -101,6 +102,7 @@ class ShmConnection(Connection):
         with self._send_lock:
             header, body, _ = self.exposure(stream, buffers)
             self._io("send to", self._channel.send_frame, header, body, self._timeout)
+            self.sent_bytes += len(header) + len(body)
 
     def exposure(self, stream, buffers):
         """Share the segments of two buffers (from the listener's allocate())
@@ -131,6 +133,7 @@ class ShmConnection(Connection):
                 if not self._io("receive from", self._channel.wait_readable, idle_timeout):
                     return None
                 self._io("receive from", self._channel.recv_into, self._header, self._timeout)
+                self.received_bytes += len(self._header)
                 flags = _FLAGS.unpack_from(self._header, protocol.FLAGS_OFFSET)[0]
                 private = flags & PRIVATE_FLAGS
                 if private:
@@ -160,6 +163,7 @@ class ShmConnection(Connection):
             raise ProtocolError(f"receive from {self.peer}: a malformed shared-sum offer")
         raw = bytearray(EXPOSED.size)
         self._io("receive from", self._channel.recv_into, raw, self._timeout)
+        self.received_bytes += len(raw)
         even, even_offset, odd, odd_offset, nbytes = EXPOSED.unpack(raw)
         regions = []
         for number, offset in ((even, even_offset), (odd, odd_offset)):
@@ -186,11 +190,13 @@ class ShmConnection(Connection):
                     self._place_follows = False
                     place = bytearray(PLACE.size)
                     self._io("receive from", self._channel.recv_into, place, self._timeout)
+                    self.received_bytes += len(place)
                     number, offset = PLACE.unpack(place)
                     memory = self._peer_segment(number)
                     self._io("receive from", _t.copy_region, memory, offset, destination)
                 else:
                     self._io("receive from", self._channel.recv_into, destination, self._timeout)
+                    self.received_bytes += header.length
             except EndOfStream:
                 raise ConnectionClosed(f"receive from {self.peer}: the peer left mid-message") from None
 

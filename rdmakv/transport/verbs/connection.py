@@ -112,6 +112,7 @@ class VerbsConnection(Connection):
             n = view.nbytes
         if len(header) != protocol.HEADER_SIZE:
             raise ProtocolError(f"header is {len(header)} bytes, expected {protocol.HEADER_SIZE}")
+        self._count_sent(len(header) + n)
         if n <= EAGER_LIMIT:
             self._eager.send(header, view, n)
             return
@@ -131,10 +132,18 @@ class VerbsConnection(Connection):
         self._offers.offer(tag, buffer)
 
     def recv_header(self, idle_timeout):
-        return self._receiver.recv_header(idle_timeout)
+        header = self._receiver.recv_header(idle_timeout)
+        if header is not None:
+            self.received_bytes += protocol.HEADER_SIZE     # one reader at a time
+        return header
 
     def recv_payload(self, header, destination):
         self._receiver.recv_payload(header, destination)
+        self.received_bytes += header.length
+
+    def _count_sent(self, nbytes):
+        with self._state.cv:           # senders run concurrently here
+            self.sent_bytes += nbytes
 
     def readable_bytes(self):
         self._progress.reap_now()

@@ -144,17 +144,20 @@ class VerbsStreamConnection(Connection):
             raise ProtocolError(f"header is {len(header)} bytes, expected {protocol.HEADER_SIZE}")
         with self._send_lock:
             self._io("send to", self._stream.send_frame, header, payload, self._timeout)
+            self.sent_bytes += len(header) + (0 if payload is None else memoryview(payload).nbytes)
 
     def recv_header(self, idle_timeout):
         with self._recv_lock:
             if not self._io("receive from", self._stream.wait_readable, idle_timeout):
                 return None
             self._io("receive from", self._stream.recv_into, self._header, self._timeout)
+            self.received_bytes += len(self._header)
             return protocol.unpack(self._header)
 
     def recv_payload(self, header, destination):
         with self._recv_lock:
             self._io("receive from", self._stream.recv_into, destination, self._timeout)
+            self.received_bytes += header.length
 
     def readable_bytes(self):
         with self._recv_lock:
