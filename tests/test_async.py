@@ -104,7 +104,8 @@ def test_the_stored_value_starts_at_init_or_at_a_broadcast(async_cluster):
     def work(kv):
         kv.init("initialized", start if kv.rank == 0 else np.zeros(ELEMENTS, np.int32))
         kv.barrier()                  # as MXNet's init does: the starting value is in before any push
-        got = kv.broadcast("broadcast", root if kv.rank == 0 else np.zeros(ELEMENTS, np.int32))
+        # Rank 0's copy: its result lands in what it passes, which the other worker thread reads.
+        got = kv.broadcast("broadcast", root.copy() if kv.rank == 0 else np.zeros(ELEMENTS, np.int32))
         np.testing.assert_array_equal(got, root)
         for step in range(5):
             kv.pushpull("initialized", np.full(ELEMENTS, kv.rank + 1, np.int32))

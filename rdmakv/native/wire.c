@@ -176,6 +176,7 @@ size_t rk_stream_take_buffered(rk_stream *s, char *dst, size_t n) {
  * emptied: bytes read, 0 at end of stream, -1 with errno. */
 static ssize_t refill(rk_stream *s) {
     s->in_start = s->in_end = 0;
+    RK_OBSERVED(s);
     ssize_t n = recv(s->fd, s->in, RK_READ_BUFFER, MSG_DONTWAIT);
     if (n > 0) s->in_end = (size_t)n;
     return n;
@@ -322,6 +323,7 @@ int rk_recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *err) 
     double deadline = rk_now() + s->timeout;
     while (length > 0) {
         int direct = length >= RK_DIRECT_READ;   /* the buffer is empty here: what it held went first */
+        if (direct) RK_OBSERVED(s);
         ssize_t n = direct ? recv(s->fd, dst, length, MSG_DONTWAIT) : refill(s);
         if (n > 0) {
             at_start = 0;
@@ -352,7 +354,9 @@ int rk_send_all(rk_stream *s, struct iovec *iov, int count, int *err) {
     double deadline = rk_now() + s->timeout;
     while (count > 0) {
         struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)count};
+        RK_SENDING(s, iov, count);
         ssize_t n = sendmsg(s->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        RK_SENT();
         if (n >= 0) {
             size_t sent = (size_t)n;
             while (count > 0 && sent >= iov->iov_len) {

@@ -177,15 +177,36 @@ void rk_futex_wake(_Atomic uint32_t *word);
  * does with the answer it then reads from the other ring (writing the result,
  * perhaps into that same array).  The edge runs through the peer's process,
  * where ThreadSanitizer cannot see it; these tell it, per stream, and compile
- * to nothing in any other build.  (Over TCP the kernel does the reading.) */
+ * to nothing in any other build.
+ *
+ * Over TCP the kernel reads a send's bytes inside sendmsg, before any of them
+ * can reach the peer, but ThreadSanitizer's sendmsg checks those reads only
+ * once the call returns: by then an asynchronous server may have answered the
+ * batch's first chunk, and our reader written the answer into that chunk's
+ * array, while the call still sent the batch's last.  So the reads are checked
+ * before the call (RK_SENDING: then published, as a ring's are), not again
+ * after it (RK_SENT), and the reader observes the stream before each receive. */
 #if defined(__SANITIZE_THREAD__)
 void __tsan_acquire(void *addr);
 void __tsan_release(void *addr);
+void __tsan_read_range(void *addr, unsigned long size);
+void AnnotateIgnoreReadsBegin(const char *file, int line);
+void AnnotateIgnoreReadsEnd(const char *file, int line);
 #define RK_PUBLISHED(stream) __tsan_release(stream)
 #define RK_OBSERVED(stream) __tsan_acquire(stream)
+#define RK_SENDING(stream, iov, count)                                                  \
+    do {                                                                                \
+        for (int rk_part = 0; rk_part < (count); rk_part++)                             \
+            __tsan_read_range((iov)[rk_part].iov_base, (iov)[rk_part].iov_len);         \
+        __tsan_release(stream);                                                         \
+        AnnotateIgnoreReadsBegin(__FILE__, __LINE__);                                   \
+    } while (0)
+#define RK_SENT() AnnotateIgnoreReadsEnd(__FILE__, __LINE__)
 #else
 #define RK_PUBLISHED(stream) ((void)(stream))
 #define RK_OBSERVED(stream) ((void)(stream))
+#define RK_SENDING(stream, iov, count) ((void)(stream))
+#define RK_SENT() ((void)0)
 #endif
 
 /* ---- events for the control plane ------------------------------------------------ */
