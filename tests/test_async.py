@@ -27,8 +27,8 @@ def async_cluster(request, cluster_factory, monkeypatch):
     monkeypatch.setenv("RDMAKV_MODE", "async")
     monkeypatch.setenv("RDMAKV_ENGINE", request.param)
 
-    def make(workers=2, servers=2):
-        return cluster_factory(workers, servers, RDMAKV_PARTITION_BYTES=PARTITION)
+    def make(workers=2, servers=2, **env):
+        return cluster_factory(workers, servers, **{"RDMAKV_PARTITION_BYTES": PARTITION, **env})
     return make
 
 
@@ -254,3 +254,31 @@ def test_every_dtype_and_an_empty_key(async_cluster, dtype):
         for shape, final in zip(shapes, finals):
             expected = sum(value(rank, shape) for rank in range(2) for _ in range(3)).astype(dtype)
             np.testing.assert_array_equal(final, expected)
+
+
+def test_a_stalled_broadcast_names_the_workers_that_have_not_sent_their_part(async_cluster):
+    """Each server tells the workers waiting on a broadcast, by their own rounds (a
+    worker's rounds are its own in asynchronous mode), who has not sent a part."""
+    cluster = async_cluster(3, 2, RDMAKV_TIMEOUT=4)
+    done = threading.Event()
+
+    def work(kv):
+        if kv.rank == 2:              # alive and heartbeating, but no part of the broadcast
+            done.wait(60)
+            return None
+        try:
+            for step in range(kv.rank + 1):   # rank 0 and 1 reach the broadcast at different rounds
+                kv.pushpull("b", delta(kv.rank, step))
+            kv.broadcast("b", delta(0, 0))
+        finally:
+            if kv.rank == 0:
+                done.set()
+
+    _, errors = cluster.run_collect(work)
+    for rank in (0, 1):
+        error = errors[rank]
+        assert isinstance(error, rdmakv.PeerTimeout), error
+        message = str(error)
+        assert message.count("it has not received the push of worker 2 for this round") == 2, message
+        assert "worker 0" not in message and "worker 1" not in message, message
+

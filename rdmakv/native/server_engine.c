@@ -649,8 +649,8 @@ static void *reader_main(void *arg) {
 }
 
 /* ---- the control plane's queries ------------------------------------------------------- */
-uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *triples, uint64_t *pushed,
-                                uint32_t max) {
+uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *pairs, uint64_t *pushed,
+                                uint64_t *rounds, uint32_t max) {
     uint32_t found = 0;
     double now = rk_now();
     pthread_rwlock_rdlock(&server->table_lock);
@@ -660,10 +660,11 @@ uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *tr
         pthread_mutex_lock(&c->lock);
         if (c->pushes && !c->reported && now - c->opened >= patience) {
             c->reported = 1;
-            triples[3 * found] = c->key->wire;
-            triples[3 * found + 1] = c->index;
-            triples[3 * found + 2] = c->round;
+            pairs[2 * found] = c->key->wire;
+            pairs[2 * found + 1] = c->index;
             memcpy(pushed + (size_t)found * server->words, c->pushed, server->words * sizeof *pushed);
+            for (uint32_t r = 0; r < server->num_workers; r++)   /* a part is its worker's last push */
+                rounds[(size_t)found * server->num_workers + r] = c->rounds ? c->rounds[r] - 1 : c->round;
             found++;
         }
         pthread_mutex_unlock(&c->lock);

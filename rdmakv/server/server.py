@@ -326,14 +326,14 @@ class ParameterServer(Handler):
                      lambda: not self._stopped.is_set(), "worker", integrity=self.config.integrity)
 
     def _watch(self):
-        """Tell the workers waiting on a round that has been open for half of
-        RDMAKV_TIMEOUT whose pushes it still lacks, so that their timeout, if it
-        comes, names the culprit and not only this server."""
+        """Tell the workers waiting on a round (in asynchronous mode, a broadcast) that
+        has been open for half of RDMAKV_TIMEOUT whose pushes it still lacks, so that
+        their timeout, if it comes, names the culprit and not only this server."""
         patience = self.config.timeout / 2
         while not self._stopped.wait(min(1.0, patience / 4)):
             if self._native is not None:
-                for key, index, rnd, pushed in self._native.stale_rounds(patience):
-                    self._tell_waiting(key, index, rnd, set(pushed))
+                for key, index, rounds in self._native.stale_rounds(patience):
+                    self._tell_waiting(key, index, rounds)
                 continue
             now = time.monotonic()
             for chunk, rnd in list(self._open_rounds.items()):
@@ -344,15 +344,17 @@ class ParameterServer(Handler):
                     if now - chunk.opened < patience:
                         continue
                     self._open_rounds.pop(chunk, None)   # told once per round
-                    pushed = set(chunk.pushed)
-                self._tell_waiting(chunk.key_state.key, chunk.index, rnd, pushed)
+                    # In asynchronous mode each worker's rounds are its own: its part was its last push.
+                    rounds = {rank: rnd if chunk.rounds is None else chunk.rounds[rank] - 1 for rank in chunk.pushed}
+                self._tell_waiting(chunk.key_state.key, chunk.index, rounds)
 
-    def _tell_waiting(self, key, index, rnd, pushed):
-        missing = [rank for rank in range(self.num_workers) if rank not in pushed]
+    def _tell_waiting(self, key, index, rounds):
+        """rounds: {rank that pushed: the round its push belongs to}."""
+        missing = [rank for rank in range(self.num_workers) if rank not in rounds]
         with self._lock:
-            links = [self._links[rank] for rank in pushed if rank in self._links]
+            links = [(self._links[rank], rnd) for rank, rnd in rounds.items() if rank in self._links]
         notice = protocol.encode_json({"missing": missing})
-        for link in links:
+        for link, rnd in links:
             link.reply(1 << 30, Op.WAITING, notice, key=key, chunk=index, round=rnd)
 
     # ---- the native engine's events --------------------------------------
