@@ -50,6 +50,7 @@ enum rk_refusal {
     RK_REFUSE_NO_ROOT,         /* nobody sent the root value of a broadcast */
     RK_REFUSE_UNDECLARED,      /* the worker never declared the key: its link stops */
     RK_REFUSE_SUM_STALLED,     /* a shared sum's lock stayed held past the timeout (a co-located worker) */
+    RK_REFUSE_BROADCAST_OPEN,  /* asynchronous mode: a pushpull while the worker's broadcast part is open */
 };
 
 /* Verdicts of the control plane on a message it read itself. */

@@ -612,8 +612,8 @@ void rk_mailbox_post(rk_mailbox *m, rk_event *event) {
     pthread_mutex_unlock(&m->lock);
 }
 
-static void slice_from_now(struct timespec *until, double seconds) {
-    clock_gettime(CLOCK_REALTIME, until);   /* pthread_cond_timedwait's clock */
+void rk_realtime_in(struct timespec *until, double seconds) {
+    clock_gettime(CLOCK_REALTIME, until);
     until->tv_sec += (time_t)seconds;
     until->tv_nsec += (long)((seconds - (double)(time_t)seconds) * 1e9);
     if (until->tv_nsec >= 1000000000L) {
@@ -636,7 +636,7 @@ int rk_mailbox_post_bounded(rk_mailbox *m, rk_event *event, rk_stream *s) {
             break;
         }
         struct timespec until;
-        slice_from_now(&until, SLICE_MS / 1000.0);
+        rk_realtime_in(&until, SLICE_MS / 1000.0);
         pthread_cond_timedwait(&m->drained, &m->lock, &until);
     }
     if (rc == RK_OK) append(m, event);
@@ -647,7 +647,7 @@ int rk_mailbox_post_bounded(rk_mailbox *m, rk_event *event, rk_stream *s) {
 
 rk_event *rk_mailbox_next(rk_mailbox *m, double timeout) {
     struct timespec until;
-    slice_from_now(&until, timeout);
+    rk_realtime_in(&until, timeout);
     pthread_mutex_lock(&m->lock);
     while (m->head == NULL && !m->closing)
         if (pthread_cond_timedwait(&m->ready, &m->lock, &until) == ETIMEDOUT) break;

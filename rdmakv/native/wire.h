@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #include "_shm.h"
 
@@ -82,6 +83,8 @@ enum rk_error {
     RK_ERR_REFUSED,           /* the control plane refused the message: the stream stops */
     RK_ERR_CORRUPT,           /* shared memory: ring counters that cannot be (a bug or a hostile peer) */
     RK_ERR_SHARED,            /* shared memory: a frame's flags or places this link did not agree to */
+    RK_ERR_UNREAD,            /* (server, asynchronous mode) a push came while the worker left its
+                                 reply to the chunk's last one unread for the stream's timeout */
 };
 
 /* ---- a link's byte stream, every wait bounded ---------------------------------- */
@@ -163,6 +166,9 @@ void rk_segments_free(rk_segments *m);
 /* dst += src for count items of a dtype code (rdmakv/core/protocol.py); NULL for none. */
 typedef void (*rk_add_fn)(void *dst, const void *src, size_t count);
 rk_add_fn rk_adder(uint8_t dtype, size_t *itemsize);
+
+/* The CLOCK_REALTIME time `seconds` from now (pthread_cond_timedwait's clock). */
+void rk_realtime_in(struct timespec *until, double seconds);
 
 void rk_futex_wait(_Atomic uint32_t *word, uint32_t expected, double seconds);
 /* Wait for *word to leave `expected`: poll it for `spin` seconds (spinning, then

@@ -30,7 +30,7 @@ from rdmakv.control.node import ControlLink, accept_peers
 from rdmakv.control.peer import Handler
 from rdmakv.core import netif, partition, protocol
 from rdmakv.core.config import Config, machine_memory
-from rdmakv.core.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
+from rdmakv.core.errors import ConfigError, EndOfStream, PeerTimeout, ProtocolError, RdmaKVError
 from rdmakv.core.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.native import transport as _t
 from rdmakv.server import summing
@@ -136,6 +136,13 @@ class ChunkState:
         return self.buffers[slot]
 
 
+def unread_replies(worker, name, index, timeout):
+    """Asynchronous mode: a worker pushed a chunk again but left our reply to its last
+    push unread for RDMAKV_TIMEOUT (both data paths)."""
+    return PeerTimeout(f"{worker} pushed key {name!r} chunk {index} again but left the reply to its previous "
+                       f"push unread for {timeout:g} s (RDMAKV_TIMEOUT)")
+
+
 class WorkerLink:
     """A worker connection: its receive scratch buffer and its reply queue,
     served highest priority first by a sender thread."""
@@ -152,7 +159,10 @@ class WorkerLink:
         self.slots = {}               # ChunkState -> where this worker's pushes land (when places)
         self._queue = []
         self._order = itertools.count()
-        self._ready = threading.Condition()
+        lock = threading.Lock()
+        self._ready = threading.Condition(lock)   # the queue has work
+        self._sent = threading.Condition(lock)    # a counted reply left
+        self._unsent = {}             # asynchronous mode: ChunkState -> its replies not sent yet
         self._closed = False
         self._sending = False
         self._thread = threading.Thread(target=self._send_loop, daemon=True, name="rdmakv-reply")
@@ -191,19 +201,31 @@ class WorkerLink:
         if self.places:
             self.peer.offer(protocol.tag(Op.PUSH, chunk.key_state.key, chunk.index, rnd), self.slot_for(chunk))
 
-    def reply(self, priority, op, payload, **fields):
+    def reply(self, priority, op, payload, counted=None, **fields):
+        """counted: the asynchronous chunk a RESULT answers (see wait_sent)."""
         if self.server._native is not None:     # the engine's reply thread owns the stream's order
             self._send_through_engine(priority, op, payload, fields)
             return
         with self._ready:
+            if counted is not None:
+                self._unsent[counted] = self._unsent.get(counted, 0) + 1
             small = (payload is None or memoryview(payload).nbytes <= DIRECT_REPLY_BYTES
                      or (self.shares and self.server.listener.region(payload) is not None))
             if self._queue or self._sending or not small:
-                heapq.heappush(self._queue, (-priority, next(self._order), op, payload, fields))
+                heapq.heappush(self._queue, (-priority, next(self._order), op, payload, counted, fields))
                 self._ready.notify()
                 return
             self._sending = True      # nothing waits: answer from this thread, skipping a hand-off
-        self._transmit(priority, op, payload, fields)
+        self._transmit(priority, op, payload, counted, fields)
+
+    def wait_sent(self, chunk, timeout):
+        """Asynchronous mode, before taking this worker's push of chunk: wait until our
+        replies to its earlier ones have left.  A worker waits for each reply before it
+        pushes the chunk again, so only one that does not read them waits here (its
+        reader only), and what it makes us hold stays one copy per chunk."""
+        with self._sent:
+            if not self._sent.wait_for(lambda: not self._unsent.get(chunk) or self._closed, timeout):
+                raise unread_replies(self.peer.name, chunk.key_state.name, chunk.index, timeout)
 
     def _send_through_engine(self, priority, op, payload, fields):
         length = 0 if payload is None else memoryview(payload).nbytes
@@ -215,7 +237,7 @@ class WorkerLink:
                         engine_stream_error(code, err, "send to", connection.peer, self.server.config.timeout))
             connection.shut()
 
-    def _transmit(self, priority, op, payload, fields):
+    def _transmit(self, priority, op, payload, counted, fields):
         try:
             self.peer.send(op, payload, priority=priority, **fields)
         except RdmaKVError as exc:
@@ -224,6 +246,9 @@ class WorkerLink:
         finally:
             with self._ready:
                 self._sending = False
+                if counted is not None:   # sent, or never will be
+                    self._unsent[counted] -= 1
+                    self._sent.notify_all()
                 if self._queue:       # waking an idle reply thread would only cost a GIL hand-off
                     self._ready.notify()
 
@@ -234,14 +259,15 @@ class WorkerLink:
                     self._ready.wait()
                 if self._closed:
                     return
-                neg_priority, _, op, payload, fields = heapq.heappop(self._queue)
+                neg_priority, _, op, payload, counted, fields = heapq.heappop(self._queue)
                 self._sending = True
-            self._transmit(-neg_priority, op, payload, fields)
+            self._transmit(-neg_priority, op, payload, counted, fields)
 
     def close(self):
         with self._ready:
             self._closed = True
             self._ready.notify()
+            self._sent.notify_all()
         self.peer.close()
 
 
@@ -399,6 +425,8 @@ class ParameterServer(Handler):
             log.warning("reply to %s failed: %s", peer.name,
                         engine_stream_error(code, err, "send to", peer.connection.peer, self.config.timeout))
             peer.connection.shut()
+        elif code == _t.ERR_UNREAD:
+            peer.ended(unread_replies(peer.name, name, header.chunk, self.config.timeout))
         else:
             peer.ended(engine_read_error(code, err, limit, fields, peer.name, peer.connection.peer,
                                          self.config.timeout))
@@ -437,6 +465,8 @@ class ParameterServer(Handler):
                     f"disagree on the root")
         if code == _t.REFUSE_SUM_STALLED:
             return self._sum_stalled(name, header.chunk, rank)
+        if code == _t.REFUSE_BROADCAST_OPEN:
+            return self._broadcast_open(name, rank)
         return f"no worker sent the root value for the broadcast of key {name!r}: the root rank is not a worker"
 
     def _update_summed(self, header):
@@ -967,9 +997,14 @@ class ParameterServer(Handler):
         broadcast = header.flags & FLAG_BROADCAST
         stored = chunk.buffers[0]
         answers = []                  # (link, round, the value it gets)
+        link.wait_sent(chunk, self.config.timeout)
         with chunk.lock:
             # A departed worker stops only broadcasts, the one step that waits for everyone.
             self._check_push(chunk, link, header, no_data, chunk.rounds[link.rank], departed_refuses=broadcast)
+            if link.rank in chunk.pushed:
+                raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} chunk {chunk.index} twice "
+                                            f"in round {header.round}" if broadcast
+                                 else self._broadcast_open(name, link.rank))
             if broadcast and not no_data and chunk.has_data:
                 raise KeyRefused(header.key, f"more than one worker sent the root value for the "
                                             f"broadcast of key {name!r}: the workers disagree on the root")
@@ -1004,8 +1039,8 @@ class ParameterServer(Handler):
                     answers = [(other, chunk.rounds[other.rank] - 1, value) for other in links]
         link.offer_slot(chunk, header.round + 1)
         for other, rnd, value in answers:
-            other.reply(header.priority, Op.RESULT, value, key=header.key, chunk=chunk.index, round=rnd,
-                        dtype=chunk.dtype_code)
+            other.reply(header.priority, Op.RESULT, value, counted=chunk, key=header.key, chunk=chunk.index,
+                        round=rnd, dtype=chunk.dtype_code)
 
     def _sum_shared(self, chunk, payload, link, name):
         """Add a push that reached us through the connection into a sum that
@@ -1015,6 +1050,9 @@ class ParameterServer(Handler):
                                chunk.round, self.config.timeout)
         except TimeoutError:
             raise KeyRefused(chunk.key_state.key, self._sum_stalled(name, chunk.index, link.rank)) from None
+
+    def _broadcast_open(self, name, rank):
+        return f"worker {rank} pushpulled key {name!r} before its broadcast of that key completed"
 
     def _sum_stalled(self, name, index, rank):
         return (f"the sum of key {name!r} chunk {index} stayed locked for {self.config.timeout:g} s while "
