@@ -297,11 +297,12 @@ HOSTILE_ELEMENTS = 1 << 17        # int64: one chunk of 1 MiB, on the one server
 def join_as_worker(cluster, rank):
     """A raw peer takes worker rank's place: it joins through the scheduler (rdmakv's own
     ControlLink, which heartbeats) and opens an authenticated TCP connection to the server,
-    over which it says what it likes.  Returns (control link, data connection)."""
+    over which it says what it likes (its sends wait for 4 x RDMAKV_TIMEOUT, so that it is
+    the server that gives up first).  Returns (control link, data connection)."""
     config = Config.load(role="worker", **cluster.settings())
     control = ControlLink(config, tcp, "worker", lambda header, obj: None, lambda error: None)
     (host, port), = control.join("127.0.0.1", 0, rank)["servers"]
-    connection = auth.open_connection(tcp, host, port, None, config.timeout)
+    connection = auth.open_connection(tcp, host, port, None, 4 * config.timeout)
     connection.send(protocol.pack(Op.CONNECT, length=len(hello := protocol.encode_json({"rank": rank}))), hello)
     return control, connection
 
@@ -369,7 +370,7 @@ def test_a_worker_that_does_not_read_its_replies_holds_one_per_chunk_and_nobody_
     replies = [kv.pushpull("w", step.copy())[0] for _ in range(5)]    # not held back meanwhile
     assert replies == [2 + step for step in range(5)]
     for rnd in range(pushes):         # now read: each reply is the value right after its push
-        header, payload = next_message(connection, Op.RESULT, timeout)
+        header, payload = next_message(connection, Op.RESULT, 4 * timeout)
         reply = np.frombuffer(payload, np.int64)
         assert header.round == rnd and (reply == rnd + 1).all(), (rnd, header.round, np.unique(reply))
     pusher.join(timeout)
@@ -379,10 +380,13 @@ def test_a_worker_that_does_not_read_its_replies_holds_one_per_chunk_and_nobody_
     assert not cut_off, cut_off
     pusher = threading.Thread(target=push, args=(range(pushes, 2 * pushes),), daemon=True)
     pusher.start()
-    pusher.join(4 * timeout)
+    pusher.join(5 * timeout)
     assert cut_off, "the server kept taking pushes from a peer that reads no reply"
-    why = [line for line in cluster.logs[1] if "worker 1" in line and "unread" in line]
-    assert why and "key 'h' chunk 0" in why[0] and f"for {timeout:g} s (RDMAKV_TIMEOUT)" in why[0], why
+    deadline = time.monotonic() + timeout
+    while not (why := [line for line in cluster.logs[1] if "worker 1" in line and "unread" in line]):
+        assert time.monotonic() < deadline, (cut_off, list(cluster.logs[1]))
+        time.sleep(0.1)
+    assert "key 'h' chunk 0" in why[0] and f"for {timeout:g} s (RDMAKV_TIMEOUT)" in why[0], why
     assert kv.pushpull("w", step.copy())[0] == 7
     print(f"\nFIGURE a peer that does not read: server RSS +{grown >> 20} MiB when the peer had sent "
           f"{stalled_at} pushes of 1 MiB; then: {why[0]}")
