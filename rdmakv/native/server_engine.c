@@ -259,8 +259,8 @@ uint32_t rk_server_words_per_chunk(rk_server *server) {
 }
 
 /* ---- replies ----------------------------------------------------------------------- */
-static char *snapshot_of(const rk_schunk *chunk, uint32_t rank) {
-    return chunk->snapshots + (size_t)rank * chunk->nbytes;
+static char *snapshot_of(const rk_schunk *chunk, uint32_t rank) {   /* NULL for an empty chunk */
+    return chunk->snapshots ? chunk->snapshots + (size_t)rank * chunk->nbytes : NULL;
 }
 
 static void post(rk_server *server, uint32_t rank, uint32_t kind, int error, int sys_errno, const rk_header *h,
