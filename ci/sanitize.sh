@@ -63,10 +63,12 @@ run_build() {    # run_build SANITIZERS RUNTIMES... -- PYTEST ARGS...
 # Asynchronous mode's core cases (tests/test_async.py), over TCP and shared memory: on both
 # data paths under ASan, on the native one under TSan (the Python one runs little C of its own).
 # Not the MXNet case: under TSan, MXNet's fork handlers start threads in every child the test
-# process forks afterwards, which TSan does not support (the cluster's servers die).
+# process forks afterwards, which TSan does not support (the cluster's servers die).  Not the
+# stalled broadcast's: its 5 s RDMAKV_TIMEOUT bounds the join too, which a sanitized
+# scheduler on a loaded machine can miss (it checks Python's wording; the C is one query).
 async_asan=() async_tsan=()
 for test in test_a_stalled_worker_does_not_hold_back_the_others test_every_push_is_applied_once_while_workers_race \
-            test_the_stored_value_starts_at_init_or_at_a_broadcast test_a_stalled_broadcast_names_the_workers_that_have_not_sent_their_part \
+            test_the_stored_value_starts_at_init_or_at_a_broadcast \
             test_a_worker_that_does_not_read_its_replies_holds_one_per_chunk_and_nobody_back; do
     for transport in tcp shm; do
         async_tsan+=("tests/test_async.py::$test[$transport-native]")
