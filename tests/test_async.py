@@ -6,13 +6,21 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 
 import rdmakv
 from cluster import run_threads
+from rdmakv.control import auth
+from rdmakv.control.node import ControlLink
+from rdmakv.core import partition, protocol
+from rdmakv.core.config import Config
 from rdmakv.core.errors import RemoteError
+from rdmakv.core.protocol import Op
+from rdmakv.transport import tcp
+from rdmakv.worker.keys import wire_key
 
 pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 
@@ -27,8 +35,8 @@ def async_cluster(request, cluster_factory, monkeypatch):
     monkeypatch.setenv("RDMAKV_MODE", "async")
     monkeypatch.setenv("RDMAKV_ENGINE", request.param)
 
-    def make(workers=2, servers=2):
-        return cluster_factory(workers, servers, RDMAKV_PARTITION_BYTES=PARTITION)
+    def make(workers=2, servers=2, **env):
+        return cluster_factory(workers, servers, **{"RDMAKV_PARTITION_BYTES": PARTITION, **env})
     return make
 
 
@@ -104,7 +112,8 @@ def test_the_stored_value_starts_at_init_or_at_a_broadcast(async_cluster):
     def work(kv):
         kv.init("initialized", start if kv.rank == 0 else np.zeros(ELEMENTS, np.int32))
         kv.barrier()                  # as MXNet's init does: the starting value is in before any push
-        got = kv.broadcast("broadcast", root if kv.rank == 0 else np.zeros(ELEMENTS, np.int32))
+        # Rank 0's copy: its result lands in what it passes, which the other worker thread reads.
+        got = kv.broadcast("broadcast", root.copy() if kv.rank == 0 else np.zeros(ELEMENTS, np.int32))
         np.testing.assert_array_equal(got, root)
         for step in range(5):
             kv.pushpull("initialized", np.full(ELEMENTS, kv.rank + 1, np.int32))
@@ -253,3 +262,163 @@ def test_every_dtype_and_an_empty_key(async_cluster, dtype):
         for shape, final in zip(shapes, finals):
             expected = sum(value(rank, shape) for rank in range(2) for _ in range(3)).astype(dtype)
             np.testing.assert_array_equal(final, expected)
+
+
+def test_a_stalled_broadcast_names_the_workers_that_have_not_sent_their_part(async_cluster):
+    """Each server tells the workers waiting on a broadcast, by their own rounds (a
+    worker's rounds are its own in asynchronous mode), who has not sent a part."""
+    cluster = async_cluster(3, 2, RDMAKV_TIMEOUT=5)   # as tests/test_liveness.py: short, with room to join
+    done = threading.Event()
+
+    def work(kv):
+        if kv.rank == 2:              # alive and heartbeating, but no part of the broadcast
+            done.wait(60)
+            return None
+        try:
+            for step in range(kv.rank + 1):   # rank 0 and 1 reach the broadcast at different rounds
+                kv.pushpull("b", delta(kv.rank, step))
+            kv.broadcast("b", delta(0, 0))
+        finally:
+            if kv.rank == 0:
+                done.set()
+
+    _, errors = cluster.run_collect(work)
+    for rank in (0, 1):
+        error = errors[rank]
+        assert isinstance(error, rdmakv.PeerTimeout), error
+        message = str(error)
+        assert message.count("it has not received the push of worker 2 for this round") == 2, message
+        assert "worker 0" not in message and "worker 1" not in message, message
+
+
+HOSTILE_ELEMENTS = 1 << 17        # int64: one chunk of 1 MiB, on the one server
+
+
+def join_as_worker(cluster, rank):
+    """A raw peer takes worker rank's place: it joins through the scheduler (rdmakv's own
+    ControlLink, which heartbeats) and opens an authenticated TCP connection to the server,
+    over which it says what it likes (its sends wait for 4 x RDMAKV_TIMEOUT, so that it is
+    the server that gives up first).  Returns (control link, data connection)."""
+    config = Config.load(role="worker", **cluster.settings())
+    control = ControlLink(config, tcp, "worker", lambda header, obj: None, lambda error: None)
+    (host, port), = control.join("127.0.0.1", 0, rank)["servers"]
+    connection = auth.open_connection(tcp, host, port, None, 4 * config.timeout)
+    connection.send(protocol.pack(Op.CONNECT, length=len(hello := protocol.encode_json({"rank": rank}))), hello)
+    return control, connection
+
+
+def next_message(connection, op, timeout):
+    """The next message of op on a raw peer's connection (header, payload), past any other."""
+    while True:
+        header = connection.recv_header(timeout)
+        payload = bytearray(header.length)
+        if header.length:
+            connection.recv_payload(header, payload)
+        if header.op == op:
+            return header, payload
+
+
+def server_rss(cluster):
+    with open(f"/proc/{cluster.procs[1].pid}/status") as status:
+        return next(int(line.split()[1]) << 10 for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_does_not_read_its_replies_holds_one_per_chunk_and_nobody_back(async_cluster):
+    """A peer that pushes round after round and reads no reply: the server takes its next push
+    of a chunk only once the reply to the last one left, so it holds one reply per chunk for it
+    (not one per push), each reply is still the value right after its own push, the other
+    worker goes on meanwhile, and a peer that never reads is cut off after RDMAKV_TIMEOUT."""
+    if os.environ["RDMAKV_TRANSPORT"] != "tcp":
+        pytest.skip("the raw peer speaks TCP")
+    timeout = 8
+    cluster = async_cluster(2, 1, RDMAKV_TIMEOUT=timeout, RDMAKV_PARTITION_BYTES=HOSTILE_ELEMENTS * 8)
+    (kv, joined), errors = run_threads([lambda: rdmakv.KVStore(worker_id=0, **cluster.settings()),
+                                        lambda: join_as_worker(cluster, 1)])
+    assert errors == [None, None], errors
+    cluster.stores.append(kv)
+    control, connection = joined
+    nbytes = HOSTILE_ELEMENTS * 8
+    wire = wire_key("h")
+    layout = protocol.declaration(wire, "h", "int64", (HOSTILE_ELEMENTS,),
+                                  partition.chunk_size(nbytes, 8, cluster.settings()["partition_bytes"]))
+    connection.send(protocol.pack(Op.DECLARE, length=len(layout)), layout)
+    ones = np.ones(HOSTILE_ELEMENTS, np.int64)
+    step = np.ones(8, np.int64)       # worker 0's pushpulls: a small key of its own
+    kv.pushpull("w", step.copy())     # the server runs; its memory from here on is what the peer costs
+    rss = server_rss(cluster)
+    pushes = 120                      # 120 MiB: a reply copy kept per push would show
+    sent, cut_off = [], []
+
+    def push(rounds):
+        try:
+            for rnd in rounds:
+                connection.send(protocol.pack(Op.PUSH, key=wire, chunk=0, round=rnd, length=nbytes,
+                                              dtype=protocol.DTYPE_CODES["int64"]), ones)
+                sent.append(rnd)
+        except rdmakv.RdmaKVError as exc:
+            cut_off.append(exc)
+
+    pusher = threading.Thread(target=push, args=(range(pushes),), daemon=True)
+    pusher.start()
+    while pusher.is_alive():          # until its pushes are all in, or the server stops taking them
+        count = len(sent)
+        pusher.join(1.0)
+        if len(sent) == count:
+            break
+    grown, stalled_at = server_rss(cluster) - rss, len(sent)
+    replies = [kv.pushpull("w", step.copy())[0] for _ in range(5)]    # not held back meanwhile
+    assert replies == [2 + step for step in range(5)]
+    for rnd in range(pushes):         # now read: each reply is the value right after its push
+        header, payload = next_message(connection, Op.RESULT, 4 * timeout)
+        reply = np.frombuffer(payload, np.int64)
+        assert header.round == rnd and (reply == rnd + 1).all(), (rnd, header.round, np.unique(reply))
+    pusher.join(timeout)
+    assert not pusher.is_alive()
+    assert grown < 32 << 20, f"the server grew by {grown >> 20} MiB holding replies the peer did not read"
+    # A peer that never reads: its link is closed after RDMAKV_TIMEOUT, naming why: by its
+    # reader, the next push having waited that long for the reply before it to leave, or by
+    # its reply thread, that reply's send having made no progress that long (both wait, and
+    # which gives up first is timing).
+    assert not cut_off, cut_off
+    pusher = threading.Thread(target=push, args=(range(pushes, 2 * pushes),), daemon=True)
+    pusher.start()
+    pusher.join(5 * timeout)
+    assert cut_off, "the server kept taking pushes from a peer that reads no reply"
+    reasons = ("worker 1 pushed key 'h' chunk 0 again but left the reply to its previous push unread for "
+               f"{timeout:g} s (RDMAKV_TIMEOUT)", f"no progress for {timeout:g} s (RDMAKV_TIMEOUT)")
+    deadline = time.monotonic() + timeout
+    while not (why := [line for line in cluster.logs[1] if "worker 1" in line and any(r in line for r in reasons)]):
+        assert time.monotonic() < deadline, (cut_off, list(cluster.logs[1]))
+        time.sleep(0.1)
+    assert kv.pushpull("w", step.copy())[0] == 7
+    print(f"\nFIGURE a peer that does not read: server RSS +{grown >> 20} MiB when the peer had sent "
+          f"{stalled_at} pushes of 1 MiB; then: {why[0]}")
+    connection.close()
+    control.close()
+
+
+def test_a_pushpull_before_the_workers_own_broadcast_completed_is_refused(async_cluster):
+    """A worker's broadcast reply is written, for every worker, by whichever worker's part
+    comes last: one that pushpulls the key before its own broadcast of it completed (which no
+    KVStore does, its rounds of a key being in order) gets the key refused, naming why."""
+    if os.environ["RDMAKV_TRANSPORT"] != "tcp":
+        pytest.skip("the raw peer speaks TCP")
+    cluster = async_cluster(2, 1)
+    (kv, joined), errors = run_threads([lambda: rdmakv.KVStore(worker_id=0, **cluster.settings()),
+                                        lambda: join_as_worker(cluster, 1)])
+    assert errors == [None, None], errors
+    cluster.stores.append(kv)
+    control, connection = joined
+    wire, value = wire_key("c"), np.arange(4, dtype=np.int32)
+    layout = protocol.declaration(wire, "c", "int32", (4,), 16)
+    connection.send(protocol.pack(Op.DECLARE, length=len(layout)), layout)
+    code = protocol.DTYPE_CODES["int32"]
+    connection.send(protocol.pack(Op.PUSH, key=wire, chunk=0, round=0, dtype=code, flags=protocol.FLAG_BROADCAST,
+                                  length=16), value)
+    connection.send(protocol.pack(Op.PUSH, key=wire, chunk=0, round=1, dtype=code, length=16), value)
+    _, payload = next_message(connection, Op.ERROR, 10)
+    message = protocol.decode_json(bytes(payload))["message"]
+    assert message == "worker 1 pushpulled key 'c' before its broadcast of that key completed", message
+    connection.close()
+    control.close()

@@ -590,5 +590,5 @@ def test_rounds_left_open_are_reported_once_with_who_pushed(server_rig):
     deadline = __import__("time").monotonic() + TIMEOUT
     while not (stale := r.engine.stale_rounds(0.0)):
         assert __import__("time").monotonic() < deadline
-    assert stale == [(6, 0, 0, [2])]
+    assert stale == [(6, 0, {2: 0})]
     assert r.engine.stale_rounds(0.0) == []

@@ -171,6 +171,17 @@ def test_bench_overlap_quick(tmp_path):
     assert "overlap = both / max(transfer, compute)" in proc.stdout
 
 
+def test_bench_async_quick(tmp_path):
+    out = tmp_path / "async.json"
+    proc = _run("bench_async.py", "--quick", "--json", str(out), timeout=180)
+    report = json.loads(out.read_text())
+    assert list(report["modes"]) == ["sync", "async"]
+    for r in report["modes"].values():
+        assert r["status"] == "ok" and r["exact"], r
+        assert sorted(r["steps_per_s"]) == ["0", "1"] and r["fast_steps_per_s"] > 0
+    assert "fast workers, async / sync:" in proc.stdout
+
+
 def test_bench_transport_unknown_transport_is_an_error():
     proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_transport.py"), "--transport", "carrier-pigeon"],
                           capture_output=True, text=True, timeout=60)

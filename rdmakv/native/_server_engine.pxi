@@ -36,8 +36,8 @@ cdef extern from "server_engine.h" nogil:
     size_t rk_server_take_buffered(rk_server *server, uint32_t rank, char *dst, size_t n)
     void rk_server_answer(rk_server *server, uint32_t rank, int verdict)
     rk_event *rk_server_next_event(rk_server *server, double timeout)
-    uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *triples, uint64_t *pushed,
-                                    uint32_t max)
+    uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *pairs, uint64_t *pushed,
+                                    uint64_t *rounds, uint32_t max)
     int rk_server_key_has_pushes(rk_skey *key)
     uint32_t rk_server_words_per_chunk(rk_server *server)
     void rk_server_link_wire_bytes(rk_server *server, uint32_t rank, uint64_t *out)
@@ -46,7 +46,7 @@ cdef extern from "server_engine.h" nogil:
 VERDICT_CONTINUE, VERDICT_STOP = 1, 2
 # enum rk_refusal, for rdmakv/server/server.py's messages
 (REFUSE_KEY_FAILED, REFUSE_DEPARTED, REFUSE_DTYPE, REFUSE_ROUND, REFUSE_TWICE, REFUSE_MIXED, REFUSE_TWO_ROOTS,
- REFUSE_NO_ROOT, REFUSE_UNDECLARED, REFUSE_SUM_STALLED, REFUSE_ENCODING) = range(1, 12)
+ REFUSE_NO_ROOT, REFUSE_UNDECLARED, REFUSE_SUM_STALLED, REFUSE_ENCODING, REFUSE_BROADCAST_OPEN) = range(1, 13)
 
 
 cdef class ServerKey:
@@ -258,23 +258,29 @@ cdef class ServerEngine:
             event = rk_server_next_event(self.server, timeout)
         return _event_tuple(event)
 
-    def stale_rounds(self, double patience, uint32_t max_rounds=256):
-        """[(wire, chunk, round, ranks that pushed)] of rounds open for patience seconds, each once."""
+    def stale_rounds(self, double patience, uint32_t max_rounds=64):
+        """[(wire, chunk, {rank that pushed: the round its push belongs to})] of rounds open
+        for patience seconds (in asynchronous mode, a broadcast's: each worker has its own
+        round), each once."""
         cdef uint32_t words = rk_server_words_per_chunk(self.server)
-        cdef uint64_t *triples = <uint64_t *>malloc(3 * max_rounds * sizeof(uint64_t))
+        cdef uint32_t workers = self.num_workers
+        cdef uint64_t *pairs = <uint64_t *>malloc(2 * max_rounds * sizeof(uint64_t))
         cdef uint64_t *pushed = <uint64_t *>malloc(words * max_rounds * sizeof(uint64_t))
+        cdef uint64_t *rounds = <uint64_t *>malloc(max(workers, 1) * max_rounds * sizeof(uint64_t))
         cdef uint32_t found
         try:
-            if triples == NULL or pushed == NULL:
+            if pairs == NULL or pushed == NULL or rounds == NULL:
                 raise MemoryError("listing stale rounds")
             with nogil:             # a chunk's lock may be held while its shared sum's lock is awaited
-                found = rk_server_stale_rounds(self.server, patience, triples, pushed, max_rounds)
-            return [(triples[3 * i], triples[3 * i + 1], triples[3 * i + 2],
-                     [rank for rank in range(64 * words) if (pushed[i * words + rank // 64] >> (rank % 64)) & 1])
+                found = rk_server_stale_rounds(self.server, patience, pairs, pushed, rounds, max_rounds)
+            return [(pairs[2 * i], pairs[2 * i + 1],
+                     {rank: rounds[i * workers + rank] for rank in range(workers)
+                      if (pushed[i * words + rank // 64] >> (rank % 64)) & 1})
                     for i in range(found)]
         finally:
-            free(triples)
+            free(pairs)
             free(pushed)
+            free(rounds)
 
     def key_has_pushes(self, ServerKey key not None):
         cdef int any_pushes

@@ -1,7 +1,8 @@
 /* The server's native data plane (server_engine.h).  Locks, from outer to
  * inner: a chunk's lock (its round), then a link's lock (its reply queue),
  * then its send_lock (the socket's byte stream).  table_lock (the chunk
- * table) is never held with another. */
+ * table) is never held with another.  A link's reader waits (for its own
+ * worker to take a reply in, asynchronous mode) holding none. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -46,8 +47,14 @@ struct rk_schunk {
     uint32_t segments[2];
     uint64_t offsets[2];
     /* Asynchronous mode: buffers[0] is the stored value, and a worker's reply
-     * leaves from its own copy (snapshots + rank * nbytes). */
+     * leaves from its own copy (snapshots + rank * nbytes).  unsent counts, per
+     * worker, the replies that copy is written for and that are not sent yet:
+     * raised under the lock with the copy, lowered once the reply left (under
+     * the link's lock) or will never leave.  The copy is written only at zero,
+     * so nothing is sent from it while it changes, and a worker that does not
+     * read its replies holds at most one per chunk here. */
     char *snapshots;
+    _Atomic uint32_t *unsent;
     /* Verbs: where each worker asked for its result of a round to be written
      * (RK_PLACE_RESULT); entry `rank` is under that worker's link lock. */
     rk_place *places;
@@ -84,6 +91,7 @@ typedef struct {
     pthread_t reader, replier;
     pthread_mutex_t lock;
     pthread_cond_t ready;
+    pthread_cond_t sent;          /* a reply from a snapshot left (the reader may wait for it) */
     rk_queue queue;               /* replies: ref the chunk, tag the round */
     int sending;
     int send_failed;
@@ -182,6 +190,7 @@ static void free_chunk(rk_schunk *chunk) {
     free(chunk->pushed);
     free(chunk->places);
     free(chunk->rounds);
+    free(chunk->unsent);
     free(chunk);
 }
 
@@ -228,7 +237,8 @@ rk_schunk *rk_server_add_async_chunk(rk_server *server, rk_skey *key, uint32_t i
     rk_schunk *chunk = new_chunk(server);
     if (chunk == NULL) return NULL;
     chunk->rounds = calloc(server->num_workers ? server->num_workers : 1, sizeof *chunk->rounds);
-    if (chunk->rounds == NULL) {
+    chunk->unsent = calloc(server->num_workers ? server->num_workers : 1, sizeof *chunk->unsent);
+    if (chunk->rounds == NULL || chunk->unsent == NULL) {
         free_chunk(chunk);
         return NULL;
     }
@@ -288,6 +298,10 @@ uint32_t rk_server_words_per_chunk(rk_server *server) {
 }
 
 /* ---- replies ----------------------------------------------------------------------- */
+static char *snapshot_of(const rk_schunk *chunk, uint32_t rank) {   /* NULL for an empty chunk */
+    return chunk->snapshots ? chunk->snapshots + (size_t)rank * chunk->nbytes : NULL;
+}
+
 static void post(rk_server *server, uint32_t rank, uint32_t kind, int error, int sys_errno, const rk_header *h,
                  uint64_t limit) {
     rk_event *event = rk_event_new(rank, kind, error, sys_errno, h, limit);
@@ -344,6 +358,14 @@ static int place_result(rk_slink *link, const rk_item *item, int *placed, int *e
     return rc;
 }
 
+/* A reply left, or never will (the link's lock held): its snapshot may be written again. */
+static void sent_from_snapshot(rk_slink *link, const rk_item *item) {
+    rk_schunk *chunk = item->ref;
+    if (item->op != RK_OP_RESULT || chunk->unsent == NULL || item->data != snapshot_of(chunk, link->rank)) return;
+    atomic_fetch_sub(&chunk->unsent[link->rank], 1);
+    pthread_cond_broadcast(&link->sent);
+}
+
 /* Send popped replies with one sendmsg, then let the next sender in (the caller set link->sending). */
 static void transmit(rk_slink *link, const rk_item *items, int count) {
     char packed[RK_BATCH][RK_HEADER_SIZE];
@@ -380,6 +402,7 @@ static void transmit(rk_slink *link, const rk_item *items, int count) {
     pthread_mutex_lock(&link->lock);
     int report = rc != RK_OK && !link->send_failed;
     if (rc != RK_OK) link->send_failed = 1;
+    for (int i = 0; i < count; i++) sent_from_snapshot(link, &items[i]);   /* or never will be */
     link->sending = 0;
     if (link->queue.count) pthread_cond_signal(&link->ready);
     pthread_mutex_unlock(&link->lock);
@@ -397,6 +420,7 @@ static void reply(rk_slink *link, rk_item item) {
         place->rkey = 0;          /* one result per push */
     }
     if (link->send_failed || rk_queue_push(&link->queue, item)) {
+        sent_from_snapshot(link, &item);
         pthread_mutex_unlock(&link->lock);
         return;                   /* the control plane hears of the link's failure once */
     }
@@ -459,14 +483,18 @@ static void reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32
         if (atomic_load(&server->links[rank].active)) reply(&server->links[rank], item);
 }
 
-static char *snapshot_of(const rk_schunk *chunk, uint32_t rank) {
-    return chunk->snapshots + (size_t)rank * chunk->nbytes;
-}
-
 void rk_server_reply_one(rk_server *server, rk_schunk *chunk, uint32_t rank, uint64_t round, int32_t priority) {
     rk_item item = {.priority = priority, .ref = chunk, .tag = round, .data = snapshot_of(chunk, rank),
                     .op = RK_OP_RESULT};
-    if (rank < server->num_workers && atomic_load(&server->links[rank].active)) reply(&server->links[rank], item);
+    if (rank >= server->num_workers) return;
+    rk_slink *link = &server->links[rank];
+    if (atomic_load(&link->active)) {
+        reply(link, item);
+    } else {
+        pthread_mutex_lock(&link->lock);
+        sent_from_snapshot(link, &item);
+        pthread_mutex_unlock(&link->lock);
+    }
 }
 
 int rk_server_send(rk_server *server, uint32_t rank, const char *header, const char *payload, size_t length,
@@ -518,11 +546,38 @@ static int async_refusal(rk_server *server, rk_schunk *chunk, const rk_header *h
     *limit = h->dtype == chunk->dtype ? chunk->rounds[rank] : chunk->dtype;
     if (h->dtype != chunk->dtype) return RK_REFUSE_DTYPE;
     if (h->round != chunk->rounds[rank]) return RK_REFUSE_ROUND;
+    /* (Its broadcast's reply is written into its snapshot by whichever worker comes last.) */
+    if (worker_bit(chunk->pushed, rank)) return broadcast ? RK_REFUSE_TWICE : RK_REFUSE_BROADCAST_OPEN;
     if (!broadcast) return 0;
     if (atomic_load(&server->departed)) return RK_REFUSE_DEPARTED;
-    if (worker_bit(chunk->pushed, rank)) return RK_REFUSE_TWICE;
     if (!(h->flags & RK_FLAG_NO_DATA) && chunk->has_data) return RK_REFUSE_TWO_ROOTS;
     return 0;
+}
+
+/* Asynchronous mode: wait (holding no lock) until the worker's replies from its
+ * snapshot of chunk have left: RK_OK, RK_STOPPED, or RK_ERR_UNREAD when it left
+ * one unread for the stream's timeout (it stops this link only). */
+static int wait_snapshot_sent(rk_slink *link, rk_schunk *chunk) {
+    _Atomic uint32_t *unsent = &chunk->unsent[link->rank];
+    double deadline = rk_now() + link->stream.timeout;
+    int rc = RK_OK;
+    pthread_mutex_lock(&link->lock);
+    while (atomic_load(unsent)) {
+        if (link->stream.stop) {
+            rc = RK_STOPPED;
+            break;
+        }
+        double left = deadline - rk_now();
+        if (left <= 0) {
+            rc = RK_ERR_UNREAD;
+            break;
+        }
+        struct timespec until;
+        rk_realtime_in(&until, left < 0.1 ? left : 0.1);   /* re-check the stop flag */
+        pthread_cond_timedwait(&link->sent, &link->lock, &until);
+    }
+    pthread_mutex_unlock(&link->lock);
+    return rc;
 }
 
 /* Asynchronous mode: apply a push (its payload in the link's scratch) and answer
@@ -535,10 +590,20 @@ static int take_async_push(rk_slink *link, rk_schunk *chunk, const rk_header *h)
     int with_optimizer = atomic_load(&server->optimizer) && !broadcast;
     uint64_t limit = 0;
     uint64_t *answered = NULL;    /* a completed broadcast: each worker's round */
-    pthread_mutex_lock(&chunk->lock);
-    int refused = async_refusal(server, chunk, h, rank, &limit);
+    int refused;
+    for (;;) {
+        pthread_mutex_lock(&chunk->lock);
+        refused = async_refusal(server, chunk, h, rank, &limit);
+        /* A worker waits for a reply before its next push of the chunk: only one
+         * that does not read them finds the last still unsent, and waits here. */
+        if (refused || atomic_load(&chunk->unsent[rank]) == 0) break;
+        pthread_mutex_unlock(&chunk->lock);
+        int rc = wait_snapshot_sent(link, chunk);
+        if (rc) return rc;
+    }
     if (!refused && !broadcast) {
         chunk->rounds[rank]++;
+        atomic_fetch_add(&chunk->unsent[rank], 1);   /* answered by us, or by the optimizer's reply_one */
         if (with_optimizer) {
             /* The control plane applies it (RK_EVENT_PUSHED), holding this lock, and
              * answers from the same buffer. */
@@ -571,7 +636,9 @@ static int take_async_push(rk_slink *link, rk_schunk *chunk, const rk_header *h)
                 }
                 for (uint32_t r = 0; r < server->num_workers; r++) {
                     answered[r] = chunk->rounds[r] - 1;   /* its broadcast part was its last push */
+                    /* (It had waited for its earlier replies to leave before its part counted.) */
                     if (chunk->nbytes) memcpy(snapshot_of(chunk, r), chunk->buffers[0], chunk->nbytes);
+                    atomic_fetch_add(&chunk->unsent[r], 1);
                 }
             }
             memset(chunk->pushed, 0, server->words * sizeof *chunk->pushed);
@@ -766,8 +833,8 @@ static void *reader_main(void *arg) {
 }
 
 /* ---- the control plane's queries ------------------------------------------------------- */
-uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *triples, uint64_t *pushed,
-                                uint32_t max) {
+uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *pairs, uint64_t *pushed,
+                                uint64_t *rounds, uint32_t max) {
     uint32_t found = 0;
     double now = rk_now();
     pthread_rwlock_rdlock(&server->table_lock);
@@ -777,10 +844,11 @@ uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *tr
         pthread_mutex_lock(&c->lock);
         if (c->pushes && !c->reported && now - c->opened >= patience) {
             c->reported = 1;
-            triples[3 * found] = c->key->wire;
-            triples[3 * found + 1] = c->index;
-            triples[3 * found + 2] = c->round;
+            pairs[2 * found] = c->key->wire;
+            pairs[2 * found + 1] = c->index;
             memcpy(pushed + (size_t)found * server->words, c->pushed, server->words * sizeof *pushed);
+            for (uint32_t r = 0; r < server->num_workers; r++)   /* a part is its worker's last push */
+                rounds[(size_t)found * server->num_workers + r] = c->rounds ? c->rounds[r] - 1 : c->round;
             found++;
         }
         pthread_mutex_unlock(&c->lock);
@@ -825,6 +893,7 @@ rk_server *rk_server_new(uint32_t num_workers, double timeout, uint64_t direct_b
         link->stream.timeout = timeout;
         pthread_mutex_init(&link->lock, NULL);
         pthread_cond_init(&link->ready, NULL);
+        pthread_cond_init(&link->sent, NULL);
         pthread_mutex_init(&link->send_lock, NULL);
         pthread_mutex_init(&link->verdict_lock, NULL);
         pthread_cond_init(&link->verdict_ready, NULL);
@@ -867,6 +936,7 @@ void rk_server_close(rk_server *server) {
         pthread_mutex_lock(&link->lock);
         __atomic_store_n(&link->stream.stop, 1, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&link->ready);
+        pthread_cond_broadcast(&link->sent);
         pthread_mutex_unlock(&link->lock);
         pthread_mutex_lock(&link->verdict_lock);
         pthread_cond_broadcast(&link->verdict_ready);

@@ -51,6 +51,7 @@ enum rk_refusal {
     RK_REFUSE_UNDECLARED,      /* the worker never declared the key: its link stops */
     RK_REFUSE_SUM_STALLED,     /* a shared sum's lock stayed held past the timeout (a co-located worker) */
     RK_REFUSE_ENCODING,        /* a compressed push that is no encoding of the chunk (codec.h) */
+    RK_REFUSE_BROADCAST_OPEN,  /* asynchronous mode: a pushpull while the worker's broadcast part is open */
 };
 
 /* Verdicts of the control plane on a message it read itself. */
@@ -113,11 +114,13 @@ size_t rk_server_take_buffered(rk_server *server, uint32_t rank, char *dst, size
 void rk_server_answer(rk_server *server, uint32_t rank, int verdict);
 rk_event *rk_server_next_event(rk_server *server, double timeout);
 
-/* Rounds open longer than `patience` seconds and not reported yet: fills up to max
- * (wire, chunk, round) triples and the pushed bitmaps (words_per_chunk words each);
+/* Rounds open longer than `patience` seconds and not reported yet (a broadcast's, in
+ * asynchronous mode): fills up to max (wire, chunk) pairs, the pushed bitmaps
+ * (words_per_chunk words each) and the round each worker's push there belongs to
+ * (num_workers each: the chunk's round; in asynchronous mode the worker's own);
  * returns how many were found.  Each is reported once. */
-uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *triples, uint64_t *pushed,
-                                uint32_t max);
+uint32_t rk_server_stale_rounds(rk_server *server, double patience, uint64_t *pairs, uint64_t *pushed,
+                                uint64_t *rounds, uint32_t max);
 /* Whether any chunk of the key has pushes in its open round. */
 int rk_server_key_has_pushes(rk_skey *key);
 uint32_t rk_server_words_per_chunk(rk_server *server);

@@ -183,6 +183,7 @@ size_t rk_stream_take_buffered(rk_stream *s, char *dst, size_t n) {
  * emptied: bytes read, 0 at end of stream, -1 with errno. */
 static ssize_t refill(rk_stream *s) {
     s->in_start = s->in_end = 0;
+    RK_OBSERVED(s);
     ssize_t n = recv(s->fd, s->in, RK_READ_BUFFER, MSG_DONTWAIT);
     if (n > 0) s->in_end = (size_t)n;
     return n;
@@ -337,6 +338,7 @@ static int recv_all(rk_stream *s, char *dst, size_t length, int at_start, int *e
     double deadline = rk_now() + s->timeout;
     while (length > 0) {
         int direct = length >= RK_DIRECT_READ;   /* the buffer is empty here: what it held went first */
+        if (direct) RK_OBSERVED(s);
         ssize_t n = direct ? recv(s->fd, dst, length, MSG_DONTWAIT) : refill(s);
         if (n > 0) {
             at_start = 0;
@@ -381,7 +383,9 @@ static int send_all(rk_stream *s, struct iovec *iov, const uint32_t *lkeys, int 
     double deadline = rk_now() + s->timeout;
     while (count > 0) {
         struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)count};
+        RK_SENDING(s, iov, count);
         ssize_t n = sendmsg(s->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        RK_SENT();
         if (n >= 0) {
             size_t sent = (size_t)n;
             while (count > 0 && sent >= iov->iov_len) {
@@ -638,8 +642,8 @@ void rk_mailbox_post(rk_mailbox *m, rk_event *event) {
     pthread_mutex_unlock(&m->lock);
 }
 
-static void slice_from_now(struct timespec *until, double seconds) {
-    clock_gettime(CLOCK_REALTIME, until);   /* pthread_cond_timedwait's clock */
+void rk_realtime_in(struct timespec *until, double seconds) {
+    clock_gettime(CLOCK_REALTIME, until);
     until->tv_sec += (time_t)seconds;
     until->tv_nsec += (long)((seconds - (double)(time_t)seconds) * 1e9);
     if (until->tv_nsec >= 1000000000L) {
@@ -662,7 +666,7 @@ int rk_mailbox_post_bounded(rk_mailbox *m, rk_event *event, rk_stream *s) {
             break;
         }
         struct timespec until;
-        slice_from_now(&until, SLICE_MS / 1000.0);
+        rk_realtime_in(&until, SLICE_MS / 1000.0);
         pthread_cond_timedwait(&m->drained, &m->lock, &until);
     }
     if (rc == RK_OK) append(m, event);
@@ -673,7 +677,7 @@ int rk_mailbox_post_bounded(rk_mailbox *m, rk_event *event, rk_stream *s) {
 
 rk_event *rk_mailbox_next(rk_mailbox *m, double timeout) {
     struct timespec until;
-    slice_from_now(&until, timeout);
+    rk_realtime_in(&until, timeout);
     pthread_mutex_lock(&m->lock);
     while (m->head == NULL && !m->closing)
         if (pthread_cond_timedwait(&m->ready, &m->lock, &until) == ETIMEDOUT) break;

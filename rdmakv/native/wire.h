@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #include "_shm.h"
 
@@ -89,6 +90,8 @@ enum rk_error {
     RK_ERR_REFUSED,           /* the control plane refused the message: the stream stops */
     RK_ERR_CORRUPT,           /* shared memory: ring counters that cannot be (a bug or a hostile peer) */
     RK_ERR_SHARED,            /* shared memory: a frame's flags or places this link did not agree to */
+    RK_ERR_UNREAD,            /* (server, asynchronous mode) a push came while the worker left its
+                                 reply to the chunk's last one unread for the stream's timeout */
 };
 
 /* ---- a link's byte stream, every wait bounded ---------------------------------- */
@@ -179,6 +182,9 @@ void rk_segments_free(rk_segments *m);
 typedef void (*rk_add_fn)(void *dst, const void *src, size_t count);
 rk_add_fn rk_adder(uint8_t dtype, size_t *itemsize);
 
+/* The CLOCK_REALTIME time `seconds` from now (pthread_cond_timedwait's clock). */
+void rk_realtime_in(struct timespec *until, double seconds);
+
 void rk_futex_wait(_Atomic uint32_t *word, uint32_t expected, double seconds);
 /* Wait for *word to leave `expected`: poll it for `spin` seconds (spinning, then
  * yielding the CPU), then sleep on the futex in slices until `deadline`; 1 once it
@@ -192,15 +198,36 @@ void rk_futex_wake(_Atomic uint32_t *word);
  * does with the answer it then reads from the other ring (writing the result,
  * perhaps into that same array).  The edge runs through the peer's process,
  * where ThreadSanitizer cannot see it; these tell it, per stream, and compile
- * to nothing in any other build.  (Over TCP the kernel does the reading.) */
+ * to nothing in any other build.
+ *
+ * Over TCP the kernel reads a send's bytes inside sendmsg, before any of them
+ * can reach the peer, but ThreadSanitizer's sendmsg checks those reads only
+ * once the call returns: by then an asynchronous server may have answered the
+ * batch's first chunk, and our reader written the answer into that chunk's
+ * array, while the call still sent the batch's last.  So the reads are checked
+ * before the call (RK_SENDING: then published, as a ring's are), not again
+ * after it (RK_SENT), and the reader observes the stream before each receive. */
 #if defined(__SANITIZE_THREAD__)
 void __tsan_acquire(void *addr);
 void __tsan_release(void *addr);
+void __tsan_read_range(void *addr, unsigned long size);
+void AnnotateIgnoreReadsBegin(const char *file, int line);
+void AnnotateIgnoreReadsEnd(const char *file, int line);
 #define RK_PUBLISHED(stream) __tsan_release(stream)
 #define RK_OBSERVED(stream) __tsan_acquire(stream)
+#define RK_SENDING(stream, iov, count)                                                  \
+    do {                                                                                \
+        for (int rk_part = 0; rk_part < (count); rk_part++)                             \
+            __tsan_read_range((iov)[rk_part].iov_base, (iov)[rk_part].iov_len);         \
+        __tsan_release(stream);                                                         \
+        AnnotateIgnoreReadsBegin(__FILE__, __LINE__);                                   \
+    } while (0)
+#define RK_SENT() AnnotateIgnoreReadsEnd(__FILE__, __LINE__)
 #else
 #define RK_PUBLISHED(stream) ((void)(stream))
 #define RK_OBSERVED(stream) ((void)(stream))
+#define RK_SENDING(stream, iov, count) ((void)(stream))
+#define RK_SENT() ((void)0)
 #endif
 
 /* ---- events for the control plane ------------------------------------------------ */

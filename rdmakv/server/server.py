@@ -31,7 +31,7 @@ from rdmakv.control.peer import Handler
 from rdmakv.core import netif, partition, protocol
 from rdmakv.core.compression import Compression, CompressionError
 from rdmakv.core.config import Config, machine_memory
-from rdmakv.core.errors import ConfigError, EndOfStream, ProtocolError, RdmaKVError
+from rdmakv.core.errors import ConfigError, EndOfStream, PeerTimeout, ProtocolError, RdmaKVError
 from rdmakv.core.protocol import FLAG_ACK, FLAG_BROADCAST, FLAG_NO_DATA, Op
 from rdmakv.native import transport as _t
 from rdmakv.server import summing
@@ -150,6 +150,13 @@ class ChunkState:
         return self.buffers[slot]
 
 
+def unread_replies(worker, name, index, timeout):
+    """Asynchronous mode: a worker pushed a chunk again but left our reply to its last
+    push unread for RDMAKV_TIMEOUT (both data paths)."""
+    return PeerTimeout(f"{worker} pushed key {name!r} chunk {index} again but left the reply to its previous "
+                       f"push unread for {timeout:g} s (RDMAKV_TIMEOUT)")
+
+
 class WorkerLink:
     """A worker connection: its receive scratch buffer and its reply queue,
     served highest priority first by a sender thread."""
@@ -166,7 +173,10 @@ class WorkerLink:
         self.slots = {}               # ChunkState -> where this worker's pushes land (when places)
         self._queue = []
         self._order = itertools.count()
-        self._ready = threading.Condition()
+        lock = threading.Lock()
+        self._ready = threading.Condition(lock)   # the queue has work
+        self._sent = threading.Condition(lock)    # a counted reply left
+        self._unsent = {}             # asynchronous mode: ChunkState -> its replies not sent yet
         self._closed = False
         self._sending = False
         self._thread = threading.Thread(target=self._send_loop, daemon=True, name="rdmakv-reply")
@@ -206,19 +216,31 @@ class WorkerLink:
         if self.places and chunk.codec is None:
             self.peer.offer(protocol.tag(Op.PUSH, chunk.key_state.key, chunk.index, rnd), self.slot_for(chunk))
 
-    def reply(self, priority, op, payload, **fields):
+    def reply(self, priority, op, payload, counted=None, **fields):
+        """counted: the asynchronous chunk a RESULT answers (see wait_sent)."""
         if self.server._native is not None:     # the engine's reply thread owns the stream's order
             self._send_through_engine(priority, op, payload, fields)
             return
         with self._ready:
+            if counted is not None:
+                self._unsent[counted] = self._unsent.get(counted, 0) + 1
             small = (payload is None or memoryview(payload).nbytes <= DIRECT_REPLY_BYTES
                      or (self.shares and self.server.listener.region(payload) is not None))
             if self._queue or self._sending or not small:
-                heapq.heappush(self._queue, (-priority, next(self._order), op, payload, fields))
+                heapq.heappush(self._queue, (-priority, next(self._order), op, payload, counted, fields))
                 self._ready.notify()
                 return
             self._sending = True      # nothing waits: answer from this thread, skipping a hand-off
-        self._transmit(priority, op, payload, fields)
+        self._transmit(priority, op, payload, counted, fields)
+
+    def wait_sent(self, chunk, timeout):
+        """Asynchronous mode, before taking this worker's push of chunk: wait until our
+        replies to its earlier ones have left.  A worker waits for each reply before it
+        pushes the chunk again, so only one that does not read them waits here (its
+        reader only), and what it makes us hold stays one copy per chunk."""
+        with self._sent:
+            if not self._sent.wait_for(lambda: not self._unsent.get(chunk) or self._closed, timeout):
+                raise unread_replies(self.peer.name, chunk.key_state.name, chunk.index, timeout)
 
     def _send_through_engine(self, priority, op, payload, fields):
         length = 0 if payload is None else memoryview(payload).nbytes
@@ -230,7 +252,7 @@ class WorkerLink:
                         engine_stream_error(code, err, "send to", connection.peer, self.server.config.timeout))
             connection.shut()
 
-    def _transmit(self, priority, op, payload, fields):
+    def _transmit(self, priority, op, payload, counted, fields):
         try:
             self.peer.send(op, payload, priority=priority, **fields)
         except RdmaKVError as exc:
@@ -239,6 +261,9 @@ class WorkerLink:
         finally:
             with self._ready:
                 self._sending = False
+                if counted is not None:   # sent, or never will be
+                    self._unsent[counted] -= 1
+                    self._sent.notify_all()
                 if self._queue:       # waking an idle reply thread would only cost a GIL hand-off
                     self._ready.notify()
 
@@ -249,14 +274,15 @@ class WorkerLink:
                     self._ready.wait()
                 if self._closed:
                     return
-                neg_priority, _, op, payload, fields = heapq.heappop(self._queue)
+                neg_priority, _, op, payload, counted, fields = heapq.heappop(self._queue)
                 self._sending = True
-            self._transmit(-neg_priority, op, payload, fields)
+            self._transmit(-neg_priority, op, payload, counted, fields)
 
     def close(self):
         with self._ready:
             self._closed = True
             self._ready.notify()
+            self._sent.notify_all()
         self.peer.close()
 
 
@@ -341,14 +367,14 @@ class ParameterServer(Handler):
                      lambda: not self._stopped.is_set(), "worker", integrity=self.config.integrity)
 
     def _watch(self):
-        """Tell the workers waiting on a round that has been open for half of
-        RDMAKV_TIMEOUT whose pushes it still lacks, so that their timeout, if it
-        comes, names the culprit and not only this server."""
+        """Tell the workers waiting on a round (in asynchronous mode, a broadcast) that
+        has been open for half of RDMAKV_TIMEOUT whose pushes it still lacks, so that
+        their timeout, if it comes, names the culprit and not only this server."""
         patience = self.config.timeout / 2
         while not self._stopped.wait(min(1.0, patience / 4)):
             if self._native is not None:
-                for key, index, rnd, pushed in self._native.stale_rounds(patience):
-                    self._tell_waiting(key, index, rnd, set(pushed))
+                for key, index, rounds in self._native.stale_rounds(patience):
+                    self._tell_waiting(key, index, rounds)
                 continue
             now = time.monotonic()
             for chunk, rnd in list(self._open_rounds.items()):
@@ -359,15 +385,17 @@ class ParameterServer(Handler):
                     if now - chunk.opened < patience:
                         continue
                     self._open_rounds.pop(chunk, None)   # told once per round
-                    pushed = set(chunk.pushed)
-                self._tell_waiting(chunk.key_state.key, chunk.index, rnd, pushed)
+                    # In asynchronous mode each worker's rounds are its own: its part was its last push.
+                    rounds = {rank: rnd if chunk.rounds is None else chunk.rounds[rank] - 1 for rank in chunk.pushed}
+                self._tell_waiting(chunk.key_state.key, chunk.index, rounds)
 
-    def _tell_waiting(self, key, index, rnd, pushed):
-        missing = [rank for rank in range(self.num_workers) if rank not in pushed]
+    def _tell_waiting(self, key, index, rounds):
+        """rounds: {rank that pushed: the round its push belongs to}."""
+        missing = [rank for rank in range(self.num_workers) if rank not in rounds]
         with self._lock:
-            links = [self._links[rank] for rank in pushed if rank in self._links]
+            links = [(self._links[rank], rnd) for rank, rnd in rounds.items() if rank in self._links]
         notice = protocol.encode_json({"missing": missing})
-        for link in links:
+        for link, rnd in links:
             link.reply(1 << 30, Op.WAITING, notice, key=key, chunk=index, round=rnd)
 
     # ---- the native engine's events --------------------------------------
@@ -412,6 +440,8 @@ class ParameterServer(Handler):
             log.warning("reply to %s failed: %s", peer.name,
                         engine_stream_error(code, err, "send to", peer.connection.peer, self.config.timeout))
             peer.connection.shut()
+        elif code == _t.ERR_UNREAD:
+            peer.ended(unread_replies(peer.name, name, header.chunk, self.config.timeout))
         else:
             peer.ended(engine_read_error(code, err, limit, fields, peer.name, peer.connection.peer,
                                          self.config.timeout))
@@ -452,6 +482,8 @@ class ParameterServer(Handler):
             return self._sum_stalled(name, header.chunk, rank)
         if code == _t.REFUSE_ENCODING:
             return self._not_an_encoding(name, header, rank)
+        if code == _t.REFUSE_BROADCAST_OPEN:
+            return self._broadcast_open(name, rank)
         return f"no worker sent the root value for the broadcast of key {name!r}: the root rank is not a worker"
 
     def _update_summed(self, header):
@@ -1027,9 +1059,14 @@ class ParameterServer(Handler):
         broadcast = header.flags & FLAG_BROADCAST
         stored = chunk.buffers[0]
         answers = []                  # (link, round, the value it gets)
+        link.wait_sent(chunk, self.config.timeout)
         with chunk.lock:
             # A departed worker stops only broadcasts, the one step that waits for everyone.
             self._check_push(chunk, link, header, no_data, chunk.rounds[link.rank], departed_refuses=broadcast)
+            if link.rank in chunk.pushed:
+                raise KeyRefused(header.key, f"worker {link.rank} pushed key {name!r} chunk {chunk.index} twice "
+                                            f"in round {header.round}" if broadcast
+                                 else self._broadcast_open(name, link.rank))
             if broadcast and not no_data and chunk.has_data:
                 raise KeyRefused(header.key, f"more than one worker sent the root value for the "
                                             f"broadcast of key {name!r}: the workers disagree on the root")
@@ -1064,8 +1101,8 @@ class ParameterServer(Handler):
                     answers = [(other, chunk.rounds[other.rank] - 1, value) for other in links]
         link.offer_slot(chunk, header.round + 1)
         for other, rnd, value in answers:
-            other.reply(header.priority, Op.RESULT, value, key=header.key, chunk=chunk.index, round=rnd,
-                        dtype=chunk.dtype_code)
+            other.reply(header.priority, Op.RESULT, value, counted=chunk, key=header.key, chunk=chunk.index,
+                        round=rnd, dtype=chunk.dtype_code)
 
     def _sum_shared(self, chunk, payload, link, name):
         """Add a push that reached us through the connection into a sum that
@@ -1080,6 +1117,9 @@ class ParameterServer(Handler):
     def _not_an_encoding(name, header, rank):
         return (f"worker {rank} pushed key {name!r} chunk {header.chunk} round {header.round}: "
                 f"{header.length} bytes that are not an encoding of the chunk by its declared compression")
+
+    def _broadcast_open(self, name, rank):
+        return f"worker {rank} pushpulled key {name!r} before its broadcast of that key completed"
 
     def _sum_stalled(self, name, index, rank):
         return (f"the sum of key {name!r} chunk {index} stayed locked for {self.config.timeout:g} s while "
