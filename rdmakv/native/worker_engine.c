@@ -36,6 +36,9 @@ typedef struct {
      * only as the round after it, since only then has every worker copied the
      * result that buffer held two rounds before (a cancelled round breaks the chain). */
     _Atomic uint64_t rounds_done;
+    /* One push per host: the host's sums of this chunk (even, odd rounds; _shm.h),
+     * in memory the host's workers share; NULL where its pushes go as they are. */
+    char *host_sums[2];
 } rk_chunk;
 
 struct rk_key {
@@ -73,6 +76,7 @@ struct rk_link {
     size_t scratch_size;
     rk_segments segments;         /* shared memory: the server's memory files (the reader's) */
     _Atomic uint64_t summed_bytes;  /* shared memory: push bytes added straight into the server's sums */
+    int via_host;                 /* one push per host: its server is on another host */
 };
 
 struct rk_engine {
@@ -92,6 +96,8 @@ struct rk_engine {
     int closed;                   /* rk_engine_close ran: the links' descriptors are the caller's again */
     pid_t pid;                    /* the process that owns the threads */
     double spin;                  /* seconds a reader or a waiter polls before sleeping */
+    int host_role;                /* one push per host: RK_HOST_ROOT, RK_HOST_MEMBER, or 0 */
+    uint32_t host_others;         /* the root: how many other workers of its host contribute */
 };
 
 static void post_error(rk_link *link, uint32_t kind, int error, int sys_errno, const rk_header *h, uint64_t limit) {
@@ -258,6 +264,32 @@ static int add_to_shared_sum(rk_link *link, rk_key *key, rk_chunk *chunk, rk_op 
     return 1;
 }
 
+/* Whether op's push of chunk goes through the host's sum (one push per host):
+ * a plain pushpull of a chunk with data, to a server on another host. */
+static int via_host(const rk_link *link, const rk_chunk *chunk, const rk_op *op) {
+    return link->via_host && chunk->host_sums[0] && chunk->nbytes && op->flags == 0;
+}
+
+/* One push per host, before op's push of chunk is sent: a local worker adds it
+ * into the host's sum; the root waits for theirs, then adds its own.  RK_OK,
+ * RK_STOPPED (closing, or the op failed meanwhile: nothing is sent), or
+ * RK_ERR_HOST_STALLED. */
+static int host_push(rk_link *link, rk_key *key, rk_chunk *chunk, rk_op *op) {
+    rk_engine *engine = link->engine;
+    size_t itemsize = 1;
+    rk_add_fn add = rk_adder(key->dtype, &itemsize);
+    char *sum = chunk->host_sums[op->round % 2];
+    const char *source = op->source + chunk->offset;
+    int rc = engine->host_role == RK_HOST_ROOT
+                 ? rdmakv_host_complete(sum, source, chunk->nbytes, (rdmakv_add_fn)add, itemsize, op->round,
+                                        engine->host_others, engine->timeout, &link->stream.stop, &op->life,
+                                        RK_CLAIMED)
+                 : rdmakv_host_contribute(sum, source, chunk->nbytes, (rdmakv_add_fn)add, itemsize, op->round,
+                                          engine->timeout, &link->stream.stop);
+    if (rc == RDMAKV_SHM_TIMEOUT) return RK_ERR_HOST_STALLED;
+    return rc ? RK_STOPPED : RK_OK;
+}
+
 /* Send popped chunks with one sendmsg, drop their busy references, then let the
  * next sender in (the caller set link->sending).  may_add: pushes may be added
  * into offered sums (the sender thread; a submitting thread must not wait for a lock). */
@@ -274,12 +306,29 @@ static void transmit(rk_link *link, const rk_item *items, int count, int may_add
                        .flags = op->flags | (items[i].credit ? RK_FLAG_ACK : 0), .key = key->wire,
                        .chunk = items[i].chunk, .priority = op->priority, .round = op->round,
                        .length = no_data ? 0 : chunk->nbytes, .sender = link->engine->sender_rank};
-        int summed = may_add ? add_to_shared_sum(link, key, chunk, op) : 0;
-        if (summed == RK_STOPPED) rc = RK_STOPPED;
-        if (summed == 1) h.flags |= RK_IN_PLACE;
+        const char *payload = op->source + chunk->offset;
+        int summed = 0;
+        if (via_host(link, chunk, op)) {
+            int host = host_push(link, key, chunk, op);
+            if (host == RK_STOPPED) {
+                if (!__atomic_load_n(&link->stream.stop, __ATOMIC_ACQUIRE)) continue;   /* the op failed */
+                rc = RK_STOPPED;
+            } else if (host != RK_OK) {
+                rc = host;
+            } else if (link->engine->host_role == RK_HOST_ROOT) {
+                payload = chunk->host_sums[op->round % 2];
+            } else {
+                h.flags |= RK_FLAG_VIA_HOST;
+                h.length = 0;
+            }
+        } else {
+            summed = may_add ? add_to_shared_sum(link, key, chunk, op) : 0;
+            if (summed == RK_STOPPED) rc = RK_STOPPED;
+            if (summed == 1) h.flags |= RK_IN_PLACE;
+        }
         rk_header_pack(packed[i], &h);
         iov[parts++] = (struct iovec){packed[i], RK_HEADER_SIZE};
-        if (h.length && summed != 1) iov[parts++] = (struct iovec){(char *)op->source + chunk->offset, h.length};
+        if (h.length && summed != 1) iov[parts++] = (struct iovec){(char *)payload, h.length};
     }
     if (parts && rc == RK_OK) {
         pthread_mutex_lock(&link->send_lock);
@@ -383,7 +432,9 @@ static void enqueue_chunks(rk_op *op) {
         int idle = rk_stream_buffered(&link->stream) ? rk_stream_room(&link->stream) >= RK_HEADER_SIZE + chunk->nbytes
                                           : link->unanswered == 0;
         rk_item popped;
-        if (idle && !link->sending && link->queue.count == 1 && chunk->nbytes <= engine->small_bytes &&
+        /* (A root's host push waits for its host's others: never from the caller's thread.) */
+        int waits = engine->host_role == RK_HOST_ROOT && via_host(link, chunk, op);
+        if (idle && !waits && !link->sending && link->queue.count == 1 && chunk->nbytes <= engine->small_bytes &&
             pop_ready(link, &popped)) {
             link->sending = 1;
             pthread_mutex_unlock(&link->lock);
@@ -577,13 +628,14 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
     rk_chunk *chunk = NULL;
     rk_op *op = NULL;
     int failing = 0;              /* the op it answers is being failed */
+    int from_host = (h->flags & RK_FLAG_VIA_HOST) != 0;   /* no bytes follow: they are in the host's sum */
     pthread_mutex_lock(&link->lock);
     if (key && h->chunk < key->nchunks && key->chunks[h->chunk].link == link->index) {
         chunk = &key->chunks[h->chunk];
         /* Only a push that has left can be answered: an early "result" is a broken peer's. */
         if (chunk->op && chunk->sent && chunk->op->round == h->round) {
-            if (h->length != chunk->nbytes) {
-                *limit = chunk->nbytes;
+            if (h->length != (from_host ? 0 : chunk->nbytes)) {
+                *limit = from_host ? 0 : chunk->nbytes;
                 pthread_mutex_unlock(&link->lock);
                 return RK_ERR_RESULT_LENGTH;
             }
@@ -594,16 +646,37 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
             }
         }
     }
+    /* A result to take from the host's sum: only for a local worker, of a push it sent that way. */
+    if (from_host && !(link->engine->host_role == RK_HOST_MEMBER && chunk && link->via_host && chunk->host_sums[0] &&
+                       h->length == 0 && (op == NULL || via_host(link, chunk, op)))) {
+        pthread_mutex_unlock(&link->lock);
+        if (op) busy_release(op);
+        return RK_ERR_VIA_HOST;
+    }
     if (op == NULL) {
         /* Taken in and dropped, no more than a chunk of the key: a result that
          * crossed its key's failure, or this link's, or its op's. */
         int dropped = key && (atomic_load(&key->failed) || link->failed || failing) && h->length <= key->max_chunk;
         pthread_mutex_unlock(&link->lock);
         if (!dropped) return RK_ERR_UNEXPECTED_RESULT;
-        return read_payload(link, h, NULL, err);
+        return from_host ? RK_OK : read_payload(link, h, NULL, err);
     }
     pthread_mutex_unlock(&link->lock);
-    int rc = read_payload(link, h, op->target + chunk->offset, err);
+    int rc;
+    if (from_host) {
+        rc = rdmakv_host_take(op->target + chunk->offset, chunk->host_sums[h->round % 2], chunk->nbytes, h->round,
+                              link->engine->timeout, &link->stream.stop, &op->life, RK_CLAIMED);
+        /* Stopped: closing here, or the op failed meanwhile (its failure says why). */
+        if (rc == RDMAKV_SHM_STOPPED) {
+            busy_release(op);
+            return __atomic_load_n(&link->stream.stop, __ATOMIC_ACQUIRE) ? RK_STOPPED : RK_OK;
+        }
+        rc = rc ? RK_ERR_HOST_STALLED : RK_OK;
+    } else {
+        rc = read_payload(link, h, op->target + chunk->offset, err);
+        if (rc == RK_OK && link->engine->host_role == RK_HOST_ROOT && via_host(link, chunk, op))
+            rdmakv_host_publish(chunk->host_sums[h->round % 2], op->target + chunk->offset, chunk->nbytes, h->round);
+    }
     int cleared = 0;
     if (rc == RK_OK) {
         pthread_mutex_lock(&link->lock);
@@ -830,8 +903,15 @@ void rk_link_allow_states(rk_engine *engine, uint32_t link, uint64_t limit) {
     atomic_store(&engine->links[link].states_limit, limit);
 }
 
+void rk_engine_set_host(rk_engine *engine, int role, uint32_t others, const uint8_t *via) {
+    engine->host_role = role;
+    engine->host_others = others;
+    for (uint32_t i = 0; i < engine->num_links; i++) engine->links[i].via_host = role && via[i];
+}
+
 rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint8_t dtype, uint32_t nchunks,
-                          const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links) {
+                          const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links,
+                          char *const *host_sums) {
     rk_key *key = calloc(1, sizeof *key);
     if (key == NULL) return NULL;
     key->chunks = calloc(nchunks ? nchunks : 1, sizeof *key->chunks);
@@ -847,6 +927,10 @@ rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint
         key->chunks[i].offset = offsets[i];
         key->chunks[i].nbytes = sizes[i];
         key->chunks[i].link = links[i];
+        if (host_sums) {
+            key->chunks[i].host_sums[0] = host_sums[2 * i];
+            key->chunks[i].host_sums[1] = host_sums[2 * i + 1];
+        }
         if (sizes[i] > key->max_chunk) key->max_chunk = sizes[i];
     }
     pthread_rwlock_wrlock(&engine->keys_lock);
