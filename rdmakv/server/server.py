@@ -863,6 +863,10 @@ class ParameterServer(Handler):
         return chunk
 
     def _push(self, link, header, payload):
+        if header.flags & protocol.FLAG_VIA_HOST:
+            raise ProtocolError(f"{link.peer.name} pushed key {header.key} chunk {header.chunk} through its "
+                                f"host's root (one push per host), which this server's Python data path does not "
+                                f"take: set RDMAKV_ENGINE, RDMAKV_INTEGRITY and RDMAKV_TRACE_DIR alike on every node")
         chunk = self._chunks.get((header.key, header.chunk))
         if chunk is None:
             if self._refused_chunk_bytes(link, header) is not None:

@@ -24,7 +24,16 @@ a co-located worker for its own push (push_in_place), which then sends only
 the push's header (Connection.send(in_place=True)).  Co-located workers thus
 write into the server's round buffers: same-user processes holding the cluster
 secret are trusted that far (RDMAKV_SHM=0 on a worker keeps it out).  Only a
-whole chunk of plain pushpull is added in place; broadcasts go as bytes."""
+whole chunk of plain pushpull is added in place; broadcasts go as bytes.
+
+Host sums (one push per host, rdmakv/control/hierarchy.py): the same control
+block and lock, one level up, on the workers' side only: a host's workers add
+their pushes into a buffer of their host (_shm.h's rdmakv_host_contribute), its
+local root adds its own once theirs are in (rdmakv_host_complete) and pushes
+that sum as its push, which the server takes like any other; the root writes the
+result back into the same buffer (rdmakv_host_publish) and the others copy it out
+(rdmakv_host_take).  worker_engine.c runs those steps, rdmakv/worker/host_sums.py
+makes the memory."""
 from rdmakv.core.protocol import FLAG_ACK
 from rdmakv.native import transport as _t
 

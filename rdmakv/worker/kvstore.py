@@ -84,6 +84,8 @@ class KVStore:
     spin_us            microseconds the native engine polls for a message before sleeping; 0
     mode               sync (a pushpull returns the round's sum over all workers) or async (each
                        push is applied on arrival, the reply is the value then); sync
+    hierarchy          True: workers sharing a host push once per host, through its local root,
+                       to servers on other hosts (README, One push per host); True
 
     With no job setting at all (no role, scheduler, worker-count or rank
     variable or keyword), as in `python train.py` without a launcher, the
