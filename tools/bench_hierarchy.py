@@ -2,7 +2,7 @@
 """One push per host (RDMAKV_HIERARCHY): step time and the bytes that cross
 each host's link, with it and without it, in the same invocation.
 
-    sudo .venv/bin/python tools/bench_hierarchy.py [--quick] [--steps 20] [--json FILE]
+    sudo .venv/bin/python tools/bench_hierarchy.py [--quick] [--steps 20] [--rate 1gbit] [--json FILE]
 
 Three network namespaces stand for three machines (tests/netns.py: veth pairs
 to a router namespace): hosts h1 and h2 run three workers each (ranks 0-2 on
@@ -13,7 +13,9 @@ integers in every dtype: exact).  Bytes are the router's counters of h1's and
 h2's veth links (both directions, everything the job sent: control messages
 too) over the whole job; a step is timed from the first push to the last
 result, after a barrier, and the median over the steps of the slowest worker
-is shown.  Needs root (namespaces)."""
+is shown.  --rate limits h1's and h2's links to that rate each way (tc tbf on
+both ends), as a datacenter NIC shared by a host's workers would.  Needs root
+(namespaces)."""
 import argparse
 import json
 import os
@@ -140,6 +142,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="tensors 16 times smaller, 3 steps")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rate", help="limit each worker host's link to this rate each way (tc tbf: 1gbit, 10gbit)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shrink", type=int, default=1, help=argparse.SUPPRESS)
@@ -157,6 +160,12 @@ def main():
     topology = netns.Topology(["h1", "h2", "ps"])
     results = {}
     try:
+        if args.rate:
+            for name in WORKER_HOSTS:
+                host = topology.hosts[name]
+                for namespace, device in ((topology.router, host.router_link), (host.namespace, host.link)):
+                    netns.run_in(namespace, "tc", "qdisc", "add", "dev", device, "root", "tbf", "rate", args.rate,
+                                 "burst", "256k", "latency", "100ms")
         for setting in (1, 0):
             job = run_job(topology, setting, steps, args.warmup, shrink)
             results[f"RDMAKV_HIERARCHY={setting}"] = summary(job, shrink, steps, args.warmup)
@@ -167,7 +176,7 @@ def main():
         topology.close()
     payload = results["RDMAKV_HIERARCHY=1"]["payload_per_worker_step"]
     print(f"2 hosts x {PER_HOST} workers, 1 server on a third; {payload / MiB:.2f} MiB pushed per worker "
-          f"per step; {steps} steps")
+          f"per step; {steps} steps; links {'limited to ' + args.rate if args.rate else 'unlimited'}")
     print(f"{'setting':<20} {'step (ms)':>10} {'h1 MiB/step':>12} {'h2 MiB/step':>12}")
     for name, r in results.items():
         per = r["bytes_per_host_per_step"]
