@@ -88,6 +88,55 @@ def test_a_killed_local_worker_fails_the_job_naming_it(topology):
         assert "worker 4 " in report.get("error", ""), explain(job)
 
 
+MXNET_WORKER = """
+import json
+import numpy as np
+import mxnet as mx
+from mxnet import autograd, gluon
+import rdmakv.mxnet
+
+kv = mx.kv.create("rdmakv")
+n = kv.num_workers
+report = {"rank": kv.rank, "via_host": kv._worker.kv.host_sums is not None, "checked": 0}
+total = mx.nd.zeros((4096,), dtype="int32")
+kv.init("g", total)
+for step in range(3):
+    kv.pushpull("g", mx.nd.ones((4096,), dtype="int32") * (kv.rank + step), out=total)
+    assert (total.asnumpy() == sum(r + step for r in range(n))).all()
+    report["checked"] += 1
+# The optimizer on the servers (update_on_kvstore): every worker has the same data.
+net = gluon.nn.Dense(1, in_units=4)
+net.initialize(mx.init.Constant(0.5))
+trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1}, kvstore=kv, update_on_kvstore=True)
+x = mx.nd.array(np.arange(32).reshape(8, 4) / 32.0)
+for step in range(3):
+    with autograd.record():
+        loss = (net(x) ** 2).sum()
+    loss.backward()
+    trainer.step(8)
+report["weight"] = net.weight.data().asnumpy().ravel().tolist() + net.bias.data().asnumpy().tolist()
+print(json.dumps(report), flush=True)
+"""
+
+
+@needs_namespaces
+def test_rdmakv_mxnet_pushes_once_per_host_with_the_optimizer_on_the_servers(topology, tmp_path):
+    pytest.importorskip("mxnet")
+    script = tmp_path / "mxnet_worker.py"
+    script.write_text(MXNET_WORKER)
+    job = bench.run_job(topology, True, 0, timeout=40, worker_argv=[sys.executable, str(script)])
+    assert job["codes"] == [0] * 8, explain(job)
+    assert [(r["via_host"], r["checked"]) for r in job["workers"]] == [(True, 3)] * 6, explain(job)
+    # SGD on the summed gradient of six identical workers, computed here.
+    x = bench.np.arange(32).reshape(8, 4) / 32.0
+    w, b = bench.np.full(4, 0.5), 0.5
+    for _ in range(3):
+        residual = x @ w + b
+        w, b = w - 0.1 / 8 * 6 * 2 * x.T @ residual, b - 0.1 / 8 * 6 * 2 * residual.sum()
+    for report in job["workers"]:
+        bench.np.testing.assert_allclose(report["weight"], list(w) + [b], rtol=1e-4)
+
+
 @needs_namespaces
 def test_bench_hierarchy_quick(tmp_path):
     out = tmp_path / "hierarchy.json"

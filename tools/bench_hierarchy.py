@@ -89,8 +89,9 @@ def link_bytes(topology, host):
 
 
 def run_job(topology, hierarchy, steps, warmup=1, shrink=1, servers=1, die_rank=None, die_step=None,
-            timeout=25):
-    """Run one job; {"workers": [each worker's report], "bytes": {host: (from, to)}, "codes": ...}."""
+            timeout=25, worker_argv=None):
+    """Run one job; {"workers": [each worker's report], "bytes": {host: (from, to)}, "codes": ...}.
+    worker_argv: another worker program, which prints its report as its last JSON line."""
     ps = topology.hosts["ps"].ipv4
     port = 20000 + (os.getpid() * 7 + int(time.monotonic() * 1000)) % 20000
     env = dict(os.environ, PYTHONPATH=REPO, DMLC_PS_ROOT_URI=ps, DMLC_PS_ROOT_PORT=str(port),
@@ -104,6 +105,7 @@ def run_job(topology, hierarchy, steps, warmup=1, shrink=1, servers=1, die_rank=
             "--shrink", str(shrink)]
     if die_rank is not None:
         argv += ["--die-rank", str(die_rank), "--die-step", str(die_step)]
+    argv = worker_argv or argv
     workers = []
     for index, host in enumerate(WORKER_HOSTS):
         for local in range(PER_HOST):
