@@ -292,7 +292,10 @@ static int host_push(rk_link *link, rk_key *key, rk_chunk *chunk, rk_op *op) {
 
 /* Send popped chunks with one sendmsg, drop their busy references, then let the
  * next sender in (the caller set link->sending).  may_add: pushes may be added
- * into offered sums (the sender thread; a submitting thread must not wait for a lock). */
+ * into offered sums (the sender thread; a submitting thread must not wait for a lock).
+ * A host push is made either way: only the host's workers take its lock, each for
+ * one chunk's add, and a root's wait for the others never runs in a submitting
+ * thread (enqueue_chunks). */
 static void transmit(rk_link *link, const rk_item *items, int count, int may_add) {
     char packed[RK_BATCH][RK_HEADER_SIZE];
     struct iovec iov[2 * RK_BATCH];

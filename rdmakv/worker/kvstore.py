@@ -173,12 +173,12 @@ class KVStore:
                     part = self.host_sums
                     self._engine.set_host(part.is_root, len(part.workers) - 1,
                                           [rank in part.remote_servers for rank in range(len(servers))])
-            elif self.host_sums is not None:
-                raise ConfigError(f"one push per host was planned, but worker {self.rank}'s links need the Python "
-                                  f"data path ({', '.join(c.peer for c in connections)}): set RDMAKV_HIERARCHY=0")
                 self._engine_events = threading.Thread(target=self._hear_engine, daemon=True,
                                                        name="rdmakv-engine-events")
                 self._engine_events.start()
+            elif self.host_sums is not None:
+                raise ConfigError(f"one push per host was planned, but worker {self.rank}'s links need the Python "
+                                  f"data path ({', '.join(c.peer for c in connections)}): set RDMAKV_HIERARCHY=0")
             while connections:
                 rank = len(self._links)
                 link = (EngineLink if native else ServerLink)(self, rank, servers[rank])
