@@ -104,10 +104,11 @@ for step in range(3):
     kv.pushpull("g", mx.nd.ones((4096,), dtype="int32") * (kv.rank + step), out=total)
     assert (total.asnumpy() == sum(r + step for r in range(n))).all()
     report["checked"] += 1
-# Gluon's Trainer, summing gradients through the store: every worker has the same data.
+# Gluon's Trainer with the optimizer on the servers (their sums go out through Python): every
+# worker has the same data.
 net = gluon.nn.Dense(1, in_units=4)
 net.initialize(mx.init.Constant(0.5))
-trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1}, kvstore=kv, update_on_kvstore=False)
+trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1}, kvstore=kv, update_on_kvstore=True)
 x = mx.nd.array(np.arange(32).reshape(8, 4) / 32.0)
 for step in range(3):
     with autograd.record():
@@ -120,7 +121,7 @@ print(json.dumps(report), flush=True)
 
 
 @needs_namespaces
-def test_rdmakv_mxnet_pushes_once_per_host_under_gluons_trainer(topology, tmp_path):
+def test_rdmakv_mxnet_pushes_once_per_host_with_the_optimizer_on_the_servers(topology, tmp_path):
     pytest.importorskip("mxnet")
     script = tmp_path / "mxnet_worker.py"
     script.write_text(MXNET_WORKER)
