@@ -182,9 +182,11 @@ def test_one_node_that_cannot_take_part_turns_it_off_with_a_reason(caplog):
     assert "one push per host is off: worker 1: it runs the Python data path" in caplog.text
 
 
-def test_refusal_follows_the_settings():
+def test_refusal_follows_the_settings(monkeypatch):
     from rdmakv.core.config import Config
     assert hierarchy.refusal(Config.load({}), True) is None
     assert hierarchy.refusal(Config.load({"RDMAKV_HIERARCHY": "0"}), True) == "RDMAKV_HIERARCHY=0"
     assert "asynchronous" in hierarchy.refusal(Config.load({}, mode="async"), True)
     assert "Python data path" in hierarchy.refusal(Config.load({}), False)
+    monkeypatch.setenv("RDMAKV_SHM", "0")
+    assert hierarchy.refusal(Config.load({}), True) == "RDMAKV_SHM=0 forbids shared memory"

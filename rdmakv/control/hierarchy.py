@@ -20,6 +20,8 @@ with a log line naming it."""
 import logging
 import secrets
 
+from rdmakv.transport.shm import settings
+
 log = logging.getLogger("rdmakv.hierarchy")
 
 
@@ -27,6 +29,8 @@ def refusal(config, native_possible):
     """Why this node cannot take part in one push per host, or None."""
     if not config.hierarchy:
         return "RDMAKV_HIERARCHY=0"
+    if settings.forbidden():
+        return "RDMAKV_SHM=0 forbids shared memory"
     if config.mode != "sync":
         return "asynchronous mode (RDMAKV_MODE=async) applies each push on its own"
     if not native_possible:
