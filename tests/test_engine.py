@@ -539,6 +539,43 @@ def test_a_push_out_of_turn_is_refused_with_its_reason_and_the_link_goes_on(serv
     assert r.engine.next_event(0.2) is None
 
 
+def test_pushes_through_the_host_count_as_their_workers_and_are_answered_with_a_header(server_rig):
+    # One push per host: workers 1 and 2 added theirs into the host's sum, which their
+    # root (worker 0) pushes; the round completes with all three, exactly as before.
+    r = server_rig(workers=3)
+    for rank in (1, 2):
+        r.engine.allow_via_host(rank)
+    r.chunk(4, 16)
+    for rnd in range(3):                      # both round buffers, and their via-host bits
+        host_sum = np.arange(4, dtype=np.int32) * (rnd + 1)
+        order = (1, 0, 2) if rnd % 2 else (2, 1, 0)
+        for rank in order:
+            if rank == 0:
+                r.push(0, 4, host_sum, round=rnd)
+            else:
+                reply(r.workers[rank], Op.PUSH, b"", key=4, round=rnd, flags=protocol.FLAG_VIA_HOST,
+                      dtype=protocol.DTYPE_CODES["int32"], sender=rank)
+        header, payload = read_message(r.workers[0])
+        assert (header.op, header.round, header.flags) == (Op.RESULT, rnd, 0)
+        np.testing.assert_array_equal(np.frombuffer(payload, np.int32), host_sum)
+        for rank in (1, 2):
+            header, payload = read_message(r.workers[rank])
+            assert (header.op, header.round, header.flags, payload) == (Op.RESULT, rnd, protocol.FLAG_VIA_HOST, b"")
+    assert r.engine.next_event(0.2) is None
+
+
+def test_a_push_through_the_host_from_a_worker_outside_the_plan_stops_its_link(server_rig):
+    r = server_rig()
+    r.engine.allow_via_host(0)
+    r.chunk(4, 16)
+    reply(r.workers[1], Op.PUSH, b"", key=4, flags=protocol.FLAG_VIA_HOST, dtype=protocol.DTYPE_CODES["int32"])
+    assert r.engine.next_event(TIMEOUT)[:3] == (1, _t.EVENT_CLOSED, _t.ERR_VIA_HOST)
+    # A broadcast part, even from a worker of the plan, is not one that goes through the host.
+    reply(r.workers[0], Op.PUSH, b"", key=4, flags=protocol.FLAG_VIA_HOST | protocol.FLAG_BROADCAST,
+          dtype=protocol.DTYPE_CODES["int32"])
+    assert r.engine.next_event(TIMEOUT)[:3] == (0, _t.EVENT_CLOSED, _t.ERR_VIA_HOST)
+
+
 def test_a_push_of_a_key_the_worker_never_declared_stops_its_link(server_rig):
     r = server_rig()
     r.chunk(1, 16, declared_by=[1])

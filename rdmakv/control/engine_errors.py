@@ -30,6 +30,12 @@ def engine_stream_error(code, err, what, peer, timeout):
     if code == _t.ERR_SHARED:
         return ProtocolError(f"{what} {peer}: a shared-memory frame it was not offered, or naming memory "
                              f"it never shared")
+    if code == _t.ERR_VIA_HOST:
+        return ProtocolError(f"{what} {peer}: a push or result flagged as going through the host's root "
+                             f"(one push per host) where the job's plan has none")
+    if code == _t.ERR_HOST_STALLED:
+        return PeerTimeout(f"{what} {peer}: a worker of this host did not take its part in one push per host "
+                           f"within {timeout:g} s (RDMAKV_TIMEOUT)")
     kind = ConnectionClosed if err in _CONNECTION_ERRNOS else TransportError
     return kind(f"{what} {peer}: {os.strerror(err)}")
 

@@ -239,9 +239,11 @@ class ControlLink(Handler):
         self._refusal = None
         self.peer = None
 
-    def join(self, host, port, node_id=None):
+    def join(self, host, port, node_id=None, hierarchy=None):
         """Register with the scheduler and return the WELCOME it answers; node_id is the
-        rank this node asks for among its role (None: the scheduler assigns one)."""
+        rank this node asks for among its role (None: the scheduler assigns one);
+        hierarchy: why this node cannot take part in one push per host, or None
+        (rdmakv/control/hierarchy.py)."""
         config = self.config
         where = netif.format_address(config.scheduler_host, config.scheduler_port)
         deadline = time.monotonic() + config.timeout
@@ -253,6 +255,7 @@ class ControlLink(Handler):
         self.peer.send_json(Op.HELLO, {
             "role": self.role, "host": host, "port": port, "node_id": node_id,
             "hostname": socket.gethostname(), "version": protocol.VERSION, "mode": config.mode,
+            "host_id": netif.host_identity(), "hierarchy": hierarchy,
         })
         if not self._welcomed.wait(max(0.0, deadline - time.monotonic())):
             self.close()

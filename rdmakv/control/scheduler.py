@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 
-from rdmakv.control import auth
+from rdmakv.control import auth, hierarchy
 from rdmakv.control.node import accept_peers
 from rdmakv.control.peer import Handler
 from rdmakv.core import netif, protocol
@@ -97,16 +97,25 @@ class Scheduler(Handler):
             self._started = True
             servers = [[self._servers[r].info["host"], self._servers[r].info["port"]]
                        for r in range(self.config.num_servers)]
+            parts = hierarchy.plan({r: p.info for r, p in self._workers.items()},
+                                   {r: p.info for r, p in self._servers.items()})
+            roots = hierarchy.roots_of(parts)
+            for rank, peer in self._workers.items():
+                peer.name = hierarchy.worker_name(rank, roots)   # the name a failure is told by
+            # The workers that push through their host's root, for the servers' checks.
+            via_host = sorted(rank for rank, part in parts.items() if part["root"] != rank)
             for rank, peer in self._servers.items():
                 self._send(peer, Op.WELCOME, {"rank": rank, "num_workers": self.config.num_workers,
-                                              "num_servers": self.config.num_servers})
+                                              "num_servers": self.config.num_servers,
+                                              "via_host": via_host, "roots": sorted(roots.items())})
             for rank, peer in self._workers.items():
                 same_host = sorted(r for r, p in self._workers.items()
                                    if p.info["hostname"] == peer.info["hostname"])
                 self._send(peer, Op.WELCOME, {
                     "rank": rank, "num_workers": self.config.num_workers,
                     "num_servers": self.config.num_servers, "servers": servers,
-                    "local_rank": same_host.index(rank), "local_size": len(same_host)})
+                    "local_rank": same_host.index(rank), "local_size": len(same_host),
+                    "hierarchy": parts.get(rank)})
         log.info("all nodes joined")
 
     def _assign_ranks(self):
@@ -227,7 +236,9 @@ class Scheduler(Handler):
                 refusal = f"unknown mode {obj.get('mode')!r} (RDMAKV_MODE)"
             if refusal is None:
                 peer.info.update(role=role, host=obj["host"], port=obj["port"], node_id=node_id,
-                                 hostname=str(obj.get("hostname", "")), mode=obj.get("mode", "sync"))
+                                 hostname=str(obj.get("hostname", "")), mode=obj.get("mode", "sync"),
+                                 host_id=str(obj.get("host_id", "")),
+                                 hierarchy=obj.get("hierarchy") if "hierarchy" in obj else "no hierarchy in its HELLO")
                 peer.name = f"{role} at {peer.connection.peer}"
                 self._pending.append(peer)
                 self._changed.notify_all()

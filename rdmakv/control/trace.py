@@ -90,9 +90,13 @@ class Tracer:
             out.close()
 
 
+def enabled(config):
+    """Whether config asks for a trace."""
+    return config.trace_on if config.trace_on is not None else bool(config.trace_dir)
+
+
 def make(config, role, rank):
     """The rank's Tracer, or None when tracing is off."""
-    on = config.trace_on if config.trace_on is not None else bool(config.trace_dir)
-    if not on:
+    if not enabled(config):
         return None
     return Tracer(config.trace_dir or DEFAULT_DIR, role, rank, config.trace_start_step, config.trace_end_step)

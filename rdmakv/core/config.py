@@ -192,6 +192,11 @@ SETTINGS = {
     "spin_us": (("RDMAKV_SPIN_US",), _int, 0,
                 "microseconds a native engine's reader (and a waiting caller) polls for the next message "
                 "before sleeping; 0: sleep at once (best where cores are few)"),
+    "hierarchy": (("RDMAKV_HIERARCHY",), _switch, True,
+                  "1: workers sharing a host (kernel and network namespace) sum their pushes there first, and one "
+                  "of them (the host's local root) pushes the host's sum to each server on another host and hands "
+                  "the result back through shared memory (native data path, sync mode, every node alike); "
+                  "0: every worker pushes its own copy"),
     "server_memory": (("RDMAKV_SERVER_MEMORY",), _byte_count, None,
                       "bytes a server may commit for the keys workers declare (default: this machine's memory)"),
 }
@@ -222,6 +227,7 @@ class Config:
     engine: str = "native"
     mode: str = "sync"
     spin_us: int = 0
+    hierarchy: bool = True
     secret: Optional[str] = field(default=None, repr=False)
     secret_file: Optional[str] = None
     integrity: bool = False

@@ -2,6 +2,7 @@
 choices, instead of hanging on a wrong interface (a classic ps-lite pitfall)."""
 import fcntl
 import ipaddress
+import os
 import socket
 import struct
 
@@ -56,6 +57,21 @@ def advertised_host(config):
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         probe.connect(sockaddr)   # UDP connect sends nothing; it only picks the route
         return probe.getsockname()[0]
+
+
+def host_identity():
+    """What names this host for sharing memory: the kernel (its boot id) and the
+    network namespace, as for the shared-memory transport's abstract sockets."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = socket.gethostname()
+    try:
+        namespace = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        namespace = 0
+    return f"{boot}/{namespace}"
 
 
 def free_port(host="127.0.0.1"):

@@ -62,7 +62,10 @@ Op.NAMES = {v: k for k, v in vars(Op).items() if isinstance(v, int)}
 FLAG_BROADCAST = 1     # only the root's payload counts in this round
 FLAG_NO_DATA = 2       # a broadcast contribution from a non-root: header only
 FLAG_ACK = 4           # answer RECEIVED once this push is in (it holds scheduling credit)
-KNOWN_FLAGS = FLAG_BROADCAST | FLAG_NO_DATA | FLAG_ACK
+# One push per host (rdmakv/control/hierarchy.py): a push whose bytes went into the host's sum, or a
+# result the worker copies from there (no bytes follow); only the native engines take it.
+FLAG_VIA_HOST = 8
+KNOWN_FLAGS = FLAG_BROADCAST | FLAG_NO_DATA | FLAG_ACK | FLAG_VIA_HOST
 # On a header handed to a transport or delivered by one, never accepted from the
 # wire: the sender already wrote the payload into the region the receiver
 # exposed under the message's tag stream (Connection.expose), so no payload

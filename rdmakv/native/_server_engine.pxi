@@ -29,6 +29,7 @@ cdef extern from "server_engine.h" nogil:
     void rk_server_refuse_key(rk_skey *key)
     void rk_server_departed(rk_server *server)
     void rk_server_set_optimizer(rk_server *server, int on)
+    void rk_server_allow_via_host(rk_server *server, uint32_t rank)
     void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data)
     void rk_server_reply_one(rk_server *server, rk_schunk *chunk, uint32_t rank, uint64_t round, int32_t priority)
     int rk_server_send(rk_server *server, uint32_t rank, const char *header, const char *payload, size_t length,
@@ -202,6 +203,11 @@ cdef class ServerEngine:
 
     def set_optimizer(self, bint on):
         rk_server_set_optimizer(self.server, on)
+
+    def allow_via_host(self, uint32_t rank):
+        """One push per host: worker rank pushes plain pushpulls through its host's root."""
+        self._check_rank(rank)
+        rk_server_allow_via_host(self.server, rank)
 
     def reply_all(self, ServerChunk chunk not None, uint64_t round, int32_t priority, data):
         """RESULT of chunk's round to every worker, from data (which must stay as it is

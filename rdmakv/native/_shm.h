@@ -312,8 +312,12 @@ static inline int rdmakv_ring_try_read(rdmakv_ring *r, char *dst, size_t n) {
  * makes no system call; waiting is bounded like every other wait here. */
 typedef struct {
     _Atomic uint32_t lock;          /* 0 free, 1 held, 2 held and someone sleeps */
-    uint32_t reserved;
+    _Atomic uint32_t contributions; /* to `round` so far */
     _Atomic uint64_t round;         /* 1 + the round the buffer holds a sum of; 0: none yet */
+    /* Host sums only (below): */
+    _Atomic uint32_t bell;          /* bumped after each contribution: the local root sleeps on it */
+    _Atomic uint32_t result;        /* 1 + the round (low 32 bits) whose result the buffer holds */
+    _Atomic uint32_t sleepers;      /* processes asleep on bell or result: wake them */
 } rdmakv_sum_ctl;
 
 #define RDMAKV_SUM_CONTROL 64       /* bytes reserved before each shared sum buffer */
@@ -356,11 +360,116 @@ static inline int rdmakv_sum_contribute(char *dst, const char *src, size_t n, rd
     if (atomic_load_explicit(&ctl->round, memory_order_relaxed) != round + 1) {
         memcpy(dst, src, n);
         atomic_store_explicit(&ctl->round, round + 1, memory_order_relaxed);
+        atomic_store_explicit(&ctl->contributions, 1, memory_order_relaxed);
     } else {
         add(dst, src, n / itemsize);
+        atomic_fetch_add_explicit(&ctl->contributions, 1, memory_order_relaxed);
     }
     rdmakv_sum_unlock(ctl);
     return 0;
+}
+
+/* ---- host sums: one push per host -----------------------------------------
+ * The workers of one host (kernel and network namespace) share a file of
+ * these buffers, two per chunk (even, odd rounds), each after its control
+ * block (rdmakv/worker/host_sums.py makes the file; worker_engine.c runs the
+ * steps).  Round r of a chunk: every other local worker contributes its push
+ * (rdmakv_host_contribute) and sends the server only the header; the local
+ * root waits for all of them, adds its own (rdmakv_host_complete) and pushes
+ * the buffer; once the server's result arrives it writes it into the same
+ * buffer (rdmakv_host_publish), where the others copy it out
+ * (rdmakv_host_take).  Reusing the buffer is safe for the reason round buffers
+ * are (rdmakv/server/summing.py): nobody contributes round r + 2 before every
+ * local worker has copied round r's result.  Every wait is bounded and gives
+ * up when `stop` is set or `cancel` has a bit of `mask` (the op failed). */
+
+static inline void rdmakv_host_ring(_Atomic uint32_t *word, rdmakv_sum_ctl *ctl) {
+    rdmakv_fence();
+    if (atomic_load_explicit(&ctl->sleepers, memory_order_seq_cst)) rdmakv_futex_wake(word);
+}
+
+/* Sleep at most one slice while *word == seen; RDMAKV_SHM_TIMEOUT past deadline. */
+static inline int rdmakv_host_sleep(rdmakv_sum_ctl *ctl, _Atomic uint32_t *word, uint32_t seen, double deadline,
+                                    rdmakv_flag *stop, _Atomic uint32_t *cancel, uint32_t mask) {
+    if (atomic_load_explicit(stop, memory_order_relaxed) || (atomic_load(cancel) & mask)) return RDMAKV_SHM_STOPPED;
+    int ms = rdmakv_shm_slice(deadline);
+    if (ms == 0) return RDMAKV_SHM_TIMEOUT;
+    atomic_fetch_add_explicit(&ctl->sleepers, 1, memory_order_seq_cst);
+    if (atomic_load_explicit(word, memory_order_seq_cst) == seen) rdmakv_futex_wait(word, seen, ms);
+    atomic_fetch_sub_explicit(&ctl->sleepers, 1, memory_order_seq_cst);
+    return 0;
+}
+
+/* A local worker's push of round `round` into the host's sum. */
+static inline int rdmakv_host_contribute(char *dst, const char *src, size_t n, rdmakv_add_fn add, size_t itemsize,
+                                         uint64_t round, double timeout, rdmakv_flag *stop) {
+    rdmakv_sum_ctl *ctl = (rdmakv_sum_ctl *)(dst - RDMAKV_SUM_CONTROL);
+    int rc = rdmakv_sum_contribute(dst, src, n, add, itemsize, round, timeout, stop);
+    if (rc) return rc;
+    atomic_fetch_add_explicit(&ctl->bell, 1, memory_order_seq_cst);
+    rdmakv_host_ring(&ctl->bell, ctl);
+    return 0;
+}
+
+/* The local root: once `others` contributions to round `round` are in, add its
+ * own; 0, or RDMAKV_SHM_TIMEOUT (a local worker stalled or died) or _STOPPED. */
+static inline int rdmakv_host_complete(char *dst, const char *src, size_t n, rdmakv_add_fn add, size_t itemsize,
+                                       uint64_t round, uint32_t others, double timeout, rdmakv_flag *stop,
+                                       _Atomic uint32_t *cancel, uint32_t mask) {
+    rdmakv_sum_ctl *ctl = (rdmakv_sum_ctl *)(dst - RDMAKV_SUM_CONTROL);
+    double deadline = rdmakv_shm_now() + timeout;
+    int spins = 0;
+    for (;;) {
+        uint32_t seen = atomic_load_explicit(&ctl->bell, memory_order_seq_cst);
+        int rc = rdmakv_sum_lock(ctl, timeout, stop);
+        if (rc) return rc;
+        int ready = atomic_load_explicit(&ctl->round, memory_order_relaxed) == round + 1 &&
+                    atomic_load_explicit(&ctl->contributions, memory_order_relaxed) >= others;
+        if (ready) {
+            add(dst, src, n / itemsize);
+            atomic_fetch_add_explicit(&ctl->contributions, 1, memory_order_relaxed);
+        }
+        rdmakv_sum_unlock(ctl);
+        if (ready) return 0;
+        if (spins < RDMAKV_SHM_SPINS) {
+            spins++;
+            rdmakv_cpu_relax();
+            continue;
+        }
+        rc = rdmakv_host_sleep(ctl, &ctl->bell, seen, deadline, stop, cancel, mask);
+        if (rc) return rc;
+    }
+}
+
+/* The local root: round `round`'s result, for the others to copy out. */
+static inline void rdmakv_host_publish(char *dst, const char *result, size_t n, uint64_t round) {
+    rdmakv_sum_ctl *ctl = (rdmakv_sum_ctl *)(dst - RDMAKV_SUM_CONTROL);
+    memcpy(dst, result, n);
+    atomic_store_explicit(&ctl->result, (uint32_t)(round + 1), memory_order_seq_cst);
+    rdmakv_host_ring(&ctl->result, ctl);
+}
+
+/* A local worker: copy round `round`'s result out once the root published it. */
+static inline int rdmakv_host_take(char *out, const char *src, size_t n, uint64_t round, double timeout,
+                                   rdmakv_flag *stop, _Atomic uint32_t *cancel, uint32_t mask) {
+    rdmakv_sum_ctl *ctl = (rdmakv_sum_ctl *)(src - RDMAKV_SUM_CONTROL);
+    uint32_t want = (uint32_t)(round + 1);
+    double deadline = rdmakv_shm_now() + timeout;
+    int spins = 0;
+    for (;;) {
+        uint32_t seen = atomic_load_explicit(&ctl->result, memory_order_acquire);
+        if (seen == want) {
+            memcpy(out, src, n);
+            return 0;
+        }
+        if (spins < RDMAKV_SHM_SPINS) {
+            spins++;
+            rdmakv_cpu_relax();
+            continue;
+        }
+        int rc = rdmakv_host_sleep(ctl, &ctl->result, seen, deadline, stop, cancel, mask);
+        if (rc) return rc;
+    }
 }
 
 /* Counters start just below the 32-bit wrap, so every connection crosses it

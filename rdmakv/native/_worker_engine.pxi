@@ -28,7 +28,12 @@ cdef extern from "worker_engine.h" nogil:
     void rk_engine_close(rk_engine *engine)
     void rk_engine_free(rk_engine *engine)
     rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint8_t dtype, uint32_t nchunks,
-                              const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links)
+                              const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links,
+                              char *const *host_sums)
+    void rk_engine_set_host(rk_engine *engine, int role, uint32_t others, const uint8_t *via)
+    enum:
+        RK_HOST_ROOT
+        RK_HOST_MEMBER
     void rk_engine_fail_key(rk_engine *engine, rk_key *key)
     int rk_engine_set_codec(rk_key *key, uint32_t index, const rk_codec *codec)
     void rk_op_init(rk_op *op, rk_engine *engine, rk_key *key, const char *source, char *target, int32_t priority,
@@ -207,6 +212,7 @@ cdef class Engine:
     cdef uint32_t num_links
     cdef list channels                # shared-memory channels and verbs streams its links borrow
     cdef readonly list registrations  # per link: the MRCache of a verbs link (zero copy), or None
+    cdef list host_memories           # one push per host: the memory of the keys' host sums
 
     def __cinit__(self, uint32_t num_links, uint64_t credit_bytes, uint64_t small_bytes, double timeout,
                   uint32_t sender_rank):
@@ -216,6 +222,7 @@ cdef class Engine:
         self.num_links = num_links
         self.channels = []
         self.registrations = [None] * num_links
+        self.host_memories = []
 
     cdef _check_link(self, uint32_t link):
         if link >= self.num_links:
@@ -253,11 +260,27 @@ cdef class Engine:
         self._check_link(link)
         return rk_link_summed_bytes(self.engine, link)
 
-    def add_key(self, uint64_t wire, uint32_t order, uint8_t dtype_code, offsets, sizes, links):
+    def set_host(self, bint root, uint32_t others, via):
+        """One push per host: this worker is its host's root (waiting for `others`
+        contributions to each host sum) or one of the others; via[i]: link i's
+        server is on another host.  Before any key is declared."""
+        if len(via) != self.num_links:
+            raise ValueError(f"one via flag per link ({self.num_links}), got {len(via)}")
+        cdef bytes flags = bytes(1 if v else 0 for v in via) or b"\0"
+        rk_engine_set_host(self.engine, RK_HOST_ROOT if root else RK_HOST_MEMBER, others,
+                           <const uint8_t *><const char *>flags)
+
+    def add_key(self, uint64_t wire, uint32_t order, uint8_t dtype_code, offsets, sizes, links,
+                host_memory=None, host_offsets=None):
+        """Declare a key's chunks; with host_memory (a writable buffer that must
+        hold still while the engine lives: it is kept here), chunk i's host sums
+        lie at host_offsets[2i] and [2i + 1] in it, each after its control block."""
         cdef uint32_t n = len(offsets)
         cdef uint64_t *o = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
         cdef uint64_t *z = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
         cdef uint32_t *l = <uint32_t *>malloc(max(n, 1) * sizeof(uint32_t))
+        cdef char **sums = NULL
+        cdef unsigned char[::1] memory
         cdef EngineKey key = EngineKey.__new__(EngineKey)
         if not len(sizes) == len(links) == n:
             raise ValueError("a key's offsets, sizes and links differ in length")
@@ -269,13 +292,26 @@ cdef class Engine:
                 self._check_link(l[i])
                 if o[i] + z[i] > key.nbytes:
                     key.nbytes = o[i] + z[i]
-            key.key = rk_engine_add_key(self.engine, wire, order, dtype_code, n, o, z, l)
+            if host_memory is not None:
+                memory = host_memory
+                if len(host_offsets) != 2 * n:
+                    raise ValueError("two host sums per chunk")
+                sums = <char **>malloc(max(2 * n, 1) * sizeof(char *))
+                if sums == NULL:
+                    raise MemoryError("declaring a key to the native engine")
+                for i in range(2 * n):
+                    if host_offsets[i] < 64 or host_offsets[i] + z[i // 2] > <uint64_t>memory.shape[0]:
+                        raise ValueError(f"host sum {i} at {host_offsets[i]} lies outside its memory")
+                    sums[i] = <char *>&memory[0] + <size_t>host_offsets[i]
+                self.host_memories.append(host_memory)    # its memory outlives our threads
+            key.key = rk_engine_add_key(self.engine, wire, order, dtype_code, n, o, z, l, sums)
             if key.key == NULL:
                 raise MemoryError("declaring a key to the native engine")
         finally:
             free(o)
             free(z)
             free(l)
+            free(sums)
         key.engine = self
         key.zero_copy_links = tuple(sorted({links[i] for i in range(n) if sizes[i] >= RK_ZERO_COPY_BYTES}))
         return key

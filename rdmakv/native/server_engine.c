@@ -62,6 +62,10 @@ struct rk_schunk {
     uint64_t *rounds;             /* asynchronous mode (set only there): each worker's next round */
     uint64_t round;
     uint64_t *pushed;             /* a bit per worker that pushed this round */
+    /* One push per host: a bit per worker whose push of round r went into its host's
+     * sum (via_host + (r % 2) * words; cleared as round r opens), so its result goes
+     * as a header: it copies the result from its host. */
+    uint64_t *via_host;
     uint32_t pushes;
     int has_data;
     uint32_t flags;               /* the last push's */
@@ -88,6 +92,7 @@ typedef struct {
     int started;
     _Atomic int active;           /* replies go to it */
     _Atomic uint64_t segments;    /* shared memory: a bit per memory file of ours the worker has */
+    _Atomic int via_host;         /* the job's plan has this worker push through its host's root */
     pthread_t reader, replier;
     pthread_mutex_t lock;
     pthread_cond_t ready;
@@ -173,9 +178,11 @@ static rk_schunk *new_chunk(rk_server *server) {
     if (chunk == NULL) return NULL;
     chunk->pushed = calloc(server->words, sizeof *chunk->pushed);
     chunk->places = calloc(server->num_workers ? server->num_workers : 1, sizeof *chunk->places);
-    if (chunk->pushed == NULL || chunk->places == NULL) {
+    chunk->via_host = calloc(2 * server->words, sizeof *chunk->via_host);
+    if (chunk->pushed == NULL || chunk->places == NULL || chunk->via_host == NULL) {
         free(chunk->pushed);
         free(chunk->places);
+        free(chunk->via_host);
         free(chunk);
         return NULL;
     }
@@ -189,6 +196,7 @@ static void free_chunk(rk_schunk *chunk) {
     free(chunk->pulled[1]);
     free(chunk->pushed);
     free(chunk->places);
+    free(chunk->via_host);
     free(chunk->rounds);
     free(chunk->unsent);
     free(chunk);
@@ -285,6 +293,10 @@ void rk_server_link_has_segment(rk_server *server, uint32_t rank, uint32_t numbe
     if (number < 64) atomic_fetch_or(&server->links[rank].segments, 1ull << number);
 }
 
+void rk_server_allow_via_host(rk_server *server, uint32_t rank) {
+    atomic_store(&server->links[rank].via_host, 1);
+}
+
 void rk_server_set_optimizer(rk_server *server, int on) {
     atomic_store(&server->optimizer, on);
 }
@@ -310,7 +322,7 @@ static void post(rk_server *server, uint32_t rank, uint32_t kind, int error, int
 
 static uint64_t reply_bytes(const rk_item *item) {
     const rk_schunk *chunk = item->ref;
-    if (item->op != RK_OP_RESULT) return 0;
+    if (item->op != RK_OP_RESULT || item->via_host) return 0;
     int parity = (int)(item->tag % 2);
     return chunk->compressed && item->data == chunk->pulled[parity] ? chunk->pulled_bytes[parity] : chunk->nbytes;
 }
@@ -379,7 +391,8 @@ static void transmit(rk_slink *link, const rk_item *items, int count) {
         h = (rk_header){.magic = RK_MAGIC, .version = RK_VERSION, .op = items[i].op,
                         .dtype = items[i].op == RK_OP_RESULT ? chunk->dtype : 0, .key = chunk->key->wire,
                         .chunk = chunk->index, .priority = items[i].priority, .round = items[i].tag,
-                        .length = reply_bytes(&items[i])};
+                        .length = reply_bytes(&items[i]),
+                        .flags = items[i].via_host ? RK_FLAG_VIA_HOST : 0};
         uint32_t number;
         uint64_t offset;
         int placed = 0;
@@ -479,8 +492,11 @@ void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, in
 
 static void reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data) {
     rk_item item = {.priority = priority, .ref = chunk, .tag = round, .data = data, .op = RK_OP_RESULT};
-    for (uint32_t rank = 0; rank < server->num_workers; rank++)
+    const uint64_t *via_host = chunk->via_host + (round % 2) * server->words;
+    for (uint32_t rank = 0; rank < server->num_workers; rank++) {
+        item.via_host = (uint8_t)((via_host[rank / 64] >> (rank % 64)) & 1);
         if (atomic_load(&server->links[rank].active)) reply(&server->links[rank], item);
+    }
 }
 
 void rk_server_reply_one(rk_server *server, rk_schunk *chunk, uint32_t rank, uint64_t round, int32_t priority) {
@@ -693,7 +709,7 @@ static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int i
     int complete = 0;
     pthread_mutex_lock(&chunk->lock);
     int refused = refusal(server, chunk, h, link->rank, &limit);
-    if (!refused && !(h->flags & RK_FLAG_NO_DATA)) {
+    if (!refused && !(h->flags & (RK_FLAG_NO_DATA | RK_FLAG_VIA_HOST))) {
         if (h->length && !in_place) {
             uint32_t flags = chunk->flags;
             chunk->flags = h->flags;      /* a broadcast's root value is never encoded */
@@ -703,10 +719,13 @@ static int take_push(rk_slink *link, rk_schunk *chunk, const rk_header *h, int i
         if (!refused) chunk->has_data = 1;
     }
     if (!refused) {
+        uint64_t *via_host = chunk->via_host + (chunk->round % 2) * server->words;
         if (chunk->pushes == 0) {
             chunk->opened = rk_now();
             chunk->reported = 0;
+            memset(via_host, 0, server->words * sizeof *via_host);
         }
+        if (h->flags & RK_FLAG_VIA_HOST) via_host[link->rank / 64] |= 1ull << (link->rank % 64);
         chunk->flags = h->flags;
         chunk->pushed[link->rank / 64] |= 1ull << (link->rank % 64);
         complete = ++chunk->pushes == server->num_workers;
@@ -805,10 +824,16 @@ static void *reader_main(void *arg) {
         int rc = rk_read_header(&link->stream, &h, &have_header, &err);
         if (rc == RK_OK) {
             rk_schunk *chunk = h.op == RK_OP_PUSH ? find_chunk(server, h.key, h.chunk) : NULL;
-            int sized = chunk && h.length == ((h.flags & RK_FLAG_NO_DATA) ? 0 : chunk->nbytes);
+            int sized = chunk && h.length == ((h.flags & (RK_FLAG_NO_DATA | RK_FLAG_VIA_HOST)) ? 0 : chunk->nbytes);
             if (chunk && chunk->compressed && !(h.flags & RK_FLAG_BROADCAST))
-                sized = (h.length > 0 || chunk->nbytes == 0) && h.length <= chunk->max_encoded && !h.shared;
-            if (h.shared && link->stream.verbs) {
+                sized = (h.length > 0 || chunk->nbytes == 0) && h.length <= chunk->max_encoded && !h.shared &&
+                        !(h.flags & RK_FLAG_VIA_HOST);
+            if (h.flags & RK_FLAG_VIA_HOST) {
+                /* Only a plain pushpull of a worker the plan has push through its host's root. */
+                int planned = sized && !h.shared && atomic_load(&link->via_host) && chunk->nbytes &&
+                              !chunk->rounds && !(h.flags & ~(RK_FLAG_ACK | RK_FLAG_VIA_HOST));
+                rc = planned ? take_push(link, chunk, &h, 0, &err) : RK_ERR_VIA_HOST;
+            } else if (h.shared && link->stream.verbs) {
                 /* Only a push that says where its result goes comes flagged. */
                 rc = sized && h.shared == RK_PLACE_RESULT ? take_push(link, chunk, &h, 0, &err) : RK_ERR_SHARED;
             } else if (h.shared) {

@@ -99,6 +99,9 @@ void rk_server_departed(rk_server *server);
  * in asynchronous mode each push does, landed in the worker's snapshot buffer (RK_EVENT_PUSHED),
  * and the control plane answers with rk_server_reply_one. */
 void rk_server_set_optimizer(rk_server *server, int on);
+/* One push per host: this worker pushes plain pushpulls through its host's root
+ * (RK_FLAG_VIA_HOST, no bytes), and takes their results from its host. */
+void rk_server_allow_via_host(rk_server *server, uint32_t rank);
 /* Send RESULT of (key, chunk, round) with data to every connected worker (after an update;
  * encoded first where the chunk's codec compresses the pull). */
 void rk_server_reply_all(rk_server *server, rk_schunk *chunk, uint64_t round, int32_t priority, const char *data);

@@ -28,7 +28,11 @@
 #define RK_FLAG_BROADCAST 1u
 #define RK_FLAG_NO_DATA 2u
 #define RK_FLAG_ACK 4u
-#define RK_KNOWN_FLAGS 7u
+/* One push per host (_shm.h, host sums): a PUSH whose bytes went into the host's
+ * sum, which the local root pushes; a RESULT the worker copies from there.  No
+ * bytes follow either. */
+#define RK_FLAG_VIA_HOST 8u
+#define RK_KNOWN_FLAGS 15u
 #define RK_MAX_DTYPE 7
 #define RK_MAX_CONTROL_BYTES (1u << 20)
 /* Header flag bits only shared memory carries (rdmakv/transport/shm/connection.py):
@@ -92,6 +96,8 @@ enum rk_error {
     RK_ERR_SHARED,            /* shared memory: a frame's flags or places this link did not agree to */
     RK_ERR_UNREAD,            /* (server, asynchronous mode) a push came while the worker left its
                                  reply to the chunk's last one unread for the stream's timeout */
+    RK_ERR_VIA_HOST,          /* a push or result flagged VIA_HOST where the job's plan has none */
+    RK_ERR_HOST_STALLED,      /* host sums: the host's other workers (or its root) stalled past the timeout */
 };
 
 /* ---- a link's byte stream, every wait bounded ---------------------------------- */
@@ -304,7 +310,8 @@ typedef struct {
     void *ref;                /* what the owner queued */
     uint64_t tag;             /* the owner's */
     const char *data;         /* (server replies) the payload, */
-    uint8_t op;               /* and the op; */
+    uint8_t op;               /* the op, */
+    uint8_t via_host;         /* whether the worker takes it from its host (RK_FLAG_VIA_HOST), */
     uint32_t place_rkey;      /* (verbs) and where the worker asked for it to be written: */
     uint64_t place_addr;      /* rkey 0 for nowhere */
 } rk_item;

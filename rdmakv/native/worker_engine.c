@@ -48,6 +48,9 @@ typedef struct {
     struct rk_codec_state state;
     char *encoded, *pulled;
     uint64_t max_encoded;
+    /* One push per host: the host's sums of this chunk (even, odd rounds; _shm.h),
+     * in memory the host's workers share; NULL where its pushes go as they are. */
+    char *host_sums[2];
 } rk_chunk;
 
 struct rk_key {
@@ -85,6 +88,7 @@ struct rk_link {
     size_t scratch_size;
     rk_segments segments;         /* shared memory: the server's memory files (the reader's) */
     _Atomic uint64_t summed_bytes;  /* shared memory: push bytes added straight into the server's sums */
+    int via_host;                 /* one push per host: its server is on another host */
 };
 
 struct rk_engine {
@@ -104,6 +108,8 @@ struct rk_engine {
     int closed;                   /* rk_engine_close ran: the links' descriptors are the caller's again */
     pid_t pid;                    /* the process that owns the threads */
     double spin;                  /* seconds a reader or a waiter polls before sleeping */
+    int host_role;                /* one push per host: RK_HOST_ROOT, RK_HOST_MEMBER, or 0 */
+    uint32_t host_others;         /* the root: how many other workers of its host contribute */
 };
 
 static void post_error(rk_link *link, uint32_t kind, int error, int sys_errno, const rk_header *h, uint64_t limit) {
@@ -228,7 +234,8 @@ static int pop_ready(rk_link *link, rk_item *out) {
         rk_chunk *chunk = &op->key->chunks[out->chunk];
         chunk->sent = 1;
         chunk->placed = link->stream.verbs && op->target_rkeys && op->target_rkeys[link->index] &&
-                        chunk->nbytes >= RK_ZERO_COPY_BYTES && !chunk->compressed;
+                        chunk->nbytes >= RK_ZERO_COPY_BYTES && !chunk->compressed &&
+                        !(link->via_host && chunk->host_sums[0]);   /* a host's result is its root's */
         link->unanswered++;
         if (out->credit) {
             chunk->credited = 1;
@@ -272,9 +279,38 @@ static int add_to_shared_sum(rk_link *link, rk_key *key, rk_chunk *chunk, rk_op 
     return 1;
 }
 
+/* Whether op's push of chunk goes through the host's sum (one push per host):
+ * a plain pushpull of a chunk with data, to a server on another host. */
+static int via_host(const rk_link *link, const rk_chunk *chunk, const rk_op *op) {
+    return link->via_host && chunk->host_sums[0] && chunk->nbytes && op->flags == 0 && !chunk->compressed;
+}
+
+/* One push per host, before op's push of chunk is sent: a local worker adds it
+ * into the host's sum; the root waits for theirs, then adds its own.  RK_OK,
+ * RK_STOPPED (closing, or the op failed meanwhile: nothing is sent), or
+ * RK_ERR_HOST_STALLED. */
+static int host_push(rk_link *link, rk_key *key, rk_chunk *chunk, rk_op *op) {
+    rk_engine *engine = link->engine;
+    size_t itemsize = 1;
+    rk_add_fn add = rk_adder(key->dtype, &itemsize);
+    char *sum = chunk->host_sums[op->round % 2];
+    const char *source = op->source + chunk->offset;
+    int rc = engine->host_role == RK_HOST_ROOT
+                 ? rdmakv_host_complete(sum, source, chunk->nbytes, (rdmakv_add_fn)add, itemsize, op->round,
+                                        engine->host_others, engine->timeout, &link->stream.stop, &op->life,
+                                        RK_CLAIMED)
+                 : rdmakv_host_contribute(sum, source, chunk->nbytes, (rdmakv_add_fn)add, itemsize, op->round,
+                                          engine->timeout, &link->stream.stop);
+    if (rc == RDMAKV_SHM_TIMEOUT) return RK_ERR_HOST_STALLED;
+    return rc ? RK_STOPPED : RK_OK;
+}
+
 /* Send popped chunks with one sendmsg, drop their busy references, then let the
  * next sender in (the caller set link->sending).  may_add: pushes may be added
- * into offered sums (the sender thread; a submitting thread must not wait for a lock). */
+ * into offered sums (the sender thread; a submitting thread must not wait for a lock).
+ * A host push is made either way: only the host's workers take its lock, each for
+ * one chunk's add, and a root's wait for the others never runs in a submitting
+ * thread (enqueue_chunks). */
 static void transmit(rk_link *link, const rk_item *items, int count, int may_add) {
     char packed[RK_BATCH][RK_HEADER_SIZE];
     char places[RK_BATCH][RK_PLACE_RESULT_SIZE];
@@ -292,14 +328,30 @@ static void transmit(rk_link *link, const rk_item *items, int count, int may_add
                        .flags = op->flags | (items[i].credit ? RK_FLAG_ACK : 0), .key = key->wire,
                        .chunk = items[i].chunk, .priority = op->priority, .round = op->round,
                        .length = no_data ? 0 : chunk->nbytes, .sender = link->engine->sender_rank};
-        int summed = may_add && !chunk->compressed ? add_to_shared_sum(link, key, chunk, op) : 0;
-        if (summed == RK_STOPPED) rc = RK_STOPPED;
-        if (summed == 1) h.flags |= RK_IN_PLACE;
         const char *payload = op->source + chunk->offset;
-        if (encode && h.length) {
-            h.length = rk_codec_encode(&chunk->codec, &chunk->state, (const float *)payload, chunk->nbytes / 4,
-                                       chunk->encoded);
-            payload = chunk->encoded;
+        int summed = 0;
+        if (via_host(link, chunk, op)) {
+            int host = host_push(link, key, chunk, op);
+            if (host == RK_STOPPED) {
+                if (!__atomic_load_n(&link->stream.stop, __ATOMIC_ACQUIRE)) continue;   /* the op failed */
+                rc = RK_STOPPED;
+            } else if (host != RK_OK) {
+                rc = host;
+            } else if (link->engine->host_role == RK_HOST_ROOT) {
+                payload = chunk->host_sums[op->round % 2];
+            } else {
+                h.flags |= RK_FLAG_VIA_HOST;
+                h.length = 0;
+            }
+        } else {
+            summed = may_add && !chunk->compressed ? add_to_shared_sum(link, key, chunk, op) : 0;
+            if (summed == RK_STOPPED) rc = RK_STOPPED;
+            if (summed == 1) h.flags |= RK_IN_PLACE;
+            if (encode && h.length) {
+                h.length = rk_codec_encode(&chunk->codec, &chunk->state, (const float *)payload, chunk->nbytes / 4,
+                                           chunk->encoded);
+                payload = chunk->encoded;
+            }
         }
         if (chunk->placed) {              /* set by pop_ready: the link is verbs, the target registered */
             uint64_t at = (uintptr_t)(op->target + chunk->offset);
@@ -315,7 +367,8 @@ static void transmit(rk_link *link, const rk_item *items, int count, int may_add
             iov[parts++] = (struct iovec){places[i], RK_PLACE_RESULT_SIZE};
         }
         if (h.length && summed != 1) {
-            uint32_t lkey = op->source_lkeys && !encode ? op->source_lkeys[link->index] : 0;
+            int from_source = payload == op->source + chunk->offset;   /* not an encoding, not a host's sum */
+            uint32_t lkey = op->source_lkeys && from_source ? op->source_lkeys[link->index] : 0;
             lkeys[parts] = chunk->nbytes >= RK_ZERO_COPY_BYTES ? lkey : 0;
             iov[parts++] = (struct iovec){(char *)payload, h.length};
         }
@@ -422,7 +475,9 @@ static void enqueue_chunks(rk_op *op) {
         int idle = rk_stream_buffered(&link->stream) ? rk_stream_room(&link->stream) >= RK_HEADER_SIZE + chunk->nbytes
                                           : link->unanswered == 0;
         rk_item popped;
-        if (idle && !link->sending && link->queue.count == 1 && chunk->nbytes <= engine->small_bytes &&
+        /* (A root's host push waits for its host's others: never from the caller's thread.) */
+        int waits = engine->host_role == RK_HOST_ROOT && via_host(link, chunk, op);
+        if (idle && !waits && !link->sending && link->queue.count == 1 && chunk->nbytes <= engine->small_bytes &&
             pop_ready(link, &popped)) {
             link->sending = 1;
             pthread_mutex_unlock(&link->lock);
@@ -626,6 +681,7 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
     rk_chunk *chunk = NULL;
     rk_op *op = NULL;
     int failing = 0;              /* the op it answers is being failed */
+    int from_host = (h->flags & RK_FLAG_VIA_HOST) != 0;   /* no bytes follow: they are in the host's sum */
     pthread_mutex_lock(&link->lock);
     if (key && h->chunk < key->nchunks && key->chunks[h->chunk].link == link->index) {
         chunk = &key->chunks[h->chunk];
@@ -636,9 +692,10 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
                 return RK_ERR_SHARED;
             }
             int encoded = chunk->pulled && chunk->op->flags == 0;
-            if (encoded ? h->length > chunk->max_encoded || (h->shared & RK_SHARED_PAYLOAD)
-                        : h->length != chunk->nbytes) {
-                *limit = encoded ? chunk->max_encoded : chunk->nbytes;
+            uint64_t expected = from_host ? 0 : encoded ? chunk->max_encoded : chunk->nbytes;
+            if (from_host || !encoded ? h->length != expected
+                                      : h->length > expected || (h->shared & RK_SHARED_PAYLOAD)) {
+                *limit = expected;
                 pthread_mutex_unlock(&link->lock);
                 return RK_ERR_RESULT_LENGTH;
             }
@@ -649,17 +706,33 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
             }
         }
     }
+    /* A result to take from the host's sum: only for a local worker, of a push it sent that way. */
+    if (from_host && !(link->engine->host_role == RK_HOST_MEMBER && chunk && link->via_host && chunk->host_sums[0] &&
+                       h->length == 0 && (op == NULL || via_host(link, chunk, op)))) {
+        pthread_mutex_unlock(&link->lock);
+        if (op) busy_release(op);
+        return RK_ERR_VIA_HOST;
+    }
     if (op == NULL) {
         /* Taken in and dropped, no more than a chunk of the key: a result that
          * crossed its key's failure, or this link's, or its op's. */
         int dropped = key && (atomic_load(&key->failed) || link->failed || failing) && h->length <= key->max_chunk;
         pthread_mutex_unlock(&link->lock);
         if (!dropped) return RK_ERR_UNEXPECTED_RESULT;
-        return read_payload(link, h, NULL, err);
+        return from_host ? RK_OK : read_payload(link, h, NULL, err);
     }
     pthread_mutex_unlock(&link->lock);
     int rc;
-    if (chunk->pulled && op->flags == 0) {
+    if (from_host) {
+        rc = rdmakv_host_take(op->target + chunk->offset, chunk->host_sums[h->round % 2], chunk->nbytes, h->round,
+                              link->engine->timeout, &link->stream.stop, &op->life, RK_CLAIMED);
+        /* Stopped: closing here, or the op failed meanwhile (its failure says why). */
+        if (rc == RDMAKV_SHM_STOPPED) {
+            busy_release(op);
+            return __atomic_load_n(&link->stream.stop, __ATOMIC_ACQUIRE) ? RK_STOPPED : RK_OK;
+        }
+        rc = rc ? RK_ERR_HOST_STALLED : RK_OK;
+    } else if (chunk->pulled && op->flags == 0) {
         /* An encoded sum: into `pulled`, then decoded into the target. */
         rc = rk_recv_all(&link->stream, chunk->pulled, h->length, 0, err);
         if (rc == RK_OK) {
@@ -672,6 +745,8 @@ static int take_result(rk_link *link, const rk_header *h, uint64_t *limit, int *
         }
     } else {
         rc = read_payload(link, h, op->target + chunk->offset, err);
+        if (rc == RK_OK && link->engine->host_role == RK_HOST_ROOT && via_host(link, chunk, op))
+            rdmakv_host_publish(chunk->host_sums[h->round % 2], op->target + chunk->offset, chunk->nbytes, h->round);
     }
     int cleared = 0;
     if (rc == RK_OK) {
@@ -908,8 +983,15 @@ void rk_link_allow_states(rk_engine *engine, uint32_t link, uint64_t limit) {
     atomic_store(&engine->links[link].states_limit, limit);
 }
 
+void rk_engine_set_host(rk_engine *engine, int role, uint32_t others, const uint8_t *via) {
+    engine->host_role = role;
+    engine->host_others = others;
+    for (uint32_t i = 0; i < engine->num_links; i++) engine->links[i].via_host = role && via[i];
+}
+
 rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint8_t dtype, uint32_t nchunks,
-                          const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links) {
+                          const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links,
+                          char *const *host_sums) {
     rk_key *key = calloc(1, sizeof *key);
     if (key == NULL) return NULL;
     key->chunks = calloc(nchunks ? nchunks : 1, sizeof *key->chunks);
@@ -925,6 +1007,10 @@ rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint
         key->chunks[i].offset = offsets[i];
         key->chunks[i].nbytes = sizes[i];
         key->chunks[i].link = links[i];
+        if (host_sums) {
+            key->chunks[i].host_sums[0] = host_sums[2 * i];
+            key->chunks[i].host_sums[1] = host_sums[2 * i + 1];
+        }
         if (sizes[i] > key->max_chunk) key->max_chunk = sizes[i];
     }
     pthread_rwlock_wrlock(&engine->keys_lock);

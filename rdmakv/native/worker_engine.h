@@ -89,10 +89,19 @@ void rk_engine_set_spin(rk_engine *engine, double seconds);
 void rk_engine_close(rk_engine *engine);
 void rk_engine_free(rk_engine *engine);
 
+/* One push per host (_shm.h, host sums): this worker's part, set before any key is
+ * declared.  The root waits for `others` contributions to each host sum; via[i]:
+ * link i's server is on another host, so pushes to it go through the host. */
+enum { RK_HOST_ROOT = 1, RK_HOST_MEMBER = 2 };
+void rk_engine_set_host(rk_engine *engine, int role, uint32_t others, const uint8_t *via);
+
 /* ---- keys (declaration: the control plane, once per key) ------------------ */
-/* A key with nchunks chunks; chunk i is bytes offsets[i]..+sizes[i] sent to links[i]. */
+/* A key with nchunks chunks; chunk i is bytes offsets[i]..+sizes[i] sent to links[i].
+ * host_sums (NULL: none): chunk i's host sums at [2i] (even rounds) and [2i + 1],
+ * each after its 64-byte control block, in memory that outlives the engine's threads. */
 rk_key *rk_engine_add_key(rk_engine *engine, uint64_t wire, uint32_t order, uint8_t dtype, uint32_t nchunks,
-                          const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links);
+                          const uint64_t *offsets, const uint64_t *sizes, const uint32_t *links,
+                          char *const *host_sums);
 /* The key is refused: fail its pending ops with RK_DONE_KEY_FAILED, drop late results. */
 void rk_engine_fail_key(rk_engine *engine, rk_key *key);
 struct rk_codec;

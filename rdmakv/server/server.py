@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from rdmakv.control import auth, trace
+from rdmakv.control import auth, hierarchy, trace
 from rdmakv.control.engine_errors import engine_read_error, engine_stream_error
 from rdmakv.control.node import ControlLink, accept_peers
 from rdmakv.control.peer import Handler
@@ -309,6 +309,7 @@ class ParameterServer(Handler):
         self.tracer = None
         self.updater = None
         self._native = None           # the native data plane (server_engine.c), where the links allow it
+        self._roots = {}              # one push per host: the local roots' hosts, by rank
         self._keys = {}
         self._first_key = None        # the first key declared with chunks here: its rounds number the traced steps
         self._chunks = {}
@@ -324,17 +325,22 @@ class ParameterServer(Handler):
 
     def run(self):
         """Serve until the scheduler says SHUTDOWN (returns 0) or the job fails (returns 1)."""
-        welcome = self.control.join(*self.listener.address, node_id=self.config.server_id)
-        self.rank, self.num_workers = welcome["rank"], welcome["num_workers"]
-        self.num_servers = welcome["num_servers"]
-        self.tracer = trace.make(self.config, "server", self.rank)
         base = getattr(self.transport, "inner", self.transport)     # shared memory's transport underneath
         # Verbs connections are streams the engine speaks under the same settings (verbs/stream.py).
         speaks_frames = base is tcp or base.__name__ == "rdmakv.transport.verbs"
-        if (self.config.engine == "native" and speaks_frames and not self.config.integrity
-                and self.tracer is None):
+        native = (self.config.engine == "native" and speaks_frames and not self.config.integrity
+                  and not trace.enabled(self.config))
+        welcome = self.control.join(*self.listener.address, node_id=self.config.server_id,
+                                    hierarchy=hierarchy.refusal(self.config, native))
+        self.rank, self.num_workers = welcome["rank"], welcome["num_workers"]
+        self.num_servers = welcome["num_servers"]
+        self._roots = dict(welcome.get("roots", ()))     # one push per host: the local roots, by rank
+        self.tracer = trace.make(self.config, "server", self.rank)
+        if native:
             self._native = _t.ServerEngine(self.num_workers, self.config.timeout, DIRECT_REPLY_BYTES)
             self._native.set_spin(self.config.spin_us / 1e6)
+            for rank in welcome.get("via_host", ()):
+                self._native.allow_via_host(rank)
             threading.Thread(target=self._hear_engine, daemon=True, name="rdmakv-engine-events").start()
         log.info("server %d: joined the job of %d workers (%s data path, %s mode)", self.rank, self.num_workers,
                  "native" if self._native is not None else "Python", self.config.mode)
@@ -673,7 +679,7 @@ class ParameterServer(Handler):
             link = peer.info["link"] = WorkerLink(peer, self)
             link.rank = rank
             self._links[rank] = link
-        peer.name = f"worker {rank}"
+        peer.name = hierarchy.worker_name(rank, self._roots)
         if self._native is not None:
             if not peer.connection.features.plain_frames:
                 raise ProtocolError(f"worker {rank} runs the Python data path over its connection "
@@ -718,7 +724,8 @@ class ParameterServer(Handler):
             return self._failure
         state = self._keys.get(key)
         name = state.name if state else key
-        return f"worker {rank} left the job ({self._departed[rank]}), so key {name!r} can no longer be summed"
+        return (f"{hierarchy.worker_name(rank, self._roots)} left the job ({self._departed[rank]}), so key {name!r} "
+                f"can no longer be summed")
 
     # ---- declarations ----------------------------------------------------
     def _declare(self, link, layout):
@@ -942,6 +949,10 @@ class ParameterServer(Handler):
         return chunk
 
     def _push(self, link, header, payload):
+        if header.flags & protocol.FLAG_VIA_HOST:
+            raise ProtocolError(f"{link.peer.name} pushed key {header.key} chunk {header.chunk} through its "
+                                f"host's root (one push per host), which this server's Python data path does not "
+                                f"take: set RDMAKV_ENGINE, RDMAKV_INTEGRITY and RDMAKV_TRACE_DIR alike on every node")
         chunk = self._chunks.get((header.key, header.chunk))
         if chunk is None:
             if self._refused_chunk_bytes(link, header) is not None:

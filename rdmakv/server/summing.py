@@ -30,7 +30,16 @@ Compressed chunks (rdmakv/core/compression.py, native/codec.c) are private
 sums: a pushpull's push arrives encoded and is decoded into the round's buffer
 (add_encoded; the engines: server_engine.c's contribute), never added in place
 by a worker; where the codec compresses the pull too, the finished sum is
-encoded (encode_sum) and that goes out.  A broadcast's value goes whole."""
+encoded (encode_sum) and that goes out.  A broadcast's value goes whole.
+
+Host sums (one push per host, rdmakv/control/hierarchy.py): the same control
+block and lock, one level up, on the workers' side only: a host's workers add
+their pushes into a buffer of their host (_shm.h's rdmakv_host_contribute), its
+local root adds its own once theirs are in (rdmakv_host_complete) and pushes
+that sum as its push, which the server takes like any other; the root writes the
+result back into the same buffer (rdmakv_host_publish) and the others copy it out
+(rdmakv_host_take).  worker_engine.c runs those steps, rdmakv/worker/host_sums.py
+makes the memory."""
 from rdmakv.core.protocol import FLAG_ACK
 from rdmakv.native import transport as _t
 

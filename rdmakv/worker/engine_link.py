@@ -9,7 +9,7 @@ import threading
 from rdmakv.control.engine_errors import engine_read_error, engine_stream_error
 from rdmakv.control.peer import closed_connection_warnings
 from rdmakv.core import protocol
-from rdmakv.core.errors import ClosedError, ConnectionClosed, EndOfStream, ProtocolError
+from rdmakv.core.errors import ClosedError, ConnectionClosed, EndOfStream, PeerTimeout, ProtocolError
 from rdmakv.core.protocol import Op
 from rdmakv.native import transport as _t
 from rdmakv.worker.links import ServerLinkBase
@@ -79,6 +79,9 @@ class EngineLink(ServerLinkBase):
                 self.on_control(protocol.Header(*fields[2:]), payload)
             except ProtocolError as exc:
                 self._broken(exc)
+        elif code == _t.ERR_HOST_STALLED and self.store.host_sums is not None:
+            self.fail(PeerTimeout(f"pushpull with {self.describe()}: {self.store.host_sums.describe_stall()}"))
+            self.connection.shut()
         elif kind == _t.EVENT_SEND_FAILED:
             error = engine_stream_error(code, err, "send to", peer, timeout)
             self.fail(ConnectionClosed(f"sending to {self.describe()} failed: {error}"))

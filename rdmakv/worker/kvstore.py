@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from rdmakv.control import auth, standalone, trace
+from rdmakv.control import auth, hierarchy, standalone, trace
 from rdmakv.control.node import ControlLink
 from rdmakv.core import compression as compression_settings
 from rdmakv.core import netif, protocol
@@ -41,6 +41,7 @@ from rdmakv.worker.barriers import Barriers
 from rdmakv.worker.engine_link import EngineLink
 from rdmakv.worker.fusion import FusedGroup, Fusion
 from rdmakv.worker.handles import GroupHandle, Handle, NativeHandle, T
+from rdmakv.worker.host_sums import HostSums
 from rdmakv.worker.keys import DTYPE_CODE_OF, ChunkEncoder, Key, KeyInfo, key_name, wire_key
 from rdmakv.worker.links import DIRECT_SEND_BYTES, describe_owing
 from rdmakv.worker.server_link import ServerLink
@@ -88,6 +89,8 @@ class KVStore:
                        this store (a declare() may name its own): MXNet's {'type': '2bit',
                        'threshold': t}, BytePS's compression_params, 'fp16', '2bit' or None
                        (rdmakv/core/compression.py); None
+    hierarchy          True: workers sharing a host push once per host, through its local root,
+                       to servers on other hosts (README, One push per host); True
 
     With no job setting at all (no role, scheduler, worker-count or rank
     variable or keyword), as in `python train.py` without a launcher, the
@@ -132,9 +135,11 @@ class KVStore:
         self._links = []
         self._engine = None           # the native data plane, where every link can use it
         self._engine_events = None    # the thread that hears what the engine's threads leave to Python
+        self.host_sums = None         # one push per host: this worker's part, where its host has one
         try:
             host = netif.advertised_host(self.config)
-            welcome = self._control.join(host, 0, self.config.worker_id)
+            welcome = self._control.join(host, 0, self.config.worker_id,
+                                         hierarchy=hierarchy.refusal(self.config, self._wants_native()))
             self.rank = welcome["rank"]
             self.num_workers = welcome["num_workers"]
             self.num_servers = welcome["num_servers"]
@@ -142,6 +147,8 @@ class KVStore:
                                else welcome["local_rank"])
             self.local_size = welcome["local_size"]
             self.tracer = trace.make(self.config, "worker", self.rank)
+            if welcome.get("hierarchy"):
+                self.host_sums = HostSums(self.rank, welcome["hierarchy"], self.config.timeout)
             self._connect_servers(welcome["servers"])
         except BaseException:
             self._teardown()
@@ -158,7 +165,7 @@ class KVStore:
         needs a per-chunk Python hook (a trace), else on Python threads."""
         connections = []
         secret = auth.load_secret(self.config)
-        wants_native = self.config.engine == "native" and self.tracer is None and not self.config.integrity
+        wants_native = self._wants_native()
         try:
             for server_host, port in servers:
                 connections.append(auth.open_connection(self.transport, server_host, port, secret,
@@ -169,9 +176,16 @@ class KVStore:
                 credit = self.config.scheduling_credit * self.config.partition_bytes
                 self._engine = _t.Engine(len(connections), credit, DIRECT_SEND_BYTES, self.config.timeout, self.rank)
                 self._engine.set_spin(self.config.spin_us / 1e6)
+                if self.host_sums is not None:
+                    part = self.host_sums
+                    self._engine.set_host(part.is_root, len(part.workers) - 1,
+                                          [rank in part.remote_servers for rank in range(len(servers))])
                 self._engine_events = threading.Thread(target=self._hear_engine, daemon=True,
                                                        name="rdmakv-engine-events")
                 self._engine_events.start()
+            elif self.host_sums is not None:
+                raise ConfigError(f"one push per host was planned, but worker {self.rank}'s links need the Python "
+                                  f"data path ({', '.join(c.peer for c in connections)}): set RDMAKV_HIERARCHY=0")
             while connections:
                 rank = len(self._links)
                 link = (EngineLink if native else ServerLink)(self, rank, servers[rank])
@@ -180,6 +194,10 @@ class KVStore:
         finally:
             for connection in connections:
                 connection.close()
+
+    def _wants_native(self):
+        """Whether this worker asks for the native data path (its links decide in the end)."""
+        return self.config.engine == "native" and not trace.enabled(self.config) and not self.config.integrity
 
     def _hear_engine(self):
         engine = self._engine
@@ -382,6 +400,8 @@ class KVStore:
             if self._engine_events is not None and self._engine_events is not threading.current_thread():
                 self._engine_events.join(5)
             self._engine.reap()
+        if self.host_sums is not None:
+            self.host_sums.close()
         self._control.close()
         if getattr(self, "tracer", None):
             self.tracer.write()
@@ -532,9 +552,14 @@ class KVStore:
             codecs = info.codecs() if compression.active else []   # a kind this build lacks fails here
             # Every server sees every declaration, so they can check that all workers agree.
             if self._engine is not None:
+                host_memory = host_offsets = None
+                # A compressed key's pushes are encodings, summed only by the servers.
+                if (self.host_sums is not None and not compression.active
+                        and any(c.server in self.host_sums.remote_servers for c in chunks)):
+                    host_memory, host_offsets = self.host_sums.map_key(wire, [c.nbytes for c in chunks])
                 info.engine_key = self._engine.add_key(wire, info.order, info.dtype_code,
                                                        [c.offset for c in chunks], [c.nbytes for c in chunks],
-                                                       [c.server for c in chunks])
+                                                       [c.server for c in chunks], host_memory, host_offsets)
                 for index, codec in enumerate(codecs):
                     self._engine.set_codec(info.engine_key, index, codec)
             elif codecs:

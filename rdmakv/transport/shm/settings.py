@@ -50,12 +50,17 @@ def unavailable():
     return None
 
 
+def forbidden(environ=None):
+    """Whether RDMAKV_SHM=0 forbids shared memory to this process."""
+    return (other_variable("RDMAKV_SHM", environ) or "").strip().lower() in _OFF
+
+
 def wanted(transport, environ=None):
     """(whether connections to co-located peers use shared memory, why), for a
     configured transport name.  RDMAKV_SHM=0 forbids it; RDMAKV_TRANSPORT=shm
     demands it (set-up failures with a co-located peer are then errors, not
     a quiet fall-back)."""
-    off = (other_variable("RDMAKV_SHM", environ) or "").strip().lower() in _OFF
+    off = forbidden(environ)
     if transport == "shm":
         if off:
             raise ConfigError("RDMAKV_TRANSPORT=shm contradicts RDMAKV_SHM=0")
