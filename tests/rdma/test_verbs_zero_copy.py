@@ -3,6 +3,7 @@ rdmakv/native/wire.h) against peers played by the test over real verbs
 streams in the soft-RoCE VM: what a push that asks for its result to be
 placed looks like, and what a peer that abuses the flags makes of it."""
 import struct
+import types
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ def _t():
 def read_raw(connection, nbytes):
     """nbytes off the stream, whatever flags they carry (protocol.unpack refuses ours)."""
     data = bytearray(nbytes)
-    connection.recv_payload(None, data)
+    connection.recv_payload(types.SimpleNamespace(length=nbytes), data)
     return bytes(data)
 
 
