@@ -26,3 +26,24 @@ def pushpull_keys_at_once(kv, shapes, num_workers):
     for index, out, handle in handles:
         assert handle.wait() is out
         np.testing.assert_array_equal(out, expected_sum(num_workers, shapes[index], "int64", index))
+
+
+def push_raw_then_pushpull(setting, payload):
+    """A cluster job: worker 0 declares key "w" (100 float32) with compression `setting`
+    and sends `payload` as its round-0 push, raw; worker 1 pushpulls and returns the
+    RemoteError's words it must meet (rdmakv.core.errors)."""
+    import pytest
+    from rdmakv.core import protocol
+    from rdmakv.core.errors import RemoteError
+
+    def work(kv):
+        kv.declare("w", (100,), "float32", compression=setting)
+        if kv.rank == 0:
+            info = kv._keys["w"]
+            kv._links[0].send(protocol.Op.PUSH, payload, dtype=info.dtype_code, key=info.wire, chunk=0, round=0,
+                              sender=0)
+            return None
+        with pytest.raises(RemoteError) as refused:
+            kv.pushpull("w", np.ones(100, np.float32))
+        return str(refused.value)
+    return work

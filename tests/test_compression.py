@@ -7,10 +7,12 @@ import re
 import numpy as np
 import pytest
 
+
 import codec_reference as ref
+from kvstore_helpers import push_raw_then_pushpull
 import rdmakv
 from rdmakv.core import protocol
-from rdmakv.core.errors import ConfigError, RemoteError
+from rdmakv.core.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 
@@ -120,16 +122,7 @@ def test_a_hostile_compressed_push_is_refused_naming_key_and_worker(cluster_fact
     cluster = cluster_factory(2, 1, RDMAKV_ENGINE=engine)
     payload, message = HOSTILE[attack]
 
-    def work(kv):
-        kv.declare("w", (100,), "float32", compression="2bit")
-        if kv.rank == 0:
-            info = kv._keys["w"]
-            kv._links[0].send(protocol.Op.PUSH, payload, dtype=info.dtype_code, key=info.wire, chunk=0, round=0,
-                              sender=0)
-            return None
-        with pytest.raises(RemoteError) as refused:
-            kv.pushpull("w", np.ones(100, np.float32))
-        return str(refused.value)
+    work = push_raw_then_pushpull("2bit", payload)
 
     results, errors = cluster.run_collect(work)
     assert errors[1] is None, errors[1]

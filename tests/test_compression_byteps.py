@@ -9,9 +9,10 @@ import re
 import numpy as np
 import pytest
 
+
 import codec_reference as ref
+from kvstore_helpers import push_raw_then_pushpull
 from rdmakv.core import compression, partition, protocol
-from rdmakv.core.errors import RemoteError
 
 pytestmark = pytest.mark.usefixtures("transport")   # each test once per transport, named in its id
 
@@ -187,16 +188,7 @@ def test_a_push_that_is_no_encoding_is_refused_naming_key_and_worker(cluster_fac
     cluster = cluster_factory(2, 1, RDMAKV_ENGINE=engine)
     setting, payload = HOSTILE[attack]
 
-    def work(kv):
-        kv.declare("w", (100,), "float32", compression=setting)
-        if kv.rank == 0:
-            info = kv._keys["w"]
-            kv._links[0].send(protocol.Op.PUSH, payload, dtype=info.dtype_code, key=info.wire, chunk=0, round=0,
-                              sender=0)
-            return None
-        with pytest.raises(RemoteError) as refused:
-            kv.pushpull("w", np.ones(100, np.float32))
-        return str(refused.value)
+    work = push_raw_then_pushpull(setting, payload)
 
     assert len(payload) == compression.parse(HOSTILE[attack][0]).codec(100).max_bytes(100)
     results, errors = cluster.run_collect(work)
