@@ -28,8 +28,9 @@ def engine_stream_error(code, err, what, peer, timeout):
     if code == _t.ERR_CORRUPT:
         return ProtocolError(f"{what} {peer}: the shared ring's counters are inconsistent")
     if code == _t.ERR_SHARED:
-        return ProtocolError(f"{what} {peer}: a shared-memory frame it was not offered, or naming memory "
-                             f"it never shared")
+        return ProtocolError(f"{what} {peer}: a frame with transport flags this link did not agree to (a "
+                             f"shared-memory place or offer, or a verbs result placed where no place was given), "
+                             f"or naming memory it never shared")
     if code == _t.ERR_VIA_HOST:
         return ProtocolError(f"{what} {peer}: a push or result flagged as going through the host's root "
                              f"(one push per host) where the job's plan has none")

@@ -93,7 +93,7 @@ enum rk_error {
     RK_ERR_NO_MEMORY,
     RK_ERR_REFUSED,           /* the control plane refused the message: the stream stops */
     RK_ERR_CORRUPT,           /* shared memory: ring counters that cannot be (a bug or a hostile peer) */
-    RK_ERR_SHARED,            /* shared memory: a frame's flags or places this link did not agree to */
+    RK_ERR_SHARED,            /* a frame's transport flags (shared memory, verbs) or places this link did not agree to */
     RK_ERR_UNREAD,            /* (server, asynchronous mode) a push came while the worker left its
                                  reply to the chunk's last one unread for the stream's timeout */
     RK_ERR_VIA_HOST,          /* a push or result flagged VIA_HOST where the job's plan has none */
