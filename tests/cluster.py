@@ -12,6 +12,14 @@ import rdmakv
 from rdmakv.core.netif import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The waits written into tests are this machine's.  Under emulation, where a Python process
+# takes seconds to start (the soft-RoCE VM's TCG), ci/rxe.sh --suite stretches them by this.
+TIME_SCALE = float(os.environ.get("RDKV_TEST_TIME_SCALE", "1"))
+
+
+def scaled(seconds):
+    """A test's wait of `seconds` here, on the machine the tests run on."""
+    return seconds * TIME_SCALE
 
 
 def tagged(marker):
@@ -33,7 +41,8 @@ def tagged(marker):
 
 
 def run_threads(fns, timeout=60):
-    """Run each fn in its own thread; return results, re-raising the first exception."""
+    """Run each fn in its own thread, each given scaled(timeout); return (results, errors)."""
+    timeout = scaled(timeout)
     results = [None] * len(fns)
     errors = [None] * len(fns)
 
@@ -61,7 +70,7 @@ class LocalCluster:
         self.port = free_port(host)
         self.env = dict(os.environ, DMLC_PS_ROOT_URI=host, DMLC_PS_ROOT_PORT=str(self.port),
                         DMLC_NUM_WORKER=str(num_workers), DMLC_NUM_SERVER=str(num_servers),
-                        RDMAKV_TIMEOUT="30", PYTHONPATH=REPO)
+                        RDMAKV_TIMEOUT=os.environ.get("RDMAKV_TIMEOUT", "30"), PYTHONPATH=REPO)
         self.env.update({k: str(v) for k, v in env.items()})
         self.procs = []
         self.logs = []                # the last lines each process logged

@@ -29,6 +29,15 @@ def transport(request, monkeypatch):
     return request.param
 
 
+def pytest_collection_modifyitems(items):
+    """Mark every test the transport fixture runs over verbs, so that the VM can run
+    exactly those (ci/rxe.sh --suite: pytest -m over_verbs)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("transport") == "verbs":
+            item.add_marker(pytest.mark.over_verbs)
+
+
 # The connections a transport may make: over verbs the native engines run a stream, the
 # Python data path a VerbsConnection.
 CONNECTION_CLASSES = {"tcp": {"TcpConnection"}, "shm": {"ShmConnection"},

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import rdmakv
-from cluster import run_threads
+from cluster import run_threads, scaled
 from rdmakv.control import auth
 from rdmakv.control.node import ControlLink
 from rdmakv.core import partition, protocol
@@ -267,7 +267,7 @@ def test_every_dtype_and_an_empty_key(async_cluster, dtype):
 def test_a_stalled_broadcast_names_the_workers_that_have_not_sent_their_part(async_cluster):
     """Each server tells the workers waiting on a broadcast, by their own rounds (a
     worker's rounds are its own in asynchronous mode), who has not sent a part."""
-    cluster = async_cluster(3, 2, RDMAKV_TIMEOUT=5)   # as tests/test_liveness.py: short, with room to join
+    cluster = async_cluster(3, 2, RDMAKV_TIMEOUT=scaled(5))   # as tests/test_liveness.py: short, with room to join
     done = threading.Event()
 
     def work(kv):

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import rdmakv
+from cluster import scaled
 from rdmakv.control.auth import AuthenticationError
 from rdmakv.core import protocol
 from rdmakv.core.protocol import Op
@@ -31,7 +32,7 @@ def test_cluster_with_a_secret_works(cluster_factory, tmp_path):
 def test_a_worker_without_the_secret_is_refused(cluster_factory, secret, message):
     cluster = cluster_factory(1, 1, RDMAKV_SECRET=SECRET)
     with pytest.raises(AuthenticationError, match=message):
-        rdmakv.KVStore(**cluster.settings(secret=secret, timeout=5))
+        rdmakv.KVStore(**cluster.settings(secret=secret, timeout=scaled(5)))
     # the real worker can still join afterwards
     kv = rdmakv.KVStore(**cluster.settings(secret=SECRET))
     cluster.stores.append(kv)
@@ -43,7 +44,7 @@ def test_a_worker_without_the_secret_is_refused(cluster_factory, secret, message
 def test_a_secret_worker_refuses_an_unauthenticated_cluster(cluster_factory):
     cluster = cluster_factory(1, 1)
     with pytest.raises(AuthenticationError, match="does not authenticate"):
-        rdmakv.KVStore(**cluster.settings(secret=SECRET, timeout=5))
+        rdmakv.KVStore(**cluster.settings(secret=SECRET, timeout=scaled(5)))
 
 
 def test_raw_frames_without_the_handshake_are_refused(cluster_factory):

@@ -76,9 +76,9 @@ def test_known_variables_do_not_warn(recwarn):
     assert not [w for w in recwarn if "rdmakv setting" in str(w.message)]
 
 
-@pytest.mark.parametrize("value,transport", [("1", "verbs"), ("ibverbs", "verbs"), ("0", "auto")])
-def test_dmlc_enable_rdma_takes_ps_lite_values(value, transport):
-    assert Config.load({"DMLC_ENABLE_RDMA": value}).transport == transport
+@pytest.mark.parametrize("value,chosen", [("1", "verbs"), ("ibverbs", "verbs"), ("0", "auto")])
+def test_dmlc_enable_rdma_takes_ps_lite_values(value, chosen):
+    assert Config.load({"DMLC_ENABLE_RDMA": value}).transport == chosen
 
 
 def test_dmlc_enable_rdma_names_its_own_values():
