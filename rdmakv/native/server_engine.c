@@ -815,6 +815,15 @@ void rk_server_answer(rk_server *server, uint32_t rank, int verdict) {
     pthread_mutex_unlock(&link->verdict_lock);
 }
 
+/* ask() about a push flagged RK_PLACE_RESULT, once the place that follows its header is read. */
+static int drop_place_then_ask(rk_slink *link, rk_header *h, int *err) {
+    char place[RK_PLACE_RESULT_SIZE];
+    int rc = rk_recv_all(&link->stream, place, sizeof place, 0, err);
+    if (rc) return rc;
+    h->shared = 0;
+    return ask(link, h, err);
+}
+
 static void *reader_main(void *arg) {
     rk_slink *link = arg;
     rk_server *server = link->server;
@@ -833,9 +842,13 @@ static void *reader_main(void *arg) {
                 int planned = sized && !h.shared && atomic_load(&link->via_host) && chunk->nbytes &&
                               !chunk->rounds && !(h.flags & ~(RK_FLAG_ACK | RK_FLAG_VIA_HOST));
                 rc = planned ? take_push(link, chunk, &h, 0, &err) : RK_ERR_VIA_HOST;
+            } else if (h.shared == RK_PLACE_RESULT && link->stream.verbs && h.op == RK_OP_PUSH) {
+                /* A push that says where its result goes.  One the engine does not take (its
+                 * key refused or not declared here, or missized) goes to the control plane
+                 * as an unflagged push would, its place dropped: no result is placed for it. */
+                rc = sized ? take_push(link, chunk, &h, 0, &err) : drop_place_then_ask(link, &h, &err);
             } else if (h.shared && link->stream.verbs) {
-                /* Only a push that says where its result goes comes flagged. */
-                rc = sized && h.shared == RK_PLACE_RESULT ? take_push(link, chunk, &h, 0, &err) : RK_ERR_SHARED;
+                rc = RK_ERR_SHARED;       /* only a push may name a place */
             } else if (h.shared) {
                 /* Only a push added into a sum this worker was offered comes flagged. */
                 int offered = sized && h.shared == RK_IN_PLACE && chunk->shared && h.length &&

@@ -125,3 +125,30 @@ def test_a_worker_naming_a_bad_place_loses_only_its_own_link(pair_factory):
         assert event is not None and event[0] == 0 and event[1] in (t.EVENT_CLOSED, t.EVENT_SEND_FAILED)
     finally:
         engine.close()
+
+
+def test_a_push_naming_a_place_for_a_key_the_engine_does_not_hold_goes_to_the_control_plane(pair_factory):
+    """A worker pushes a key right after declaring it, before the server's refusal (or
+    acceptance) can reach it: the engine drops the push's place and lets the control plane
+    read the push, as it would an unflagged one, instead of stopping the link."""
+    t = _t()
+    worker_end, server_end = pair_factory(TIMEOUT, native=True)
+    engine = t.ServerEngine(1, TIMEOUT, 64 * 1024)
+    engine.start_link(0, *server_end.engine_stream())
+    try:
+        value = np.arange(LARGE, dtype=np.uint8)
+        send_raw(worker_end, Op.PUSH, struct.pack("<QI", 0x1000, 0x77) + value.tobytes(), flags=PLACE_RESULT,
+                 length=LARGE, key=77, dtype=protocol.DTYPE_CODES["uint8"], sender=0)
+        link, kind, _, _, _, fields, payload = engine.next_event(TIMEOUT)
+        assert (link, kind, fields[2], fields[5], fields[9], payload) == (0, t.EVENT_MESSAGE, Op.PUSH, 77, LARGE, None)
+        data = bytearray(LARGE)
+        taken = engine.take_buffered(0, data)
+        if taken < LARGE:
+            server_end.recv_payload(types.SimpleNamespace(length=LARGE - taken), memoryview(data)[taken:])
+        assert bytes(data) == value.tobytes(), "the place was taken off before the push's bytes"
+        engine.answer(0, t.VERDICT_CONTINUE)
+        send_raw(worker_end, Op.ERROR, b'{"message": "still here"}')
+        link, kind, _, _, _, fields, payload = engine.next_event(TIMEOUT)
+        assert (kind, fields[2], payload) == (t.EVENT_MESSAGE, Op.ERROR, b'{"message": "still here"}')
+    finally:
+        engine.close()
