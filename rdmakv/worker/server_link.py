@@ -115,6 +115,9 @@ class ServerLink(ServerLinkBase, Handler):
                 in_place = False
             else:
                 in_place = self._sum_in_place(info, chunk, handle.round, flags, payload)
+            if self.store.tracer:         # as it leaves: its result may be in before send() returns
+                self.store.tracer.stage("sent", key=info.name, chunk=chunk.index, round=handle.round,
+                                        priority=handle.priority)
             self.peer.send(Op.PUSH, payload, in_place, dtype=info.dtype_code, flags=flags, key=info.wire,
                            chunk=chunk.index, priority=handle.priority, round=handle.round,
                            sender=self.store.rank)
@@ -125,9 +128,6 @@ class ServerLink(ServerLinkBase, Handler):
                 self.sending = False
                 if self.queue:        # waking an idle sender thread would only cost a GIL hand-off
                     self.ready.notify()
-        if self.store.tracer:
-            self.store.tracer.stage("sent", key=info.name, chunk=chunk.index, round=handle.round,
-                                      priority=handle.priority)
 
     def _sum_in_place(self, info, chunk, rnd, flags, payload):
         """Whether the push was added straight into the server's shared sum (summing.py)."""
