@@ -6,7 +6,8 @@
 #
 # --suite runs instead every cluster test of the host suite on its verbs
 # transport (the transport fixture's verbs instances, marked over_verbs): about
-# an hour under TCG, so CI runs tests/rdma and this is run by hand.  Its waits
+# 30 minutes under TCG, so CI runs tests/rdma and three of these, and all of
+# them are run by hand.  Its waits
 # are TCG's: RDMAKV_TIMEOUT 120 s unless set, the tests' own waits 4x
 # (RDKV_TEST_TIME_SCALE), and 900 s a test (a server's first `import mxnet`
 # alone takes 45 s in the VM).

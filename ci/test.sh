@@ -11,5 +11,5 @@ bash ci/setup.sh
 bash ci/sanitize.sh
 # The verbs tests need a real RDMA device: they run inside the soft-RoCE VM.
 bash ci/rxe.sh
-# A short pass of the host suite's cluster tests on verbs (all of them: ci/rxe.sh --suite, about 25 min).
+# A short pass of the host suite's cluster tests on verbs (all of them: ci/rxe.sh --suite, about 30 min).
 bash ci/rxe.sh --suite -k "many_keys_in_flight or broadcast_and_barrier or push_sent_before_its_key"
