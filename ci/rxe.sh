@@ -7,20 +7,22 @@
 # --suite runs instead every cluster test of the host suite on its verbs
 # transport (the transport fixture's verbs instances, marked over_verbs): about
 # 30 minutes under TCG, so CI runs tests/rdma and three of these, and all of
-# them are run by hand.  Its waits
-# are TCG's: RDMAKV_TIMEOUT 120 s unless set, the tests' own waits 4x
-# (RDKV_TEST_TIME_SCALE), and 900 s a test (a server's first `import mxnet`
-# alone takes 45 s in the VM).
+# them are run by hand.  Its waits are TCG's: the VM run 3600 s unless -t says,
+# RDMAKV_TIMEOUT 120 s unless set, the tests' own waits 4x (RDKV_TEST_TIME_SCALE)
+# and 900 s a test (a server's first `import mxnet` alone takes 45 s in the VM).
 #   usage: ci/rxe.sh [-t SECONDS] [--suite] [pytest args...]
 set -uo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 vm="$repo/../shared/rxe-vm/run-in-rxe-vm.sh"
-timeout_s=900
+timeout_s=
 if [[ ${1:-} == -t ]]; then timeout_s=$2; shift 2; fi
 selection=(tests/rdma)
-if [[ ${1:-} == --suite ]]; then
+if [[ ${1:-} != --suite ]]; then
+    timeout_s=${timeout_s:-900}
+else
     shift
+    timeout_s=${timeout_s:-3600}
     selection=(-m over_verbs -o timeout=900 tests)
     export RDMAKV_TIMEOUT=${RDMAKV_TIMEOUT:-120} RDKV_TEST_TIME_SCALE=${RDKV_TEST_TIME_SCALE:-4}
 fi
