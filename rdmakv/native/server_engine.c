@@ -843,10 +843,11 @@ static void *reader_main(void *arg) {
                               !chunk->rounds && !(h.flags & ~(RK_FLAG_ACK | RK_FLAG_VIA_HOST));
                 rc = planned ? take_push(link, chunk, &h, 0, &err) : RK_ERR_VIA_HOST;
             } else if (h.shared == RK_PLACE_RESULT && link->stream.verbs && h.op == RK_OP_PUSH) {
-                /* A push that says where its result goes.  One the engine does not take (its
-                 * key refused or not declared here, or missized) goes to the control plane
-                 * as an unflagged push would, its place dropped: no result is placed for it. */
-                rc = sized ? take_push(link, chunk, &h, 0, &err) : drop_place_then_ask(link, &h, &err);
+                /* A push that says where its result goes.  One of a chunk the engine does not
+                 * hold (its key refused, or not declared here) goes to the control plane as an
+                 * unflagged push would, its place dropped: no result is placed for it. */
+                rc = sized ? take_push(link, chunk, &h, 0, &err)
+                     : chunk == NULL ? drop_place_then_ask(link, &h, &err) : RK_ERR_SHARED;
             } else if (h.shared && link->stream.verbs) {
                 rc = RK_ERR_SHARED;       /* only a push may name a place */
             } else if (h.shared) {
