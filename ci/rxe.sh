@@ -18,16 +18,16 @@ vm="$repo/../shared/rxe-vm/run-in-rxe-vm.sh"
 timeout_s=
 if [[ ${1:-} == -t ]]; then timeout_s=$2; shift 2; fi
 selection=(tests/rdma)
-if [[ ${1:-} != --suite ]]; then
-    timeout_s=${timeout_s:-900}
-else
+default_timeout_s=900
+if [[ ${1:-} == --suite ]]; then
     shift
-    timeout_s=${timeout_s:-3600}
+    default_timeout_s=3600
     selection=(-m over_verbs -o timeout=900)
     # The whole suite, unless test files are named: collecting it all takes TCG 2 minutes.
     [[ " $* " == *" tests/"* ]] || selection+=(tests)
     export RDMAKV_TIMEOUT=${RDMAKV_TIMEOUT:-120} RDKV_TEST_TIME_SCALE=${RDKV_TEST_TIME_SCALE:-4}
 fi
+timeout_s=${timeout_s:-$default_timeout_s}
 python=${RDMAKV_PYTHON:-$repo/.venv/bin/python}
 
 skip() { echo "SKIP rdma tests (soft-RoCE VM): $*"; exit 0; }
